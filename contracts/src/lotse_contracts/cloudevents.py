@@ -1,0 +1,265 @@
+"""CloudEvents 1.0 envelope and its Kafka protocol binding.
+
+Lotse writes *binary mode*: every context attribute travels as a ``ce_<name>`` header
+(UTF-8), the event data is the record value (JSON), and the Kafka key is the
+pseudonymous case id so that one family's events stay in order on one partition.
+Lotse also reads *structured mode*: the whole event as one JSON document with
+``content-type: application/cloudevents+json``.
+
+Only ``pydantic`` and the standard library are used so that partner agencies can read
+and write Lotse events with nothing but this package and a Kafka client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SPEC_VERSION = "1.0"
+JSON_CONTENT_TYPE = "application/json"
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+HEADER_PREFIX = "ce_"
+CONTENT_TYPE_HEADER = "content-type"
+
+#: Upper bound for one event (value plus headers). Kafka's own default is 1 MiB; Lotse
+#: events are small, so anything near that is a mistake or an attack.
+DEFAULT_MAX_EVENT_BYTES = 256 * 1024
+
+# CloudEvents attribute names: lower-case letters and digits only (spec section 3.1.1).
+_ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+_CORE_ATTRIBUTES = frozenset(
+    {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema"}
+)
+#: Lotse's own extension attributes, lifted to typed fields.
+_LOTSE_EXTENSIONS = frozenset({"bezirk", "traeger"})
+_REQUIRED = ("specversion", "id", "source", "type")
+
+
+class InvalidCloudEvent(ValueError):
+    """The message is not a valid CloudEvent; ``reason`` says why in one sentence."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class KafkaRecord(NamedTuple):
+    """What goes onto (or comes from) Kafka: key, value and headers as raw bytes."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvents 1.0 event as Lotse uses it.
+
+    ``subject`` is the pseudonymous case id; ``bezirk`` (the Stadtbezirk, a city district)
+    and ``traeger`` (the provider agency a referral is addressed to) are extension
+    attributes so that routers and ACL-scoped readers can filter without parsing data.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    specversion: Literal["1.0"] = Field(default="1.0", description="CloudEvents spec version.")
+    id: str = Field(min_length=1, description="Unique per source; source + id is the dedup key.")
+    source: str = Field(min_length=1, description="URI reference of the producer, /lotse/<service>.")
+    type: str = Field(min_length=1, description="de.lotse.<domain>.<event>.v<major>.")
+    subject: str | None = Field(default=None, description="The pseudonymous case id.")
+    time: datetime | None = Field(default=None, description="When the fact happened (UTC).")
+    datacontenttype: str | None = Field(default=JSON_CONTENT_TYPE)
+    dataschema: str | None = Field(default=None, description="Path of the JSON Schema file.")
+    bezirk: str | None = Field(default=None, description="Stadtbezirk slug (extension).")
+    traeger: str | None = Field(default=None, description="Träger slug (extension).")
+    extensions: dict[str, str] = Field(
+        default_factory=dict, description="Further extension attributes, passed through."
+    )
+    data: Any = Field(default=None, description="The event payload (JSON).")
+
+    @field_validator("time")
+    @classmethod
+    def _time_is_aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("time must carry a timezone (RFC 3339)")
+        return value
+
+    @field_validator("extensions")
+    @classmethod
+    def _extension_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ATTRIBUTE_NAME.match(name):
+                raise ValueError(f"extension attribute name {name!r} is not [a-z0-9]{{1,20}}")
+            if name in _CORE_ATTRIBUTES or name in _LOTSE_EXTENSIONS or name == "data":
+                raise ValueError(f"extension attribute {name!r} shadows a defined attribute")
+        return value
+
+    @property
+    def dedup_key(self) -> tuple[str, str]:
+        """(source, id): the identity of an event for exactly-once effects."""
+        return (self.source, self.id)
+
+    def attributes(self) -> dict[str, str]:
+        """All context attributes as strings, in CloudEvents' canonical string encoding."""
+        attrs: dict[str, str] = {
+            "specversion": self.specversion,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+        }
+        optional = {
+            "subject": self.subject,
+            "time": _format_time(self.time) if self.time else None,
+            "datacontenttype": self.datacontenttype,
+            "dataschema": self.dataschema,
+            "bezirk": self.bezirk,
+            "traeger": self.traeger,
+        }
+        attrs.update({k: v for k, v in optional.items() if v is not None})
+        attrs.update(self.extensions)
+        return attrs
+
+
+def _format_time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse_time(raw: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InvalidCloudEvent(f"attribute 'time' is not an RFC 3339 timestamp: {raw!r}") from exc
+    if parsed.tzinfo is None:
+        raise InvalidCloudEvent("attribute 'time' has no timezone offset")
+    return parsed
+
+
+def _from_attributes(attrs: dict[str, str], data: Any) -> CloudEvent:
+    missing = [name for name in _REQUIRED if not attrs.get(name)]
+    if missing:
+        raise InvalidCloudEvent(f"required attribute(s) missing: {', '.join(missing)}")
+    if attrs["specversion"] != SPEC_VERSION:
+        raise InvalidCloudEvent(
+            f"unsupported specversion {attrs['specversion']!r}, expected {SPEC_VERSION!r}"
+        )
+    fields: dict[str, Any] = {
+        k: v for k, v in attrs.items() if k in _CORE_ATTRIBUTES or k in _LOTSE_EXTENSIONS
+    }
+    if "time" in fields:
+        fields["time"] = _parse_time(fields["time"])
+    extensions = {
+        k: v for k, v in attrs.items() if k not in _CORE_ATTRIBUTES and k not in _LOTSE_EXTENSIONS
+    }
+    # Binary mode: an absent datacontenttype means the record carried no declaration.
+    fields.setdefault("datacontenttype", None)
+    try:
+        return CloudEvent(**fields, extensions=extensions, data=data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "event"
+        raise InvalidCloudEvent(f"attribute {where!r}: {first['msg']}") from exc
+
+
+def to_kafka_binary(
+    event: CloudEvent,
+    *,
+    key: str | None = None,
+    extra_headers: list[tuple[str, bytes]] | None = None,
+) -> KafkaRecord:
+    """Map an event to a Kafka record in binary content mode.
+
+    The key defaults to the subject (the case id). ``extra_headers`` carry transport
+    concerns that are not CloudEvents attributes, e.g. W3C ``traceparent``.
+    """
+    headers = [(HEADER_PREFIX + name, value.encode()) for name, value in event.attributes().items()]
+    if event.datacontenttype:
+        headers.append((CONTENT_TYPE_HEADER, event.datacontenttype.encode()))
+    headers.extend(extra_headers or [])
+    value = None if event.data is None else json.dumps(event.data, separators=(",", ":")).encode()
+    record_key = key if key is not None else event.subject
+    return KafkaRecord(record_key.encode() if record_key is not None else None, value, headers)
+
+
+def to_structured(event: CloudEvent) -> bytes:
+    """The event as one JSON document (structured content mode)."""
+    doc: dict[str, Any] = dict(event.attributes())
+    if event.data is not None:
+        doc["data"] = event.data
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def from_kafka(
+    value: bytes | None,
+    headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...],
+    *,
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> CloudEvent:
+    """Read a CloudEvent from a Kafka record in binary or structured mode.
+
+    Raises :class:`InvalidCloudEvent` with a human-readable reason for anything that is
+    not a valid CloudEvent: too large, undecodable headers, bad JSON, missing attributes.
+    """
+    size = len(value or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+    if size > max_bytes:
+        raise InvalidCloudEvent(f"message of {size} bytes exceeds the limit of {max_bytes} bytes")
+    decoded: dict[str, str] = {}
+    for name, raw in headers:
+        try:
+            decoded[name.lower()] = (raw or b"").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidCloudEvent(f"header {name!r} is not valid UTF-8") from exc
+    content_type = decoded.get(CONTENT_TYPE_HEADER, "")
+    if content_type.split(";")[0].strip() == STRUCTURED_CONTENT_TYPE:
+        return _from_structured(value)
+    attrs = {
+        name[len(HEADER_PREFIX) :]: text
+        for name, text in decoded.items()
+        if name.startswith(HEADER_PREFIX)
+    }
+    if not attrs:
+        raise InvalidCloudEvent(
+            "no ce_* headers and no content-type application/cloudevents+json: not a CloudEvent"
+        )
+    if "datacontenttype" not in attrs and content_type:
+        attrs["datacontenttype"] = content_type
+    data = _decode_json(value, attrs.get("datacontenttype"))
+    return _from_attributes(attrs, data)
+
+
+def _decode_json(value: bytes | None, content_type: str | None) -> Any:
+    if value is None or value == b"":
+        return None
+    if content_type and not _is_json(content_type):
+        raise InvalidCloudEvent(f"datacontenttype {content_type!r} is not JSON")
+    try:
+        return json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidCloudEvent(f"data is not valid JSON: {exc}") from exc
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == JSON_CONTENT_TYPE or media.endswith("+json")
+
+
+def _from_structured(value: bytes | None) -> CloudEvent:
+    if not value:
+        raise InvalidCloudEvent("structured-mode event has an empty body")
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidCloudEvent(f"structured-mode body is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidCloudEvent("structured-mode body is not a JSON object")
+    if "data_base64" in doc:
+        raise InvalidCloudEvent("data_base64 is not supported: Lotse events carry JSON data")
+    data = doc.pop("data", None)
+    attrs: dict[str, str] = {}
+    for name, attr in doc.items():
+        if not isinstance(attr, str):
+            raise InvalidCloudEvent(f"attribute {name!r} must be a string")
+        attrs[name] = attr
+    return _from_attributes(attrs, data)

@@ -1,0 +1,21 @@
+"""Versioned event models of the whole chain. Importing this package registers them all."""
+
+from lotse_contracts.events.base import (
+    CATALOGUE,
+    EventCatalogue,
+    EventDataInvalid,
+    EventModel,
+    UnknownEventType,
+    UnknownEventVersion,
+    split_type,
+)
+
+__all__ = [
+    "CATALOGUE",
+    "EventCatalogue",
+    "EventDataInvalid",
+    "EventModel",
+    "UnknownEventType",
+    "UnknownEventVersion",
+    "split_type",
+]
