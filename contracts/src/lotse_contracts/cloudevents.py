@@ -67,7 +67,9 @@ class CloudEvent(BaseModel):
 
     specversion: Literal["1.0"] = Field(default="1.0", description="CloudEvents spec version.")
     id: str = Field(min_length=1, description="Unique per source; source + id is the dedup key.")
-    source: str = Field(min_length=1, description="URI reference of the producer, /lotse/<service>.")
+    source: str = Field(
+        min_length=1, description="URI reference of the producer, /lotse/<service>."
+    )
     type: str = Field(min_length=1, description="de.lotse.<domain>.<event>.v<major>.")
     subject: str | None = Field(default=None, description="The pseudonymous case id.")
     time: datetime | None = Field(default=None, description="When the fact happened (UTC).")
@@ -137,8 +139,9 @@ def _parse_time(raw: str) -> datetime:
     return parsed
 
 
-def _from_attributes(attrs: dict[str, str], data: Any) -> CloudEvent:
-    missing = [name for name in _REQUIRED if not attrs.get(name)]
+def _from_attributes(attrs: dict[str, str], data: Any, *, prefix: str = "") -> CloudEvent:
+    # prefix names the attribute as the sender wrote it: "ce_type" in binary mode.
+    missing = [prefix + name for name in _REQUIRED if not attrs.get(name)]
     if missing:
         raise InvalidCloudEvent(f"required attribute(s) missing: {', '.join(missing)}")
     if attrs["specversion"] != SPEC_VERSION:
@@ -226,7 +229,7 @@ def from_kafka(
     if "datacontenttype" not in attrs and content_type:
         attrs["datacontenttype"] = content_type
     data = _decode_json(value, attrs.get("datacontenttype"))
-    return _from_attributes(attrs, data)
+    return _from_attributes(attrs, data, prefix=HEADER_PREFIX)
 
 
 def _decode_json(value: bytes | None, content_type: str | None) -> Any:

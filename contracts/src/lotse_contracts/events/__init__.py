@@ -1,5 +1,6 @@
 """Versioned event models of the whole chain. Importing this package registers them all."""
 
+from lotse_contracts.events import intake, partner, referrals, reporting, visits
 from lotse_contracts.events.base import (
     CATALOGUE,
     EventCatalogue,
@@ -17,5 +18,10 @@ __all__ = [
     "EventModel",
     "UnknownEventType",
     "UnknownEventVersion",
+    "intake",
+    "partner",
+    "referrals",
+    "reporting",
     "split_type",
+    "visits",
 ]

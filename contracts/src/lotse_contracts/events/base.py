@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lotse_contracts.cloudevents import CloudEvent
 
-TYPE_PATTERN = re.compile(r"^de\.lotse\.(?P<domain>[a-z]+)\.(?P<name>[a-z][a-z0-9-]*)\.v(?P<major>[1-9][0-9]*)$")
+TYPE_PATTERN = re.compile(
+    r"^de\.lotse\.(?P<domain>[a-z]+)\.(?P<name>[a-z][a-z0-9-]*)\.v(?P<major>[1-9][0-9]*)$"
+)
 SCHEMA_DIR = "/contracts/schemas"
 
 
@@ -139,9 +141,7 @@ class EventCatalogue:
         if event_type in self._models:
             return self._models[event_type]
         domain, name, major = split_type(event_type)
-        known = sorted(
-            t for t in self._models if split_type(t)[:2] == (domain, name)
-        )
+        known = sorted(t for t in self._models if split_type(t)[:2] == (domain, name))
         if known:
             raise UnknownEventVersion(
                 f"event type {event_type!r}: major version {major} is unknown "
@@ -157,8 +157,12 @@ class EventCatalogue:
             if event_type in seen:
                 raise UnknownEventVersion(f"upcaster cycle at {event_type}")
             seen.add(event_type)
+            # An upcaster only understands objects; anything else must dead-letter as invalid
+            # data instead of escaping as a TypeError from dict().
+            if not isinstance(data, dict):
+                raise EventDataInvalid(f"data of {event.type} must be a JSON object")
             event_type, fn = self._upcasters[event_type][0], self._upcasters[event_type][1]
-            data = fn(dict(data or {}))
+            data = fn(dict(data))
         model = self.model_for(event_type)
         if not isinstance(data, dict):
             raise EventDataInvalid(f"data of {event.type} must be a JSON object")

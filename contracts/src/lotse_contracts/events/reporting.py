@@ -1,0 +1,162 @@
+"""Key figures (Kennzahlen) of the prevention chain, per Stadtbezirk and period.
+
+Producer: the reporting service (``/lotse/reporting``), topic ``lotse.reporting.kpis``
+(compacted). The events are anonymised aggregates: there is no case id, and a cell
+computed from fewer than k families (default 5) is published as ``suppressed`` without a
+value. The CloudEvents ``subject`` (and Kafka key) is the cell,
+``<bezirk>/<period>/<figure>[/<dimension>]``, so compaction keeps the latest value of
+each cell.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import ClassVar
+
+from pydantic import AwareDatetime, ConfigDict, Field, model_validator
+
+from lotse_contracts import topics
+from lotse_contracts.cloudevents import CloudEvent
+from lotse_contracts.events.base import CATALOGUE, EventModel
+from lotse_contracts.events.common import DOCUMENTED, Slug, utc
+
+SOURCE = "/lotse/reporting"
+#: The ``bezirk`` value of figures for the whole city.
+CITY_TOTAL = "stadt"
+
+
+class KpiFigure(StrEnum):
+    """The key figures Lotse publishes.
+
+    Counts: ``families_registered`` (all channels), ``families_registered_clinic``,
+    ``families_registered_move_in``, ``visits_offered``, ``visits_completed``,
+    ``visits_declined``, ``visits_missed``, ``referrals_requested``, ``referrals_accepted``,
+    ``open_escalations``. Percentages: ``consent_rate`` (families with a welcome-visit
+    consent), ``reach_rate`` (registered families with a completed visit),
+    ``acceptance_rate`` (accepted of answered referrals). Medians in days:
+    ``median_days_birth_to_visit``, ``median_days_to_warm_handover`` (request to confirmed
+    first contact). ``contacts_per_family``: visits and referral contacts per family.
+    """
+
+    FAMILIES_REGISTERED = "families_registered"
+    FAMILIES_REGISTERED_CLINIC = "families_registered_clinic"
+    FAMILIES_REGISTERED_MOVE_IN = "families_registered_move_in"
+    CONSENT_RATE = "consent_rate"
+    VISITS_OFFERED = "visits_offered"
+    VISITS_COMPLETED = "visits_completed"
+    VISITS_DECLINED = "visits_declined"
+    VISITS_MISSED = "visits_missed"
+    REACH_RATE = "reach_rate"
+    MEDIAN_DAYS_BIRTH_TO_VISIT = "median_days_birth_to_visit"
+    REFERRALS_REQUESTED = "referrals_requested"
+    REFERRALS_ACCEPTED = "referrals_accepted"
+    ACCEPTANCE_RATE = "acceptance_rate"
+    MEDIAN_DAYS_TO_WARM_HANDOVER = "median_days_to_warm_handover"
+    OPEN_ESCALATIONS = "open_escalations"
+    CONTACTS_PER_FAMILY = "contacts_per_family"
+
+
+class KpiUnit(StrEnum):
+    """Unit of a figure's value."""
+
+    COUNT = "count"
+    PERCENT = "percent"
+    DAYS = "days"
+    PER_FAMILY = "per_family"
+
+
+_PERCENT = {KpiFigure.CONSENT_RATE, KpiFigure.REACH_RATE, KpiFigure.ACCEPTANCE_RATE}
+_DAYS = {KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT, KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER}
+
+#: The unit each figure is published in.
+FIGURE_UNITS: dict[KpiFigure, KpiUnit] = {
+    figure: (
+        KpiUnit.PERCENT
+        if figure in _PERCENT
+        else KpiUnit.DAYS
+        if figure in _DAYS
+        else KpiUnit.PER_FAMILY
+        if figure is KpiFigure.CONTACTS_PER_FAMILY
+        else KpiUnit.COUNT
+    )
+    for figure in KpiFigure
+}
+
+
+@CATALOGUE.register
+class KpiUpdated(EventModel):
+    """The current value of one key figure for one Stadtbezirk (or the city) and period.
+
+    A later event for the same cell replaces the earlier one; a replay of all domain events
+    rebuilds the same values.
+    """
+
+    model_config = ConfigDict(
+        **DOCUMENTED,
+        json_schema_extra={
+            "if": {"properties": {"suppressed": {"const": True}}},
+            "then": {"not": {"required": ["value"]}},
+            "else": {"required": ["value"]},
+        },
+    )
+
+    event_type: ClassVar[str] = "de.lotse.reporting.kpi-updated.v1"
+    topic: ClassVar[str] = topics.REPORTING_KPIS
+    source: ClassVar[str] = SOURCE
+
+    bezirk: Slug
+    """Stadtbezirk (city district) slug, or ``stadt`` for the whole city."""
+    period: str = Field(pattern=r"^[0-9]{4}(-(0[1-9]|1[0-2]))?$")
+    """Calendar month ``YYYY-MM`` or year ``YYYY``."""
+    figure: KpiFigure
+    """Which key figure."""
+    dimension: str | None = Field(default=None, pattern=r"^[a-z_]+:[a-z0-9_-]+$")
+    """Optional breakdown as ``<kind>:<value>``, e.g. ``module:familienhebamme``,
+    ``status:accepted``, ``channel:clinic``."""
+    value: float | None = Field(default=None, ge=0)
+    """The value in ``unit``; absent when ``suppressed``."""
+    suppressed: bool
+    """True when fewer than k families are behind the cell, so no value is published."""
+    unit: KpiUnit
+    """Unit of ``value``; fixed per figure."""
+    computed_at: AwareDatetime
+    """When the value was computed."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KpiUpdated:
+        if self.suppressed != (self.value is None):
+            raise ValueError("value must be absent exactly when suppressed is true")
+        if self.unit is not FIGURE_UNITS[self.figure]:
+            raise ValueError(f"{self.figure.value} is published in {FIGURE_UNITS[self.figure]}")
+        return self
+
+    def cell(self) -> str:
+        """``<bezirk>/<period>/<figure>[/<dimension>]``: the subject and the Kafka key."""
+        parts = [self.bezirk, self.period, self.figure.value]
+        if self.dimension is not None:
+            parts.append(self.dimension)
+        return "/".join(parts)
+
+    def to_cloudevent(
+        self,
+        *,
+        event_id: str | None = None,
+        time: datetime | None = None,
+        source: str | None = None,
+    ) -> CloudEvent:
+        """As the base, but the subject is the cell: a key figure has no case id."""
+        event = super().to_cloudevent(event_id=event_id, time=time, source=source)
+        return event.model_copy(update={"subject": self.cell()})
+
+    @classmethod
+    def example(cls) -> KpiUpdated:
+        return cls(
+            bezirk="hoerde",
+            period="2025-03",
+            figure=KpiFigure.REACH_RATE,
+            value=87.5,
+            suppressed=False,
+            unit=KpiUnit.PERCENT,
+            computed_at=utc(2025, 4, 1, 2, 0),
+        )
