@@ -1,0 +1,263 @@
+"""The service factory: one function turns settings into a running FastAPI app with its
+database, outbox relay, consumers, telemetry, health routes and caller resolution.
+
+A service's own ``app.py`` calls :func:`create_service_app` with its tables, routers and a
+``wire`` function that registers consumers; everything else is the same for every service.
+Nothing is built at import time, so tests construct apps with the settings they need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from lotse_contracts.city import Municipality, load_city
+from lotse_contracts.events.base import CATALOGUE
+from lotse_contracts.subscriptions import SubscriptionRegistry, load_registry
+from lotse_contracts.topics import dead_letter
+from sqlalchemy import Table
+from sqlmodel import SQLModel
+
+from lotse_runtime.consumer import EventConsumer, Handler
+from lotse_runtime.db import Database
+from lotse_runtime.health import ReadinessCheck, health_router
+from lotse_runtime.identity import CallerResolver, DevelopmentCallerResolver, install_identity
+from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
+from lotse_runtime.logging import configure_logging
+from lotse_runtime.outbox import Outbox, OutboxRelay
+from lotse_runtime.settings import ServiceSettings
+from lotse_runtime.telemetry import Telemetry, TelemetryConfig, setup_telemetry
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceRuntime:
+    """Everything a service's routes and consumers work with, built from its settings."""
+
+    settings: ServiceSettings
+    city: Municipality
+    registry: SubscriptionRegistry
+    db: Database
+    kafka: KafkaConfig
+    telemetry: Telemetry
+    outbox: Outbox
+    relay: OutboxRelay
+    consumers: list[EventConsumer] = field(default_factory=list)
+    kafka_started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def service(self) -> str:
+        return self.settings.service_name
+
+    def add_consumer(
+        self, name: str, topics: Iterable[str], handlers: Mapping[str, Handler]
+    ) -> EventConsumer:
+        """Register a consumer group ``lotse-<service>-<name>`` over (unprefixed) topics."""
+        settings = self.settings
+        consumer = EventConsumer(
+            name=name,
+            service=self.service,
+            topics=[settings.topic(t) for t in topics],
+            handlers=handlers,
+            db=self.db,
+            outbox=self.outbox,
+            kafka=self.kafka,
+            group_id=settings.consumer_group(name),
+            dead_letter_topic=settings.topic(dead_letter(self.service)),
+            catalogue=CATALOGUE,
+            telemetry=self.telemetry,
+            max_event_bytes=settings.max_event_bytes,
+            max_attempts=settings.consumer_max_attempts,
+            backoff_s=settings.consumer_backoff_s,
+        )
+        self.consumers.append(consumer)
+        return consumer
+
+    async def check_database(self) -> None:
+        await self.db.ping()
+
+    async def check_broker(self) -> None:
+        if not self.kafka_started.is_set():
+            raise RuntimeError("not connected to Kafka yet")
+        admin = self.kafka.admin()
+        await admin.start()
+        try:
+            await admin.list_topics()
+        finally:
+            await admin.close()
+
+    async def check_consumers(self) -> None:
+        stopped = [c.name for c in self.consumers if not c.running]
+        if stopped:
+            raise RuntimeError(f"consumer(s) stopped: {', '.join(stopped)}")
+
+    async def check_relay(self) -> None:
+        if self.relay.last_error is not None:
+            raise RuntimeError(f"outbox relay failing: {self.relay.last_error}")
+
+
+def build_runtime(
+    settings: ServiceSettings, *, telemetry: Telemetry | None = None
+) -> ServiceRuntime:
+    """Construct (but do not start) the parts of one service."""
+    city = load_city(settings.city)
+    registry = load_registry(city, settings.subscriptions_file)
+    db = Database(settings.resolved_database_url())
+    kafka = KafkaConfig(
+        bootstrap=settings.kafka_bootstrap,
+        client_id=f"lotse-{settings.service_name}",
+        session_timeout_ms=settings.consumer_session_timeout_ms,
+        heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
+    )
+    if telemetry is None:
+        telemetry = setup_telemetry(
+            TelemetryConfig(
+                service_name=f"lotse-{settings.service_name}",
+                otlp_endpoint=settings.otlp_endpoint,
+            )
+        )
+    relay = OutboxRelay(
+        db,
+        kafka,
+        service=settings.service_name,
+        telemetry=telemetry,
+        batch_size=settings.relay_batch_size,
+        poll_interval_s=settings.relay_poll_interval_s,
+    )
+    outbox = Outbox(
+        source=f"/lotse/{settings.service_name}",
+        topic_prefix=settings.topic_prefix,
+        registry=registry,
+        on_commit=relay.wake,
+    )
+    return ServiceRuntime(
+        settings=settings,
+        city=city,
+        registry=registry,
+        db=db,
+        kafka=kafka,
+        telemetry=telemetry,
+        outbox=outbox,
+        relay=relay,
+    )
+
+
+async def _connect_kafka(runtime: ServiceRuntime) -> None:
+    """Create topics and start consumers, retrying while the broker is away."""
+    settings = runtime.settings
+    delay = 0.5
+    while True:
+        try:
+            if settings.create_topics:
+                await ensure_topics(
+                    runtime.kafka,
+                    platform_topics(
+                        runtime.registry,
+                        prefix=settings.topic_prefix,
+                        partitions=settings.topic_partitions,
+                        replication=settings.topic_replication,
+                    ),
+                )
+            for consumer in runtime.consumers:
+                if not consumer.running:
+                    await consumer.start()
+            runtime.kafka_started.set()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.warning(
+                "Kafka not reachable yet, retrying",
+                extra={"error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+def _validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each bad field and the reason, in one stable shape for every service."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {
+            "field": ".".join(str(p) for p in error["loc"] if p not in ("body",)) or "body",
+            "reason": error["msg"],
+        }
+        for error in exc.errors()
+    ]
+    return JSONResponse({"detail": "invalid request", "errors": errors}, status_code=422)
+
+
+def create_service_app(
+    settings: ServiceSettings,
+    *,
+    title: str,
+    description: str,
+    version: str = "0.1.0",
+    tables: Sequence[type[SQLModel] | Table] = (),
+    routers: Sequence[APIRouter] = (),
+    wire: Callable[[ServiceRuntime], None] | None = None,
+    caller_resolver: CallerResolver | None = None,
+    telemetry: Telemetry | None = None,
+    openapi_tags: list[dict[str, Any]] | None = None,
+) -> FastAPI:
+    """Build a service's FastAPI app; the lifespan starts and stops its runtime."""
+    runtime = build_runtime(settings, telemetry=telemetry)
+    if wire is not None:
+        wire(runtime)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.service_name, settings.log_level)
+        await runtime.db.create_schema(tables)
+        await runtime.relay.start()
+        connect = asyncio.create_task(_connect_kafka(runtime), name="kafka-connect")
+        try:
+            yield
+        finally:
+            connect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connect
+            for consumer in runtime.consumers:
+                await consumer.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(runtime.relay.publish_pending(), timeout=2.0)
+            await runtime.relay.stop()
+            await runtime.db.dispose()
+            if telemetry is None:
+                runtime.telemetry.shutdown()
+
+    app = FastAPI(
+        title=title,
+        description=description,
+        version=version,
+        lifespan=lifespan,
+        openapi_tags=openapi_tags,
+    )
+    app.state.runtime = runtime
+    app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    install_identity(app, caller_resolver or DevelopmentCallerResolver())
+    checks: dict[str, ReadinessCheck] = {
+        "database": runtime.check_database,
+        "broker": runtime.check_broker,
+        "consumers": runtime.check_consumers,
+        "outbox": runtime.check_relay,
+    }
+    app.include_router(health_router(checks, timeout_s=settings.readiness_timeout_s))
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+def runtime_of(request: Request) -> ServiceRuntime:
+    """FastAPI dependency: the runtime of the app serving this request."""
+    runtime: ServiceRuntime = request.app.state.runtime
+    return runtime

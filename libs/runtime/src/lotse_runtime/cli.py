@@ -1,0 +1,244 @@
+"""``lotse``: run the platform locally.
+
+``lotse up`` starts the embedded broker (unless ``LOTSE_KAFKA_BOOTSTRAP`` names a Kafka),
+creates the topics, starts every installed service (entry point group ``lotse.services``)
+with its SQLite database under ``var/`` (unless ``LOTSE_<SERVICE>_DATABASE_URL`` says
+otherwise), waits until each is ready and prints where it listens. Ctrl-C stops everything.
+``lotse broker`` runs only the embedded broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from lotse_contracts.city import load_city
+from lotse_contracts.subscriptions import load_registry
+
+from lotse_runtime.embedded import BrokerStartError, EmbeddedBroker, free_port
+from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
+
+DEFAULT_PORTS = {"intake": 8001, "visits": 8002, "referrals": 8003, "reporting": 8004}
+
+
+@dataclass
+class RunningService:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def _installed_services() -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group="lotse.services")}
+
+
+def _port_for(name: str) -> int:
+    configured = os.environ.get(f"LOTSE_{name.upper()}_HTTP_PORT")
+    if configured:
+        return int(configured)
+    wanted = DEFAULT_PORTS.get(name, 0)
+    return wanted if wanted and not _port_taken(wanted) else free_port()
+
+
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _ready(port: int) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return True, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return False, exc.read().decode(errors="replace")
+    except OSError as exc:
+        return False, str(exc)
+
+
+def _start_broker(data_dir: Path) -> tuple[str, EmbeddedBroker | None]:
+    external = os.environ.get("LOTSE_KAFKA_BOOTSTRAP")
+    if external:
+        print(f"Kafka:     {external} (LOTSE_KAFKA_BOOTSTRAP)")
+        return external, None
+    port = 9092 if not _port_taken(9092) else None
+    broker = EmbeddedBroker(port=port, log_path=data_dir / "tansu.log")
+    bootstrap = broker.start()
+    print(f"Kafka:     {bootstrap} (embedded Tansu, in memory; log {broker.log_path})")
+    return bootstrap, broker
+
+
+def up(args: argparse.Namespace) -> int:
+    data_dir = Path(os.environ.get("LOTSE_DATA_DIR", "var"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    services = _installed_services()
+    if args.services:
+        unknown = sorted(set(args.services) - set(services))
+        if unknown:
+            print(f"unknown service(s): {', '.join(unknown)}; installed: {', '.join(services)}")
+            return 2
+        services = {name: services[name] for name in args.services}
+    if not services:
+        print("no Lotse service is installed (run `uv sync` first)")
+        return 2
+    try:
+        bootstrap, broker = _start_broker(data_dir)
+    except BrokerStartError as exc:
+        print(f"cannot start the embedded broker: {exc}", file=sys.stderr)
+        return 1
+    running: list[RunningService] = []
+    try:
+        city = load_city(os.environ.get("LOTSE_CITY", "dortmund"))
+        prefix = os.environ.get("LOTSE_TOPIC_PREFIX", "")
+        created = asyncio.run(
+            ensure_topics(
+                KafkaConfig(bootstrap=bootstrap),
+                platform_topics(load_registry(city), prefix=prefix),
+            )
+        )
+        print(f"Topics:    {len(created)} created for {city.name}")
+        for name, target in sorted(services.items()):
+            port = _port_for(name)
+            log = data_dir / f"{name}.log"
+            env = {
+                **os.environ,
+                "LOTSE_KAFKA_BOOTSTRAP": bootstrap,
+                "LOTSE_DATA_DIR": str(data_dir),
+            }
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                target,
+                "--host",
+                os.environ.get("LOTSE_HTTP_HOST", "127.0.0.1"),
+                "--port",
+                str(port),
+                "--no-access-log",
+            ]
+            with log.open("wb") as handle:
+                process = subprocess.Popen(
+                    command, stdout=handle, stderr=subprocess.STDOUT, env=env
+                )
+            running.append(RunningService(name, port, process, log))
+        if not _wait_ready(running, timeout_s=args.ready_timeout):
+            return 1
+        print()
+        print(f"{'service':<11} {'API':<28} {'docs':<34} log")
+        for svc in running:
+            base = f"http://127.0.0.1:{svc.port}"
+            print(f"{svc.name:<11} {base:<28} {base + '/docs':<34} {svc.log}")
+        print("\nLotse is up. Ctrl-C stops it.", flush=True)
+        if args.exit_when_ready:
+            return 0
+        return _supervise(running)
+    finally:
+        _stop_all(running)
+        if broker is not None:
+            broker.stop()
+
+
+def _wait_ready(running: list[RunningService], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    pending = {svc.name: svc for svc in running}
+    last: dict[str, str] = {}
+    while pending and time.monotonic() < deadline:
+        for name, svc in list(pending.items()):
+            if svc.process.poll() is not None:
+                print(f"{name} exited with status {svc.process.returncode}; see {svc.log}:")
+                print(svc.log.read_text(errors="replace")[-2000:])
+                return False
+            ok, body = _ready(svc.port)
+            last[name] = body
+            if ok:
+                print(f"ready:     {name} on port {svc.port}")
+                del pending[name]
+        time.sleep(0.3)
+    for name in pending:
+        detail = last.get(name, "")
+        with contextlib.suppress(ValueError):
+            detail = json.dumps(json.loads(detail).get("checks", detail))
+        print(f"{name} not ready after {timeout_s:.0f} s: {detail}")
+    return not pending
+
+
+def _supervise(running: list[RunningService]) -> int:
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stop:
+            for svc in running:
+                if svc.process.poll() is not None:
+                    print(f"{svc.name} stopped with status {svc.process.returncode}; see {svc.log}")
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("stopping ...")
+    return 0
+
+
+def _stop_all(running: list[RunningService]) -> None:
+    for svc in running:
+        if svc.process.poll() is None:
+            svc.process.terminate()
+    for svc in running:
+        try:
+            svc.process.wait(10)
+        except subprocess.TimeoutExpired:
+            svc.process.kill()
+
+
+def broker(args: argparse.Namespace) -> int:
+    try:
+        with EmbeddedBroker(port=args.port) as embedded:
+            print(f"embedded broker listening on {embedded.bootstrap}; Ctrl-C stops it", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while embedded.running:
+                    time.sleep(0.5)
+    except BrokerStartError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lotse", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    up_parser = commands.add_parser("up", help="start broker, topics and every service")
+    up_parser.add_argument("services", nargs="*", help="only these services")
+    up_parser.add_argument("--ready-timeout", type=float, default=90.0)
+    up_parser.add_argument(
+        "--exit-when-ready", action="store_true", help="stop again once all are ready (smoke test)"
+    )
+    up_parser.set_defaults(func=up)
+    broker_parser = commands.add_parser("broker", help="run only the embedded broker")
+    broker_parser.add_argument("--port", type=int, default=None)
+    broker_parser.set_defaults(func=broker)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,409 @@
+"""The consumer wrapper every service uses to apply events.
+
+For each record, in partition order:
+
+1. read the CloudEvent (binary or structured mode, size limit) — or dead-letter it;
+2. skip types this consumer does not handle, dead-letter types nobody knows (or an unknown
+   major version of a known event);
+3. validate the data against its model (upcasting retired majors) — or dead-letter it;
+4. in one database transaction: claim the event in the inbox, run the handler (which may add
+   follow-up events to the outbox), commit; a duplicate commits nothing;
+5. transient errors retry with exponential backoff; when attempts run out, or the handler
+   rejects the event as invalid for the domain, the record goes to ``lotse.dlq.<service>``
+   with the reason in headers, and the partition moves on;
+6. the offset is committed only after the effect (or the dead letter) is safe.
+
+If even the dead-letter topic cannot be written, the offset is not committed: the wrapper
+holds the partition and tries again rather than lose the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from lotse_contracts.cloudevents import CloudEvent, InvalidCloudEvent, from_kafka
+from lotse_contracts.events.base import (
+    CATALOGUE,
+    EventCatalogue,
+    EventDataInvalid,
+    EventModel,
+    UnknownEventType,
+    UnknownEventVersion,
+)
+from lotse_contracts.subscriptions import RoutingError
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from lotse_runtime import inbox
+from lotse_runtime.db import Database
+from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.outbox import Outbox
+from lotse_runtime.telemetry import Telemetry, extract_context
+
+_log = logging.getLogger(__name__)
+
+DLQ_REASON = "lotse_dlq_reason"
+DLQ_STAGE = "lotse_dlq_stage"
+DLQ_ERROR = "lotse_dlq_error"
+DLQ_TOPIC = "lotse_dlq_topic"
+DLQ_PARTITION = "lotse_dlq_partition"
+DLQ_OFFSET = "lotse_dlq_offset"
+DLQ_CONSUMER = "lotse_dlq_consumer"
+DLQ_ATTEMPTS = "lotse_dlq_attempts"
+DLQ_TIME = "lotse_dlq_time"
+_DLQ_HEADERS = {
+    DLQ_REASON,
+    DLQ_STAGE,
+    DLQ_ERROR,
+    DLQ_TOPIC,
+    DLQ_PARTITION,
+    DLQ_OFFSET,
+    DLQ_CONSUMER,
+    DLQ_ATTEMPTS,
+    DLQ_TIME,
+}
+MAX_REASON_CHARS = 1000
+
+
+class EventRejected(Exception):
+    """A handler's verdict that this event is invalid for the domain (e.g. an answer about a
+    referral that was not addressed to its sender). It is dead-lettered at once, without
+    retries, and the transaction's effects are rolled back."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Delivery:
+    """What a handler gets: the event, its validated data, and a transaction to act in."""
+
+    event: CloudEvent
+    data: EventModel
+    session: AsyncSession
+    outbox: Outbox
+    topic: str
+    partition: int
+    offset: int
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass
+class _Verdict:
+    stage: str
+    reason: str
+    error: str = ""
+    attempts: int = 0
+
+
+class EventConsumer:
+    """One consumer group of a service: topics, handlers per event type, dead letters."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        service: str,
+        topics: list[str],
+        handlers: Mapping[str, Handler],
+        db: Database,
+        outbox: Outbox,
+        kafka: KafkaConfig,
+        group_id: str,
+        dead_letter_topic: str,
+        catalogue: EventCatalogue = CATALOGUE,
+        telemetry: Telemetry | None = None,
+        max_event_bytes: int = 256 * 1024,
+        max_attempts: int = 4,
+        backoff_s: float = 0.2,
+        batch_size: int = 200,
+    ) -> None:
+        self.name = name
+        self.service = service
+        self.topics = topics
+        self.handlers = dict(handlers)
+        self.db = db
+        self.outbox = outbox
+        self.kafka = kafka
+        self.group_id = group_id
+        self.dead_letter_topic = dead_letter_topic
+        self.catalogue = catalogue
+        self.telemetry = telemetry
+        self.max_event_bytes = max_event_bytes
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.batch_size = batch_size
+        self.processed = 0
+        self.dead_lettered = 0
+        self.duplicates = 0
+        self.skipped = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._assigned = asyncio.Event()
+        self._positions: dict[TopicPartition, int] = {}
+        self.failed: BaseException | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._producer = self.kafka.producer()
+        await self._producer.start()
+        self._consumer = self.kafka.consumer(*self.topics, group_id=self.group_id)
+        await self._consumer.start()
+        if self.telemetry is not None:
+            self.telemetry.observe_consumer_lag(self.lag, consumer=self.name)
+        self._task = asyncio.create_task(self._run(), name=f"consumer-{self.service}-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        self._consumer = self._producer = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def wait_assigned(self, timeout_s: float = 30.0) -> None:
+        """Wait until the group has given this consumer its partitions (tests, start-up)."""
+        await asyncio.wait_for(self._assigned.wait(), timeout_s)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Records behind the high watermark per partition, from the last fetch.
+
+        The embedded broker reports end offsets wrongly, so this is only as good as the
+        broker's high watermark; on Apache Kafka it is exact.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        result: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            position = self._positions.get(tp)
+            if high is None or position is None:
+                continue
+            result[(tp.topic, tp.partition)] = max(0, high - position)
+        return result
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=self.batch_size)
+                if consumer.assignment():
+                    self._assigned.set()
+                for tp, records in batches.items():
+                    await self._process_partition(consumer, tp, records)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failed = exc
+            _log.exception("consumer stopped", extra={"consumer": self.name})
+            raise
+
+    async def _process_partition(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[Any, Any]],
+    ) -> None:
+        for record in records:
+            while True:
+                try:
+                    await self.process(record)
+                    break
+                except DeadLetterUnavailable as exc:
+                    # Keep the record: go back to it and try again after a pause.
+                    _log.error("dead-letter topic unavailable", extra={"error": str(exc)})
+                    await asyncio.sleep(1.0)
+            self._positions[tp] = record.offset + 1
+        if records:
+            # Effects are committed (or dead-lettered) already; committing the offset once per
+            # batch saves round trips, and a redelivery after a crash is caught by the inbox.
+            await consumer.commit({tp: records[-1].offset + 1})
+
+    async def process(self, record: ConsumerRecord[Any, Any]) -> str:
+        """Apply one record; returns the outcome (ok, duplicate, skipped, dead_lettered)."""
+        started = time.perf_counter()
+        headers = list(record.headers or ())
+        event_type = "unknown"
+        outcome = "ok"
+        tracer = self.telemetry.tracer if self.telemetry is not None else None
+        span_cm = (
+            tracer.start_as_current_span(
+                f"{record.topic} process",
+                context=extract_context(headers),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": record.topic,
+                    "messaging.kafka.destination.partition": record.partition,
+                    "messaging.kafka.message.offset": record.offset,
+                    "messaging.consumer.group.name": self.group_id,
+                },
+            )
+            if tracer is not None
+            else contextlib.nullcontext()
+        )
+        with span_cm as span:
+            verdict: _Verdict | None = None
+            try:
+                event = from_kafka(record.value, headers, max_bytes=self.max_event_bytes)
+            except InvalidCloudEvent as exc:
+                verdict = _Verdict("envelope", exc.reason)
+            else:
+                event_type = event.type
+                if span is not None:
+                    span.set_attribute("cloudevents.event_type", event.type)
+                    span.set_attribute("cloudevents.event_id", event.id)
+                verdict, outcome = await self._apply(event, record)
+            if verdict is not None:
+                outcome = "dead_lettered"
+                await self._dead_letter(record, verdict)
+                if span is not None:
+                    span.set_status(Status(StatusCode.ERROR, verdict.reason[:200]))
+        if self.telemetry is not None:
+            self.telemetry.record_handler_latency(
+                time.perf_counter() - started,
+                consumer=self.name,
+                event_type=event_type,
+                outcome=outcome,
+            )
+        return outcome
+
+    async def _apply(
+        self, event: CloudEvent, record: ConsumerRecord[Any, Any]
+    ) -> tuple[_Verdict | None, str]:
+        handler = self.handlers.get(event.type)
+        if handler is None:
+            try:
+                self.catalogue.model_for(event.type)
+            except (UnknownEventType, UnknownEventVersion) as exc:
+                return _Verdict("type", str(exc)), "dead_lettered"
+            # A known event this consumer has no business with: not an error.
+            self.skipped += 1
+            return None, "skipped"
+        try:
+            data = self.catalogue.parse(event)
+        except EventDataInvalid as exc:
+            return _Verdict("schema", f"data does not match {event.type}: {exc.reason}"), ""
+        except (UnknownEventType, UnknownEventVersion) as exc:
+            return _Verdict("type", str(exc)), ""
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.db.transaction() as session:
+                    fresh = await inbox.claim(
+                        session,
+                        consumer=f"{self.service}.{self.name}",
+                        event=event,
+                        topic=record.topic,
+                        partition=record.partition,
+                        offset=record.offset,
+                    )
+                    if not fresh:
+                        self.duplicates += 1
+                        return None, "duplicate"
+                    await handler(
+                        Delivery(
+                            event=event,
+                            data=data,
+                            session=session,
+                            outbox=self.outbox,
+                            topic=record.topic,
+                            partition=record.partition,
+                            offset=record.offset,
+                        )
+                    )
+                self.processed += 1
+                return None, "ok"
+            except EventRejected as exc:
+                return _Verdict("rejected", exc.reason, attempts=attempt), ""
+            except RoutingError as exc:
+                return _Verdict("routing", exc.reason, attempts=attempt), ""
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if attempt >= self.max_attempts:
+                    return (
+                        _Verdict(
+                            "handler",
+                            f"handler failed {attempt} times, last: {error}",
+                            error=type(exc).__name__,
+                            attempts=attempt,
+                        ),
+                        "",
+                    )
+                _log.warning(
+                    "handler failed, retrying",
+                    extra={"consumer": self.name, "attempt": attempt, "error": error},
+                )
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+
+    async def _dead_letter(self, record: ConsumerRecord[Any, Any], verdict: _Verdict) -> None:
+        producer = self._producer
+        if producer is None:
+            raise DeadLetterUnavailable("consumer is not started")
+        reason = verdict.reason[:MAX_REASON_CHARS]
+        original = [(k, v) for k, v in (record.headers or ()) if k not in _DLQ_HEADERS]
+        headers = [
+            *original,
+            (DLQ_REASON, reason.encode()),
+            (DLQ_STAGE, verdict.stage.encode()),
+            (DLQ_ERROR, verdict.error.encode()),
+            (DLQ_TOPIC, record.topic.encode()),
+            (DLQ_PARTITION, str(record.partition).encode()),
+            (DLQ_OFFSET, str(record.offset).encode()),
+            (DLQ_CONSUMER, self.group_id.encode()),
+            (DLQ_ATTEMPTS, str(verdict.attempts).encode()),
+            (DLQ_TIME, datetime.now(UTC).isoformat().encode()),
+        ]
+        try:
+            await producer.send_and_wait(
+                self.dead_letter_topic, value=record.value, key=record.key, headers=headers
+            )
+        except Exception as exc:
+            raise DeadLetterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        self.dead_lettered += 1
+        if self.telemetry is not None:
+            self.telemetry.count_dead_lettered(verdict.stage)
+        _log.warning(
+            "event dead-lettered",
+            extra={
+                "consumer": self.name,
+                "stage": verdict.stage,
+                "reason": reason,
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+            },
+        )
+
+
+class DeadLetterUnavailable(RuntimeError):
+    """The dead-letter topic could not be written; the record must not be committed."""

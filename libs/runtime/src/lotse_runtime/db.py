@@ -1,0 +1,111 @@
+"""Async database access for one service: PostgreSQL in production, SQLite embedded.
+
+Every service owns its database. Its schema is the service's own tables plus the runtime's
+outbox and inbox tables; :meth:`Database.create_schema` creates exactly those, so services
+that share one Python process (tests) never create each other's tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Table, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlmodel import SQLModel
+
+_log = logging.getLogger(__name__)
+
+
+class DatabaseConfigError(ValueError):
+    """The database URL names a backend Lotse does not run on."""
+
+
+def async_url(url: str) -> str:
+    """Normalise a URL to the async driver: postgresql:// → asyncpg, sqlite:// → aiosqlite."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    elif backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    else:
+        raise DatabaseConfigError(
+            f"database URL {parsed.render_as_string(hide_password=True)!r}: "
+            "only postgresql and sqlite are supported"
+        )
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the relay read while a request writes; busy_timeout waits instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Database:
+    """Engine and sessions of one service database."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = async_url(url)
+        parsed = make_url(self.url)
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.dialect == "sqlite":
+            database = parsed.database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        if self.dialect == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    def session(self) -> AsyncSession:
+        """A new session; use ``async with db.session() as s, s.begin(): ...``."""
+        return self._sessions()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session inside one transaction: committed on success, rolled back on error."""
+        async with self._sessions() as session, session.begin():
+            yield session
+
+    async def create_schema(self, tables: Iterable[type[SQLModel] | Table]) -> None:
+        """Create the given tables (and the runtime's outbox and inbox) if they are missing.
+
+        Additive only: a new table appears, an existing one is never altered or dropped.
+        """
+        from lotse_runtime.inbox import InboxEntry
+        from lotse_runtime.outbox import OutboxMessage
+
+        wanted: list[Table] = []
+        for table in [*tables, OutboxMessage, InboxEntry]:
+            wanted.append(table if isinstance(table, Table) else table.__table__)  # type: ignore[attr-defined]
+        async with self.engine.begin() as conn:
+            await conn.run_sync(SQLModel.metadata.create_all, tables=wanted)
+
+    async def ping(self) -> None:
+        """Raise if the database does not answer a trivial query."""
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,150 @@
+"""Kafka clients and topic provisioning, configured for what every Kafka-protocol broker does.
+
+Producers use acks=all and no idempotence or transactions: the embedded broker lacks both,
+and exactly-once effects come from the outbox and the inbox instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from lotse_contracts import topics as topic_names
+from lotse_contracts.subscriptions import SubscriptionRegistry
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Connection settings shared by every client of one service."""
+
+    bootstrap: str
+    client_id: str = "lotse"
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    request_timeout_ms: int = 15_000
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def producer(self, **overrides: Any) -> AIOKafkaProducer:
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "client_id": self.client_id,
+            "acks": "all",
+            "enable_idempotence": False,
+            "linger_ms": 2,
+            "request_timeout_ms": self.request_timeout_ms,
+            **self.extra,
+            **overrides,
+        }
+        return AIOKafkaProducer(**options)
+
+    def consumer(self, *topics: str, group_id: str, **overrides: Any) -> AIOKafkaConsumer:
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "client_id": self.client_id,
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": self.heartbeat_interval_ms,
+            "request_timeout_ms": max(self.request_timeout_ms, self.session_timeout_ms + 5000),
+            **self.extra,
+            **overrides,
+        }
+        return AIOKafkaConsumer(*topics, **options)
+
+    def admin(self) -> AIOKafkaAdminClient:
+        return AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            request_timeout_ms=self.request_timeout_ms,
+            **self.extra,
+        )
+
+
+class TopicCreationError(RuntimeError):
+    """The broker refused to create a topic."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int = 1
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+def platform_topics(
+    registry: SubscriptionRegistry | None,
+    *,
+    prefix: str = "",
+    partitions: int = 3,
+    replication: int = 1,
+) -> list[TopicSpec]:
+    """Every topic the platform uses: domain, reporting, dead letters and audience feeds."""
+    compacted = {"cleanup.policy": "compact"}
+    names: dict[str, Mapping[str, str]] = {t: {} for t in topic_names.DOMAIN_TOPICS}
+    names[topic_names.REPORTING_KPIS] = compacted
+    for service in topic_names.SERVICES:
+        names[topic_names.dead_letter(service)] = {}
+    if registry is not None:
+        for name in registry.topics():
+            names.setdefault(name, {})
+    return [
+        TopicSpec(prefix + name, partitions, replication, config)
+        for name, config in sorted(names.items())
+    ]
+
+
+async def ensure_topics(config: KafkaConfig, specs: Iterable[TopicSpec]) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created.
+
+    Topics are created explicitly because auto-created ones get whatever partition count
+    the broker defaults to (odd ones on the embedded broker).
+    """
+    wanted = {spec.name: spec for spec in specs}
+    admin = config.admin()
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [spec for name, spec in wanted.items() if name not in existing]
+        if not missing:
+            return []
+        new = [
+            NewTopic(
+                name=spec.name,
+                num_partitions=spec.partitions,
+                replication_factor=spec.replication,
+                topic_configs=dict(spec.config),
+            )
+            for spec in missing
+        ]
+        response = await admin.create_topics(new)
+        problems = []
+        for error in response.topic_errors:
+            name, code = error[0], error[1]
+            # 36 = TOPIC_ALREADY_EXISTS: another service created it at the same moment.
+            if code not in (0, 36):
+                message = error[2] if len(error) > 2 and error[2] else f"error code {code}"
+                problems.append(f"{name}: {message}")
+        if problems:
+            raise TopicCreationError("cannot create topics: " + "; ".join(problems))
+        created = [spec.name for spec in missing]
+        _log.info("created topics", extra={"topics": created})
+        await _wait_for_metadata(admin, set(created))
+        return created
+    finally:
+        await admin.close()
+
+
+async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: set[str]) -> None:
+    for _ in range(50):
+        if names <= set(await admin.list_topics()):
+            return
+        await asyncio.sleep(0.1)

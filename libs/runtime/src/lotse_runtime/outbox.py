@@ -1,0 +1,350 @@
+"""Transactional outbox and its relay.
+
+A service adds events to the outbox in the same database transaction as the state change
+that caused them; the relay publishes committed rows in id order with acks=all and marks
+them sent. A crash between publishing and marking re-publishes the row on the next pass, so
+delivery is at-least-once with a stable CloudEvents id; consumers dedupe with the inbox.
+
+Audience routing happens here, in the producing service: the subscription registry says
+which feeds an event also goes to and which fields they may see, and each projected copy
+becomes an outbox row of its own in the same transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from lotse_contracts.cloudevents import CloudEvent, to_kafka_binary
+from lotse_contracts.events.base import EventModel
+from lotse_contracts.subscriptions import SubscriptionRegistry
+from sqlalchemy import Column, LargeBinary, Text, delete, func, select, text, update
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlmodel import Field, SQLModel, col
+
+from lotse_runtime.db import Database
+from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.telemetry import Telemetry, inject_headers
+
+_log = logging.getLogger(__name__)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class OutboxMessage(SQLModel, table=True):
+    """One Kafka record waiting to be (or already) published."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    topic: str = Field(index=False, description="Topic on the cluster (prefix applied).")
+    record_key: str | None = Field(default=None, description="Kafka key: the case id.")
+    value: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    headers: str = Field(sa_column=Column(Text, nullable=False), description="JSON [[k, v]].")
+    event_id: str = Field(description="CloudEvents id, for tracing a row to its event.")
+    event_type: str
+    created_at: datetime = Field(default_factory=_utcnow)
+    sent_at: datetime | None = Field(default=None, index=True)
+
+
+def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    return json.dumps([[name, value.decode("utf-8")] for name, value in headers])
+
+
+def _decode_headers(raw: str) -> list[tuple[str, bytes]]:
+    return [(name, value.encode("utf-8")) for name, value in json.loads(raw)]
+
+
+class Outbox:
+    """Adds events, and their audience copies, to the caller's transaction."""
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        topic_prefix: str = "",
+        registry: SubscriptionRegistry | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.topic_prefix = topic_prefix
+        self.registry = registry
+        self._on_commit = on_commit
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each commit that added events (wakes the relay)."""
+        self._on_commit = callback
+
+    def add(
+        self,
+        session: AsyncSession,
+        event: EventModel,
+        *,
+        event_id: str | None = None,
+        time: datetime | None = None,
+    ) -> CloudEvent:
+        """Add an event for its domain topic and every audience feed the registry names.
+
+        Raises ``RoutingError`` when the registry cannot place a routed event; the caller's
+        transaction then fails and nothing is stored.
+        """
+        cloudevent = event.to_cloudevent(event_id=event_id, time=time, source=self.source)
+        self.add_cloudevent(session, cloudevent, type(event).topic)
+        return cloudevent
+
+    def add_cloudevent(self, session: AsyncSession, event: CloudEvent, topic: str) -> None:
+        """Add an already-built CloudEvent (e.g. a re-published one) for ``topic``."""
+        trace = inject_headers()
+        copies = [(topic, event)]
+        if self.registry is not None:
+            copies.extend(self.registry.route(event))
+        for target, copy in copies:
+            record = to_kafka_binary(copy, extra_headers=trace)
+            session.add(
+                OutboxMessage(
+                    topic=self.topic_prefix + target,
+                    record_key=record.key.decode() if record.key is not None else None,
+                    value=record.value,
+                    headers=_encode_headers(record.headers),
+                    event_id=event.id,
+                    event_type=event.type,
+                )
+            )
+        if self._on_commit is not None:
+            sync_session = session.sync_session
+            if not sa_event.contains(sync_session, "after_commit", _wake_once):
+                sa_event.listen(sync_session, "after_commit", _wake_once)
+            sync_session.info["lotse_outbox_wake"] = self._on_commit
+
+
+def _wake_once(session: Any) -> None:
+    callback = session.info.pop("lotse_outbox_wake", None)
+    if callback is not None:
+        callback()
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows in id order and marks them sent.
+
+    One relay per service database publishes at a time: on PostgreSQL the relay holds an
+    advisory lock on a connection of its own, so extra replicas stand by instead of
+    reordering events; SQLite is embedded and single-process by nature.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        kafka: KafkaConfig,
+        *,
+        service: str,
+        telemetry: Telemetry | None = None,
+        batch_size: int = 200,
+        poll_interval_s: float = 0.5,
+        retention: timedelta = timedelta(days=7),
+    ) -> None:
+        self.db = db
+        self.kafka = kafka
+        self.service = service
+        self.telemetry = telemetry
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.retention = retention
+        self._last_prune = 0.0
+        self.backlog = 0
+        self.published = 0
+        self.last_error: str | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._leader: AsyncConnection | None = None
+        self._lock_key = zlib.crc32(f"lotse-outbox-{service}".encode())
+        if telemetry is not None:
+            telemetry.observe_outbox_backlog(lambda: self.backlog)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self.service}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            self._producer = None
+        await self._release_leadership()
+
+    async def _run(self) -> None:
+        delay = self.poll_interval_s
+        while True:
+            try:
+                sent = await self.publish_pending()
+                await self._prune_now_and_then()
+                self.last_error = None
+                delay = self.poll_interval_s
+                if sent >= self.batch_size:
+                    continue  # more is waiting: no pause
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                _log.warning("outbox relay pass failed", extra={"error": self.last_error})
+                await self._reset_producer()
+                delay = min(delay * 2, 10.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            self._wake.clear()
+
+    async def _producer_ready(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = self.kafka.producer()
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    async def _reset_producer(self) -> None:
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            self._producer = None
+
+    async def _is_leader(self) -> bool:
+        if not self.db.is_postgres:
+            return True
+        if self._leader is not None:
+            try:
+                await self._leader.execute(text("SELECT 1"))
+                return True
+            except Exception:
+                await self._release_leadership()
+        conn = await self.db.engine.connect()
+        got = (
+            await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._lock_key})
+        ).scalar()
+        await conn.commit()
+        if got:
+            self._leader = conn
+            return True
+        await conn.close()
+        return False
+
+    async def _release_leadership(self) -> None:
+        if self._leader is not None:
+            with contextlib.suppress(Exception):
+                await self._leader.close()  # closing the session releases the lock
+            self._leader = None
+
+    async def publish_pending(self) -> int:
+        """One pass: publish up to ``batch_size`` unsent rows in order; returns how many."""
+        if not await self._is_leader():
+            return 0
+        async with self.db.transaction() as session:
+            rows = list(
+                (
+                    await session.execute(
+                        select(OutboxMessage)
+                        .where(col(OutboxMessage.sent_at).is_(None))
+                        .order_by(col(OutboxMessage.id))
+                        .limit(self.batch_size)
+                    )
+                ).scalars()
+            )
+        if not rows:
+            self.backlog = 0
+            return 0
+        producer = await self._producer_ready()
+        futures = []
+        for row in rows:
+            futures.append(
+                await producer.send(
+                    row.topic,
+                    value=row.value,
+                    key=row.record_key.encode() if row.record_key is not None else None,
+                    headers=_decode_headers(row.headers),
+                )
+            )
+        delivered: list[int] = []
+        failure: BaseException | None = None
+        for row, future in zip(rows, futures, strict=True):
+            try:
+                await future
+            except Exception as exc:
+                # Rows after the first failure stay unsent and go again, in order, next pass.
+                failure = exc
+                break
+            assert row.id is not None
+            delivered.append(row.id)
+        if delivered:
+            await self._mark_sent(delivered)
+            self.published += len(delivered)
+            if self.telemetry is not None:
+                for row in rows[: len(delivered)]:
+                    self.telemetry.count_published(row.topic)
+        await self._update_backlog()
+        if failure is not None:
+            raise failure
+        return len(delivered)
+
+    async def _mark_sent(self, ids: list[int]) -> None:
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(OutboxMessage)
+                .where(col(OutboxMessage.id).in_(ids))
+                .values(sent_at=_utcnow())
+            )
+
+    async def _prune_now_and_then(self) -> None:
+        # Sent rows stay a while for diagnosis and replay of a lost topic, then go.
+        now = asyncio.get_running_loop().time()
+        if now - self._last_prune < 600:
+            return
+        self._last_prune = now
+        await self.prune_sent(_utcnow() - self.retention)
+
+    async def prune_sent(self, before: datetime) -> int:
+        """Delete rows sent before ``before``; returns how many."""
+        async with self.db.transaction() as session:
+            result = await session.execute(
+                delete(OutboxMessage).where(
+                    col(OutboxMessage.sent_at).is_not(None),
+                    col(OutboxMessage.sent_at) < before,
+                )
+            )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def _update_backlog(self) -> None:
+        async with self.db.transaction() as session:
+            count = await session.scalar(
+                select(func.count())
+                .select_from(OutboxMessage)
+                .where(col(OutboxMessage.sent_at).is_(None))
+            )
+        self.backlog = int(count or 0)
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Publish until nothing is pending (tests and shutdown)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            await self.publish_pending()
+            if self.backlog == 0:
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(f"outbox still holds {self.backlog} unsent rows")
+            await asyncio.sleep(0.05)

@@ -1,0 +1,134 @@
+"""Settings shared by every service, read from the environment by pydantic-settings.
+
+Each service subclasses :class:`ServiceSettings` and sets ``service_name``. A value is looked
+up as ``LOTSE_<SERVICE>_<FIELD>`` first (one service's own setting), then ``LOTSE_<FIELD>``
+(shared by all services of a deployment); the database URL also answers to the conventional
+``DATABASE_URL``. Settings are built inside the app factory, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_DATA_DIR = Path("var")
+
+
+class _DatabaseUrlSource(PydanticBaseSettingsSource):
+    """``DATABASE_URL`` as the last fallback for ``database_url``."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if field_name == "database_url" and os.environ.get("DATABASE_URL"):
+            return os.environ["DATABASE_URL"], field_name, False
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        url = os.environ.get("DATABASE_URL")
+        return {"database_url": url} if url else {}
+
+
+class ServiceSettings(BaseSettings):
+    """What every Lotse service needs to run; defaults are the embedded set-up."""
+
+    model_config = SettingsConfigDict(env_prefix="LOTSE_", extra="ignore", frozen=True)
+
+    service_name: ClassVar[str] = "service"
+
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated."
+    )
+    topic_prefix: str = Field(
+        default="",
+        description="Prepended to every topic name: separates cities or test runs on one cluster.",
+    )
+    create_topics: bool = Field(
+        default=True, description="Create missing topics at start-up (off where Strimzi owns them)."
+    )
+    topic_partitions: int = Field(default=3, ge=1, description="Partitions of created topics.")
+    topic_replication: int = Field(default=1, ge=1, description="Replication of created topics.")
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL; empty means the embedded SQLite file var/<service>.db.",
+    )
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Where embedded files live.")
+    city: str = Field(default="dortmund", description="City configuration (name or TOML path).")
+    subscriptions_file: str | None = Field(
+        default=None, description="Subscription registry TOML; default is the packaged one."
+    )
+    http_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
+    log_level: str = Field(default="INFO", description="Python log level.")
+    otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP collector base URL; unset means no export."
+    )
+    max_event_bytes: int = Field(
+        default=256 * 1024, gt=0, description="Larger incoming events are dead-lettered."
+    )
+    consumer_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    consumer_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    consumer_max_attempts: int = Field(
+        default=4, ge=1, description="Handler attempts before an event is dead-lettered."
+    )
+    consumer_backoff_s: float = Field(
+        default=0.2, gt=0, description="First retry delay; doubles per attempt."
+    )
+    relay_poll_interval_s: float = Field(
+        default=0.5, gt=0, description="How often the outbox relay looks for rows it missed."
+    )
+    relay_batch_size: int = Field(default=200, ge=1)
+    readiness_timeout_s: float = Field(default=2.0, gt=0)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("kafka_bootstrap must name at least one host:port")
+        return value.strip()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        own = EnvSettingsSource(
+            settings_cls, env_prefix=f"LOTSE_{cls.service_name.upper()}_", case_sensitive=False
+        )
+        return (
+            init_settings,
+            own,
+            env_settings,
+            _DatabaseUrlSource(settings_cls),
+            file_secret_settings,
+        )
+
+    @property
+    def service(self) -> str:
+        return self.service_name
+
+    def resolved_database_url(self) -> str:
+        """The database URL, with the embedded SQLite default filled in."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / (self.service_name + '.db')}"
+
+    def topic(self, name: str) -> str:
+        """A topic's name on the cluster (with this deployment's prefix)."""
+        return self.topic_prefix + name
+
+    def consumer_group(self, name: str) -> str:
+        """A consumer group's name on the cluster (prefixed like topics)."""
+        return f"{self.topic_prefix}lotse-{self.service_name}-{name}"

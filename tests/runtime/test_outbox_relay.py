@@ -1,0 +1,151 @@
+"""Outbox and relay against the real broker and both database backends."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from lotse_contracts.city import load_city
+from lotse_contracts.cloudevents import from_kafka
+from lotse_contracts.events.visits import VisitScheduled
+from lotse_contracts.subscriptions import RoutingError, load_registry
+from lotse_runtime.db import Database
+from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.outbox import Outbox, OutboxMessage, OutboxRelay
+from lotse_runtime.telemetry import TelemetryConfig, setup_telemetry
+from sqlmodel import select
+
+from tests.support import read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def scheduled(case_id: str, n: int = 0) -> VisitScheduled:
+    return VisitScheduled.example().model_copy(
+        update={"case_id": case_id, "visit_id": str(uuid.uuid4()), "staff_id": f"st-{n}"}
+    )
+
+
+@pytest.fixture
+async def db(database_url: str) -> Database:
+    database = Database(database_url)
+    await database.create_schema([])
+    yield database  # type: ignore[misc]
+    await database.dispose()
+
+
+def make_outbox(prefix: str, relay: OutboxRelay | None = None) -> Outbox:
+    return Outbox(
+        source="/lotse/visits",
+        topic_prefix=prefix,
+        registry=load_registry(load_city("dortmund")),
+        on_commit=relay.wake if relay else None,
+    )
+
+
+async def test_events_reach_domain_topic_and_feed_in_order_with_trace(
+    db: Database, kafka: KafkaConfig, topics: str, broker: object
+) -> None:
+    telemetry = setup_telemetry(TelemetryConfig(service_name="t", in_memory=True))
+    relay = OutboxRelay(db, kafka, service="visits", telemetry=telemetry)
+    outbox = make_outbox(topics, relay)
+    case_id = str(uuid.uuid4())
+    events = [scheduled(case_id, n) for n in range(5)]
+    with telemetry.tracer.start_as_current_span("http request") as span:
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        async with db.transaction() as session:
+            ids = [outbox.add(session, event).id for event in events]
+    try:
+        await relay.drain()
+        assert relay.backlog == 0
+        domain = await read_topic(kafka.bootstrap, topics + "lotse.visits", 5)
+        assert [r.header("ce_id") for r in domain] == ids  # order of the transaction kept
+        assert {r.partition for r in domain} == {domain[0].partition}
+        assert all(r.key == case_id.encode() for r in domain)
+        assert all(trace_id in (r.header("traceparent") or "") for r in domain)
+        first = from_kafka(domain[0].value, domain[0].headers)
+        assert first.type == VisitScheduled.event_type
+        assert first.data["staff_id"] == "st-0"
+
+        feed = await read_topic(kafka.bootstrap, topics + "lotse.bezirk.hoerde", 5)
+        assert [r.header("ce_id") for r in feed] == ids
+        projected = json.loads(feed[0].value or b"{}")
+        assert "staff_id" not in projected  # data minimisation for the Bezirksteam
+        assert projected["visit_id"] == events[0].visit_id
+    finally:
+        await relay.stop()
+        telemetry.shutdown()
+
+
+async def test_rolled_back_transaction_leaves_no_event(db: Database, kafka: KafkaConfig) -> None:
+    outbox = make_outbox("unused.")
+    with pytest.raises(RuntimeError, match="state change failed"):
+        async with db.transaction() as session:
+            outbox.add(session, scheduled(str(uuid.uuid4())))
+            raise RuntimeError("state change failed")
+    async with db.transaction() as session:
+        assert (await session.execute(select(OutboxMessage))).first() is None
+
+
+async def test_unroutable_event_fails_the_transaction(db: Database) -> None:
+    outbox = make_outbox("unused.")
+    bad = scheduled(str(uuid.uuid4())).model_copy(update={"bezirk": "atlantis"})
+    with pytest.raises(RoutingError, match="atlantis"):
+        async with db.transaction() as session:
+            outbox.add(session, bad)
+    async with db.transaction() as session:
+        assert (await session.execute(select(OutboxMessage))).first() is None
+
+
+async def test_crash_between_publish_and_mark_sent_republishes(
+    db: Database, kafka: KafkaConfig, topics: str
+) -> None:
+    outbox = make_outbox(topics)
+    event_id = None
+    async with db.transaction() as session:
+        event_id = outbox.add(session, scheduled(str(uuid.uuid4()))).id
+
+    crashing = OutboxRelay(db, kafka, service="visits")
+
+    async def crash(_ids: list[int]) -> None:
+        raise ConnectionError("process killed before marking sent")
+
+    crashing._mark_sent = crash  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await crashing.publish_pending()
+    await crashing.stop()
+    async with db.transaction() as session:
+        rows = (await session.execute(select(OutboxMessage))).scalars().all()
+        assert rows and all(row.sent_at is None for row in rows)
+
+    restarted = OutboxRelay(db, kafka, service="visits")
+    try:
+        await restarted.drain()
+    finally:
+        await restarted.stop()
+    records = await read_topic(kafka.bootstrap, topics + "lotse.visits", 2)
+    # Published twice with the same CloudEvents id: consumers dedupe by source + id.
+    assert [r.header("ce_id") for r in records] == [event_id, event_id]
+    async with db.transaction() as session:
+        rows = (await session.execute(select(OutboxMessage))).scalars().all()
+        assert all(row.sent_at is not None for row in rows)
+
+
+async def test_relay_survives_broker_absence_and_reports_it(db: Database) -> None:
+    from lotse_runtime.embedded import free_port
+
+    nowhere = KafkaConfig(bootstrap=f"127.0.0.1:{free_port()}", request_timeout_ms=1000)
+    relay = OutboxRelay(db, nowhere, service="visits", poll_interval_s=0.05)
+    async with db.transaction() as session:
+        make_outbox("x.").add(session, scheduled(str(uuid.uuid4())))
+    await relay.start()
+    try:
+        from tests.support import eventually
+
+        await eventually(lambda: relay.last_error is not None, timeout_s=15)
+    finally:
+        await relay.stop()
+    async with db.transaction() as session:
+        rows = (await session.execute(select(OutboxMessage))).scalars().all()
+        assert rows and all(row.sent_at is None for row in rows)  # kept for the next attempt

@@ -1,0 +1,109 @@
+"""Helpers shared by tests: waiting for conditions and reading topics with an independent
+Kafka client (confluent-kafka, not the aiokafka the platform itself uses)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+
+async def eventually(
+    predicate: Callable[[], Any | Awaitable[Any]], timeout_s: float = 20.0, interval_s: float = 0.05
+) -> Any:
+    """Await ``predicate()`` (sync or async) until truthy; fail after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode()
+        return None
+
+
+def _read(bootstrap: str, topic: str, count: int, timeout_s: float) -> list[Record]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 300,
+        }
+    )
+    consumer.subscribe([topic])
+    records: list[Record] = []
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < count and time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None or message.error():
+                continue
+            records.append(
+                Record(
+                    topic=message.topic(),
+                    partition=message.partition(),
+                    offset=message.offset(),
+                    key=message.key(),
+                    value=message.value(),
+                    headers=list(message.headers() or []),
+                )
+            )
+    finally:
+        consumer.close()
+    return records
+
+
+async def read_topic(
+    bootstrap: str, topic: str, count: int, timeout_s: float = 30.0, settle_s: float = 0.0
+) -> list[Record]:
+    """Read at least ``count`` records from the start of ``topic`` (fewer on timeout).
+
+    ``settle_s`` keeps reading a little after ``count`` arrived, to catch extras.
+    """
+    records = await asyncio.to_thread(_read, bootstrap, topic, count, timeout_s)
+    if settle_s:
+        more = await asyncio.to_thread(_read, bootstrap, topic, count + 10_000, settle_s + 2)
+        records = more if len(more) > len(records) else records
+    return records
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]] | None = None,
+    key: bytes | None = None,
+) -> None:
+    """Write one raw record, as a foreign or faulty producer would."""
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    producer.produce(topic, value=value, key=key, headers=headers or [])
+    if producer.flush(15) != 0:
+        raise RuntimeError(f"could not produce to {topic}")
