@@ -45,6 +45,11 @@ class Record:
         return None
 
 
+def _headers(raw: Any) -> list[tuple[str, bytes]]:
+    pairs = raw.items() if isinstance(raw, dict) else (raw or [])
+    return [(str(k), v) for k, v in pairs if isinstance(v, bytes)]
+
+
 def _read(bootstrap: str, topic: str, count: int, timeout_s: float) -> list[Record]:
     consumer = Consumer(
         {
@@ -68,12 +73,12 @@ def _read(bootstrap: str, topic: str, count: int, timeout_s: float) -> list[Reco
                 continue
             records.append(
                 Record(
-                    topic=message.topic(),
-                    partition=message.partition(),
-                    offset=message.offset(),
+                    topic=message.topic() or topic,
+                    partition=message.partition() or 0,
+                    offset=message.offset() or 0,
                     key=message.key(),
                     value=message.value(),
-                    headers=list(message.headers() or []),
+                    headers=_headers(message.headers()),
                 )
             )
     finally:
@@ -104,6 +109,6 @@ def produce(
 ) -> None:
     """Write one raw record, as a foreign or faulty producer would."""
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
-    producer.produce(topic, value=value, key=key, headers=headers or [])
+    producer.produce(topic, value=value, key=key, headers=list(headers or []))
     if producer.flush(15) != 0:
         raise RuntimeError(f"could not produce to {topic}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from lotse_contracts.city import load_city
@@ -28,10 +29,10 @@ def scheduled(case_id: str, n: int = 0) -> VisitScheduled:
 
 
 @pytest.fixture
-async def db(database_url: str) -> Database:
+async def db(database_url: str) -> AsyncIterator[Database]:
     database = Database(database_url)
     await database.create_schema([])
-    yield database  # type: ignore[misc]
+    yield database
     await database.dispose()
 
 
@@ -80,10 +81,14 @@ async def test_events_reach_domain_topic_and_feed_in_order_with_trace(
 
 async def test_rolled_back_transaction_leaves_no_event(db: Database, kafka: KafkaConfig) -> None:
     outbox = make_outbox("unused.")
-    with pytest.raises(RuntimeError, match="state change failed"):
+
+    async def failing_change() -> None:
         async with db.transaction() as session:
             outbox.add(session, scheduled(str(uuid.uuid4())))
             raise RuntimeError("state change failed")
+
+    with pytest.raises(RuntimeError, match="state change failed"):
+        await failing_change()
     async with db.transaction() as session:
         assert (await session.execute(select(OutboxMessage))).first() is None
 
@@ -111,13 +116,14 @@ async def test_crash_between_publish_and_mark_sent_republishes(
     async def crash(_ids: list[int]) -> None:
         raise ConnectionError("process killed before marking sent")
 
-    crashing._mark_sent = crash  # type: ignore[method-assign]
+    crashing._mark_sent = crash  # type: ignore[method-assign,assignment]
     with pytest.raises(ConnectionError):
         await crashing.publish_pending()
     await crashing.stop()
     async with db.transaction() as session:
         rows = (await session.execute(select(OutboxMessage))).scalars().all()
-        assert rows and all(row.sent_at is None for row in rows)
+        assert rows
+        assert all(row.sent_at is None for row in rows)
 
     restarted = OutboxRelay(db, kafka, service="visits")
     try:
@@ -148,4 +154,5 @@ async def test_relay_survives_broker_absence_and_reports_it(db: Database) -> Non
         await relay.stop()
     async with db.transaction() as session:
         rows = (await session.execute(select(OutboxMessage))).scalars().all()
-        assert rows and all(row.sent_at is None for row in rows)  # kept for the next attempt
+        assert rows
+        assert all(row.sent_at is None for row in rows)

@@ -1,0 +1,322 @@
+"""The consumer wrapper against the real broker and both database backends: inbox dedupe,
+commit after effect, retries, dead letters for every kind of bad input."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from lotse_contracts.cloudevents import to_kafka_binary, to_structured
+from lotse_contracts.events.visits import VisitScheduled
+from lotse_runtime.consumer import Delivery, EventConsumer, EventRejected
+from lotse_runtime.db import Database
+from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.outbox import Outbox
+from lotse_runtime.telemetry import TelemetryConfig, inject_headers, setup_telemetry
+from sqlmodel import Field, SQLModel, func, select
+
+from tests.support import Record, eventually, produce, read_topic
+
+pytestmark = pytest.mark.integration
+
+VISITS = "lotse.visits"
+DLQ = "lotse.dlq.visits"
+
+
+class ProbeEffect(SQLModel, table=True):
+    """What the test handler does: one row per applied event."""
+
+    __tablename__ = "test_probe_effect"
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: str
+    visit_id: str
+
+
+def scheduled(**update: object) -> VisitScheduled:
+    values: dict[str, object] = {"case_id": str(uuid.uuid4()), "visit_id": str(uuid.uuid4())}
+    values.update(update)
+    return VisitScheduled.example().model_copy(update=values)
+
+
+def record_of(
+    event: VisitScheduled, event_id: str | None = None
+) -> tuple[bytes | None, list[tuple[str, bytes]], bytes | None]:
+    record = to_kafka_binary(event.to_cloudevent(event_id=event_id))
+    return record.value, record.headers, record.key
+
+
+@dataclass
+class Harness:
+    db: Database
+    kafka: KafkaConfig
+    prefix: str
+    consumers: list[EventConsumer] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)  # visit_id -> failures left
+    rejected: set[str] = field(default_factory=set)
+
+    async def handle(self, delivery: Delivery) -> None:
+        data = delivery.data
+        assert isinstance(data, VisitScheduled)
+        delivery.session.add(ProbeEffect(event_id=delivery.event.id, visit_id=data.visit_id))
+        await delivery.session.flush()  # the row exists inside the transaction...
+        if data.visit_id in self.rejected:
+            raise EventRejected(f"visit {data.visit_id} belongs to nobody here")
+        left = self.failures.get(data.visit_id, 0)
+        if left:
+            self.failures[data.visit_id] = left - 1
+            raise ConnectionError("database hiccup")
+
+    def consumer(self, group: str, *, max_event_bytes: int = 256 * 1024) -> EventConsumer:
+        consumer = EventConsumer(
+            name="probe",
+            service="visits",
+            topics=[self.prefix + VISITS],
+            handlers={VisitScheduled.event_type: self.handle},
+            db=self.db,
+            outbox=Outbox(source="/lotse/visits", topic_prefix=self.prefix),
+            kafka=self.kafka,
+            group_id=group,
+            dead_letter_topic=self.prefix + DLQ,
+            max_event_bytes=max_event_bytes,
+            max_attempts=3,
+            backoff_s=0.01,
+        )
+        self.consumers.append(consumer)
+        return consumer
+
+    def send(self, event: VisitScheduled, event_id: str | None = None) -> str:
+        value, headers, key = record_of(event, event_id)
+        produce(self.kafka.bootstrap, self.prefix + VISITS, value, headers, key)
+        return dict(headers)["ce_id"].decode()
+
+    async def effects(self) -> list[ProbeEffect]:
+        async with self.db.transaction() as session:
+            return list((await session.execute(select(ProbeEffect))).scalars())
+
+    async def count(self) -> int:
+        async with self.db.transaction() as session:
+            return int(
+                (await session.execute(select(func.count()).select_from(ProbeEffect))).scalar_one()
+            )
+
+
+@pytest.fixture
+async def harness(database_url: str, kafka: KafkaConfig, topics: str) -> AsyncIterator[Harness]:
+    db = Database(database_url)
+    await db.create_schema([ProbeEffect])
+    h = Harness(db, kafka, topics)
+    yield h
+    for consumer in h.consumers:
+        await consumer.stop()
+    await db.dispose()
+
+
+def group() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+async def test_redelivered_event_has_one_effect(harness: Harness) -> None:
+    consumer = harness.consumer(group())
+    await consumer.start()
+    event = scheduled()
+    event_id = str(uuid.uuid4())
+    harness.send(event, event_id)
+    harness.send(event, event_id)  # the relay re-published after a crash: same source + id
+    await eventually(lambda: consumer.processed + consumer.duplicates == 2)
+    assert consumer.processed == 1
+    assert consumer.duplicates == 1
+    assert [e.visit_id for e in await harness.effects()] == [event.visit_id]
+
+
+async def test_offsets_are_committed_after_the_effect(harness: Harness) -> None:
+    name = group()
+    first = harness.consumer(name)
+    await first.start()
+    harness.send(scheduled())
+    harness.send(scheduled())
+    await eventually(lambda: first.processed == 2)
+    await first.stop()
+
+    second = harness.consumer(name)  # same group: resumes after the committed offset
+    await second.start()
+    later = scheduled()
+    harness.send(later)
+    await eventually(lambda: second.processed == 1)
+    assert second.duplicates == 0
+    assert await harness.count() == 3
+
+
+async def test_transient_failure_is_retried_with_one_effect(harness: Harness) -> None:
+    consumer = harness.consumer(group())
+    await consumer.start()
+    event = scheduled()
+    harness.failures[event.visit_id] = 2  # fails twice, succeeds on the third attempt
+    harness.send(event)
+    await eventually(lambda: consumer.processed == 1)
+    assert consumer.dead_lettered == 0
+    assert [e.visit_id for e in await harness.effects()] == [event.visit_id]
+
+
+async def test_persistent_failure_is_dead_lettered_and_the_partition_moves_on(
+    harness: Harness,
+) -> None:
+    consumer = harness.consumer(group())
+    await consumer.start()
+    case_id = str(uuid.uuid4())  # same key: same partition, behind the failing event
+    failing, following = scheduled(case_id=case_id), scheduled(case_id=case_id)
+    harness.failures[failing.visit_id] = 99
+    failing_id = harness.send(failing)
+    harness.send(following)
+    await eventually(lambda: consumer.processed == 1 and consumer.dead_lettered == 1)
+    assert [e.visit_id for e in await harness.effects()] == [following.visit_id]
+    [dead] = await read_topic(harness.kafka.bootstrap, harness.prefix + DLQ, 1)
+    assert dead.header("ce_id") == failing_id  # original headers kept
+    assert dead.header("lotse_dlq_stage") == "handler"
+    assert dead.header("lotse_dlq_attempts") == "3"
+    assert "ConnectionError: database hiccup" in (dead.header("lotse_dlq_reason") or "")
+    assert dead.header("lotse_dlq_topic") == harness.prefix + VISITS
+
+
+def _without(headers: list[tuple[str, bytes]], name: str) -> list[tuple[str, bytes]]:
+    return [(k, v) for k, v in headers if k != name]
+
+
+def _replace(headers: list[tuple[str, bytes]], name: str, value: str) -> list[tuple[str, bytes]]:
+    return [(k, value.encode() if k == name else v) for k, v in headers]
+
+
+BadInput = Callable[[], tuple[bytes | None, list[tuple[str, bytes]]]]
+
+
+def _bad_inputs() -> dict[str, tuple[BadInput, str, str]]:
+    """name -> (record factory, expected stage, expected words in the reason)."""
+
+    def bad_json() -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        _, headers, _ = record_of(scheduled())
+        return b'{"visit_id": ', headers
+
+    def missing_type() -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        value, headers, _ = record_of(scheduled())
+        return value, _without(headers, "ce_type")
+
+    def unknown_type() -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        value, headers, _ = record_of(scheduled())
+        return value, _replace(headers, "ce_type", "de.lotse.visits.visit-teleported.v1")
+
+    def unknown_major() -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        value, headers, _ = record_of(scheduled())
+        return value, _replace(headers, "ce_type", "de.lotse.visits.visit-scheduled.v9")
+
+    def schema_violation() -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        _, headers, _ = record_of(scheduled())
+        data = scheduled().model_dump(mode="json")
+        del data["starts_at"]
+        data["ends_at"] = "next tuesday"
+        import json
+
+        return json.dumps(data).encode(), headers
+
+    def too_large() -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        _, headers, _ = record_of(scheduled())
+        return b'{"padding": "' + b"x" * 20_000 + b'"}', headers
+
+    def not_a_cloudevent() -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        return b'{"hello": "world"}', []
+
+    return {
+        "bad JSON": (bad_json, "envelope", "not valid JSON"),
+        "missing ce_type": (missing_type, "envelope", "ce_type"),
+        "unknown ce_type": (unknown_type, "type", "visit-teleported.v1' is unknown"),
+        "unknown major": (unknown_major, "type", "major version 9 is unknown"),
+        "schema violation": (schema_violation, "schema", "starts_at"),
+        "too large": (too_large, "envelope", "exceeds the limit of 8192 bytes"),
+        "no CloudEvent": (not_a_cloudevent, "envelope", "not a CloudEvent"),
+    }
+
+
+async def test_bad_input_is_dead_lettered_with_reason_and_nothing_stored_changes(
+    harness: Harness,
+) -> None:
+    consumer = harness.consumer(group(), max_event_bytes=8192)
+    await consumer.start()
+    before = scheduled()
+    harness.send(before)
+    await eventually(lambda: consumer.processed == 1)
+    stored = [(e.id, e.event_id, e.visit_id) for e in await harness.effects()]
+
+    cases = _bad_inputs()
+    key = b"one-partition"  # all behind each other, so the last good event proves progress
+    for make, _stage, _reason in cases.values():
+        value, headers = make()
+        produce(harness.kafka.bootstrap, harness.prefix + VISITS, value, headers, key)
+    after = scheduled()
+    value, headers, _ = record_of(after)
+    produce(harness.kafka.bootstrap, harness.prefix + VISITS, value, headers, key)
+
+    await eventually(lambda: consumer.processed == 2)
+    assert consumer.dead_lettered == len(cases)
+    effects = [(e.id, e.event_id, e.visit_id) for e in await harness.effects()]
+    assert effects[:1] == stored  # the stored row is unchanged
+    assert [e[2] for e in effects] == [before.visit_id, after.visit_id]
+
+    dead: list[Record] = await read_topic(harness.kafka.bootstrap, harness.prefix + DLQ, len(cases))
+    assert len(dead) == len(cases)
+    for record, (name, (_make, stage, words)) in zip(dead, cases.items(), strict=True):
+        reason = record.header("lotse_dlq_reason") or ""
+        assert record.header("lotse_dlq_stage") == stage, (name, reason)
+        assert words in reason, (name, reason)
+        assert record.key == key
+
+
+async def test_rejected_event_is_dead_lettered_and_its_effects_rolled_back(
+    harness: Harness,
+) -> None:
+    consumer = harness.consumer(group())
+    await consumer.start()
+    event = scheduled()
+    harness.rejected.add(event.visit_id)
+    harness.send(event)
+    await eventually(lambda: consumer.dead_lettered == 1)
+    assert await harness.count() == 0  # the row flushed before the rejection is gone
+    [dead] = await read_topic(harness.kafka.bootstrap, harness.prefix + DLQ, 1)
+    assert dead.header("lotse_dlq_stage") == "rejected"
+    assert "belongs to nobody here" in (dead.header("lotse_dlq_reason") or "")
+
+
+async def test_structured_mode_and_unhandled_known_types(harness: Harness) -> None:
+    from lotse_contracts.events.visits import VisitMissed
+
+    consumer = harness.consumer(group())
+    await consumer.start()
+    event = scheduled()
+    produce(
+        harness.kafka.bootstrap,
+        harness.prefix + VISITS,
+        to_structured(event.to_cloudevent()),
+        [("content-type", b"application/cloudevents+json")],
+    )
+    # A known event this consumer does not handle is skipped, not dead-lettered.
+    record = to_kafka_binary(VisitMissed.example().to_cloudevent())
+    produce(harness.kafka.bootstrap, harness.prefix + VISITS, record.value, record.headers)
+    await eventually(lambda: consumer.processed == 1 and consumer.skipped == 1)
+    assert consumer.dead_lettered == 0
+
+
+async def test_trace_continues_from_producer_to_consumer(harness: Harness) -> None:
+    telemetry = setup_telemetry(TelemetryConfig(service_name="t", in_memory=True))
+    consumer = harness.consumer(group())
+    consumer.telemetry = telemetry
+    await consumer.start()
+    with telemetry.tracer.start_as_current_span("request") as span:
+        trace_id = span.get_span_context().trace_id
+        record = to_kafka_binary(scheduled().to_cloudevent(), extra_headers=inject_headers())
+    produce(harness.kafka.bootstrap, harness.prefix + VISITS, record.value, record.headers)
+    await eventually(lambda: consumer.processed == 1)
+    assert telemetry.span_exporter is not None
+    spans = [s for s in telemetry.span_exporter.get_finished_spans() if "process" in s.name]
+    assert spans
+    assert spans[0].context.trace_id == trace_id
+    telemetry.shutdown()
