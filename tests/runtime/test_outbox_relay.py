@@ -156,3 +156,49 @@ async def test_relay_survives_broker_absence_and_reports_it(db: Database) -> Non
         rows = (await session.execute(select(OutboxMessage))).scalars().all()
         assert rows
         assert all(row.sent_at is None for row in rows)
+
+
+async def test_relay_is_woken_after_commit_not_after_rollback(db: Database) -> None:
+    wakes: list[str] = []
+    outbox = make_outbox("x.")
+    outbox.notify(lambda: wakes.append("wake"))
+    async with db.transaction() as session:
+        outbox.add(session, scheduled(str(uuid.uuid4())))
+        assert wakes == []  # not before the rows are visible to the relay
+    assert wakes == ["wake"]
+
+    async def rolled_back() -> None:
+        async with db.transaction() as session:
+            outbox.add(session, scheduled(str(uuid.uuid4())))
+            raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        await rolled_back()
+    assert wakes == ["wake"]
+
+
+async def test_backlog_is_reported_as_a_metric(
+    db: Database, kafka: KafkaConfig, topics: str
+) -> None:
+    telemetry = setup_telemetry(TelemetryConfig(service_name="t", in_memory=True))
+    relay = OutboxRelay(db, kafka, service="visits", telemetry=telemetry, batch_size=4)
+    async with db.transaction() as session:
+        for _ in range(3):
+            make_outbox(topics).add(session, scheduled(str(uuid.uuid4())))
+    try:
+        # Each event is one row for the domain topic and one for the Bezirk feed.
+        assert await relay.publish_pending() == 4
+        assert relay.backlog == 2
+        assert telemetry.metric_reader is not None
+        data = telemetry.metric_reader.get_metrics_data()
+        assert data is not None
+        gauges = {
+            metric.name: [p.value for p in metric.data.data_points]
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+        }
+        assert gauges["lotse.outbox.backlog"] == [2]
+    finally:
+        await relay.stop()
+        telemetry.shutdown()
