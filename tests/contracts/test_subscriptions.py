@@ -18,6 +18,7 @@ from lotse_contracts.subscriptions import (
     SubscriptionRegistry,
     load_registry,
     parse_registry,
+    producer_of,
 )
 
 OVERDUE = "de.lotse.visits.visit-overdue.v1"
@@ -41,7 +42,6 @@ never_routed = ["de.lotse.intake.needs-assessed.v1"]
 kind = "bezirksteam"
 topic = "lotse.bezirk.{bezirk}"
 consumer_groups = ["lotse-bezirksteam-{bezirk}"]
-routed_by = "referrals"
 events = [
     { type = "de.lotse.visits.visit-overdue.v1", fields = ["case_id", "bezirk", "days_overdue"] },
 ]
@@ -51,7 +51,6 @@ kind = "traeger"
 topic = "lotse.partner.{traeger}.referrals"
 writes = ["lotse.partner.{traeger}.responses"]
 consumer_groups = ["lotse-partner-{traeger}"]
-routed_by = "referrals"
 events = [
     { type = "de.lotse.referrals.referral-cancelled.v1", fields = ["referral_id", "reason"] },
 ]
@@ -62,6 +61,17 @@ name = "referrals"
 reads = ["lotse.visits", "lotse.partner.{traeger}.responses"]
 writes = ["lotse.referrals", "lotse.dlq.referrals"]
 consumer_groups = ["lotse-referrals"]
+
+[[audience]]
+kind = "service"
+name = "visits"
+writes = ["lotse.visits", "lotse.dlq.visits"]
+"""
+VISITS_SERVICE = """
+[[audience]]
+kind = "service"
+name = "visits"
+writes = ["lotse.visits", "lotse.dlq.visits"]
 """
 
 
@@ -111,6 +121,9 @@ def test_packaged_registry_loads(city: str, bezirke: int, traeger: int) -> None:
     assert kinds.count("traeger") == traeger
     assert kinds.count("dashboard") == 1
     assert kinds.count("service") == 4
+    # Feed write access is derived per city, so it must expand to that city's members.
+    city_feeds = {topics.bezirk_feed(b) for b in load_city(city).bezirk_slugs}
+    assert city_feeds <= set(registry.audience("service-visits").write_topics)
 
 
 def test_minimal_registry_from_a_path(tmp_path: Path, dortmund: Municipality) -> None:
@@ -348,17 +361,20 @@ def test_dashboard_topics(registry: SubscriptionRegistry) -> None:
 
 
 def test_service_topics(registry: SubscriptionRegistry, dortmund: Municipality) -> None:
+    bezirk_feeds = [topics.bezirk_feed(b) for b in dortmund.bezirk_slugs]
     intake = registry.audience("service-intake")
     assert intake.read_topics == []
-    assert intake.write_topics == [topics.INTAKE, topics.dead_letter("intake")]
+    # intake routes family-erased to every Bezirksteam.
+    assert intake.write_topics == [topics.INTAKE, topics.dead_letter("intake"), *bezirk_feeds]
     assert intake.consumer_groups == []
 
     visits = registry.audience("service-visits")
     assert visits.read_topics == [topics.INTAKE]
-    assert visits.write_topics == [topics.VISITS, topics.dead_letter("visits")]
+    assert visits.write_topics == [topics.VISITS, topics.dead_letter("visits"), *bezirk_feeds]
 
     reporting = registry.audience("service-reporting")
     assert set(reporting.read_topics) == set(topics.DOMAIN_TOPICS)
+    # It produces nothing that is routed, so it writes no feed.
     assert reporting.write_topics == [topics.REPORTING_KPIS, topics.dead_letter("reporting")]
 
     referrals = registry.audience("service-referrals")
@@ -370,15 +386,101 @@ def test_service_topics(registry: SubscriptionRegistry, dortmund: Municipality) 
     assert referrals.consumer_groups == ["lotse-referrals"]
 
 
-def test_nobody_else_touches_feeds(registry: SubscriptionRegistry) -> None:
+def _feed_writers(registry: SubscriptionRegistry) -> dict[str, set[str]]:
+    writers: dict[str, set[str]] = {}
     for audience in registry.audiences():
         for topic in audience.write_topics:
-            is_feed = topic.startswith("lotse.bezirk.") or topic.endswith(".referrals")
-            if is_feed and topic != topics.REFERRALS:
-                assert audience.name == "service-referrals", (audience.name, topic)
+            if topic.startswith("lotse.bezirk.") or (
+                topic.startswith("lotse.partner.") and topic.endswith(".referrals")
+            ):
+                writers.setdefault(topic, set()).add(audience.name)
+    return writers
+
+
+def test_feed_writers_are_exactly_the_producers(
+    registry: SubscriptionRegistry, dortmund: Municipality
+) -> None:
+    # Worked out independently of the registry's code: which service's events (by their
+    # CloudEvents source) reach which feed when routed.
+    expected: dict[str, set[str]] = {}
+    for event_type in registry.routed_types():
+        model = CATALOGUE.model_for(event_type)
+        assert model.source.startswith("/lotse/"), event_type
+        producer = "service-" + model.source.removeprefix("/lotse/")
+        changes: dict[str, Any] = {}
+        for bezirk in dortmund.bezirk_slugs:
+            if model.traeger_field:
+                changes = {"traeger": MIDWIVES}
+            for topic, _ in registry.route(event(event_type, bezirk=bezirk, **changes)):
+                expected.setdefault(topic, set()).add(producer)
+        if model.traeger_field:
+            for traeger in dortmund.traeger_slugs:
+                for topic, _ in registry.route(event(event_type, traeger=traeger)):
+                    expected.setdefault(topic, set()).add(producer)
+    assert _feed_writers(registry) == expected
+    assert expected["lotse.bezirk.hoerde"] == {
+        "service-intake",
+        "service-visits",
+        "service-referrals",
+    }
+    assert expected[topics.partner_referrals(MIDWIVES)] == {"service-referrals"}
+
+
+def test_audiences_never_write_feeds(registry: SubscriptionRegistry) -> None:
+    for topic, writers in _feed_writers(registry).items():
+        assert all(w.startswith("service-") for w in writers), (topic, writers)
+    for audience in registry.audiences():
         if audience.kind == "traeger":
             own = topics.partner_referrals(audience.member or "")
             assert audience.read_topics == [own]
+
+
+def test_routed_types_by_producer(registry: SubscriptionRegistry) -> None:
+    assert registry.routed_types("intake") == ["de.lotse.intake.family-erased.v1"]
+    visits = registry.routed_types("visits")
+    assert OVERDUE in visits
+    assert all(t.startswith("de.lotse.visits.") for t in visits)
+    assert REQUESTED in registry.routed_types("referrals")
+    assert registry.routed_types("reporting") == []
+    assert (
+        sorted({*registry.routed_types("intake"), *visits, *registry.routed_types("referrals")})
+        == registry.routed_types()
+    )
+
+
+def test_producer_of() -> None:
+    assert producer_of(CATALOGUE.model_for(OVERDUE)) == "visits"
+    assert producer_of(CATALOGUE.model_for(REGISTERED)) == "intake"
+    assert producer_of(CATALOGUE.model_for("de.lotse.partner.referral-answer.v1")) is None
+
+
+def test_minimal_feed_writers(dortmund: Municipality) -> None:
+    registry = parse_registry(MINIMAL, dortmund)
+    visits = registry.audience("service-visits")
+    referrals = registry.audience("service-referrals")
+    bezirk_feeds = [topics.bezirk_feed(b) for b in dortmund.bezirk_slugs]
+    partner_feeds = [topics.partner_referrals(t) for t in dortmund.traeger_slugs]
+    # visit-overdue is the only Bezirk type, cancellation the only Träger type.
+    assert visits.write_topics == [topics.VISITS, topics.dead_letter("visits"), *bezirk_feeds]
+    assert referrals.write_topics == [
+        topics.REFERRALS,
+        topics.dead_letter("referrals"),
+        *partner_feeds,
+    ]
+
+
+def test_member_filter_limits_the_producers_feeds(dortmund: Municipality) -> None:
+    text = with_bezirksteam_events(
+        '    { type = "de.lotse.visits.visit-overdue.v1", fields = ["case_id"],'
+        ' bezirke = ["hoerde", "eving"] },\n'
+    )
+    visits = parse_registry(text, dortmund).audience("service-visits")
+    assert visits.write_topics == [
+        topics.VISITS,
+        topics.dead_letter("visits"),
+        topics.bezirk_feed("eving"),
+        topics.bezirk_feed("hoerde"),
+    ]
 
 
 def test_topics_lists_everything(registry: SubscriptionRegistry) -> None:
@@ -414,9 +516,20 @@ def test_structural_error_names_the_entry(tmp_path: Path, dortmund: Municipality
 
 def test_unknown_key(tmp_path: Path, dortmund: Municipality) -> None:
     broken = MINIMAL.replace(
-        'routed_by = "referrals"\nevents', 'routed_by = "referrals"\nfeilds = 1\nevents', 1
+        'topic = "lotse.bezirk.{bezirk}"\n', 'topic = "lotse.bezirk.{bezirk}"\nfeilds = 1\n', 1
     )
     assert "feilds: Extra inputs are not permitted" in problems_of(tmp_path, dortmund, broken)
+
+
+def test_routed_by_is_refused_with_a_reason(tmp_path: Path, dortmund: Municipality) -> None:
+    broken = MINIMAL.replace(
+        'topic = "lotse.bezirk.{bezirk}"\n',
+        'topic = "lotse.bezirk.{bezirk}"\nrouted_by = "referrals"\n',
+        1,
+    )
+    text = problems_of(tmp_path, dortmund, broken)
+    assert "audience[0] (bezirksteam)" in text
+    assert "routed_by is no longer supported: each producing service routes its own" in text
 
 
 def test_unknown_event_type(tmp_path: Path, dortmund: Municipality) -> None:
@@ -596,27 +709,56 @@ def test_dashboard_reading_domain_topics(tmp_path: Path, dortmund: Municipality)
     assert "audience dashboard: reads 'lotse.intake'" in problems_of(tmp_path, dortmund, broken)
 
 
-def test_routed_kind_needs_topic_and_router(tmp_path: Path, dortmund: Municipality) -> None:
-    broken = MINIMAL.replace('topic = "lotse.bezirk.{bezirk}"\n', "").replace(
-        'routed_by = "referrals"\nevents = [\n    { type = "de.lotse.visits',
-        'events = [\n    { type = "de.lotse.visits',
-    )
+def test_routed_kind_needs_topic(tmp_path: Path, dortmund: Municipality) -> None:
+    broken = MINIMAL.replace('topic = "lotse.bezirk.{bezirk}"\n', "")
     text = problems_of(tmp_path, dortmund, broken)
     assert "audience bezirksteam: a routed audience needs a feed topic" in text
-    assert "audience bezirksteam: a routed audience needs routed_by" in text
 
 
-def test_router_must_be_a_service(tmp_path: Path, dortmund: Municipality) -> None:
-    broken = MINIMAL.replace('routed_by = "referrals"', 'routed_by = "visits"', 1)
-    assert "routed_by names 'visits', which is no service audience" in problems_of(
-        tmp_path, dortmund, broken
-    )
-
-
-def test_router_must_see_the_source_topic(tmp_path: Path, dortmund: Municipality) -> None:
-    broken = MINIMAL.replace('reads = ["lotse.visits", ', "reads = [")
+def test_topic_only_for_routed_kinds(tmp_path: Path, dortmund: Municipality) -> None:
+    broken = MINIMAL.replace('name = "visits"\n', 'name = "visits"\ntopic = "lotse.visits"\n')
     text = problems_of(tmp_path, dortmund, broken)
-    assert "routed by service-referrals, which neither reads nor writes lotse.visits" in text
+    assert "audience service-visits: topic is only for bezirksteam and traeger audiences" in text
+
+
+def test_producer_must_be_declared(tmp_path: Path, dortmund: Municipality) -> None:
+    broken = MINIMAL.replace(VISITS_SERVICE, "")
+    assert broken != MINIMAL
+    text = problems_of(tmp_path, dortmund, broken)
+    assert (
+        "audience bezirksteam, event de.lotse.visits.visit-overdue.v1: its producer "
+        "service-visits is not declared, so nobody may write the feed"
+    ) in text
+
+
+def test_producer_must_publish_the_domain_topic(tmp_path: Path, dortmund: Municipality) -> None:
+    broken = MINIMAL.replace(
+        'writes = ["lotse.visits", "lotse.dlq.visits"]', 'writes = ["lotse.dlq.visits"]'
+    )
+    text = problems_of(tmp_path, dortmund, broken)
+    assert "its producer service-visits does not write lotse.visits, where this event" in text
+
+
+def test_events_from_outside_cannot_be_routed(tmp_path: Path, dortmund: Municipality) -> None:
+    broken = MINIMAL.replace(
+        '    { type = "de.lotse.referrals.referral-cancelled.v1", fields = ["referral_id", '
+        '"reason"] },\n',
+        '    { type = "de.lotse.partner.referral-answer.v1", fields = ["referral_id"] },\n',
+    )
+    assert broken != MINIMAL
+    text = problems_of(tmp_path, dortmund, broken)
+    assert "its source /partner/{traeger} is no Lotse service, so no outbox would route it" in text
+
+
+def test_service_cannot_declare_feed_writes(tmp_path: Path, dortmund: Municipality) -> None:
+    # Feed access is derived from the routed events; declaring it by hand is refused.
+    broken = MINIMAL.replace(
+        'writes = ["lotse.visits", "lotse.dlq.visits"]',
+        'writes = ["lotse.visits", "lotse.dlq.visits", "lotse.partner.{traeger}.referrals"]',
+    )
+    text = problems_of(tmp_path, dortmund, broken)
+    assert "audience service-visits: writes 'lotse.partner.{traeger}.referrals'" in text
+    assert "feed access follows from the routed events it produces" in text
 
 
 def test_consumer_group_must_be_per_member(tmp_path: Path, dortmund: Municipality) -> None:
@@ -663,7 +805,8 @@ def test_all_problems_listed_at_once(tmp_path: Path, dortmund: Municipality) -> 
     path.write_text(broken, encoding="utf-8")
     with pytest.raises(RegistryError) as info:
         load_registry(dortmund, str(path))
-    # The needs-assessed entry is wrong twice: never routed, and its router cannot see it.
+    # The needs-assessed entry is wrong twice: never routed, and its producer (intake) is
+    # not declared.
     assert len(info.value.problems) == 4
     message = str(info.value)
     assert message.startswith(f"subscription registry {path} is invalid:")

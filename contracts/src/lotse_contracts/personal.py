@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Mapping
 from datetime import date
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -156,6 +157,22 @@ def seal(
     plaintext = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     ciphertext = _cipher(key).encrypt(nonce, plaintext.encode("utf-8"), _aad(case_id))
     return EncryptedBlock(kid=kid, nonce=_b64encode(nonce), ciphertext=_b64encode(ciphertext))
+
+
+def data_key_for(block: EncryptedBlock, keys: Mapping[str, bytes]) -> bytes:
+    """The data key a block was sealed with, looked up by its ``kid`` in ``keys``.
+
+    Raises :class:`BlockUnreadable` when the keyring has no such key: it never existed
+    here, or it was destroyed when the family was erased (crypto-shredding). Either way
+    the block cannot be opened, and the caller must treat its content as gone.
+    """
+    try:
+        return keys[block.kid]
+    except KeyError:
+        raise BlockUnreadable(
+            f"no data key {block.kid!r} in the keyring: unknown, or destroyed when the "
+            "family was erased"
+        ) from None
 
 
 def open_block(block: EncryptedBlock, *, key: bytes, case_id: str) -> dict[str, Any]:

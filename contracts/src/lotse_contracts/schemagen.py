@@ -4,7 +4,9 @@
 
 - ``schemas/<type>.json``: JSON Schema 2020-12 of each event's data, ``$id`` = dataschema;
 - ``examples/<type>.json``: each model's example as a structured-mode CloudEvent;
-- ``asyncapi.json``: the AsyncAPI 3.0.0 document of all channels.
+- ``asyncapi.json``: the AsyncAPI 3.0.0 document of all channels. The event types of the
+  audience feeds come from the packaged subscription registry (``subscriptions.toml``), so
+  the document advertises exactly what is routed.
 
 A published schema is never overwritten incompatibly: when a model's schema differs from the
 committed one, the new schema is checked (FULL_TRANSITIVE) against the committed one and
@@ -35,6 +37,7 @@ from lotse_contracts.cloudevents import JSON_CONTENT_TYPE, STRUCTURED_CONTENT_TY
 from lotse_contracts.compat import check_full_transitive
 from lotse_contracts.events import CATALOGUE, EventCatalogue, EventModel
 from lotse_contracts.events.base import TYPE_PATTERN
+from lotse_contracts.subscriptions import RegistryFile, read_registry_file
 
 #: ``contracts/`` of the source checkout (this file is contracts/src/lotse_contracts/).
 CONTRACTS_DIR = Path(__file__).resolve().parents[2]
@@ -46,22 +49,10 @@ KAFKA_BINDING_VERSION = "0.4.0"
 _EXAMPLE_NAMESPACE = uuid.UUID("6f1c2b4e-9a57-4d0e-8c3b-2e7a5d9f0b11")
 _FALLBACK_EXAMPLE_TIME = datetime(2025, 3, 3, 8, 0, tzinfo=UTC)
 
-#: Which event types an audience channel carries. The subscription registry decides the
-#: actual routing and field filtering; this is what the AsyncAPI document advertises.
-BEZIRK_FEED_TYPES = (
-    "de.lotse.intake.family-registered.v1",
-    "de.lotse.visits.visit-scheduled.v1",
-    "de.lotse.visits.visit-completed.v1",
-    "de.lotse.visits.visit-missed.v1",
-    "de.lotse.visits.visit-declined.v1",
-    "de.lotse.visits.visit-overdue.v1",
-    "de.lotse.referrals.referral-escalated.v1",
+_PROJECTION_NOTE = (
+    " Each event's data is projected to the fields the subscription registry grants this "
+    "audience; ce_dataschema is left out when the projection drops a field the schema requires."
 )
-PARTNER_REFERRAL_TYPES = (
-    "de.lotse.referrals.referral-requested.v1",
-    "de.lotse.referrals.referral-cancelled.v1",
-)
-PARTNER_RESPONSE_TYPES = ("de.lotse.partner.referral-answer.v1",)
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -193,14 +184,18 @@ class _Channel:
     compacted: bool = False
 
 
-def _channels(catalogue: EventCatalogue) -> list[_Channel]:
+def _channels(catalogue: EventCatalogue, registry: RegistryFile) -> list[_Channel]:
     models = catalogue.models
 
     def on_topic(topic: str) -> tuple[str, ...]:
         return tuple(sorted(t for t, m in models.items() if m.topic == topic))
 
     bezirk = ("bezirk", "Stadtbezirk (city district) slug.", ("innenstadt-west", "hoerde"))
-    traeger = ("traeger", "Slug of the Träger (provider agency).", ("awo-dortmund",))
+    traeger = (
+        "traeger",
+        "Slug of the Träger (provider agency).",
+        ("hebammenzentrum-dortmund", "familienbildung-sued-ost"),
+    )
     service = ("service", "The Lotse service that dead-lettered the record.", topics.SERVICES)
     return [
         _Channel(
@@ -243,16 +238,18 @@ def _channels(catalogue: EventCatalogue) -> list[_Channel]:
         _Channel(
             "bezirkFeed",
             topics.bezirk_feed("{bezirk}"),
-            "A Bezirksteam's (district coordination team's) feed: its own Bezirk's events.",
-            BEZIRK_FEED_TYPES,
+            "A Bezirksteam's (district coordination team's) feed: its own Bezirk's events."
+            + _PROJECTION_NOTE,
+            tuple(registry.feed_types("bezirksteam")),
             "send",
             bezirk,
         ),
         _Channel(
             "partnerReferrals",
             topics.partner_referrals("{traeger}"),
-            "Referrals addressed to one Träger; Lotse writes, only that Träger reads.",
-            PARTNER_REFERRAL_TYPES,
+            "Referrals addressed to one Träger; Lotse writes, only that Träger reads."
+            + _PROJECTION_NOTE,
+            tuple(registry.feed_types("traeger")),
             "send",
             traeger,
         ),
@@ -260,19 +257,25 @@ def _channels(catalogue: EventCatalogue) -> list[_Channel]:
             "partnerResponses",
             topics.partner_responses("{traeger}"),
             "A Träger's answers to its referrals; only that Träger writes, Lotse reads.",
-            PARTNER_RESPONSE_TYPES,
+            on_topic(topics.partner_responses("{traeger}")),
             "receive",
             traeger,
         ),
     ]
 
 
-def render_asyncapi(catalogue: EventCatalogue = CATALOGUE) -> dict[str, Any]:
-    """The AsyncAPI 3.0.0 document, from Lotse's point of view (send / receive)."""
+def render_asyncapi(
+    catalogue: EventCatalogue = CATALOGUE, registry: RegistryFile | None = None
+) -> dict[str, Any]:
+    """The AsyncAPI 3.0.0 document, from Lotse's point of view (send / receive).
+
+    ``registry`` (default: the packaged subscription registry) says which event types the
+    audience feeds carry.
+    """
     models = catalogue.models
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
-    for channel in _channels(catalogue):
+    for channel in _channels(catalogue, registry or read_registry_file()):
         unknown = [t for t in channel.types if t not in models]
         if unknown:
             raise ValueError(f"channel {channel.key} lists unknown event types: {unknown}")

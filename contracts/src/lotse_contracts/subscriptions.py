@@ -24,8 +24,13 @@ Audience kinds:
     from ``lotse.reporting.kpis`` only; no routed events.
 ``service``
     The platform's own services (intake, visits, referrals, reporting): the domain topics
-    they consume and the topics they write. The service named in ``routed_by`` of a routed
-    kind writes that kind's feeds.
+    they consume and the topics they write.
+
+Routing ownership: each producing service routes its own events. Its outbox calls
+:meth:`SubscriptionRegistry.route` for every event it publishes and writes the projected
+copies to the feeds in the same transaction. Write access to a feed is therefore derived,
+never declared: a service may write a member's feed exactly when it produces (CloudEvents
+``source`` ``/lotse/<service>``) an event type routed to that member.
 
 Topic and consumer-group patterns may use ``{bezirk}`` and ``{traeger}``. In a
 Bezirksteam's or a Träger's own entries the placeholder stands for that member; in service
@@ -46,7 +51,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lotse_contracts import topics
 from lotse_contracts.city import Municipality, describe_errors
@@ -61,6 +66,7 @@ MEMBER_PLACEHOLDER: dict[str, str] = {"bezirksteam": "bezirk", "traeger": "traeg
 ROUTED_KINDS = frozenset(MEMBER_PLACEHOLDER)
 
 _TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+_SERVICE_SOURCE = re.compile(r"^/lotse/(?P<service>[a-z][a-z0-9-]*)$")
 _PLACEHOLDERS = frozenset(MEMBER_PLACEHOLDER.values())
 
 
@@ -80,6 +86,13 @@ class RoutingError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def producer_of(model: type[EventModel]) -> str | None:
+    """The Lotse service that produces (and so routes) events of this model, from its
+    CloudEvents ``source`` ``/lotse/<service>``; None for events from outside (a Träger)."""
+    match = _SERVICE_SOURCE.match(model.source)
+    return match["service"] if match else None
 
 
 class _Spec(BaseModel):
@@ -122,12 +135,20 @@ class AudienceSpec(_Spec):
     consumer_groups: list[str] = Field(
         default_factory=list, description="Consumer group patterns it may use."
     )
-    routed_by: str | None = Field(
-        default=None, description="Routed kinds: the service that writes the feed topics."
-    )
     events: list[EventSubscription] = Field(
         default_factory=list, description="Routed kinds: event types and fields that pass."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_routed_by(cls, data: Any) -> Any:
+        # Older registry files named one routing service; say why the key went away.
+        if isinstance(data, dict) and "routed_by" in data:
+            raise ValueError(
+                "routed_by is no longer supported: each producing service routes its own "
+                "events, so write access to a feed follows from the event types routed to it"
+            )
+        return data
 
     @property
     def key(self) -> str:
@@ -159,6 +180,10 @@ class RegistryFile(_Spec):
     policy: Policy = Field(default_factory=Policy)
     audience: list[AudienceSpec] = Field(min_length=1, description="All audiences.")
 
+    def feed_types(self, kind: AudienceKind) -> list[str]:
+        """Event types routed to the feeds of a kind, in file order (any member filter)."""
+        return [e.type for a in self.audience if a.kind == kind for e in a.events]
+
 
 class Audience(BaseModel):
     """One concrete audience of the configured city, as the ACL renderer needs it."""
@@ -182,6 +207,7 @@ class _Route:
     topic: str
     allowed: frozenset[str]
     members: frozenset[str] | None
+    producer: str | None
     # Whether the projection still satisfies the event's published schema.
     keeps_schema: bool
 
@@ -206,10 +232,11 @@ class SubscriptionRegistry:
                         topic=audience.topic,
                         allowed=frozenset(entry.fields),
                         members=None if members is None else frozenset(members),
+                        producer=producer_of(model),
                         keeps_schema=required <= set(entry.fields),
                     )
                 )
-        self._audiences = _concrete_audiences(spec, city)
+        self._audiences = _concrete_audiences(spec, city, catalogue)
 
     def audiences(self) -> list[Audience]:
         """Every concrete audience with its read and write topics and consumer groups."""
@@ -227,9 +254,14 @@ class SubscriptionRegistry:
         names = {t for a in self._audiences for t in (*a.read_topics, *a.write_topics)}
         return sorted(names)
 
-    def routed_types(self) -> list[str]:
-        """Event types that reach at least one feed."""
-        return sorted(self._routes)
+    def routed_types(self, producer: str | None = None) -> list[str]:
+        """Event types that reach at least one feed; with ``producer``, only the types that
+        service produces (and therefore routes from its outbox)."""
+        return sorted(
+            t
+            for t, routes in self._routes.items()
+            if producer is None or any(r.producer == producer for r in routes)
+        )
 
     def route(self, event: CloudEvent) -> list[tuple[str, CloudEvent]]:
         """The feed topics this event goes to, each with a projected copy of the event.
@@ -296,18 +328,21 @@ def load_registry(
 
     Raises :class:`RegistryError` listing every problem: unknown event types, fields that
     are not in the event's model, topics outside an audience's scope, unknown Bezirke or
-    Träger in a filter, duplicate audiences and breaches of the file's own policy.
+    Träger in a filter, routed events whose producing service is not declared, duplicate
+    audiences and breaches of the file's own policy.
     """
-    if path is None:
-        resource = resources.files("lotse_contracts").joinpath("subscriptions.toml")
-        text, source = resource.read_text(encoding="utf-8"), "subscriptions.toml (packaged)"
-    else:
-        source = path
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RegistryError(path, [f"cannot read the file: {exc.strerror}"]) from exc
+    text, source = _read(path)
     return parse_registry(text, city, source=source, catalogue=catalogue)
+
+
+def read_registry_file(path: str | None = None) -> RegistryFile:
+    """The registry file's structure only, not bound to a city and not cross-checked.
+
+    For tools that need the declared audiences and routed types independently of a city
+    (the AsyncAPI generator); services use :func:`load_registry`.
+    """
+    text, source = _read(path)
+    return _parse_file(text, source)
 
 
 def parse_registry(
@@ -323,18 +358,32 @@ def parse_registry(
         from lotse_contracts.events import CATALOGUE
 
         catalogue = CATALOGUE
+    spec = _parse_file(text, source)
+    problems = _check(spec, city, catalogue)
+    if problems:
+        raise RegistryError(source, problems)
+    return SubscriptionRegistry(city, spec, catalogue)
+
+
+def _read(path: str | None) -> tuple[str, str]:
+    if path is None:
+        resource = resources.files("lotse_contracts").joinpath("subscriptions.toml")
+        return resource.read_text(encoding="utf-8"), "subscriptions.toml (packaged)"
+    try:
+        return Path(path).read_text(encoding="utf-8"), path
+    except OSError as exc:
+        raise RegistryError(path, [f"cannot read the file: {exc.strerror}"]) from exc
+
+
+def _parse_file(text: str, source: str) -> RegistryFile:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RegistryError(source, [f"not valid TOML: {exc}"]) from exc
     try:
-        spec = RegistryFile.model_validate(raw)
+        return RegistryFile.model_validate(raw)
     except ValidationError as exc:
         raise RegistryError(source, describe_errors(exc, raw)) from None
-    problems = _check(spec, city, catalogue)
-    if problems:
-        raise RegistryError(source, problems)
-    return SubscriptionRegistry(city, spec, catalogue)
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -360,7 +409,7 @@ def _check(spec: RegistryFile, city: Municipality, catalogue: EventCatalogue) ->
         types = Counter(e.type for e in audience.events)
         problems += [f"{where}: event {t} listed twice" for t, n in types.items() if n > 1]
     if not problems:  # concrete audiences exist only for a well-formed file
-        problems += _check_shared_groups(_concrete_audiences(spec, city))
+        problems += _check_shared_groups(_concrete_audiences(spec, city, catalogue))
     return problems
 
 
@@ -405,12 +454,9 @@ def _check_shape(audience: AudienceSpec) -> list[str]:
     if routed:
         if audience.topic is None:
             problems.append("a routed audience needs a feed topic")
-        if audience.routed_by is None:
-            problems.append("a routed audience needs routed_by (the service writing its feed)")
     else:
-        for attribute in ("topic", "routed_by"):
-            if getattr(audience, attribute) is not None:
-                problems.append(f"{attribute} is only for bezirksteam and traeger audiences")
+        if audience.topic is not None:
+            problems.append("topic is only for bezirksteam and traeger audiences")
         if audience.events:
             problems.append("only bezirksteam and traeger audiences receive routed events")
     reads = bool(audience.reads or audience.topic)
@@ -508,7 +554,8 @@ def _scope(
         reads,
         writes,
         "a service reads domain, reporting and partner response topics and writes only its "
-        f"own topics ({', '.join(sorted(writes))}); feeds come from routed_by",
+        f"own topics ({', '.join(sorted(writes))}); feed access follows from the routed "
+        "events it produces",
     )
 
 
@@ -548,12 +595,20 @@ def _check_entry(
         problems.append("the event carries no bezirk attribute, so it can never reach a feed")
     if audience.kind == "traeger" and model.traeger_field is None:
         problems.append("the event carries no traeger attribute, so it can never reach a feed")
-    router = services.get(audience.routed_by) if audience.routed_by else None
-    if audience.routed_by and router is None:
-        problems.append(f"routed_by names {audience.routed_by!r}, which is no service audience")
-    elif router is not None and model.topic not in {*router.reads, *router.writes}:
+    # The producer routes the event from its outbox, so it must exist as an audience (the
+    # feed ACL is granted to it) and must be the one publishing the event's domain topic.
+    producer = producer_of(model)
+    if producer is None:
         problems.append(
-            f"routed by {router.key}, which neither reads nor writes {model.topic} "
+            f"its source {model.source} is no Lotse service, so no outbox would route it"
+        )
+    elif producer not in services:
+        problems.append(
+            f"its producer service-{producer} is not declared, so nobody may write the feed"
+        )
+    elif model.topic not in services[producer].writes:
+        problems.append(
+            f"its producer service-{producer} does not write {model.topic}, "
             "where this event is published"
         )
     return problems
@@ -630,21 +685,46 @@ def _expand_all(
     return result
 
 
-def _concrete_audiences(spec: RegistryFile, city: Municipality) -> list[Audience]:
-    # The service named in routed_by writes every member's feed of that kind.
-    feeds_by_router: dict[str, list[str]] = {}
+def _feeds_by_producer(
+    spec: RegistryFile, city: Municipality, catalogue: EventCatalogue
+) -> dict[str, list[str]]:
+    """Each producing service's feed topics: every member feed that gets one of its types.
+
+    Member filters count, so a service whose only routed type is limited to two Bezirke
+    writes those two feeds and no others.
+    """
+    feeds: dict[str, list[str]] = {}
     for audience in spec.audience:
-        if audience.kind in ROUTED_KINDS and audience.topic and audience.routed_by:
-            feeds = feeds_by_router.setdefault(audience.routed_by, [])
-            for slug in _members(audience.kind, city):
-                feeds += _expand(audience.topic, audience.kind, slug, city)
+        if audience.kind not in ROUTED_KINDS or not audience.topic:
+            continue
+        for member in _members(audience.kind, city):
+            for entry in audience.events:
+                if not _entry_applies(entry, audience.kind, member):
+                    continue
+                try:
+                    producer = producer_of(catalogue.model_for(entry.type))
+                except LookupError:
+                    continue  # reported by the validation
+                if producer is None:
+                    continue
+                own = feeds.setdefault(producer, [])
+                for topic in _expand(audience.topic, audience.kind, member, city):
+                    if topic not in own:
+                        own.append(topic)
+    return feeds
+
+
+def _concrete_audiences(
+    spec: RegistryFile, city: Municipality, catalogue: EventCatalogue
+) -> list[Audience]:
+    feeds_by_producer = _feeds_by_producer(spec, city, catalogue)
     result: list[Audience] = []
     for audience in spec.audience:
         reads = ([audience.topic] if audience.topic else []) + audience.reads
         for member in _instances(audience.kind, city):
             writes = _expand_all(audience.writes, audience.kind, member, city)
             if audience.kind == "service" and audience.name:
-                writes += [t for t in feeds_by_router.get(audience.name, []) if t not in writes]
+                writes += [t for t in feeds_by_producer.get(audience.name, []) if t not in writes]
             result.append(
                 Audience(
                     name=audience.key if member is None else f"{audience.kind}-{member}",
@@ -682,4 +762,6 @@ __all__ = [
     "SubscriptionRegistry",
     "load_registry",
     "parse_registry",
+    "producer_of",
+    "read_registry_file",
 ]

@@ -95,7 +95,8 @@ BERLIN_WINTER = timezone(timedelta(hours=1))
 EXAMPLE_CASE_ID = "3f6c1a9e-8b2d-4c71-9e55-2a7d0f4b8c13"
 EXAMPLE_BEZIRK = "hoerde"
 EXAMPLE_FAMILIENBUERO = "familienbuero-hoerde"
-EXAMPLE_TRAEGER = "awo-dortmund"
+#: A Träger of the Dortmund city configuration that offers EXAMPLE_MODULE in EXAMPLE_BEZIRK.
+EXAMPLE_TRAEGER = "hebammenzentrum-dortmund"
 EXAMPLE_MODULE = "familienhebamme"
 EXAMPLE_VISIT_ID = "9a1d4e6b-2c3f-4b8a-a7d1-5e0c2b9f4a36"
 EXAMPLE_REFERRAL_ID = "c4e8b2a1-7d3f-4e69-8b15-0f2a6d9c3e71"

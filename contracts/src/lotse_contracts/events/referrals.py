@@ -129,7 +129,8 @@ class _ReferralEvent(EventModel):
     bezirk: Slug
     """Stadtbezirk (city district) slug of the case."""
     traeger: Slug
-    """The Träger (provider agency) the referral is addressed to, e.g. ``awo-dortmund``."""
+    """Slug of the Träger (provider agency) the referral is addressed to, e.g.
+    ``hebammenzentrum-dortmund``."""
     module: Slug
     """Module from the offer catalogue, e.g. ``familienhebamme``, ``elternschule``."""
     occurred_at: AwareDatetime
