@@ -15,6 +15,7 @@ from lotse_runtime.db import Database
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.outbox import Outbox, OutboxMessage, OutboxRelay
 from lotse_runtime.telemetry import TelemetryConfig, setup_telemetry
+from opentelemetry.sdk.metrics.export import NumberDataPoint
 from sqlmodel import select
 
 from tests.support import read_topic
@@ -193,7 +194,9 @@ async def test_backlog_is_reported_as_a_metric(
         data = telemetry.metric_reader.get_metrics_data()
         assert data is not None
         gauges = {
-            metric.name: [p.value for p in metric.data.data_points]
+            metric.name: [
+                p.value for p in metric.data.data_points if isinstance(p, NumberDataPoint)
+            ]
             for rm in data.resource_metrics
             for sm in rm.scope_metrics
             for metric in sm.metrics

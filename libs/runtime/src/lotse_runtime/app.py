@@ -217,7 +217,7 @@ def create_service_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.service_name, settings.log_level)
-        await runtime.db.create_schema(tables)
+        await runtime.db.create_schema(tables, service=settings.service_name)
         await runtime.relay.start()
         connect = asyncio.create_task(_connect_kafka(runtime), name="kafka-connect")
         try:

@@ -1,8 +1,9 @@
 """Async database access for one service: PostgreSQL in production, SQLite embedded.
 
 Every service owns its database. Its schema is the service's own tables plus the runtime's
-outbox and inbox tables; :meth:`Database.create_schema` creates exactly those, so services
-that share one Python process (tests) never create each other's tables.
+outbox and inbox tables; :meth:`Database.create_schema` migrates to exactly those (Alembic,
+see :mod:`lotse_runtime.migrations`), so services that share one Python process (tests)
+never create each other's tables.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, event, text
 from sqlalchemy.engine import make_url
@@ -22,6 +23,9 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlmodel import SQLModel
+
+if TYPE_CHECKING:
+    from lotse_runtime.migrations import MigrationResult
 
 _log = logging.getLogger(__name__)
 
@@ -88,19 +92,33 @@ class Database:
         async with self._sessions() as session, session.begin():
             yield session
 
-    async def create_schema(self, tables: Iterable[type[SQLModel] | Table]) -> None:
-        """Create the given tables (and the runtime's outbox and inbox) if they are missing.
+    async def create_schema(
+        self,
+        tables: Iterable[type[SQLModel] | Table] = (),
+        *,
+        service: str | None = None,
+        versions_dir: Path | None = None,
+        create_unmigrated: bool = True,
+    ) -> MigrationResult:
+        """Migrate the database to the newest schema of ``service`` (see
+        :mod:`lotse_runtime.migrations`): the runtime's revisions (outbox, inbox) and the
+        service's, from ``versions_dir`` or else ``lotse_<service>/migrations/versions``.
 
-        Additive only: a new table appears, an existing one is never altered or dropped.
+        ``tables`` are the service's tables; those no revision creates yet are created
+        directly, with a warning (unless ``create_unmigrated`` is off). Tables of other
+        services are never touched.
         """
-        from lotse_runtime.inbox import InboxEntry
-        from lotse_runtime.outbox import OutboxMessage
+        from lotse_runtime.migrations import migrate, versions_dir_of
 
-        wanted: list[Table] = []
-        for table in [*tables, OutboxMessage, InboxEntry]:
-            wanted.append(table if isinstance(table, Table) else table.__table__)  # type: ignore[attr-defined]
-        async with self.engine.begin() as conn:
-            await conn.run_sync(SQLModel.metadata.create_all, tables=wanted)
+        if versions_dir is None and service is not None:
+            versions_dir = versions_dir_of(service)
+        return await migrate(
+            self,
+            tables,
+            service=service,
+            versions_dir=versions_dir,
+            create_unmigrated=create_unmigrated,
+        )
 
     async def ping(self) -> None:
         """Raise if the database does not answer a trivial query."""

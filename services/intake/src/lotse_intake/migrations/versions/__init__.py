@@ -1,0 +1,1 @@
+"""Revisions of the intake service, applied in order at start-up."""

@@ -1,0 +1,1 @@
+"""Revisions of the referrals service, applied in order at start-up."""

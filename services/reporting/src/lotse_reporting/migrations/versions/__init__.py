@@ -1,0 +1,1 @@
+"""Revisions of the reporting service, applied in order at start-up."""

@@ -1,0 +1,1 @@
+"""Revisions of the visits service, applied in order at start-up."""
