@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
 from lotse_runtime.app import create_service_app
 from lotse_runtime.embedded import free_port
@@ -57,3 +57,56 @@ def test_caller_is_resolved_in_one_place(tmp_path: Path) -> None:
     assert anonymous.status_code == 401
     assert "X-Lotse-Role" in anonymous.json()["detail"]
     assert known.json() == {"registered_by": "bl-1"}
+
+
+def test_one_trace_runs_from_the_request_through_database_and_outbox(tmp_path: Path) -> None:
+    import json
+    import uuid
+
+    from lotse_contracts.events.visits import VisitScheduled
+    from lotse_runtime.app import ServiceRuntime, runtime_of
+    from lotse_runtime.outbox import OutboxMessage
+    from lotse_runtime.telemetry import TelemetryConfig, setup_telemetry
+    from sqlmodel import select
+
+    telemetry = setup_telemetry(TelemetryConfig(service_name="probe", in_memory=True))
+    router = APIRouter()
+
+    @router.post("/visits")
+    async def schedule(request: Request, caller: CallerDep) -> dict[str, str]:
+        runtime: ServiceRuntime = runtime_of(request)
+        event = VisitScheduled.example().model_copy(update={"case_id": str(uuid.uuid4())})
+        async with runtime.db.transaction() as session:
+            runtime.outbox.add(session, event)
+        return {"ok": caller.subject}
+
+    settings = ProbeSettings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
+    )
+    app = create_service_app(
+        settings, title="probe", description="", routers=[router], telemetry=telemetry
+    )
+    incoming = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    with TestClient(app) as client:
+        response = client.post("/visits", headers={**HEADERS, "traceparent": incoming})
+        assert response.status_code == 200
+
+        async def outbox_rows() -> list[OutboxMessage]:
+            async with app.state.runtime.db.transaction() as session:
+                return list((await session.execute(select(OutboxMessage))).scalars())
+
+        rows = client.portal.call(outbox_rows)  # type: ignore[union-attr]
+    assert rows
+    for row in rows:
+        headers = dict(json.loads(row.headers))
+        assert headers["traceparent"].split("-")[1] == "ab" * 16  # the caller's trace goes on
+    assert telemetry.span_exporter is not None
+    spans = telemetry.span_exporter.get_finished_spans()
+    server = [s for s in spans if s.kind.name == "SERVER"]
+    database = [s for s in spans if s.attributes and "db.system" in s.attributes]
+    trace_id = int("ab" * 16, 16)
+    assert [s.context.trace_id for s in server] == [trace_id]
+    in_request = [s for s in database if s.context.trace_id == trace_id]
+    assert any("INSERT" in s.name for s in in_request), [s.name for s in in_request]
+    telemetry.shutdown()

@@ -23,6 +23,8 @@ from lotse_contracts.city import Municipality, load_city
 from lotse_contracts.events.base import CATALOGUE
 from lotse_contracts.subscriptions import SubscriptionRegistry, load_registry
 from lotse_contracts.topics import dead_letter
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from sqlalchemy import Table
 from sqlmodel import SQLModel
 
@@ -243,6 +245,7 @@ def create_service_app(
         openapi_tags=openapi_tags,
     )
     app.state.runtime = runtime
+    _instrument(app, runtime)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     install_identity(app, caller_resolver or DevelopmentCallerResolver())
     checks: dict[str, ReadinessCheck] = {
@@ -255,6 +258,27 @@ def create_service_app(
     for router in routers:
         app.include_router(router)
     return app
+
+
+def _instrument(app: FastAPI, runtime: ServiceRuntime) -> None:
+    """HTTP server spans (continuing an incoming ``traceparent``) and database spans, so a
+    trace runs from the request through the database and the outbox to every consumer."""
+    telemetry = runtime.telemetry
+    FastAPIInstrumentor.instrument_app(
+        app,
+        excluded_urls="healthz,readyz",
+        tracer_provider=telemetry.tracer_provider,
+        meter_provider=telemetry.meter_provider,
+    )
+    # Per engine rather than SQLAlchemyInstrumentor().instrument(): that one is a process-wide
+    # singleton bound to the first caller's providers, wrong for several apps in one process.
+    EngineTracer(  # type: ignore[no-untyped-call]
+        telemetry.tracer,
+        runtime.db.engine.sync_engine,
+        telemetry.meter.create_up_down_counter(
+            "db.client.connections.usage", unit="connections", description="Connections by state."
+        ),
+    )
 
 
 def runtime_of(request: Request) -> ServiceRuntime:

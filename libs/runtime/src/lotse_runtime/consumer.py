@@ -159,9 +159,13 @@ class EventConsumer:
 
     async def start(self) -> None:
         self._producer = self.kafka.producer()
-        await self._producer.start()
         self._consumer = self.kafka.consumer(*self.topics, group_id=self.group_id)
-        await self._consumer.start()
+        try:
+            await self._producer.start()
+            await self._consumer.start()
+        except BaseException:
+            await self.stop()  # half-started clients still hold connections
+            raise
         if self.telemetry is not None:
             self.telemetry.observe_consumer_lag(self.lag, consumer=self.name)
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.service}-{self.name}")

@@ -214,7 +214,11 @@ class OutboxRelay:
     async def _producer_ready(self) -> AIOKafkaProducer:
         if self._producer is None:
             producer = self.kafka.producer()
-            await producer.start()
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()  # a half-started client still holds a connection
+                raise
             self._producer = producer
         return self._producer
 
