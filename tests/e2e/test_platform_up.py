@@ -14,9 +14,7 @@ pytestmark = pytest.mark.integration
 
 def test_lotse_up_starts_broker_and_every_service(tmp_path: Path) -> None:
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("LOTSE_") and k != "DATABASE_URL"
+        k: v for k, v in os.environ.items() if not k.startswith("LOTSE_") and k != "DATABASE_URL"
     }
     env["LOTSE_DATA_DIR"] = str(tmp_path)
     result = subprocess.run(
