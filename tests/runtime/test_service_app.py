@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -110,3 +111,38 @@ def test_one_trace_runs_from_the_request_through_database_and_outbox(tmp_path: P
     in_request = [s for s in database if s.context.trace_id == trace_id]
     assert any("INSERT" in s.name for s in in_request), [s.name for s in in_request]
     telemetry.shutdown()
+
+
+def test_periodic_jobs_run_with_the_injected_clock_and_survive_failures(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from lotse_runtime.app import ServiceRuntime
+
+    fixed = datetime(2025, 3, 17, 8, 0, tzinfo=UTC)
+    seen: list[datetime] = []
+
+    async def check_overdue(runtime: ServiceRuntime) -> None:
+        seen.append(runtime.clock())
+        if len(seen) == 1:
+            raise RuntimeError("first run fails")
+
+    settings = ProbeSettings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
+    )
+    app = create_service_app(
+        settings,
+        title="probe",
+        description="",
+        clock=lambda: fixed,
+        wire=lambda runtime: runtime.add_job("overdue", 0.01, check_overdue),
+    )
+    job = app.state.runtime.jobs[0]
+    with TestClient(app):
+        deadline = time.monotonic() + 10
+        while job.runs < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert job.runs >= 3
+    assert job.failures == 1
+    assert job.last_error is None  # later runs succeeded
+    assert set(seen) == {fixed}

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -41,6 +42,52 @@ from lotse_runtime.telemetry import Telemetry, TelemetryConfig, setup_telemetry
 _log = logging.getLogger(__name__)
 
 
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class PeriodicJob:
+    """A background task of a service, run at a fixed interval."""
+
+    name: str
+    interval_s: float
+    run: Callable[[ServiceRuntime], Awaitable[None]]
+    runs: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    _task: asyncio.Task[None] | None = None
+
+    async def run_once(self, runtime: ServiceRuntime) -> None:
+        try:
+            await self.run(runtime)
+            self.last_error = None
+        except Exception as exc:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            _log.exception("periodic job failed", extra={"job": self.name})
+        finally:
+            self.runs += 1
+
+    def start(self, runtime: ServiceRuntime) -> None:
+        async def loop() -> None:
+            while True:
+                await self.run_once(runtime)
+                await asyncio.sleep(self.interval_s)
+
+        self._task = asyncio.create_task(loop(), name=f"job-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 @dataclass
 class ServiceRuntime:
     """Everything a service's routes and consumers work with, built from its settings."""
@@ -54,7 +101,10 @@ class ServiceRuntime:
     outbox: Outbox
     relay: OutboxRelay
     consumers: list[EventConsumer] = field(default_factory=list)
+    jobs: list[PeriodicJob] = field(default_factory=list)
     kafka_started: asyncio.Event = field(default_factory=asyncio.Event)
+    clock: Clock = field(default=lambda: _utc_now())
+    """Current time, aware UTC. Tests pass a controllable clock to create_service_app."""
 
     @property
     def service(self) -> str:
@@ -84,6 +134,15 @@ class ServiceRuntime:
         self.consumers.append(consumer)
         return consumer
 
+    def add_job(
+        self, name: str, interval_s: float, run: Callable[[ServiceRuntime], Awaitable[None]]
+    ) -> PeriodicJob:
+        """Run ``run(runtime)`` every ``interval_s`` seconds while the app runs (e.g. overdue
+        checks). A failing run is logged and counted; the next one runs on schedule."""
+        job = PeriodicJob(name=name, interval_s=interval_s, run=run)
+        self.jobs.append(job)
+        return job
+
     async def check_database(self) -> None:
         await self.db.ping()
 
@@ -108,7 +167,7 @@ class ServiceRuntime:
 
 
 def build_runtime(
-    settings: ServiceSettings, *, telemetry: Telemetry | None = None
+    settings: ServiceSettings, *, telemetry: Telemetry | None = None, clock: Clock | None = None
 ) -> ServiceRuntime:
     """Construct (but do not start) the parts of one service."""
     city = load_city(settings.city)
@@ -150,6 +209,7 @@ def build_runtime(
         telemetry=telemetry,
         outbox=outbox,
         relay=relay,
+        clock=clock or _utc_now,
     )
 
 
@@ -206,13 +266,14 @@ def create_service_app(
     version: str = "0.1.0",
     tables: Sequence[type[SQLModel] | Table] = (),
     routers: Sequence[APIRouter] = (),
-    wire: Callable[[ServiceRuntime], None] | None = None,
+    wire: Callable[[ServiceRuntime], object] | None = None,
     caller_resolver: CallerResolver | None = None,
     telemetry: Telemetry | None = None,
     openapi_tags: list[dict[str, Any]] | None = None,
+    clock: Clock | None = None,
 ) -> FastAPI:
     """Build a service's FastAPI app; the lifespan starts and stops its runtime."""
-    runtime = build_runtime(settings, telemetry=telemetry)
+    runtime = build_runtime(settings, telemetry=telemetry, clock=clock)
     if wire is not None:
         wire(runtime)
 
@@ -222,9 +283,13 @@ def create_service_app(
         await runtime.db.create_schema(tables, service=settings.service_name)
         await runtime.relay.start()
         connect = asyncio.create_task(_connect_kafka(runtime), name="kafka-connect")
+        for job in runtime.jobs:
+            job.start(runtime)
         try:
             yield
         finally:
+            for job in runtime.jobs:
+                await job.stop()
             connect.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connect
