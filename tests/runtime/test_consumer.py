@@ -320,3 +320,28 @@ async def test_trace_continues_from_producer_to_consumer(harness: Harness) -> No
     assert spans
     assert spans[0].context.trace_id == trace_id
     telemetry.shutdown()
+
+
+async def test_latency_lag_and_dead_letter_metrics_are_reported(harness: Harness) -> None:
+    telemetry = setup_telemetry(TelemetryConfig(service_name="t", in_memory=True))
+    consumer = harness.consumer(group())
+    consumer.telemetry = telemetry
+    await consumer.start()
+    harness.send(scheduled())
+    produce(harness.kafka.bootstrap, harness.prefix + VISITS, b"{", [("ce_type", b"x")])
+    await eventually(lambda: consumer.processed == 1 and consumer.dead_lettered == 1)
+    assert telemetry.metric_reader is not None
+    data = telemetry.metric_reader.get_metrics_data()
+    assert data is not None
+    points = {
+        metric.name: [dict(p.attributes or {}) for p in metric.data.data_points]
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+    }
+    outcomes = {p["outcome"] for p in points["lotse.handler.duration"]}
+    assert {"ok", "dead_lettered"} <= outcomes
+    assert points["lotse.events.dead_lettered"] == [{"reason_kind": "envelope"}]
+    lag_topics = {p["topic"] for p in points["lotse.consumer.lag"]}
+    assert lag_topics == {harness.prefix + VISITS}
+    telemetry.shutdown()
