@@ -29,6 +29,7 @@ from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from sqlalchemy import Table
 from sqlmodel import SQLModel
 
+from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer, JwksSource, JwtCallerResolver
 from lotse_runtime.consumer import EventConsumer, Handler
 from lotse_runtime.db import Database
 from lotse_runtime.health import ReadinessCheck, health_router
@@ -312,7 +313,7 @@ def create_service_app(
     app.state.runtime = runtime
     _instrument(app, runtime)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
-    install_identity(app, caller_resolver or DevelopmentCallerResolver())
+    install_identity(app, caller_resolver or resolver_from_settings(settings))
     checks: dict[str, ReadinessCheck] = {
         "database": runtime.check_database,
         "broker": runtime.check_broker,
@@ -343,6 +344,20 @@ def _instrument(app: FastAPI, runtime: ServiceRuntime) -> None:
         telemetry.meter.create_up_down_counter(
             "db.client.connections.usage", unit="connections", description="Connections by state."
         ),
+    )
+
+
+def resolver_from_settings(settings: ServiceSettings) -> CallerResolver:
+    """The caller resolver the settings ask for: bearer tokens, or development headers."""
+    if settings.auth_mode == "headers":
+        return DevelopmentCallerResolver()
+    if settings.auth_jwks is None:
+        issuer = DevelopmentIssuer(settings.dev_issuer_key_file(), audience=settings.auth_audience)
+        return issuer.resolver()
+    return JwtCallerResolver(
+        keys=JwksSource(settings.auth_jwks),
+        issuer=settings.auth_issuer or DEV_ISSUER,
+        audience=settings.auth_audience,
     )
 
 

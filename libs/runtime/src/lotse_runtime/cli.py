@@ -222,6 +222,26 @@ def broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def token(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from lotse_runtime.auth import DevelopmentIssuer
+
+    data_dir = Path(os.environ.get("LOTSE_DATA_DIR", "var"))
+    issuer = DevelopmentIssuer(data_dir / "dev-issuer-key.pem")
+    print(
+        issuer.token(
+            role=args.role,
+            subject=args.subject,
+            bezirk=args.bezirk,
+            traeger=args.traeger,
+            clinic=args.clinic,
+            ttl=timedelta(minutes=args.ttl_minutes),
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lotse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     broker_parser = commands.add_parser("broker", help="run only the embedded broker")
     broker_parser.add_argument("--port", type=int, default=None)
     broker_parser.set_defaults(func=broker)
+    token_parser = commands.add_parser(
+        "token", help="print a development bearer token (services run with LOTSE_AUTH_MODE=jwt)"
+    )
+    token_parser.add_argument("--role", required=True)
+    token_parser.add_argument("--subject", default="dev-user")
+    token_parser.add_argument("--bezirk")
+    token_parser.add_argument("--traeger")
+    token_parser.add_argument("--clinic")
+    token_parser.add_argument("--ttl-minutes", type=int, default=480)
+    token_parser.set_defaults(func=token)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

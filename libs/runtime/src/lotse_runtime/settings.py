@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
@@ -87,6 +87,18 @@ class ServiceSettings(BaseSettings):
     )
     relay_batch_size: int = Field(default=200, ge=1)
     readiness_timeout_s: float = Field(default=2.0, gt=0)
+    auth_mode: Literal["headers", "jwt"] = Field(
+        default="headers",
+        description="headers: DEVELOPMENT ONLY, trusts X-Lotse-* headers; jwt: bearer tokens.",
+    )
+    auth_issuer: str | None = Field(
+        default=None, description="Expected token issuer; unset means the development issuer."
+    )
+    auth_audience: str = Field(default="lotse", description="Expected token audience.")
+    auth_jwks: str | None = Field(
+        default=None,
+        description="Issuer keys: JWKS file path or URL; unset means the development issuer's.",
+    )
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -124,6 +136,10 @@ class ServiceSettings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.data_dir / (self.service_name + '.db')}"
+
+    def dev_issuer_key_file(self) -> Path:
+        """Key of the local development token issuer (``lotse token`` signs with it)."""
+        return self.data_dir / "dev-issuer-key.pem"
 
     def topic(self, name: str) -> str:
         """A topic's name on the cluster (with this deployment's prefix)."""
