@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -56,3 +58,31 @@ def test_database_urls_are_normalised_to_async_drivers() -> None:
     assert async_url("sqlite:///x.db") == "sqlite+aiosqlite:///x.db"
     with pytest.raises(DatabaseConfigError, match="only postgresql and sqlite"):
         async_url("mysql://u@h/db")
+
+
+def test_kafka_security_settings_become_client_options(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    monkeypatch.setenv("LOTSE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("LOTSE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("LOTSE_KAFKA_SASL_USERNAME", "lotse-visits")
+    monkeypatch.setenv("LOTSE_KAFKA_SASL_PASSWORD_FILE", str(secret))
+    options = ProbeSettings().kafka_client_options()
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_username"] == "lotse-visits"
+    assert options["sasl_plain_password"] == "s3cret"
+    assert isinstance(options["ssl_context"], ssl.SSLContext)
+    assert "s3cret" not in repr(ProbeSettings())  # never printed with the settings
+
+
+def test_incomplete_kafka_security_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOTSE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(ValidationError, match="needs kafka_sasl_mechanism"):
+        ProbeSettings()
+    monkeypatch.setenv("LOTSE_KAFKA_SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("LOTSE_KAFKA_SSL_CERTFILE", "/etc/lotse/tls.crt")
+    with pytest.raises(ValidationError, match="go together"):
+        ProbeSettings()

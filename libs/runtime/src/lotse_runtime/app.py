@@ -179,6 +179,7 @@ def build_runtime(
         client_id=f"lotse-{settings.service_name}",
         session_timeout_ms=settings.consumer_session_timeout_ms,
         heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
+        extra=settings.kafka_client_options(),
     )
     if telemetry is None:
         telemetry = setup_telemetry(

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -47,6 +47,22 @@ class ServiceSettings(BaseSettings):
     kafka_bootstrap: str = Field(
         default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated."
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="SSL for mTLS, SASL_SSL for SCRAM over TLS."
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = Field(
+        default=None, description="SASL mechanism (Strimzi KafkaUser scram-sha-512)."
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password; prefer kafka_sasl_password_file."
+    )
+    kafka_sasl_password_file: Path | None = Field(
+        default=None, description="File holding the SASL password (a mounted Secret)."
+    )
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle of the brokers.")
+    kafka_ssl_certfile: Path | None = Field(default=None, description="Client cert (mTLS).")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Client key (mTLS).")
     topic_prefix: str = Field(
         default="",
         description="Prepended to every topic name: separates cities or test runs on one cluster.",
@@ -106,6 +122,47 @@ class ServiceSettings(BaseSettings):
         if not value.strip():
             raise ValueError("kafka_bootstrap must name at least one host:port")
         return value.strip()
+
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> ServiceSettings:
+        if self.kafka_security_protocol.startswith("SASL"):
+            has_password = self.kafka_sasl_password or self.kafka_sasl_password_file
+            if not (self.kafka_sasl_mechanism and self.kafka_sasl_username and has_password):
+                raise ValueError(
+                    f"kafka_security_protocol {self.kafka_security_protocol} needs "
+                    "kafka_sasl_mechanism, kafka_sasl_username and a password (or password file)"
+                )
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ValueError("kafka_ssl_certfile and kafka_ssl_keyfile go together (mTLS)")
+        return self
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """aiokafka connection options for the configured security (empty for PLAINTEXT)."""
+        options: dict[str, Any] = {}
+        protocol = self.kafka_security_protocol
+        if protocol == "PLAINTEXT":
+            return options
+        options["security_protocol"] = protocol
+        if protocol.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(
+                cafile=self.kafka_ssl_cafile,
+                certfile=self.kafka_ssl_certfile,
+                keyfile=self.kafka_ssl_keyfile,
+            )
+        if protocol.startswith("SASL"):
+            if self.kafka_sasl_password_file is not None:
+                password = self.kafka_sasl_password_file.read_text().strip()
+            else:
+                assert self.kafka_sasl_password is not None
+                password = self.kafka_sasl_password.get_secret_value()
+            options.update(
+                sasl_mechanism=self.kafka_sasl_mechanism,
+                sasl_plain_username=self.kafka_sasl_username,
+                sasl_plain_password=password,
+            )
+        return options
 
     @classmethod
     def settings_customise_sources(
