@@ -28,6 +28,8 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel, col
 
+RUNTIME_HEAD = "runtime_0002"  # the audit log follows the outbox/inbox baseline
+
 pytestmark = pytest.mark.integration
 
 
@@ -156,15 +158,15 @@ async def inspect_db(db: Database) -> dict[str, Any]:
 async def test_upgrade_creates_outbox_and_inbox_exactly(db: Database) -> None:
     result = await db.create_schema([])
     schema = await inspect_db(db)
-    assert schema["tables"] == {"outbox", "inbox", "alembic_version"}
+    assert schema["tables"] == {"outbox", "inbox", "audit_log", "alembic_version"}
     assert schema["columns"]["outbox"] == set(OutboxMessage.__table__.columns.keys())  # type: ignore[attr-defined]
     assert schema["columns"]["inbox"] == set(InboxEntry.__table__.columns.keys())  # type: ignore[attr-defined]
     assert schema["indexes"]["outbox"] == {"ix_outbox_sent_at"}
     assert schema["pk"]["inbox"] == ["consumer", "source", "event_id"]
     assert schema["pk"]["outbox"] == ["id"]
-    assert schema["versions"] == {RUNTIME_BASELINE}
+    assert schema["versions"] == {RUNTIME_HEAD}
     assert result.before == ()
-    assert result.heads == (RUNTIME_BASELINE,)
+    assert result.heads == (RUNTIME_HEAD,)
     assert result.unmigrated == []
 
     # The migrated tables work with the models: autoincrement ids, aware datetimes.
@@ -194,7 +196,7 @@ async def test_running_twice_is_a_no_op(db: Database) -> None:
         session.add(OutboxMessage(topic="t", headers="[]", event_id="e1", event_type="x"))
     before = await inspect_db(db)
     second = await db.create_schema([])
-    assert second.before == first.heads == second.heads == (RUNTIME_BASELINE,)
+    assert second.before == first.heads == second.heads == (RUNTIME_HEAD,)
     assert await inspect_db(db) == before
     async with db.transaction() as session:
         assert len(list((await session.execute(select(OutboxMessage))).scalars())) == 1
@@ -212,10 +214,16 @@ async def test_migrated_runtime_tables_match_the_models(db: Database) -> None:
 async def test_service_revisions_are_applied(db: Database, probe_versions: Path) -> None:
     result = await db.create_schema(PROBE_TABLES, service="probe", versions_dir=probe_versions)
     schema = await inspect_db(db)
-    assert schema["tables"] == {"outbox", "inbox", "alembic_version", "migration_probe_item"}
+    assert schema["tables"] == {
+        "outbox",
+        "inbox",
+        "audit_log",
+        "alembic_version",
+        "migration_probe_item",
+    }
     assert schema["indexes"]["migration_probe_item"] == {"ix_migration_probe_item_name"}
-    assert schema["versions"] == {RUNTIME_BASELINE, "probe_0001"}
-    assert result.heads == tuple(sorted([RUNTIME_BASELINE, "probe_0001"]))
+    assert schema["versions"] == {RUNTIME_HEAD, "probe_0001"}
+    assert result.heads == tuple(sorted([RUNTIME_HEAD, "probe_0001"]))
     assert result.unmigrated == []
     diffs = await check_migrations(
         db, PROBE_TABLES, service="probe", versions_dir=probe_versions, upgrade_first=False
@@ -229,10 +237,10 @@ async def test_service_revisions_are_applied(db: Database, probe_versions: Path)
     tables: list[TableLike] = [MigrationProbeItem, MigrationProbeNote]
     again = await db.create_schema(tables, service="probe", versions_dir=probe_versions)
     assert again.before == result.heads
-    assert set(again.heads) == {RUNTIME_BASELINE, "probe_0002"}
+    assert set(again.heads) == {RUNTIME_HEAD, "probe_0002"}
     schema = await inspect_db(db)
     assert "migration_probe_note" in schema["tables"]
-    assert schema["versions"] == {RUNTIME_BASELINE, "probe_0002"}
+    assert schema["versions"] == {RUNTIME_HEAD, "probe_0002"}
     assert await check_migrations(db, tables, service="probe", versions_dir=probe_versions) == []
     async with db.transaction() as session:
         names = list((await session.execute(select(col(MigrationProbeItem.name)))).scalars())
@@ -250,7 +258,7 @@ async def test_unmigrated_tables_are_created_with_a_warning(
     schema = await inspect_db(db)
     assert {"migration_probe_item", "migration_probe_draft"} <= schema["tables"]
     # Only the revisions' heads are recorded: the draft table is no revision's.
-    assert schema["versions"] == {RUNTIME_BASELINE, "probe_0001"}
+    assert schema["versions"] == {RUNTIME_HEAD, "probe_0001"}
 
 
 async def test_strict_upgrade_leaves_unmigrated_tables_out(db: Database) -> None:
@@ -262,7 +270,7 @@ async def test_strict_upgrade_leaves_unmigrated_tables_out(db: Database) -> None
 async def test_other_tables_in_the_process_are_never_created(db: Database) -> None:
     assert "migration_probe_item" in SQLModel.metadata.tables  # imported, yet not this service's
     await db.create_schema([], service="other")
-    assert (await inspect_db(db))["tables"] == {"outbox", "inbox", "alembic_version"}
+    assert (await inspect_db(db))["tables"] == {"outbox", "inbox", "audit_log", "alembic_version"}
 
 
 async def test_another_services_database_is_refused(db: Database, probe_versions: Path) -> None:
@@ -273,7 +281,9 @@ async def test_another_services_database_is_refused(db: Database, probe_versions
 
 async def test_database_from_before_migrations_is_adopted(db: Database) -> None:
     async with db.engine.begin() as conn:
-        await conn.run_sync(target_metadata(runtime_tables()).create_all)
+        # What create_all made before migrations existed: outbox and inbox only.
+        baseline = [t for t in runtime_tables() if t.name in ("outbox", "inbox")]
+        await conn.run_sync(target_metadata(baseline).create_all)
         await conn.execute(
             text(
                 "INSERT INTO outbox (topic, headers, event_id, event_type, created_at) "
@@ -282,8 +292,8 @@ async def test_database_from_before_migrations_is_adopted(db: Database) -> None:
         )
     result = await db.create_schema([])
     assert result.adopted
-    assert result.heads == (RUNTIME_BASELINE,)
-    assert (await inspect_db(db))["versions"] == {RUNTIME_BASELINE}
+    assert result.heads == (RUNTIME_HEAD,)
+    assert (await inspect_db(db))["versions"] == {RUNTIME_HEAD}
     async with db.transaction() as session:
         assert len(list((await session.execute(select(OutboxMessage))).scalars())) == 1
 
@@ -338,5 +348,6 @@ def test_cli_writes_and_checks_a_revision(
 def test_runtime_revisions_match_the_runtime_models() -> None:
     assert migrations_cli(["check", "runtime"]) == 0
     assert sorted(p.name for p in RUNTIME_VERSIONS.glob("*.py") if p.name != "__init__.py") == [
-        "runtime_0001_outbox_and_inbox.py"
+        "runtime_0001_outbox_and_inbox.py",
+        "runtime_0002_audit_log.py",
     ]

@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from lotse_contracts.city import Municipality, load_city
 from lotse_contracts.events.base import CATALOGUE
 from lotse_contracts.subscriptions import SubscriptionRegistry, load_registry
@@ -29,11 +29,20 @@ from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from sqlalchemy import Table
 from sqlmodel import SQLModel
 
+from lotse_runtime import audit
+from lotse_runtime.audit import audit_router
 from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer, JwksSource, JwtCallerResolver
 from lotse_runtime.consumer import EventConsumer, Handler
 from lotse_runtime.db import Database
 from lotse_runtime.health import ReadinessCheck, health_router
-from lotse_runtime.identity import CallerResolver, DevelopmentCallerResolver, install_identity
+from lotse_runtime.identity import (
+    AccessDenied,
+    Caller,
+    CallerResolver,
+    DevelopmentCallerResolver,
+    NotAuthenticated,
+    install_identity,
+)
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
 from lotse_runtime.logging import configure_logging
 from lotse_runtime.outbox import Outbox, OutboxRelay
@@ -315,6 +324,8 @@ def create_service_app(
     _instrument(app, runtime)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     install_identity(app, caller_resolver or resolver_from_settings(settings))
+    _audit_refusals(app, runtime)
+    app.include_router(audit_router())
     checks: dict[str, ReadinessCheck] = {
         "database": runtime.check_database,
         "broker": runtime.check_broker,
@@ -346,6 +357,43 @@ def _instrument(app: FastAPI, runtime: ServiceRuntime) -> None:
             "db.client.connections.usage", unit="connections", description="Connections by state."
         ),
     )
+
+
+def _audit_refusals(app: FastAPI, runtime: ServiceRuntime) -> None:
+    """Record every 401 and 403 in the audit log, then answer as the identity hook does."""
+    answers: dict[type[Exception], Any] = {
+        kind: app.exception_handlers[kind] for kind in (NotAuthenticated, AccessDenied)
+    }
+
+    async def audited(request: Request, exc: Exception) -> Response:
+        caller = getattr(request.state, "caller", None)
+        route = request.scope.get("route")
+        try:
+            async with runtime.db.transaction() as session:
+                audit.record(
+                    session,
+                    service=runtime.service,
+                    caller=caller if isinstance(caller, Caller) else None,
+                    action=(
+                        audit.AuditAction.unauthenticated
+                        if isinstance(exc, NotAuthenticated)
+                        else audit.AuditAction.denied
+                    ),
+                    case_id=request.path_params.get("case_id"),
+                    purpose="refused",
+                    path=getattr(route, "path", request.url.path),
+                )
+        except Exception:
+            _log.exception("could not audit a refused request")
+        answer = answers[type(exc)]
+        result = answer(request, exc)
+        if isinstance(result, Response):
+            return result
+        response: Response = await result
+        return response
+
+    for kind in answers:
+        app.add_exception_handler(kind, audited)
 
 
 def resolver_from_settings(settings: ServiceSettings) -> CallerResolver:
