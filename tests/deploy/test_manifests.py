@@ -1,214 +1,104 @@
 """The deployment files: Dockerfile, docker-compose.yml and the kustomize overlays in deploy/k8s.
 
-Static checks only, no Docker engine, cluster or network. The overlays are rendered with
-``kubectl kustomize``. YAML is read with PyYAML where it is importable; otherwise with kubectl's
-own YAML parser (``kubectl label --local -o json`` prints the objects as JSON without contacting
-a cluster). Without either, the checks that need parsed YAML are skipped with that reason.
+Static checks, no Docker engine, cluster or network: the overlays are rendered with
+``kubectl kustomize`` (skipped with a message where kubectl is missing), every standard
+resource is validated with kubernetes-validate (strict, Kubernetes 1.32), the custom resources
+(Strimzi, KEDA) against the fields their operators require, docker-compose.yml against the
+Compose Specification's JSON Schema, and all YAML with yamllint.
 """
 
 from __future__ import annotations
 
-import importlib
+import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
+import yaml
 from lotse_contracts import topics as topic_names
+from lotse_contracts.city import load_city
+from lotse_contracts.subscriptions import load_registry
+from lotse_runtime import acls
 from lotse_runtime.cli import DEFAULT_PORTS
+from lotse_runtime.settings import ServiceSettings
 
-Obj = dict[str, Any]
+from tests.deploy.manifests import (
+    KUBERNETES_VERSION,
+    OVERLAYS,
+    ROOT,
+    TOPIC_PLAN,
+    Obj,
+    env_mapping,
+    load_yaml,
+    named,
+    named_prefix,
+    of_kind,
+    rendered,
+    selects,
+    settings_class,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+COMPOSE_SCHEMA = Path(__file__).parent / "fixtures" / "compose-spec.json"
 DOCKERFILE = ROOT / "Dockerfile"
-K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("dev", "prod")
 SERVICES = topic_names.SERVICES
 UID = 10001
 HTTP_PORT = 8000
+KAFKA_TLS_PORT = 9093
 STRIMZI_API = "kafka.strimzi.io/v1beta2"
+KEDA_API = "keda.sh/v1alpha1"
+CUSTOM_KINDS = {
+    (STRIMZI_API, "Kafka"),
+    (STRIMZI_API, "KafkaNodePool"),
+    (STRIMZI_API, "KafkaTopic"),
+    (STRIMZI_API, "KafkaUser"),
+    (KEDA_API, "ScaledObject"),
+    (KEDA_API, "TriggerAuthentication"),
+}
+# Environment variables the image reads itself, not a service's settings.
+IMAGE_VARIABLES = {"LOTSE_SERVICE"}
+# A well-formed value for settings that come from Secrets (the cluster fills them in).
+SECRET_PLACEHOLDERS = {
+    "DATABASE_URL": "postgresql://user:password@db.example.org:5432/db",
+    "KEY_ENCRYPTION_KEY": "iVFouUP1esQ2t_k6kmX5J_3fYoj9lOTC3lgq5BH2p-Y",
+    "MATCH_KEY_SECRET": "5xC9RjI7ae87IxuuvykQu4_ONgTGK2B5pnHlfsZnjJk",
+}
 
 
-# -- reading YAML ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def registry() -> Any:
+    return load_registry(load_city("dortmund"))
 
 
-def _pyyaml() -> ModuleType | None:
-    try:
-        return importlib.import_module("yaml")
-    except ImportError:
-        return None
+def _field_of(service: str, variable: str) -> str | None:
+    """The settings field an environment variable sets for a service, if any."""
+    fields = settings_class(service).model_fields
+    for prefix in (f"LOTSE_{service.upper()}_", "LOTSE_"):
+        if variable.startswith(prefix) and variable[len(prefix) :].lower() in fields:
+            return variable[len(prefix) :].lower()
+    if variable == "DATABASE_URL":
+        return "database_url"
+    return None
 
 
-def _kubectl() -> str | None:
-    found = shutil.which("kubectl")
-    if found:
-        return found
-    return "/usr/bin/kubectl" if Path("/usr/bin/kubectl").is_file() else None
-
-
-def _run_kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    kubectl = _kubectl()
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (expected at /usr/bin/kubectl)")
-    # No kubeconfig: nothing here may reach for a cluster.
-    env = {**os.environ, "KUBECONFIG": os.devnull}
-    return subprocess.run(
-        [kubectl, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=env,
-        check=False,
-    )
-
-
-def _json_stream(text: str) -> list[Any]:
-    decoder = json.JSONDecoder()
-    values: list[Any] = []
-    index = 0
-    while True:
-        while index < len(text) and text[index].isspace():
-            index += 1
-        if index >= len(text):
-            return values
-        value, index = decoder.raw_decode(text, index)
-        values.append(value)
-
-
-def _kubectl_objects(manifest: str) -> list[Obj]:
-    """Kubernetes-style objects (apiVersion, kind, metadata.name) as JSON, via kubectl's parser."""
-    # Removing a label nobody sets is the no-op that makes `kubectl label` print the objects.
-    result = _run_kubectl(
-        "label", "--local", "-f", "-", "-o", "json", "lotse-unused-", stdin=manifest
-    )
-    assert result.returncode == 0, result.stderr
-    objects: list[Obj] = []
-    for value in _json_stream(result.stdout):
-        objects.extend(value["items"] if value.get("kind") == "List" else [value])
-    return objects
-
-
-def parse_documents(manifest: str) -> list[Obj]:
-    """The objects of a multi-document Kubernetes manifest."""
-    yaml = _pyyaml()
-    if yaml is not None:
-        return [doc for doc in yaml.safe_load_all(manifest) if doc is not None]
-    if _kubectl() is None:
-        pytest.skip("neither PyYAML nor kubectl is available to read YAML")
-    return _kubectl_objects(manifest)
-
-
-_WRAPPER = {"apiVersion": "lotse.test/v1", "kind": "ParsedYaml", "metadata": {"name": "parsed"}}
-
-
-def parse_mapping(path: Path) -> Obj:
-    """A single YAML mapping that is not a Kubernetes object (compose file, collector config)."""
-    text = path.read_text(encoding="utf-8")
-    yaml = _pyyaml()
-    if yaml is not None:
-        loaded = yaml.safe_load(text)
-        assert isinstance(loaded, dict), f"{path} is not a YAML mapping"
-        return loaded
-    if _kubectl() is None:
-        pytest.skip(
-            f"{path.name}: PyYAML is not importable and kubectl (the fallback parser) is not "
-            "installed, so its structure cannot be checked"
-        )
-    # Give the mapping the three keys of a Kubernetes object so kubectl will parse it.
-    clash = sorted(key for key in _WRAPPER if re.search(rf"^{key}:", text, re.MULTILINE))
-    assert not clash, f"{path} has top-level keys {clash}; cannot wrap it for kubectl"
-    header = "apiVersion: lotse.test/v1\nkind: ParsedYaml\nmetadata:\n  name: parsed\n"
-    [parsed] = _kubectl_objects(header + text)
-    for key in _WRAPPER:
-        parsed.pop(key)
-    return parsed
-
-
-# -- helpers -----------------------------------------------------------------------------------
-
-
-def _env_mapping(environment: Any) -> dict[str, str]:
-    """Compose `environment`, written as a mapping or as a list of KEY=VALUE."""
-    if isinstance(environment, dict):
-        return {str(k): "" if v is None else str(v) for k, v in environment.items()}
-    assert isinstance(environment, list), f"unexpected environment: {environment!r}"
-    pairs = (str(item).split("=", 1) for item in environment)
-    return {pair[0]: pair[1] if len(pair) > 1 else "" for pair in pairs}
-
-
-def _selects(selector: Obj | None, labels: dict[str, str]) -> bool:
-    """Whether a Kubernetes label selector selects an object with these labels."""
-    selector = selector or {}
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expression in selector.get("matchExpressions") or []:
-        key, operator = expression["key"], expression["operator"]
-        values = expression.get("values") or []
-        if operator == "In" and labels.get(key) not in values:
-            return False
-        if operator == "NotIn" and labels.get(key) in values:
-            return False
-        if operator == "Exists" and key not in labels:
-            return False
-        if operator == "DoesNotExist" and key in labels:
-            return False
-    return True
-
-
-def _of_kind(objects: list[Obj], kind: str) -> list[Obj]:
-    return [obj for obj in objects if obj.get("kind") == kind]
-
-
-def _named(objects: list[Obj], kind: str, name: str) -> Obj:
-    found = [obj for obj in _of_kind(objects, kind) if obj["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
-    return found[0]
-
-
-@cache
-def _render(path: str) -> str:
-    result = _run_kubectl("kustomize", str(K8S / path))
-    assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
-    return result.stdout
-
-
-def rendered(path: str) -> list[Obj]:
-    objects = parse_documents(_render(path))
-    assert objects, f"kubectl kustomize {path} rendered nothing"
-    return objects
-
-
-def _deployments(objects: list[Obj]) -> dict[str, Obj]:
-    deployments = {obj["metadata"]["name"]: obj for obj in _of_kind(objects, "Deployment")}
-    assert set(deployments) == {f"lotse-{service}" for service in SERVICES}
-    return deployments
-
-
-def _container(deployment: Obj) -> tuple[Obj, Obj]:
-    pod = deployment["spec"]["template"]["spec"]
-    containers = pod["containers"]
-    assert len(containers) == 1, f"{deployment['metadata']['name']}: one container expected"
-    return pod, containers[0]
-
-
-def _probe_port(container: Obj, probe: Obj) -> int:
-    port = probe["httpGet"]["port"]
-    if isinstance(port, int):
-        return port
-    named = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
-    assert port in named, f"probe port {port!r} is not a named container port"
-    return int(named[port])
+def _settings_from_env(
+    service: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> ServiceSettings:
+    """The service's settings as the container would build them from this environment."""
+    for key in list(os.environ):
+        if key.startswith("LOTSE_") or key == "DATABASE_URL":
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return settings_class(service)()
 
 
 # -- Dockerfile --------------------------------------------------------------------------------
@@ -237,6 +127,12 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+def _runtime_stage() -> list[tuple[str, str]]:
+    instructions = _dockerfile_instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
 def test_dockerfile_is_multi_stage_on_python_311_slim_with_frozen_uv_sync() -> None:
     instructions = _dockerfile_instructions()
     global_args: dict[str, str] = {}
@@ -259,15 +155,13 @@ def test_dockerfile_is_multi_stage_on_python_311_slim_with_frozen_uv_sync() -> N
     assert bases[-1] == "python:3.11-slim", "the runtime stage is the last one"
 
     runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
-    assert re.search(r"uv sync --frozen --no-dev\b", runs)
+    assert re.search(r"uv sync --frozen --no-dev\b", runs), "installs exactly the lock file"
     envs = " ".join(rest for keyword, rest in instructions if keyword == "ENV")
     assert "UV_PROJECT_ENVIRONMENT=/app/.venv" in envs
 
 
-def test_dockerfile_runtime_runs_as_uid_10001_without_a_shell() -> None:
-    instructions = _dockerfile_instructions()
-    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
-    runtime = instructions[last_from:]
+def test_dockerfile_runtime_runs_as_uid_10001_with_a_health_check() -> None:
+    runtime = _runtime_stage()
     users = [rest for keyword, rest in runtime if keyword == "USER"]
     assert users, "the runtime stage sets USER"
     assert users[-1].split(":")[0] == str(UID)
@@ -284,6 +178,10 @@ def test_dockerfile_runtime_runs_as_uid_10001_without_a_shell() -> None:
     command = json.loads(cmds[0])  # exec form: no shell in between
     assert isinstance(command, list)
     assert command[0] == "python"
+
+    [health] = [rest for keyword, rest in runtime if keyword == "HEALTHCHECK"]
+    assert "/healthz" in health
+    assert "CMD" in health
 
 
 def _dockerfile_command() -> list[str]:
@@ -342,11 +240,36 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
 
 @pytest.fixture(scope="module")
 def compose() -> Obj:
-    return parse_mapping(COMPOSE_FILE)
+    loaded = load_yaml(COMPOSE_FILE)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def test_compose_schema_fixture_is_the_documented_one() -> None:
+    # The fixture's README names its source and checksum; an unnoticed swap would make the
+    # schema check below check against something else.
+    readme = (COMPOSE_SCHEMA.parent / "README.md").read_text(encoding="utf-8")
+    digest = hashlib.sha256(COMPOSE_SCHEMA.read_bytes()).hexdigest()
+    assert digest in readme
+    assert "compose-spec/compose-spec" in readme
+
+
+def test_compose_file_follows_the_compose_specification(compose: Obj) -> None:
+    schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
+    validator = jsonschema.Draft7Validator(schema)
+    errors = [
+        f"{'/'.join(str(p) for p in error.absolute_path)}: {error.message}"
+        for error in validator.iter_errors(compose)
+    ]
+    assert not errors, "\n".join(errors)
+
+    # The schema does reject what Compose rejects (a control, so the check above can fail).
+    broken = {**compose, "services": {**compose["services"], "x": {"image": "a", "imagee": 1}}}
+    assert any("imagee" in e.message for e in validator.iter_errors(broken))
 
 
 def _database_url(service_config: Obj) -> tuple[str, str]:
-    env = _env_mapping(service_config.get("environment", {}))
+    env = env_mapping(service_config.get("environment", {}))
     keys = [key for key in env if key.endswith("DATABASE_URL")]
     assert len(keys) == 1, f"exactly one database URL expected, got {keys}"
     return keys[0], env[keys[0]]
@@ -359,9 +282,9 @@ def test_compose_service_has_own_database_kafka_and_readiness_check(
     config = compose["services"][service]
     build = config["build"]
     assert isinstance(build, dict)
-    assert _env_mapping(build.get("args", {})).get("SERVICE") == service
+    assert env_mapping(build.get("args", {})).get("SERVICE") == service
 
-    env = _env_mapping(config.get("environment", {}))
+    env = env_mapping(config.get("environment", {}))
     key, url = _database_url(config)
     assert key in (f"LOTSE_{service.upper()}_DATABASE_URL", "DATABASE_URL")
     parts = urlsplit(url)
@@ -370,6 +293,8 @@ def test_compose_service_has_own_database_kafka_and_readiness_check(
     assert parts.path == f"/{service}", f"{service} must use its own database: {url}"
     assert env.get("LOTSE_KAFKA_BOOTSTRAP") == "kafka:9092"
     assert env.get("LOTSE_OTLP_ENDPOINT", "").startswith("http://otel-collector:4318")
+    # Topics come from the init step, with the configured retention.
+    assert env.get("LOTSE_CREATE_TOPICS") == "false"
 
     test = config["healthcheck"]["test"]
     command = " ".join(test) if isinstance(test, list) else str(test)
@@ -379,9 +304,27 @@ def test_compose_service_has_own_database_kafka_and_readiness_check(
     assert isinstance(depends_on, dict), "depends_on needs conditions"
     for dependency in ("kafka", "postgres"):
         assert depends_on[dependency]["condition"] == "service_healthy", dependency
+    assert depends_on["kafka-topics"]["condition"] == "service_completed_successfully"
 
-    ports = [str(port) for port in config.get("ports", [])]
-    assert f"{DEFAULT_PORTS[service]}:{HTTP_PORT}" in ports
+    # On the developer's machine only: the services trust development auth headers.
+    assert config.get("ports") == [f"127.0.0.1:{DEFAULT_PORTS[service]}:{HTTP_PORT}"]
+    assert config.get("read_only") is True
+    assert "ALL" in config.get("cap_drop", [])
+    assert "no-new-privileges:true" in config.get("security_opt", [])
+    mounts = [str(volume) for volume in config.get("volumes", [])]
+    assert f"{service}-data:/app/var" in mounts, "a writable, persistent LOTSE_DATA_DIR"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_compose_settings_are_real_settings_of_the_service(
+    compose: Obj, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = env_mapping(compose["services"][service]["environment"])
+    unknown = [k for k in env if k not in IMAGE_VARIABLES and _field_of(service, k) is None]
+    assert not unknown, f"{service}: no such setting {unknown}"
+    settings = _settings_from_env(service, env, monkeypatch)
+    assert settings.kafka_bootstrap == "kafka:9092"
+    assert settings.create_topics is False
 
 
 def test_compose_services_do_not_share_a_database(compose: Obj) -> None:
@@ -394,8 +337,9 @@ def test_compose_infrastructure(compose: Obj) -> None:
     services = compose["services"]
     kafka = services["kafka"]
     assert kafka["image"] == "apache/kafka:3.9.1"
-    env = _env_mapping(kafka["environment"])
-    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    env = env_mapping(kafka["environment"])
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}, "KRaft"
+    assert not [name for name in services if "zookeeper" in name]
     assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"].lower() == "false"
     assert "healthcheck" in kafka
@@ -414,29 +358,76 @@ def test_compose_infrastructure(compose: Obj) -> None:
     [config_mount] = [m for m in mounts if m.startswith("./deploy/compose/otel-collector.yaml:")]
     target = config_mount.split(":")[1]
     assert any(f"--config={target}" in str(arg) for arg in collector.get("command", []))
+    assert "127.0.0.1:8889:8889" in collector.get("ports", [])
+
+    jaeger = services["jaeger"]
+    assert str(jaeger["image"]).startswith("jaegertracing/all-in-one:")
+    assert env_mapping(jaeger.get("environment", {})).get("COLLECTOR_OTLP_ENABLED") == "true"
+    assert "127.0.0.1:16686:16686" in jaeger.get("ports", []), "the trace viewer on localhost"
+    assert collector["depends_on"]["jaeger"]["condition"] == "service_started"
+
+
+def test_compose_topic_init_step_creates_the_planned_topics(compose: Obj) -> None:
+    init = compose["services"]["kafka-topics"]
+    assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert init.get("restart") == "no"
+    assert env_mapping(init["environment"])["LOTSE_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    command = [str(part) for part in init["command"]]
+    assert command[:4] == ["python", "-m", "lotse_runtime.cli", "acls"]
+
+    # The command line parses as `lotse acls` and reads the mounted topic plan.
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    acls.add_arguments(parser)
+    args = parser.parse_args(command[4:])
+    assert args.create_topics is True
+    mounts = {
+        str(v).split(":")[1]: str(v).split(":")[0] for v in init.get("volumes", []) if ":" in str(v)
+    }
+    source = mounts[str(args.topics_config)]
+    assert (ROOT / source).resolve() == TOPIC_PLAN.resolve()
+    # The plan it mounts is valid.
+    acls.load_topic_plan(TOPIC_PLAN)
+
+
+def test_compose_dashboard_and_apis_are_on_localhost(compose: Obj) -> None:
+    reporting = compose["services"]["reporting"]
+    assert reporting["ports"] == [f"127.0.0.1:{DEFAULT_PORTS['reporting']}:{HTTP_PORT}"]
+    header = COMPOSE_FILE.read_text(encoding="utf-8").split("\nname:")[0]
+    assert f"http://localhost:{DEFAULT_PORTS['intake']}" in header
+    assert "http://localhost:16686" in header
 
 
 def test_compose_init_script_creates_one_database_per_service() -> None:
-    sql = (ROOT / "deploy" / "compose" / "init-databases.sql").read_text(encoding="utf-8")
-    databases = re.findall(r"^\s*CREATE DATABASE (\w+)", sql, re.MULTILINE | re.IGNORECASE)
-    owners = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+)", sql, re.IGNORECASE))
-    assert sorted(databases) == sorted(SERVICES)
-    assert owners == {service: service for service in SERVICES}
+    for sql_file in (
+        ROOT / "deploy" / "compose" / "init-databases.sql",
+        ROOT / "deploy" / "k8s" / "overlays" / "dev" / "postgres-init.sql",
+    ):
+        sql = sql_file.read_text(encoding="utf-8")
+        databases = re.findall(r"^\s*CREATE DATABASE (\w+)", sql, re.MULTILINE | re.IGNORECASE)
+        owners = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+)", sql, re.IGNORECASE))
+        assert sorted(databases) == sorted(SERVICES), sql_file
+        assert owners == {service: service for service in SERVICES}, sql_file
 
 
-def test_otel_collector_receives_otlp_http_and_prints_it() -> None:
-    config = parse_mapping(ROOT / "deploy" / "compose" / "otel-collector.yaml")
+def test_compose_collector_sends_traces_to_jaeger_and_serves_metrics() -> None:
+    config = load_yaml(ROOT / "deploy" / "compose" / "otel-collector.yaml")
     endpoint = config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
     assert endpoint.endswith(":4318")
-    assert "debug" in config["exporters"]
+    exporters = config["exporters"]
+    jaeger = [name for name, e in exporters.items() if "jaeger:4317" in str(e.get("endpoint"))]
+    assert jaeger, "an OTLP exporter to jaeger:4317"
+    assert exporters["prometheus"]["endpoint"].endswith(":8889")
     pipelines = config["service"]["pipelines"]
-    assert {"traces", "metrics"} <= set(pipelines)
+    assert {"traces", "metrics", "logs"} <= set(pipelines)
     for name, pipeline in pipelines.items():
         assert "otlp" in pipeline["receivers"], name
-        assert "debug" in pipeline["exporters"], name
+    assert set(jaeger) <= set(pipelines["traces"]["exporters"])
+    assert "prometheus" in pipelines["metrics"]["exporters"]
 
 
-# -- kustomize ---------------------------------------------------------------------------------
+# -- kustomize: validity -----------------------------------------------------------------------
 
 
 def test_base_is_namespace_less() -> None:
@@ -454,32 +445,394 @@ def test_overlay_puts_everything_in_one_namespace(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_deployments_are_hardened(overlay: str) -> None:
-    for name, deployment in _deployments(rendered(f"overlays/{overlay}")).items():
-        pod, container = _container(deployment)
-        pod_security = pod.get("securityContext", {})
-        security = container.get("securityContext", {})
+def test_every_standard_resource_is_valid_for_kubernetes_1_32(overlay: str) -> None:
+    problems = []
+    for obj in rendered(f"overlays/{overlay}"):
+        kind = (obj["apiVersion"], obj["kind"])
+        if kind in CUSTOM_KINDS:
+            continue  # checked against their operators' required fields below
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            problems.append(f"{name}: not a Kubernetes {KUBERNETES_VERSION} kind, no CRD known")
+        except kubernetes_validate.ValidationError as exc:
+            path = "/".join(str(p) for p in exc.path)
+            problems.append(f"{name}: {path}: {exc.message}")
+    assert not problems, "\n".join(problems)
 
-        def effective(key: str, pod_sc: Obj = pod_security, sc: Obj = security) -> Any:
-            return sc[key] if key in sc else pod_sc.get(key)
 
-        assert pod.get("automountServiceAccountToken") is False, name
-        assert effective("runAsNonRoot") is True, name
-        assert effective("runAsUser") == UID, name
-        assert (effective("seccompProfile") or {}).get("type") == "RuntimeDefault", name
-        assert security.get("allowPrivilegeEscalation") is False, name
-        assert security.get("readOnlyRootFilesystem") is True, name
-        assert "ALL" in security.get("capabilities", {}).get("drop", []), name
-        assert security.get("privileged") in (None, False), name
-
-        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-        assert "/tmp" in mounts, f"{name}: a writable /tmp is needed with a read-only root"
-        volumes = {v["name"]: v for v in pod.get("volumes", [])}
-        assert "emptyDir" in volumes[mounts["/tmp"]], name
+def _kubernetes_validate_cli(objects: list[Obj], path: Path) -> subprocess.CompletedProcess[str]:
+    path.write_text(yaml.safe_dump_all(objects, sort_keys=False), encoding="utf-8")
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "-k",
+            KUBERNETES_VERSION,
+            "--quiet",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_deployments_have_probes_and_resources(overlay: str) -> None:
+def test_kubernetes_validate_cli_accepts_the_rendered_overlay(overlay: str, tmp_path: Path) -> None:
+    # The same check as the operator would run it: `kubernetes-validate --strict -k 1.32.0`.
+    result = _kubernetes_validate_cli(rendered(f"overlays/{overlay}"), tmp_path / "all.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    unknown = [
+        line
+        for line in lines
+        if not any(f"kind {kind} with api version {api}" in line for api, kind in CUSTOM_KINDS)
+    ]
+    assert not unknown, "\n".join(unknown)
+
+
+def test_kubernetes_validate_is_strict(tmp_path: Path) -> None:
+    # The control for the test above: a misspelt field fails, so "valid" means something.
+    [deployment, *_] = of_kind(rendered("overlays/dev"), "Deployment")
+    broken = json.loads(json.dumps(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"path": "/readyz"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+    assert _kubernetes_validate_cli([broken], tmp_path / "broken.yaml").returncode != 0
+
+
+# What the Strimzi (0.45+) and KEDA (2.12+) operators need of each custom resource; their
+# CRDs are not bundled with kubernetes-validate.
+_ACL = {
+    "type": "object",
+    "required": ["resource", "operations"],
+    "additionalProperties": False,
+    "properties": {
+        "resource": {
+            "type": "object",
+            "required": ["type", "name", "patternType"],
+            "additionalProperties": False,
+            "properties": {
+                "type": {"enum": ["topic", "group"]},
+                "name": {"type": "string", "pattern": "^[a-zA-Z0-9._-]+$"},
+                "patternType": {"enum": ["literal", "prefix"]},
+            },
+        },
+        "operations": {
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"enum": ["Read", "Write", "Describe"]},
+        },
+        "host": {"const": "*"},
+    },
+}
+_STRIMZI_META = {
+    "type": "object",
+    "required": ["name", "labels"],
+    "properties": {
+        "labels": {"type": "object", "required": ["strimzi.io/cluster"]},
+    },
+}
+CUSTOM_RESOURCE_SCHEMAS: dict[str, Obj] = {
+    "Kafka": {
+        "type": "object",
+        "required": ["metadata", "spec"],
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["kafka", "entityOperator"],
+                "not": {"required": ["zookeeper"]},
+                "properties": {
+                    "kafka": {
+                        "type": "object",
+                        "required": ["version", "listeners", "authorization", "config"],
+                        "properties": {
+                            "listeners": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["name", "port", "type", "tls", "authentication"],
+                                    "properties": {
+                                        "name": {"type": "string", "pattern": "^[a-z0-9]{1,11}$"},
+                                        "port": {"type": "integer", "minimum": 9092},
+                                        "type": {
+                                            "enum": [
+                                                "internal",
+                                                "route",
+                                                "loadbalancer",
+                                                "nodeport",
+                                                "ingress",
+                                                "cluster-ip",
+                                            ]
+                                        },
+                                        "tls": {"type": "boolean"},
+                                        "authentication": {
+                                            "type": "object",
+                                            "required": ["type"],
+                                            "properties": {
+                                                "type": {"enum": ["scram-sha-512", "tls"]}
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                            "authorization": {
+                                "type": "object",
+                                "required": ["type"],
+                                "properties": {"type": {"const": "simple"}},
+                            },
+                        },
+                    },
+                    "entityOperator": {
+                        "type": "object",
+                        "required": ["topicOperator", "userOperator"],
+                    },
+                },
+            }
+        },
+    },
+    "KafkaNodePool": {
+        "type": "object",
+        "required": ["metadata", "spec"],
+        "properties": {
+            "metadata": _STRIMZI_META,
+            "spec": {
+                "type": "object",
+                "required": ["replicas", "roles", "storage"],
+                "properties": {
+                    "replicas": {"type": "integer", "minimum": 1},
+                    "roles": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"enum": ["controller", "broker"]},
+                    },
+                    "storage": {"type": "object", "required": ["type"]},
+                },
+            },
+        },
+    },
+    "KafkaTopic": {
+        "type": "object",
+        "required": ["metadata", "spec"],
+        "properties": {
+            "metadata": _STRIMZI_META,
+            "spec": {
+                "type": "object",
+                "required": ["partitions", "replicas", "config"],
+                "additionalProperties": False,
+                "properties": {
+                    "partitions": {"type": "integer", "minimum": 1},
+                    "replicas": {"type": "integer", "minimum": 1, "maximum": 32767},
+                    "topicName": {"type": "string"},
+                    "config": {"type": "object"},
+                },
+            },
+        },
+    },
+    "KafkaUser": {
+        "type": "object",
+        "required": ["metadata", "spec"],
+        "properties": {
+            "metadata": _STRIMZI_META,
+            "spec": {
+                "type": "object",
+                "required": ["authentication", "authorization"],
+                "additionalProperties": False,
+                "properties": {
+                    "authentication": {
+                        "type": "object",
+                        "required": ["type"],
+                        "properties": {"type": {"enum": ["scram-sha-512", "tls"]}},
+                    },
+                    "authorization": {
+                        "type": "object",
+                        "required": ["type", "acls"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {"const": "simple"},
+                            "acls": {"type": "array", "minItems": 1, "items": _ACL},
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "ScaledObject": {
+        "type": "object",
+        "required": ["metadata", "spec"],
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers", "minReplicaCount", "maxReplicaCount"],
+                "properties": {
+                    "scaleTargetRef": {"type": "object", "required": ["name"]},
+                    "minReplicaCount": {"type": "integer", "minimum": 1},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata", "authenticationRef"],
+                            "properties": {
+                                "type": {"const": "kafka"},
+                                "metadata": {
+                                    "type": "object",
+                                    "required": ["bootstrapServers", "consumerGroup"],
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "authenticationRef": {"type": "object", "required": ["name"]},
+                            },
+                        },
+                    },
+                },
+            }
+        },
+    },
+    "TriggerAuthentication": {
+        "type": "object",
+        "required": ["metadata", "spec"],
+        "properties": {
+            "spec": {
+                "type": "object",
+                "minProperties": 1,
+                "properties": {
+                    "secretTargetRef": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["parameter", "name", "key"],
+                        },
+                    },
+                    "env": {
+                        "type": "array",
+                        "items": {"type": "object", "required": ["parameter", "name"]},
+                    },
+                },
+            }
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_custom_resources_have_the_fields_their_operators_require(overlay: str) -> None:
+    objects = rendered(f"overlays/{overlay}")
+    problems = []
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
+            continue
+        schema = CUSTOM_RESOURCE_SCHEMAS[obj["kind"]]
+        for error in jsonschema.Draft7Validator(schema).iter_errors(obj):
+            path = "/".join(str(p) for p in error.absolute_path)
+            problems.append(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {error.message}")
+    for scaled in of_kind(objects, "ScaledObject"):
+        spec = scaled["spec"]
+        assert spec["minReplicaCount"] <= spec["maxReplicaCount"], scaled["metadata"]["name"]
+    assert not problems, "\n".join(problems)
+
+
+# -- kustomize: the services -------------------------------------------------------------------
+
+
+def _deployments(objects: list[Obj]) -> dict[str, Obj]:
+    deployments = {
+        obj["metadata"]["name"]: obj
+        for obj in of_kind(objects, "Deployment")
+        if obj["metadata"]["name"].startswith("lotse-")
+    }
+    assert set(deployments) == {f"lotse-{service}" for service in SERVICES}
+    return deployments
+
+
+def _container(deployment: Obj) -> tuple[Obj, Obj]:
+    pod = deployment["spec"]["template"]["spec"]
+    containers = pod["containers"]
+    assert len(containers) == 1, f"{deployment['metadata']['name']}: one container expected"
+    return pod, containers[0]
+
+
+def _probe_port(container: Obj, probe: Obj) -> int:
+    port = probe["httpGet"]["port"]
+    if isinstance(port, int):
+        return port
+    named_ports = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+    assert port in named_ports, f"probe port {port!r} is not a named container port"
+    return int(named_ports[port])
+
+
+def _effective_env(objects: list[Obj], container: Obj) -> dict[str, Obj]:
+    """Every variable of a container: envFrom ConfigMaps (prefixed), then env (wins)."""
+    config_maps = {obj["metadata"]["name"]: obj for obj in of_kind(objects, "ConfigMap")}
+    env: dict[str, Obj] = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef")
+        assert ref is not None, "only ConfigMaps are imported wholesale"
+        assert ref["name"] in config_maps, f"ConfigMap {ref['name']} is not rendered"
+        prefix = source.get("prefix", "")
+        for key, value in config_maps[ref["name"]].get("data", {}).items():
+            env[prefix + key] = {"value": value}
+    env.update({item["name"]: item for item in container.get("env", [])})
+    return env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workloads_are_hardened(overlay: str) -> None:
+    objects = rendered(f"overlays/{overlay}")
+    workloads = of_kind(objects, "Deployment") + of_kind(objects, "StatefulSet")
+    assert workloads
+    for workload in workloads:
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        pod_security = pod.get("securityContext", {})
+        assert pod.get("automountServiceAccountToken") is False, name
+        account = named(objects, "ServiceAccount", pod["serviceAccountName"])
+        assert account.get("automountServiceAccountToken") is False, name
+        for container in pod["containers"] + pod.get("initContainers", []):
+            where = f"{name}/{container['name']}"
+            security = container.get("securityContext", {})
+
+            def effective(key: str, pod_sc: Obj = pod_security, sc: Obj = security) -> Any:
+                return sc[key] if key in sc else pod_sc.get(key)
+
+            assert effective("runAsNonRoot") is True, where
+            assert isinstance(effective("runAsUser"), int), where
+            assert effective("runAsUser") != 0, where
+            assert (effective("seccompProfile") or {}).get("type") == "RuntimeDefault", where
+            assert security.get("allowPrivilegeEscalation") is False, where
+            assert security.get("readOnlyRootFilesystem") is True, where
+            assert "ALL" in security.get("capabilities", {}).get("drop", []), where
+            assert not security.get("capabilities", {}).get("add"), where
+            assert security.get("privileged") in (None, False), where
+            resources = container.get("resources", {})
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(bound, {})), f"{where} {bound}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_run_as_the_image_user_with_a_writable_tmp(overlay: str) -> None:
+    for name, deployment in _deployments(rendered(f"overlays/{overlay}")).items():
+        pod, container = _container(deployment)
+        for each in (container, *pod.get("initContainers", [])):
+            uid = each.get("securityContext", {}).get(
+                "runAsUser", pod["securityContext"].get("runAsUser")
+            )
+            assert uid == UID, name
+            mounts = {m["mountPath"]: m["name"] for m in each.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{name}: a writable /tmp is needed with a read-only root"
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            assert "emptyDir" in volumes[mounts["/tmp"]], name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_have_probes(overlay: str) -> None:
     for name, deployment in _deployments(rendered(f"overlays/{overlay}")).items():
         _, container = _container(deployment)
         assert {p.get("containerPort") for p in container.get("ports", [])} == {HTTP_PORT}
@@ -493,40 +846,128 @@ def test_deployments_have_probes_and_resources(overlay: str) -> None:
             assert probe, f"{name} has no {probe_name}"
             assert probe["httpGet"]["path"] == path, f"{name} {probe_name}"
             assert _probe_port(container, probe) == HTTP_PORT, f"{name} {probe_name}"
-        resources = container.get("resources", {})
-        for bound in ("requests", "limits"):
-            assert {"cpu", "memory"} <= set(resources.get(bound, {})), f"{name} {bound}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_deployments_take_settings_from_configmap_and_database_secret(overlay: str) -> None:
+def test_services_shut_down_gracefully(overlay: str) -> None:
+    for name, deployment in _deployments(rendered(f"overlays/{overlay}")).items():
+        pod, container = _container(deployment)
+        sleep = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert 5 <= sleep <= 15, f"{name}: endpoints need a few seconds to drop the pod"
+        grace = pod["terminationGracePeriodSeconds"]
+        # After the preStop sleep: HTTP drain, consumers leave their group, outbox flush (2 s).
+        assert grace >= sleep + 20, f"{name}: grace period {grace} s leaves too little time"
+        strategy = deployment["spec"]["strategy"]
+        assert strategy["rollingUpdate"]["maxUnavailable"] == 0, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_service_migrates_its_schema_in_an_init_container(overlay: str) -> None:
     objects = rendered(f"overlays/{overlay}")
-    config_maps = {obj["metadata"]["name"]: obj for obj in _of_kind(objects, "ConfigMap")}
+    for name, deployment in _deployments(objects).items():
+        service = name.removeprefix("lotse-")
+        pod, container = _container(deployment)
+        [migrate] = pod["initContainers"]
+        assert migrate["image"] == container["image"], f"{name}: same image as the service"
+        command = migrate["command"]
+        assert command[:5] == ["python", "-m", "lotse_runtime.migrations", "upgrade", service]
+        assert command[5] == "--database-url"
+        variable = re.fullmatch(r"\$\((\w+)\)", command[6])
+        assert variable, f"{name}: the URL comes from the environment, not the manifest"
+        env = {item["name"]: item for item in migrate.get("env", [])}
+        service_env = _effective_env(objects, container)
+        assert env[variable[1]]["valueFrom"] == service_env[variable[1]]["valueFrom"], name
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_migration_command_of_the_init_container_works(service: str, tmp_path: Path) -> None:
+    [migrate] = _deployments(rendered("overlays/dev"))[f"lotse-{service}"]["spec"]["template"][
+        "spec"
+    ]["initContainers"]
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    command = [re.sub(r"\$\(\w+\)", url, part) for part in migrate["command"]]
+    assert command[0] == "python"
+    result = subprocess.run(
+        [sys.executable, *command[1:]], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{service}:" in result.stdout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_settings_are_valid_settings(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = rendered(f"overlays/{overlay}")
     for name, deployment in _deployments(objects).items():
         service = name.removeprefix("lotse-")
         _, container = _container(deployment)
+        env = _effective_env(objects, container)
+        assert env["LOTSE_SERVICE"]["value"] == service
+        unknown = [k for k in env if k not in IMAGE_VARIABLES and _field_of(service, k) is None]
+        assert not unknown, f"{name}: no such setting {unknown}"
+        values = {}
+        for key, item in env.items():
+            if "value" in item:
+                values[key] = item["value"]
+            else:
+                placeholder = [v for k, v in SECRET_PLACEHOLDERS.items() if key.endswith(k)]
+                assert placeholder, f"{name}: {key} from a Secret, but no placeholder known"
+                values[key] = placeholder[0]
+        settings = _settings_from_env(service, values, monkeypatch)
+        assert settings.create_topics is False, "Strimzi owns the topics"
+        assert settings.kafka_security_protocol == "SASL_SSL"
+        assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+        assert settings.kafka_sasl_username == f"service-{service}"
+        assert settings.auth_mode == ("headers" if overlay == "dev" else "jwt")
+        if overlay == "prod":
+            assert settings.auth_jwks, "prod verifies real tokens"
+            assert settings.auth_issuer, "prod verifies real tokens"
 
-        settings: dict[str, str] = {}
-        for source in container.get("envFrom", []):
-            ref = source.get("configMapRef")
-            if ref is None:
-                continue
-            assert ref["name"].startswith("lotse-config"), ref["name"]
-            assert ref["name"] in config_maps, f"{name}: ConfigMap {ref['name']} is not rendered"
-            prefix = source.get("prefix", "")
-            for key, value in config_maps[ref["name"]].get("data", {}).items():
-                settings[prefix + key] = value
-        env = {item["name"]: item for item in container.get("env", [])}
-        settings.update({k: v["value"] for k, v in env.items() if "value" in v})
 
-        assert settings.get("LOTSE_KAFKA_BOOTSTRAP") == "lotse-kafka-bootstrap:9092", name
-        assert settings.get("LOTSE_CREATE_TOPICS") == "false", name
-        assert settings.get("LOTSE_SERVICE") == service, name
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_reach_kafka_as_their_own_kafka_user_over_tls(overlay: str) -> None:
+    objects = rendered(f"overlays/{overlay}")
+    [kafka] = of_kind(objects, "Kafka")
+    cluster = kafka["metadata"]["name"]
+    users = {u["metadata"]["name"]: u for u in of_kind(objects, "KafkaUser")}
+    for name, deployment in _deployments(objects).items():
+        service = name.removeprefix("lotse-")
+        pod, container = _container(deployment)
+        env = {k: v.get("value") for k, v in _effective_env(objects, container).items()}
 
-        database = [key for key in env if key.endswith("DATABASE_URL")]
-        assert database in ([f"LOTSE_{service.upper()}_DATABASE_URL"], ["DATABASE_URL"]), name
-        secret = env[database[0]]["valueFrom"]["secretKeyRef"]
-        assert secret == {"name": f"lotse-{service}-db", "key": "url"}, name
+        host, _, port = str(env["LOTSE_KAFKA_BOOTSTRAP"]).partition(":")
+        assert host == f"{cluster}-kafka-bootstrap", name
+        listeners = {item["port"]: item for item in kafka["spec"]["kafka"]["listeners"]}
+        listener = listeners[int(port)]
+        assert listener["type"] == "internal", name
+        assert listener["tls"] is True, name
+        assert listener["authentication"]["type"] == "scram-sha-512", name
+
+        username = env["LOTSE_KAFKA_SASL_USERNAME"]
+        assert username == f"service-{service}"
+        assert users[str(username)]["spec"]["authentication"]["type"] == "scram-sha-512"
+
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+
+        def secret_behind(
+            path: str, mounts: Obj = mounts, volumes: Obj = volumes
+        ) -> tuple[str, str]:
+            folder, _, file = path.rpartition("/")
+            mount = mounts[folder]
+            assert mount.get("readOnly") is True, path
+            secret = volumes[mount["name"]]["secret"]
+            [item] = [i for i in secret["items"] if i["path"] == file]
+            return secret["secretName"], item["key"]
+
+        # Strimzi's User Operator writes the password into a Secret named after the user,
+        # its Cluster Operator the CA certificate into <cluster>-cluster-ca-cert.
+        assert secret_behind(str(env["LOTSE_KAFKA_SASL_PASSWORD_FILE"])) == (username, "password")
+        assert secret_behind(str(env["LOTSE_KAFKA_SSL_CAFILE"])) == (
+            f"{cluster}-cluster-ca-cert",
+            "ca.crt",
+        )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -535,12 +976,11 @@ def test_each_deployment_has_its_service_and_service_account(overlay: str) -> No
     for name, deployment in _deployments(objects).items():
         pod = deployment["spec"]["template"]["spec"]
         labels = deployment["spec"]["template"]["metadata"]["labels"]
-        account = _named(objects, "ServiceAccount", pod["serviceAccountName"])
-        assert account.get("automountServiceAccountToken") is False, name
-        assert _selects(deployment["spec"]["selector"], labels), name
+        named(objects, "ServiceAccount", pod["serviceAccountName"])
+        assert selects(deployment["spec"]["selector"], labels), name
 
-        service = _named(objects, "Service", name)
-        assert _selects({"matchLabels": service["spec"]["selector"]}, labels), name
+        service = named(objects, "Service", name)
+        assert selects({"matchLabels": service["spec"]["selector"]}, labels), name
         _, container = _container(deployment)
         named_ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
         targets = {
@@ -550,15 +990,36 @@ def test_each_deployment_has_its_service_and_service_account(overlay: str) -> No
         assert targets == {HTTP_PORT}, name
 
 
+# -- kustomize: network policies ---------------------------------------------------------------
+
+
+def _policies_for(objects: list[Obj], labels: dict[str, str], direction: str) -> list[Obj]:
+    return [
+        policy
+        for policy in of_kind(objects, "NetworkPolicy")
+        if selects(policy["spec"].get("podSelector"), labels)
+        and direction in policy["spec"].get("policyTypes", [])
+    ]
+
+
+def _allowed_ports(policies: list[Obj], direction: str) -> set[tuple[str, int]]:
+    key = "ingress" if direction == "Ingress" else "egress"
+    ports = set()
+    for policy in policies:
+        for rule in policy["spec"].get(key) or []:
+            assert rule.get("ports"), f"{policy['metadata']['name']}: a rule opens every port"
+            for port in rule["ports"]:
+                ports.add((port.get("protocol", "TCP"), int(port["port"])))
+    return ports
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policies_deny_ingress_except_the_http_port(overlay: str) -> None:
+def test_network_policies_deny_by_default_and_allow_a_list(overlay: str) -> None:
     objects = rendered(f"overlays/{overlay}")
-    policies = _of_kind(objects, "NetworkPolicy")
     deny_all = [
         policy
-        for policy in policies
-        if not (policy["spec"].get("podSelector") or {}).get("matchLabels")
-        and not (policy["spec"].get("podSelector") or {}).get("matchExpressions")
+        for policy in of_kind(objects, "NetworkPolicy")
+        if policy["spec"].get("podSelector") in ({}, None)
         and "Ingress" in policy["spec"].get("policyTypes", [])
         and not policy["spec"].get("ingress")
     ]
@@ -566,41 +1027,62 @@ def test_network_policies_deny_ingress_except_the_http_port(overlay: str) -> Non
 
     for name, deployment in _deployments(objects).items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
-        allowed = set()
-        for policy in policies:
-            if not _selects(policy["spec"].get("podSelector"), labels):
-                continue
-            for rule in policy["spec"].get("ingress") or []:
-                for port in rule.get("ports") or []:
-                    if port.get("protocol", "TCP") == "TCP":
-                        allowed.add(port.get("port"))
-        assert allowed & {HTTP_PORT, "http"}, f"{name}: nothing admits port {HTTP_PORT}"
+        ingress = _allowed_ports(_policies_for(objects, labels, "Ingress"), "Ingress")
+        assert ingress == {("TCP", HTTP_PORT)}, f"{name}: only the HTTP port is reachable"
+        egress_policies = _policies_for(objects, labels, "Egress")
+        assert egress_policies, f"{name}: egress is not restricted"
+        egress = _allowed_ports(egress_policies, "Egress")
+        assert egress == {
+            ("UDP", 53),
+            ("TCP", 53),
+            ("TCP", KAFKA_TLS_PORT),
+            ("TCP", 5432),
+            ("TCP", HTTP_PORT),
+            ("TCP", 4317),
+            ("TCP", 4318),
+        }, name
+
+    # Every other workload of Lotse (collector, dev database) has its own allow-list.
+    for workload in of_kind(objects, "Deployment") + of_kind(objects, "StatefulSet"):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        for direction in ("Ingress", "Egress"):
+            assert _policies_for(objects, labels, direction), (
+                f"{workload['metadata']['name']}: no {direction} policy"
+            )
+
+
+def test_dev_database_is_reachable_only_from_the_services() -> None:
+    objects = rendered("overlays/dev")
+    postgres = named(objects, "StatefulSet", "lotse-postgres")
+    labels = postgres["spec"]["template"]["metadata"]["labels"]
+    allowing = [p for p in _policies_for(objects, labels, "Ingress") if p["spec"].get("ingress")]
+    [policy] = allowing
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"lotse.de/role": "service"}}}]
+    assert not _allowed_ports(_policies_for(objects, labels, "Egress"), "Egress")
+
+
+# -- kustomize: Kafka --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_strimzi_kafka_cluster_and_topics(overlay: str) -> None:
+def test_strimzi_kafka_cluster_authenticates_and_authorises_everyone(overlay: str) -> None:
     objects = rendered(f"overlays/{overlay}")
     strimzi = [obj for obj in objects if obj["apiVersion"].startswith("kafka.strimzi.io/")]
     assert {obj["apiVersion"] for obj in strimzi} == {STRIMZI_API}
 
-    [kafka] = _of_kind(objects, "Kafka")
+    [kafka] = of_kind(objects, "Kafka")
     cluster = kafka["metadata"]["name"]
     assert "zookeeper" not in kafka["spec"], "KRaft only"
-    # The services' bootstrap address is the Service Strimzi names after the cluster, on a
-    # plain internal listener.
-    [settings] = [
-        c
-        for c in _of_kind(objects, "ConfigMap")
-        if c["metadata"]["name"].startswith("lotse-config")
-    ]
-    host, _, port = settings["data"]["KAFKA_BOOTSTRAP"].partition(":")
-    assert host == f"{cluster}-kafka-bootstrap"
-    listeners = {listener["port"]: listener for listener in kafka["spec"]["kafka"]["listeners"]}
-    assert listeners[int(port)]["tls"] is False
-    assert listeners[int(port)]["type"] == "internal"
+    assert kafka["spec"]["kafka"]["authorization"]["type"] == "simple"
+    for listener in kafka["spec"]["kafka"]["listeners"]:
+        # An unauthenticated listener would make every client User:ANONYMOUS, and with
+        # authorization on, useless; with it off, everything would be readable.
+        assert listener["authentication"]["type"] in ("scram-sha-512", "tls"), listener["name"]
+        assert listener["tls"] is True, listener["name"]
 
-    pools = _of_kind(objects, "KafkaNodePool")
-    assert pools
+    pools = of_kind(objects, "KafkaNodePool")
     assert all(pool["metadata"]["labels"]["strimzi.io/cluster"] == cluster for pool in pools)
     roles = {role for pool in pools for role in pool["spec"]["roles"]}
     assert roles == {"controller", "broker"}
@@ -609,53 +1091,268 @@ def test_strimzi_kafka_cluster_and_topics(overlay: str) -> None:
     assert str(config.get("auto.create.topics.enable")).lower() == "false"
     for key in ("offsets.topic.replication.factor", "transaction.state.log.replication.factor"):
         assert int(config[key]) <= brokers, key
+    for obj in of_kind(objects, "KafkaTopic") + of_kind(objects, "KafkaUser"):
+        assert obj["metadata"]["labels"]["strimzi.io/cluster"] == cluster
 
-    topics = {obj["metadata"]["name"]: obj for obj in _of_kind(objects, "KafkaTopic")}
-    expected = {
-        *topic_names.DOMAIN_TOPICS,
-        topic_names.REPORTING_KPIS,
-        *(topic_names.dead_letter(service) for service in SERVICES),
-    }
-    assert expected <= set(topics), f"missing KafkaTopics: {sorted(expected - set(topics))}"
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kafka_topics_are_the_planned_topics_of_the_registry(overlay: str, registry: Any) -> None:
+    objects = rendered(f"overlays/{overlay}")
+    [kafka] = of_kind(objects, "Kafka")
+    config = kafka["spec"]["kafka"]["config"]
+    pools = of_kind(objects, "KafkaNodePool")
+    brokers = sum(pool["spec"]["replicas"] for pool in pools if "broker" in pool["spec"]["roles"])
+
+    topics = {obj["metadata"]["name"]: obj for obj in of_kind(objects, "KafkaTopic")}
+    planned = {t.name: t for t in acls.planned_topics(registry, acls.load_topic_plan(TOPIC_PLAN))}
+    assert set(topics) == set(planned)
+    for audience in registry.audiences():
+        missing = set(audience.read_topics + audience.write_topics) - set(topics)
+        assert not missing, f"{audience.name} uses topics nobody creates: {missing}"
     for name, topic in topics.items():
-        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == cluster, name
         spec = topic["spec"]
         assert spec.get("topicName", name) == name
+        assert spec["partitions"] == planned[name].partitions, name
         assert 1 <= spec["replicas"] <= brokers, f"{name}: more replicas than brokers"
-        min_isr = int(
-            spec.get("config", {}).get("min.insync.replicas", config["min.insync.replicas"])
-        )
+        min_isr = int(spec["config"].get("min.insync.replicas", config["min.insync.replicas"]))
         assert min_isr <= spec["replicas"], name
+        for key, value in planned[name].config.items():
+            assert spec["config"][key] == value, f"{name}: {key}"
     assert topics[topic_names.REPORTING_KPIS]["spec"]["config"]["cleanup.policy"] == "compact"
     for name in topic_names.DOMAIN_TOPICS:
-        assert topics[name]["spec"].get("config", {}).get("cleanup.policy") != "compact", name
+        assert topics[name]["spec"]["config"]["cleanup.policy"] == "delete", name
+        assert topics[name]["spec"]["config"]["retention.ms"] == -1, "replay needs everything"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_audience_has_a_kafka_user(overlay: str, registry: Any) -> None:
+    users = {u["metadata"]["name"] for u in of_kind(rendered(f"overlays/{overlay}"), "KafkaUser")}
+    assert users == {a.name for a in registry.audiences()}
+    assert {f"service-{s}" for s in SERVICES} <= users
+    assert "dashboard" in users
+    assert {f"bezirksteam-{b}" for b in registry.city.bezirk_slugs} <= users
+    assert {f"traeger-{t}" for t in registry.city.traeger_slugs} <= users
+
+
+# -- kustomize: scaling and disruptions --------------------------------------------------------
+
+
+def _consuming_services(registry: Any) -> list[str]:
+    return sorted(
+        a.name.removeprefix("service-")
+        for a in registry.audiences()
+        if a.kind == "service" and a.consumer_groups
+    )
+
+
+def _group_acls(user: Obj) -> list[Obj]:
+    return [
+        acl["resource"]
+        for acl in user["spec"]["authorization"]["acls"]
+        if acl["resource"]["type"] == "group"
+    ]
+
+
+def _group_allowed(user: Obj, group: str) -> bool:
+    for resource in _group_acls(user):
+        if resource["patternType"] == "literal" and resource["name"] == group:
+            return True
+        if resource["patternType"] == "prefix" and group.startswith(resource["name"]):
+            return True
+    return False
+
+
+def test_prod_scales_each_consumer_on_kafka_lag(registry: Any) -> None:
+    objects = rendered("overlays/prod")
+    deployments = _deployments(objects)
+    users = {u["metadata"]["name"]: u for u in of_kind(objects, "KafkaUser")}
+    auths = {a["metadata"]["name"]: a for a in of_kind(objects, "TriggerAuthentication")}
+    config = named_prefix(objects, "ConfigMap", "lotse-config")["data"]
+    scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in of_kind(objects, "ScaledObject")}
+    assert set(scaled) == {f"lotse-{s}" for s in _consuming_services(registry)}
+    plan = acls.load_topic_plan(TOPIC_PLAN)
+    for target, scaled_object in scaled.items():
+        service = target.removeprefix("lotse-")
+        deployment = deployments[target]
+        spec = scaled_object["spec"]
+        # More consumers than partitions would sit idle.
+        assert spec["maxReplicaCount"] <= plan.partitions, target
+        assert spec["minReplicaCount"] == deployment["spec"]["replicas"], target
+        _, container = _container(deployment)
+        env = _effective_env(objects, container)
+        username = env["LOTSE_KAFKA_SASL_USERNAME"]["value"]
+        for trigger in spec["triggers"]:
+            metadata = trigger["metadata"]
+            assert metadata["bootstrapServers"] == config["KAFKA_BOOTSTRAP"], target
+            assert metadata["sasl"] == "scram_sha512", target
+            assert metadata["tls"] == "enable", target
+            group = metadata["consumerGroup"]
+            assert group.startswith(f"lotse-{service}-"), f"{target}: runtime group naming"
+            assert _group_allowed(users[username], group), f"{group}: not in {username}'s ACLs"
+            auth = auths[trigger["authenticationRef"]["name"]]["spec"]
+            [user_ref] = [e for e in auth["env"] if e["parameter"] == "username"]
+            assert user_ref["containerName"] == container["name"], target
+            assert user_ref["name"] == "LOTSE_KAFKA_SASL_USERNAME", target
+            secrets = {r["parameter"]: (r["name"], r["key"]) for r in auth["secretTargetRef"]}
+            assert secrets["password"] == (username, "password"), target
+            assert secrets["ca"] == ("lotse-cluster-ca-cert", "ca.crt"), target
+
+
+def test_every_consumer_a_service_registers_has_a_lag_trigger(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from importlib.metadata import entry_points
+
+    from uvicorn.importer import import_from_string
+
+    triggers = {
+        trigger["metadata"]["consumerGroup"]
+        for scaled in of_kind(rendered("overlays/prod"), "ScaledObject")
+        for trigger in scaled["spec"]["triggers"]
+    }
+    registered: dict[str, list[str]] = {}
+    for entry in entry_points(group="lotse.services"):
+        _settings_from_env(
+            entry.name,
+            {
+                "LOTSE_DATA_DIR": str(tmp_path / entry.name),
+                "LOTSE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / entry.name}.db",
+            },
+            monkeypatch,
+        )
+        # Building the app registers its consumers; nothing is started.
+        app = import_from_string(entry.value)()
+        groups = [consumer.group_id for consumer in app.state.runtime.consumers]
+        registered[entry.name] = groups
+        missing = [group for group in groups if group not in triggers]
+        assert not missing, (
+            f"{entry.name} consumes as {missing} but components/keda-autoscaling has no "
+            "trigger for it: add one to its ScaledObject"
+        )
 
 
 def test_prod_runs_two_replicas_with_a_disruption_budget_each() -> None:
     objects = rendered("overlays/prod")
-    budgets = _of_kind(objects, "PodDisruptionBudget")
+    budgets = of_kind(objects, "PodDisruptionBudget")
     for name, deployment in _deployments(objects).items():
         assert deployment["spec"]["replicas"] == 2, name
         labels = deployment["spec"]["template"]["metadata"]["labels"]
-        covering = [b for b in budgets if _selects(b["spec"]["selector"], labels)]
+        covering = [b for b in budgets if selects(b["spec"]["selector"], labels)]
         assert len(covering) == 1, f"{name}: {len(covering)} PodDisruptionBudgets"
         spec = covering[0]["spec"]
         if "minAvailable" in spec:
             assert 1 <= int(spec["minAvailable"]) < 2, name
         else:
-            assert int(spec["maxUnavailable"]) >= 1, name
+            assert int(spec["maxUnavailable"]) == 1, name
         _, container = _container(deployment)
-        image = container["image"]
-        assert ":" in image.rsplit("/", 1)[-1] or "@" in image, f"{name}: untagged {image}"
-        assert not image.endswith(":latest"), name
+        for each in (container, *deployment["spec"]["template"]["spec"]["initContainers"]):
+            image = each["image"]
+            assert ":" in image.rsplit("/", 1)[-1] or "@" in image, f"{name}: untagged {image}"
+            assert not image.endswith(":latest"), name
+            assert image.startswith("registry.example.org/lotse/"), name
 
 
-def test_prod_kafka_survives_losing_a_broker() -> None:
+def test_dev_runs_one_replica_of_locally_built_images() -> None:
+    for name, deployment in _deployments(rendered("overlays/dev")).items():
+        assert deployment["spec"]["replicas"] == 1, name
+        _, container = _container(deployment)
+        assert container["image"] == f"{name}:dev"
+
+
+def test_prod_kafka_survives_losing_a_broker_and_admits_partners() -> None:
     objects = rendered("overlays/prod")
-    pools = _of_kind(objects, "KafkaNodePool")
+    pools = of_kind(objects, "KafkaNodePool")
     brokers = sum(pool["spec"]["replicas"] for pool in pools if "broker" in pool["spec"]["roles"])
     assert brokers >= 3
-    for topic in _of_kind(objects, "KafkaTopic"):
+    for topic in of_kind(objects, "KafkaTopic"):
         spec = topic["spec"]
         assert spec["replicas"] >= 3, topic["metadata"]["name"]
         assert int(spec["config"]["min.insync.replicas"]) == spec["replicas"] - 1
+    [kafka] = of_kind(objects, "Kafka")
+    external = [
+        listener
+        for listener in kafka["spec"]["kafka"]["listeners"]
+        if listener["type"] != "internal"
+    ]
+    assert external, "Bezirksteams and Träger connect from outside the cluster"
+    for listener in external:
+        assert listener["tls"] is True
+        assert listener["authentication"]["type"] == "scram-sha-512"
+
+
+# -- kustomize: databases ----------------------------------------------------------------------
+
+
+def test_prod_uses_an_external_database_with_secrets_made_outside() -> None:
+    objects = rendered("overlays/prod")
+    assert not of_kind(objects, "Secret"), "no credentials in the repository"
+    assert not of_kind(objects, "StatefulSet"), "no database in the cluster"
+    for name, deployment in _deployments(objects).items():
+        _, container = _container(deployment)
+        env = _effective_env(objects, container)
+        [url] = [v for k, v in env.items() if k.endswith("DATABASE_URL")]
+        assert url["valueFrom"]["secretKeyRef"] == {"name": f"{name}-db", "key": "url"}
+
+
+def test_dev_brings_its_own_database_and_development_secrets() -> None:
+    import base64
+
+    objects = rendered("overlays/dev")
+    postgres = named(objects, "Service", "lotse-postgres")
+    for name, deployment in _deployments(objects).items():
+        service = name.removeprefix("lotse-")
+        _, container = _container(deployment)
+        env = _effective_env(objects, container)
+        for key, item in env.items():
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            if ref is None:
+                continue
+            secret = named(objects, "Secret", ref["name"])
+            assert ref["key"] in secret["data"], f"{name}: {key}"
+            if key.endswith("DATABASE_URL"):
+                url = urlsplit(base64.b64decode(secret["data"][ref["key"]]).decode())
+                assert url.hostname == postgres["metadata"]["name"], name
+                assert url.path == f"/{service}", name
+                assert url.username == service, name
+
+
+# -- YAML hygiene ------------------------------------------------------------------------------
+
+
+def test_yaml_is_yamllint_clean() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yamllint",
+            "--strict",
+            "-f",
+            "parsable",
+            "-c",
+            str(ROOT / ".yamllint"),
+            "docker-compose.yml",
+            "deploy",
+            ".yamllint",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_yamllint_finds_problems() -> None:
+    # The control: yamllint with this configuration does reject a sloppy file.
+    result = subprocess.run(
+        [sys.executable, "-m", "yamllint", "-c", str(ROOT / ".yamllint"), "-"],
+        input="key: yes\nlist:\n- a\n",
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "truthy" in result.stdout

@@ -205,3 +205,19 @@ async def test_backlog_is_reported_as_a_metric(
     finally:
         await relay.stop()
         telemetry.shutdown()
+
+
+async def test_an_event_its_contract_forbids_is_never_stored(db: Database) -> None:
+    from pydantic import ValidationError
+
+    outbox = make_outbox("unused.")
+    invalid = scheduled(str(uuid.uuid4())).model_copy(update={"staff_id": "x"})  # unvalidated
+
+    async def publish() -> None:
+        async with db.transaction() as session:
+            outbox.add(session, invalid)
+
+    with pytest.raises(ValidationError, match="staff_id"):
+        await publish()
+    async with db.transaction() as session:
+        assert (await session.execute(select(OutboxMessage))).first() is None

@@ -5,6 +5,8 @@ creates the topics, starts every installed service (entry point group ``lotse.se
 with its SQLite database under ``var/`` (unless ``LOTSE_<SERVICE>_DATABASE_URL`` says
 otherwise), waits until each is ready and prints where it listens. Ctrl-C stops everything.
 ``lotse broker`` runs only the embedded broker.
+``lotse acls`` renders the Kafka users (ACLs) and topics of deploy/k8s from the subscription
+registry (``--check``: fail on drift; ``--create-topics``: create them on a running Kafka).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import load_registry
 
+from lotse_runtime import acls as acls_command
 from lotse_runtime.embedded import BrokerStartError, EmbeddedBroker, free_port
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
 
@@ -265,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     token_parser.add_argument("--clinic")
     token_parser.add_argument("--ttl-minutes", type=int, default=480)
     token_parser.set_defaults(func=token)
+    acls_parser = commands.add_parser(
+        "acls",
+        help="render Strimzi KafkaUsers (ACLs) and KafkaTopics from the subscription registry",
+        description=acls_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    acls_command.add_arguments(acls_parser)
+    acls_parser.set_defaults(func=acls_command.run)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

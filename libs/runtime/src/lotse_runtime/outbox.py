@@ -98,6 +98,9 @@ class Outbox:
         Raises ``RoutingError`` when the registry cannot place a routed event; the caller's
         transaction then fails and nothing is stored.
         """
+        # A model built with model_copy(update=...) or model_construct skips validation: check
+        # again here, so that no service can publish what its own contract forbids.
+        type(event).model_validate(event.model_dump())
         cloudevent = event.to_cloudevent(event_id=event_id, time=time, source=self.source)
         self.add_cloudevent(session, cloudevent, type(event).topic)
         return cloudevent

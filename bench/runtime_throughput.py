@@ -1,0 +1,201 @@
+"""What the runtime's guarantees cost: outbox relay and consumer wrapper against raw aiokafka.
+
+Measured side by side in one run on the same broker with the same records (binary-mode
+CloudEvents of a real contract event, ~700 bytes):
+
+  raw produce     aiokafka, acks=all, send in a loop and await all
+  raw consume     aiokafka, one consumer group, until all N are read
+  outbox relay    N events added in transactions of 100, then the relay drains them
+                  (read rows, publish acks=all in order, mark sent)
+  consumer        the consumer wrapper applies the N events: envelope + schema validation,
+                  inbox claim and one effect row per event in one transaction, commit offsets
+
+Usage:  uv run --frozen python bench/runtime_throughput.py [--events N] [--database URL]
+Starts the embedded broker unless LOTSE_KAFKA_BOOTSTRAP is set; SQLite file by default.
+Prints a JSON document and writes it to bench/results/runtime_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from lotse_contracts.cloudevents import to_kafka_binary
+from lotse_contracts.events.visits import VisitScheduled
+from lotse_runtime.consumer import Delivery, EventConsumer
+from lotse_runtime.db import Database
+from lotse_runtime.embedded import EmbeddedBroker
+from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics
+from lotse_runtime.logging import configure_logging
+from lotse_runtime.outbox import Outbox, OutboxRelay
+from sqlmodel import Field, SQLModel
+
+RESULTS = Path(__file__).parent / "results" / "runtime_throughput.json"
+
+
+class BenchEffect(SQLModel, table=True):
+    __tablename__ = "bench_effect"
+
+    id: int | None = Field(default=None, primary_key=True)
+    visit_id: str
+
+
+def event(n: int) -> VisitScheduled:
+    return VisitScheduled.example().model_copy(
+        update={"case_id": str(uuid.uuid4()), "visit_id": str(uuid.uuid4()), "staff_id": f"staff-{n}"}
+    )
+
+
+async def raw_produce(kafka: KafkaConfig, topic: str, n: int) -> tuple[float, int]:
+    records = [to_kafka_binary(event(i).to_cloudevent()) for i in range(n)]
+    size = sum(len(r.value or b"") + sum(len(k) + len(v) for k, v in r.headers) for r in records)
+    producer = kafka.producer()
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        futures = [
+            await producer.send(topic, value=r.value, key=r.key, headers=r.headers)
+            for r in records
+        ]
+        await asyncio.gather(*futures)
+        return time.perf_counter() - started, size // n
+    finally:
+        await producer.stop()
+
+
+async def raw_consume(kafka: KafkaConfig, topic: str, n: int) -> float:
+    consumer: AIOKafkaConsumer = kafka.consumer(topic, group_id=f"bench-raw-{uuid.uuid4().hex}")
+    await consumer.start()
+    try:
+        seen = 0
+        started: float | None = None
+        while seen < n:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=1000)
+            if batch and started is None:
+                started = time.perf_counter()
+            seen += sum(len(records) for records in batch.values())
+        assert started is not None
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
+
+
+async def outbox_relay(db: Database, kafka: KafkaConfig, topic_prefix: str, n: int) -> float:
+    outbox = Outbox(source="/lotse/visits", topic_prefix=topic_prefix)  # domain topic only
+    for start in range(0, n, 100):
+        async with db.transaction() as session:
+            for i in range(start, min(start + 100, n)):
+                outbox.add(session, event(i))
+    relay = OutboxRelay(db, kafka, service="visits", batch_size=500)
+    try:
+        started = time.perf_counter()
+        await relay.drain(timeout_s=600)
+        return time.perf_counter() - started
+    finally:
+        await relay.stop()
+
+
+async def consumer_wrapper(
+    db: Database, kafka: KafkaConfig, topic: str, dlq: str, n: int
+) -> float:
+    async def apply(delivery: Delivery) -> None:
+        data = delivery.data
+        assert isinstance(data, VisitScheduled)
+        delivery.session.add(BenchEffect(visit_id=data.visit_id))
+
+    consumer = EventConsumer(
+        name="bench",
+        service="visits",
+        topics=[topic],
+        handlers={VisitScheduled.event_type: apply},
+        db=db,
+        outbox=Outbox(source="/lotse/visits"),
+        kafka=kafka,
+        group_id=f"bench-wrapper-{uuid.uuid4().hex}",
+        dead_letter_topic=dlq,
+    )
+    await consumer.start()
+    try:
+        started: float | None = None
+        while consumer.processed < n:
+            if started is None and consumer.processed > 0:
+                started = time.perf_counter()
+            await asyncio.sleep(0.005)
+        assert started is not None
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
+
+
+async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
+    kafka = KafkaConfig(bootstrap=bootstrap, session_timeout_ms=6000, heartbeat_interval_ms=500)
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    raw_topic, domain, dlq = prefix + "raw", prefix + "lotse.visits", prefix + "lotse.dlq.visits"
+    await ensure_topics(kafka, [TopicSpec(t, partitions=3) for t in (raw_topic, domain, dlq)])
+    tmp = tempfile.mkdtemp(prefix="lotse-bench-")
+    url = args.database or f"sqlite+aiosqlite:///{tmp}/bench.db"
+    db = Database(url)
+    await db.create_schema([BenchEffect])
+    n = args.events
+    try:
+        produce_s, record_bytes = await raw_produce(kafka, raw_topic, n)
+        consume_s = await raw_consume(kafka, raw_topic, n)
+        relay_s = await outbox_relay(db, kafka, prefix, n)
+        wrapper_s = await consumer_wrapper(db, kafka, domain, dlq, n)
+    finally:
+        await db.dispose()
+
+    def rate(seconds: float) -> float:
+        return round(n / seconds, 1)
+
+    return {
+        "benchmark": "runtime_throughput",
+        "events": n,
+        "record_bytes": record_bytes,
+        "database": Database(url).dialect,
+        "broker": "external" if os.environ.get("LOTSE_KAFKA_BOOTSTRAP") else "embedded tansu",
+        "raw_produce_per_s": rate(produce_s),
+        "raw_consume_per_s": rate(consume_s),
+        "outbox_relay_per_s": rate(relay_s),
+        "consumer_wrapper_per_s": rate(wrapper_s),
+        "relay_vs_raw_produce": round(produce_s / relay_s, 3),
+        "wrapper_vs_raw_consume": round(consume_s / wrapper_s, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--database", default=None, help="SQLAlchemy URL (default SQLite file)")
+    args = parser.parse_args()
+    configure_logging("bench", "WARNING", stream=sys.stderr)
+    external = os.environ.get("LOTSE_KAFKA_BOOTSTRAP")
+    broker = None if external else EmbeddedBroker()
+    bootstrap = external or broker.start()  # type: ignore[union-attr]
+    try:
+        result = asyncio.run(run(args, bootstrap))
+    finally:
+        if broker is not None:
+            broker.stop()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
