@@ -53,7 +53,11 @@ class BenchEffect(SQLModel, table=True):
 
 def event(n: int) -> VisitScheduled:
     return VisitScheduled.example().model_copy(
-        update={"case_id": str(uuid.uuid4()), "visit_id": str(uuid.uuid4()), "staff_id": f"staff-{n}"}
+        update={
+            "case_id": str(uuid.uuid4()),
+            "visit_id": str(uuid.uuid4()),
+            "staff_id": f"staff-{n}",
+        }
     )
 
 
@@ -65,8 +69,7 @@ async def raw_produce(kafka: KafkaConfig, topic: str, n: int) -> tuple[float, in
     try:
         started = time.perf_counter()
         futures = [
-            await producer.send(topic, value=r.value, key=r.key, headers=r.headers)
-            for r in records
+            await producer.send(topic, value=r.value, key=r.key, headers=r.headers) for r in records
         ]
         await asyncio.gather(*futures)
         return time.perf_counter() - started, size // n
@@ -106,9 +109,7 @@ async def outbox_relay(db: Database, kafka: KafkaConfig, topic_prefix: str, n: i
         await relay.stop()
 
 
-async def consumer_wrapper(
-    db: Database, kafka: KafkaConfig, topic: str, dlq: str, n: int
-) -> float:
+async def consumer_wrapper(db: Database, kafka: KafkaConfig, topic: str, dlq: str, n: int) -> float:
     async def apply(delivery: Delivery) -> None:
         data = delivery.data
         assert isinstance(data, VisitScheduled)

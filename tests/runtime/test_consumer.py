@@ -345,3 +345,20 @@ async def test_latency_lag_and_dead_letter_metrics_are_reported(harness: Harness
     lag_topics = {p["topic"] for p in points["lotse.consumer.lag"]}
     assert lag_topics == {harness.prefix + VISITS}
     telemetry.shutdown()
+
+
+async def test_a_batch_with_one_failing_event_falls_back_to_one_by_one(harness: Harness) -> None:
+    """Many events arrive together: they are applied in one transaction; when one of them
+    fails, the batch is rolled back and applied one by one, so only that one is retried."""
+    case_id = str(uuid.uuid4())  # one key: one partition, one batch
+    events = [scheduled(case_id=case_id) for _ in range(20)]
+    harness.failures[events[7].visit_id] = 1  # fails once, then succeeds
+    for event in events:
+        harness.send(event)
+    consumer = harness.consumer(group())
+    await consumer.start()  # started after producing, so the first fetch holds them all
+    await eventually(lambda: consumer.processed == 20)
+    assert consumer.dead_lettered == 0
+    assert consumer.duplicates == 0
+    visits = [e.visit_id for e in await harness.effects()]
+    assert sorted(visits) == sorted(e.visit_id for e in events)  # each exactly once

@@ -58,6 +58,7 @@ def test_service_is_alive_and_ready_on_real_parts(
         kafka_bootstrap=broker.bootstrap,
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
         topic_prefix=topic_prefix,
+        data_dir=tmp_path,
     )
     with TestClient(app) as client:
         assert client.get("/healthz").json() == {"status": "alive"}
@@ -71,6 +72,7 @@ def test_readiness_names_an_unreachable_broker(tmp_path: Path) -> None:
         "visits",
         kafka_bootstrap=f"127.0.0.1:{free_port()}",
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        data_dir=tmp_path,
     )
     with TestClient(app) as client:
         response = client.get("/readyz")

@@ -153,6 +153,7 @@ class EventConsumer:
         self._task: asyncio.Task[None] | None = None
         self._assigned = asyncio.Event()
         self._positions: dict[TopicPartition, int] = {}
+        self._stopping = False
         self.failed: BaseException | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -168,10 +169,16 @@ class EventConsumer:
             raise
         if self.telemetry is not None:
             self.telemetry.observe_consumer_lag(self.lag, consumer=self.name)
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.service}-{self.name}")
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Finish the batch in hand (its effects and offsets commit), then stop; cancel only
+        if that takes longer than ``grace_s`` (the inbox makes the redelivery harmless)."""
+        self._stopping = True
         if self._task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), grace_s)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -214,8 +221,8 @@ class EventConsumer:
         consumer = self._consumer
         assert consumer is not None
         try:
-            while True:
-                batches = await consumer.getmany(timeout_ms=500, max_records=self.batch_size)
+            while not self._stopping:
+                batches = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
                 if consumer.assignment():
                     self._assigned.set()
                 for tp, records in batches.items():
@@ -233,6 +240,10 @@ class EventConsumer:
         tp: TopicPartition,
         records: list[ConsumerRecord[Any, Any]],
     ) -> None:
+        if await self._apply_batch(records):
+            for record in records:
+                self._positions[tp] = record.offset + 1
+            records = []
         for record in records:
             while True:
                 try:
@@ -243,10 +254,101 @@ class EventConsumer:
                     _log.error("dead-letter topic unavailable", extra={"error": str(exc)})
                     await asyncio.sleep(1.0)
             self._positions[tp] = record.offset + 1
-        if records:
-            # Effects are committed (or dead-lettered) already; committing the offset once per
-            # batch saves round trips, and a redelivery after a crash is caught by the inbox.
-            await consumer.commit({tp: records[-1].offset + 1})
+        # Effects are committed (or dead-lettered) already; committing the offset once per
+        # batch saves round trips, and a redelivery after a crash is caught by the inbox.
+        await consumer.commit({tp: self._positions[tp]})
+
+    def _span(self, record: ConsumerRecord[Any, Any]) -> contextlib.AbstractContextManager[Any]:
+        """A consumer span continuing the producer's trace (``traceparent`` header)."""
+        if self.telemetry is None:
+            return contextlib.nullcontext()
+        return self.telemetry.tracer.start_as_current_span(
+            f"{record.topic} process",
+            context=extract_context(list(record.headers or ())),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": record.topic,
+                "messaging.kafka.destination.partition": record.partition,
+                "messaging.kafka.message.offset": record.offset,
+                "messaging.consumer.group.name": self.group_id,
+            },
+        )
+
+    async def _apply_batch(self, records: list[ConsumerRecord[Any, Any]]) -> bool:
+        """Fast path: apply a partition's batch in ONE transaction (one commit instead of one
+        per event). Only when every record is a valid event; any failure rolls the whole batch
+        back and returns False, and the caller applies the records one by one, with retries
+        and dead letters. Handlers therefore must act only through the session and outbox."""
+        if len(records) < 2:
+            return False
+        prepared: list[tuple[ConsumerRecord[Any, Any], CloudEvent, EventModel | None]] = []
+        for record in records:
+            try:
+                event = from_kafka(
+                    record.value, list(record.headers or ()), max_bytes=self.max_event_bytes
+                )
+                if event.type in self.handlers:
+                    prepared.append((record, event, self.catalogue.parse(event)))
+                else:
+                    self.catalogue.model_for(event.type)
+                    prepared.append((record, event, None))
+            except (InvalidCloudEvent, EventDataInvalid, UnknownEventType, UnknownEventVersion):
+                return False
+        started = time.perf_counter()
+        processed = duplicates = skipped = 0
+        try:
+            consumer_name = f"{self.service}.{self.name}"
+            async with self.db.transaction() as session:
+                seen = await inbox.already_processed(
+                    session,
+                    consumer=consumer_name,
+                    events=[event for _r, event, data in prepared if data is not None],
+                )
+                for record, event, data in prepared:
+                    if data is None:
+                        skipped += 1
+                        continue
+                    if (event.source, event.id) in seen:
+                        duplicates += 1
+                        continue
+                    seen.add((event.source, event.id))
+                    with self._span(record):
+                        inbox.record(
+                            session,
+                            consumer=consumer_name,
+                            event=event,
+                            topic=record.topic,
+                            partition=record.partition,
+                            offset=record.offset,
+                        )
+                        await self.handlers[event.type](
+                            Delivery(
+                                event=event,
+                                data=data,
+                                session=session,
+                                outbox=self.outbox,
+                                topic=record.topic,
+                                partition=record.partition,
+                                offset=record.offset,
+                            )
+                        )
+                        processed += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+        self.processed += processed
+        self.duplicates += duplicates
+        self.skipped += skipped
+        if self.telemetry is not None:
+            each = (time.perf_counter() - started) / len(prepared)
+            for _record, event, data in prepared:
+                outcome = "ok" if data is not None else "skipped"
+                self.telemetry.record_handler_latency(
+                    each, consumer=self.name, event_type=event.type, outcome=outcome
+                )
+        return True
 
     async def process(self, record: ConsumerRecord[Any, Any]) -> str:
         """Apply one record; returns the outcome (ok, duplicate, skipped, dead_lettered)."""
@@ -254,24 +356,7 @@ class EventConsumer:
         headers = list(record.headers or ())
         event_type = "unknown"
         outcome = "ok"
-        tracer = self.telemetry.tracer if self.telemetry is not None else None
-        span_cm = (
-            tracer.start_as_current_span(
-                f"{record.topic} process",
-                context=extract_context(headers),
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.destination.name": record.topic,
-                    "messaging.kafka.destination.partition": record.partition,
-                    "messaging.kafka.message.offset": record.offset,
-                    "messaging.consumer.group.name": self.group_id,
-                },
-            )
-            if tracer is not None
-            else contextlib.nullcontext()
-        )
-        with span_cm as span:
+        with self._span(record) as span:
             verdict: _Verdict | None = None
             try:
                 event = from_kafka(record.value, headers, max_bytes=self.max_event_bytes)

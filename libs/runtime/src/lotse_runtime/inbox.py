@@ -10,8 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from lotse_contracts.cloudevents import CloudEvent
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, SQLModel, col
 
 
 def _utcnow() -> datetime:
@@ -62,3 +63,41 @@ async def claim(
         )
     )
     return True
+
+
+async def already_processed(
+    session: AsyncSession, *, consumer: str, events: list[CloudEvent]
+) -> set[tuple[str, str]]:
+    """(source, id) of those ``events`` the consumer has applied: one query for a batch."""
+    if not events:
+        return set()
+    rows = await session.execute(
+        select(col(InboxEntry.source), col(InboxEntry.event_id)).where(
+            col(InboxEntry.consumer) == consumer,
+            col(InboxEntry.event_id).in_({e.id for e in events}),
+        )
+    )
+    return {(source, event_id) for source, event_id in rows.all()}
+
+
+def record(
+    session: AsyncSession,
+    *,
+    consumer: str,
+    event: CloudEvent,
+    topic: str,
+    partition: int,
+    offset: int,
+) -> None:
+    """Add the entry for an event known to be new (after :func:`already_processed`)."""
+    session.add(
+        InboxEntry(
+            consumer=consumer,
+            source=event.source,
+            event_id=event.id,
+            event_type=event.type,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+        )
+    )

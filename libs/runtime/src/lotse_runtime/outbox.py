@@ -167,6 +167,7 @@ class OutboxRelay:
         self.published = 0
         self.last_error: str | None = None
         self._wake = asyncio.Event()
+        self._pass_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._leader: AsyncConnection | None = None
@@ -259,6 +260,11 @@ class OutboxRelay:
 
     async def publish_pending(self) -> int:
         """One pass: publish up to ``batch_size`` unsent rows in order; returns how many."""
+        # The loop and a drain (shutdown, tests) must not publish the same rows side by side.
+        async with self._pass_lock:
+            return await self._publish_pending()
+
+    async def _publish_pending(self) -> int:
         if not await self._is_leader():
             return 0
         async with self.db.transaction() as session:

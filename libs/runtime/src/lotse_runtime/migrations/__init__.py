@@ -354,6 +354,8 @@ async def check_migrations(
     difference ("add_table").
     """
     tables = list(tables)
+    if versions_dir is None and service is not None:
+        versions_dir = versions_dir_of(service)
     if upgrade_first:
         await migrate(
             db, tables, service=service, versions_dir=versions_dir, create_unmigrated=False
