@@ -1,0 +1,163 @@
+"""Idempotency-Key for intake's changing requests (IETF draft "The Idempotency-Key HTTP
+Header Field").
+
+A clinic on a flaky connection repeats a registration; with the same ``Idempotency-Key`` the
+repeat gets the first answer again and creates nothing. The key is remembered per caller
+(subject), together with a keyed fingerprint of method, path and body, so reusing a key for
+a different request is refused instead of answered with an unrelated result. The key, the
+state change and its events commit in one transaction; two racing requests with one key
+cannot both commit (unique constraint), and the loser replays the winner's answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Header
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, Response
+from lotse_runtime.db import Database
+from lotse_runtime.identity import Caller
+from pydantic import BaseModel
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from lotse_intake.domain import Refusal, fingerprint
+from lotse_intake.tables import IntakeIdempotency
+
+REPLAY_HEADER = "Idempotent-Replayed"
+#: Fingerprint of a request of an erased family.
+ERASED = "erased"
+_ATTEMPTS = 3
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description=(
+            "Unique key of this request (e.g. a UUID). Repeating the request with the same key "
+            "returns the first answer and changes nothing; the same key with another body is "
+            "refused (422)."
+        ),
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a changing request produced: its status, its answer (never personal data, as
+    it is stored for replay) and the case it concerns."""
+
+    status_code: int
+    body: BaseModel
+    case_id: str | None
+
+
+Action = Callable[[AsyncSession], Awaitable[Outcome]]
+
+
+def request_fingerprint(secret: bytes, method: str, path: str, body: BaseModel | None) -> str:
+    canonical = (
+        ""
+        if body is None
+        else json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    )
+    return fingerprint(secret, method.upper(), path, canonical)
+
+
+async def respond(
+    db: Database,
+    *,
+    caller: Caller,
+    key: str | None,
+    request_print: str,
+    now: Callable[[], datetime],
+    action: Action,
+) -> Response:
+    """Run ``action`` in one transaction, honouring ``key`` (see module docstring)."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            async with db.transaction() as session:
+                if key is not None:
+                    stored = (
+                        await session.execute(
+                            select(IntakeIdempotency).where(
+                                col(IntakeIdempotency.subject) == caller.subject,
+                                col(IntakeIdempotency.idempotency_key) == key,
+                            )
+                        )
+                    ).scalar_one_or_none()
+                    if stored is not None:
+                        return _replay(stored, request_print)
+                outcome = await action(session)
+                content = jsonable_encoder(outcome.body)
+                if key is not None:
+                    session.add(
+                        IntakeIdempotency(
+                            subject=caller.subject,
+                            idempotency_key=key,
+                            fingerprint=request_print,
+                            status_code=outcome.status_code,
+                            response=json.dumps(content, separators=(",", ":")),
+                            case_id=outcome.case_id,
+                            created_at=now(),
+                        )
+                    )
+            return JSONResponse(content, status_code=outcome.status_code)
+        except IntegrityError:
+            # A concurrent request won a unique key (same Idempotency-Key, or the same family
+            # registered at the same moment); on the next attempt we see its result.
+            if attempt == _ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _replay(stored: IntakeIdempotency, request_print: str) -> Response:
+    if stored.fingerprint == ERASED:
+        raise Refusal(
+            "Idempotency-Key",
+            "this request concerned a family whose data has since been erased",
+            status=410,
+        )
+    if stored.fingerprint != request_print:
+        raise Refusal(
+            "Idempotency-Key",
+            "this Idempotency-Key was already used for a different request; "
+            "send a new key with a new request",
+        )
+    return Response(
+        content=stored.response,
+        status_code=stored.status_code,
+        media_type="application/json",
+        headers={REPLAY_HEADER: "true"},
+    )
+
+
+async def forget_expired(session: AsyncSession, before: datetime) -> int:
+    """Drop keys older than ``before``; a later repeat counts as a new request."""
+    result = await session.execute(
+        delete(IntakeIdempotency).where(col(IntakeIdempotency.created_at) < before)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def forget_case(session: AsyncSession, case_id: str) -> None:
+    """Blank the fingerprints of an erased family's requests (they derive from its data).
+
+    The keys stay until they expire, so a late repeat of, say, its registration is refused
+    rather than registering the erased family anew.
+    """
+    await session.execute(
+        update(IntakeIdempotency)
+        .where(col(IntakeIdempotency.case_id) == case_id)
+        .values(fingerprint=ERASED)
+    )

@@ -1,0 +1,706 @@
+"""What intake does, apart from HTTP: register families, record consent, screening and
+handovers, erase families — each inside the caller's transaction, with its events added to
+the outbox and its audit entry recorded. The routes (api.py) wrap these in a transaction
+that also honours the request's Idempotency-Key.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from fastapi.responses import Response
+from lotse_contracts.events.common import Consent, ConsentScope, ConsentState
+from lotse_contracts.events.common import Role as EventRole
+from lotse_contracts.events.intake import (
+    BezirkSource,
+    Channel,
+    ConsentChanged,
+    ErasureReason,
+    FamilyErased,
+    FamilyRegistered,
+    HandoverRequested,
+    NeedsAssessed,
+    Screening,
+    SupportNeed,
+)
+from lotse_contracts.personal import PersonalData
+from lotse_runtime import audit
+from lotse_runtime.app import ServiceRuntime
+from lotse_runtime.audit import AuditAction
+from lotse_runtime.identity import (
+    AccessDenied,
+    Caller,
+    CaseScope,
+    Role,
+    ensure_may_access_case,
+    ensure_role,
+)
+from lotse_runtime.outbox import OutboxMessage
+from pydantic import BaseModel
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from lotse_intake import domain
+from lotse_intake.domain import ConsentRecord, ConsentTerms, Refusal
+from lotse_intake.idempotency import (
+    Action,
+    Outcome,
+    forget_case,
+    request_fingerprint,
+    respond,
+)
+from lotse_intake.keyring import Keyring, open_for, seal_for
+from lotse_intake.settings import IntakeSecrets, IntakeSettings
+from lotse_intake.tables import (
+    CasePublic,
+    ChildPublic,
+    ConsentChangePublic,
+    ConsentCreate,
+    ConsentPublic,
+    ConsentWithdrawal,
+    ErasurePublic,
+    HandoverCreate,
+    HandoverPublic,
+    IntakeCase,
+    IntakeConsent,
+    IntakeConsentChange,
+    IntakeHandover,
+    IntakeMatchKey,
+    IntakeScreening,
+    PersonalPublic,
+    RegistrationCreate,
+    ScreeningCreate,
+    ScreeningRecorded,
+)
+
+#: Who may do what, before the per-case policy (own clinic / own Stadtbezirk) applies.
+READ_CASE = (Role.babylotse, Role.familienbuero, Role.bezirksteam, Role.service)
+CHANGE_CONSENT = (Role.babylotse, Role.familienbuero, Role.bezirksteam, Role.service)
+READ_CONSENT = (*CHANGE_CONSENT, Role.dpo)
+SCREEN = (Role.babylotse, Role.familienbuero, Role.service)
+HAND_OVER = (Role.babylotse, Role.familienbuero, Role.service)
+ERASE = (Role.dpo, Role.service, Role.familienbuero, Role.babylotse)
+#: Who sees names and addresses. The Bezirksteam (district coordination team) reads cases
+#: of its Bezirk without them: it coordinates, the Familienbüro contacts the family.
+PERSONAL_DATA_ROLES = frozenset({Role.babylotse, Role.familienbuero, Role.service})
+
+
+@dataclass(frozen=True)
+class IntakeContext:
+    """What intake's routes need beyond the runtime; built in the app factory."""
+
+    settings: IntakeSettings
+    secrets: IntakeSecrets
+    keyring: Keyring
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request: who calls which route, and what the service works with."""
+
+    runtime: ServiceRuntime
+    intake: IntakeContext
+    caller: Caller
+    route: str
+    """Route template (``/cases/{case_id}``), as the audit log records it."""
+    path: str
+
+    def now(self) -> datetime:
+        return self.runtime.clock()
+
+    def audit(
+        self, session: AsyncSession, action: AuditAction, case_id: str | None, purpose: str
+    ) -> None:
+        audit.record(
+            session,
+            service=self.runtime.service,
+            caller=self.caller,
+            action=action,
+            case_id=case_id,
+            purpose=purpose,
+            path=self.route,
+        )
+
+    def is_keyring_client(self) -> bool:
+        return (
+            self.caller.role is Role.service
+            and self.caller.subject in self.intake.settings.keyring_clients
+        )
+
+    def sees_personal_data(self) -> bool:
+        if self.caller.role is Role.service:
+            return self.is_keyring_client()
+        return self.caller.role in PERSONAL_DATA_ROLES
+
+    def authorise(
+        self, case: IntakeCase | None, roles: Sequence[Role], *, personal_data: bool
+    ) -> IntakeCase:
+        """The case, if the caller has one of ``roles`` and may access it (else 403)."""
+        ensure_role(self.caller, *roles)
+        if personal_data and self.caller.role is Role.service and not self.is_keyring_client():
+            raise AccessDenied(f"service {self.caller.subject} may not read personal data")
+        scope = (
+            None
+            if case is None
+            else CaseScope(bezirk=case.bezirk, registered_by_clinic=case.clinic_id)
+        )
+        ensure_may_access_case(self.caller, scope, personal_data=personal_data)
+        assert case is not None  # the policy denies an unknown case
+        return case
+
+    async def change(self, key: str | None, body: BaseModel | None, action: Action) -> Response:
+        """Run a changing request's ``action`` honouring its Idempotency-Key."""
+        return await respond(
+            self.runtime.db,
+            caller=self.caller,
+            key=key,
+            request_print=request_fingerprint(
+                self.intake.secrets.match_key_secret, "POST", self.path, body
+            ),
+            now=self.runtime.clock,
+            action=action,
+        )
+
+
+# -- reading state -------------------------------------------------------------------------------
+
+
+async def load_case(
+    session: AsyncSession, case_id: str, *, for_update: bool = False
+) -> IntakeCase | None:
+    query = select(IntakeCase).where(col(IntakeCase.case_id) == case_id)
+    if for_update:
+        query = query.with_for_update()  # changes and erasure of one family serialise
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+def ensure_not_erased(case: IntakeCase) -> None:
+    if case.erased_at is not None:
+        raise Refusal(
+            "case_id",
+            f"this family's data was erased on {case.erased_at:%d.%m.%Y}; nothing can be "
+            "recorded for it any more",
+            status=410,
+        )
+
+
+async def family_key(
+    session: AsyncSession, keyring: Keyring, case: IntakeCase
+) -> tuple[str, bytes]:
+    """(kid, key) of a family that is not erased (410 if it is)."""
+    found = await keyring.find(session, case.case_id)
+    if found is None:
+        ensure_not_erased(case)
+        raise RuntimeError(f"case {case.case_id} has no data key")  # never without erasure
+    return found
+
+
+async def _consent_rows(session: AsyncSession, case_id: str) -> list[IntakeConsent]:
+    query = (
+        select(IntakeConsent)
+        .where(col(IntakeConsent.case_id) == case_id)
+        .order_by(
+            col(IntakeConsent.given_at), col(IntakeConsent.position), col(IntakeConsent.consent_id)
+        )
+    )
+    return list((await session.execute(query)).scalars())
+
+
+async def consents_public(session: AsyncSession, case_id: str) -> list[ConsentPublic]:
+    changes = (
+        await session.execute(
+            select(IntakeConsentChange)
+            .where(col(IntakeConsentChange.case_id) == case_id)
+            .order_by(col(IntakeConsentChange.id))
+        )
+    ).scalars()
+    history: dict[str, list[ConsentChangePublic]] = {}
+    for change in changes:
+        history.setdefault(change.consent_id, []).append(
+            ConsentChangePublic(
+                state=ConsentState(change.state),
+                at=change.at,
+                recorded_at=change.recorded_at,
+                recorded_by_role=change.recorded_by_role,
+            )
+        )
+    return [
+        ConsentPublic(
+            consent_id=row.consent_id,
+            scope=ConsentScope(row.scope),
+            traeger=row.traeger,
+            purpose=row.purpose,
+            state=ConsentState(row.state),
+            given_at=row.given_at,
+            withdrawn_at=row.withdrawn_at,
+            history=history.get(row.consent_id, []),
+        )
+        for row in await _consent_rows(session, case_id)
+    ]
+
+
+async def consent_public(session: AsyncSession, case_id: str, consent_id: str) -> ConsentPublic:
+    return next(c for c in await consents_public(session, case_id) if c.consent_id == consent_id)
+
+
+async def case_public(
+    session: AsyncSession, case: IntakeCase, *, duplicate: bool = False
+) -> CasePublic:
+    return CasePublic(
+        case_id=case.case_id,
+        channel=Channel(case.channel),
+        clinic_id=case.clinic_id,
+        bezirk=case.bezirk,
+        bezirk_source=BezirkSource(case.bezirk_source),
+        registered_at=case.registered_at,
+        visit_target_date=case.visit_target_date,
+        children_count=case.children_count,
+        preferred_language=case.preferred_language,
+        consents=await consents_public(session, case.case_id),
+        erased=case.erased_at is not None,
+        duplicate=duplicate,
+    )
+
+
+def personal_public(personal: PersonalData) -> PersonalPublic:
+    names: list[str | None] = [name or None for name in personal.child_given_names]
+    names += [None] * (len(personal.child_birth_dates) - len(names))
+    return PersonalPublic(
+        family_name=personal.family_name,
+        parent_given_names=list(personal.parent_given_names),
+        children=[
+            ChildPublic(given_name=name, birth_date=born)
+            for name, born in zip(names, personal.child_birth_dates, strict=False)
+        ],
+        street=personal.street,
+        house_number=personal.house_number,
+        postcode=personal.postcode,
+        city=personal.city,
+        phone=personal.phone,
+        email=personal.email,
+    )
+
+
+async def screenings_of(session: AsyncSession, case_id: str) -> list[IntakeScreening]:
+    query = (
+        select(IntakeScreening)
+        .where(col(IntakeScreening.case_id) == case_id)
+        .order_by(col(IntakeScreening.assessed_at), col(IntakeScreening.recorded_at))
+    )
+    return list((await session.execute(query)).scalars())
+
+
+def erasure_public(case: IntakeCase) -> ErasurePublic:
+    return ErasurePublic(
+        case_id=case.case_id,
+        bezirk=case.bezirk,
+        erased=case.erased_at is not None,
+        erased_at=case.erased_at,
+        reason=ErasureReason(case.erasure_reason) if case.erasure_reason else None,
+        key_id=case.key_id,
+    )
+
+
+# -- changing state ------------------------------------------------------------------------------
+
+
+async def register_family(session: AsyncSession, call: Call, body: RegistrationCreate) -> Outcome:
+    city, settings, caller = call.runtime.city, call.intake.settings, call.caller
+    now = call.now()
+    today = domain.local_date(now, city)
+    clinic = domain.resolve_clinic(body.channel, caller.role, caller.clinic, body.clinic_id)
+    domain.check_city_name(body.address.city, city)
+    choice = domain.choose_bezirk(city, body.address.postcode, body.bezirk_override)
+    birth_dates = [child.birth_date for child in body.children]
+    domain.check_birth_dates(
+        body.channel, birth_dates, today, clinic_max_age_days=settings.clinic_max_child_age_days
+    )
+    domain.check_consents(
+        [ConsentTerms(c.scope, c.traeger, c.purpose) for c in body.consents], city, choice.bezirk
+    )
+    for index, consent in enumerate(body.consents):
+        if consent.given_at is not None:
+            domain.check_not_future(f"consents.{index}.given_at", consent.given_at, now)
+    ensure_may_access_case(
+        caller, CaseScope(bezirk=choice.bezirk, registered_by_clinic=clinic), personal_data=True
+    )
+
+    match_keys = domain.match_keys(
+        secret=call.intake.secrets.match_key_secret,
+        family_name=body.family.family_name,
+        birth_dates=birth_dates,
+        street=body.address.street,
+        house_number=body.address.house_number,
+        postcode=body.address.postcode,
+    )
+    found = await session.execute(
+        select(col(IntakeMatchKey.case_id)).where(col(IntakeMatchKey.match_key).in_(match_keys))
+    )
+    existing_id = found.scalars().first()
+    if existing_id is not None:
+        existing = await load_case(session, existing_id)
+        assert existing is not None
+        call.audit(session, AuditAction.read, existing_id, "duplicate registration")
+        return Outcome(200, await case_public(session, existing, duplicate=True), existing_id)
+
+    case_id = str(uuid.uuid4())
+    kid, key = call.intake.keyring.create(session, case_id, now)
+    names = [child.given_name for child in body.children]
+    personal = PersonalData(
+        family_name=body.family.family_name,
+        parent_given_names=body.family.parent_given_names,
+        # Positions pair names with birth dates; "" marks a child not named yet.
+        child_given_names=[name or "" for name in names] if any(names) else [],
+        child_birth_dates=birth_dates,
+        street=body.address.street,
+        house_number=body.address.house_number,
+        postcode=body.address.postcode,
+        city=body.address.city or city.name,
+        phone=body.family.phone,
+        email=body.family.email,
+    )
+    block = seal_for(personal, key=key, kid=kid, case_id=case_id)
+    recorded_by = domain.event_role(caller.role, channel=body.channel)
+    case = IntakeCase(
+        case_id=case_id,
+        channel=body.channel.value,
+        clinic_id=clinic,
+        bezirk=choice.bezirk,
+        bezirk_source=choice.source.value,
+        bezirk_derived=choice.derived,
+        registered_at=now,
+        registered_by_role=recorded_by.value,
+        registered_by_subject=caller.subject,
+        children_count=len(body.children),
+        preferred_language=body.preferred_language,
+        days_since_birth_at_registration=domain.days_since_birth(birth_dates, today),
+        visit_target_date=domain.visit_target_date(today, city),
+        key_id=kid,
+        personal=block.model_dump_json(),
+    )
+    session.add(case)
+    session.add_all(IntakeMatchKey(match_key=k, case_id=case_id) for k in match_keys)
+    consents: list[Consent] = []
+    for position, given in enumerate(body.consents):
+        row = IntakeConsent(
+            consent_id=str(uuid.uuid4()),
+            case_id=case_id,
+            scope=given.scope.value,
+            traeger=given.traeger,
+            purpose=given.purpose,
+            state=ConsentState.GIVEN.value,
+            given_at=given.given_at or now,
+            position=position,
+        )
+        session.add(row)
+        _record_consent_change(session, call, row, ConsentState.GIVEN, row.given_at, recorded_by)
+        consents.append(
+            Consent(
+                consent_id=row.consent_id,
+                scope=given.scope,
+                traeger=given.traeger,
+                purpose=given.purpose,
+                state=ConsentState.GIVEN,
+                at=row.given_at,
+            )
+        )
+    call.runtime.outbox.add(
+        session,
+        FamilyRegistered(
+            case_id=case_id,
+            bezirk=choice.bezirk,
+            bezirk_source=choice.source,
+            channel=body.channel,
+            clinic_id=clinic,
+            registered_at=now,
+            visit_target_date=case.visit_target_date,
+            days_since_birth_at_registration=domain.days_since_birth(birth_dates, today),
+            children_count=case.children_count,
+            preferred_language=body.preferred_language,
+            consents=consents,
+            personal=block,
+        ),
+        time=now,
+    )
+    call.audit(session, AuditAction.create, case_id, "register family")
+    await session.flush()
+    return Outcome(201, await case_public(session, case), case_id)
+
+
+def _record_consent_change(
+    session: AsyncSession,
+    call: Call,
+    consent: IntakeConsent,
+    state: ConsentState,
+    at: datetime,
+    role: EventRole,
+) -> None:
+    session.add(
+        IntakeConsentChange(
+            consent_id=consent.consent_id,
+            case_id=consent.case_id,
+            state=state.value,
+            at=at,
+            recorded_at=call.now(),
+            recorded_by_role=role.value,
+            recorded_by_subject=call.caller.subject,
+        )
+    )
+
+
+async def give_consent(
+    session: AsyncSession, call: Call, case_id: str, body: ConsentCreate
+) -> Outcome:
+    case = call.authorise(
+        await load_case(session, case_id, for_update=True), CHANGE_CONSENT, personal_data=False
+    )
+    ensure_not_erased(case)
+    now = call.now()
+    terms = ConsentTerms(body.scope, body.traeger, body.purpose)
+    domain.check_consent(terms, call.runtime.city, case.bezirk, "")
+    given_at = body.given_at or now
+    domain.check_not_future("given_at", given_at, now)
+    for row in await _consent_rows(session, case_id):
+        in_force = row.state == ConsentState.GIVEN.value
+        if in_force and ConsentTerms(ConsentScope(row.scope), row.traeger, row.purpose) == terms:
+            return Outcome(200, await consent_public(session, case_id, row.consent_id), case_id)
+    row = IntakeConsent(
+        consent_id=str(uuid.uuid4()),
+        case_id=case_id,
+        scope=body.scope.value,
+        traeger=body.traeger,
+        purpose=body.purpose,
+        state=ConsentState.GIVEN.value,
+        given_at=given_at,
+    )
+    session.add(row)
+    role = domain.event_role(call.caller.role)
+    _record_consent_change(session, call, row, ConsentState.GIVEN, given_at, role)
+    call.runtime.outbox.add(
+        session,
+        ConsentChanged(
+            case_id=case_id,
+            bezirk=case.bezirk,
+            consent_id=row.consent_id,
+            scope=body.scope,
+            traeger=body.traeger,
+            purpose=body.purpose,
+            state=ConsentState.GIVEN,
+            changed_at=given_at,
+            changed_by_role=role,
+        ),
+        time=now,
+    )
+    call.audit(session, AuditAction.change, case_id, "consent given")
+    await session.flush()
+    return Outcome(201, await consent_public(session, case_id, row.consent_id), case_id)
+
+
+async def withdraw_consent(
+    session: AsyncSession, call: Call, case_id: str, consent_id: str, body: ConsentWithdrawal
+) -> Outcome:
+    case = call.authorise(
+        await load_case(session, case_id, for_update=True), CHANGE_CONSENT, personal_data=False
+    )
+    ensure_not_erased(case)
+    now = call.now()
+    row = await session.get(IntakeConsent, consent_id)
+    if row is None or row.case_id != case_id:
+        raise Refusal("consent_id", "this case has no such consent", status=404)
+    if row.withdrawn_at is not None:
+        raise Refusal(
+            "consent_id",
+            f"this consent was already withdrawn on {row.withdrawn_at:%d.%m.%Y}",
+            status=409,
+        )
+    withdrawn_at = body.withdrawn_at or now
+    domain.check_not_future("withdrawn_at", withdrawn_at, now)
+    if withdrawn_at < row.given_at:
+        raise Refusal("withdrawn_at", "lies before the consent was given")
+    row.state = ConsentState.WITHDRAWN.value
+    row.withdrawn_at = withdrawn_at
+    session.add(row)
+    role = domain.event_role(call.caller.role)
+    _record_consent_change(session, call, row, ConsentState.WITHDRAWN, withdrawn_at, role)
+    call.runtime.outbox.add(
+        session,
+        ConsentChanged(
+            case_id=case_id,
+            bezirk=case.bezirk,
+            consent_id=consent_id,
+            scope=ConsentScope(row.scope),
+            traeger=row.traeger,
+            purpose=row.purpose,
+            state=ConsentState.WITHDRAWN,
+            changed_at=withdrawn_at,
+            changed_by_role=role,
+        ),
+        time=now,
+    )
+    call.audit(session, AuditAction.change, case_id, "consent withdrawn")
+    await session.flush()
+    return Outcome(200, await consent_public(session, case_id, consent_id), case_id)
+
+
+async def record_screening(
+    session: AsyncSession, call: Call, case_id: str, body: ScreeningCreate
+) -> Outcome:
+    case = call.authorise(
+        await load_case(session, case_id, for_update=True), SCREEN, personal_data=True
+    )
+    ensure_not_erased(case)
+    now = call.now()
+    modules = domain.check_modules(call.runtime.city, body.wished_modules, "wished_modules")
+    assessed_at = body.assessed_at or now
+    domain.check_not_future("assessed_at", assessed_at, now)
+    kid, key = await family_key(session, call.intake.keyring, case)
+    screening = Screening(
+        support_need=body.support_need,
+        indicators=list(dict.fromkeys(body.indicators)),
+        wished_modules=modules,
+        instrument=body.instrument,
+    )
+    block = seal_for(screening, key=key, kid=kid, case_id=case_id)
+    row = IntakeScreening(
+        screening_id=str(uuid.uuid4()),
+        case_id=case_id,
+        assessed_at=assessed_at,
+        recorded_at=now,
+        recorded_by_role=domain.event_role(call.caller.role).value,
+        recorded_by_subject=call.caller.subject,
+        screening=block.model_dump_json(),
+    )
+    session.add(row)
+    call.runtime.outbox.add(
+        session,
+        NeedsAssessed(
+            case_id=case_id, bezirk=case.bezirk, assessed_at=assessed_at, screening=block
+        ),
+        time=now,
+    )
+    call.audit(session, AuditAction.create, case_id, "screening")
+    recorded = ScreeningRecorded(
+        screening_id=row.screening_id, case_id=case_id, assessed_at=assessed_at
+    )
+    return Outcome(201, recorded, case_id)
+
+
+async def request_handover(
+    session: AsyncSession, call: Call, case_id: str, body: HandoverCreate
+) -> Outcome:
+    case = call.authorise(
+        await load_case(session, case_id, for_update=True), HAND_OVER, personal_data=False
+    )
+    ensure_not_erased(case)
+    now = call.now()
+    domain.check_handover_target(call.runtime.city, case.bezirk, body.module, body.traeger)
+    records = [
+        ConsentRecord(
+            consent_id=row.consent_id,
+            terms=ConsentTerms(ConsentScope(row.scope), row.traeger, row.purpose),
+            state=ConsentState(row.state),
+        )
+        for row in await _consent_rows(session, case_id)
+    ]
+    consent = domain.consent_for_handover(records, body.module, body.traeger, body.consent_id)
+    screening_use = any(
+        r.terms.scope is ConsentScope.SCREENING_DATA_USE and r.state is ConsentState.GIVEN
+        for r in records
+    )
+    latest_need: SupportNeed | None = None
+    screenings = await screenings_of(session, case_id)
+    # The screening is opened only when the family allowed its use for referrals.
+    if screening_use and screenings and screenings[-1].screening is not None:
+        _, key = await family_key(session, call.intake.keyring, case)
+        opened = open_for(screenings[-1].screening, key=key, case_id=case_id)
+        latest_need = Screening.model_validate(opened).support_need
+    urgent = domain.is_urgent(body.urgent, latest_need, screening_use)
+    role = domain.event_role(call.caller.role)
+    row = IntakeHandover(
+        handover_id=str(uuid.uuid4()),
+        case_id=case_id,
+        module=body.module,
+        traeger=body.traeger,
+        consent_id=consent.consent_id,
+        urgent=urgent,
+        requested_at=now,
+        requested_by_role=role.value,
+        requested_by_subject=call.caller.subject,
+    )
+    session.add(row)
+    call.runtime.outbox.add(
+        session,
+        HandoverRequested(
+            handover_id=row.handover_id,
+            case_id=case_id,
+            bezirk=case.bezirk,
+            module=body.module,
+            traeger=body.traeger,
+            consent_ref=consent.consent_id,
+            urgent=urgent,
+            requested_by_role=role,
+            requested_at=now,
+        ),
+        time=now,
+    )
+    call.audit(session, AuditAction.create, case_id, "warm handover")
+    return Outcome(201, HandoverPublic.model_validate(row, from_attributes=True), case_id)
+
+
+async def erase_case(
+    session: AsyncSession,
+    runtime: ServiceRuntime,
+    keyring: Keyring,
+    case: IntakeCase,
+    *,
+    reason: ErasureReason,
+    caller: Caller | None,
+    path: str,
+) -> None:
+    """Crypto-shred a family: destroy its key, purge intake's copies, tell everyone."""
+    now = runtime.clock()
+    case_id = case.case_id
+    await keyring.destroy(session, case_id)
+    case.personal = None
+    case.bezirk_derived = None
+    case.preferred_language = None
+    case.days_since_birth_at_registration = None
+    case.erased_at = now
+    case.erasure_reason = reason.value
+    case.erased_by_role = (domain.event_role(caller.role) if caller else EventRole.SYSTEM).value
+    session.add(case)
+    await session.execute(delete(IntakeMatchKey).where(col(IntakeMatchKey.case_id) == case_id))
+    await session.execute(
+        update(IntakeScreening)
+        .where(col(IntakeScreening.case_id) == case_id)
+        .values(screening=None)
+    )
+    await forget_case(session, case_id)
+    # Published copies are unreadable without the key anyway; the sent ones kept here for
+    # replay need not outlive the family. Unsent ones still go out, as unreadable
+    # ciphertext, so that the topic keeps the family's order of events.
+    await session.execute(
+        delete(OutboxMessage).where(
+            col(OutboxMessage.record_key) == case_id, col(OutboxMessage.sent_at).is_not(None)
+        )
+    )
+    runtime.outbox.add(
+        session,
+        FamilyErased(
+            case_id=case_id, bezirk=case.bezirk, erased_at=now, key_id=case.key_id, reason=reason
+        ),
+        time=now,
+    )
+    audit.record(
+        session,
+        service=runtime.service,
+        caller=caller,
+        action=AuditAction.erase,
+        case_id=case_id,
+        purpose=f"erasure: {reason}",
+        path=path,
+    )
