@@ -2,21 +2,133 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from lotse_runtime.app import create_service_app
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from lotse_runtime.app import ServiceRuntime, create_service_app
+
+from lotse_referrals import operations as ops
+from lotse_referrals.api import catalogue_router, overview_router, referrals_router
+from lotse_referrals.consumers import wire_consumers
+from lotse_referrals.domain import WorkingCalendar
+from lotse_referrals.keyring import HttpKeyring, Keyring, service_headers
+from lotse_referrals.operations import Context, Refused
 from lotse_referrals.settings import ReferralsSettings
+from lotse_referrals.tables import TABLES
 
 DESCRIPTION = """
 Offer catalogue of the Träger (independent provider agencies), referral lifecycle, partner
 topics and escalation: the warm handover.
+
+* **Catalogue**: which Träger offers which module in which Stadtbezirk (city district), with
+  capacity and contact; loaded from the city configuration, editable here; suggestions for a
+  family's Bezirk and module, free capacity first.
+* **Referrals** follow the FHIR Task statuses: requested → received → accepted | rejected →
+  in-progress → completed, cancelled by the requesting side (Familienbüro = district family
+  office, Babylotse = baby pilot in a birth clinic, Bezirksteam = district coordination team)
+  while open. Only the addressed Träger answers; it does so on its Kafka topic
+  `lotse.partner.<traeger>.responses` (or here). A referral needs the family's consent to
+  pass contact data to that Träger for that purpose (§ 65 SGB VIII).
+* **Escalation**: a Träger that has not accepted or rejected within the configured number
+  of working days (weekends and public holidays excluded) is escalated to the Bezirksteam.
 """
 
+_log = logging.getLogger(__name__)
 
-def create_app(settings: ReferralsSettings | None = None) -> FastAPI:
-    """Build the app; settings come from the environment unless given (tests)."""
-    return create_service_app(
-        settings or ReferralsSettings(),
+TAGS = [
+    {"name": "catalogue", "description": "Offer catalogue: Träger, modules, suggestions."},
+    {"name": "referrals", "description": "Create and follow referrals, lifecycle steps."},
+    {"name": "bezirke", "description": "A Stadtbezirk's referrals, escalations and wishes."},
+    {"name": "traeger", "description": "A Träger's own referrals."},
+]
+
+
+def _keyring_from(settings: ReferralsSettings) -> Keyring | None:
+    if settings.keyring_url is None:
+        _log.warning(
+            "no keyring_url: referrals carry no disclosure, Träger get ids only "
+            "(set LOTSE_REFERRALS_KEYRING_URL to the intake service)"
+        )
+        return None
+    headers = service_headers(
+        auth_mode=settings.auth_mode,
+        token_file=settings.keyring_token_file,
+        dev_issuer_key=settings.dev_issuer_key_file() if settings.auth_jwks is None else None,
+        audience=settings.auth_audience,
+    )
+    return HttpKeyring(settings.keyring_url, headers=headers, timeout_s=settings.keyring_timeout_s)
+
+
+def create_app(
+    settings: ReferralsSettings | None = None,
+    *,
+    clock: Callable[[], datetime] | None = None,
+    keyring: Keyring | None = None,
+) -> FastAPI:
+    """Build the app; settings come from the environment unless given (tests). ``clock``
+    and ``keyring`` replace the wall clock and the intake keyring (tests)."""
+    settings = settings or ReferralsSettings()
+    contexts: list[Context] = []
+
+    def wire(runtime: ServiceRuntime) -> None:
+        ctx = Context(
+            settings=settings,
+            city=runtime.city,
+            calendar=WorkingCalendar.for_region(settings.holiday_country, runtime.city.state),
+            keyring=keyring if keyring is not None else _keyring_from(settings),
+            db=runtime.db,
+            outbox=runtime.outbox,
+        )
+        contexts.append(ctx)
+        wire_consumers(runtime, ctx)
+
+        async def escalate(rt: ServiceRuntime) -> None:
+            await ops.escalate_overdue(ctx, rt.clock())
+
+        async def place_waiting(rt: ServiceRuntime) -> None:
+            async with rt.db.transaction() as session:
+                await ops.place_open_wishes(session, ctx, rt.clock())
+
+        runtime.add_job("escalation", settings.escalation_interval_s, escalate)
+        runtime.add_job("placement", settings.placement_interval_s, place_waiting)
+
+    app = create_service_app(
+        settings,
         title="Lotse referrals",
         description=DESCRIPTION,
+        tables=TABLES,
+        routers=[catalogue_router(), referrals_router(), overview_router()],
+        wire=wire,
+        clock=clock,
+        openapi_tags=TAGS,
     )
+    ctx = contexts[0]
+    app.state.referrals = ctx
+    runtime: ServiceRuntime = app.state.runtime
+
+    # The catalogue must be in its tables before consumers, jobs and requests use it, so the
+    # schema is migrated (the runtime's start-up does it again, as a no-op) and seeded first.
+    started = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(application: FastAPI) -> AsyncIterator[None]:
+        await runtime.db.create_schema(TABLES, service=settings.service_name)
+        await ops.seed_catalogue(ctx, runtime.clock())
+        async with started(application):
+            yield
+
+    app.router.lifespan_context = lifespan
+
+    async def refused(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Refused)
+        return JSONResponse(
+            {"detail": exc.reason, "errors": [{"field": exc.field, "reason": exc.reason}]},
+            status_code=exc.status,
+        )
+
+    app.add_exception_handler(Refused, refused)
+    return app

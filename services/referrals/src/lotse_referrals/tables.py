@@ -1,0 +1,165 @@
+"""Tables of the referrals service (all named ``referrals_*``).
+
+Times are stored in UTC. SQLite hands them back without a zone, so read them through
+:func:`aware`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def aware(moment: datetime) -> datetime:
+    """A stored UTC time as an aware datetime, whichever backend returned it."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def maybe_aware(moment: datetime | None) -> datetime | None:
+    return None if moment is None else aware(moment)
+
+
+def _ts(nullable: bool = False, index: bool = False) -> Any:
+    return Field(
+        default=None if nullable else ...,
+        sa_column=Column(DateTime(timezone=True), nullable=nullable, index=index),
+    )
+
+
+class CatalogueTraeger(SQLModel, table=True):
+    """One Träger (provider agency) of the offer catalogue.
+
+    Seeded from the city configuration at start-up; a row changed through the API
+    (``edited``) keeps its changes over restarts, others follow the configuration.
+    """
+
+    __tablename__ = "referrals_traeger"
+
+    slug: str = Field(primary_key=True, max_length=64)
+    name: str
+    contact: str
+    modules: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    bezirke: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    capacity_per_month: int
+    active: bool = True
+    edited: bool = False
+    updated_at: datetime = _ts()
+
+
+class Case(SQLModel, table=True):
+    """What the service knows of a family's case, from intake's events."""
+
+    __tablename__ = "referrals_case"
+
+    case_id: str = Field(primary_key=True, max_length=36)
+    bezirk: str = Field(index=True, max_length=64)
+    clinic_id: str | None = Field(default=None, max_length=64)
+    registered_at: datetime = _ts()
+    personal: dict[str, Any] | None = Field(
+        default=None,
+        sa_column=Column(JSON, nullable=True),
+        description="The family's sealed personal block (never opened except to build a "
+        "referral's disclosure); dropped on erasure.",
+    )
+    erased_at: datetime | None = _ts(nullable=True)
+
+
+class ConsentRecord(SQLModel, table=True):
+    """One consent of a family (from family-registered and consent-changed)."""
+
+    __tablename__ = "referrals_consent"
+
+    consent_id: str = Field(primary_key=True, max_length=36)
+    case_id: str = Field(index=True, max_length=36)
+    scope: str = Field(max_length=32)
+    traeger: str | None = Field(default=None, max_length=64)
+    purpose: str | None = Field(default=None, max_length=64)
+    state: str = Field(max_length=16)
+    changed_at: datetime = _ts()
+
+
+class Referral(SQLModel, table=True):
+    """A referral of a family to a Träger's module, with its lifecycle times."""
+
+    __tablename__ = "referrals_referral"
+
+    referral_id: str = Field(primary_key=True, max_length=36)
+    case_id: str = Field(index=True, max_length=36)
+    bezirk: str = Field(index=True, max_length=64)
+    traeger: str = Field(index=True, max_length=64)
+    module: str = Field(max_length=64)
+    status: str = Field(index=True, max_length=16)
+    origin: str = Field(max_length=16)
+    consent_ref: str = Field(index=True, max_length=36)
+    requested_by_role: str = Field(max_length=32)
+    requested_by_subject: str | None = Field(default=None, max_length=200)
+    handover_id: str | None = Field(default=None, max_length=36)
+    visit_id: str | None = Field(default=None, max_length=36)
+    urgent: bool = False
+    disclosed_fields: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    requested_at: datetime = _ts(index=True)
+    answer_due_by: date
+    received_at: datetime | None = _ts(nullable=True)
+    accepted_at: datetime | None = _ts(nullable=True)
+    first_contact_planned_for: date | None = None
+    rejected_at: datetime | None = _ts(nullable=True)
+    rejection_reason: str | None = Field(default=None, max_length=32)
+    rejection_code: str | None = Field(default=None, max_length=32)
+    in_progress_at: datetime | None = _ts(nullable=True)
+    first_contact_at: datetime | None = _ts(nullable=True)
+    days_to_first_contact: int | None = None
+    completed_at: datetime | None = _ts(nullable=True)
+    completion_outcome: str | None = Field(default=None, max_length=32)
+    cancelled_at: datetime | None = _ts(nullable=True)
+    cancel_reason: str | None = Field(default=None, max_length=32)
+    cancelled_by_role: str | None = Field(default=None, max_length=32)
+    escalated_at: datetime | None = _ts(nullable=True, index=True)
+    working_days_at_escalation: int | None = None
+    updated_at: datetime = _ts()
+
+
+class ReferralStep(SQLModel, table=True):
+    """One change of a referral, for following it (append-only)."""
+
+    __tablename__ = "referrals_step"
+
+    id: int | None = Field(default=None, primary_key=True)
+    referral_id: str = Field(index=True, max_length=36)
+    step: str = Field(max_length=16)
+    actor_role: str = Field(max_length=32)
+    occurred_at: datetime = _ts()
+    recorded_at: datetime = _ts()
+    event_id: str | None = Field(default=None, max_length=64)
+
+
+class Wish(SQLModel, table=True):
+    """A handover request or a referral wish from a visit that is not (yet) a referral.
+
+    Open wishes are tried again periodically and when a consent arrives; the Bezirksteam
+    (district coordination team) sees the open ones with the reason they are waiting.
+    """
+
+    __tablename__ = "referrals_wish"
+    __table_args__ = (UniqueConstraint("origin", "source_id", name="uq_referrals_wish_source"),)
+
+    wish_id: str = Field(primary_key=True, max_length=36)
+    origin: str = Field(max_length=16)
+    source_id: str = Field(max_length=36, description="Handover id or visit id.")
+    case_id: str = Field(index=True, max_length=36)
+    bezirk: str = Field(index=True, max_length=64)
+    module: str = Field(max_length=64)
+    traeger: str | None = Field(default=None, max_length=64)
+    consent_ref: str | None = Field(default=None, max_length=36)
+    urgent: bool = False
+    requested_by_role: str = Field(max_length=32)
+    state: str = Field(index=True, max_length=16, description="open, placed or dropped.")
+    problem: str | None = None
+    referral_id: str | None = Field(default=None, max_length=36)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+TABLES: list[type[SQLModel]] = [CatalogueTraeger, Case, ConsentRecord, Referral, ReferralStep, Wish]
