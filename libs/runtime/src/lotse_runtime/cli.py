@@ -114,14 +114,20 @@ def up(args: argparse.Namespace) -> int:
             )
         )
         print(f"Topics:    {len(created)} created for {city.name}")
+        ports = {name: _port_for(name) for name in sorted(services)}
         for name, target in sorted(services.items()):
-            port = _port_for(name)
+            port = ports[name]
             log = data_dir / f"{name}.log"
             env = {
                 **os.environ,
                 "LOTSE_KAFKA_BOOTSTRAP": bootstrap,
                 "LOTSE_DATA_DIR": str(data_dir),
             }
+            if "intake" in ports:
+                # Services that open families' personal-data blocks fetch keys from intake.
+                env.setdefault(
+                    f"LOTSE_{name.upper()}_KEYRING_URL", f"http://127.0.0.1:{ports['intake']}"
+                )
             command = [
                 sys.executable,
                 "-m",
