@@ -333,6 +333,9 @@ class EventConsumer:
                                 offset=record.offset,
                             )
                         )
+                        # Make this event's rows visible to the next handler's queries, as
+                        # they would be had it run in a transaction of its own.
+                        await session.flush()
                         processed += 1
         except asyncio.CancelledError:
             raise

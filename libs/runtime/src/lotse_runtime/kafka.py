@@ -50,6 +50,9 @@ class KafkaConfig:
             "client_id": self.client_id,
             "group_id": group_id,
             "enable_auto_commit": False,
+            # A broker may hold a fetch for the whole wait even when data arrives (the
+            # embedded one does): a short wait keeps each consumer hop fast.
+            "fetch_max_wait_ms": 100,
             "auto_offset_reset": "earliest",
             "session_timeout_ms": self.session_timeout_ms,
             "heartbeat_interval_ms": self.heartbeat_interval_ms,

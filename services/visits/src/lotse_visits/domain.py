@@ -1,0 +1,537 @@
+"""The rules of welcome visits (Willkommensbesuche), without I/O.
+
+A Familienbüro (family office of one Stadtbezirk, city district) visits every family that
+consented, inside its working times (``visit_hours`` of the city configuration), with one
+staff member per visit, a fixed visit length and a travel buffer kept free between two
+visits of the same staff member. Bezirke never share staff, so the capacity of one office
+never depends on another.
+
+Automatic proposals use a grid per working window (start, start + visit + buffer, ...), so
+that a day fills without gaps; staff may move a visit to any time inside the working times
+as long as the staff member is free, travel buffer included.
+
+Times: working windows are local times of the city; everything else is aware UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+from lotse_contracts.city import Municipality, TimeWindow
+from lotse_contracts.events.common import ConsentState
+from lotse_contracts.events.intake import Channel
+from lotse_contracts.events.visits import (
+    MissedFollowUp,
+    RescheduleInitiator,
+    TargetMissedReason,
+    VisitCancelReason,
+)
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+class Refusal(Exception):
+    """An action the rules do not allow; ``field`` names what is wrong, ``reason`` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class Conflict(Refusal):
+    """The request is well-formed but clashes with the state of things (HTTP 409)."""
+
+
+class Invalid(Refusal):
+    """A value of the request cannot be right whatever the state (HTTP 422)."""
+
+
+# -- states --------------------------------------------------------------------------------------
+
+
+class VisitStatus(StrEnum):
+    """Where one appointment stands; only ``scheduled`` is open."""
+
+    SCHEDULED = "scheduled"
+    COMPLETED = "completed"
+    MISSED = "missed"
+    DECLINED = "declined"
+    CANCELLED = "cancelled"
+
+
+class CaseState(StrEnum):
+    """Where a family stands with its welcome visit.
+
+    ``awaiting_registration``: only a consent change has arrived so far (events can come out
+    of order); ``without_consent``: registered, but no welcome-visit consent in force;
+    ``active``: a visit is due (scheduled, or still to be scheduled); ``visited``,
+    ``declined``, ``not_reached`` (no further attempt after a no-show) and ``closed`` (moved
+    away, duplicate case) end the chase; ``erased``: the family's data was destroyed.
+    """
+
+    AWAITING_REGISTRATION = "awaiting_registration"
+    WITHOUT_CONSENT = "without_consent"
+    ACTIVE = "active"
+    VISITED = "visited"
+    DECLINED = "declined"
+    NOT_REACHED = "not_reached"
+    CLOSED = "closed"
+    ERASED = "erased"
+
+
+#: From these states staff may arrange a new visit (the family changed its mind, called back).
+REOPENABLE = frozenset({CaseState.ACTIVE, CaseState.DECLINED, CaseState.NOT_REACHED})
+
+#: Cancel reasons only the system uses, when intake reports a withdrawal or an erasure.
+SYSTEM_CANCEL_REASONS = frozenset(
+    {VisitCancelReason.CONSENT_WITHDRAWN, VisitCancelReason.CASE_ERASED}
+)
+
+# -- the office ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One appointment of one staff member."""
+
+    staff_id: str
+    starts_at: datetime
+    ends_at: datetime
+
+
+@dataclass(frozen=True)
+class Booking:
+    """An appointment already in the calendar (a scheduled visit)."""
+
+    visit_id: str
+    staff_id: str
+    starts_at: datetime
+    ends_at: datetime
+
+
+@dataclass(frozen=True)
+class Office:
+    """What scheduling needs to know of one Familienbüro."""
+
+    bezirk: str
+    slug: str
+    name: str
+    zone: ZoneInfo
+    visit_hours: tuple[TimeWindow, ...]
+    staff_ids: tuple[str, ...]
+    visit_length: timedelta
+    travel_buffer: timedelta
+
+    @classmethod
+    def of(cls, city: Municipality, bezirk: str) -> Office:
+        """The office of a Stadtbezirk; raises ``UnknownBezirk``."""
+        office = city.bezirk(bezirk).familienbuero
+        return cls(
+            bezirk=bezirk,
+            slug=office.slug,
+            name=office.name,
+            zone=city.zone(),
+            visit_hours=tuple(sorted(office.visit_hours, key=lambda w: (w.weekday, w.start))),
+            # The city file has a head count, not names: ids stand for staff positions of the
+            # office, pseudonymous by construction.
+            staff_ids=tuple(f"{office.slug}-{n}" for n in range(1, office.staff + 1)),
+            visit_length=timedelta(minutes=office.visit_minutes),
+            travel_buffer=timedelta(minutes=office.travel_buffer_minutes),
+        )
+
+    def local(self, moment: datetime) -> datetime:
+        return moment.astimezone(self.zone)
+
+    def local_date(self, moment: datetime) -> date:
+        return moment.astimezone(self.zone).date()
+
+    def at(self, day: date, clock_time: time) -> datetime:
+        """An aware moment from a local day and time."""
+        return datetime.combine(day, clock_time, tzinfo=self.zone)
+
+    def start_of(self, day: date) -> datetime:
+        return self.at(day, time(0, 0))
+
+    def windows_on(self, day: date) -> list[tuple[datetime, datetime]]:
+        """The working windows of a local day, as aware moments."""
+        return [
+            (self.at(day, w.start), self.at(day, w.end))
+            for w in self.visit_hours
+            if w.weekday == day.weekday()
+        ]
+
+    def grid(self, day: date) -> list[datetime]:
+        """Starts of the slots the scheduler proposes on a local day."""
+        step = self.visit_length + self.travel_buffer
+        starts: list[datetime] = []
+        for window_start, window_end in self.windows_on(day):
+            start = window_start
+            while start + self.visit_length <= window_end:
+                starts.append(start)
+                start += step
+        return starts
+
+    def within_working_time(self, starts_at: datetime) -> bool:
+        """Whether a visit starting then lies wholly inside one working window."""
+        ends_at = starts_at + self.visit_length
+        return any(
+            start <= starts_at and ends_at <= end
+            for start, end in self.windows_on(self.local_date(starts_at))
+        )
+
+    def describe_hours(self, day: date) -> str:
+        windows = [w for w in self.visit_hours if w.weekday == day.weekday()]
+        if not windows:
+            return f"{self.name} makes no visits on {day:%A}s"
+        hours = ", ".join(f"{w.start:%H:%M}–{w.end:%H:%M}" for w in windows)
+        return f"{self.name} visits on {day:%A}s {hours} ({self.zone.key})"
+
+
+def clash(
+    office: Office,
+    staff_id: str,
+    starts_at: datetime,
+    bookings: Iterable[Booking],
+    *,
+    ignore_visit: str | None = None,
+) -> Booking | None:
+    """The booking of ``staff_id`` that a visit starting at ``starts_at`` would collide
+    with, travel buffer on both sides included; None when the staff member is free."""
+    ends_at = starts_at + office.visit_length
+    buffer = office.travel_buffer
+    for booking in bookings:
+        if booking.staff_id != staff_id or booking.visit_id == ignore_visit:
+            continue
+        if starts_at < booking.ends_at + buffer and booking.starts_at < ends_at + buffer:
+            return booking
+    return None
+
+
+def _by_staff(bookings: Iterable[Booking]) -> dict[str, list[Booking]]:
+    grouped: dict[str, list[Booking]] = {}
+    for booking in bookings:
+        grouped.setdefault(booking.staff_id, []).append(booking)
+    return grouped
+
+
+def _staff_in_order(office: Office, day: date, grouped: dict[str, list[Booking]]) -> list[str]:
+    # The least busy staff member of the day first, so that work spreads over the team.
+    def load(staff_id: str) -> int:
+        return sum(1 for b in grouped.get(staff_id, ()) if office.local_date(b.starts_at) == day)
+
+    return sorted(office.staff_ids, key=lambda s: (load(s), office.staff_ids.index(s)))
+
+
+def first_free_slot(
+    office: Office, bookings: Sequence[Booking], earliest: datetime, until: datetime
+) -> Slot | None:
+    """The first grid slot at or after ``earliest`` and starting before ``until`` in which
+    some staff member is free; None when the whole range is booked.
+
+    ``bookings`` must hold every scheduled visit of the office that could touch the range.
+    """
+    grouped = _by_staff(bookings)
+    day = office.local_date(earliest)
+    last = office.local_date(until)
+    while day <= last:
+        starts = [s for s in office.grid(day) if earliest <= s < until]
+        if starts:
+            staff = _staff_in_order(office, day, grouped)
+            for start in starts:
+                for staff_id in staff:
+                    if clash(office, staff_id, start, grouped.get(staff_id, ())) is None:
+                        return Slot(staff_id, start, start + office.visit_length)
+        day += timedelta(days=1)
+    return None
+
+
+def free_slots(
+    office: Office, bookings: Sequence[Booking], day: date, not_before: datetime
+) -> list[Slot]:
+    """Every grid slot of a local day, per staff member, that is free and not yet past."""
+    grouped = _by_staff(bookings)
+    return [
+        Slot(staff_id, start, start + office.visit_length)
+        for start in office.grid(day)
+        if start >= not_before
+        for staff_id in office.staff_ids
+        if clash(office, staff_id, start, grouped.get(staff_id, ())) is None
+    ]
+
+
+def check_appointment(office: Office, starts_at: datetime, now: datetime) -> None:
+    """Raise ``Invalid`` for a start in the past or outside the office's working times."""
+    if starts_at < now:
+        raise Invalid(
+            "starts_at",
+            f"{office.local(starts_at):%Y-%m-%d %H:%M} lies in the past; "
+            "an appointment can only be made for the future",
+        )
+    if not office.within_working_time(starts_at):
+        local = office.local(starts_at)
+        raise Invalid(
+            "starts_at",
+            f"a {int(office.visit_length.total_seconds() // 60)}-minute visit starting "
+            f"{local:%Y-%m-%d %H:%M} is outside the working times: "
+            f"{office.describe_hours(local.date())}",
+        )
+
+
+def staff_for(
+    office: Office,
+    starts_at: datetime,
+    bookings: Sequence[Booking],
+    *,
+    wanted: str | None = None,
+    preferred: str | None = None,
+    ignore_visit: str | None = None,
+) -> str:
+    """The staff member who takes an appointment staff chose by hand.
+
+    ``wanted`` is a staff member named in the request: it must exist and be free.
+    Otherwise ``preferred`` (the one already assigned) if free, else anyone free.
+    Raises ``Invalid`` for an unknown staff member, ``Conflict`` for an occupied slot.
+    """
+    if wanted is not None and wanted not in office.staff_ids:
+        raise Invalid(
+            "staff_id",
+            f"{wanted!r} is not a staff member of {office.name} "
+            f"(known: {', '.join(office.staff_ids)})",
+        )
+    candidates = (
+        [wanted]
+        if wanted is not None
+        else sorted(office.staff_ids, key=lambda s: (s != preferred, office.staff_ids.index(s)))
+    )
+    clashes: list[tuple[str, Booking]] = []
+    for staff_id in candidates:
+        assert staff_id is not None
+        found = clash(office, staff_id, starts_at, bookings, ignore_visit=ignore_visit)
+        if found is None:
+            return staff_id
+        clashes.append((staff_id, found))
+    local = office.local(starts_at)
+    busy = "; ".join(
+        f"{staff_id} has a visit {office.local(b.starts_at):%H:%M}–{office.local(b.ends_at):%H:%M}"
+        for staff_id, b in clashes
+    )
+    who = f"staff member {wanted}" if wanted is not None else f"no staff member of {office.name}"
+    verb = "is not free" if wanted is not None else "is free"
+    raise Conflict(
+        "starts_at",
+        f"slot {local:%Y-%m-%d %H:%M} is occupied: {who} {verb} then "
+        f"({busy}; {int(office.travel_buffer.total_seconds() // 60)} minutes of travel are kept "
+        "free between two visits)",
+    )
+
+
+# -- target dates --------------------------------------------------------------------------------
+
+
+def reference_date(
+    channel: Channel, registered_at: datetime, days_since_birth: int, zone: ZoneInfo
+) -> date:
+    """The day the target window counts from: the birth for families from a clinic, the
+    registration (the move-in notice) for families moving in."""
+    registered_on = registered_at.astimezone(zone).date()
+    if channel is Channel.CLINIC:
+        return registered_on - timedelta(days=days_since_birth)
+    return registered_on
+
+
+def target_date(reference: date, target_days: int) -> date:
+    return reference + timedelta(days=target_days)
+
+
+def earliest_proposal(
+    now: datetime, registered_at: datetime, lead_days: int, zone: ZoneInfo
+) -> datetime:
+    """The first moment an automatic proposal may take: ``lead_days`` whole days after the
+    later of now and the registration (events may be replayed long after), never earlier
+    than now."""
+    base = max(now, registered_at)
+    day = base.astimezone(zone).date() + timedelta(days=lead_days)
+    return max(base, datetime.combine(day, time(0, 0), tzinfo=zone))
+
+
+def target_verdict(
+    office: Office, starts_at: datetime, target: date, why: TargetMissedReason
+) -> tuple[bool, TargetMissedReason | None]:
+    """Whether an appointment misses the target date, and why (only when it does)."""
+    missed = office.local_date(starts_at) > target
+    return missed, (why if missed else None)
+
+
+def proposal_miss_reason(office: Office, earliest: datetime, target: date) -> TargetMissedReason:
+    """Why an automatic proposal is late: the family came too late to be seen in time,
+    or the office had no free slot before the target."""
+    if office.local_date(earliest) > target:
+        return TargetMissedReason.LATE_REGISTRATION
+    return TargetMissedReason.NO_CAPACITY
+
+
+def reschedule_miss_reason(by: RescheduleInitiator) -> TargetMissedReason:
+    return (
+        TargetMissedReason.FAMILY_REQUEST
+        if by is RescheduleInitiator.FAMILY
+        else TargetMissedReason.NO_CAPACITY
+    )
+
+
+def days_since_reference(office: Office, starts_at: datetime, reference: date) -> int:
+    return max(0, (office.local_date(starts_at) - reference).days)
+
+
+def days_overdue(target: date, today: date) -> int:
+    """Days since the target date; 0 while it has not passed."""
+    return max(0, (today - target).days)
+
+
+# -- consent -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsentFact:
+    """One statement about a welcome-visit consent: given or withdrawn, at a time."""
+
+    consent_id: str
+    state: ConsentState
+    at: datetime
+
+
+def supersedes(incoming: ConsentFact, existing: ConsentFact | None) -> bool:
+    """Whether ``incoming`` replaces what is known of the same consent.
+
+    Events arrive out of order (a withdrawal may overtake the registration), so the time
+    the family spoke decides, not the arrival; at equal times a withdrawal wins.
+    """
+    if existing is None:
+        return True
+    if incoming.at != existing.at:
+        return incoming.at > existing.at
+    return incoming.state is ConsentState.WITHDRAWN and existing.state is ConsentState.GIVEN
+
+
+def visit_consent_in_force(facts: Iterable[ConsentFact]) -> bool:
+    """Whether the family's latest word on welcome visits is yes.
+
+    The latest statement over all welcome-visit consents decides, so a withdrawal recorded
+    under a new consent id still ends an older consent; at equal times a withdrawal wins.
+    """
+    latest: ConsentFact | None = None
+    for fact in facts:
+        if latest is None or supersedes(fact, latest):
+            latest = fact
+    return latest is not None and latest.state is ConsentState.GIVEN
+
+
+# -- case lifecycle ------------------------------------------------------------------------------
+
+
+class Reaction(StrEnum):
+    """What a change of consent means for the visits of a case."""
+
+    NONE = "none"
+    SCHEDULE = "schedule"
+    CANCEL = "cancel"
+
+
+def reconcile(state: CaseState, consent: bool) -> tuple[CaseState, Reaction]:
+    """The case state after the consent situation became ``consent``, and what to do.
+
+    A registered family without a visit gets one when consent is in force; an active case
+    whose consent ended loses its open visit. Finished cases stay finished, erased ones
+    stay erased, and nothing happens before the registration has arrived.
+    """
+    if state is CaseState.WITHOUT_CONSENT and consent:
+        return CaseState.ACTIVE, Reaction.SCHEDULE
+    if state is CaseState.ACTIVE and not consent:
+        return CaseState.WITHOUT_CONSENT, Reaction.CANCEL
+    return state, Reaction.NONE
+
+
+def state_after_missed(follow_up: MissedFollowUp) -> CaseState:
+    if follow_up is MissedFollowUp.NO_FURTHER_ATTEMPT:
+        return CaseState.NOT_REACHED
+    return CaseState.ACTIVE
+
+
+def state_after_cancel(reason: VisitCancelReason) -> CaseState:
+    """Moved away or a duplicate ends the case; otherwise a new visit is still due."""
+    if reason in (VisitCancelReason.FAMILY_MOVED_AWAY, VisitCancelReason.DUPLICATE):
+        return CaseState.CLOSED
+    if reason is VisitCancelReason.CASE_ERASED:
+        return CaseState.ERASED
+    if reason is VisitCancelReason.CONSENT_WITHDRAWN:
+        return CaseState.WITHOUT_CONSENT
+    return CaseState.ACTIVE
+
+
+_VERBS = {
+    "reschedule": "rescheduled",
+    "no_show": "recorded as a no-show",
+    "decline": "declined",
+    "cancel": "cancelled",
+    "complete": "completed",
+}
+
+
+def check_open(status: VisitStatus, action: str) -> None:
+    """Only a scheduled visit can be acted on; raise ``Conflict`` naming its status."""
+    if status is not VisitStatus.SCHEDULED:
+        raise Conflict(
+            "status",
+            f"the visit is {status.value}; only a scheduled visit can be {_VERBS[action]}",
+        )
+
+
+def check_staff_cancel_reason(reason: VisitCancelReason) -> None:
+    if reason in SYSTEM_CANCEL_REASONS:
+        raise Invalid(
+            "reason",
+            f"{reason.value} is set by the system when intake reports a withdrawn consent or "
+            "an erasure; record those in intake",
+        )
+
+
+def check_new_visit(state: CaseState, has_open_visit: bool, consent: bool) -> None:
+    """Staff may arrange a new visit only for a consenting family with no open visit whose
+    case is not finished for good."""
+    if has_open_visit:
+        raise Conflict("case_id", "the family already has a scheduled visit; reschedule it")
+    if state is CaseState.ERASED:
+        raise Conflict("case_id", "the family's data was erased")
+    if not consent or state in (CaseState.WITHOUT_CONSENT, CaseState.AWAITING_REGISTRATION):
+        raise Conflict("case_id", "no welcome-visit consent of the family is in force")
+    if state not in REOPENABLE:
+        raise Conflict("case_id", f"the case is {state.value}; no further visit is due")
+
+
+def check_no_show(starts_at: datetime, now: datetime) -> None:
+    if now < starts_at:
+        raise Conflict("status", "the appointment has not started yet; a no-show comes after it")
+
+
+def check_completion(starts_at: datetime, completed_at: datetime, now: datetime) -> None:
+    """A visit is completed after it started and not in the future."""
+    if completed_at > now:
+        raise Invalid("completed_at", "lies in the future")
+    if completed_at < starts_at:
+        raise Conflict(
+            "completed_at",
+            "is before the appointment's start; if the visit took place at another time, "
+            "reschedule it to that time first",
+        )
+
+
+def check_module(city: Municipality, module: str | None) -> None:
+    if module is not None and module not in city.module_slugs:
+        raise Invalid(
+            "referral_wished_module",
+            f"{city.name} has no offer module {module!r} (known: {', '.join(city.module_slugs)})",
+        )

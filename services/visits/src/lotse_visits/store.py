@@ -1,0 +1,388 @@
+"""Reading and changing the calendar in the database, shared by the HTTP routes and the
+event handlers: office locks, bookings, automatic proposals, cancellations and the events
+they publish through the outbox (always in the caller's transaction)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import cast
+
+from lotse_contracts.events.common import ConsentState, Role
+from lotse_contracts.events.visits import (
+    TargetMissedReason,
+    VisitCancelled,
+    VisitCancelReason,
+    VisitScheduled,
+    VisitSetting,
+    VisitTopic,
+)
+from lotse_runtime.app import ServiceRuntime
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from lotse_visits import domain
+from lotse_visits.domain import Booking, CaseState, ConsentFact, Office, VisitStatus
+from lotse_visits.settings import VisitsSettings
+from lotse_visits.tables import (
+    Outcome,
+    VisitPublic,
+    VisitsCase,
+    VisitsConsent,
+    VisitsOffice,
+    VisitsVisit,
+)
+
+#: How many days of bookings one scheduling query reads before it looks further ahead.
+SEARCH_CHUNK = timedelta(days=14)
+
+
+def settings_of(runtime: ServiceRuntime) -> VisitsSettings:
+    return cast(VisitsSettings, runtime.settings)
+
+
+def target_days(runtime: ServiceRuntime) -> int:
+    configured = settings_of(runtime).visit_target_days
+    return configured if configured is not None else runtime.city.welcome_visit_target_days
+
+
+# -- locking and loading -------------------------------------------------------------------------
+
+
+async def lock_office(session: AsyncSession, bezirk: str) -> None:
+    """Serialise calendar changes of one office until the transaction ends.
+
+    PostgreSQL locks the office's row; SQLite takes its single write lock here, early,
+    instead of upgrading a read lock later (which can deadlock).
+    """
+    bump = (
+        update(VisitsOffice)
+        .where(col(VisitsOffice.bezirk) == bezirk)
+        .values(bookings_changed=col(VisitsOffice.bookings_changed) + 1)
+    )
+    result = await session.execute(bump)
+    if result.rowcount:  # type: ignore[attr-defined]
+        return
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    await session.execute(
+        insert(VisitsOffice)
+        .values(bezirk=bezirk, bookings_changed=0)
+        .on_conflict_do_nothing(index_elements=["bezirk"])
+    )
+    await session.execute(bump)
+
+
+async def fresh_case(session: AsyncSession, case_id: str) -> VisitsCase | None:
+    """The case as committed now (after a lock), not a copy cached in the session."""
+    found = await session.execute(
+        select(VisitsCase)
+        .where(col(VisitsCase.case_id) == case_id)
+        .execution_options(populate_existing=True)
+    )
+    return found.scalars().first()
+
+
+async def fresh_visit(session: AsyncSession, visit_id: str) -> VisitsVisit | None:
+    found = await session.execute(
+        select(VisitsVisit)
+        .where(col(VisitsVisit.visit_id) == visit_id)
+        .execution_options(populate_existing=True)
+    )
+    return found.scalars().first()
+
+
+async def locked_case(session: AsyncSession, case_id: str, bezirk: str) -> VisitsCase | None:
+    """Lock the office of ``bezirk`` (the event's) and load the case; a case filed under
+    another office (an early consent change may have guessed differently) locks that too."""
+    await lock_office(session, bezirk)
+    case = await fresh_case(session, case_id)
+    if case is not None and case.bezirk != bezirk:
+        await lock_office(session, case.bezirk)
+        case = await fresh_case(session, case_id)
+    return case
+
+
+async def bookings(
+    session: AsyncSession, office: Office, start: datetime, end: datetime
+) -> list[Booking]:
+    """Scheduled visits of the office that touch [start, end], travel buffer included."""
+    reach = office.visit_length + office.travel_buffer
+    rows = await session.execute(
+        select(
+            col(VisitsVisit.visit_id),
+            col(VisitsVisit.staff_id),
+            col(VisitsVisit.starts_at),
+            col(VisitsVisit.ends_at),
+        ).where(
+            col(VisitsVisit.bezirk) == office.bezirk,
+            col(VisitsVisit.status) == VisitStatus.SCHEDULED.value,
+            col(VisitsVisit.starts_at) > start - reach,
+            col(VisitsVisit.starts_at) < end + reach,
+        )
+    )
+    return [Booking(v, s, a, e) for v, s, a, e in rows.all()]
+
+
+async def visits_of_case(session: AsyncSession, case_id: str) -> list[VisitsVisit]:
+    rows = await session.execute(
+        select(VisitsVisit)
+        .where(col(VisitsVisit.case_id) == case_id)
+        .order_by(col(VisitsVisit.attempt))
+    )
+    return list(rows.scalars())
+
+
+async def next_attempt(session: AsyncSession, case_id: str) -> int:
+    found = await session.execute(
+        select(func.max(VisitsVisit.attempt)).where(col(VisitsVisit.case_id) == case_id)
+    )
+    latest = found.scalar()
+    return 1 if latest is None else int(latest) + 1
+
+
+# -- consent -------------------------------------------------------------------------------------
+
+
+async def record_consents(
+    session: AsyncSession, case_id: str, incoming: Iterable[ConsentFact], *, new_case: bool
+) -> list[ConsentFact]:
+    """Keep, per consent, the newer of what is known and what came in (by the time the
+    family spoke); returns all that is now known of the case's welcome-visit consents.
+    ``new_case`` says nothing can be stored yet, which saves a query per event."""
+    rows: dict[str, VisitsConsent] = {}
+    if not new_case:
+        found = await session.execute(
+            select(VisitsConsent).where(col(VisitsConsent.case_id) == case_id)
+        )
+        rows = {row.consent_id: row for row in found.scalars()}
+    for fact in incoming:
+        row = rows.get(fact.consent_id)
+        known = (
+            None if row is None else ConsentFact(row.consent_id, ConsentState(row.state), row.at)
+        )
+        if not domain.supersedes(fact, known):
+            continue
+        if row is None:
+            row = VisitsConsent(consent_id=fact.consent_id, case_id=case_id, state="", at=fact.at)
+            session.add(row)
+            rows[fact.consent_id] = row
+        row.state, row.at = fact.state.value, fact.at
+    return [ConsentFact(r.consent_id, ConsentState(r.state), r.at) for r in rows.values()]
+
+
+async def consent_facts(session: AsyncSession, case_id: str) -> list[ConsentFact]:
+    rows = await session.execute(select(VisitsConsent).where(col(VisitsConsent.case_id) == case_id))
+    return [ConsentFact(r.consent_id, ConsentState(r.state), r.at) for r in rows.scalars()]
+
+
+async def consent_in_force(session: AsyncSession, case_id: str) -> bool:
+    return domain.visit_consent_in_force(await consent_facts(session, case_id))
+
+
+async def latest_consent_state(session: AsyncSession, case_id: str) -> ConsentState | None:
+    facts = await consent_facts(session, case_id)
+    if not facts:
+        return None
+    return ConsentState.GIVEN if domain.visit_consent_in_force(facts) else ConsentState.WITHDRAWN
+
+
+# -- changing the calendar -----------------------------------------------------------------------
+
+
+def scheduled_event(visit: VisitsVisit) -> VisitScheduled:
+    return VisitScheduled(
+        visit_id=visit.visit_id,
+        case_id=visit.case_id,
+        bezirk=visit.bezirk,
+        familienbuero=visit.familienbuero,
+        staff_id=visit.staff_id,
+        starts_at=visit.starts_at,
+        ends_at=visit.ends_at,
+        setting=VisitSetting(visit.setting),
+        target_date=visit.target_date,
+        target_missed=visit.target_missed,
+        target_missed_reason=(
+            TargetMissedReason(visit.target_missed_reason) if visit.target_missed_reason else None
+        ),
+        proposed_automatically=visit.proposed_automatically,
+        scheduled_at=visit.scheduled_at,
+    )
+
+
+def book(
+    session: AsyncSession,
+    runtime: ServiceRuntime,
+    case: VisitsCase,
+    office: Office,
+    slot: domain.Slot,
+    *,
+    now: datetime,
+    attempt: int,
+    automatic: bool,
+    why_late: TargetMissedReason,
+    setting: VisitSetting = VisitSetting.HOME,
+) -> VisitsVisit:
+    """Put a visit into the calendar and publish "visit scheduled". The office must be
+    locked and ``slot`` checked against its bookings."""
+    assert case.target_date is not None, "only registered cases get visits"
+    missed, reason = domain.target_verdict(office, slot.starts_at, case.target_date, why_late)
+    visit = VisitsVisit(
+        visit_id=str(uuid.uuid4()),
+        case_id=case.case_id,
+        bezirk=office.bezirk,
+        familienbuero=office.slug,
+        staff_id=slot.staff_id,
+        # Stored and published in UTC; the office's time zone is for people only.
+        starts_at=slot.starts_at.astimezone(UTC),
+        ends_at=slot.ends_at.astimezone(UTC),
+        setting=setting.value,
+        status=VisitStatus.SCHEDULED.value,
+        attempt=attempt,
+        target_date=case.target_date,
+        target_missed=missed,
+        target_missed_reason=reason.value if reason else None,
+        proposed_automatically=automatic,
+        scheduled_at=now,
+    )
+    session.add(visit)
+    case.open_visit_id = visit.visit_id
+    case.updated_at = now
+    runtime.outbox.add(session, scheduled_event(visit), time=now)
+    return visit
+
+
+async def propose(
+    session: AsyncSession,
+    runtime: ServiceRuntime,
+    case: VisitsCase,
+    *,
+    now: datetime,
+    why_late: TargetMissedReason | None = None,
+    setting: VisitSetting = VisitSetting.HOME,
+    attempt: int | None = None,
+) -> VisitsVisit | None:
+    """Schedule the case's next visit in the first free slot, target or not.
+
+    The office must be locked. Looks ahead chunk by chunk, so a quiet office reads a
+    fortnight of bookings, a full one more. Returns None when nothing is free within the
+    scheduling horizon (the case stays due, and the overdue check will report it).
+    """
+    settings = settings_of(runtime)
+    office = Office.of(runtime.city, case.bezirk)
+    assert case.target_date is not None
+    assert case.registered_at is not None
+    earliest = domain.earliest_proposal(
+        now, case.registered_at, settings.proposal_lead_days, office.zone
+    )
+    horizon = earliest + timedelta(days=settings.scheduling_horizon_days)
+    start = earliest
+    while start < horizon:
+        end = min(start + SEARCH_CHUNK, horizon)
+        slot = domain.first_free_slot(
+            office, await bookings(session, office, start, end), start, end
+        )
+        if slot is not None:
+            return book(
+                session,
+                runtime,
+                case,
+                office,
+                slot,
+                now=now,
+                attempt=attempt or await next_attempt(session, case.case_id),
+                automatic=True,
+                why_late=why_late
+                or domain.proposal_miss_reason(office, earliest, case.target_date),
+                setting=setting,
+            )
+        start = end
+    return None
+
+
+def cancelled_event(visit: VisitsVisit, *, role: Role) -> VisitCancelled:
+    assert visit.cancel_reason is not None
+    assert visit.closed_at is not None
+    return VisitCancelled(
+        visit_id=visit.visit_id,
+        case_id=visit.case_id,
+        bezirk=visit.bezirk,
+        familienbuero=visit.familienbuero,
+        reason=VisitCancelReason(visit.cancel_reason),
+        cancelled_by_role=role,
+        cancelled_at=visit.closed_at,
+    )
+
+
+async def cancel_open_visit(
+    session: AsyncSession,
+    runtime: ServiceRuntime,
+    case: VisitsCase,
+    *,
+    reason: VisitCancelReason,
+    now: datetime,
+) -> VisitsVisit | None:
+    """Cancel the case's scheduled visit, if any, on the system's behalf."""
+    if case.open_visit_id is None:
+        return None
+    visit = await fresh_visit(session, case.open_visit_id)
+    case.open_visit_id = None
+    if visit is None or visit.status != VisitStatus.SCHEDULED.value:
+        return None
+    visit.status = VisitStatus.CANCELLED.value
+    visit.cancel_reason = reason.value
+    visit.cancelled_by_role = Role.SYSTEM.value
+    visit.closed_at = now
+    runtime.outbox.add(session, cancelled_event(visit, role=Role.SYSTEM), time=now)
+    return visit
+
+
+async def apply_consent(
+    session: AsyncSession,
+    runtime: ServiceRuntime,
+    case: VisitsCase,
+    facts: Iterable[ConsentFact],
+    *,
+    now: datetime,
+    new_case: bool = False,
+) -> None:
+    """Bring the case in line with its consents: schedule, cancel, purge."""
+    consent = domain.visit_consent_in_force(facts)
+    state, reaction = domain.reconcile(CaseState(case.state), consent)
+    case.state = state.value
+    case.updated_at = now
+    if reaction is domain.Reaction.SCHEDULE:
+        await propose(session, runtime, case, now=now, attempt=1 if new_case else None)
+    elif reaction is domain.Reaction.CANCEL:
+        await cancel_open_visit(
+            session, runtime, case, reason=VisitCancelReason.CONSENT_WITHDRAWN, now=now
+        )
+    if not consent:
+        # Without a welcome-visit consent there is no purpose left for contact data here.
+        case.personal = None
+
+
+# -- views ---------------------------------------------------------------------------------------
+
+
+def visit_public(visit: VisitsVisit, *, full: bool) -> VisitPublic:
+    """The API view of a visit; ``full`` includes the staff member (Familienbüro only)."""
+    outcome = None
+    if visit.status == VisitStatus.COMPLETED.value:
+        outcome = Outcome(
+            informed_about_offers=bool(visit.informed_about_offers),
+            topics=[VisitTopic(t) for t in (visit.topics or "").split(",") if t],
+            needs_noted=bool(visit.needs_noted),
+            referral_wished_module=visit.referral_wished_module,
+        )
+    return VisitPublic.model_validate(
+        {
+            **visit.model_dump(exclude={"topics", "informed_about_offers", "needs_noted"}),
+            "staff_id": visit.staff_id if full else None,
+            "outcome": outcome,
+        }
+    )
