@@ -12,3 +12,41 @@ class ReportingSettings(ServiceSettings):
     service_name: ClassVar[str] = "reporting"
 
     http_port: int = Field(default=8004, ge=0, le=65535, description="Port of the HTTP API.")
+    k_anonymity: int = Field(
+        default=5,
+        ge=2,
+        le=100,
+        description=(
+            "Smallest number of families a published cell may stand for; smaller cells (and "
+            "cells that would let one be computed back) are published as suppressed."
+        ),
+    )
+    publish_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often changed figures are recomputed and published (seconds).",
+    )
+    completion_grace_minutes: int = Field(
+        default=60,
+        ge=0,
+        le=24 * 60,
+        description=(
+            "How much earlier than its appointment a visit may be recorded as completed; an "
+            "earlier completion is impossible and the event is dead-lettered."
+        ),
+    )
+    dashboard_public: bool = Field(
+        default=True,
+        description=(
+            "Serve the dashboard page and its data without authentication. They show only the "
+            "anonymised figures that the reporting stream publishes anyway."
+        ),
+    )
+    dashboard_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the dashboard's live stream looks for newly published figures.",
+    )
+    replay_batch_size: int = Field(
+        default=2000, ge=1, le=50_000, description="Events per transaction in a replay."
+    )

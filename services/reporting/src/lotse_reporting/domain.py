@@ -1,0 +1,1017 @@
+"""Pure rules of the reporting service: what a domain event means for the projections, which
+events are impossible, how the key figures (Kennzahlen) follow from the projected facts, and
+which cells must be suppressed so that no family can be singled out.
+
+Nothing here does I/O. Callers load the rows an event needs into a :class:`Snapshot`,
+:func:`apply` changes them in place (or raises :class:`ImpossibleEvent` before changing
+anything), and callers store what was touched. Figures are computed a year at a time by
+:func:`compute_year` from :class:`YearInputs` and protected by :func:`protect`.
+
+Two properties make "rebuild by replay gives identical results" hold:
+
+* Every fact is keyed by a natural id (case, visit, referral, consent) and an event only sets
+  fields of its own facts, so the end state does not depend on the order in which the three
+  domain topics are interleaved; within one topic a family's events keep their order (the
+  Kafka key is the case id), which is all that the checks rely on.
+* Figures are recomputed from the facts, never incremented, so a value depends on the set of
+  facts only, not on when or in which batches they arrived.
+
+Attribution: figures about what happened (visits, referrals) count in the month the event
+happened, in the city's time zone; rates about families (consent, reach, contacts per family)
+count in the month the family was registered (a cohort), so "85 % reached" means: of the
+families registered in that month, 85 % have had a completed welcome visit by now.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+from lotse_contracts.events.base import EventModel
+from lotse_contracts.events.common import ConsentScope, ConsentState
+from lotse_contracts.events.intake import (
+    ConsentChanged,
+    ErasureReason,
+    FamilyErased,
+    FamilyRegistered,
+)
+from lotse_contracts.events.referrals import (
+    ReferralAccepted,
+    ReferralCancelled,
+    ReferralCompleted,
+    ReferralEscalated,
+    ReferralFirstContact,
+    ReferralInProgress,
+    ReferralReceived,
+    ReferralRejected,
+    ReferralRequested,
+    ReferralStatus,
+)
+from lotse_contracts.events.reporting import CITY_TOTAL, FIGURE_UNITS, KpiFigure, KpiUnit
+from lotse_contracts.events.visits import (
+    VisitCompleted,
+    VisitDeclined,
+    VisitMissed,
+    VisitScheduled,
+)
+
+STADT = CITY_TOTAL
+"""The ``bezirk`` of figures for the whole city."""
+
+#: Event types the projections use; every other known event is skipped.
+HANDLED: tuple[type[EventModel], ...] = (
+    FamilyRegistered,
+    ConsentChanged,
+    FamilyErased,
+    VisitScheduled,
+    VisitCompleted,
+    VisitMissed,
+    VisitDeclined,
+    ReferralRequested,
+    ReferralReceived,
+    ReferralAccepted,
+    ReferralRejected,
+    ReferralInProgress,
+    ReferralFirstContact,
+    ReferralCompleted,
+    ReferralCancelled,
+    ReferralEscalated,
+)
+
+
+class FactKind(StrEnum):
+    """What one fact row records (one per visit, no-show, referral answer, ...)."""
+
+    OFFERED = "offered"
+    """A welcome visit was scheduled (offered); ``at`` is when the appointment was made."""
+    COMPLETED = "completed"
+    """A welcome visit took place; ``number`` is days from birth (or move-in) to the visit."""
+    MISSED = "missed"
+    """A family was not at home for an appointment (one row per attempt)."""
+    DECLINED = "declined"
+    """A family declined the welcome visit."""
+    REQUESTED = "requested"
+    """A referral was made; ``dimension`` is the module, ``at`` when it was requested."""
+    ACCEPTED = "accepted"
+    """A Träger accepted a referral."""
+    REJECTED = "rejected"
+    """A Träger rejected a referral."""
+    FIRST_CONTACT = "first_contact"
+    """Warm handover done; ``number`` is days from request to first contact."""
+    ESCALATED = "escalated"
+    """A referral escalated to the Bezirksteam; open from ``at`` until ``until``."""
+
+
+class ImpossibleEvent(ValueError):
+    """A well-formed event whose values cannot be true; it is never counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the checks need to know about the city."""
+
+    bezirke: frozenset[str]
+    modules: frozenset[str]
+    zone: ZoneInfo
+    completion_grace: timedelta = timedelta(minutes=60)
+    """How much earlier than its appointment a visit may be recorded as done (families are
+    sometimes visited a little early); anything earlier is impossible."""
+
+
+# --- facts: the projections' rows (pseudonymous ids stay inside the service) ---------------
+
+
+@dataclass(slots=True)
+class CaseFacts:
+    """One family as far as reporting needs it: where and when it was registered."""
+
+    case_id: str
+    bezirk: str | None = None
+    channel: str | None = None
+    registered_month: str | None = None
+    erased: bool = False
+    excluded: bool = False
+    """Erased as a duplicate of another case: not a family of its own, counted nowhere."""
+
+
+@dataclass(slots=True)
+class ConsentFacts:
+    """The latest known state of one consent of a family."""
+
+    case_id: str
+    consent_id: str
+    scope: str
+    given: bool
+    at: datetime
+
+
+@dataclass(slots=True)
+class Fact:
+    """Something that happened to a family, in a Stadtbezirk and month."""
+
+    kind: str
+    ref: str
+    case_id: str
+    bezirk: str
+    month: str
+    dimension: str | None = None
+    number: float | None = None
+    at: datetime | None = None
+    until: datetime | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.ref)
+
+
+@dataclass(slots=True)
+class ReferralFacts:
+    """A referral's current status, and its escalation if one is open."""
+
+    referral_id: str
+    case_id: str
+    bezirk: str
+    module: str
+    status: str
+    open_escalation: str | None = None
+    """``ref`` of the open ESCALATED fact."""
+
+
+@dataclass
+class Needs:
+    """Which rows must be loaded before events can be applied."""
+
+    case_ids: set[str] = field(default_factory=set)
+    consent_case_ids: set[str] = field(default_factory=set)
+    fact_keys: set[tuple[str, str]] = field(default_factory=set)
+    referral_ids: set[str] = field(default_factory=set)
+    fact_years_of: set[str] = field(default_factory=set)
+    """Cases whose fact years are needed to tell which years a change affects."""
+
+    def merge(self, other: Needs) -> None:
+        self.case_ids |= other.case_ids
+        self.consent_case_ids |= other.consent_case_ids
+        self.fact_keys |= other.fact_keys
+        self.referral_ids |= other.referral_ids
+        self.fact_years_of |= other.fact_years_of
+
+
+@dataclass
+class Snapshot:
+    """Loaded rows, changed in place by :func:`apply`; ``touched_*`` say what to store."""
+
+    cases: dict[str, CaseFacts] = field(default_factory=dict)
+    consents: dict[tuple[str, str], ConsentFacts] = field(default_factory=dict)
+    facts: dict[tuple[str, str], Fact] = field(default_factory=dict)
+    referrals: dict[str, ReferralFacts] = field(default_factory=dict)
+    fact_years: dict[str, set[int]] = field(default_factory=dict)
+    touched_cases: set[str] = field(default_factory=set)
+    touched_consents: set[tuple[str, str]] = field(default_factory=set)
+    touched_facts: set[tuple[str, str]] = field(default_factory=set)
+    touched_referrals: set[str] = field(default_factory=set)
+    dirty_years: set[int] = field(default_factory=set)
+    """Years whose figures may have changed."""
+
+    def reset_touched(self) -> None:
+        self.touched_cases.clear()
+        self.touched_consents.clear()
+        self.touched_facts.clear()
+        self.touched_referrals.clear()
+        self.dirty_years.clear()
+
+    def case(self, case_id: str) -> CaseFacts:
+        found = self.cases.get(case_id)
+        if found is None:
+            found = self.cases[case_id] = CaseFacts(case_id=case_id)
+        self.touched_cases.add(case_id)
+        return found
+
+    def put_fact(self, fact: Fact) -> None:
+        self.facts[fact.key] = fact
+        self.touched_facts.add(fact.key)
+        self.fact_years.setdefault(fact.case_id, set()).add(year_of(fact.month))
+        self.dirty_years.add(year_of(fact.month))
+
+    def put_referral(self, referral: ReferralFacts) -> None:
+        self.referrals[referral.referral_id] = referral
+        self.touched_referrals.add(referral.referral_id)
+
+    def cohort_is_dirty(self, case_id: str) -> None:
+        """The family's registration cohort changes (reach, contacts, consent)."""
+        case = self.cases.get(case_id)
+        if case is not None and case.registered_month is not None:
+            self.dirty_years.add(year_of(case.registered_month))
+
+    def all_years_of_case_are_dirty(self, case_id: str) -> None:
+        self.cohort_is_dirty(case_id)
+        self.dirty_years |= self.fact_years.get(case_id, set())
+
+
+# --- periods ---------------------------------------------------------------------------------
+
+
+def month_of(moment: datetime, zone: ZoneInfo) -> str:
+    """``YYYY-MM`` of a moment in the city's local time."""
+    return moment.astimezone(zone).strftime("%Y-%m")
+
+
+def year_of(period: str) -> int:
+    return int(period[:4])
+
+
+def month_end(month: str, zone: ZoneInfo) -> datetime:
+    """The first instant after ``month`` (local midnight of the next month's first day)."""
+    year, number = int(month[:4]), int(month[5:7])
+    year, number = (year + 1, 1) if number == 12 else (year, number + 1)
+    return datetime(year, number, 1, tzinfo=zone).astimezone(UTC)
+
+
+def months_of_year(year: int, horizon: str) -> list[str]:
+    """The months of ``year`` that figures are published for: up to the newest month with
+    data (``horizon``), so trend lines do not drop to zero in months still to come."""
+    horizon_year, horizon_month = year_of(horizon), int(horizon[5:7])
+    if year > horizon_year:
+        return []
+    last = 12 if year < horizon_year else horizon_month
+    return [f"{year}-{m:02d}" for m in range(1, last + 1)]
+
+
+# --- applying events -------------------------------------------------------------------------
+
+
+def needs_of(event: EventModel) -> Needs:
+    """The rows :func:`apply` reads for this event."""
+    needs = Needs()
+    case_id = getattr(event, "case_id", None)
+    if isinstance(case_id, str):
+        needs.case_ids.add(case_id)
+    match event:
+        case FamilyRegistered() | ConsentChanged():
+            needs.consent_case_ids.add(event.case_id)
+            needs.fact_years_of.add(event.case_id)
+        case FamilyErased():
+            needs.fact_years_of.add(event.case_id)
+        case VisitScheduled():
+            needs.fact_keys.add((FactKind.OFFERED, event.visit_id))
+        case VisitCompleted():
+            needs.fact_keys.add((FactKind.OFFERED, event.visit_id))
+        case (
+            ReferralRequested()
+            | ReferralReceived()
+            | ReferralAccepted()
+            | ReferralRejected()
+            | ReferralInProgress()
+            | ReferralFirstContact()
+            | ReferralCompleted()
+            | ReferralCancelled()
+            | ReferralEscalated()
+        ):
+            needs.referral_ids.add(event.referral_id)
+            needs.fact_keys.add((FactKind.REQUESTED, event.referral_id))
+    return needs
+
+
+def apply(event: EventModel, snapshot: Snapshot, rules: Rules) -> None:
+    """Record what ``event`` means in ``snapshot``.
+
+    Raises :class:`ImpossibleEvent` (before changing anything) for values that cannot be
+    true; events of types the projections do not use change nothing.
+    """
+    match event:
+        case FamilyRegistered():
+            _registered(event, snapshot, rules)
+        case ConsentChanged():
+            _check_bezirk(event.bezirk, rules)
+            _merge_consent(
+                snapshot,
+                ConsentFacts(
+                    case_id=event.case_id,
+                    consent_id=event.consent_id,
+                    scope=event.scope.value,
+                    given=event.state is ConsentState.GIVEN,
+                    at=event.changed_at,
+                ),
+            )
+            snapshot.cohort_is_dirty(event.case_id)
+        case FamilyErased():
+            # Whatever the Bezirk says: an erasure is always honoured.
+            case = snapshot.case(event.case_id)
+            case.erased = True
+            case.excluded = case.excluded or event.reason is ErasureReason.DUPLICATE
+            snapshot.all_years_of_case_are_dirty(event.case_id)
+        case VisitScheduled():
+            _check_bezirk(event.bezirk, rules)
+            _fact(snapshot, FactKind.OFFERED, event.visit_id, event, event.scheduled_at, rules)
+        case VisitCompleted():
+            _visit_completed(event, snapshot, rules)
+        case VisitMissed():
+            _check_bezirk(event.bezirk, rules)
+            if event.recorded_at < event.scheduled_for:
+                raise ImpossibleEvent(
+                    f"visit-missed: recorded_at {event.recorded_at.isoformat()} is before the "
+                    f"appointment (scheduled_for {event.scheduled_for.isoformat()})"
+                )
+            ref = f"{event.visit_id}/{event.attempt}"
+            _fact(snapshot, FactKind.MISSED, ref, event, event.scheduled_for, rules)
+        case VisitDeclined():
+            _check_bezirk(event.bezirk, rules)
+            ref = event.visit_id or f"case/{event.case_id}"
+            _fact(snapshot, FactKind.DECLINED, ref, event, event.declined_at, rules)
+        case (
+            ReferralRequested()
+            | ReferralReceived()
+            | ReferralAccepted()
+            | ReferralRejected()
+            | ReferralInProgress()
+            | ReferralFirstContact()
+            | ReferralCompleted()
+            | ReferralCancelled()
+            | ReferralEscalated()
+        ):
+            _referral(event, snapshot, rules)
+
+
+def _check_bezirk(bezirk: str, rules: Rules) -> None:
+    if bezirk not in rules.bezirke:
+        raise ImpossibleEvent(f"bezirk: {bezirk!r} is not a Stadtbezirk of this city")
+
+
+def _fact(
+    snapshot: Snapshot,
+    kind: FactKind,
+    ref: str,
+    event: VisitScheduled | VisitCompleted | VisitMissed | VisitDeclined,
+    when: datetime,
+    rules: Rules,
+    *,
+    number: float | None = None,
+) -> None:
+    snapshot.put_fact(
+        Fact(
+            kind=kind,
+            ref=ref,
+            case_id=event.case_id,
+            bezirk=event.bezirk,
+            month=month_of(when, rules.zone),
+            number=number,
+            at=when,
+        )
+    )
+
+
+def _registered(event: FamilyRegistered, snapshot: Snapshot, rules: Rules) -> None:
+    _check_bezirk(event.bezirk, rules)
+    known = snapshot.cases.get(event.case_id)
+    if known is not None and known.registered_month is not None:
+        raise ImpossibleEvent(f"case_id: case {event.case_id} is registered already")
+    case = snapshot.case(event.case_id)
+    case.bezirk = event.bezirk
+    case.channel = event.channel.value
+    case.registered_month = month_of(event.registered_at, rules.zone)
+    for consent in event.consents:
+        _merge_consent(
+            snapshot,
+            ConsentFacts(
+                case_id=event.case_id,
+                consent_id=consent.consent_id,
+                scope=consent.scope.value,
+                given=consent.state is ConsentState.GIVEN,
+                at=consent.at,
+            ),
+        )
+    # The channel decides whether earlier visits count as birth-to-visit: those years change.
+    snapshot.all_years_of_case_are_dirty(event.case_id)
+
+
+def _merge_consent(snapshot: Snapshot, consent: ConsentFacts) -> None:
+    key = (consent.case_id, consent.consent_id)
+    known = snapshot.consents.get(key)
+    if known is not None and known.at > consent.at:
+        return  # an older statement never overrides a newer one
+    snapshot.consents[key] = consent
+    snapshot.touched_consents.add(key)
+
+
+def _visit_completed(event: VisitCompleted, snapshot: Snapshot, rules: Rules) -> None:
+    _check_bezirk(event.bezirk, rules)
+    if event.completed_at < event.scheduled_for - rules.completion_grace:
+        raise ImpossibleEvent(
+            f"visit-completed: completed_at {event.completed_at.isoformat()} is before the "
+            f"appointment it completes (scheduled_for {event.scheduled_for.isoformat()})"
+        )
+    offered = snapshot.facts.get((FactKind.OFFERED, event.visit_id))
+    if offered is not None and offered.at is not None and event.completed_at < offered.at:
+        raise ImpossibleEvent(
+            f"visit-completed: completed_at {event.completed_at.isoformat()} is before the "
+            f"visit was scheduled ({offered.at.isoformat()})"
+        )
+    _fact(
+        snapshot,
+        FactKind.COMPLETED,
+        event.visit_id,
+        event,
+        event.completed_at,
+        rules,
+        number=event.days_since_reference,
+    )
+    snapshot.cohort_is_dirty(event.case_id)
+
+
+_STATUS_OF: dict[type[EventModel], ReferralStatus] = {
+    ReferralRequested: ReferralStatus.REQUESTED,
+    ReferralReceived: ReferralStatus.RECEIVED,
+    ReferralAccepted: ReferralStatus.ACCEPTED,
+    ReferralRejected: ReferralStatus.REJECTED,
+    ReferralInProgress: ReferralStatus.IN_PROGRESS,
+    ReferralCompleted: ReferralStatus.COMPLETED,
+    ReferralCancelled: ReferralStatus.CANCELLED,
+}
+#: Events that answer a stalled referral and so close an open escalation. A mere
+#: "received" does not: the escalation is about the missing decision.
+_RESOLVES_ESCALATION = (
+    ReferralAccepted,
+    ReferralRejected,
+    ReferralInProgress,
+    ReferralFirstContact,
+    ReferralCompleted,
+    ReferralCancelled,
+)
+_EVENT_NAME: dict[type[EventModel], str] = {
+    model: model.event_type.split(".")[3] for model in HANDLED
+}
+
+ReferralEvent = (
+    ReferralRequested
+    | ReferralReceived
+    | ReferralAccepted
+    | ReferralRejected
+    | ReferralInProgress
+    | ReferralFirstContact
+    | ReferralCompleted
+    | ReferralCancelled
+    | ReferralEscalated
+)
+
+
+def _referral(event: ReferralEvent, snapshot: Snapshot, rules: Rules) -> None:
+    _check_bezirk(event.bezirk, rules)
+    if event.module not in rules.modules:
+        raise ImpossibleEvent(f"module: {event.module!r} is not an offer module of this city")
+    requested = snapshot.facts.get((FactKind.REQUESTED, event.referral_id))
+    name = _EVENT_NAME[type(event)]
+    if (
+        not isinstance(event, ReferralRequested)
+        and requested is not None
+        and requested.at is not None
+        and event.occurred_at < requested.at
+    ):
+        raise ImpossibleEvent(
+            f"{name}: occurred_at {event.occurred_at.isoformat()} is before the referral was "
+            f"requested ({requested.at.isoformat()})"
+        )
+    month = month_of(event.occurred_at, rules.zone)
+
+    def fact(
+        kind: FactKind, ref: str, dimension: str | None = None, number: float | None = None
+    ) -> Fact:
+        return Fact(
+            kind=kind,
+            ref=ref,
+            case_id=event.case_id,
+            bezirk=event.bezirk,
+            month=month,
+            dimension=dimension,
+            number=number,
+            at=event.occurred_at,
+        )
+
+    referral = snapshot.referrals.get(event.referral_id)
+    if referral is None:
+        referral = ReferralFacts(
+            referral_id=event.referral_id,
+            case_id=event.case_id,
+            bezirk=event.bezirk,
+            module=event.module,
+            status=(
+                event.last_status.value
+                if isinstance(event, ReferralEscalated)
+                else ReferralStatus.REQUESTED.value
+            ),
+        )
+    status = _STATUS_OF.get(type(event))
+    if status is not None:
+        referral.status = status.value
+    match event:
+        case ReferralRequested():
+            snapshot.put_fact(fact(FactKind.REQUESTED, event.referral_id, dimension=event.module))
+        case ReferralAccepted():
+            snapshot.put_fact(fact(FactKind.ACCEPTED, event.referral_id))
+        case ReferralRejected():
+            snapshot.put_fact(fact(FactKind.REJECTED, event.referral_id))
+        case ReferralFirstContact():
+            snapshot.put_fact(
+                fact(FactKind.FIRST_CONTACT, event.referral_id, number=event.days_since_requested)
+            )
+            snapshot.cohort_is_dirty(event.case_id)
+        case ReferralEscalated():
+            if referral.open_escalation is None:
+                ref = f"{event.referral_id}@{event.occurred_at.astimezone(UTC).isoformat()}"
+                snapshot.put_fact(fact(FactKind.ESCALATED, ref))
+                referral.open_escalation = ref
+    if isinstance(event, _RESOLVES_ESCALATION) and referral.open_escalation is not None:
+        episode = snapshot.facts.get((FactKind.ESCALATED, referral.open_escalation))
+        if episode is not None:
+            start = episode.at or event.occurred_at
+            # An answer dated before the escalation closes it at once (an empty episode).
+            episode.until = max(start, event.occurred_at)
+            snapshot.touched_facts.add(episode.key)
+            snapshot.dirty_years.add(year_of(month))
+        referral.open_escalation = None
+    if requested is not None:
+        snapshot.dirty_years.add(year_of(requested.month))  # the status breakdown
+    snapshot.dirty_years.add(year_of(month))
+    snapshot.put_referral(referral)
+
+
+# --- computing the figures -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class YearInputs:
+    """The facts the figures of one year are computed from (loaded by the caller).
+
+    Facts of excluded cases (duplicates) must already be left out.
+    """
+
+    year: int
+    horizon: str
+    """The newest month with any fact, ``YYYY-MM``."""
+    cohort: Sequence[CaseFacts]
+    """Families registered in the year."""
+    consents: Sequence[ConsentFacts]
+    """Consents of the cohort's families."""
+    cohort_contacts: Sequence[Fact]
+    """Completed visits and first contacts of the cohort's families, whenever they were."""
+    activity: Sequence[Fact]
+    """Facts dated in the year, escalations excepted."""
+    channels: Mapping[str, str]
+    """Registration channel of the families with a completed visit in the year."""
+    statuses: Mapping[str, str]
+    """Current status of the referrals requested in the year."""
+    escalations: Sequence[Fact]
+    """Escalation episodes open at some point of the year."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One published figure: a value, or suppressed."""
+
+    bezirk: str
+    period: str
+    figure: KpiFigure
+    dimension: str | None
+    value: float | None
+    suppressed: bool
+
+    @property
+    def key(self) -> CellKey:
+        return (self.bezirk, self.period, self.figure.value, self.dimension or "")
+
+    @property
+    def unit(self) -> KpiUnit:
+        return FIGURE_UNITS[self.figure]
+
+
+CellKey = tuple[str, str, str, str]
+"""(bezirk, period, figure, dimension or "")."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which cells exist: the Stadtbezirke, the modules, and k."""
+
+    bezirke: tuple[str, ...]
+    modules: tuple[str, ...]
+    k: int
+    zone: ZoneInfo
+
+    @property
+    def areas(self) -> tuple[str, ...]:
+        return (*self.bezirke, STADT)
+
+
+STATUSES = tuple(status.value for status in ReferralStatus)
+CONSENT_DIMENSIONS = {
+    None: ConsentScope.WELCOME_VISIT.value,
+    f"scope:{ConsentScope.TRAEGER_CONTACT.value}": ConsentScope.TRAEGER_CONTACT.value,
+    f"scope:{ConsentScope.SCREENING_DATA_USE.value}": ConsentScope.SCREENING_DATA_USE.value,
+}
+"""consent_rate without a dimension is the welcome-visit consent (as the contract says)."""
+
+_FLOW_COUNTS = (
+    KpiFigure.FAMILIES_REGISTERED,
+    KpiFigure.FAMILIES_REGISTERED_CLINIC,
+    KpiFigure.FAMILIES_REGISTERED_MOVE_IN,
+    KpiFigure.VISITS_OFFERED,
+    KpiFigure.VISITS_COMPLETED,
+    KpiFigure.VISITS_DECLINED,
+    KpiFigure.VISITS_MISSED,
+    KpiFigure.REFERRALS_REQUESTED,
+    KpiFigure.REFERRALS_ACCEPTED,
+)
+_STOCK_COUNTS = (KpiFigure.OPEN_ESCALATIONS,)
+_ACTIVITY_COUNT = {
+    FactKind.OFFERED: KpiFigure.VISITS_OFFERED,
+    FactKind.COMPLETED: KpiFigure.VISITS_COMPLETED,
+    FactKind.DECLINED: KpiFigure.VISITS_DECLINED,
+    FactKind.MISSED: KpiFigure.VISITS_MISSED,
+    FactKind.REQUESTED: KpiFigure.REFERRALS_REQUESTED,
+    FactKind.ACCEPTED: KpiFigure.REFERRALS_ACCEPTED,
+}
+#: Ratios whose base is the cohort count: published only where that count is.
+_COHORT_RATIOS = (
+    KpiFigure.CONSENT_RATE,
+    KpiFigure.REACH_RATE,
+    KpiFigure.CONTACTS_PER_FAMILY,
+)
+
+
+def count_dimensions(figure: KpiFigure, modules: Iterable[str]) -> list[str | None]:
+    """The breakdowns a count figure is published with (None: the figure itself)."""
+    if figure is KpiFigure.REFERRALS_REQUESTED:
+        return [
+            None,
+            *(f"module:{m}" for m in modules),
+            *(f"status:{s}" for s in STATUSES),
+        ]
+    return [None]
+
+
+def figure_dimensions(figure: KpiFigure, modules: Iterable[str]) -> list[str | None]:
+    """The breakdowns any figure is published with (None: the figure itself)."""
+    if figure is KpiFigure.CONSENT_RATE:
+        return list(CONSENT_DIMENSIONS)
+    return count_dimensions(figure, modules)
+
+
+@dataclass
+class _Acc:
+    """Accumulator of one cell: a value and the families behind it."""
+
+    value: float = 0.0
+    families: set[str] = field(default_factory=set)
+    numbers: dict[str, float] = field(default_factory=dict)
+    """Per family (or referral) values for medians."""
+    hits: set[str] = field(default_factory=set)
+    """Families (or referrals) counted in a ratio's numerator."""
+    weight: float = 0.0
+    """Referrals (not families) in a ratio's denominator."""
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.cells: dict[CellKey, _Acc] = {}
+
+    def acc(self, area: str, period: str, figure: KpiFigure, dimension: str | None) -> _Acc:
+        key = (area, period, figure.value, dimension or "")
+        found = self.cells.get(key)
+        if found is None:
+            found = self.cells[key] = _Acc()
+        return found
+
+    def each(
+        self, bezirk: str, month: str, figure: KpiFigure, dimension: str | None = None
+    ) -> Iterable[_Acc]:
+        """The four cells a fact of one Bezirk and month belongs to."""
+        year = month[:4]
+        for area in (bezirk, STADT):
+            for period in (month, year):
+                yield self.acc(area, period, figure, dimension)
+
+
+def compute_year(inputs: YearInputs, layout: Layout) -> list[Cell]:
+    """All cells of one year: months up to the horizon and the year, every Bezirk and the
+    city, every figure; then protected (:func:`protect`)."""
+    months = months_of_year(inputs.year, inputs.horizon)
+    if not months:
+        return []
+    year = str(inputs.year)
+    periods = [*months, year]
+    table = _Table()
+    # Every cell exists, also where nothing happened: a zero count, or a ratio without base.
+    for area in layout.areas:
+        for period in periods:
+            for figure in KpiFigure:
+                for dimension in figure_dimensions(figure, layout.modules):
+                    table.acc(area, period, figure, dimension)
+    in_year = set(months)
+
+    # Cohort: families registered in the year.
+    consents_by_case: dict[str, set[str]] = defaultdict(set)
+    for consent in inputs.consents:
+        if consent.given:
+            consents_by_case[consent.case_id].add(consent.scope)
+    visited: set[str] = set()
+    contacts: dict[str, int] = defaultdict(int)
+    for fact in inputs.cohort_contacts:
+        if fact.kind == FactKind.COMPLETED:
+            visited.add(fact.case_id)
+        contacts[fact.case_id] += 1
+    for case in inputs.cohort:
+        if case.registered_month not in in_year or case.bezirk is None or case.excluded:
+            continue
+        month, cid = case.registered_month, case.case_id
+        figures = [KpiFigure.FAMILIES_REGISTERED]
+        if case.channel == "clinic":
+            figures.append(KpiFigure.FAMILIES_REGISTERED_CLINIC)
+        elif case.channel == "move_in":
+            figures.append(KpiFigure.FAMILIES_REGISTERED_MOVE_IN)
+        for figure in figures:
+            for acc in table.each(case.bezirk, month, figure):
+                acc.value += 1
+                acc.families.add(cid)
+        for dimension, scope in CONSENT_DIMENSIONS.items():
+            for acc in table.each(case.bezirk, month, KpiFigure.CONSENT_RATE, dimension):
+                acc.families.add(cid)
+                if scope in consents_by_case.get(cid, ()):
+                    acc.hits.add(cid)
+        for acc in table.each(case.bezirk, month, KpiFigure.REACH_RATE):
+            acc.families.add(cid)
+            if cid in visited:
+                acc.hits.add(cid)
+        for acc in table.each(case.bezirk, month, KpiFigure.CONTACTS_PER_FAMILY):
+            acc.families.add(cid)
+            acc.value += contacts.get(cid, 0)
+
+    # Activity: what happened in the year.
+    for fact in inputs.activity:
+        if fact.month not in in_year:
+            continue
+        count_figure = _ACTIVITY_COUNT.get(FactKind(fact.kind))
+        if count_figure is not None:
+            dimensions: list[str | None] = [None]
+            if fact.kind == FactKind.REQUESTED:
+                status = inputs.statuses.get(fact.ref, ReferralStatus.REQUESTED.value)
+                dimensions += [f"module:{fact.dimension}", f"status:{status}"]
+            for dimension in dimensions:
+                for acc in table.each(fact.bezirk, fact.month, count_figure, dimension):
+                    acc.value += 1
+                    acc.families.add(fact.case_id)
+        if fact.kind == FactKind.COMPLETED and inputs.channels.get(fact.case_id) == "clinic":
+            days = fact.number if fact.number is not None else 0.0
+            for acc in table.each(fact.bezirk, fact.month, KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT):
+                acc.families.add(fact.case_id)
+                # One value per family and cell: its first welcome visit.
+                acc.numbers[fact.case_id] = min(days, acc.numbers.get(fact.case_id, days))
+        if fact.kind in (FactKind.ACCEPTED, FactKind.REJECTED):
+            for acc in table.each(fact.bezirk, fact.month, KpiFigure.ACCEPTANCE_RATE):
+                acc.families.add(fact.case_id)
+                acc.weight += 1
+                if fact.kind == FactKind.ACCEPTED:
+                    acc.value += 1
+        if fact.kind == FactKind.FIRST_CONTACT:
+            days = fact.number if fact.number is not None else 0.0
+            for acc in table.each(fact.bezirk, fact.month, KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER):
+                acc.families.add(fact.case_id)
+                acc.numbers[fact.ref] = days
+
+    # Stock: escalations open at the end of each month; the year's value is its last month's.
+    for month in months:
+        end = month_end(month, layout.zone)
+        for episode in inputs.escalations:
+            if episode.at is None or episode.at >= end:
+                continue
+            if episode.until is not None and episode.until < end:
+                continue
+            for area in (episode.bezirk, STADT):
+                periods_hit = [month, year] if month == months[-1] else [month]
+                for period in periods_hit:
+                    acc = table.acc(area, period, KpiFigure.OPEN_ESCALATIONS, None)
+                    acc.value += 1
+                    acc.families.add(episode.case_id)
+
+    cells = _to_cells(table, layout, periods)
+    families = {key: acc.families for key, acc in table.cells.items()}
+    return protect(cells, groups_of_year(layout, months, year), layout.k, families)
+
+
+def _to_cells(table: _Table, layout: Layout, periods: list[str]) -> dict[CellKey, Cell]:
+    cells: dict[CellKey, Cell] = {}
+    for (area, period, figure_name, dimension), acc in table.cells.items():
+        if area not in layout.areas or period not in periods:
+            continue
+        figure = KpiFigure(figure_name)
+        n = len(acc.families)
+        value: float | None
+        if figure in (*_FLOW_COUNTS, *_STOCK_COUNTS):
+            value = acc.value
+            # A zero describes no family; 1 … k-1 families could be singled out.
+            suppressed = 0 < n < layout.k
+        else:
+            value = _ratio_value(figure, acc)
+            suppressed = n < layout.k or value is None
+        cells[(area, period, figure_name, dimension)] = Cell(
+            bezirk=area,
+            period=period,
+            figure=figure,
+            dimension=dimension or None,
+            value=None if suppressed else value,
+            suppressed=suppressed,
+        )
+    return cells
+
+
+def _ratio_value(figure: KpiFigure, acc: _Acc) -> float | None:
+    n = len(acc.families)
+    match figure:
+        case KpiFigure.CONSENT_RATE | KpiFigure.REACH_RATE:
+            return round(100.0 * len(acc.hits) / n, 1) if n else None
+        case KpiFigure.CONTACTS_PER_FAMILY:
+            return round(acc.value / n, 2) if n else None
+        case KpiFigure.ACCEPTANCE_RATE:
+            return round(100.0 * acc.value / acc.weight, 1) if acc.weight else None
+        case KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT | KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER:
+            return round(float(statistics.median(acc.numbers.values())), 1) if acc.numbers else None
+    raise ValueError(f"{figure} is not a ratio")  # pragma: no cover - all figures handled
+
+
+@dataclass(frozen=True)
+class Group:
+    """An additive relation: ``total`` is the sum of ``parts``. Publishing the total and all
+    parts but one would give the missing part away."""
+
+    total: CellKey
+    parts: tuple[CellKey, ...]
+
+
+def groups_of_year(layout: Layout, months: list[str], year: str) -> list[Group]:
+    """The additive relations between the count cells of one year."""
+    groups: list[Group] = []
+    periods = [*months, year]
+    counts = [
+        (figure, dimension)
+        for figure in (*_FLOW_COUNTS, *_STOCK_COUNTS)
+        for dimension in count_dimensions(figure, layout.modules)
+    ]
+    for figure, dimension in counts:
+        dim = dimension or ""
+        for period in periods:  # the city is the sum of its Bezirke
+            groups.append(
+                Group(
+                    (STADT, period, figure.value, dim),
+                    tuple((b, period, figure.value, dim) for b in layout.bezirke),
+                )
+            )
+        for area in layout.areas:  # a year is the sum of its months; a stock is its last month
+            parts = months if figure not in _STOCK_COUNTS else months[-1:]
+            groups.append(
+                Group(
+                    (area, year, figure.value, dim),
+                    tuple((area, m, figure.value, dim) for m in parts),
+                )
+            )
+    requested = KpiFigure.REFERRALS_REQUESTED.value
+    for area in layout.areas:
+        for period in periods:
+            groups.append(
+                Group(
+                    (area, period, KpiFigure.FAMILIES_REGISTERED.value, ""),
+                    (
+                        (area, period, KpiFigure.FAMILIES_REGISTERED_CLINIC.value, ""),
+                        (area, period, KpiFigure.FAMILIES_REGISTERED_MOVE_IN.value, ""),
+                    ),
+                )
+            )
+            for kind, values in (("module", layout.modules), ("status", STATUSES)):
+                groups.append(
+                    Group(
+                        (area, period, requested, ""),
+                        tuple((area, period, requested, f"{kind}:{v}") for v in values),
+                    )
+                )
+    return groups
+
+
+def protect(
+    cells: Mapping[CellKey, Cell],
+    groups: Sequence[Group],
+    k: int,
+    families: Mapping[CellKey, set[str]] | None = None,
+) -> list[Cell]:
+    """Complementary suppression: make sure no suppressed cell can be computed back.
+
+    ``cells`` come with primary suppression done (a count behind 1 … k-1 families, a ratio
+    behind fewer than k). Then, for every additive group whose total is published, the
+    suppressed parts must be at least two and stand for at least k families together;
+    otherwise the smallest further non-zero part is suppressed as well (or, if none is left,
+    the total), until every group holds. What can then be derived is only the sum of several
+    suppressed parts covering at least k families: an aggregate that could have been
+    published itself.
+
+    ``families`` gives the (pseudonymous) families behind each cell; without it, a count's
+    value is taken as its number of families.
+
+    Ratios (consent, reach, contacts per family) are published only where their base count,
+    the families registered, is: a ratio with a hidden base would give the base away.
+    """
+    suppressed = {key for key, cell in cells.items() if cell.suppressed}
+    # Suppressed cells no longer carry a value; the arithmetic needs the true ones.
+    size: dict[CellKey, float] = {}
+    for key, cell in cells.items():
+        if families is not None:
+            size[key] = float(len(families.get(key, ())))
+        elif cell.value is not None:
+            size[key] = cell.value
+    true_value = {key: size.get(key, 0.0) for key in cells}
+
+    def behind(hidden: list[CellKey]) -> int:
+        if families is None:
+            return int(sum(true_value[p] for p in hidden))
+        union: set[str] = set()
+        for part in hidden:
+            union |= families.get(part, set())
+        return len(union)
+
+    changed = True
+    while changed:
+        changed = False
+        for group in groups:
+            if group.total not in cells or group.total in suppressed:
+                continue
+            hidden = [p for p in group.parts if p in suppressed]
+            if not hidden or (len(hidden) >= 2 and behind(hidden) >= k):
+                continue
+            candidates = [
+                p for p in group.parts if p in cells and p not in suppressed and true_value[p] > 0
+            ]
+            if candidates:
+                suppressed.add(min(candidates, key=lambda p: (true_value[p], p)))
+            else:
+                suppressed.add(group.total)
+            changed = True
+    result: list[Cell] = []
+    for key, cell in cells.items():
+        hide = key in suppressed
+        if cell.figure in _COHORT_RATIOS:
+            hide = hide or (key[0], key[1], KpiFigure.FAMILIES_REGISTERED.value, "") in suppressed
+        if hide and not cell.suppressed:
+            cell = Cell(cell.bezirk, cell.period, cell.figure, cell.dimension, None, True)
+        result.append(cell)
+    result.sort(key=lambda c: c.key)
+    return result
+
+
+def changed_cells(
+    cells: Iterable[Cell], published: Mapping[CellKey, tuple[float | None, bool]]
+) -> list[Cell]:
+    """The cells whose value or suppression differs from what was published."""
+    return [cell for cell in cells if published.get(cell.key) != (cell.value, cell.suppressed)]

@@ -1,0 +1,441 @@
+"""Rebuild the projections by replaying the domain topics from offset 0.
+
+    python -m lotse_reporting.replay [--keep] [--republish-all] [--batch-size N] [--quiet]
+
+Settings come from the environment like the service's (``LOTSE_REPORTING_*``, ``LOTSE_*``).
+Stop the service first (scale it to zero): the replay writes the same tables.
+
+What it does:
+
+1. Drops the projected facts and the live consumer's inbox entries (``--keep`` keeps both: a
+   second pass over the topics then changes nothing, which shows the exactly-once effects).
+2. Reads every partition of ``lotse.intake``, ``lotse.visits`` and ``lotse.referrals`` from
+   the beginning with its own assignment (no consumer group, so the service's committed
+   offsets are untouched) until it has caught up, applying batches of events in one
+   transaction each: the same rules as the live consumer, inbox entries under the live
+   consumer's name, so redelivered copies of an event are applied once and the service, once
+   restarted, skips what the replay already applied.
+3. Recomputes every year and publishes the cells whose value differs from what the reporting
+   stream says (``--republish-all``: every cell), through the outbox.
+
+Events the live consumer dead-lettered are rejected again by the same rules and counted, not
+dead-lettered a second time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from lotse_contracts import topics
+from lotse_contracts.city import load_city
+from lotse_contracts.cloudevents import CloudEvent, InvalidCloudEvent, from_kafka
+from lotse_contracts.events.base import (
+    CATALOGUE,
+    EventDataInvalid,
+    EventModel,
+    UnknownEventType,
+    UnknownEventVersion,
+)
+from lotse_contracts.subscriptions import load_registry
+from lotse_runtime.db import Database
+from lotse_runtime.inbox import InboxEntry
+from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.outbox import Outbox, OutboxRelay
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.progress import Progress as RichProgress
+from sqlalchemy import delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from lotse_reporting import domain, store
+from lotse_reporting.app import layout_for, rules_for
+from lotse_reporting.consumers import CONSUMER
+from lotse_reporting.publisher import KpiPublisher
+from lotse_reporting.settings import ReportingSettings
+from lotse_reporting.tables import TABLES
+
+_log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int | None], None]
+"""Called with (records read so far, records expected in all, if known)."""
+
+
+@dataclass
+class ReplayStats:
+    """What a replay did."""
+
+    records: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    """Known events the projections do not use."""
+    invalid: int = 0
+    """Malformed envelopes, unknown types, schema violations."""
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Impossible events by reason."""
+    consume_s: float = 0.0
+    publish_s: float = 0.0
+    cells_published: int = 0
+
+    @property
+    def events_per_s(self) -> float:
+        return self.records / self.consume_s if self.consume_s else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "applied": self.applied,
+            "duplicates": self.duplicates,
+            "skipped": self.skipped,
+            "invalid": self.invalid,
+            "rejected": sum(self.rejected.values()),
+            "rejected_by_reason": dict(self.rejected.most_common(20)),
+            "consume_s": round(self.consume_s, 3),
+            "events_per_s": round(self.events_per_s, 1),
+            "publish_s": round(self.publish_s, 3),
+            "cells_published": self.cells_published,
+        }
+
+
+_HANDLED = {model.event_type for model in domain.HANDLED}
+_INBOX_CONSUMER = f"reporting.{CONSUMER}"
+
+
+class Replayer:
+    """Applies batches of Kafka records to the projections, as the live consumer would."""
+
+    def __init__(self, db: Database, settings: ReportingSettings, rules: domain.Rules) -> None:
+        self.db = db
+        self.settings = settings
+        self.rules = rules
+        self.stats = ReplayStats()
+
+    def _parse(self, record: ConsumerRecord[Any, Any]) -> tuple[CloudEvent, EventModel] | None:
+        try:
+            event = from_kafka(
+                record.value, list(record.headers or ()), max_bytes=self.settings.max_event_bytes
+            )
+        except InvalidCloudEvent:
+            self.stats.invalid += 1
+            return None
+        if event.type not in _HANDLED:
+            try:
+                CATALOGUE.model_for(event.type)
+            except (UnknownEventType, UnknownEventVersion):
+                self.stats.invalid += 1
+            else:
+                self.stats.skipped += 1
+            return None
+        try:
+            return event, CATALOGUE.parse(event)
+        except (EventDataInvalid, UnknownEventType, UnknownEventVersion):
+            self.stats.invalid += 1
+            return None
+
+    async def apply_batch(self, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
+        """Apply records (in partition order) in one transaction, inbox entries included."""
+        self.stats.records += len(records)
+        parsed = [
+            (record, *found) for record in records if (found := self._parse(record)) is not None
+        ]
+        if not parsed:
+            return
+        async with self.db.transaction() as session:
+            seen = await _already_applied(session, [event for _, event, _ in parsed])
+            fresh = []
+            for record, event, data in parsed:
+                if event.dedup_key in seen:
+                    self.stats.duplicates += 1
+                    continue
+                seen.add(event.dedup_key)
+                fresh.append((record, event, data))
+            needs = domain.Needs()
+            for _, _, data in fresh:
+                needs.merge(domain.needs_of(data))
+            needs.fact_years_of.clear()  # every year is recomputed after a replay anyway
+            snapshot = await store.load_snapshot(session, needs)
+            inbox: list[dict[str, Any]] = []
+            now = datetime.now(UTC)
+            for record, event, data in fresh:
+                try:
+                    domain.apply(data, snapshot, self.rules)
+                except domain.ImpossibleEvent as exc:
+                    self.stats.rejected[_reason_kind(exc.reason)] += 1
+                    continue
+                self.stats.applied += 1
+                inbox.append(
+                    {
+                        "consumer": _INBOX_CONSUMER,
+                        "source": event.source,
+                        "event_id": event.id,
+                        "event_type": event.type,
+                        "topic": record.topic,
+                        "partition": record.partition,
+                        "offset": record.offset,
+                        "processed_at": now,
+                    }
+                )
+            await store.save_snapshot(session, snapshot)
+            if inbox:
+                await session.execute(insert(InboxEntry), inbox)
+
+
+def _reason_kind(reason: str) -> str:
+    """What a rejection was about (the field or event before the colon), without values."""
+    return reason.split(":", 1)[0]
+
+
+async def _already_applied(
+    session: AsyncSession, events: Sequence[CloudEvent]
+) -> set[tuple[str, str]]:
+    """The (source, id) pairs of these events that the inbox already holds."""
+    by_source: dict[str, set[str]] = {}
+    for event in events:
+        by_source.setdefault(event.source, set()).add(event.id)
+    found: set[tuple[str, str]] = set()
+    for source, ids in by_source.items():
+        # Consumer, source and id together: the inbox's primary key, so a lookup, not a scan.
+        for chunk in store.chunks(sorted(ids)):
+            rows = await session.execute(
+                select(col(InboxEntry.event_id)).where(
+                    col(InboxEntry.consumer) == _INBOX_CONSUMER,
+                    col(InboxEntry.source) == source,
+                    col(InboxEntry.event_id).in_(chunk),
+                )
+            )
+            found |= {(source, event_id) for (event_id,) in rows}
+    return found
+
+
+async def drop(db: Database) -> None:
+    """Forget the projected facts and which events the live consumer applied."""
+    async with db.transaction() as session:
+        await store.drop_facts(session)
+        await session.execute(delete(InboxEntry).where(col(InboxEntry.consumer) == _INBOX_CONSUMER))
+
+
+def replay_consumer(kafka: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer without a group: it assigns partitions itself and commits nothing."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap,
+        "client_id": f"{kafka.client_id}-replay",
+        "group_id": None,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "fetch_max_bytes": 64 * 1024 * 1024,
+        "request_timeout_ms": kafka.request_timeout_ms,
+        **kafka.extra,
+        **overrides,
+    }
+    return AIOKafkaConsumer(**options)
+
+
+async def read_from_start(
+    kafka: KafkaConfig,
+    topic_names: Sequence[str],
+    handle: Callable[[list[ConsumerRecord[Any, Any]]], Any],
+    *,
+    batch_size: int,
+    idle_timeout_s: float = 3.0,
+    progress: Progress | None = None,
+) -> int:
+    """Read every partition of the topics from the beginning until caught up; ``handle`` gets
+    the records of each fetch in partition order. Returns how many records were read.
+
+    Caught up means: a fetch came back empty and every partition's position has reached its
+    high watermark (end offsets are not trusted: the embedded broker reports them wrongly),
+    or nothing arrived for ``idle_timeout_s``.
+    """
+    consumer = replay_consumer(kafka)
+    await consumer.start()
+    try:
+        partitions: list[TopicPartition] = []
+        for topic in topic_names:
+            ids = consumer.partitions_for_topic(topic)
+            if ids is None:
+                await consumer.topics()  # fetches the cluster's metadata
+                ids = consumer.partitions_for_topic(topic)
+            partitions.extend(TopicPartition(topic, p) for p in sorted(ids or ()))
+        if not partitions:
+            return 0
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        begin = await consumer.beginning_offsets(partitions)
+        positions = dict(begin)
+        read = 0
+        last_data = time.monotonic()
+        while True:
+            batches = await consumer.getmany(timeout_ms=250, max_records=batch_size)
+            records = [r for tp in sorted(batches, key=str) for r in batches[tp]]
+            if records:
+                for tp, found in batches.items():
+                    positions[tp] = found[-1].offset + 1
+                result = handle(records)
+                if asyncio.iscoroutine(result):
+                    await result
+                read += len(records)
+                last_data = time.monotonic()
+            expected = _expected(consumer, partitions, begin)
+            if progress is not None:
+                progress(read, expected)
+            if records:
+                continue
+            caught_up = all(
+                (high := consumer.highwater(tp)) is not None and positions[tp] >= high
+                for tp in partitions
+            )
+            if caught_up or time.monotonic() - last_data > idle_timeout_s:
+                return read
+    finally:
+        await consumer.stop()
+
+
+def _expected(
+    consumer: AIOKafkaConsumer,
+    partitions: Sequence[TopicPartition],
+    begin: dict[TopicPartition, int],
+) -> int | None:
+    total = 0
+    for tp in partitions:
+        high = consumer.highwater(tp)
+        if high is None:
+            return None
+        total += high - begin.get(tp, 0)
+    return total
+
+
+async def replay(
+    settings: ReportingSettings,
+    *,
+    keep: bool = False,
+    republish_all: bool = False,
+    batch_size: int | None = None,
+    idle_timeout_s: float = 3.0,
+    progress: Progress | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> ReplayStats:
+    """Rebuild the projections from the domain topics and publish what changed."""
+    city = load_city(settings.city)
+    registry = load_registry(city, settings.subscriptions_file)
+    db = Database(settings.resolved_database_url())
+    kafka = KafkaConfig(
+        bootstrap=settings.kafka_bootstrap,
+        client_id=f"lotse-{settings.service_name}",
+        extra=settings.kafka_client_options(),
+    )
+    relay = OutboxRelay(db, kafka, service=settings.service_name, batch_size=500)
+    try:
+        await db.create_schema(TABLES, service=settings.service_name)
+        if not keep:
+            await drop(db)
+        replayer = Replayer(db, settings, rules_for(city, settings))
+        started = time.perf_counter()
+        await read_from_start(
+            kafka,
+            [settings.topic(t) for t in topics.DOMAIN_TOPICS],
+            replayer.apply_batch,
+            batch_size=batch_size or settings.replay_batch_size,
+            idle_timeout_s=idle_timeout_s,
+            progress=progress,
+        )
+        stats = replayer.stats
+        stats.consume_s = time.perf_counter() - started
+        started = time.perf_counter()
+        publisher = KpiPublisher(
+            db=db,
+            outbox=Outbox(
+                source=f"/lotse/{settings.service_name}",
+                topic_prefix=settings.topic_prefix,
+                registry=registry,
+            ),
+            layout=layout_for(city, settings),
+            clock=clock or (lambda: datetime.now(UTC)),
+        )
+        stats.cells_published = await publisher.run_pass(all_years=True, republish=republish_all)
+        await relay.drain(timeout_s=600)
+        stats.publish_s = time.perf_counter() - started
+        return stats
+    finally:
+        await relay.stop()
+        await db.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lotse_reporting.replay",
+        description="Rebuild the reporting projections from the domain topics (offset 0).",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep facts and inbox: only events not applied yet change anything",
+    )
+    parser.add_argument(
+        "--republish-all",
+        action="store_true",
+        help="publish every cell again, not only the changed ones",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="events per transaction")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=3.0, help="seconds without records = caught up"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    settings = ReportingSettings()
+
+    console = Console(stderr=True)
+    bar = RichProgress(
+        TextColumn("replaying domain topics"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} events/s"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.quiet,
+    )
+    started = time.perf_counter()
+    with bar:
+        task = bar.add_task("replay", total=None, rate="–")
+
+        def progress(done: int, expected: int | None) -> None:
+            elapsed = time.perf_counter() - started
+            rate = f"{done / elapsed:,.0f}" if elapsed > 0 else "–"
+            bar.update(task, completed=done, total=expected, rate=rate)
+
+        stats = asyncio.run(
+            replay(
+                settings,
+                keep=args.keep,
+                republish_all=args.republish_all,
+                batch_size=args.batch_size,
+                idle_timeout_s=args.idle_timeout,
+                progress=progress,
+            )
+        )
+    print(json.dumps(stats.summary(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

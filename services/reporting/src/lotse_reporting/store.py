@@ -1,0 +1,413 @@
+"""Database side of the projections: load the rows events need, store what they changed, and
+load the facts a year's figures are computed from. Used alike by the live consumer (one
+event per transaction) and by the replay (a batch of events per transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Table, and_, delete, false, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import SQLModel, col
+
+from lotse_reporting import domain
+from lotse_reporting.domain import (
+    CaseFacts,
+    CellKey,
+    ConsentFacts,
+    Fact,
+    FactKind,
+    Needs,
+    ReferralFacts,
+    Snapshot,
+    YearInputs,
+)
+from lotse_reporting.tables import (
+    FACT_TABLES,
+    ReportingCase,
+    ReportingConsent,
+    ReportingDirtyYear,
+    ReportingFact,
+    ReportingKpi,
+    ReportingReferral,
+    ReportingState,
+    aware,
+)
+
+#: Bound parameters per IN list; well below SQLite's and asyncpg's limits.
+CHUNK = 2000
+
+
+def chunks(values: Iterable[Any], size: int = CHUNK) -> Iterator[list[Any]]:
+    items = list(values)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _table(model: type[SQLModel]) -> Table:
+    table = getattr(model, "__table__", None)
+    assert isinstance(table, Table)
+    return table
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    # SQLite stores wall-clock text without a zone: always store UTC.
+    return None if moment is None else moment.astimezone(UTC)
+
+
+async def upsert(
+    session: AsyncSession, model: type[SQLModel], rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Insert rows, or update them where the primary key exists (one statement per batch)."""
+    if not rows:
+        return
+    table = _table(model)
+    keys = [c.name for c in table.primary_key.columns]
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    for chunk in chunks(rows, 1000):
+        stmt = insert(table)
+        update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+        if update:
+            statement = stmt.on_conflict_do_update(index_elements=keys, set_=update)
+        else:
+            statement = stmt.on_conflict_do_nothing(index_elements=keys)
+        await session.execute(statement, chunk)
+
+
+CASES = _table(ReportingCase)
+CONSENTS = _table(ReportingConsent)
+FACTS = _table(ReportingFact)
+REFERRALS = _table(ReportingReferral)
+KPIS = _table(ReportingKpi)
+
+# --- rows <-> facts (ORM objects or plain rows: both have the columns as attributes) ---
+
+
+def _case(row: Any) -> CaseFacts:
+    return CaseFacts(
+        case_id=row.case_id,
+        bezirk=row.bezirk,
+        channel=row.channel,
+        registered_month=row.registered_month,
+        erased=row.erased,
+        excluded=row.excluded,
+    )
+
+
+def _consent(row: Any) -> ConsentFacts:
+    at = aware(row.at)
+    assert at is not None
+    return ConsentFacts(
+        case_id=row.case_id, consent_id=row.consent_id, scope=row.scope, given=row.given, at=at
+    )
+
+
+def _fact(row: Any) -> Fact:
+    return Fact(
+        kind=row.kind,
+        ref=row.ref,
+        case_id=row.case_id,
+        bezirk=row.bezirk,
+        month=row.month,
+        dimension=row.dimension,
+        number=row.number,
+        at=aware(row.at),
+        until=aware(row.until),
+    )
+
+
+def _referral(row: Any) -> ReferralFacts:
+    return ReferralFacts(
+        referral_id=row.referral_id,
+        case_id=row.case_id,
+        bezirk=row.bezirk,
+        module=row.module,
+        status=row.status,
+        open_escalation=row.open_escalation,
+    )
+
+
+def _case_row(case: CaseFacts) -> dict[str, Any]:
+    return {
+        "case_id": case.case_id,
+        "bezirk": case.bezirk,
+        "channel": case.channel,
+        "registered_month": case.registered_month,
+        "erased": case.erased,
+        "excluded": case.excluded,
+    }
+
+
+def _consent_row(consent: ConsentFacts) -> dict[str, Any]:
+    return {
+        "case_id": consent.case_id,
+        "consent_id": consent.consent_id,
+        "scope": consent.scope,
+        "given": consent.given,
+        "at": _utc(consent.at),
+    }
+
+
+def _fact_row(fact: Fact) -> dict[str, Any]:
+    return {
+        "kind": fact.kind,
+        "ref": fact.ref,
+        "case_id": fact.case_id,
+        "bezirk": fact.bezirk,
+        "month": fact.month,
+        "dimension": fact.dimension,
+        "number": fact.number,
+        "at": _utc(fact.at),
+        "until": _utc(fact.until),
+    }
+
+
+def _referral_row(referral: ReferralFacts) -> dict[str, Any]:
+    return {
+        "referral_id": referral.referral_id,
+        "case_id": referral.case_id,
+        "bezirk": referral.bezirk,
+        "module": referral.module,
+        "status": referral.status,
+        "open_escalation": referral.open_escalation,
+    }
+
+
+# --- loading and storing what events touch ---------------------------------------------------
+
+
+async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
+    """The rows ``needs`` names (those that exist)."""
+    snapshot = Snapshot()
+    for ids in chunks(needs.case_ids):
+        for case_row in await session.execute(select(CASES).where(CASES.c.case_id.in_(ids))):
+            snapshot.cases[case_row.case_id] = _case(case_row)
+    for ids in chunks(needs.consent_case_ids):
+        for consent_row in await session.execute(
+            select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
+        ):
+            consent = _consent(consent_row)
+            snapshot.consents[(consent.case_id, consent.consent_id)] = consent
+    for ids in chunks(needs.referral_ids):
+        for referral_row in await session.execute(
+            select(REFERRALS).where(REFERRALS.c.referral_id.in_(ids))
+        ):
+            referral = _referral(referral_row)
+            snapshot.referrals[referral.referral_id] = referral
+    fact_keys = set(needs.fact_keys)
+    fact_keys |= {
+        (FactKind.ESCALATED.value, r.open_escalation)
+        for r in snapshot.referrals.values()
+        if r.open_escalation is not None
+    }
+    by_kind: dict[str, set[str]] = {}
+    for kind, ref in fact_keys:
+        by_kind.setdefault(str(kind), set()).add(ref)
+    for kind, refs in by_kind.items():
+        for chunk in chunks(refs):
+            for fact_row in await session.execute(
+                select(FACTS).where(FACTS.c.kind == kind, FACTS.c.ref.in_(chunk))
+            ):
+                fact = _fact(fact_row)
+                snapshot.facts[fact.key] = fact
+    for ids in chunks(needs.fact_years_of):
+        year = func.substr(ReportingFact.month, 1, 4)
+        rows = await session.execute(
+            select(col(ReportingFact.case_id), year)
+            .where(col(ReportingFact.case_id).in_(ids))
+            .group_by(ReportingFact.case_id, year)
+        )
+        for case_id, found in rows:
+            snapshot.fact_years.setdefault(case_id, set()).add(int(found))
+    return snapshot
+
+
+async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
+    """Store the rows ``apply`` touched and mark the years it made dirty."""
+    cases = [_case_row(snapshot.cases[k]) for k in sorted(snapshot.touched_cases)]
+    await upsert(session, ReportingCase, cases)
+    await upsert(
+        session,
+        ReportingConsent,
+        [_consent_row(snapshot.consents[k]) for k in sorted(snapshot.touched_consents)],
+    )
+    facts = [_fact_row(snapshot.facts[k]) for k in sorted(snapshot.touched_facts)]
+    await upsert(session, ReportingFact, facts)
+    await upsert(
+        session,
+        ReportingReferral,
+        [_referral_row(snapshot.referrals[k]) for k in sorted(snapshot.touched_referrals)],
+    )
+    await mark_dirty(session, snapshot.dirty_years)
+
+
+async def mark_dirty(session: AsyncSession, years: Iterable[int]) -> None:
+    """Ask the publisher to recompute these years."""
+    wanted = sorted(set(years))
+    if not wanted:
+        return
+    table = _table(ReportingDirtyYear)
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["year"], set_={"version": table.c.version + 1}
+    )
+    await session.execute(stmt, [{"year": y, "version": 1} for y in wanted])
+
+
+async def dirty_years(session: AsyncSession) -> dict[int, int]:
+    """Years to recompute, with the version of their mark."""
+    rows = await session.scalars(select(ReportingDirtyYear))
+    return {row.year: row.version for row in rows}
+
+
+async def clear_dirty(session: AsyncSession, seen: Mapping[int, int]) -> None:
+    """Clear the marks as read; a mark changed since then stays for the next pass."""
+    for year, version in seen.items():
+        await session.execute(
+            delete(ReportingDirtyYear).where(
+                col(ReportingDirtyYear.year) == year, col(ReportingDirtyYear.version) == version
+            )
+        )
+
+
+async def drop_facts(session: AsyncSession) -> None:
+    """Forget every projected fact (before a rebuild)."""
+    models: list[type[SQLModel]] = [*FACT_TABLES, ReportingDirtyYear]
+    for model in models:
+        await session.execute(delete(model))
+
+
+# --- state values ----------------------------------------------------------------------------
+
+
+async def get_state(session: AsyncSession, key: str) -> str | None:
+    row = await session.get(ReportingState, key)
+    return None if row is None else row.value
+
+
+async def set_state(session: AsyncSession, key: str, value: str) -> None:
+    await upsert(session, ReportingState, [{"key": key, "value": value}])
+
+
+# --- what the figures are computed from ------------------------------------------------------
+
+
+async def horizon(session: AsyncSession) -> str | None:
+    """The newest month with any fact (``YYYY-MM``), None without facts."""
+    newest_fact = await session.scalar(select(func.max(col(ReportingFact.month))))
+    newest_case = await session.scalar(select(func.max(ReportingCase.registered_month)))
+    found = [m for m in (newest_fact, newest_case) if m]
+    return max(found) if found else None
+
+
+async def oldest_year(session: AsyncSession) -> int | None:
+    """The oldest year with any fact."""
+    oldest_fact = await session.scalar(select(func.min(ReportingFact.month)))
+    oldest_case = await session.scalar(select(func.min(ReportingCase.registered_month)))
+    found = [m for m in (oldest_fact, oldest_case) if m]
+    return domain.year_of(min(found)) if found else None
+
+
+_CONTACTS = [FactKind.COMPLETED.value, FactKind.FIRST_CONTACT.value]
+
+
+async def load_year(session: AsyncSession, year: int, newest: str) -> YearInputs:
+    """Every fact the figures of ``year`` depend on; facts of duplicate cases left out.
+
+    Plain rows (Core selects), not ORM objects: a year of a big city is a lot of rows.
+    """
+    in_year = f"{year}-%"
+    cohort_case = and_(CASES.c.registered_month.like(in_year), CASES.c.excluded == false())
+    # Facts of a family nobody registered (yet) count; those of a duplicate never do.
+    counted = or_(CASES.c.excluded.is_(None), CASES.c.excluded == false())
+    with_case = FACTS.outerjoin(CASES, CASES.c.case_id == FACTS.c.case_id)
+    cohort = [_case(row) for row in await session.execute(select(CASES).where(cohort_case))]
+    consents = [
+        _consent(row)
+        for row in await session.execute(
+            select(CONSENTS).join(CASES, CASES.c.case_id == CONSENTS.c.case_id).where(cohort_case)
+        )
+    ]
+    cohort_contacts = [
+        _fact(row)
+        for row in await session.execute(
+            select(FACTS)
+            .join(CASES, CASES.c.case_id == FACTS.c.case_id)
+            .where(cohort_case, FACTS.c.kind.in_(_CONTACTS))
+        )
+    ]
+    activity: list[Fact] = []
+    channels: dict[str, str] = {}
+    for row in await session.execute(
+        select(FACTS, CASES.c.channel.label("channel"))
+        .select_from(with_case)
+        .where(FACTS.c.month.like(in_year), FACTS.c.kind != FactKind.ESCALATED.value, counted)
+    ):
+        activity.append(_fact(row))
+        if row.channel is not None:
+            channels[row.case_id] = row.channel
+    statuses: dict[str, str] = {}
+    for referral_id, status in await session.execute(
+        select(REFERRALS.c.referral_id, REFERRALS.c.status)
+        .join(
+            FACTS,
+            and_(
+                FACTS.c.ref == REFERRALS.c.referral_id,
+                FACTS.c.kind == FactKind.REQUESTED.value,
+            ),
+        )
+        .where(FACTS.c.month.like(in_year))
+    ):
+        statuses[referral_id] = status
+    # Closed before the year began: cannot be open at any of its month ends.
+    closed_before = datetime(year, 1, 1, tzinfo=UTC) - timedelta(days=1)
+    escalations = [
+        fact
+        for fact in (
+            _fact(row)
+            for row in await session.execute(
+                select(FACTS)
+                .select_from(with_case)
+                .where(
+                    FACTS.c.kind == FactKind.ESCALATED.value,
+                    FACTS.c.month <= f"{year}-12",
+                    counted,
+                )
+            )
+        )
+        if fact.until is None or fact.until >= closed_before
+    ]
+    return YearInputs(
+        year=year,
+        horizon=newest,
+        cohort=cohort,
+        consents=consents,
+        cohort_contacts=cohort_contacts,
+        activity=activity,
+        channels=channels,
+        statuses=statuses,
+        escalations=escalations,
+    )
+
+
+async def published_cells(
+    session: AsyncSession, year: int
+) -> dict[CellKey, tuple[float | None, bool]]:
+    """What the reporting stream says for the periods of ``year``."""
+    rows = await session.execute(
+        select(
+            KPIS.c.bezirk,
+            KPIS.c.period,
+            KPIS.c.figure,
+            KPIS.c.dimension,
+            KPIS.c.value,
+            KPIS.c.suppressed,
+        ).where(KPIS.c.period.like(f"{year}%"))
+    )
+    return {(b, p, f, d): (v, bool(s)) for b, p, f, d, v, s in rows}
