@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from lotse_contracts.personal import new_data_key
+from lotse_contracts.personal import encode_data_key, new_data_key
 from lotse_referrals.keyring import (
     HttpKeyring,
     KeyGone,
     KeyringUnavailable,
-    encode_key,
     service_headers,
 )
 
@@ -28,7 +27,9 @@ async def test_a_released_key_is_decoded_and_the_purpose_is_named() -> None:
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, json={"case_id": CASE, "kid": "fk-1", "key": encode_key(key)})
+        return httpx.Response(
+            200, json={"case_id": CASE, "kid": "fk-1", "key": encode_data_key(key)}
+        )
 
     assert await keyring(httpx.MockTransport(answer)).data_key(CASE) == ("fk-1", key)
     assert seen[0].url.path == f"/keyring/cases/{CASE}"

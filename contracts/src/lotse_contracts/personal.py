@@ -110,6 +110,23 @@ def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def encode_data_key(key: bytes) -> str:
+    """A family's data key as it travels (keyring answers, Träger disclosure keys):
+    base64url without padding."""
+    return _b64encode(key)
+
+
+def decode_data_key(text: str) -> bytes:
+    """A data key from its travelling form (padding optional); raises ValueError."""
+    try:
+        raw = _b64decode(text)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("key is not base64url") from exc
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(raw)}")
+    return raw
+
+
 def _aad(case_id: str) -> bytes:
     return _AAD_PREFIX + case_id.encode("utf-8")
 

@@ -258,6 +258,23 @@ class EventConsumer:
         # batch saves round trips, and a redelivery after a crash is caught by the inbox.
         await consumer.commit({tp: self._positions[tp]})
 
+    def _delivery(
+        self,
+        record: ConsumerRecord[Any, Any],
+        event: CloudEvent,
+        data: EventModel,
+        session: AsyncSession,
+    ) -> Delivery:
+        return Delivery(
+            event=event,
+            data=data,
+            session=session,
+            outbox=self.outbox,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
+
     def _span(self, record: ConsumerRecord[Any, Any]) -> contextlib.AbstractContextManager[Any]:
         """A consumer span continuing the producer's trace (``traceparent`` header)."""
         if self.telemetry is None:
@@ -323,15 +340,7 @@ class EventConsumer:
                             offset=record.offset,
                         )
                         await self.handlers[event.type](
-                            Delivery(
-                                event=event,
-                                data=data,
-                                session=session,
-                                outbox=self.outbox,
-                                topic=record.topic,
-                                partition=record.partition,
-                                offset=record.offset,
-                            )
+                            self._delivery(record, event, data, session)
                         )
                         # Make this event's rows visible to the next handler's queries, as
                         # they would be had it run in a transaction of its own.
@@ -420,17 +429,7 @@ class EventConsumer:
                     if not fresh:
                         self.duplicates += 1
                         return None, "duplicate"
-                    await handler(
-                        Delivery(
-                            event=event,
-                            data=data,
-                            session=session,
-                            outbox=self.outbox,
-                            topic=record.topic,
-                            partition=record.partition,
-                            offset=record.offset,
-                        )
-                    )
+                    await handler(self._delivery(record, event, data, session))
                 self.processed += 1
                 return None, "ok"
             except EventRejected as exc:

@@ -51,17 +51,7 @@ async def claim(
     existing = await session.get(InboxEntry, (consumer, event.source, event.id))
     if existing is not None:
         return False
-    session.add(
-        InboxEntry(
-            consumer=consumer,
-            source=event.source,
-            event_id=event.id,
-            event_type=event.type,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-        )
-    )
+    record(session, consumer=consumer, event=event, topic=topic, partition=partition, offset=offset)
     return True
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import Response
 from lotse_contracts.events.intake import Screening
-from lotse_contracts.personal import PersonalData
+from lotse_contracts.personal import PersonalData, encode_data_key
 from lotse_runtime.app import runtime_of
 from lotse_runtime.audit import AuditAction
 from lotse_runtime.identity import AccessDenied, CallerDep, Role, ensure_role
@@ -26,7 +26,7 @@ from lotse_intake import domain
 from lotse_intake import operations as ops
 from lotse_intake.domain import Refusal
 from lotse_intake.idempotency import IdempotencyKey, Outcome
-from lotse_intake.keyring import encode_key, open_for
+from lotse_intake.keyring import open_for
 from lotse_intake.tables import (
     CaseDetail,
     CasePublic,
@@ -414,7 +414,7 @@ def _keyring_routes(api: APIRouter) -> None:
                 raise Refusal("case_id", "no such case", status=404)
             kid, key = await ops.family_key(session, call.intake.keyring, case)
             call.audit(session, AuditAction.key_release, case_id, purpose)
-        return DataKeyPublic(case_id=case_id, kid=kid, key=encode_key(key))
+        return DataKeyPublic(case_id=case_id, kid=kid, key=encode_data_key(key))
 
     @api.get(
         "/keyring/keys/{kid}",
@@ -442,4 +442,4 @@ def _keyring_routes(api: APIRouter) -> None:
                 raise Refusal("kid", "no such key", status=404)
             case_id, key = found
             call.audit(session, AuditAction.key_release, case_id, purpose)
-        return DataKeyPublic(case_id=case_id, kid=kid, key=encode_key(key))
+        return DataKeyPublic(case_id=case_id, kid=kid, key=encode_data_key(key))

@@ -8,7 +8,6 @@ nothing. Erasure deletes the key row: from then on no block of the family opens 
 
 from __future__ import annotations
 
-import base64
 import uuid
 from datetime import datetime
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 from lotse_contracts.personal import (
     BlockUnreadable,
     EncryptedBlock,
+    decode_data_key,
+    encode_data_key,
     new_data_key,
     open_block,
     seal,
@@ -31,14 +32,6 @@ from lotse_intake.tables import IntakeDataKey
 KEK_ID = "intake-kek-1"
 
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 class Keyring:
     """Creates, finds and destroys families' data keys inside the caller's transaction."""
 
@@ -46,14 +39,14 @@ class Keyring:
         self._kek = key_encryption_key
 
     def _wrap(self, key: bytes, case_id: str) -> str:
-        block = seal({"k": _b64(key)}, key=self._kek, kid=KEK_ID, case_id=case_id)
+        block = seal({"k": encode_data_key(key)}, key=self._kek, kid=KEK_ID, case_id=case_id)
         return block.model_dump_json()
 
     def _unwrap(self, wrapped: str, case_id: str) -> bytes:
         block = EncryptedBlock.model_validate_json(wrapped)
         if block.kid != KEK_ID:
             raise BlockUnreadable(f"data key wrapped with unknown key encryption key {block.kid}")
-        return _unb64(open_block(block, key=self._kek, case_id=case_id)["k"])
+        return decode_data_key(open_block(block, key=self._kek, case_id=case_id)["k"])
 
     def create(self, session: AsyncSession, case_id: str, now: datetime) -> tuple[str, bytes]:
         """A fresh data key for a new family: (kid, key)."""
@@ -95,8 +88,3 @@ def seal_for(payload: BaseModel, *, key: bytes, kid: str, case_id: str) -> Encry
 def open_for(block_json: str, *, key: bytes, case_id: str) -> dict[str, Any]:
     """Open a stored block of a family."""
     return open_block(EncryptedBlock.model_validate_json(block_json), key=key, case_id=case_id)
-
-
-def encode_key(key: bytes) -> str:
-    """A data key as it travels to an authorised service: base64url without padding."""
-    return _b64(key)

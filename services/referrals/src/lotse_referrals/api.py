@@ -19,6 +19,7 @@ from lotse_contracts.events.referrals import (
     ReferralStatus,
     RejectionReason,
 )
+from lotse_contracts.personal import encode_data_key
 from lotse_runtime import audit
 from lotse_runtime.app import ServiceRuntime, runtime_of
 from lotse_runtime.identity import (
@@ -38,7 +39,7 @@ from sqlmodel import col
 from lotse_referrals import domain
 from lotse_referrals import operations as ops
 from lotse_referrals.domain import Step
-from lotse_referrals.keyring import KeyGone, KeyringUnavailable, encode_key
+from lotse_referrals.keyring import KeyGone, KeyringUnavailable
 from lotse_referrals.operations import Context, Refused, StepDetails
 from lotse_referrals.tables import (
     Case,
@@ -597,7 +598,7 @@ def referrals_router() -> APIRouter:
                 purpose=f"open the disclosure of referral {referral_id}",
                 path="/referrals/{referral_id}/disclosure-key",
             )
-        return DisclosureKey(referral_id=referral_id, kid=kid, key=encode_key(key))
+        return DisclosureKey(referral_id=referral_id, kid=kid, key=encode_data_key(key))
 
     @router.get(
         "/cases/{case_id}/referrals",

@@ -9,14 +9,12 @@ after an erasure the keyring answers "gone" and so does this service.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from pathlib import Path
 from typing import Protocol
 
 import httpx
-from lotse_contracts.personal import KEY_BYTES
+from lotse_contracts.personal import decode_data_key
 
 _log = logging.getLogger(__name__)
 
@@ -33,21 +31,6 @@ class Keyring(Protocol):
     async def data_key(self, case_id: str) -> tuple[str, bytes]:
         """(kid, key) of the family's data key; raises KeyGone or KeyringUnavailable."""
         ...
-
-
-def decode_key(text: str) -> bytes:
-    """A data key from its base64url form (padding optional); raises ValueError."""
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("key is not base64url") from exc
-    if len(raw) != KEY_BYTES:
-        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(raw)}")
-    return raw
-
-
-def encode_key(key: bytes) -> str:
-    return base64.urlsafe_b64encode(key).rstrip(b"=").decode("ascii")
 
 
 class HttpKeyring:
@@ -86,7 +69,7 @@ class HttpKeyring:
             raise KeyringUnavailable(f"keyring answered HTTP {response.status_code}")
         try:
             body = response.json()
-            return str(body["kid"]), decode_key(str(body["key"]))
+            return str(body["kid"]), decode_data_key(str(body["key"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise KeyringUnavailable(f"keyring answer unusable: {exc}") from exc
 
