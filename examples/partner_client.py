@@ -294,15 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     fetcher = None
     if args.lotse_url:
-        if args.token_file:
-            credentials = {"Authorization": f"Bearer {args.token_file.read_text().strip()}"}
-        else:
-            # A platform in development mode (LOTSE_AUTH_MODE=headers) trusts these headers.
-            credentials = {
-                "X-Lotse-Role": "traeger",
-                "X-Lotse-Subject": f"partner-client-{args.traeger}",
-                "X-Lotse-Traeger": args.traeger,
-            }
+        if args.token_file is None:
+            parser.error("--lotse-url needs --token-file (your bearer token for the API)")
+        credentials = {"Authorization": f"Bearer {args.token_file.read_text().strip()}"}
         fetcher = http_key_fetcher(args.lotse_url, credentials)
     client = PartnerClient(
         bootstrap=args.bootstrap,

@@ -28,7 +28,13 @@ from lotse_runtime.embedded import EmbeddedBroker
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
 from sqlalchemy.engine import make_url
 
+from tests.support import install_test_issuer
+
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+# Before any test module (or nested conftest) builds tokens or apps: every service verifies
+# bearer tokens of the run's own issuer.
+install_test_issuer()
 
 
 def _docker_answers() -> bool:

@@ -4,12 +4,66 @@ Kafka client (confluent-kafka, not the aiokafka the platform itself uses)."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+import os
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
+from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer
+
+# One token issuer for the whole test run. `install_test_issuer` (called by conftest before any
+# test) points every service at its JWKS through the environment, so apps built by tests verify
+# real bearer tokens exactly as in production; `bearer` signs them.
+TEST_ISSUER_KEY_ENV = "LOTSE_TEST_ISSUER_KEY"
+
+
+def install_test_issuer() -> Path:
+    """Create the run's issuer key and JWKS file and configure services to trust them.
+
+    Idempotent: pytest-xdist workers inherit the controller's environment and reuse its key."""
+    if os.environ.get(TEST_ISSUER_KEY_ENV) and os.environ.get("LOTSE_AUTH_JWKS"):
+        return Path(os.environ["LOTSE_AUTH_JWKS"])
+    folder = Path(tempfile.mkdtemp(prefix="lotse-test-issuer-"))
+    issuer = DevelopmentIssuer(folder / "issuer-key.pem")
+    jwks = folder / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    os.environ[TEST_ISSUER_KEY_ENV] = str(issuer.key_file)
+    os.environ["LOTSE_AUTH_JWKS"] = str(jwks)
+    os.environ["LOTSE_AUTH_ISSUER"] = DEV_ISSUER
+    return jwks
+
+
+@functools.cache
+def run_issuer() -> DevelopmentIssuer:
+    key = os.environ.get(TEST_ISSUER_KEY_ENV)
+    if key is None:
+        raise RuntimeError("install_test_issuer() has not run (tests/conftest.py calls it)")
+    return DevelopmentIssuer(Path(key))
+
+
+def bearer(
+    role: str,
+    *,
+    subject: str | None = None,
+    bezirk: str | None = None,
+    traeger: str | None = None,
+    clinic: str | None = None,
+) -> dict[str, str]:
+    """HTTP headers carrying a valid token of the run's test issuer for this caller."""
+    token = run_issuer().token(
+        role=role,
+        subject=subject or f"test-{role}",
+        bezirk=bezirk,
+        traeger=traeger,
+        clinic=clinic,
+    )
+    return {"Authorization": f"Bearer {token}"}
 
 
 async def eventually(

@@ -1,21 +1,27 @@
 """Helpers of the deployment tests: rendering overlays with kubectl, reading YAML, selectors.
 
 Everything is offline: ``kubectl kustomize`` renders without a cluster (no kubeconfig is
-given to it), YAML is read with PyYAML.
+given to it), YAML is read with PyYAML. The dev overlay reads development secrets from
+git-ignored files; the overlays are rendered from a copy of deploy/ with freshly generated ones
+(``lotse dev-secrets``), which leaves the developer's own files alone and works on a fresh
+checkout.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import shutil
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from lotse_runtime import dev_secrets
 from lotse_runtime.settings import ServiceSettings
 
 Obj = dict[str, Any]
@@ -36,6 +42,22 @@ def kubectl() -> str | None:
 
 
 @cache
+def render_root() -> Path:
+    """A scratch repository root: deploy/ and docker-compose.yml, plus generated dev secrets."""
+    scratch = Path(tempfile.mkdtemp(prefix="lotse-deploy-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    shutil.copytree(
+        ROOT / "deploy",
+        scratch / "deploy",
+        # Whatever the developer generated stays out: the copy gets its own.
+        ignore=shutil.ignore_patterns(dev_secrets.K8S_SECRETS_DIR.name, "*.pem"),
+    )
+    shutil.copy2(ROOT / "docker-compose.yml", scratch / "docker-compose.yml")
+    dev_secrets.write(scratch)
+    return scratch
+
+
+@cache
 def _render(path: str) -> str:
     binary = kubectl()
     if binary is None:
@@ -45,7 +67,7 @@ def _render(path: str) -> str:
         )
     # No kubeconfig: nothing here may reach for a cluster.
     result = subprocess.run(
-        [binary, "kustomize", str(K8S / path)],
+        [binary, "kustomize", str(render_root() / K8S.relative_to(ROOT) / path)],
         capture_output=True,
         text=True,
         timeout=90,

@@ -4,17 +4,23 @@ Static checks, no Docker engine, cluster or network: the overlays are rendered w
 ``kubectl kustomize`` (skipped with a message where kubectl is missing), every standard
 resource is validated with kubernetes-validate (strict, Kubernetes 1.32), the custom resources
 (Strimzi, KEDA) against the fields their operators require, docker-compose.yml against the
-Compose Specification's JSON Schema, and all YAML with yamllint.
+Compose Specification's JSON Schema, and all YAML with yamllint. Development secrets come from
+``lotse dev-secrets``, generated into a scratch copy (tests.deploy.manifests.render_root).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import json
 import os
 import re
+import secrets
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,9 +32,13 @@ import yaml
 from lotse_contracts import topics as topic_names
 from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import load_registry
-from lotse_runtime import acls
+from lotse_runtime import acls, dev_secrets
+from lotse_runtime.app import resolver_from_settings
+from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer
 from lotse_runtime.cli import DEFAULT_PORTS
+from lotse_runtime.identity import Caller
 from lotse_runtime.settings import ServiceSettings
+from starlette.requests import Request
 
 from tests.deploy.manifests import (
     KUBERNETES_VERSION,
@@ -41,6 +51,7 @@ from tests.deploy.manifests import (
     named,
     named_prefix,
     of_kind,
+    render_root,
     rendered,
     selects,
     settings_class,
@@ -65,12 +76,29 @@ CUSTOM_KINDS = {
 }
 # Environment variables the image reads itself, not a service's settings.
 IMAGE_VARIABLES = {"LOTSE_SERVICE"}
-# A well-formed value for settings that come from Secrets (the cluster fills them in).
-SECRET_PLACEHOLDERS = {
-    "DATABASE_URL": "postgresql://user:password@db.example.org:5432/db",
-    "KEY_ENCRYPTION_KEY": "iVFouUP1esQ2t_k6kmX5J_3fYoj9lOTC3lgq5BH2p-Y",
-    "MATCH_KEY_SECRET": "5xC9RjI7ae87IxuuvykQu4_ONgTGK2B5pnHlfsZnjJk",
-}
+INIT_SCRIPTS = (
+    ROOT / "deploy" / "compose" / "init-databases.sh",
+    ROOT / "deploy" / "k8s" / "overlays" / "dev" / "postgres-init.sh",
+)
+
+
+def _secret_placeholder(variable: str) -> str | None:
+    """A well-formed value for a setting that comes from a Secret (the cluster fills it in);
+    drawn at random, so that nothing secret-looking is committed here either."""
+    if variable.endswith("DATABASE_URL"):
+        return f"postgresql://lotse:{secrets.token_urlsafe(12)}@db.example.org:5432/lotse"
+    if variable.endswith(("KEY_ENCRYPTION_KEY", "MATCH_KEY_SECRET")):
+        return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    return None
+
+
+def _accepts_development_token(settings: ServiceSettings) -> Caller:
+    """The caller a service with these settings sees for a token that `lotse token --key-file
+    deploy/dev-issuer-key.pem` signs (the key `lotse dev-secrets` wrote into render_root)."""
+    issuer = DevelopmentIssuer(render_root() / dev_secrets.ISSUER_KEY_FILE)
+    token = issuer.token(role="familienbuero", subject="fb-1", bezirk="hoerde")
+    request = Request({"type": "http", "headers": [(b"authorization", f"Bearer {token}".encode())]})
+    return asyncio.run(resolver_from_settings(settings).resolve(request))
 
 
 @pytest.fixture(scope="module")
@@ -239,10 +267,47 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
 
 
 @pytest.fixture(scope="module")
-def compose() -> Obj:
+def compose_file() -> Obj:
+    """docker-compose.yml as written, ${VARIABLES} and all."""
     loaded = load_yaml(COMPOSE_FILE)
     assert isinstance(loaded, dict)
     return loaded
+
+
+_COMPOSE_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::\?([^}]*))?\}")
+
+
+def _interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's interpolation of ${VAR} and ${VAR:?message} in every string value."""
+    if isinstance(value, dict):
+        return {key: _interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, message = match.group(1), match.group(2)
+        if not env.get(name):
+            raise LookupError(f"{name}: {message or 'unset'}")
+        return env[name]
+
+    return _COMPOSE_VARIABLE.sub(substitute, value)
+
+
+@pytest.fixture(scope="module")
+def compose_env() -> dict[str, str]:
+    """The .env that `lotse dev-secrets` writes (into the scratch root)."""
+    return dev_secrets.read_env_file(render_root() / dev_secrets.ENV_FILE)
+
+
+@pytest.fixture(scope="module")
+def compose(compose_file: Obj, compose_env: dict[str, str]) -> Obj:
+    """docker-compose.yml as compose sees it, with the .env of `lotse dev-secrets`."""
+    interpolated: Obj = _interpolate(compose_file, compose_env)
+    return interpolated
 
 
 def test_compose_schema_fixture_is_the_documented_one() -> None:
@@ -254,7 +319,8 @@ def test_compose_schema_fixture_is_the_documented_one() -> None:
     assert "compose-spec/compose-spec" in readme
 
 
-def test_compose_file_follows_the_compose_specification(compose: Obj) -> None:
+def test_compose_file_follows_the_compose_specification(compose_file: Obj) -> None:
+    compose = compose_file
     schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
     validator = jsonschema.Draft7Validator(schema)
     errors = [
@@ -306,7 +372,7 @@ def test_compose_service_has_own_database_kafka_and_readiness_check(
         assert depends_on[dependency]["condition"] == "service_healthy", dependency
     assert depends_on["kafka-topics"]["condition"] == "service_completed_successfully"
 
-    # On the developer's machine only: the services trust development auth headers.
+    # On the developer's machine only: development credentials and token issuer.
     assert config.get("ports") == [f"127.0.0.1:{DEFAULT_PORTS[service]}:{HTTP_PORT}"]
     assert config.get("read_only") is True
     assert "ALL" in config.get("cap_drop", [])
@@ -325,12 +391,42 @@ def test_compose_settings_are_real_settings_of_the_service(
     settings = _settings_from_env(service, env, monkeypatch)
     assert settings.kafka_bootstrap == "kafka:9092"
     assert settings.create_topics is False
+    # Tokens of the development issuer whose key `lotse dev-secrets` wrote are accepted.
+    assert settings.auth_issuer == DEV_ISSUER
+    caller = _accepts_development_token(settings)
+    assert (caller.role, caller.bezirk) == ("familienbuero", "hoerde")
 
 
-def test_compose_services_do_not_share_a_database(compose: Obj) -> None:
+def test_compose_services_do_not_share_a_database(
+    compose: Obj, compose_env: dict[str, str]
+) -> None:
     urls = [urlsplit(_database_url(compose["services"][s])[1]) for s in SERVICES]
     assert len({url.path for url in urls}) == len(SERVICES)
     assert len({url.username for url in urls}) == len(SERVICES)
+    # Each role's password is the one the init script gives it.
+    postgres = env_mapping(compose["services"]["postgres"]["environment"])
+    for service, url in zip(SERVICES, urls, strict=True):
+        variable = dev_secrets.database_password_variable(service)
+        assert url.password == postgres[variable] == compose_env[variable], service
+
+
+def test_compose_takes_every_secret_from_the_generated_env_file(
+    compose_file: Obj, compose_env: dict[str, str]
+) -> None:
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    variables = set(re.findall(r"\$\{(\w+)", text))
+    assert variables, "secrets come from .env"
+    # Each one is required (compose stops, saying what to run) and `lotse dev-secrets` sets it.
+    for name in variables:
+        assert re.search(rf"\$\{{{name}:\?[^}}]*dev-secrets", text), name
+    assert variables <= set(compose_env), variables - set(compose_env)
+    with pytest.raises(LookupError, match="dev-secrets"):
+        _interpolate(compose_file, {})
+    # No literal credential left: database URLs and PostgreSQL take theirs from variables.
+    for config in compose_file["services"].values():
+        for key, value in env_mapping(config.get("environment", {})).items():
+            if key.endswith(("PASSWORD", "_KEY", "_SECRET", "DATABASE_URL", "AUTH_JWKS")):
+                assert "${" in value, f"{key} is written into docker-compose.yml"
 
 
 def test_compose_infrastructure(compose: Obj) -> None:
@@ -348,9 +444,13 @@ def test_compose_infrastructure(compose: Obj) -> None:
     assert postgres["image"] == "postgres:16-alpine"
     assert "healthcheck" in postgres
     mounts = [str(volume) for volume in postgres.get("volumes", [])]
-    init = [m for m in mounts if m.startswith("./deploy/compose/init-databases.sql:")]
-    assert len(init) == 1, "deploy/compose/init-databases.sql is mounted"
+    init = [m for m in mounts if m.startswith("./deploy/compose/init-databases.sh:")]
+    assert len(init) == 1, "deploy/compose/init-databases.sh is mounted"
     assert ":/docker-entrypoint-initdb.d/" in init[0]
+    assert init[0].endswith(".sh:ro")
+    env = env_mapping(postgres["environment"])
+    for service in SERVICES:
+        assert env[dev_secrets.database_password_variable(service)], service
 
     collector = services["otel-collector"]
     assert str(collector["image"]).startswith("otel/opentelemetry-collector-contrib")
@@ -399,16 +499,81 @@ def test_compose_dashboard_and_apis_are_on_localhost(compose: Obj) -> None:
     assert "http://localhost:16686" in header
 
 
-def test_compose_init_script_creates_one_database_per_service() -> None:
-    for sql_file in (
-        ROOT / "deploy" / "compose" / "init-databases.sql",
-        ROOT / "deploy" / "k8s" / "overlays" / "dev" / "postgres-init.sql",
-    ):
-        sql = sql_file.read_text(encoding="utf-8")
-        databases = re.findall(r"^\s*CREATE DATABASE (\w+)", sql, re.MULTILINE | re.IGNORECASE)
-        owners = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+)", sql, re.IGNORECASE))
-        assert sorted(databases) == sorted(SERVICES), sql_file
-        assert owners == {service: service for service in SERVICES}, sql_file
+def test_compose_and_dev_cluster_run_the_same_database_init_script() -> None:
+    compose_script, cluster_script = (path.read_bytes() for path in INIT_SCRIPTS)
+    assert compose_script == cluster_script, "keep the two copies identical"
+    text = compose_script.decode()
+    [services] = re.findall(r"\$\{LOTSE_DB_SERVICES:-([^}]*)\}", text)
+    assert services.split() == list(SERVICES)
+    assert "PASSWORD :'password'" in text, "psql quotes the password from the environment"
+    assert not re.search(r"PASSWORD\s+'", text), "no literal password"
+
+
+def test_database_init_script_creates_a_role_and_database_per_service(
+    postgres_url: str,
+) -> None:
+    # The script itself, against the test PostgreSQL, for two throw-away services whose
+    # passwords hold what could break quoting.
+    psql = shutil.which("psql")
+    if psql is None:
+        pytest.skip("psql is not installed: the init script cannot be run")
+    server = urlsplit(postgres_url)
+    names = [f"lotse_init_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    passwords = {name: f"{secrets.token_urlsafe(8)}'; DROP ROLE x; --" for name in names}
+    env = {
+        **os.environ,
+        "PGHOST": server.hostname or "127.0.0.1",
+        "PGPORT": str(server.port or 5432),
+        "PGPASSWORD": server.password or "",
+        "POSTGRES_USER": server.username or "postgres",
+        "POSTGRES_DB": server.path.lstrip("/") or "postgres",
+        "LOTSE_DB_SERVICES": " ".join(names),
+        **{dev_secrets.database_password_variable(n): p for n, p in passwords.items()},
+    }
+
+    def query(sql: str) -> str:
+        return subprocess.run(
+            [psql, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        result = subprocess.run(
+            ["sh", str(INIT_SCRIPTS[0])],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        for name in names:
+            owner = query(
+                "SELECT r.rolname, r.rolcanlogin, r.rolpassword IS NOT NULL FROM pg_database d "
+                f"JOIN pg_authid r ON r.oid = d.datdba WHERE d.datname = '{name}'"
+            )
+            assert owner == f"{name}|t|t", name
+            assert query(f"SELECT has_database_privilege('public', '{name}', 'CONNECT')") == "f"
+        # A missing password stops the script with a hint, before anything is created.
+        broken = {**env, dev_secrets.database_password_variable(names[0]): ""}
+        failed = subprocess.run(
+            ["sh", str(INIT_SCRIPTS[0])],
+            env=broken,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert failed.returncode != 0
+        assert "dev-secrets" in failed.stderr
+    finally:
+        for name in names:
+            query(f'DROP DATABASE IF EXISTS "{name}"')
+            query(f'DROP ROLE IF EXISTS "{name}"')
 
 
 def test_compose_collector_sends_traces_to_jaeger_and_serves_metrics() -> None:
@@ -911,18 +1076,25 @@ def test_services_settings_are_valid_settings(
             if "value" in item:
                 values[key] = item["value"]
             else:
-                placeholder = [v for k, v in SECRET_PLACEHOLDERS.items() if key.endswith(k)]
+                placeholder = _secret_placeholder(key)
                 assert placeholder, f"{name}: {key} from a Secret, but no placeholder known"
-                values[key] = placeholder[0]
+                values[key] = placeholder
         settings = _settings_from_env(service, values, monkeypatch)
         assert settings.create_topics is False, "Strimzi owns the topics"
         assert settings.kafka_security_protocol == "SASL_SSL"
         assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
         assert settings.kafka_sasl_username == f"service-{service}"
-        assert settings.auth_mode == ("headers" if overlay == "dev" else "jwt")
+        # Every overlay names an issuer and its keys: without them a service would fall back
+        # to a development issuer of its own, whose tokens nobody can get.
+        assert settings.auth_jwks, f"{name}: no AUTH_JWKS"
+        assert settings.auth_issuer, f"{name}: no AUTH_ISSUER"
         if overlay == "prod":
-            assert settings.auth_jwks, "prod verifies real tokens"
-            assert settings.auth_issuer, "prod verifies real tokens"
+            assert settings.auth_issuer.startswith("https://"), "the city's identity provider"
+            assert settings.auth_jwks.startswith("https://"), "its published keys"
+        else:
+            assert settings.auth_issuer == DEV_ISSUER
+            caller = _accepts_development_token(settings)
+            assert (caller.role, caller.bezirk) == ("familienbuero", "hoerde")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -1299,6 +1471,7 @@ def test_dev_brings_its_own_database_and_development_secrets() -> None:
 
     objects = rendered("overlays/dev")
     postgres = named(objects, "Service", "lotse-postgres")
+    roles = named_prefix(objects, "Secret", "lotse-postgres-roles")["data"]
     for name, deployment in _deployments(objects).items():
         service = name.removeprefix("lotse-")
         _, container = _container(deployment)
@@ -1314,6 +1487,22 @@ def test_dev_brings_its_own_database_and_development_secrets() -> None:
                 assert url.hostname == postgres["metadata"]["name"], name
                 assert url.path == f"/{service}", name
                 assert url.username == service, name
+                # The password the init script gave the service's role.
+                variable = dev_secrets.database_password_variable(service)
+                assert url.password == base64.b64decode(roles[variable]).decode(), name
+
+
+def test_dev_database_creates_the_roles_with_the_generated_passwords() -> None:
+    objects = rendered("overlays/dev")
+    postgres = named(objects, "StatefulSet", "lotse-postgres")
+    [container] = postgres["spec"]["template"]["spec"]["containers"]
+    roles = named_prefix(objects, "Secret", "lotse-postgres-roles")
+    assert {"secretRef": {"name": roles["metadata"]["name"]}} in container["envFrom"]
+    assert set(roles["data"]) == {dev_secrets.database_password_variable(s) for s in SERVICES}
+    init = named_prefix(objects, "ConfigMap", "lotse-postgres-init")
+    assert init["data"] == {"postgres-init.sh": INIT_SCRIPTS[1].read_text(encoding="utf-8")}
+    [volume] = [v for v in postgres["spec"]["template"]["spec"]["volumes"] if v["name"] == "init"]
+    assert volume["configMap"]["name"] == init["metadata"]["name"]
 
 
 # -- YAML hygiene ------------------------------------------------------------------------------

@@ -20,42 +20,23 @@ from lotse_runtime.app import ServiceRuntime
 from sqlalchemy import inspect, text
 
 from tests.conftest import Broker
+from tests.support import bearer
 
 CLINIC = "st-josefs-hospital-hoerde"
 # Monday 3 March 2025, 09:15 in Dortmund: the fictitious family's registration.
 START = datetime(2025, 3, 3, 8, 15, tzinfo=UTC)
 
-BABYLOTSE = {"X-Lotse-Role": "babylotse", "X-Lotse-Subject": "bl-7", "X-Lotse-Clinic": CLINIC}
-OTHER_CLINIC = {
-    "X-Lotse-Role": "babylotse",
-    "X-Lotse-Subject": "bl-9",
-    "X-Lotse-Clinic": "klinikum-nord",
-}
-FAMILIENBUERO_HOERDE = {
-    "X-Lotse-Role": "familienbuero",
-    "X-Lotse-Subject": "fb-3",
-    "X-Lotse-Bezirk": "hoerde",
-}
-FAMILIENBUERO_EVING = {
-    "X-Lotse-Role": "familienbuero",
-    "X-Lotse-Subject": "fb-4",
-    "X-Lotse-Bezirk": "eving",
-}
-BEZIRKSTEAM_HOERDE = {
-    "X-Lotse-Role": "bezirksteam",
-    "X-Lotse-Subject": "bt-1",
-    "X-Lotse-Bezirk": "hoerde",
-}
-CITIZENS_OFFICE = {"X-Lotse-Role": "service", "X-Lotse-Subject": "buergerbuero"}
-REFERRALS_SERVICE = {"X-Lotse-Role": "service", "X-Lotse-Subject": "referrals"}
-REPORTING_SERVICE = {"X-Lotse-Role": "service", "X-Lotse-Subject": "reporting"}
-TRAEGER = {
-    "X-Lotse-Role": "traeger",
-    "X-Lotse-Subject": "tr-1",
-    "X-Lotse-Traeger": "hebammenzentrum-dortmund",
-}
-DPO = {"X-Lotse-Role": "dpo", "X-Lotse-Subject": "dsb-1"}
-ANALYST = {"X-Lotse-Role": "analyst", "X-Lotse-Subject": "jhp-1"}
+BABYLOTSE = bearer("babylotse", subject="bl-7", clinic=CLINIC)
+OTHER_CLINIC = bearer("babylotse", subject="bl-9", clinic="klinikum-nord")
+FAMILIENBUERO_HOERDE = bearer("familienbuero", subject="fb-3", bezirk="hoerde")
+FAMILIENBUERO_EVING = bearer("familienbuero", subject="fb-4", bezirk="eving")
+BEZIRKSTEAM_HOERDE = bearer("bezirksteam", subject="bt-1", bezirk="hoerde")
+CITIZENS_OFFICE = bearer("service", subject="buergerbuero")
+REFERRALS_SERVICE = bearer("service", subject="referrals")
+REPORTING_SERVICE = bearer("service", subject="reporting")
+TRAEGER = bearer("traeger", subject="tr-1", traeger="hebammenzentrum-dortmund")
+DPO = bearer("dpo", subject="dsb-1")
+ANALYST = bearer("analyst", subject="jhp-1")
 
 #: Every plaintext personal value of the family in ``registration()``; none of them may
 #: appear in a topic or a database row.

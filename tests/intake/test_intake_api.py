@@ -17,6 +17,7 @@ from tests.intake.helpers import (
     BABYLOTSE,
     BEZIRKSTEAM_HOERDE,
     CITIZENS_OFFICE,
+    CLINIC,
     DPO,
     FAMILIENBUERO_EVING,
     FAMILIENBUERO_HOERDE,
@@ -29,7 +30,7 @@ from tests.intake.helpers import (
     registration,
     run_intake,
 )
-from tests.support import eventually
+from tests.support import bearer, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -622,7 +623,7 @@ def test_racing_repeats_and_duplicates_make_one_case(intake_any_db: Intake) -> N
     body = registration()
     key = {"Idempotency-Key": f"race-{uuid.uuid4()}"}
     requests = [{**BABYLOTSE, **key}] * 4 + [
-        {**BABYLOTSE, "X-Lotse-Subject": f"bl-{n}"} for n in range(4)
+        bearer("babylotse", subject=f"bl-{n}", clinic=CLINIC) for n in range(4)
     ]
     with ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(lambda h: client.post("/cases", json=body, headers=h), requests))

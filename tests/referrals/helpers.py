@@ -34,7 +34,7 @@ from lotse_runtime.consumer import EventConsumer
 from lotse_runtime.outbox import OutboxMessage
 from sqlalchemy import select
 
-from tests.support import produce
+from tests.support import bearer, produce
 
 TRAEGER = "hebammenzentrum-dortmund"
 MODULE = "familienhebamme"
@@ -42,22 +42,14 @@ CLINIC = "st-josefs-hospital-hoerde"
 # Thursday 17 April 2025, 10:00 in Dortmund (the Easter weekend follows).
 START = datetime(2025, 4, 17, 8, 0, tzinfo=UTC)
 
-FAMILIENBUERO = {
-    "X-Lotse-Role": "familienbuero",
-    "X-Lotse-Subject": "fb-3",
-    "X-Lotse-Bezirk": "hoerde",
-}
-FAMILIENBUERO_EVING = {
-    "X-Lotse-Role": "familienbuero",
-    "X-Lotse-Subject": "fb-4",
-    "X-Lotse-Bezirk": "eving",
-}
-BEZIRKSTEAM = {"X-Lotse-Role": "bezirksteam", "X-Lotse-Subject": "bt-1", "X-Lotse-Bezirk": "hoerde"}
-BABYLOTSE = {"X-Lotse-Role": "babylotse", "X-Lotse-Subject": "bl-7", "X-Lotse-Clinic": CLINIC}
+FAMILIENBUERO = bearer("familienbuero", subject="fb-3", bezirk="hoerde")
+FAMILIENBUERO_EVING = bearer("familienbuero", subject="fb-4", bezirk="eving")
+BEZIRKSTEAM = bearer("bezirksteam", subject="bt-1", bezirk="hoerde")
+BABYLOTSE = bearer("babylotse", subject="bl-7", clinic=CLINIC)
 
 
 def traeger_caller(slug: str = TRAEGER) -> dict[str, str]:
-    return {"X-Lotse-Role": "traeger", "X-Lotse-Subject": f"tr-{slug}", "X-Lotse-Traeger": slug}
+    return bearer("traeger", subject=f"tr-{slug}", traeger=slug)
 
 
 #: The family's plaintext values. Those of contact fields may reach the addressed Träger

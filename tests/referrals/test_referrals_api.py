@@ -28,6 +28,7 @@ from tests.referrals.helpers import (
     running,
     traeger_caller,
 )
+from tests.support import bearer
 
 pytestmark = pytest.mark.integration
 
@@ -316,7 +317,7 @@ def test_bad_referral_requests_are_refused_with_field_and_reason_and_store_nothi
         trail = service.client.get(
             "/audit",
             params={"case_id": narrow_family.case_id},
-            headers={"X-Lotse-Role": "dpo", "X-Lotse-Subject": "dsb-1"},
+            headers=bearer("dpo", subject="dsb-1"),
         ).json()
         created = [e for e in trail if e["action"] == "create"]
         assert created[0]["purpose"] == (

@@ -17,7 +17,7 @@ CASE = "3f6c1a9e-8b2d-4c71-9e55-2a7d0f4b8c13"
 
 def keyring(handler: httpx.MockTransport) -> HttpKeyring:
     return HttpKeyring(
-        "http://intake:8001/", headers={"X-Lotse-Role": "service"}, transport=handler
+        "http://intake:8001/", headers={"Authorization": "Bearer t"}, transport=handler
     )
 
 
@@ -34,7 +34,7 @@ async def test_a_released_key_is_decoded_and_the_purpose_is_named() -> None:
     assert await keyring(httpx.MockTransport(answer)).data_key(CASE) == ("fk-1", key)
     assert seen[0].url.path == f"/keyring/cases/{CASE}"
     assert "65 SGB VIII" in seen[0].url.params["purpose"]
-    assert seen[0].headers["X-Lotse-Role"] == "service"
+    assert seen[0].headers["Authorization"] == "Bearer t"
 
 
 @pytest.mark.parametrize("status", [404, 410])
@@ -69,16 +69,12 @@ async def test_an_unreachable_keyring_means_try_again() -> None:
 def test_the_service_identifies_itself_as_intake_expects(tmp_path: object) -> None:
     from pathlib import Path
 
-    assert service_headers(
-        auth_mode="headers", token_file=None, dev_issuer_key=None, audience="lotse"
-    ) == {"X-Lotse-Role": "service", "X-Lotse-Subject": "referrals"}
+    assert service_headers(token_file=None, dev_issuer_key=None, audience="lotse") == {}
     folder = Path(str(tmp_path))
     token_file = folder / "token"
     token_file.write_text("abc.def.ghi\n")
-    assert service_headers(
-        auth_mode="jwt", token_file=str(token_file), dev_issuer_key=None, audience="lotse"
-    ) == {"Authorization": "Bearer abc.def.ghi"}
-    signed = service_headers(
-        auth_mode="jwt", token_file=None, dev_issuer_key=folder / "dev.pem", audience="lotse"
-    )
+    assert service_headers(token_file=str(token_file), dev_issuer_key=None, audience="lotse") == {
+        "Authorization": "Bearer abc.def.ghi"
+    }
+    signed = service_headers(token_file=None, dev_issuer_key=folder / "dev.pem", audience="lotse")
     assert signed["Authorization"].startswith("Bearer ey")

@@ -20,6 +20,7 @@ from tests.conftest import Broker
 from tests.reporting.browser import Chromium, find_chromium
 from tests.reporting.builders import Family, at, publish, to_records
 from tests.reporting.conftest import settings_for, wait_until
+from tests.support import bearer
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +84,7 @@ def registered(url: str) -> float | None:
     response = httpx.get(
         f"{url}/kpis",
         params={"bezirk": "hoerde", "period": "2025-03", "figure": "families_registered"},
-        headers={"X-Lotse-Role": "analyst", "X-Lotse-Subject": "test"},
+        headers=bearer("analyst", subject="test"),
         timeout=5,
     )
     rows = [r for r in response.json() if r["dimension"] is None]
@@ -160,8 +161,6 @@ def test_the_dashboard_needs_a_login_when_not_public(
     app = create_app(settings_for(broker, topics, sqlite_url, dashboard_public=False))
     with TestClient(app) as client:
         assert client.get("/dashboard").status_code == 401
-        page = client.get(
-            "/dashboard", headers={"X-Lotse-Role": "analyst", "X-Lotse-Subject": "jhp"}
-        )
+        page = client.get("/dashboard", headers=bearer("analyst", subject="jhp"))
         assert page.status_code == 200
         assert '<script src="/dashboard/dashboard.js">' in page.text

@@ -23,11 +23,11 @@ from lotse_reporting.app import create_app
 from tests.conftest import Broker
 from tests.reporting.builders import Family, Published, at, new_id, publish, to_records
 from tests.reporting.conftest import context_of, create_topics, settings_for, settle, wait_ready
-from tests.support import Record, _read
+from tests.support import Record, _read, bearer
 
 pytestmark = pytest.mark.integration
 
-ANALYST = {"X-Lotse-Role": "analyst", "X-Lotse-Subject": "jhp-1"}
+ANALYST = bearer("analyst", subject="jhp-1")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 

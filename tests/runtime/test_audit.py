@@ -13,10 +13,13 @@ from lotse_runtime import audit
 from lotse_runtime.app import ServiceRuntime, create_service_app, runtime_of
 from lotse_runtime.db import Database
 from lotse_runtime.embedded import free_port
-from lotse_runtime.identity import AccessDenied, CallerDep
+from lotse_runtime.identity import AccessDenied, CallerDep, Role
+from lotse_runtime.policy import Access, AccessPolicy, personal
 from lotse_runtime.settings import ServiceSettings
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+
+from tests.support import bearer
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +28,8 @@ class ProbeSettings(ServiceSettings):
     service_name: ClassVar[str] = "probe"
 
 
-FB = {"X-Lotse-Role": "familienbuero", "X-Lotse-Subject": "fb-1", "X-Lotse-Bezirk": "eving"}
-DPO = {"X-Lotse-Role": "dpo", "X-Lotse-Subject": "dpo-1"}
+FB = bearer("familienbuero", subject="fb-1", bezirk="eving")
+DPO = bearer("dpo", subject="dpo-1")
 
 
 def client_for(database_url: str) -> TestClient:
@@ -50,7 +53,17 @@ def client_for(database_url: str) -> TestClient:
         return {"case_id": case_id}
 
     settings = ProbeSettings(kafka_bootstrap=f"127.0.0.1:{free_port()}", database_url=database_url)
-    return TestClient(create_service_app(settings, title="p", description="", routers=[router]))
+    # The route records its own entry in its transaction, so the runtime adds none.
+    policy = AccessPolicy(
+        {
+            "GET /cases/{case_id}": personal(
+                Role.familienbuero, purpose="welcome visit", access=Access.read, case_scoped=False
+            )
+        }
+    )
+    return TestClient(
+        create_service_app(settings, title="p", description="", routers=[router], policy=policy)
+    )
 
 
 def test_reads_and_refusals_are_in_the_trail_for_the_dpo_only(database_url: str) -> None:

@@ -16,6 +16,7 @@ from lotse_runtime.app import create_service_app
 from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer, JwksSource, JwtCallerResolver
 from lotse_runtime.embedded import free_port
 from lotse_runtime.identity import CallerDep
+from lotse_runtime.policy import ALL_ROLES, AccessPolicy, allow
 from lotse_runtime.settings import ServiceSettings
 
 
@@ -40,9 +41,12 @@ def client(tmp_path: Path, issuer: DevelopmentIssuer) -> TestClient:
         kafka_bootstrap=f"127.0.0.1:{free_port()}",
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
         data_dir=tmp_path,
-        auth_mode="jwt",
+        auth_jwks=None,  # the development issuer in data_dir, not the test run's
     )
-    return TestClient(create_service_app(settings, title="p", description="", routers=[router]))
+    policy = AccessPolicy({"GET /whoami": allow(*ALL_ROLES)})
+    return TestClient(
+        create_service_app(settings, title="p", description="", routers=[router], policy=policy)
+    )
 
 
 def forged(signer: DevelopmentIssuer, victim: DevelopmentIssuer) -> str:

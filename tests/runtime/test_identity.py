@@ -1,4 +1,4 @@
-"""Identity: caller resolution from development headers, 401/403 mapping, the case access matrix."""
+"""Identity: caller resolution from bearer tokens, 401/403 mapping, the case access matrix."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from lotse_runtime.identity import (
     Caller,
     CallerDep,
     CaseScope,
-    DevelopmentCallerResolver,
     Role,
     ensure_may_access_case,
     ensure_role,
     install_identity,
+    observe_access,
     require_role,
+    scope_checked_earlier,
+    stop_observing,
 )
 from pydantic import ValidationError
+
+from tests.support import bearer, run_issuer
 
 CASES = {
     "c-eving": CaseScope(
@@ -29,7 +33,7 @@ CASES = {
 
 def _app() -> FastAPI:
     app = FastAPI()
-    install_identity(app, DevelopmentCallerResolver())
+    install_identity(app, run_issuer().resolver())
 
     @app.get("/cases/{case_id}")
     async def read_case(case_id: str, caller: CallerDep) -> dict[str, str]:
@@ -54,9 +58,7 @@ def _app() -> FastAPI:
 
 
 def _headers(role: str, subject: str = "u-1", **scope: str) -> dict[str, str]:
-    headers = {"X-Lotse-Role": role, "X-Lotse-Subject": subject}
-    headers.update({f"X-Lotse-{key.capitalize()}": value for key, value in scope.items()})
-    return headers
+    return bearer(role, subject=subject, **scope)
 
 
 async def _get(path: str, headers: dict[str, str]) -> httpx.Response:
@@ -141,19 +143,26 @@ async def test_resolved_caller() -> None:
     }
 
 
+LACKS_SCOPE = "token lacks a valid Lotse role or scope"
+
+
 @pytest.mark.parametrize(
     ("headers", "reason"),
     [
-        ({}, "missing X-Lotse-Role header"),
-        ({"X-Lotse-Role": "  "}, "missing X-Lotse-Role header"),
-        ({"X-Lotse-Role": "admin", "X-Lotse-Subject": "u"}, "X-Lotse-Role is not a known role"),
-        ({"X-Lotse-Role": "analyst"}, "missing X-Lotse-Subject header"),
-        (_headers("familienbuero"), "role familienbuero requires the X-Lotse-Bezirk header"),
-        (_headers("bezirksteam"), "role bezirksteam requires the X-Lotse-Bezirk header"),
-        (_headers("traeger"), "role traeger requires the X-Lotse-Traeger header"),
-        (_headers("babylotse"), "role babylotse requires the X-Lotse-Clinic header"),
-        (_headers("familienbuero", bezirk="Eving; DROP"), "invalid X-Lotse-Bezirk header"),
-        (_headers("analyst", subject="u" * 500), "invalid X-Lotse-Subject header"),
+        ({}, "missing bearer token"),
+        ({"Authorization": "Bearer "}, "missing bearer token"),
+        ({"Authorization": "Basic dTpw"}, "missing bearer token"),
+        ({"Authorization": "Bearer not-a-jwt"}, "invalid token"),
+        (_headers("admin"), LACKS_SCOPE),
+        (_headers("familienbuero"), LACKS_SCOPE),
+        (_headers("bezirksteam"), LACKS_SCOPE),
+        (_headers("traeger"), LACKS_SCOPE),
+        (_headers("babylotse"), LACKS_SCOPE),
+        (
+            _headers("familienbuero", bezirk="Eving; DROP"),
+            LACKS_SCOPE,
+        ),
+        (_headers("analyst", subject="u" * 500), LACKS_SCOPE),
     ],
 )
 async def test_unauthenticated(headers: dict[str, str], reason: str) -> None:
@@ -233,3 +242,37 @@ def test_every_role_has_a_case_policy() -> None:
             denied[role] = exc.reason
     assert set(denied) == {Role.analyst, Role.dpo}
     assert not any(reason.startswith("no case policy") for reason in denied.values())
+
+
+class _Observer:
+    def __init__(self) -> None:
+        self.checked: list[CaseScope | None] = []
+        self.entries: list[str | None] = []
+
+    def case_checked(self, scope: CaseScope | None) -> None:
+        self.checked.append(scope)
+
+    def recorded(self, case_id: str | None) -> None:
+        self.entries.append(case_id)
+
+
+def test_the_policy_layer_hears_only_passed_case_checks() -> None:
+    """What the runtime's policy layer relies on to verify a case-scoped route checked."""
+    observer = _Observer()
+    token = observe_access(observer)
+    try:
+        staff = Caller(subject="fb-1", role=Role.familienbuero, bezirk="eving")
+        scope = CaseScope(bezirk="eving", case_id="c-1")
+        ensure_may_access_case(staff, scope, personal_data=True)
+        with pytest.raises(AccessDenied):
+            ensure_may_access_case(staff, CaseScope(bezirk="hoerde"), personal_data=True)
+        with pytest.raises(AccessDenied):
+            ensure_may_access_case(staff, None, personal_data=True)
+        scope_checked_earlier()
+    finally:
+        stop_observing(token)
+    assert observer.checked == [scope, None]
+    ensure_may_access_case(
+        Caller(subject="s", role=Role.service), CaseScope(bezirk="eving"), personal_data=True
+    )
+    assert len(observer.checked) == 2  # no longer observed

@@ -28,7 +28,7 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel, col
 
-RUNTIME_HEAD = "runtime_0002"  # the audit log follows the outbox/inbox baseline
+RUNTIME_HEAD = "runtime_0003"  # the audit log (and its retention) follow the baseline
 
 pytestmark = pytest.mark.integration
 
@@ -350,4 +350,5 @@ def test_runtime_revisions_match_the_runtime_models() -> None:
     assert sorted(p.name for p in RUNTIME_VERSIONS.glob("*.py") if p.name != "__init__.py") == [
         "runtime_0001_outbox_and_inbox.py",
         "runtime_0002_audit_log.py",
+        "runtime_0003_audit_log_retention.py",
     ]

@@ -10,9 +10,12 @@ from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
 from lotse_runtime.app import create_service_app
 from lotse_runtime.embedded import free_port
-from lotse_runtime.identity import CallerDep
+from lotse_runtime.identity import CallerDep, Role
+from lotse_runtime.policy import AccessPolicy, allow
 from lotse_runtime.settings import ServiceSettings
 from pydantic import BaseModel, Field
+
+from tests.support import bearer
 
 
 class ProbeSettings(ServiceSettings):
@@ -35,10 +38,13 @@ def app_with_routes(tmp_path: Path) -> TestClient:
         kafka_bootstrap=f"127.0.0.1:{free_port()}",
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
     )
-    return TestClient(create_service_app(settings, title="probe", description="", routers=[router]))
+    policy = AccessPolicy({"POST /cases": allow(Role.babylotse)})
+    return TestClient(
+        create_service_app(settings, title="probe", description="", routers=[router], policy=policy)
+    )
 
 
-HEADERS = {"X-Lotse-Role": "babylotse", "X-Lotse-Subject": "bl-1", "X-Lotse-Clinic": "klinikum"}
+HEADERS = bearer("babylotse", subject="bl-1", clinic="klinikum")
 
 
 def test_bad_body_names_each_field_and_reason(tmp_path: Path) -> None:
@@ -56,7 +62,7 @@ def test_caller_is_resolved_in_one_place(tmp_path: Path) -> None:
         anonymous = client.post("/cases", json={"children": 1, "postcode": "44137"})
         known = client.post("/cases", json={"children": 1, "postcode": "44137"}, headers=HEADERS)
     assert anonymous.status_code == 401
-    assert "X-Lotse-Role" in anonymous.json()["detail"]
+    assert anonymous.json()["detail"] == "missing bearer token"
     assert known.json() == {"registered_by": "bl-1"}
 
 
@@ -86,7 +92,12 @@ def test_one_trace_runs_from_the_request_through_database_and_outbox(tmp_path: P
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
     )
     app = create_service_app(
-        settings, title="probe", description="", routers=[router], telemetry=telemetry
+        settings,
+        title="probe",
+        description="",
+        routers=[router],
+        telemetry=telemetry,
+        policy=AccessPolicy({"POST /visits": allow(Role.babylotse)}),
     )
     incoming = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
     with TestClient(app) as client:

@@ -28,23 +28,23 @@ from lotse_runtime.outbox import OutboxMessage
 from lotse_visits.tables import VisitsCase, VisitsVisit
 from sqlmodel import col, select
 
-from tests.support import Record, eventually, produce, read_topic
+from tests.support import Record, bearer, eventually, produce, read_topic
 
 T = TypeVar("T")
 
 #: Monday 3 March 2025, 08:00 in Dortmund: the test's "now" unless moved.
 START = datetime(2025, 3, 3, 7, 0, tzinfo=UTC)
-SERVICE = {"X-Lotse-Role": "service", "X-Lotse-Subject": "svc-tests"}
+SERVICE = bearer("service", subject="svc-tests")
 
 
 def office(bezirk: str) -> dict[str, str]:
     """Headers of a Familienbüro staff member of ``bezirk``."""
-    return {"X-Lotse-Role": "familienbuero", "X-Lotse-Subject": "fb-7", "X-Lotse-Bezirk": bezirk}
+    return bearer("familienbuero", subject="fb-7", bezirk=bezirk)
 
 
 def team(bezirk: str) -> dict[str, str]:
     """Headers of a Bezirksteam member of ``bezirk``."""
-    return {"X-Lotse-Role": "bezirksteam", "X-Lotse-Subject": "bt-2", "X-Lotse-Bezirk": bezirk}
+    return bearer("bezirksteam", subject="bt-2", bezirk=bezirk)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from lotse_contracts.events.visits import (
 )
 from lotse_visits.tables import VisitsVisit
 
+from tests.support import bearer
 from tests.visits.harness import (
     SERVICE,
     VisitsService,
@@ -31,7 +32,7 @@ from tests.visits.harness import (
 pytestmark = pytest.mark.integration
 
 TUESDAY = date(2025, 3, 4)
-BABYLOTSE = {"X-Lotse-Role": "babylotse", "X-Lotse-Subject": "bl-1", "X-Lotse-Clinic": "other"}
+BABYLOTSE = bearer("babylotse", subject="bl-1", clinic="other")
 HOERDE = office("hoerde")
 
 
@@ -156,7 +157,7 @@ def test_visit_details_for_the_own_bezirk_only(
         audit = client.get(
             "/audit",
             params={"case_id": event.case_id},
-            headers={"X-Lotse-Role": "dpo", "X-Lotse-Subject": "dpo-1"},
+            headers=bearer("dpo", subject="dpo-1"),
         ).json()
         reads = [a for a in audit if a["action"] == "read"]
         assert {a["subject"] for a in reads} == {"fb-7"}  # the office's reads, not the team's

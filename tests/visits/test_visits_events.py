@@ -23,6 +23,7 @@ from lotse_contracts.events.visits import (
 from lotse_runtime.consumer import DLQ_REASON, DLQ_STAGE
 from lotse_visits.domain import Booking, Office, clash
 
+from tests.support import bearer
 from tests.visits.harness import (
     START,
     consent_changed,
@@ -306,7 +307,7 @@ def test_overdue_is_raised_once_per_case(start_visits: Callable[..., Any], sqlit
         response = service.client.post(
             f"/visits/{done_visit.visit_id}/complete",
             json={"informed_about_offers": True, "needs_noted": False},
-            headers={"X-Lotse-Role": "service", "X-Lotse-Subject": "svc"},
+            headers=bearer("service", subject="svc"),
         )
         assert response.status_code == 200, response.text
         job = service.runtime.jobs[0]

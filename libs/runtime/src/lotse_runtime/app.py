@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from lotse_contracts.city import Municipality, load_city
@@ -39,13 +39,21 @@ from lotse_runtime.identity import (
     AccessDenied,
     Caller,
     CallerResolver,
-    DevelopmentCallerResolver,
     NotAuthenticated,
     install_identity,
 )
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
 from lotse_runtime.logging import configure_logging
+from lotse_runtime.openapi import document_errors
 from lotse_runtime.outbox import Outbox, OutboxRelay
+from lotse_runtime.policy import (
+    REFUSED_BY_POLICY,
+    AccessPolicy,
+    RouteNotPermitted,
+    check_policy,
+    install_policy,
+    policy_gate,
+)
 from lotse_runtime.settings import ServiceSettings
 from lotse_runtime.telemetry import Telemetry, TelemetryConfig, setup_telemetry
 
@@ -277,13 +285,17 @@ def create_service_app(
     version: str = "0.1.0",
     tables: Sequence[type[SQLModel] | Table] = (),
     routers: Sequence[APIRouter] = (),
+    policy: AccessPolicy | None = None,
     wire: Callable[[ServiceRuntime], object] | None = None,
     caller_resolver: CallerResolver | None = None,
     telemetry: Telemetry | None = None,
     openapi_tags: list[dict[str, Any]] | None = None,
     clock: Clock | None = None,
 ) -> FastAPI:
-    """Build a service's FastAPI app; the lifespan starts and stops its runtime."""
+    """Build a service's FastAPI app; the lifespan starts and stops its runtime.
+
+    `policy` names, for every route of `routers`, who may call it and how calls are audited
+    (see policy.py); a route without a rule makes this raise ``PolicyError``."""
     runtime = build_runtime(settings, telemetry=telemetry, clock=clock)
     if wire is not None:
         wire(runtime)
@@ -291,6 +303,7 @@ def create_service_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.service_name, settings.log_level)
+        check_policy(app)  # routes added after the build need their rule too
         await runtime.db.create_schema(tables, service=settings.service_name)
         await runtime.relay.start()
         connect = asyncio.create_task(_connect_kafka(runtime), name="kafka-connect")
@@ -319,6 +332,8 @@ def create_service_app(
         version=version,
         lifespan=lifespan,
         openapi_tags=openapi_tags,
+        # The access policy's role gate, ahead of every route's own parameters.
+        dependencies=[Depends(policy_gate)],
     )
     app.state.runtime = runtime
     _instrument(app, runtime)
@@ -335,6 +350,8 @@ def create_service_app(
     app.include_router(health_router(checks, timeout_s=settings.readiness_timeout_s))
     for router in routers:
         app.include_router(router)
+    install_policy(app, runtime, policy or AccessPolicy({}))
+    document_errors(app)
     return app
 
 
@@ -380,12 +397,12 @@ def _audit_refusals(app: FastAPI, runtime: ServiceRuntime) -> None:
                         else audit.AuditAction.denied
                     ),
                     case_id=request.path_params.get("case_id"),
-                    purpose="refused",
+                    purpose=REFUSED_BY_POLICY if isinstance(exc, RouteNotPermitted) else "refused",
                     path=getattr(route, "path", request.url.path),
                 )
         except Exception:
             _log.exception("could not audit a refused request")
-        answer = answers[type(exc)]
+        answer = answers[NotAuthenticated if isinstance(exc, NotAuthenticated) else AccessDenied]
         result = answer(request, exc)
         if isinstance(result, Response):
             return result
@@ -397,9 +414,8 @@ def _audit_refusals(app: FastAPI, runtime: ServiceRuntime) -> None:
 
 
 def resolver_from_settings(settings: ServiceSettings) -> CallerResolver:
-    """The caller resolver the settings ask for: bearer tokens, or development headers."""
-    if settings.auth_mode == "headers":
-        return DevelopmentCallerResolver()
+    """Bearer-token verification against the configured issuer, or the local development
+    issuer when none is configured (the embedded default). There is no unauthenticated mode."""
     if settings.auth_jwks is None:
         issuer = DevelopmentIssuer(settings.dev_issuer_key_file(), audience=settings.auth_audience)
         return issuer.resolver()

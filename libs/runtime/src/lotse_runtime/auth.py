@@ -40,13 +40,16 @@ DEFAULT_AUDIENCE = "lotse"
 
 
 class JwksSource:
-    """Signing keys of an issuer, from a JWKS document on disk or at a URL (cached)."""
+    """Signing keys of an issuer: a JWKS document inline, on disk or at a URL (cached)."""
 
     def __init__(self, location: str | Path | dict[str, Any]) -> None:
         self._client: PyJWKClient | None = None
         self._keys: PyJWKSet | None = None
         if isinstance(location, dict):
             self._keys = PyJWKSet.from_dict(location)
+        elif str(location).lstrip().startswith("{"):
+            # Inline, as a ConfigMap value: public keys are not secret.
+            self._keys = PyJWKSet.from_dict(json.loads(str(location)))
         elif str(location).startswith(("http://", "https://")):
             self._client = PyJWKClient(str(location), cache_keys=True, lifespan=300)
         else:
@@ -148,9 +151,18 @@ class DevelopmentIssuer:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Write to a private temporary file, then link it into place: a process starting at
+        # the same moment either wins or loads the winner's complete key.
+        scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(pem)
+        try:
+            os.link(scratch, path)
+        except FileExistsError:
+            return DevelopmentIssuer._load_or_create(path)
+        finally:
+            scratch.unlink()
         return key
 
     def jwks(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ otherwise), waits until each is ready and prints where it listens. Ctrl-C stops 
 ``lotse broker`` runs only the embedded broker.
 ``lotse acls`` renders the Kafka users (ACLs) and topics of deploy/k8s from the subscription
 registry (``--check``: fail on drift; ``--create-topics``: create them on a running Kafka).
+``lotse dev-secrets`` writes development secrets for docker compose and the dev cluster into
+git-ignored files (lotse_runtime.dev_secrets).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import load_registry
 
 from lotse_runtime import acls as acls_command
+from lotse_runtime.auth import DevelopmentIssuer
 from lotse_runtime.embedded import BrokerStartError, EmbeddedBroker, free_port
+from lotse_runtime.identity import Role
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
 
 DEFAULT_PORTS = {"intake": 8001, "visits": 8002, "referrals": 8003, "reporting": 8004}
@@ -114,6 +118,10 @@ def up(args: argparse.Namespace) -> int:
             )
         )
         print(f"Topics:    {len(created)} created for {city.name}")
+        if not (os.environ.get("LOTSE_AUTH_JWKS") or os.environ.get("LOTSE_AUTH_ISSUER")):
+            # Created once here so that all services trust the same local issuer.
+            DevelopmentIssuer(data_dir / "dev-issuer-key.pem")
+            print("Auth:      local development issuer; tokens: ./lotse token --role ROLE ...")
         ports = {name: _port_for(name) for name in sorted(services)}
         for name, target in sorted(services.items()):
             port = ports[name]
@@ -234,10 +242,17 @@ def broker(args: argparse.Namespace) -> int:
 def token(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from lotse_runtime.auth import DevelopmentIssuer
-
-    data_dir = Path(os.environ.get("LOTSE_DATA_DIR", "var"))
-    issuer = DevelopmentIssuer(data_dir / "dev-issuer-key.pem")
+    if args.key_file is not None:
+        if not args.key_file.is_file():
+            # A new key here would sign tokens that no running service trusts.
+            print(
+                f"{args.key_file} does not exist (./lotse dev-secrets creates it)", file=sys.stderr
+            )
+            return 2
+        issuer = DevelopmentIssuer(args.key_file)
+    else:
+        data_dir = Path(os.environ.get("LOTSE_DATA_DIR", "var"))
+        issuer = DevelopmentIssuer(data_dir / "dev-issuer-key.pem")
     print(
         issuer.token(
             role=args.role,
@@ -248,6 +263,27 @@ def token(args: argparse.Namespace) -> int:
             ttl=timedelta(minutes=args.ttl_minutes),
         )
     )
+    return 0
+
+
+def dev_secrets(args: argparse.Namespace) -> int:
+    from lotse_runtime import dev_secrets as generator
+
+    try:
+        result = generator.write(args.root, force=args.force)
+    except FileNotFoundError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    drawn = ", ".join(result.created) if result.created else "nothing new, existing values kept"
+    print(f"development secrets ({drawn}):")
+    for path in result.files:
+        print(f"  {path}")
+    print(
+        f"tokens for docker compose and the dev cluster: ./lotse token --key-file "
+        f"{generator.ISSUER_KEY_FILE} --role ROLE ..."
+    )
+    if args.force:
+        print("new passwords: remove the old database volume (docker compose down -v)")
     return 0
 
 
@@ -265,15 +301,30 @@ def main(argv: list[str] | None = None) -> int:
     broker_parser.add_argument("--port", type=int, default=None)
     broker_parser.set_defaults(func=broker)
     token_parser = commands.add_parser(
-        "token", help="print a development bearer token (services run with LOTSE_AUTH_MODE=jwt)"
+        "token", help="print a bearer token of the local development issuer (`lotse up`)"
     )
-    token_parser.add_argument("--role", required=True)
+    token_parser.add_argument("--role", required=True, choices=[role.value for role in Role])
     token_parser.add_argument("--subject", default="dev-user")
     token_parser.add_argument("--bezirk")
     token_parser.add_argument("--traeger")
     token_parser.add_argument("--clinic")
     token_parser.add_argument("--ttl-minutes", type=int, default=480)
+    token_parser.add_argument(
+        "--key-file",
+        type=Path,
+        help="sign with this issuer key instead of <LOTSE_DATA_DIR>/dev-issuer-key.pem "
+        "(docker compose, dev cluster: deploy/dev-issuer-key.pem from `lotse dev-secrets`)",
+    )
     token_parser.set_defaults(func=token)
+    secrets_parser = commands.add_parser(
+        "dev-secrets",
+        help="generate development secrets for docker compose and the dev cluster (git-ignored)",
+    )
+    secrets_parser.add_argument("--root", type=Path, default=Path.cwd(), help="repository root")
+    secrets_parser.add_argument(
+        "--force", action="store_true", help="draw new values instead of keeping existing ones"
+    )
+    secrets_parser.set_defaults(func=dev_secrets)
     acls_parser = commands.add_parser(
         "acls",
         help="render Strimzi KafkaUsers (ACLs) and KafkaTopics from the subscription registry",

@@ -8,7 +8,8 @@ For each record, in partition order:
 3. validate the data against its model (upcasting retired majors) — or dead-letter it;
 4. in one database transaction: claim the event in the inbox, run the handler (which may add
    follow-up events to the outbox), commit; a duplicate commits nothing;
-5. transient errors retry with exponential backoff; when attempts run out, or the handler
+5. transient errors retry with exponential backoff (while the database does not answer at
+   all, the partition is held and no attempt is counted); when attempts run out, or the handler
    rejects the event as invalid for the domain, the record goes to ``lotse.dlq.<service>``
    with the reason in headers, and the partition moves on;
 6. the offset is committed only after the effect (or the dead letter) is safe.
@@ -71,6 +72,8 @@ _DLQ_HEADERS = {
     DLQ_TIME,
 }
 MAX_REASON_CHARS = 1000
+DATABASE_RETRY_S = 1.0
+"""Pause between tries while the service's database does not answer."""
 
 
 class EventRejected(Exception):
@@ -440,6 +443,17 @@ class EventConsumer:
                 raise
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                if not await self._database_answers():
+                    # The database is away, not the event at fault: hold the partition until
+                    # it answers again (as when the dead-letter topic cannot be written)
+                    # instead of dead-lettering every event that arrives during an outage.
+                    _log.warning(
+                        "database unavailable, holding the partition",
+                        extra={"consumer": self.name, "error": error},
+                    )
+                    attempt = 0
+                    await asyncio.sleep(DATABASE_RETRY_S)
+                    continue
                 if attempt >= self.max_attempts:
                     return (
                         _Verdict(
@@ -455,6 +469,14 @@ class EventConsumer:
                     extra={"consumer": self.name, "attempt": attempt, "error": error},
                 )
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+
+    async def _database_answers(self) -> bool:
+        try:
+            async with asyncio.timeout(DATABASE_RETRY_S):
+                await self.db.ping()
+        except Exception:
+            return False
+        return True
 
     async def _dead_letter(self, record: ConsumerRecord[Any, Any], verdict: _Verdict) -> None:
         producer = self._producer

@@ -8,6 +8,7 @@ never create each other's tables.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -56,6 +57,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # Freed row space is zeroed instead of lingering in the file: an erased family's bytes
+    # (and a destroyed data key) must not be recoverable from free pages.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 
@@ -77,6 +81,7 @@ class Database:
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def is_postgres(self) -> bool:
@@ -120,10 +125,37 @@ class Database:
             create_unmigrated=create_unmigrated,
         )
 
+    def forget_after_commit(self, session: AsyncSession) -> None:
+        """After `session` commits, drop superseded page images from SQLite's write-ahead log.
+
+        Erasure overwrites a family's rows, but the WAL still holds the earlier versions of
+        those pages until a checkpoint; a truncating checkpoint right after the commit removes
+        them from disk. (PostgreSQL keeps dead tuples until VACUUM; its files are not a
+        service's to manage, see docs/operations.md.)
+        """
+        if self.dialect != "sqlite":
+            return
+
+        def schedule(_session: Any) -> None:
+            task = asyncio.get_running_loop().create_task(self._checkpoint())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        event.listen(session.sync_session, "after_commit", schedule, once=True)
+
+    async def _checkpoint(self) -> None:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        except Exception:
+            _log.warning("WAL checkpoint after erasure failed; the next one will catch up")
+
     async def ping(self) -> None:
         """Raise if the database does not answer a trivial query."""
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self.engine.dispose()

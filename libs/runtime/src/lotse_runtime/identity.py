@@ -1,8 +1,9 @@
 """Who is calling, and what may they see: the one place where HTTP callers are resolved.
 
-Routes never look at headers or tokens themselves. They take a `CallerDep` parameter and ask
-the policy helpers (`ensure_role`, `ensure_may_access_case`) before touching data, so the rules
-of the architecture card ("Who uses it") live here and nowhere else:
+Routes never look at headers or tokens themselves. They take a `CallerDep` parameter; which
+roles may call a route is their service's declared access policy (`lotse_runtime.policy`), and
+before touching a case they ask `ensure_may_access_case`, so the rules of the architecture card
+("Who uses it") live here and nowhere else:
 
 * Familienbüro and Bezirksteam: cases of their own Stadtbezirk only.
 * Träger: only cases with a referral addressed to them (which fields they get is the route's
@@ -14,34 +15,44 @@ of the architecture card ("Who uses it") live here and nowhere else:
 
 Denials are answered with 403 {"detail": "not permitted"} whether the case exists or not, and
 routes treat an unknown case id the same way (pass `scope=None`), so probing ids reveals nothing.
+
+Which roles may call a route at all is not decided here but in each service's declarative
+access policy (`lotse_runtime.policy`), enforced by the runtime for every route. The per-case
+check stays with the route, which has the case's data at hand; the runtime watches (through
+`observe_access`) that a case-scoped route really made it before its answer leaves.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar, Token
 from enum import StrEnum
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "ACCESS_DENIED_DETAIL",
     "AccessDenied",
+    "AccessObserver",
     "Caller",
     "CallerDep",
     "CallerResolver",
     "CaseScope",
-    "DevelopmentCallerResolver",
     "NotAuthenticated",
     "Role",
+    "current_access_observer",
     "current_caller",
     "ensure_may_access_case",
     "ensure_role",
     "install_identity",
+    "observe_access",
     "require_role",
+    "scope_checked_earlier",
+    "stop_observing",
 ]
 
 ACCESS_DENIED_DETAIL = "not permitted"
@@ -125,64 +136,6 @@ class CallerResolver(Protocol):
         ...
 
 
-class DevelopmentCallerResolver:
-    """DEVELOPMENT ONLY: trusts plain request headers to say who the caller is.
-
-    Headers: X-Lotse-Role, X-Lotse-Subject, and X-Lotse-Bezirk / X-Lotse-Traeger / X-Lotse-Clinic
-    as the role requires. Anyone can set these, so this must never face a real network; it is
-    replaced by JWT verification behind the same `CallerResolver` protocol.
-    """
-
-    ROLE = "X-Lotse-Role"
-    SUBJECT = "X-Lotse-Subject"
-    BEZIRK = "X-Lotse-Bezirk"
-    TRAEGER = "X-Lotse-Traeger"
-    CLINIC = "X-Lotse-Clinic"
-
-    def __init__(self) -> None:
-        _log.warning("development caller resolver in use: callers are trusted by header")
-
-    async def resolve(self, request: Request) -> Caller:
-        headers = request.headers
-        role_value = headers.get(self.ROLE, "").strip()
-        if not role_value:
-            raise NotAuthenticated(f"missing {self.ROLE} header")
-        try:
-            role = Role(role_value)
-        except ValueError:
-            # The value is not echoed: reasons go back to the client and into logs.
-            raise NotAuthenticated(f"{self.ROLE} is not a known role") from None
-        field_headers = {
-            "subject": self.SUBJECT,
-            "bezirk": self.BEZIRK,
-            "traeger": self.TRAEGER,
-            "clinic": self.CLINIC,
-        }
-        values = {
-            field: headers.get(header, "").strip() or None
-            for field, header in field_headers.items()
-        }
-        if values["subject"] is None:
-            raise NotAuthenticated(f"missing {self.SUBJECT} header")
-        required = _REQUIRED_SCOPE.get(role)
-        if required is not None and values[required] is None:
-            raise NotAuthenticated(f"role {role} requires the {field_headers[required]} header")
-        try:
-            return Caller.model_validate({"role": role, **values})
-        except ValidationError as exc:
-            fields = sorted({str(error["loc"][0]) for error in exc.errors() if error["loc"]})
-            names = ", ".join(field_headers.get(field, field) for field in fields)
-            raise NotAuthenticated(f"invalid {names or 'identity'} header") from None
-
-
-_REQUIRED_SCOPE: dict[Role, str] = {
-    Role.familienbuero: "bezirk",
-    Role.bezirksteam: "bezirk",
-    Role.traeger: "traeger",
-    Role.babylotse: "clinic",
-}
-
-
 # -- FastAPI integration -------------------------------------------------------------------------
 
 
@@ -242,6 +195,10 @@ class CaseScope(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     bezirk: str
+    case_id: str | None = Field(
+        default=None,
+        description="The case, where the route knows it (its audit entry names it).",
+    )
     traeger: frozenset[str] = Field(
         default_factory=frozenset,
         description="Träger that a referral of this case is addressed to.",
@@ -252,6 +209,45 @@ class CaseScope(BaseModel):
     @classmethod
     def _none_is_empty(cls, value: object) -> object:
         return frozenset() if value is None else value
+
+
+class AccessObserver(Protocol):
+    """What the runtime's policy layer wants to hear about one request (see policy.py)."""
+
+    def case_checked(self, scope: CaseScope | None) -> None:
+        """The route passed `ensure_may_access_case` for `scope` (None: scope settled
+        earlier, e.g. an idempotent replay of an answer the same caller got before)."""
+        ...
+
+    def recorded(self, case_id: str | None) -> None:
+        """The route wrote its own audit entry for this access (in its transaction)."""
+        ...
+
+
+_access_observer: ContextVar[AccessObserver | None] = ContextVar(
+    "lotse_access_observer", default=None
+)
+
+
+def observe_access(observer: AccessObserver | None) -> Token[AccessObserver | None]:
+    """Make `observer` hear this request's case checks and audit entries (runtime only)."""
+    return _access_observer.set(observer)
+
+
+def stop_observing(token: Token[AccessObserver | None]) -> None:
+    _access_observer.reset(token)
+
+
+def current_access_observer() -> AccessObserver | None:
+    return _access_observer.get()
+
+
+def scope_checked_earlier() -> None:
+    """Tell the policy layer that this request's case scope was checked by an earlier request
+    (an idempotent replay repeats the answer the same caller got then, after the check)."""
+    observer = _access_observer.get()
+    if observer is not None:
+        observer.case_checked(None)
 
 
 def ensure_role(caller: Caller, *roles: Role) -> None:
@@ -277,6 +273,13 @@ def ensure_may_access_case(caller: Caller, scope: CaseScope | None, *, personal_
     answer does not tell whether a case id is in use. `personal_data` says whether the route
     returns anything personal (names, address, screening) or only ids and statuses (audit).
     """
+    _check_case_access(caller, scope, personal_data=personal_data)
+    observer = _access_observer.get()
+    if observer is not None:
+        observer.case_checked(scope)
+
+
+def _check_case_access(caller: Caller, scope: CaseScope | None, *, personal_data: bool) -> None:
     if scope is None:
         raise AccessDenied("unknown case")
     match caller.role:

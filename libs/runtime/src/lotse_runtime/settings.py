@@ -103,9 +103,24 @@ class ServiceSettings(BaseSettings):
     )
     relay_batch_size: int = Field(default=200, ge=1)
     readiness_timeout_s: float = Field(default=2.0, gt=0)
-    auth_mode: Literal["headers", "jwt"] = Field(
-        default="headers",
-        description="headers: DEVELOPMENT ONLY, trusts X-Lotse-* headers; jwt: bearer tokens.",
+    retention_interval_s: float = Field(
+        default=3600.0, gt=0, description="How often the retention job purges expired rows."
+    )
+    retention_inbox_days: int | None = Field(
+        default=90,
+        ge=1,
+        description="Days an inbox entry (an applied event's id) is kept; unset: for good.",
+    )
+    retention_outbox_sent_days: int | None = Field(
+        default=7,
+        ge=1,
+        description="Days a published outbox row is kept for diagnosis; unset: for good.",
+    )
+    retention_audit_days: int | None = Field(
+        default=3650,
+        ge=366,
+        description="Days an audit log entry is kept; unset: for good. Entries younger than "
+        "a year cannot be deleted at all (database triggers).",
     )
     auth_issuer: str | None = Field(
         default=None, description="Expected token issuer; unset means the development issuer."
@@ -113,7 +128,8 @@ class ServiceSettings(BaseSettings):
     auth_audience: str = Field(default="lotse", description="Expected token audience.")
     auth_jwks: str | None = Field(
         default=None,
-        description="Issuer keys: JWKS file path or URL; unset means the development issuer's.",
+        description="Issuer keys: JWKS file path, URL or inline JSON document; unset means the "
+        "local development issuer's (key in data_dir, tokens from `lotse token`).",
     )
 
     @field_validator("kafka_bootstrap")

@@ -5,6 +5,7 @@ notice of the citizens' office; consent, screening and warm handovers are record
 other Lotse services obtain a family's data key from the keyring; erasure destroys it.
 Every changing route accepts an ``Idempotency-Key`` header and commits its state change,
 its events (outbox) and its audit entry in one transaction. Refusals name field and reason.
+Which roles may call each route is declared in policy.py and enforced by the runtime.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from lotse_contracts.events.intake import Screening
 from lotse_contracts.personal import PersonalData, encode_data_key
 from lotse_runtime.app import runtime_of
 from lotse_runtime.audit import AuditAction
-from lotse_runtime.identity import AccessDenied, CallerDep, Role, ensure_role
+from lotse_runtime.identity import AccessDenied, CallerDep, ensure_role, scope_checked_earlier
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -25,7 +27,7 @@ from sqlmodel import col
 from lotse_intake import domain
 from lotse_intake import operations as ops
 from lotse_intake.domain import Refusal
-from lotse_intake.idempotency import IdempotencyKey, Outcome
+from lotse_intake.idempotency import REPLAY_HEADER, Action, IdempotencyKey, Outcome
 from lotse_intake.keyring import open_for
 from lotse_intake.tables import (
     CaseDetail,
@@ -77,6 +79,18 @@ def call_of(request: Request, caller: CallerDep) -> ops.Call:
 
 CallDep = Annotated[ops.Call, Depends(call_of)]
 
+
+async def _change(
+    call: ops.Call, key: str | None, body: BaseModel | None, action: Action
+) -> Response:
+    """A changing request under its Idempotency-Key. A replay repeats the answer this same
+    caller got when the case checks passed, so the runtime's policy layer counts them as made."""
+    response = await call.change(key, body, action)
+    if response.headers.get(REPLAY_HEADER):
+        scope_checked_earlier()
+    return response
+
+
 # -- routes --------------------------------------------------------------------------------------
 
 
@@ -123,7 +137,7 @@ def _case_routes(api: APIRouter) -> None:
         async def action(session: AsyncSession) -> Outcome:
             return await ops.register_family(session, call, body)
 
-        return await call.change(idempotency_key, body, action)
+        return await _change(call, idempotency_key, body, action)
 
     @api.get(
         "/cases/{case_id}",
@@ -207,7 +221,7 @@ def _consent_routes(api: APIRouter) -> None:
         async def action(session: AsyncSession) -> Outcome:
             return await ops.give_consent(session, call, case_id, body)
 
-        return await call.change(idempotency_key, body, action)
+        return await _change(call, idempotency_key, body, action)
 
     @api.post(
         "/cases/{case_id}/consents/{consent_id}/withdraw",
@@ -231,7 +245,7 @@ def _consent_routes(api: APIRouter) -> None:
         async def action(session: AsyncSession) -> Outcome:
             return await ops.withdraw_consent(session, call, case_id, consent_id, withdrawal)
 
-        return await call.change(idempotency_key, withdrawal, action)
+        return await _change(call, idempotency_key, withdrawal, action)
 
 
 def _screening_routes(api: APIRouter) -> None:
@@ -258,7 +272,7 @@ def _screening_routes(api: APIRouter) -> None:
         async def action(session: AsyncSession) -> Outcome:
             return await ops.record_screening(session, call, case_id, body)
 
-        return await call.change(idempotency_key, body, action)
+        return await _change(call, idempotency_key, body, action)
 
     @api.get(
         "/cases/{case_id}/screenings",
@@ -320,7 +334,7 @@ def _handover_routes(api: APIRouter) -> None:
         async def action(session: AsyncSession) -> Outcome:
             return await ops.request_handover(session, call, case_id, body)
 
-        return await call.change(idempotency_key, body, action)
+        return await _change(call, idempotency_key, body, action)
 
 
 def _erasure_routes(api: APIRouter) -> None:
@@ -362,7 +376,7 @@ def _erasure_routes(api: APIRouter) -> None:
                 )
             return Outcome(200, ops.erasure_public(case), case_id)
 
-        return await call.change(idempotency_key, erasure, action)
+        return await _change(call, idempotency_key, erasure, action)
 
     @api.get(
         "/cases/{case_id}/erasure",
@@ -383,7 +397,7 @@ def _erasure_routes(api: APIRouter) -> None:
 
 def _keyring_routes(api: APIRouter) -> None:
     def ensure_keyring_client(call: ops.Call) -> None:
-        ensure_role(call.caller, Role.service)
+        # The policy admits services only; of those, only the configured keyring clients.
         if not call.is_keyring_client():
             raise AccessDenied(f"service {call.caller.subject} is not a keyring client")
 

@@ -12,11 +12,13 @@ from lotse_runtime.app import ServiceRuntime, create_service_app
 from sqlalchemy import select
 from sqlmodel import col
 
+from lotse_intake import retention
 from lotse_intake.api import router
 from lotse_intake.domain import Refusal
 from lotse_intake.idempotency import forget_expired
 from lotse_intake.keyring import Keyring
 from lotse_intake.operations import IntakeContext, erase_case, load_case
+from lotse_intake.policy import POLICY
 from lotse_intake.settings import IntakeSettings
 from lotse_intake.tables import TABLES, IntakeCase
 
@@ -117,6 +119,7 @@ def create_app(
 
     def wire(runtime: ServiceRuntime) -> None:
         runtime.add_job("housekeeping", settings.housekeeping_interval_s, housekeeping(context))
+        retention.install(runtime)
 
     app = create_service_app(
         settings,
@@ -124,6 +127,7 @@ def create_app(
         description=DESCRIPTION,
         tables=TABLES,
         routers=[router()],
+        policy=POLICY,
         wire=wire,
         clock=clock,
         openapi_tags=TAGS,

@@ -664,6 +664,7 @@ async def erase_case(
     """Crypto-shred a family: destroy its key, purge intake's copies, tell everyone."""
     now = runtime.clock()
     case_id = case.case_id
+    runtime.db.forget_after_commit(session)
     await keyring.destroy(session, case_id)
     case.personal = None
     case.bezirk_derived = None

@@ -90,6 +90,12 @@ class IntakeSettings(ServiceSettings):
         gt=0,
         description="How often expired Idempotency-Keys and expired families are purged.",
     )
+    retention_erased_case_days: int | None = Field(
+        default=1095,
+        ge=1,
+        description="Days after an erasure until the family's tombstone (no personal data) "
+        "and what hangs on it are deleted; unset: kept for good.",
+    )
     clinic_max_child_age_days: int = Field(
         default=365,
         ge=1,

@@ -12,11 +12,13 @@ from fastapi.responses import JSONResponse
 from lotse_runtime.app import ServiceRuntime, create_service_app
 
 from lotse_referrals import operations as ops
+from lotse_referrals import retention
 from lotse_referrals.api import catalogue_router, overview_router, referrals_router
 from lotse_referrals.consumers import wire_consumers
 from lotse_referrals.domain import WorkingCalendar
 from lotse_referrals.keyring import HttpKeyring, Keyring, service_headers
 from lotse_referrals.operations import Context, Refused
+from lotse_referrals.policy import POLICY
 from lotse_referrals.settings import ReferralsSettings
 from lotse_referrals.tables import TABLES
 
@@ -55,7 +57,6 @@ def _keyring_from(settings: ReferralsSettings) -> Keyring | None:
         )
         return None
     headers = service_headers(
-        auth_mode=settings.auth_mode,
         token_file=settings.keyring_token_file,
         dev_issuer_key=settings.dev_issuer_key_file() if settings.auth_jwks is None else None,
         audience=settings.auth_audience,
@@ -95,6 +96,7 @@ def create_app(
 
         runtime.add_job("escalation", settings.escalation_interval_s, escalate)
         runtime.add_job("placement", settings.placement_interval_s, place_waiting)
+        retention.install(runtime)
 
     app = create_service_app(
         settings,
@@ -102,6 +104,7 @@ def create_app(
         description=DESCRIPTION,
         tables=TABLES,
         routers=[catalogue_router(), referrals_router(), overview_router()],
+        policy=POLICY,
         wire=wire,
         clock=clock,
         openapi_tags=TAGS,

@@ -88,12 +88,10 @@ class StaticKeyring:
 
 
 def service_headers(
-    *, auth_mode: str, token_file: str | None, dev_issuer_key: Path | None, audience: str
+    *, token_file: str | None, dev_issuer_key: Path | None, audience: str
 ) -> dict[str, str]:
     """How this service identifies itself to the keyring, matching the deployment's auth:
-    development headers, a mounted token, or a token from the local development issuer."""
-    if auth_mode == "headers":
-        return {"X-Lotse-Role": "service", "X-Lotse-Subject": "referrals"}
+    a mounted token, or a token from the local development issuer."""
     if token_file is not None:
         return {"Authorization": f"Bearer {Path(token_file).read_text().strip()}"}
     if dev_issuer_key is not None:

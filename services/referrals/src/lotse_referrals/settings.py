@@ -58,8 +58,7 @@ class ReferralsSettings(ServiceSettings):
     keyring_token_file: str | None = Field(
         default=None,
         description="File holding the bearer token this service presents to the keyring "
-        "(auth_mode jwt with an external issuer); with the development issuer a token is "
-        "signed locally, with auth_mode headers the development headers are sent.",
+        "(with an external issuer); with the development issuer a token is signed locally.",
     )
     keyring_timeout_s: float = Field(default=5.0, gt=0, description="Keyring request timeout.")
     answer_clock_skew_s: float = Field(
@@ -67,4 +66,16 @@ class ReferralsSettings(ServiceSettings):
         ge=0,
         description="How far in the future a Träger's occurred_at may lie (clock skew) before "
         "the answer is refused.",
+    )
+    retention_closed_referral_days: int | None = Field(
+        default=1095,
+        ge=1,
+        description="Days a completed, rejected or cancelled referral (with its steps) is "
+        "kept after its last change; unset: kept for good.",
+    )
+    retention_erased_case_days: int | None = Field(
+        default=1095,
+        ge=1,
+        description="Days after an erasure until the family's tombstone (no personal data) "
+        "and what hangs on it are deleted; unset: kept for good.",
     )

@@ -170,7 +170,8 @@ def router() -> APIRouter:
             bool, Query(description="Include breakdowns (module, status, consent scope).")
         ] = True,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        # Bounded: a larger offset is no page, and no SQL integer either.
+        offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
     ) -> list[KpiPublic]:
         """Anonymised key figures per Stadtbezirk (or city) and period. Any authenticated
         caller may read them; a suppressed cell has no value."""

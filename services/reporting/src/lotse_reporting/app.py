@@ -10,8 +10,9 @@ from lotse_contracts import topics
 from lotse_contracts.city import Municipality
 from lotse_runtime.app import ServiceRuntime, create_service_app
 
-from lotse_reporting import api, consumers, dashboard
+from lotse_reporting import api, consumers, dashboard, retention
 from lotse_reporting.domain import Layout, Rules
+from lotse_reporting.policy import POLICY
 from lotse_reporting.publisher import Changes, KpiPublisher
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import TABLES
@@ -87,6 +88,7 @@ def create_app(
             await context.publisher.run_pass()
 
         runtime.add_job("kpis", settings.publish_interval_s, publish)
+        retention.install(runtime)
 
     app = create_service_app(
         settings,
@@ -94,6 +96,7 @@ def create_app(
         description=DESCRIPTION,
         tables=TABLES,
         routers=[api.router(), dashboard.router()],
+        policy=POLICY,
         wire=wire,
         clock=clock,
         openapi_tags=TAGS,

@@ -29,6 +29,8 @@ from lotse_reporting.tables import ReportingKpi
 
 #: Comment lines keep proxies from closing an idle stream.
 KEEP_ALIVE_S = 15.0
+#: Revisions count publication passes; anything larger is no revision (and no SQL integer).
+MAX_REVISION = 2**62
 
 
 async def dashboard_access(request: Request) -> None:
@@ -116,18 +118,26 @@ def router() -> APIRouter:
             "cells": cells,
         }
 
-    @routes.get("/dashboard/stream", summary="Newly published figures (server-sent events)")
+    @routes.get(
+        "/dashboard/stream",
+        summary="Newly published figures (server-sent events)",
+        response_class=StreamingResponse,
+        # What the stream really is, so clients (and schemathesis) do not expect JSON.
+        responses={200: {"content": {"text/event-stream": {}}, "description": "Event stream"}},
+    )
     async def stream(
         request: Request,
         context: ContextDep,
-        after: Annotated[int | None, Query(ge=0)] = None,
+        after: Annotated[int | None, Query(ge=0, le=MAX_REVISION)] = None,
         last_event_id: Annotated[str | None, Header()] = None,
     ) -> StreamingResponse:
         """Each event ``kpis`` carries the cells published since the last one; its id is the
         publication revision, so a reconnecting browser resumes where it stopped."""
         start = after
-        if last_event_id is not None and last_event_id.isdigit():
-            start = int(last_event_id)
+        # A browser sends back the id it got; anything else (e.g. "²", which isdigit() takes
+        # for a digit) is ignored rather than parsed.
+        if last_event_id is not None and last_event_id.isascii() and last_event_id.isdigit():
+            start = min(int(last_event_id), MAX_REVISION)
 
         async def events() -> AsyncIterator[str]:
             last = start if start is not None else await _revision(context)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from lotse_runtime.app import Clock, create_service_app
+from lotse_runtime.app import Clock, ServiceRuntime, create_service_app
 
+from lotse_visits import retention
 from lotse_visits.api import visits_router
 from lotse_visits.consumers import wire
 from lotse_visits.domain import Conflict, Refusal
+from lotse_visits.policy import POLICY
 from lotse_visits.settings import VisitsSettings
 from lotse_visits.tables import TABLES
+
+
+def _wire(runtime: ServiceRuntime) -> None:
+    wire(runtime)
+    retention.install(runtime)
+
 
 DESCRIPTION = """
 Welcome visits (Willkommensbesuche) of each Familienbüro (family office of one Stadtbezirk,
@@ -51,7 +59,8 @@ def create_app(settings: VisitsSettings | None = None, *, clock: Clock | None = 
         description=DESCRIPTION,
         tables=TABLES,
         routers=[visits_router()],
-        wire=wire,
+        policy=POLICY,
+        wire=_wire,
         clock=clock,
         openapi_tags=TAGS,
     )

@@ -137,6 +137,7 @@ class IntakeHandlers:
         assert isinstance(data, FamilyErased)
         runtime, session = self.runtime, delivery.session
         now = runtime.clock()
+        runtime.db.forget_after_commit(session)
         case = await store.locked_case(session, data.case_id, data.bezirk)
         if case is None:
             # Erased before its registration arrived: a tombstone keeps a late registration

@@ -43,3 +43,15 @@ class VisitsSettings(ServiceSettings):
     overdue_batch_size: int = Field(
         default=500, ge=1, description="Cases the overdue check handles per transaction."
     )
+    retention_finished_visit_days: int | None = Field(
+        default=1095,
+        ge=1,
+        description="Days a completed, missed, declined or cancelled visit is kept after it "
+        "closed; unset: kept for good.",
+    )
+    retention_erased_case_days: int | None = Field(
+        default=1095,
+        ge=1,
+        description="Days after an erasure until the family's tombstone (no personal data) "
+        "and what hangs on it are deleted; unset: kept for good.",
+    )

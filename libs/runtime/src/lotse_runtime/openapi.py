@@ -1,0 +1,134 @@
+"""The error answers every service gives, as its OpenAPI document states them.
+
+FastAPI documents a 422 in its own shape (``detail`` as a list) while the runtime answers
+``{"detail": ..., "errors": [{"field", "reason"}]}``, and it does not know about the 401 and
+403 of the identity hook and access policy, nor the 404 of a path naming nothing. Clients
+generated from the document, and schemathesis, must see what really comes back, so the
+document is corrected here once for every service. A body that is not even decodable (FastAPI
+answers a bare 400) is answered like every other invalid request: 422 naming the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+#: FastAPI's answer to a body it could not decode (e.g. bytes that are not UTF-8).
+_UNPARSEABLE_BODY = "There was an error parsing the body"
+
+FIELD_ERROR = "FieldError"
+PROBLEM = "Problem"
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    FIELD_ERROR: {
+        "title": FIELD_ERROR,
+        "type": "object",
+        "description": "One reason a request was refused, and the field it concerns.",
+        "properties": {
+            "field": {"type": "string", "description": "e.g. body.children.0.birth_date"},
+            "reason": {"type": "string"},
+        },
+        "required": ["field", "reason"],
+    },
+    PROBLEM: {
+        "title": PROBLEM,
+        "type": "object",
+        "description": "A refused request: a summary, and for invalid input each field and why.",
+        "properties": {
+            "detail": {"type": "string"},
+            "errors": {"type": "array", "items": {"$ref": f"#/components/schemas/{FIELD_ERROR}"}},
+        },
+        "required": ["detail"],
+    },
+    # FastAPI's name for the 422 body, kept so that every reference to it stays valid.
+    "HTTPValidationError": {
+        "title": "HTTPValidationError",
+        "type": "object",
+        "description": "Invalid input: each offending field and the reason.",
+        "properties": {
+            "detail": {"type": "string"},
+            "errors": {"type": "array", "items": {"$ref": f"#/components/schemas/{FIELD_ERROR}"}},
+        },
+        "required": ["detail", "errors"],
+    },
+}
+
+_ANSWERS = {
+    "401": "No valid bearer token.",
+    "403": "The caller's role or scope does not allow this.",
+    "404": "The path names nothing that exists (or nothing the caller may know of).",
+}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{PROBLEM}"}}},
+    }
+
+
+def describe_errors(
+    schema: dict[str, Any], *, is_public: Callable[[str, str], bool]
+) -> dict[str, Any]:
+    """Add the platform's error answers to an OpenAPI document (in place; returned).
+
+    ``is_public(method, path)`` tells the routes that need no caller (no 401/403 there)."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(_SCHEMAS)
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            if method not in _HTTP_METHODS:
+                continue
+            responses = operation.setdefault("responses", {})
+            wanted = []
+            if not is_public(method.upper(), path):
+                wanted += ["401", "403"]
+            if "{" in path:
+                wanted.append("404")
+            for status in wanted:
+                responses.setdefault(status, _problem(_ANSWERS[status]))
+    return schema
+
+
+async def _unparseable_body(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _UNPARSEABLE_BODY:
+        return JSONResponse(
+            {
+                "detail": "invalid request",
+                "errors": [{"field": "body", "reason": "the body is not decodable JSON"}],
+            },
+            status_code=422,
+        )
+    return await http_exception_handler(request, exc)
+
+
+def _public_by_policy(app: FastAPI) -> Callable[[str, str], bool]:
+    def is_public(method: str, path: str) -> bool:
+        policy = getattr(app.state, "access_policy", None)
+        rule = policy.get(f"{method} {path}") if policy is not None else None
+        return bool(rule is not None and rule.public)
+
+    return is_public
+
+
+def document_errors(app: FastAPI, *, is_public: Callable[[str, str], bool] | None = None) -> None:
+    """Make ``app.openapi()`` state the error answers; answer undecodable bodies with 422.
+
+    Routes are public where the app's access policy says so, unless ``is_public`` says."""
+    is_public = is_public or _public_by_policy(app)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe_errors(generate(), is_public=is_public)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_exception_handler(StarletteHTTPException, _unparseable_body)
