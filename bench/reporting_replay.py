@@ -16,7 +16,7 @@ The ratio replay/raw is the figure that matters; peak RSS is the replay process'
 
 Usage:  uv run --frozen python bench/reporting_replay.py [--events N] [--database URL]
 Starts the embedded broker unless LOTSE_KAFKA_BOOTSTRAP is set; SQLite file by default.
-Prints a JSON document and writes it to bench/results/reporting_replay.json.
+Prints a JSON document and writes it to bench/results/reporting_replay.json (or --output).
 """
 
 from __future__ import annotations
@@ -597,6 +597,7 @@ def main() -> None:
         "--batch-size", type=int, default=5000, help="replay events per transaction"
     )
     parser.add_argument("--seed", type=int, default=2025)
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     external = os.environ.get("LOTSE_KAFKA_BOOTSTRAP")
     if external:
@@ -604,8 +605,8 @@ def main() -> None:
     else:
         with EmbeddedBroker() as broker:
             result = asyncio.run(run(args, broker.bootstrap))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     replay = result["replay"]
     print(
