@@ -32,6 +32,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -118,23 +119,45 @@ def open_disclosure(referral: ReferralRequested, key: bytes) -> dict[str, Any]:
 
 
 def http_key_fetcher(
-    lotse_url: str, headers: dict[str, str], timeout_s: float = 10.0
+    lotse_url: str,
+    headers: dict[str, str],
+    timeout_s: float = 10.0,
+    *,
+    tries: int = 3,
+    backoff_s: float = 1.0,
 ) -> KeyFetcher:
     """Fetch a referral's disclosure key from Lotse (``GET /referrals/{id}/disclosure-key``);
-    ``headers`` carry the Träger's credentials (``Authorization: Bearer <token>``)."""
+    ``headers`` carry the Träger's credentials (``Authorization: Bearer <token>``).
 
-    def fetch(referral_id: str) -> bytes | None:
+    A time-out, a refused connection or a 5xx answer (503 when Lotse's database is busy) is
+    tried again up to ``tries`` times; a 4xx is final. When no key comes, the referral is
+    still answered, only without contact data: never let a key fetch stop the client."""
+
+    def fetch_once(referral_id: str) -> bytes | None:
         request = urllib.request.Request(
             f"{lotse_url.rstrip('/')}/referrals/{referral_id}/disclosure-key", headers=headers
         )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                body = json.load(response)
-        except urllib.error.HTTPError as exc:
-            log.warning("no disclosure key for %s: HTTP %s", referral_id, exc.code)
-            return None
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body = json.load(response)
         text = str(body["key"])
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    def fetch(referral_id: str) -> bytes | None:
+        problem = ""
+        for attempt in range(1, tries + 1):
+            try:
+                return fetch_once(referral_id)
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500:
+                    log.warning("no disclosure key for %s: HTTP %s", referral_id, exc.code)
+                    return None
+                problem = f"HTTP {exc.code}"
+            except (OSError, ValueError, KeyError) as exc:  # URLError and time-outs are OSErrors
+                problem = type(exc).__name__
+            if attempt < tries:
+                time.sleep(backoff_s * 2 ** (attempt - 1))
+        log.warning("no disclosure key for %s after %d tries: %s", referral_id, tries, problem)
+        return None
 
     async def fetcher(referral: ReferralRequested) -> bytes | None:
         return await asyncio.to_thread(fetch, referral.referral_id)

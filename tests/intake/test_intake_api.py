@@ -32,6 +32,10 @@ from tests.intake.helpers import (
 )
 from tests.support import bearer, eventually
 
+# A well-formed id that no case or consent has (fixed, so every xdist worker collects the same
+# test ids).
+UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
+
 pytestmark = pytest.mark.integration
 
 
@@ -363,7 +367,7 @@ BAD_INPUT: list[tuple[str, str, Any, dict[str, str], int, str, str]] = [
     ),
     (
         "withdraw-unknown-consent",
-        f"/cases/{{case}}/consents/{uuid.uuid4()}/withdraw",
+        "/cases/{case}/consents/" + UNKNOWN_ID + "/withdraw",
         {},
         BABYLOTSE,
         404,
@@ -483,7 +487,7 @@ def test_an_erased_familys_request_keys_do_not_register_it_again(shared_intake: 
         ("GET", "/cases/{case}", TRAEGER),
         ("GET", "/cases/{case}/screenings", BEZIRKSTEAM_HOERDE),
         ("GET", "/cases/{case}/screenings", REPORTING_SERVICE),
-        ("GET", f"/cases/{uuid.uuid4()}", BABYLOTSE),
+        ("GET", "/cases/" + UNKNOWN_ID, BABYLOTSE),
         ("POST", "/cases/{case}/erasure", OTHER_CLINIC),
         ("POST", "/cases/{case}/erasure", ANALYST),
         ("GET", "/keyring/cases/{case}", BABYLOTSE),

@@ -3,6 +3,7 @@ commit after effect, retries, dead letters for every kind of bad input."""
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from lotse_runtime.db import Database
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.outbox import Outbox
 from lotse_runtime.telemetry import TelemetryConfig, inject_headers, setup_telemetry
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Field, SQLModel, func, select
 
 from tests.support import Record, eventually, produce, read_topic
@@ -55,6 +57,7 @@ class Harness:
     prefix: str
     consumers: list[EventConsumer] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)  # visit_id -> failures left
+    busy: dict[str, int] = field(default_factory=dict)  # visit_id -> "database is locked" left
     rejected: set[str] = field(default_factory=set)
 
     async def handle(self, delivery: Delivery) -> None:
@@ -64,6 +67,12 @@ class Harness:
         await delivery.session.flush()  # the row exists inside the transaction...
         if data.visit_id in self.rejected:
             raise EventRejected(f"visit {data.visit_id} belongs to nobody here")
+        busy = self.busy.get(data.visit_id, 0)
+        if busy:
+            self.busy[data.visit_id] = busy - 1
+            raise OperationalError(
+                "INSERT INTO test_probe_effect", {}, sqlite3.OperationalError("database is locked")
+            )
         left = self.failures.get(data.visit_id, 0)
         if left:
             self.failures[data.visit_id] = left - 1
@@ -158,6 +167,25 @@ async def test_transient_failure_is_retried_with_one_effect(harness: Harness) ->
     await eventually(lambda: consumer.processed == 1)
     assert consumer.dead_lettered == 0
     assert [e.visit_id for e in await harness.effects()] == [event.visit_id]
+
+
+async def test_a_busy_database_holds_the_partition_instead_of_dead_lettering(
+    harness: Harness,
+) -> None:
+    consumer = harness.consumer(group())  # max_attempts=3
+    await consumer.start()
+    case_id = str(uuid.uuid4())
+    waiting, following = scheduled(case_id=case_id), scheduled(case_id=case_id)
+    harness.busy[waiting.visit_id] = 5  # more busy answers than attempts allowed
+    harness.send(waiting)
+    harness.send(following)
+    await eventually(lambda: consumer.processed == 2)
+    assert consumer.dead_lettered == 0
+    assert harness.busy[waiting.visit_id] == 0
+    # (A batch's first try may use up one busy answer before the record-by-record path.)
+    assert consumer.held >= 4
+    # Held, not skipped: the partition's order is kept.
+    assert [e.visit_id for e in await harness.effects()] == [waiting.visit_id, following.visit_id]
 
 
 async def test_persistent_failure_is_dead_lettered_and_the_partition_moves_on(

@@ -157,3 +157,41 @@ def test_periodic_jobs_run_with_the_injected_clock_and_survive_failures(tmp_path
     assert job.failures == 1
     assert job.last_error is None  # later runs succeeded
     assert set(seen) == {fixed}
+
+
+def test_a_busy_database_answers_503_with_retry_after_and_other_database_errors_500(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    router = APIRouter()
+
+    @router.post("/locked")
+    async def locked() -> None:
+        raise OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+
+    @router.post("/broken")
+    async def broken() -> None:
+        raise OperationalError("INSERT", {}, sqlite3.OperationalError("no such table: cases"))
+
+    settings = ProbeSettings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
+    )
+    policy = AccessPolicy(
+        {"POST /locked": allow(Role.babylotse), "POST /broken": allow(Role.babylotse)}
+    )
+    app = create_service_app(
+        settings, title="probe", description="", routers=[router], policy=policy
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        busy = client.post("/locked", headers=HEADERS)
+        failed = client.post("/broken", headers=HEADERS)
+        documented = client.get("/openapi.json").json()["paths"]["/locked"]["post"]["responses"]
+    assert busy.status_code == 503
+    assert busy.headers["Retry-After"] == "1"
+    assert "retry" in busy.json()["detail"]
+    assert failed.status_code == 500
+    assert "503" in documented

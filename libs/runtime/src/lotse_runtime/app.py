@@ -27,13 +27,15 @@ from lotse_contracts.topics import dead_letter
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from sqlalchemy import Table
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import SQLModel
 
 from lotse_runtime import audit
 from lotse_runtime.audit import audit_router
 from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer, JwksSource, JwtCallerResolver
 from lotse_runtime.consumer import EventConsumer, Handler
-from lotse_runtime.db import Database
+from lotse_runtime.db import Database, transient_error
 from lotse_runtime.health import ReadinessCheck, health_router
 from lotse_runtime.identity import (
     AccessDenied,
@@ -277,6 +279,24 @@ def _validation_error_handler(_request: Request, exc: Exception) -> JSONResponse
     return JSONResponse({"detail": "invalid request", "errors": errors}, status_code=422)
 
 
+#: Seconds a client is asked to wait before retrying a request the busy database refused.
+BUSY_RETRY_AFTER_S = 1
+
+
+async def _busy_database_handler(_request: Request, exc: Exception) -> Response:
+    """503 with Retry-After when the database is busy or unreachable: the request's
+    transaction was rolled back, so the same request (same Idempotency-Key) may simply be
+    sent again. Any other database error stays a 500."""
+    if not transient_error(exc):
+        raise exc
+    _log.warning("database busy or unavailable: %s", type(exc).__name__)
+    return JSONResponse(
+        {"detail": "database busy or unavailable, nothing was changed; retry"},
+        status_code=503,
+        headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+    )
+
+
 def create_service_app(
     settings: ServiceSettings,
     *,
@@ -338,6 +358,8 @@ def create_service_app(
     app.state.runtime = runtime
     _instrument(app, runtime)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    for kind in (DBAPIError, PoolTimeoutError):
+        app.add_exception_handler(kind, _busy_database_handler)
     install_identity(app, caller_resolver or resolver_from_settings(settings))
     _audit_refusals(app, runtime)
     app.include_router(audit_router())

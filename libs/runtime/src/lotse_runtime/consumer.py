@@ -44,7 +44,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lotse_runtime import inbox
-from lotse_runtime.db import Database
+from lotse_runtime.db import Database, transient_error
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.outbox import Outbox
 from lotse_runtime.telemetry import Telemetry, extract_context
@@ -151,6 +151,8 @@ class EventConsumer:
         self.dead_lettered = 0
         self.duplicates = 0
         self.skipped = 0
+        # Waits for a busy or unreachable database (no attempt counted, nothing dead-lettered).
+        self.held = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -417,6 +419,7 @@ class EventConsumer:
             return _Verdict("type", str(exc)), ""
 
         attempt = 0
+        held = 0
         while True:
             attempt += 1
             try:
@@ -443,16 +446,19 @@ class EventConsumer:
                 raise
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
-                if not await self._database_answers():
-                    # The database is away, not the event at fault: hold the partition until
-                    # it answers again (as when the dead-letter topic cannot be written)
-                    # instead of dead-lettering every event that arrives during an outage.
+                if transient_error(exc) or not await self._database_answers():
+                    # The database is busy or away, not the event at fault: hold the partition
+                    # until the work goes through (as when the dead-letter topic cannot be
+                    # written) instead of dead-lettering valid events during contention or an
+                    # outage. Such waits count no attempt.
+                    held += 1
+                    self.held += 1
                     _log.warning(
-                        "database unavailable, holding the partition",
-                        extra={"consumer": self.name, "error": error},
+                        "database busy or unavailable, holding the partition",
+                        extra={"consumer": self.name, "error": error, "held": held},
                     )
                     attempt = 0
-                    await asyncio.sleep(DATABASE_RETRY_S)
+                    await asyncio.sleep(min(DATABASE_RETRY_S, self.backoff_s * 2 ** min(held, 8)))
                     continue
                 if attempt >= self.max_attempts:
                     return (

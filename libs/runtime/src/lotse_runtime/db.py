@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -51,16 +53,67 @@ def async_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: How long a SQLite transaction waits for the write lock before it fails as busy.
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own transaction handling would open transactions DEFERRED; _sqlite_begin
+    # opens them instead (see there).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL lets the relay read while a request writes; busy_timeout waits instead of failing.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     # Freed row space is zeroed instead of lingering in the file: an erased family's bytes
     # (and a destroyed data key) must not be recoverable from free pages.
     cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    """Open every SQLite transaction IMMEDIATE, i.e. with the write lock.
+
+    A DEFERRED transaction that reads and then writes must upgrade its lock; in WAL mode that
+    upgrade fails at once with "database is locked" when another connection committed in
+    between, and busy_timeout does not apply to it. Nearly every Lotse transaction writes
+    (inbox, outbox, audit), so taking the lock up front makes writers queue for up to
+    busy_timeout instead of failing under load. Connections asked for AUTOCOMMIT (the WAL
+    checkpoint) stay outside any transaction.
+    """
+    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# SQLite's words for lock contention (SQLITE_BUSY, SQLITE_LOCKED); other OperationalErrors such
+# as "no such table" or "too many SQL variables" would fail again the same way.
+_SQLITE_BUSY_WORDS = ("database is locked", "database table is locked", "database is busy")
+
+
+def transient_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a database error saying the database is busy or unreachable rather
+    than that the work is wrong: retrying the same work later can succeed (lock contention, a
+    lost connection, an exhausted pool, a serialisation conflict or deadlock on PostgreSQL).
+    Errors from elsewhere (a handler's own HTTP call, say) are not judged here."""
+    if isinstance(exc, PoolTimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        if isinstance(exc, OperationalError) and any(
+            word in str(exc.orig).lower() for word in _SQLITE_BUSY_WORDS
+        ):
+            return True
+        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        # 40001 serialization_failure, 40P01 deadlock_detected, 08xxx connection exceptions,
+        # 57P0x operator intervention (shutdown), 53xxx insufficient resources.
+        if isinstance(code, str) and (
+            code in ("40001", "40P01") or code[:2] in ("08", "53") or code.startswith("57P0")
+        ):
+            return True
+    return False
 
 
 class Database:
@@ -80,6 +133,7 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -146,7 +200,8 @@ class Database:
     async def _checkpoint(self) -> None:
         try:
             async with self.engine.connect() as conn:
-                await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await autocommit.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         except Exception:
             _log.warning("WAL checkpoint after erasure failed; the next one will catch up")
 

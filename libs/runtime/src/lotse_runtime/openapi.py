@@ -63,6 +63,7 @@ _ANSWERS = {
     "401": "No valid bearer token.",
     "403": "The caller's role or scope does not allow this.",
     "404": "The path names nothing that exists (or nothing the caller may know of).",
+    "503": "The database is busy or unreachable; nothing was changed. Retry after Retry-After.",
 }
 
 
@@ -88,7 +89,7 @@ def describe_errors(
             responses = operation.setdefault("responses", {})
             wanted = []
             if not is_public(method.upper(), path):
-                wanted += ["401", "403"]
+                wanted += ["401", "403", "503"]
             if "{" in path:
                 wanted.append("404")
             for status in wanted:

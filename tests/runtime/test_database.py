@@ -1,0 +1,108 @@
+"""The runtime's database layer: which errors count as a busy database, and SQLite under
+concurrent writers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from lotse_runtime.db import Database, transient_error
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlmodel import Field, SQLModel, func, select
+
+
+class Tally(SQLModel, table=True):
+    __tablename__ = "test_tally"
+
+    id: int | None = Field(default=None, primary_key=True)
+    seen_before: int
+
+
+class _PgError(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"sqlstate {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+def _wrapped(kind: type[Exception], orig: Exception) -> Exception:
+    return kind("UPDATE x", {}, orig)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (_wrapped(OperationalError, sqlite3.OperationalError("database is locked")), True),
+        (_wrapped(OperationalError, sqlite3.OperationalError("database table is locked")), True),
+        (_wrapped(OperationalError, sqlite3.OperationalError("no such table: x")), False),
+        (_wrapped(OperationalError, sqlite3.OperationalError("too many SQL variables")), False),
+        (_wrapped(IntegrityError, sqlite3.IntegrityError("UNIQUE constraint failed")), False),
+        (_wrapped(OperationalError, _PgError("40001")), True),  # serialization_failure
+        (_wrapped(OperationalError, _PgError("40P01")), True),  # deadlock_detected
+        (_wrapped(OperationalError, _PgError("08006")), True),  # connection_failure
+        (_wrapped(OperationalError, _PgError("57P01")), True),  # admin_shutdown
+        (_wrapped(ProgrammingError, _PgError("42P01")), False),  # undefined_table
+        (_wrapped(IntegrityError, _PgError("23505")), False),  # unique_violation
+        (PoolTimeoutError("QueuePool limit reached"), True),
+        (ConnectionError("keyring did not answer"), False),  # not the database's to judge
+        (ValueError("bad data"), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
+)
+def test_which_errors_mean_a_busy_or_unreachable_database(
+    error: Exception, transient: bool
+) -> None:
+    assert transient_error(error) is transient
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url)
+    await database.create_schema([Tally])
+    yield database
+    await database.dispose()
+
+
+async def test_concurrent_read_then_write_transactions_all_commit(db: Database) -> None:
+    """The pattern of nearly every Lotse transaction (read, then write inbox/outbox/audit).
+    On SQLite a DEFERRED transaction fails at once with "database is locked" when another
+    writer committed between its read and its write; opened IMMEDIATE, writers queue."""
+
+    async def read_then_write() -> None:
+        async with db.transaction() as session:
+            seen = (await session.execute(select(func.count()).select_from(Tally))).scalar_one()
+            await asyncio.sleep(0.01)  # another writer commits meanwhile
+            session.add(Tally(seen_before=seen))
+
+    await asyncio.gather(*(read_then_write() for _ in range(30)))
+    async with db.transaction() as session:
+        rows = list((await session.execute(select(Tally))).scalars())
+    assert len(rows) == 30
+    if not db.is_postgres:
+        # Serialised: each transaction saw every earlier one.
+        assert sorted(row.seen_before for row in rows) == list(range(30))
+
+
+async def test_the_wal_checkpoint_after_an_erasure_empties_the_log(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every other transaction is opened IMMEDIATE; the checkpoint must not be (inside a
+    transaction SQLite cannot truncate the log)."""
+    db = Database(sqlite_url)
+    wal = Path(sqlite_url.removeprefix("sqlite+aiosqlite:///") + "-wal")
+    try:
+        await db.create_schema([Tally])
+        async with db.transaction() as session:
+            session.add(Tally(seen_before=0))
+            db.forget_after_commit(session)
+        assert db._background  # scheduled on commit
+        await asyncio.gather(*db._background)
+        # The pool's connections are still open, so the log file stays, emptied.
+        assert await asyncio.to_thread(os.path.getsize, wal) == 0
+        assert "WAL checkpoint after erasure failed" not in caplog.text
+    finally:
+        await db.dispose()
