@@ -158,3 +158,95 @@ def test_cli_prints_a_token_the_services_accept(tmp_path: Path) -> None:
     assert claims["lotse_role"] == "bezirksteam"
     assert claims["lotse_bezirk"] == "eving"
     assert jwt.get_unverified_header(token)["kid"] == issuer.kid
+
+
+class JwksServer:
+    """The issuer's JWKS endpoint: a real local HTTP server publishing ``jwks``."""
+
+    def __init__(self, jwks: dict[str, object]) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.jwks = jwks
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = json.dumps(server.jwks).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}/jwks.json"
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+
+
+def app_trusting(jwks_url: str, tmp_path: Path) -> TestClient:
+    router = APIRouter()
+
+    @router.get("/whoami")
+    async def whoami(caller: CallerDep) -> dict[str, str | None]:
+        return {"subject": caller.subject}
+
+    settings = ProbeSettings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
+        auth_jwks=jwks_url,
+        auth_issuer=DEV_ISSUER,
+    )
+    policy = AccessPolicy({"GET /whoami": allow(*ALL_ROLES)})
+    return TestClient(
+        create_service_app(settings, title="p", description="", routers=[router], policy=policy)
+    )
+
+
+def test_keys_from_the_issuers_jwks_url(issuer: DevelopmentIssuer, tmp_path: Path) -> None:
+    server = JwksServer(issuer.jwks())
+    stranger = DevelopmentIssuer(tmp_path / "stranger.pem")
+    try:
+        with app_trusting(server.url, tmp_path) as client:
+            ok = client.get("/whoami", headers=bearer(issuer.token(role="analyst", subject="a")))
+            foreign = client.get(
+                "/whoami", headers=bearer(stranger.token(role="analyst", subject="a"))
+            )
+            server.stop()
+            cached = client.get(
+                "/whoami", headers=bearer(issuer.token(role="analyst", subject="b"))
+            )
+    finally:
+        server.stop()
+    assert ok.status_code == 200
+    assert foreign.status_code == 401
+    assert cached.status_code == 200  # a cached key needs no issuer
+
+
+def test_an_unreachable_issuer_is_503_not_401(issuer: DevelopmentIssuer, tmp_path: Path) -> None:
+    """The token may well be valid: the client is told to retry, not that it is refused."""
+    with app_trusting(f"http://127.0.0.1:{free_port()}/jwks.json", tmp_path) as client:
+        answer = client.get("/whoami", headers=bearer(issuer.token(role="analyst", subject="a")))
+    assert answer.status_code == 503
+    assert answer.headers["Retry-After"] == "1"
+
+
+def test_a_rotated_key_is_fetched_when_a_token_names_it(tmp_path: Path) -> None:
+    import asyncio
+
+    old, new = (DevelopmentIssuer(tmp_path / f"{name}.pem") for name in ("old", "new"))
+    server = JwksServer(old.jwks())
+    try:
+        source = JwksSource(server.url, refresh_cooldown_s=0)
+        assert asyncio.run(source.key_for(old.token(role="analyst", subject="a"))).key_id == old.kid
+        server.jwks = new.jwks()  # the issuer rotated its key
+        assert asyncio.run(source.key_for(new.token(role="analyst", subject="a"))).key_id == new.kid
+    finally:
+        server.stop()

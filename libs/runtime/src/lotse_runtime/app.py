@@ -33,7 +33,13 @@ from sqlmodel import SQLModel
 
 from lotse_runtime import audit
 from lotse_runtime.audit import audit_router
-from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer, JwksSource, JwtCallerResolver
+from lotse_runtime.auth import (
+    DEV_ISSUER,
+    DevelopmentIssuer,
+    IssuerUnavailable,
+    JwksSource,
+    JwtCallerResolver,
+)
 from lotse_runtime.consumer import EventConsumer, Handler
 from lotse_runtime.db import Database, transient_error
 from lotse_runtime.health import ReadinessCheck, health_router
@@ -297,6 +303,15 @@ async def _busy_database_handler(_request: Request, exc: Exception) -> Response:
     )
 
 
+async def _issuer_unavailable_handler(_request: Request, exc: Exception) -> Response:
+    _log.warning("token issuer's keys unavailable: %s", exc)
+    return JSONResponse(
+        {"detail": "the token issuer's keys cannot be fetched; retry"},
+        status_code=503,
+        headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+    )
+
+
 def create_service_app(
     settings: ServiceSettings,
     *,
@@ -360,6 +375,7 @@ def create_service_app(
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     for kind in (DBAPIError, PoolTimeoutError):
         app.add_exception_handler(kind, _busy_database_handler)
+    app.add_exception_handler(IssuerUnavailable, _issuer_unavailable_handler)
     install_identity(app, caller_resolver or resolver_from_settings(settings))
     _audit_refusals(app, runtime)
     app.include_router(audit_router())

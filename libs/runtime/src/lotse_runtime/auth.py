@@ -39,10 +39,20 @@ DEV_ISSUER = "urn:lotse:development-issuer"
 DEFAULT_AUDIENCE = "lotse"
 
 
+class IssuerUnavailable(RuntimeError):
+    """The issuer's signing keys could not be fetched: the token may well be valid, so the
+    answer is 503 (try again), not 401."""
+
+
 class JwksSource:
     """Signing keys of an issuer: a JWKS document inline, on disk or at a URL (cached)."""
 
-    def __init__(self, location: str | Path | dict[str, Any]) -> None:
+    def __init__(
+        self, location: str | Path | dict[str, Any], *, refresh_cooldown_s: float = 30.0
+    ) -> None:
+        """``refresh_cooldown_s``: a token naming an unknown key makes the URL source fetch
+        the set again (the issuer rotated its key), at most once in that many seconds, so
+        tokens with made-up key ids cannot make the service hammer the issuer."""
         self._client: PyJWKClient | None = None
         self._keys: PyJWKSet | None = None
         if isinstance(location, dict):
@@ -51,14 +61,22 @@ class JwksSource:
             # Inline, as a ConfigMap value: public keys are not secret.
             self._keys = PyJWKSet.from_dict(json.loads(str(location)))
         elif str(location).startswith(("http://", "https://")):
-            self._client = PyJWKClient(str(location), cache_keys=True, lifespan=300)
+            self._client = PyJWKClient(
+                str(location),
+                cache_keys=True,
+                lifespan=300,
+                cooldown_duration=refresh_cooldown_s,
+            )
         else:
             self._keys = PyJWKSet.from_dict(json.loads(Path(location).read_text()))
 
     async def key_for(self, token: str) -> PyJWK:
         if self._client is not None:
             # The client fetches (and refetches for an unknown kid) with blocking urllib.
-            return await asyncio.to_thread(self._client.get_signing_key_from_jwt, token)
+            try:
+                return await asyncio.to_thread(self._client.get_signing_key_from_jwt, token)
+            except jwt.PyJWKClientConnectionError as exc:
+                raise IssuerUnavailable(str(exc)) from None
         assert self._keys is not None
         kid = jwt.get_unverified_header(token).get("kid")
         for key in self._keys.keys:
