@@ -47,8 +47,6 @@ from lotse_referrals.tables import (
     Referral,
     ReferralStep,
     Wish,
-    aware,
-    maybe_aware,
 )
 
 _SLUG = r"^[a-z0-9]+(-[a-z0-9]+)*$"
@@ -224,11 +222,11 @@ class DisclosureKey(BaseModel):
 
 def _public(row: Referral, caller: Caller) -> ReferralPublic:
     status = ReferralStatus(row.status)
-    first_contact = maybe_aware(row.first_contact_at)
+    first_contact = row.first_contact_at
     warm = domain.warm_handover_done(status, first_contact is not None)
     hours = None
     if warm and first_contact is not None:
-        hours = round((first_contact - aware(row.requested_at)).total_seconds() / 3600, 2)
+        hours = round((first_contact - row.requested_at).total_seconds() / 3600, 2)
     sees_code = caller.role in (Role.traeger, Role.service)
     return ReferralPublic(
         referral_id=row.referral_id,
@@ -244,26 +242,26 @@ def _public(row: Referral, caller: Caller) -> ReferralPublic:
         visit_id=row.visit_id,
         urgent=row.urgent,
         disclosed_fields=list(row.disclosed_fields or []),
-        requested_at=aware(row.requested_at),
+        requested_at=row.requested_at,
         answer_due_by=row.answer_due_by,
-        received_at=maybe_aware(row.received_at),
-        accepted_at=maybe_aware(row.accepted_at),
+        received_at=row.received_at,
+        accepted_at=row.accepted_at,
         first_contact_planned_for=row.first_contact_planned_for,
-        rejected_at=maybe_aware(row.rejected_at),
+        rejected_at=row.rejected_at,
         rejection_reason=row.rejection_reason,
         rejection_code=row.rejection_code if sees_code else None,
-        in_progress_at=maybe_aware(row.in_progress_at),
+        in_progress_at=row.in_progress_at,
         first_contact_at=first_contact,
         days_to_first_contact=row.days_to_first_contact,
         warm_handover=warm,
         hours_to_warm_handover=hours,
-        completed_at=maybe_aware(row.completed_at),
+        completed_at=row.completed_at,
         completion_outcome=row.completion_outcome,
-        cancelled_at=maybe_aware(row.cancelled_at),
+        cancelled_at=row.cancelled_at,
         cancel_reason=row.cancel_reason,
         cancelled_by_role=row.cancelled_by_role,
         escalated=row.escalated_at is not None,
-        escalated_at=maybe_aware(row.escalated_at),
+        escalated_at=row.escalated_at,
         working_days_at_escalation=row.working_days_at_escalation,
     )
 
@@ -509,8 +507,8 @@ def referrals_router() -> APIRouter:
                 StepPublic(
                     step=s.step,
                     actor_role=s.actor_role,
-                    occurred_at=aware(s.occurred_at),
-                    recorded_at=aware(s.recorded_at),
+                    occurred_at=s.occurred_at,
+                    recorded_at=s.recorded_at,
                 )
                 for s in steps
             ]
@@ -748,7 +746,7 @@ def overview_router() -> APIRouter:
                     state=w.state,
                     problem=w.problem,
                     referral_id=w.referral_id,
-                    created_at=aware(w.created_at),
+                    created_at=w.created_at,
                 )
                 for w in rows
             ]

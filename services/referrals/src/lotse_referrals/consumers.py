@@ -32,7 +32,7 @@ from sqlmodel import col
 from lotse_referrals import operations as ops
 from lotse_referrals.domain import Actor, Step, TransitionRefused
 from lotse_referrals.operations import Context, StepDetails
-from lotse_referrals.tables import Case, ConsentRecord, Referral, Wish, aware
+from lotse_referrals.tables import Case, ConsentRecord, Referral, Wish
 
 
 def wire_consumers(runtime: ServiceRuntime, ctx: Context) -> None:
@@ -283,7 +283,7 @@ class Handlers:
         now = self.runtime.clock()
         if data.occurred_at > now + timedelta(seconds=settings.answer_clock_skew_s):
             raise EventRejected(f"occurred_at {data.occurred_at.isoformat()} lies in the future")
-        if data.occurred_at < aware(referral.requested_at) - timedelta(
+        if data.occurred_at < referral.requested_at - timedelta(
             seconds=settings.answer_clock_skew_s
         ):
             raise EventRejected("occurred_at lies before the referral was requested")

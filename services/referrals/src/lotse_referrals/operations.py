@@ -58,7 +58,6 @@ from lotse_referrals.tables import (
     Referral,
     ReferralStep,
     Wish,
-    aware,
 )
 
 _log = logging.getLogger(__name__)
@@ -241,7 +240,7 @@ async def record_consent(
 ) -> bool:
     """Store a consent or its change; False when the stored one is newer (stale event)."""
     row = await session.get(ConsentRecord, consent_id)
-    if row is not None and aware(row.changed_at) > at:
+    if row is not None and row.changed_at > at:
         return False
     if row is None:
         row = ConsentRecord(
@@ -589,7 +588,7 @@ def take_step(
                 0,
                 (
                     domain.local_date(occurred_at, zone)
-                    - domain.local_date(aware(referral.requested_at), zone)
+                    - domain.local_date(referral.requested_at, zone)
                 ).days,
             )
             referral.first_contact_at = occurred_at
@@ -750,7 +749,7 @@ async def escalate_overdue(ctx: Context, now: datetime) -> list[str]:
             days = max(
                 1,
                 ctx.calendar.working_days_between(
-                    domain.local_date(aware(referral.requested_at), ctx.city.zone()),
+                    domain.local_date(referral.requested_at, ctx.city.zone()),
                     today - timedelta(days=1),
                 ),
             )

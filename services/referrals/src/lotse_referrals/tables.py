@@ -1,31 +1,22 @@
 """Tables of the referrals service (all named ``referrals_*``).
 
-Times are stored in UTC. SQLite hands them back without a zone, so read them through
-:func:`aware`.
+Times are stored in UTC and read back as aware UTC datetimes on both backends (SQLModel's
+``UTCDateTime``; SQLite itself keeps no zone).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
-from sqlmodel import Field, SQLModel
-
-
-def aware(moment: datetime) -> datetime:
-    """A stored UTC time as an aware datetime, whichever backend returned it."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def maybe_aware(moment: datetime | None) -> datetime | None:
-    return None if moment is None else aware(moment)
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel, UTCDateTime
 
 
 def _ts(nullable: bool = False, index: bool = False) -> Any:
     return Field(
         default=None if nullable else ...,
-        sa_column=Column(DateTime(timezone=True), nullable=nullable, index=index),
+        sa_column=Column(UTCDateTime(), nullable=nullable, index=index),
     )
 
 

@@ -34,7 +34,6 @@ from lotse_reporting.tables import (
     ReportingKpi,
     ReportingReferral,
     ReportingState,
-    aware,
 )
 
 #: Bound parameters per IN list; well below SQLite's and asyncpg's limits.
@@ -99,7 +98,7 @@ def _case(row: Any) -> CaseFacts:
 
 
 def _consent(row: Any) -> ConsentFacts:
-    at = aware(row.at)
+    at = row.at
     assert at is not None
     return ConsentFacts(
         case_id=row.case_id, consent_id=row.consent_id, scope=row.scope, given=row.given, at=at
@@ -115,8 +114,8 @@ def _fact(row: Any) -> Fact:
         month=row.month,
         dimension=row.dimension,
         number=row.number,
-        at=aware(row.at),
-        until=aware(row.until),
+        at=row.at,
+        until=row.until,
     )
 
 

@@ -6,28 +6,22 @@ pseudonymous case ids so that a family's events can be related, never leave the 
 are dropped and rebuilt by a replay. The *key figures* (``reporting_kpi``) are the anonymised
 cells as last published on ``lotse.reporting.kpis``; the API and the dashboard read only them.
 
-Times are stored in UTC; SQLite hands them back without a zone, :func:`aware` puts it back.
+Times are stored in UTC and read back as aware UTC datetimes on both backends (SQLModel's
+``UTCDateTime``; SQLite itself keeps no zone).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from lotse_contracts.events.reporting import KpiFigure, KpiUnit
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Column, DateTime
-from sqlmodel import Field, SQLModel
-
-
-def aware(moment: datetime | None) -> datetime | None:
-    """A stored time as an aware UTC datetime."""
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+from sqlalchemy import Column
+from sqlmodel import Field, SQLModel, UTCDateTime
 
 
 def _utc_column(nullable: bool = True) -> Column[datetime]:
-    return Column(DateTime(timezone=True), nullable=nullable)
+    return Column(UTCDateTime(), nullable=nullable)
 
 
 class ReportingCase(SQLModel, table=True):
@@ -160,7 +154,7 @@ class KpiPublic(BaseModel):
 
     @classmethod
     def of(cls, row: ReportingKpi) -> KpiPublic:
-        computed = aware(row.computed_at)
+        computed = row.computed_at
         assert computed is not None
         return cls(
             bezirk=row.bezirk,
