@@ -75,7 +75,8 @@ class LiveServer:
 
 @pytest.fixture
 def live(broker: Broker, topics: str, sqlite_url: str) -> Iterator[LiveServer]:
-    app = create_app(settings_for(broker, topics, sqlite_url))
+    # Opened as `./lotse up` and the demo open it: a browser has no token to present.
+    app = create_app(settings_for(broker, topics, sqlite_url, dashboard_public=True))
     with LiveServer(app) as server:
         yield server
 
@@ -153,14 +154,16 @@ def test_the_dashboard_stream_sends_newly_published_figures(
     assert any('"b": "hoerde"' in line and '"families_registered"' in line for line in received)
 
 
-def test_the_dashboard_needs_a_login_when_not_public(
+def test_the_dashboard_needs_a_login_unless_opened(
     broker: Broker, topics: str, sqlite_url: str
 ) -> None:
     from fastapi.testclient import TestClient
 
-    app = create_app(settings_for(broker, topics, sqlite_url, dashboard_public=False))
+    app = create_app(settings_for(broker, topics, sqlite_url))  # closed unless opened
     with TestClient(app) as client:
         assert client.get("/dashboard").status_code == 401
+        assert client.get("/dashboard/data").status_code == 401
+        assert client.get("/dashboard/annual/2025.csv").status_code == 401
         page = client.get("/dashboard", headers=bearer("analyst", subject="jhp"))
         assert page.status_code == 200
         assert '<script src="/dashboard/dashboard.js">' in page.text

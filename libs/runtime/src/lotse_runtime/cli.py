@@ -118,7 +118,10 @@ def up(args: argparse.Namespace) -> int:
             )
         )
         print(f"Topics:    {len(created)} created for {city.name}")
-        if not (os.environ.get("LOTSE_AUTH_JWKS") or os.environ.get("LOTSE_AUTH_ISSUER")):
+        local_issuer = not (
+            os.environ.get("LOTSE_AUTH_JWKS") or os.environ.get("LOTSE_AUTH_ISSUER")
+        )
+        if local_issuer:
             # Created once here so that all services trust the same local issuer.
             DevelopmentIssuer(data_dir / "dev-issuer-key.pem")
             print("Auth:      local development issuer; tokens: ./lotse token --role ROLE ...")
@@ -131,6 +134,10 @@ def up(args: argparse.Namespace) -> int:
                 "LOTSE_KAFKA_BOOTSTRAP": bootstrap,
                 "LOTSE_DATA_DIR": str(data_dir),
             }
+            if local_issuer:
+                # A browser cannot present a token of the local issuer: on the developer's own
+                # platform the dashboard (anonymised figures only) opens without one.
+                env.setdefault("LOTSE_REPORTING_DASHBOARD_PUBLIC", "true")
             if "intake" in ports:
                 # Services that open families' personal-data blocks fetch keys from intake.
                 env.setdefault(

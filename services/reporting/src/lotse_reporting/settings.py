@@ -36,10 +36,13 @@ class ReportingSettings(ServiceSettings):
         ),
     )
     dashboard_public: bool = Field(
-        default=True,
+        default=False,
         description=(
-            "Serve the dashboard page and its data without authentication. They show only the "
-            "anonymised figures that the reporting stream publishes anyway."
+            "Serve the dashboard page and its data without a token. They show only the "
+            "anonymised figures that the reporting stream publishes anyway, but nothing but "
+            "health is open unless someone decides so: in production the page sits behind the "
+            "city's login proxy, which adds the bearer token. `./lotse up` (with the local "
+            "development issuer) and `./lotse demo` open it."
         ),
     )
     dashboard_poll_s: float = Field(
