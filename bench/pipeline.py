@@ -158,6 +158,7 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         "partner_answers": answers,
         "referrals_answered": partners.answered,
         "disclosures_opened": partners.disclosures_opened,
+        "disclosures_unopened": partners.disclosures_unopened,
         "dead_letters": dead_letters,
         "reporting_seen": {f: watch.latest(f) for f in watch.FIGURES},
         "visits_scheduled_seen": len(watch.visit_scheduled),

@@ -15,6 +15,7 @@ import random
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -305,6 +306,17 @@ class Partners:
     @property
     def disclosures_opened(self) -> int:
         return len({r for c in self.clients for r in c.summary.disclosed_fields})
+
+    @property
+    def disclosures_unopened(self) -> dict[str, int]:
+        """Why sealed contact data stayed closed, by reason (a referral counted once)."""
+        opened = {r for c in self.clients for r in c.summary.disclosed_fields}
+        reasons: dict[str, str] = {}
+        for client in self.clients:
+            for referral, reason in client.summary.undisclosed.items():
+                if referral not in opened:
+                    reasons[referral] = reason
+        return dict(Counter(reasons.values()))
 
     async def stop(self) -> None:
         for task in self.tasks:

@@ -173,6 +173,8 @@ class Summary:
     disclosed_fields: dict[str, list[str]] = field(default_factory=dict)
     cancelled: list[str] = field(default_factory=list)
     skipped: int = 0
+    #: Referrals that came with a sealed disclosure the client could not open, and why.
+    undisclosed: dict[str, str] = field(default_factory=dict)
 
 
 class PartnerClient:
@@ -284,11 +286,13 @@ class PartnerClient:
             return
         key = await self.key_fetcher(referral)
         if key is None:
+            self.summary.undisclosed[referral.referral_id] = "no key"
             return
         try:
             contact = open_disclosure(referral, key)
         except BlockUnreadable as exc:
             log.warning("disclosure of %s does not open: %s", referral.referral_id, exc.reason)
+            self.summary.undisclosed[referral.referral_id] = f"does not open: {exc.reason}"
             return
         # A real Träger stores the contact data in its own case system; the demo only
         # says which fields it got (never their values: no personal data in logs).

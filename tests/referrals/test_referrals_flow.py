@@ -25,6 +25,7 @@ from lotse_contracts.personal import open_block
 from lotse_contracts.subscriptions import load_registry
 from lotse_referrals.operations import escalate_overdue
 from lotse_runtime.consumer import DLQ_REASON
+from sqlalchemy import text
 
 from examples.partner_client import PartnerClient, build_answer
 from tests.conftest import Broker
@@ -523,3 +524,33 @@ def test_escalation_once_after_n_working_days_with_nrw_holidays(
         )
         assert all(e["escalated_to"] == "bezirksteam" for e in events)
         assert date.fromisoformat(slow["answer_due_by"]).weekday() == 3
+
+
+def test_releasing_a_key_holds_no_database_lock_while_the_keyring_answers(
+    broker: Broker, sqlite_url: str, topic_prefix: str
+) -> None:
+    """The keyring is another service and may be slow. On SQLite every transaction holds the
+    write lock, so a release that asked the keyring inside its transaction would stall every
+    consumer and request of the service meanwhile (seen in the pipeline benchmark)."""
+    with running(broker.bootstrap, sqlite_url, topic_prefix) as service:
+        family = Family(traeger=TRAEGER, purpose=MODULE)
+        service.register(family)
+        wait_registered(service, family)
+        referral = create(service, family)
+        runtime = service.client.app.state.runtime  # type: ignore[attr-defined]
+        static = service.keyring.data_key
+        writes: list[str] = []
+
+        async def slow_keyring(case_id: str) -> tuple[str, bytes]:
+            # Someone else writes while the keyring is being asked.
+            async with asyncio.timeout(2), runtime.db.transaction() as session:
+                await session.execute(text("UPDATE referrals_referral SET urgent = urgent"))
+            writes.append(case_id)
+            return await static(case_id)
+
+        service.keyring.data_key = slow_keyring  # type: ignore[method-assign]
+        key = service.client.get(
+            f"/referrals/{referral['referral_id']}/disclosure-key", headers=traeger_caller()
+        )
+        assert key.status_code == 200, key.text
+        assert writes == [family.case_id]

@@ -3,6 +3,7 @@ commit after effect, retries, dead letters for every kind of bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +59,7 @@ class Harness:
     consumers: list[EventConsumer] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)  # visit_id -> failures left
     busy: dict[str, int] = field(default_factory=dict)  # visit_id -> "database is locked" left
+    slow_s: float = 0.0  # how long each handler call takes
     rejected: set[str] = field(default_factory=set)
 
     async def handle(self, delivery: Delivery) -> None:
@@ -67,6 +69,8 @@ class Harness:
         await delivery.session.flush()  # the row exists inside the transaction...
         if data.visit_id in self.rejected:
             raise EventRejected(f"visit {data.visit_id} belongs to nobody here")
+        if self.slow_s:
+            await asyncio.sleep(self.slow_s)  # e.g. asking another service
         busy = self.busy.get(data.visit_id, 0)
         if busy:
             self.busy[data.visit_id] = busy - 1
@@ -78,7 +82,9 @@ class Harness:
             self.failures[data.visit_id] = left - 1
             raise ConnectionError("database hiccup")
 
-    def consumer(self, group: str, *, max_event_bytes: int = 256 * 1024) -> EventConsumer:
+    def consumer(
+        self, group: str, *, max_event_bytes: int = 256 * 1024, max_transaction_s: float = 0.5
+    ) -> EventConsumer:
         consumer = EventConsumer(
             name="probe",
             service="visits",
@@ -92,6 +98,7 @@ class Harness:
             max_event_bytes=max_event_bytes,
             max_attempts=3,
             backoff_s=0.01,
+            max_transaction_s=max_transaction_s,
         )
         self.consumers.append(consumer)
         return consumer
@@ -390,3 +397,27 @@ async def test_a_batch_with_one_failing_event_falls_back_to_one_by_one(harness: 
     assert consumer.duplicates == 0
     visits = [e.visit_id for e in await harness.effects()]
     assert sorted(visits) == sorted(e.visit_id for e in events)  # each exactly once
+
+
+async def test_a_long_batch_is_split_so_no_transaction_holds_the_database_long(
+    harness: Harness,
+) -> None:
+    """On SQLite every transaction holds the write lock: a batch of slow handlers is committed
+    in parts of about ``max_transaction_s``, each event still applied once and in order."""
+    from sqlalchemy import event as sa_event
+
+    commits: list[float] = []
+    sa_event.listen(harness.db.engine.sync_engine, "commit", lambda _c: commits.append(1.0))
+    harness.slow_s = 0.1
+    case_id = str(uuid.uuid4())  # one partition, one batch
+    events = [scheduled(case_id=case_id) for _ in range(20)]
+    for each in events:
+        harness.send(each)
+    consumer = harness.consumer(group(), max_transaction_s=0.25)
+    await consumer.start()  # started after producing, so the first fetch holds them all
+    await eventually(lambda: consumer.processed == 20, timeout_s=30)
+    # 20 handlers of at least 0.1 s each, parts of about 0.25 s: several commits, not one.
+    assert len(commits) >= 4
+    assert consumer.dead_lettered == 0
+    assert consumer.duplicates == 0
+    assert [e.visit_id for e in await harness.effects()] == [e.visit_id for e in events]

@@ -100,6 +100,7 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+_Prepared = tuple[ConsumerRecord[Any, Any], CloudEvent, EventModel | None]
 
 
 @dataclass
@@ -131,6 +132,7 @@ class EventConsumer:
         max_attempts: int = 4,
         backoff_s: float = 0.2,
         batch_size: int = 200,
+        max_transaction_s: float = 0.5,
     ) -> None:
         self.name = name
         self.service = service
@@ -147,6 +149,7 @@ class EventConsumer:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.batch_size = batch_size
+        self.max_transaction_s = max_transaction_s
         self.processed = 0
         self.dead_lettered = 0
         self.duplicates = 0
@@ -245,10 +248,10 @@ class EventConsumer:
         tp: TopicPartition,
         records: list[ConsumerRecord[Any, Any]],
     ) -> None:
-        if await self._apply_batch(records):
-            for record in records:
-                self._positions[tp] = record.offset + 1
-            records = []
+        applied = await self._apply_batch(records)
+        for record in records[:applied]:
+            self._positions[tp] = record.offset + 1
+        records = records[applied:]
         for record in records:
             while True:
                 try:
@@ -297,14 +300,19 @@ class EventConsumer:
             },
         )
 
-    async def _apply_batch(self, records: list[ConsumerRecord[Any, Any]]) -> bool:
-        """Fast path: apply a partition's batch in ONE transaction (one commit instead of one
-        per event). Only when every record is a valid event; any failure rolls the whole batch
-        back and returns False, and the caller applies the records one by one, with retries
-        and dead letters. Handlers therefore must act only through the session and outbox."""
+    async def _apply_batch(self, records: list[ConsumerRecord[Any, Any]]) -> int:
+        """Fast path: apply a partition's batch in as few transactions as possible (one commit
+        instead of one per event), and return how many leading records were applied. Only when
+        every record is a valid event; a failure rolls the current transaction back, and the
+        caller applies the records from there one by one, with retries and dead letters.
+        Handlers therefore must act only through the session and outbox.
+
+        A transaction is closed after ``max_transaction_s`` and the rest goes into the next:
+        on SQLite each transaction holds the write lock, and a long batch (handlers that ask
+        another service, say) would stall the service's requests and other consumers."""
         if len(records) < 2:
-            return False
-        prepared: list[tuple[ConsumerRecord[Any, Any], CloudEvent, EventModel | None]] = []
+            return 0
+        prepared: list[_Prepared] = []
         for record in records:
             try:
                 event = from_kafka(
@@ -316,9 +324,19 @@ class EventConsumer:
                     self.catalogue.model_for(event.type)
                     prepared.append((record, event, None))
             except (InvalidCloudEvent, EventDataInvalid, UnknownEventType, UnknownEventVersion):
-                return False
+                return 0
+        done = 0
+        while done < len(prepared):
+            applied = await self._apply_chunk(prepared[done:])
+            if applied == 0:
+                break
+            done += applied
+        return done
+
+    async def _apply_chunk(self, prepared: list[_Prepared]) -> int:
+        """One transaction of :meth:`_apply_batch`: how many leading records it applied."""
         started = time.perf_counter()
-        processed = duplicates = skipped = 0
+        processed = duplicates = skipped = taken = 0
         try:
             consumer_name = f"{self.service}.{self.name}"
             async with self.db.transaction() as session:
@@ -328,6 +346,9 @@ class EventConsumer:
                     events=[event for _r, event, data in prepared if data is not None],
                 )
                 for record, event, data in prepared:
+                    if taken and time.perf_counter() - started > self.max_transaction_s:
+                        break
+                    taken += 1
                     if data is None:
                         skipped += 1
                         continue
@@ -354,18 +375,18 @@ class EventConsumer:
         except asyncio.CancelledError:
             raise
         except Exception:
-            return False
+            return 0
         self.processed += processed
         self.duplicates += duplicates
         self.skipped += skipped
         if self.telemetry is not None:
-            each = (time.perf_counter() - started) / len(prepared)
-            for _record, event, data in prepared:
+            each = (time.perf_counter() - started) / taken
+            for _record, event, data in prepared[:taken]:
                 outcome = "ok" if data is not None else "skipped"
                 self.telemetry.record_handler_latency(
                     each, consumer=self.name, event_type=event.type, outcome=outcome
                 )
-        return True
+        return taken
 
     async def process(self, record: ConsumerRecord[Any, Any]) -> str:
         """Apply one record; returns the outcome (ok, duplicate, skipped, dead_lettered)."""

@@ -570,7 +570,7 @@ def referrals_router() -> APIRouter:
     async def disclosure_key(
         referral_id: str, runtime: RuntimeDep, ctx: ContextDep, caller: CallerDep
     ) -> DisclosureKey:
-        async with runtime.db.transaction() as session:
+        async def releasable(session: AsyncSession) -> Referral:
             referral = await session.get(Referral, referral_id)
             scope = None if referral is None else await _scope(session, referral)
             ensure_may_access_case(caller, scope, personal_data=True)
@@ -579,18 +579,28 @@ def referrals_router() -> APIRouter:
                 raise _refuse(409, "referral_id", f"the referral is {referral.status}")
             if not referral.disclosed_fields or ctx.keyring is None:
                 raise HTTPException(404, detail="this referral carries no disclosure")
-            try:
-                kid, key = await ctx.keyring.data_key(referral.case_id)
-            except KeyGone:
-                raise HTTPException(410, detail="the family's data was erased") from None
-            except KeyringUnavailable as exc:
-                raise HTTPException(503, detail=f"try again later: {exc}") from None
+            return referral
+
+        async with runtime.db.transaction() as session:
+            case_id = (await releasable(session)).case_id
+        # The keyring is another service: ask it outside any transaction, so that a slow
+        # answer holds no lock here (on SQLite every transaction holds the write lock).
+        assert ctx.keyring is not None
+        try:
+            kid, key = await ctx.keyring.data_key(case_id)
+        except KeyGone:
+            raise HTTPException(410, detail="the family's data was erased") from None
+        except KeyringUnavailable as exc:
+            raise HTTPException(503, detail=f"try again later: {exc}") from None
+        async with runtime.db.transaction() as session:
+            # Checked again with the release: cancelled or closed meanwhile means no key.
+            await releasable(session)
             audit.record(
                 session,
                 service=runtime.service,
                 caller=caller,
                 action=audit.AuditAction.key_release,
-                case_id=referral.case_id,
+                case_id=case_id,
                 purpose=f"open the disclosure of referral {referral_id}",
                 path="/referrals/{referral_id}/disclosure-key",
             )

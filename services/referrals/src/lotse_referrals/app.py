@@ -91,8 +91,7 @@ def create_app(
             await ops.escalate_overdue(ctx, rt.clock())
 
         async def place_waiting(rt: ServiceRuntime) -> None:
-            async with rt.db.transaction() as session:
-                await ops.place_open_wishes(session, ctx, rt.clock())
+            await ops.place_waiting_wishes(ctx, rt.clock())
 
         runtime.add_job("escalation", settings.escalation_interval_s, escalate)
         runtime.add_job("placement", settings.placement_interval_s, place_waiting)

@@ -703,6 +703,29 @@ async def place_open_wishes(
     return placed
 
 
+async def place_waiting_wishes(ctx: Context, now: datetime) -> int:
+    """The placement job: try every open wish again, each in a transaction of its own, so
+    that the keyring calls of a long list hold no lock across the whole pass."""
+    async with ctx.db.transaction() as session:
+        waiting = list(
+            (
+                await session.execute(
+                    select(col(Wish.wish_id))
+                    .where(col(Wish.state) == "open")
+                    .order_by(col(Wish.created_at))
+                )
+            ).scalars()
+        )
+    placed = 0
+    for wish_id in waiting:
+        async with ctx.db.transaction() as session:
+            wish = await session.get(Wish, wish_id)
+            # Placed meanwhile (by the consumer, when the consent arrived): nothing to do.
+            if wish is not None and wish.state == "open" and await place(session, ctx, wish, now):
+                placed += 1
+    return placed
+
+
 # --- escalation ---------------------------------------------------------------------------
 
 
