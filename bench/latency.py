@@ -25,11 +25,16 @@ import asyncio
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stack import DEFAULT_POSTGRES, RESULTS_DIR, MemorySampler, Stack, machine, percentiles
+from stack import (
+    RESULTS_DIR,
+    MemorySampler,
+    Stack,
+    percentiles,
+    run_on_own_stack,
+)
 from workload import Intake, Partners, Sent, Stopwatch, open_traeger_capacity, plan_families
 
 
@@ -125,22 +130,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    database = DEFAULT_POSTGRES if args.database == "postgresql" else args.database
-    about = machine()
-    with Stack(database=database, keep=args.keep) as stack:
-        result = asyncio.run(measure(stack, args))
-        if not result["complete"]:
-            result["service_logs"] = stack.service_logs_tail()
-        broker, kind = stack.broker_name, stack.database_kind
-    return {
-        "benchmark": "latency",
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": about,
-        "broker": broker,
-        "database": kind,
-        "stack": "own",
-        **result,
-    }
+    return run_on_own_stack("latency", measure, args, stack="own")
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -34,20 +34,18 @@ import asyncio
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from lotse_contracts import topics as topic_names
 from lotse_runtime.kafka import TopicSpec, ensure_topics
 from stack import (
-    DEFAULT_POSTGRES,
     RESULTS_DIR,
     MemorySampler,
     Stack,
     count_records,
-    machine,
     raw_produce_consume,
+    run_on_own_stack,
 )
 from workload import K_ANONYMITY, Intake, Partners, Stopwatch, open_traeger_capacity, plan_families
 
@@ -173,23 +171,7 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    database = args.database
-    if database == "postgresql":
-        database = DEFAULT_POSTGRES
-    about = machine()
-    with Stack(database=database, keep=args.keep) as stack:
-        result = asyncio.run(drive(stack, args))
-        if not result["complete"]:
-            result["service_logs"] = stack.service_logs_tail()
-        broker, kind = stack.broker_name, stack.database_kind
-    return {
-        "benchmark": "pipeline",
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": about,
-        "broker": broker,
-        "database": kind,
-        **result,
-    }
+    return run_on_own_stack("pipeline", drive, args)
 
 
 def summary(result: dict[str, Any]) -> str:

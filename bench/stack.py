@@ -20,9 +20,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import TracebackType
@@ -521,4 +521,30 @@ async def raw_produce_consume(
         "seconds": round(seconds, 3),
         "produce_acked_s": round(acked, 3),
         "messages_per_s": round(total / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def run_on_own_stack(
+    benchmark: str,
+    measure: Callable[[Stack, Any], Awaitable[dict[str, Any]]],
+    args: Any,
+    **labels: Any,
+) -> dict[str, Any]:
+    """Run one benchmark on a stack of its own (``--database``, ``--keep``) and label the
+    result; service logs are attached when the run did not complete."""
+    database = DEFAULT_POSTGRES if args.database == "postgresql" else args.database
+    about = machine()
+    with Stack(database=database, keep=args.keep) as stack:
+        result = asyncio.run(measure(stack, args))
+        if not result["complete"]:
+            result["service_logs"] = stack.service_logs_tail()
+        broker, kind = stack.broker_name, stack.database_kind
+    return {
+        "benchmark": benchmark,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": about,
+        "broker": broker,
+        "database": kind,
+        **labels,
+        **result,
     }
