@@ -21,8 +21,10 @@ Rules the script follows, which every partner implementation must follow too:
   so that an answer sent twice after a crash is recognised as the same one.
 * Commit your consumer offset only after your answers are written.
 * On ``referral-cancelled`` stop working with the family and delete what you received.
-* Contact data comes only sealed (``disclosure``), with exactly the fields the family
-  consented to; fetch the key for one referral from Lotse when you need to open it.
+* Contact data comes only sealed, with exactly the fields the family consented to: as a
+  compact JWE (``disclosure_jwe``; ``dir`` + ``A256GCM``, any JOSE library opens it) and,
+  on events from before it existed, only as ``disclosure``. Fetch the key for one referral
+  from Lotse when you need to open it; it opens that referral's disclosure and nothing else.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from lotse_contracts.events.referrals import (
     ReferralRequested,
     RejectionReason,
 )
-from lotse_contracts.personal import BlockUnreadable, open_block
+from lotse_contracts.personal import BlockUnreadable, open_block, open_jwe
 
 log = logging.getLogger("partner-client")
 
@@ -112,7 +114,10 @@ def read_referral_event(
 
 
 def open_disclosure(referral: ReferralRequested, key: bytes) -> dict[str, Any]:
-    """The consented contact data of the family; raises BlockUnreadable (e.g. erased)."""
+    """The consented contact data of the family; raises BlockUnreadable (e.g. erased).
+    The JWE where the event carries one, else the older EncryptedBlock form."""
+    if referral.disclosure_jwe is not None:
+        return open_jwe(referral.disclosure_jwe, key=key)
     if referral.disclosure is None:
         return {}
     return open_block(referral.disclosure, key=key, case_id=referral.case_id)

@@ -101,14 +101,23 @@ def test_check_detects_a_missing_file(copy: Path, capsys: pytest.CaptureFixture[
     assert f"would change: {copy / 'asyncapi.json'}" in output
 
 
+def _history(root: Path) -> list[str]:
+    """The archived revisions of the family-registered schema, oldest first."""
+    folder = root / "schemas" / "history" / REGISTERED
+    if not folder.exists():
+        return []
+    return sorted((p.name for p in folder.iterdir()), key=lambda name: int(name.split(".")[0]))
+
+
 def test_formatting_only_change_is_rewritten_without_archiving(
     copy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     schema = copy / "schemas" / f"{REGISTERED}.json"
+    history = _history(copy)
     schema.write_text(json.dumps(_load(schema)), encoding="utf-8")  # same JSON, one line
     assert _check(copy, capsys)[0] == 1
     assert main(["--root", str(copy)]) == 0
-    assert not (copy / "schemas" / "history" / REGISTERED).exists()
+    assert _history(copy) == history
 
 
 def test_compatible_change_archives_the_published_revision(
@@ -120,11 +129,13 @@ def test_compatible_change_archives_the_published_revision(
     published = _load(schema)
     published["properties"]["bezirk"]["description"] = "An older wording."
     schema.write_text(json.dumps(published, indent=2), encoding="utf-8")
+    history = _history(copy)
     status, output = _check(copy, capsys)
     assert status == 1
     assert f"would archive: {schema}" in output
     assert main(["--root", str(copy)]) == 0
-    archived = copy / "schemas" / "history" / REGISTERED / "1.json"
+    archived = copy / "schemas" / "history" / REGISTERED / f"{len(history) + 1}.json"
+    assert _history(copy) == [*history, archived.name]
     assert _load(archived) == published
     assert schema.read_text(encoding="utf-8") == (
         CONTRACTS_DIR / "schemas" / schema.name
@@ -139,6 +150,7 @@ def test_incompatible_change_is_refused(copy: Path, capsys: pytest.CaptureFixtur
     published["properties"]["household_size"] = {"type": "integer"}
     before = json.dumps(published, indent=2)
     schema.write_text(before, encoding="utf-8")
+    history = _history(copy)
     status, output = _check(copy, capsys)
     assert status == 1
     assert f"error: {REGISTERED}: incompatible with its published schema" in output
@@ -146,13 +158,13 @@ def test_incompatible_change_is_refused(copy: Path, capsys: pytest.CaptureFixtur
     assert "$.household_size: property removed" in output
     assert main(["--root", str(copy)]) == 1
     assert schema.read_text(encoding="utf-8") == before
-    assert not (copy / "schemas" / "history" / REGISTERED).exists()
+    assert _history(copy) == history
 
 
 def test_history_is_checked_too(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # An older revision in the history binds as much as the committed one.
     history = copy / "schemas" / "history" / REGISTERED
-    history.mkdir(parents=True)
+    history.mkdir(parents=True, exist_ok=True)
     older = _load(copy / "schemas" / f"{REGISTERED}.json")
     older["properties"]["household_size"] = {"type": "integer"}
     (history / "1.json").write_text(json.dumps(older), encoding="utf-8")

@@ -37,11 +37,19 @@ from lotse_contracts.cloudevents import from_kafka
 from lotse_contracts.events.intake import FamilyRegistered, NeedsAssessed
 from lotse_contracts.events.partner import PartnerAnswer
 from lotse_contracts.events.referrals import ReferralCancelled, ReferralRequested
-from lotse_contracts.personal import BlockUnreadable, EncryptedBlock, decode_data_key, open_block
+from lotse_contracts.personal import (
+    BlockUnreadable,
+    EncryptedBlock,
+    decode_data_key,
+    jwe_header,
+    kid_purpose,
+    open_block,
+    open_jwe,
+)
 from lotse_intake.app import create_app as create_intake
 from lotse_intake.settings import IntakeSettings
 from lotse_referrals.app import create_app as create_referrals
-from lotse_referrals.keyring import HttpKeyring, KeyGone
+from lotse_referrals.keyring import DisclosureFor, HttpKeyring, KeyGone
 from lotse_referrals.operations import Context as ReferralsContext
 from lotse_referrals.settings import ReferralsSettings
 from lotse_reporting.app import create_app as create_reporting
@@ -542,11 +550,87 @@ async def traeger_accepts(platform: Platform, referral_id: str) -> ReferralReque
     return requested
 
 
-async def family_key(platform: Platform, case_id: str) -> tuple[int, bytes | None]:
-    response = await platform.intake.get(f"/keyring/cases/{case_id}", headers=KEYRING_CLIENT)
-    if response.status_code != 200:
-        return response.status_code, None
-    return 200, decode_data_key(response.json()["key"])
+#: Who may ask for keys, and the keys each may get: a Lotse service straight from intake's
+#: keyring, a Träger through its referral's disclosure-key route.
+KEY_HOLDERS: dict[str, dict[str, str]] = {
+    "visits": bearer("service", subject="visits"),
+    "referrals": KEYRING_CLIENT,
+    "reporting": bearer("service", subject="reporting"),
+    "an unknown service": bearer("service", subject="intruder"),
+    "the addressed Träger": TRAEGER_STAFF,
+    "another Träger": bearer("traeger", subject="tr-9", traeger="familienforum-west"),
+}
+#: Which block each holder's keys may open (by the purpose the block was sealed for).
+MAY_OPEN = {
+    "visits": {"contact"},
+    "the addressed Träger": {"disclosure"},
+}
+PURPOSES = ("contact", "children", "screening")
+
+
+async def released_keys(
+    platform: Platform, case_id: str, referral_id: str
+) -> dict[str, dict[str, bytes]]:
+    """Every key each holder obtains when it asks for every key of the family."""
+    released: dict[str, dict[str, bytes]] = {}
+    for holder, headers in KEY_HOLDERS.items():
+        keys: dict[str, bytes] = {}
+        for purpose in PURPOSES:
+            answer = await platform.intake.get(
+                f"/keyring/cases/{case_id}/keys/{purpose}", headers=headers
+            )
+            if answer.status_code == 200:
+                keys[purpose] = decode_data_key(answer.json()["key"])
+        answer = await platform.referrals.get(
+            f"/referrals/{referral_id}/disclosure-key", headers=headers
+        )
+        if answer.status_code == 200:
+            keys["disclosure"] = decode_data_key(answer.json()["key"])
+        released[holder] = keys
+    return released
+
+
+def sealed_blocks(records: list[RawRecord], case_id: str) -> list[tuple[str, str, Any]]:
+    """(topic, purpose, block or compact JWE) of every sealed block of the case on any topic,
+    found by its shape, whatever event or field carries it."""
+    found: list[tuple[str, str, Any]] = []
+
+    def walk(topic: str, value: Any) -> None:
+        if isinstance(value, dict):
+            if {"kid", "nonce", "ciphertext"} <= value.keys():
+                block = EncryptedBlock.model_validate(value)
+                found.append((topic, kid_purpose(block.kid)[1] or "family", block))
+                return
+            for item in value.values():
+                walk(topic, item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(topic, item)
+        elif isinstance(value, str) and value.count(".") == 4 and value.startswith("ey"):
+            purpose = kid_purpose(jwe_header(value)["kid"])[1]
+            found.append((topic, purpose or "family", value))
+
+    for record in records:
+        if record.value is None or case_id.encode() not in record.raw:
+            continue
+        try:
+            event = from_kafka(record.value, record.headers)
+        except ValueError:
+            continue
+        if event.subject == case_id:
+            walk(record.topic, event.data)
+    return found
+
+
+def opens(sealed: Any, key: bytes, case_id: str) -> bool:
+    try:
+        if isinstance(sealed, str):
+            open_jwe(sealed, key=key)
+        else:
+            open_block(sealed, key=key, case_id=case_id)
+    except BlockUnreadable:
+        return False
+    return True
 
 
 # -- the tests ---------------------------------------------------------------------------------
@@ -665,18 +749,38 @@ async def erasure_leaves_no_readable_personal_data(lotse: Platform) -> list[RawR
         for e in events_of(before, lotse.topic(topic_names.INTAKE), NeedsAssessed.event_type)
         if e["case_id"] == case_id
     ]
-    blocks: list[EncryptedBlock] = [registered.personal, assessed.screening, requested.disclosure]
-    status, key = await family_key(lotse, case_id)
-    assert status == 200
-    assert key is not None
-    opened = open_block(registered.personal, key=key, case_id=case_id)
-    assert opened["family_name"] == ERASED_FAMILY["family_name"]
-    assert (
-        open_block(requested.disclosure, key=key, case_id=case_id)["phone"]
-        == ERASED_FAMILY["phone"]
-    )
-    open_block(assessed.screening, key=key, case_id=case_id)
-    del key, opened
+    assert registered.children is not None
+    assert requested.disclosure_jwe is not None
+    blocks: list[EncryptedBlock] = [
+        registered.personal,
+        registered.children,
+        assessed.screening,
+        requested.disclosure,
+    ]
+    # Every key every role can obtain, tried on every sealed block of the family on every
+    # topic (domain topics, the Träger's feed, the Bezirk feeds): exactly the allowed
+    # combinations open.
+    keys = await released_keys(lotse, case_id, referral["referral_id"])
+    assert {holder: sorted(k) for holder, k in keys.items() if k} == {
+        "visits": ["contact"],
+        "the addressed Träger": ["disclosure"],
+    }
+    on_topics = sealed_blocks(before, case_id)
+    purposes_seen = {purpose for _topic, purpose, _block in on_topics}
+    assert purposes_seen == {"contact", "children", "screening", "disclosure"}
+    assert lotse.topic(topic_names.partner_referrals(TRAEGER)) in {t for t, _p, _b in on_topics}
+    for holder, held in keys.items():
+        for key_purpose, key in held.items():
+            for topic, purpose, sealed in on_topics:
+                allowed = purpose == key_purpose and purpose in MAY_OPEN.get(holder, set())
+                assert opens(sealed, key, case_id) == allowed, (holder, key_purpose, topic, purpose)
+    # What the Träger opens is exactly what the family consented to pass, in both envelopes.
+    disclosure_key = keys["the addressed Träger"]["disclosure"]
+    opened = open_block(requested.disclosure, key=disclosure_key, case_id=case_id)
+    assert opened["phone"] == ERASED_FAMILY["phone"]
+    assert set(opened) == {f.value for f in requested.disclosed_fields}
+    assert open_jwe(requested.disclosure_jwe, key=disclosure_key) == opened
+    del keys, opened, disclosure_key
 
     lotse.clock.advance(days=1)
     erased = await lotse.intake.post(
@@ -719,20 +823,24 @@ async def erasure_leaves_no_readable_personal_data(lotse: Platform) -> list[RawR
     for block in blocks:
         assert any(block.ciphertext.encode() in raw for raw in still_there)
 
-    assert (await family_key(lotse, case_id))[0] == 410
-    by_kid = await lotse.intake.get(
-        f"/keyring/keys/{registered.personal.kid}", headers=KEYRING_CLIENT
-    )
-    assert by_kid.status_code in (404, 410), by_kid.text
+    # After the erasure no key of the family is released to anyone, for any purpose.
+    for holder, headers in KEY_HOLDERS.items():
+        for purpose in PURPOSES:
+            answer = await lotse.intake.get(
+                f"/keyring/cases/{case_id}/keys/{purpose}", headers=headers
+            )
+            assert answer.status_code in (403, 410), (holder, purpose, answer.text)
+        answer = await lotse.referrals.get(
+            f"/referrals/{referral['referral_id']}/disclosure-key", headers=headers
+        )
+        # The Träger gets no key either (the referral is cancelled and the key gone).
+        assert answer.status_code in (403, 404, 409, 410), (holder, answer.text)
     referrals_ctx: ReferralsContext = lotse.apps["referrals"].state.referrals
     assert referrals_ctx.keyring is not None
     with pytest.raises(KeyGone):
-        await referrals_ctx.keyring.data_key(case_id)
-    disclosure_key = await lotse.referrals.get(
-        f"/referrals/{referral['referral_id']}/disclosure-key", headers=TRAEGER_STAFF
-    )
-    # The Träger gets no key either (the referral is cancelled and the key gone).
-    assert disclosure_key.status_code in (404, 409, 410), disclosure_key.text
+        await referrals_ctx.keyring.disclosure_key(
+            DisclosureFor(case_id, referral["referral_id"], TRAEGER, requested.consent_ref)
+        )
     # Without the family key a block does not open, whichever key one tries.
     for block in blocks:
         with pytest.raises(BlockUnreadable):

@@ -42,7 +42,7 @@ from lotse_contracts.events.visits import VisitCompleted
 from lotse_contracts.personal import PersonalData, new_data_key, seal
 from lotse_contracts.subscriptions import load_registry
 from lotse_referrals.app import create_app as create_referrals
-from lotse_referrals.keyring import StaticKeyring
+from lotse_referrals.keyring import StaticFamily, StaticKeyring
 from lotse_referrals.settings import ReferralsSettings
 from lotse_referrals.tables import Referral
 from lotse_reporting import store
@@ -386,7 +386,12 @@ class Platform:
     def know(self, *families: Family) -> None:
         """Give referrals the families' data keys, as intake's keyring would."""
         for family in families:
-            self.keyring.keys[family.case_id] = (family.kid, family.key)
+            self.keyring.families[family.case_id] = StaticFamily(
+                family.kid,
+                family.key,
+                PersonalData(family_name="Beispiel", postcode="44263"),
+                {family.traeger_consent: TRAEGER},
+            )
 
     def runtime(self, service: str) -> ServiceRuntime:
         runtime: ServiceRuntime = self.apps[service].state.runtime

@@ -26,6 +26,7 @@ from tests.intake.helpers import (
     REFERRALS_SERVICE,
     REPORTING_SERVICE,
     TRAEGER,
+    VISITS_SERVICE,
     Intake,
     registration,
     run_intake,
@@ -490,10 +491,15 @@ def test_an_erased_familys_request_keys_do_not_register_it_again(shared_intake: 
         ("GET", "/cases/" + UNKNOWN_ID, BABYLOTSE),
         ("POST", "/cases/{case}/erasure", OTHER_CLINIC),
         ("POST", "/cases/{case}/erasure", ANALYST),
-        ("GET", "/keyring/cases/{case}", BABYLOTSE),
-        ("GET", "/keyring/cases/{case}", FAMILIENBUERO_HOERDE),
-        ("GET", "/keyring/cases/{case}", REPORTING_SERVICE),
-        ("GET", "/keyring/cases/{case}", DPO),
+        ("GET", "/keyring/cases/{case}/keys/contact", BABYLOTSE),
+        ("GET", "/keyring/cases/{case}/keys/contact", FAMILIENBUERO_HOERDE),
+        ("GET", "/keyring/cases/{case}/keys/contact", REPORTING_SERVICE),
+        ("GET", "/keyring/cases/{case}/keys/contact", DPO),
+        # Each service gets only the purposes its task needs.
+        ("GET", "/keyring/cases/{case}/keys/contact", REFERRALS_SERVICE),
+        ("GET", "/keyring/cases/{case}/keys/children", VISITS_SERVICE),
+        ("GET", "/keyring/cases/{case}/keys/screening", VISITS_SERVICE),
+        ("GET", "/keyring/cases/{case}/keys/screening", REFERRALS_SERVICE),
     ],
 )
 def test_callers_see_only_what_is_theirs(
@@ -518,16 +524,17 @@ def test_allowed_readers_and_the_audit_trail(shared_intake: Intake, case_id: str
         assert response.json()["bezirk"] == "hoerde"
     assert client.get(f"/cases/{case_id}/erasure", headers=DPO).json()["erased"] is False
     key = client.get(
-        f"/keyring/cases/{case_id}", params={"purpose": "welcome visit"}, headers=REFERRALS_SERVICE
+        f"/keyring/cases/{case_id}/keys/contact",
+        params={"reason": "welcome visit"},
+        headers=VISITS_SERVICE,
     )
     assert key.status_code == 200
-    by_kid = client.get(f"/keyring/keys/{key.json()['kid']}", headers=REFERRALS_SERVICE)
-    assert by_kid.json() == key.json()
-    client.get(f"/keyring/cases/{case_id}", headers=REPORTING_SERVICE)  # refused
+    assert key.json()["kid"].endswith("/contact")
+    client.get(f"/keyring/cases/{case_id}/keys/contact", headers=REPORTING_SERVICE)  # refused
 
     trail = client.get("/audit", params={"case_id": case_id, "limit": 1000}, headers=DPO).json()
     actions = {(e["action"], e["role"], e["purpose"]) for e in trail}
-    assert ("key_release", "service", "welcome visit") in actions
+    assert ("key_release", "service", "contact key: welcome visit") in actions
     assert ("read", "familienbuero", "read case") in actions
     assert ("create", "babylotse", "register family") in actions
     assert any(e["action"] == "denied" and e["subject"] == "reporting" for e in trail)
@@ -585,8 +592,9 @@ def test_openapi_documents_the_domain(shared_intake: Intake) -> None:
         "/cases/{case_id}/screenings",
         "/cases/{case_id}/handovers",
         "/cases/{case_id}/erasure",
-        "/keyring/cases/{case_id}",
-        "/keyring/keys/{kid}",
+        "/keyring/cases/{case_id}/keys/{purpose}",
+        "/keyring/cases/{case_id}/disclosures",
+        "/keyring/cases/{case_id}/disclosures/{referral_id}/key",
     ):
         assert path in paths
     parameters = {p["name"] for p in paths["/cases"]["post"]["parameters"]}

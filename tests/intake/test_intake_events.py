@@ -18,6 +18,8 @@ from lotse_contracts.events.intake import (
 )
 from lotse_contracts.personal import (
     BlockUnreadable,
+    ChildrenData,
+    KeyPurpose,
     data_key_for,
     new_data_key,
     open_block,
@@ -30,7 +32,7 @@ from tests.intake.helpers import (
     DPO,
     FAMILIENBUERO_HOERDE,
     PLAINTEXTS,
-    REFERRALS_SERVICE,
+    VISITS_SERVICE,
     Intake,
     registration,
 )
@@ -92,10 +94,27 @@ def of_type(records: list[Record], event_type: str) -> list[Record]:
     return [r for r in records if r.header("ce_type") == event_type]
 
 
-def family_key(intake: Intake, case_id: str) -> bytes:
-    response = intake.client.get(f"/keyring/cases/{case_id}", headers=REFERRALS_SERVICE)
+def contact_key(intake: Intake, case_id: str) -> bytes:
+    """The contact key, as the visits service obtains it from the keyring."""
+    response = intake.client.get(f"/keyring/cases/{case_id}/keys/contact", headers=VISITS_SERVICE)
     assert response.status_code == 200, response.text
+    assert response.json()["purpose"] == "contact"
     return base64.urlsafe_b64decode(response.json()["key"] + "==")
+
+
+def inner_key(intake: Intake, case_id: str, purpose: KeyPurpose) -> bytes:
+    """A purpose key no service obtains (children, screening), derived inside intake."""
+    keyring = intake.client.app.state.intake.keyring  # type: ignore[attr-defined]
+
+    async def derive() -> bytes:
+        async with intake.runtime.db.transaction() as session:
+            keys = await keyring.find(session, case_id)
+        assert keys is not None
+        key: bytes = keys.key(purpose)[1]
+        return key
+
+    found: bytes = intake.client.portal.call(derive)  # type: ignore[union-attr]
+    return found
 
 
 async def test_registration_publishes_family_registered_with_personal_data_sealed(
@@ -136,12 +155,22 @@ async def test_registration_publishes_family_registered_with_personal_data_seale
     ]
     assert [c.consent_id for c in event.consents] == [c["consent_id"] for c in case["consents"]]
 
-    # An authorised service opens the block with the key the keyring hands out.
-    personal = open_personal(event.personal, key=family_key(intake, case_id), case_id=case_id)
+    # Visits opens the contact block with the key the keyring hands out for a welcome
+    # visit; the children's data is in a block of its own, under a key visits never gets.
+    personal = open_personal(event.personal, key=contact_key(intake, case_id), case_id=case_id)
     assert personal.family_name == "Yılmaz-Özdemir"
     assert personal.parent_given_names == ["Ayşe", "Konstantin"]
-    assert personal.child_given_names == ["Mirabelle"]
-    assert str(personal.child_birth_dates[0]) == "2025-02-27"
+    assert (personal.child_given_names, personal.child_birth_dates) == ([], [])
+    assert event.children is not None
+    with pytest.raises(BlockUnreadable):
+        open_block(event.children, key=contact_key(intake, case_id), case_id=case_id)
+    children = ChildrenData.model_validate(
+        open_block(
+            event.children, key=inner_key(intake, case_id, KeyPurpose.CHILDREN), case_id=case_id
+        )
+    )
+    assert children.child_given_names == ["Mirabelle"]
+    assert str(children.child_birth_dates[0]) == "2025-02-27"
     assert (personal.street, personal.house_number, personal.postcode, personal.city) == (
         "Hörder Bahnhofstraße",
         "12a",
@@ -150,7 +179,7 @@ async def test_registration_publishes_family_registered_with_personal_data_seale
     )
     # Bound to its case: the block does not open as another family's.
     with pytest.raises(BlockUnreadable):
-        open_personal(event.personal, key=family_key(intake, case_id), case_id=str(uuid.uuid4()))
+        open_personal(event.personal, key=contact_key(intake, case_id), case_id=str(uuid.uuid4()))
 
     # At rest, too, nothing personal is in clear.
     assert_no_plaintext(intake.dump_rows().encode(), "database rows")
@@ -310,7 +339,11 @@ async def test_screening_is_sealed_and_never_routed(intake: Intake) -> None:
     for clear in (b"acute", b"single_parent", b"parent_mental_strain", b"kinderstark"):
         assert clear not in blob
     event = NeedsAssessed.model_validate(data(assessed))
-    opened = open_block(event.screening, key=family_key(intake, case_id), case_id=case_id)
+    # Sealed under the Art. 9 screening key: the contact key does not open it.
+    with pytest.raises(BlockUnreadable):
+        open_block(event.screening, key=contact_key(intake, case_id), case_id=case_id)
+    screening_key = inner_key(intake, case_id, KeyPurpose.SCREENING)
+    opened = open_block(event.screening, key=screening_key, case_id=case_id)
     assert opened["support_need"] == "acute"
     assert b"acute" not in intake.dump_rows().encode()
 
@@ -351,7 +384,7 @@ async def test_erasure_makes_every_earlier_block_undecryptable(intake_any_db: In
     personal_block = FamilyRegistered.model_validate(data(registered)).personal
     screening_block = NeedsAssessed.model_validate(data(assessed)).screening
     # Before erasure the blocks open.
-    open_personal(personal_block, key=family_key(intake, case_id), case_id=case_id)
+    open_personal(personal_block, key=contact_key(intake, case_id), case_id=case_id)
 
     intake.clock.advance(days=30)
     erased = intake.client.post(
@@ -360,13 +393,13 @@ async def test_erasure_makes_every_earlier_block_undecryptable(intake_any_db: In
     assert erased.status_code == 200, erased.text
     assert erased.json()["erased"] is True
     assert erased.json()["reason"] == "request"
-    assert erased.json()["key_id"] == personal_block.kid
+    family_kid = personal_block.kid.partition("/")[0]
+    assert personal_block.kid == f"{family_kid}/contact"
+    assert erased.json()["key_id"] == family_kid
 
-    # The keyring has no key any more: nobody can obtain it, by case or by kid.
-    gone = intake.client.get(f"/keyring/cases/{case_id}", headers=REFERRALS_SERVICE)
+    # The keyring has no secret any more: no key of the family is released for any purpose.
+    gone = intake.client.get(f"/keyring/cases/{case_id}/keys/contact", headers=VISITS_SERVICE)
     assert gone.status_code == 410
-    by_kid = intake.client.get(f"/keyring/keys/{personal_block.kid}", headers=REFERRALS_SERVICE)
-    assert by_kid.status_code == 410
 
     async def keys_in_database() -> dict[str, bytes]:
         async with intake.runtime.db.engine.connect() as conn:
@@ -385,7 +418,7 @@ async def test_erasure_makes_every_earlier_block_undecryptable(intake_any_db: In
     after = await events(intake, "lotse.intake", 3)
     [erasure] = of_type(after, "de.lotse.intake.family-erased.v1")
     event = FamilyErased.model_validate(data(erasure))
-    assert (event.case_id, event.key_id, event.reason) == (case_id, personal_block.kid, "request")
+    assert (event.case_id, event.key_id, event.reason) == (case_id, family_kid, "request")
     assert erasure.key == case_id.encode()
     [feed] = await events(intake, "lotse.bezirk.hoerde", 1)
     assert set(data(feed)) == {"case_id", "bezirk", "erased_at"}

@@ -23,9 +23,16 @@ from lotse_contracts.events.intake import (
     ConsentChanged,
     FamilyRegistered,
 )
-from lotse_contracts.personal import PersonalData, new_data_key, seal
+from lotse_contracts.personal import (
+    KeyPurpose,
+    PersonalData,
+    derive_key,
+    new_data_key,
+    seal,
+    split_personal,
+)
 from lotse_referrals.app import create_app
-from lotse_referrals.keyring import StaticKeyring
+from lotse_referrals.keyring import StaticFamily, StaticKeyring
 from lotse_referrals.operations import Context
 from lotse_referrals.settings import ReferralsSettings
 from lotse_referrals.tables import Referral, Wish
@@ -81,8 +88,8 @@ class Family:
     traeger: str | None = TRAEGER
     purpose: str | None = MODULE
 
-    def registered(self, *, with_traeger_consent: bool = True) -> FamilyRegistered:
-        personal = PersonalData(
+    def personal(self) -> PersonalData:
+        return PersonalData(
             family_name=CONTACT_VALUES[0],
             parent_given_names=[CONTACT_VALUES[1]],
             child_given_names=[NEVER_DISCLOSED[0]],
@@ -90,6 +97,9 @@ class Family:
             phone=CONTACT_VALUES[2],
             email=CONTACT_VALUES[3],
         )
+
+    def registered(self, *, with_traeger_consent: bool = True) -> FamilyRegistered:
+        contact, children = split_personal(self.personal())
         consents = [
             Consent(
                 consent_id=str(uuid.uuid4()),
@@ -111,8 +121,26 @@ class Family:
             days_since_birth_at_registration=7,
             children_count=1,
             consents=consents,
-            personal=seal(personal, key=self.key, kid=self.kid, case_id=self.case_id),
+            personal=seal(contact, key=self.key, kid=self.kid, case_id=self.case_id),
+            children=None
+            if children is None
+            else seal(children, key=self.key, kid=self.kid, case_id=self.case_id),
         )
+
+    def disclosure_key(self, referral_id: str, traeger: str = TRAEGER) -> bytes:
+        """The key intake's keyring derives for one referral's disclosure to one Träger."""
+        return derive_key(
+            self.key,
+            KeyPurpose.DISCLOSURE,
+            case_id=self.case_id,
+            referral_id=referral_id,
+            traeger=traeger,
+        )
+
+    def in_keyring(self) -> StaticFamily:
+        """The family as intake's keyring knows it (its Träger consent counts as given)."""
+        consents = {} if self.traeger is None else {self.consent_id: self.traeger}
+        return StaticFamily(self.kid, self.key, self.personal(), consents)
 
     def traeger_consent(self, state: ConsentState = ConsentState.GIVEN) -> Consent:
         return Consent(
@@ -180,7 +208,7 @@ class Service:
         return next(c for c in self.runtime.consumers if c.name == name)
 
     def register(self, family: Family, **kwargs: Any) -> None:
-        self.keyring.keys[family.case_id] = (family.kid, family.key)
+        self.keyring.families[family.case_id] = family.in_keyring()
         self.send(family.registered(**kwargs))
 
     def send(self, event: EventModel, *, event_id: str | None = None) -> None:

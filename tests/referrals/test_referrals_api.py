@@ -273,7 +273,8 @@ def test_bad_referral_requests_are_refused_with_field_and_reason_and_store_nothi
         assert taken["free_capacity"] == 0
         assert referral_count(service) == 1
 
-        # What the Träger will receive: the consented contact fields, sealed with the family key.
+        # What the Träger will receive: the consented contact fields, sealed with the key of this
+        # referral's disclosure.
         async def requested_rows() -> list[OutboxMessage]:
             async with service.runtime.db.transaction() as session:
                 query = select(OutboxMessage).where(
@@ -286,7 +287,7 @@ def test_bad_referral_requests_are_refused_with_field_and_reason_and_store_nothi
         data = json.loads(partner.value or b"{}")
         opened = open_block(
             EncryptedBlock.model_validate(data["disclosure"]),
-            key=family.key,
+            key=family.disclosure_key(body["referral_id"]),
             case_id=family.case_id,
         )
         assert set(opened) == {"family_name", "parent_given_names", "phone", "email"}
@@ -312,7 +313,11 @@ def test_bad_referral_requests_are_refused_with_field_and_reason_and_store_nothi
             and narrow_family.case_id.encode() == (r.record_key or "").encode()
         )
         sealed = EncryptedBlock.model_validate(json.loads(narrow_row.value or b"{}")["disclosure"])
-        opened = open_block(sealed, key=narrow_family.key, case_id=narrow_family.case_id)
+        opened = open_block(
+            sealed,
+            key=narrow_family.disclosure_key(narrow.json()["referral_id"]),
+            case_id=narrow_family.case_id,
+        )
         assert set(opened) == {"phone", "email"}
         trail = service.client.get(
             "/audit",

@@ -21,8 +21,9 @@ from lotse_contracts.events.intake import ErasureReason, FamilyErased, HandoverR
 from lotse_contracts.events.partner import PartnerAnswer, PartnerReferralAnswer
 from lotse_contracts.events.referrals import ReferralRequested
 from lotse_contracts.events.visits import VisitCompleted
-from lotse_contracts.personal import open_block
+from lotse_contracts.personal import BlockUnreadable, open_block, open_jwe
 from lotse_contracts.subscriptions import load_registry
+from lotse_referrals.keyring import DisclosureFor
 from lotse_referrals.operations import escalate_overdue
 from lotse_runtime.consumer import DLQ_REASON
 from sqlalchemy import text
@@ -191,8 +192,14 @@ def test_full_lifecycle_through_the_broker_with_the_example_partner_client(
             assert set(requested.disclosed_fields) == CONSENTED
             assert "handover_id" not in event.data
             assert requested.disclosure is not None
-            opened = open_block(requested.disclosure, key=family.key, case_id=family.case_id)
+            # Sealed under this referral's disclosure key, not under the family's secret.
+            with pytest.raises(BlockUnreadable):
+                open_block(requested.disclosure, key=family.key, case_id=family.case_id)
+            key = family.disclosure_key(requested.referral_id)
+            opened = open_block(requested.disclosure, key=key, case_id=family.case_id)
             assert set(opened) == CONSENTED
+            assert requested.disclosure_jwe is not None
+            assert open_jwe(requested.disclosure_jwe, key=key) == opened
             assert opened["phone"] == CONTACT_VALUES[2]
         # Another Träger's feed gets nothing; the Bezirksteam's copies carry no personal data.
         rows = service.outbox_rows()
@@ -356,7 +363,7 @@ def test_withdrawn_consent_and_erasure_cancel_open_referrals_and_tell_the_traege
             f"/referrals/{third['referral_id']}/disclosure-key", headers=traeger_caller()
         )
         assert untouched_key.status_code == 200
-        del service.keyring.keys[untouched.case_id]
+        del service.keyring.families[untouched.case_id]
         gone = service.client.get(
             f"/referrals/{third['referral_id']}/disclosure-key", headers=traeger_caller()
         )
@@ -538,17 +545,17 @@ def test_releasing_a_key_holds_no_database_lock_while_the_keyring_answers(
         wait_registered(service, family)
         referral = create(service, family)
         runtime = service.client.app.state.runtime  # type: ignore[attr-defined]
-        static = service.keyring.data_key
+        static = service.keyring.disclosure_key
         writes: list[str] = []
 
-        async def slow_keyring(case_id: str) -> tuple[str, bytes]:
+        async def slow_keyring(which: DisclosureFor) -> tuple[str, bytes]:
             # Someone else writes while the keyring is being asked.
             async with asyncio.timeout(2), runtime.db.transaction() as session:
                 await session.execute(text("UPDATE referrals_referral SET urgent = urgent"))
-            writes.append(case_id)
-            return await static(case_id)
+            writes.append(which.case_id)
+            return await static(which)
 
-        service.keyring.data_key = slow_keyring  # type: ignore[method-assign]
+        service.keyring.disclosure_key = slow_keyring  # type: ignore[method-assign]
         key = service.client.get(
             f"/referrals/{referral['referral_id']}/disclosure-key", headers=traeger_caller()
         )

@@ -50,7 +50,7 @@ SAMPLE_PARAMS: dict[str, str] = {
     "referral_id": "3c5f5d4e-1111-4aaa-8bbb-123456789abc",
     "bezirk": BEZIRK,
     "slug": TRAEGER,
-    "kid": "fk-nobody",
+    "purpose": "contact",
     "year": "2025",
 }
 
@@ -220,7 +220,7 @@ def test_analysts_never_get_a_single_case() -> None:
     from lotse_reporting.policy import POLICY as REPORTING
     from lotse_visits.policy import POLICY as VISITS
 
-    single = re.compile(r"\{(case_id|visit_id|referral_id|kid)\}")
+    single = re.compile(r"\{(case_id|visit_id|referral_id)\}")
     for policy in (INTAKE, VISITS, REFERRALS, REPORTING):
         for key, rule in policy.rules.items():
             if single.search(key) or rule.personal:

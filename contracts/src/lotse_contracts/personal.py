@@ -1,10 +1,13 @@
-"""Personal data and the encrypted block it travels in.
+"""Personal data and the encrypted blocks it travels in.
 
 Names, address, phone, e-mail and dates of birth never appear in clear in an event. They
-are serialised to JSON and sealed with AES-256-GCM under the family's own data key (one key
-per family, held by the intake service's keyring). Erasing a family destroys that key, so
-every copy of the block in every topic, backup and database becomes unreadable at once
-(crypto-shredding).
+are serialised to JSON and sealed with AES-256-GCM. Intake's keyring holds one secret per
+family; every block is sealed under a key derived from that secret **for one purpose**
+(:class:`KeyPurpose`: contact data, children's data, the Art. 9 screening, and one key per
+disclosure to one Träger for one referral), so a key released for one purpose opens nothing
+else. Erasing a family destroys its secret, so no key of the family can be derived any more
+and every copy of every block in every topic, backup and database becomes unreadable at
+once (crypto-shredding).
 
 The additional authenticated data (AAD) binds a block to its case id: a block copied into
 another family's event does not open. The AAD is derived, not stored.
@@ -24,6 +27,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from datetime import date
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -247,3 +251,204 @@ def example_block(
     """
     nonce = hashlib.sha256(label.encode("utf-8")).digest()[:NONCE_BYTES]
     return seal(payload, key=EXAMPLE_KEY, kid=EXAMPLE_KID, case_id=case_id, nonce=nonce)
+
+
+# -- purpose-bound keys ----------------------------------------------------------------------
+
+
+class KeyPurpose(StrEnum):
+    """What a derived key may open. Each purpose has its own key, so releasing one (to a
+    service or a Träger) discloses nothing sealed for another."""
+
+    CONTACT = "contact"
+    """The ``personal`` block of ``family-registered``: names of the household, address,
+    phone, e-mail (:data:`CONTACT_FIELDS`)."""
+    CHILDREN = "children"
+    """The ``children`` block of ``family-registered``: the children's given names and
+    dates of birth (:class:`ChildrenData`)."""
+    SCREENING = "screening"
+    """The ``screening`` block of ``needs-assessed`` (special-category data, Art. 9 GDPR)."""
+    DISCLOSURE = "disclosure"
+    """One referral's ``disclosure`` to the one Träger it is addressed to."""
+
+
+#: The PersonalData fields that are the family's contact data (the ``contact`` purpose).
+CONTACT_FIELDS = (
+    "family_name",
+    "parent_given_names",
+    "street",
+    "house_number",
+    "postcode",
+    "city",
+    "phone",
+    "email",
+)
+#: The PersonalData fields about the children (the ``children`` purpose).
+CHILDREN_FIELDS = ("child_given_names", "child_birth_dates")
+
+_KDF_LABEL = b"lotse.key.v1"
+
+
+class ChildrenData(BaseModel):
+    """The children's identifying data: the plaintext of the ``children`` block."""
+
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
+
+    child_given_names: list[str] = Field(default_factory=list)
+    """Given names of the children; "" for a child not named yet."""
+    child_birth_dates: list[date] = Field(default_factory=list)
+    """Dates of birth, in the order of ``child_given_names``."""
+
+
+def split_personal(personal: PersonalData) -> tuple[PersonalData, ChildrenData | None]:
+    """The family's data as its two blocks: contact data, and the children's data (None
+    when nothing about the children is known)."""
+    contact = personal.model_copy(update={"child_given_names": [], "child_birth_dates": []})
+    if not personal.child_given_names and not personal.child_birth_dates:
+        return contact, None
+    return contact, ChildrenData(
+        child_given_names=list(personal.child_given_names),
+        child_birth_dates=list(personal.child_birth_dates),
+    )
+
+
+def derive_key(
+    family_secret: bytes,
+    purpose: KeyPurpose,
+    *,
+    case_id: str,
+    referral_id: str | None = None,
+    traeger: str | None = None,
+) -> bytes:
+    """The 256-bit key for one purpose of one family: HKDF-SHA256 (RFC 5869) of the family's
+    secret, no salt, info = ``lotse.key.v1`` NUL purpose NUL case id, and for a disclosure
+    NUL referral id NUL Träger slug. A disclosure key is therefore bound to one referral and
+    one Träger; deriving needs the secret, which never leaves intake's keyring."""
+    if len(family_secret) != KEY_BYTES:
+        raise ValueError(f"family secret must be {KEY_BYTES} bytes, got {len(family_secret)}")
+    parts = [purpose.value, case_id]
+    if purpose is KeyPurpose.DISCLOSURE:
+        if not referral_id or not traeger:
+            raise ValueError("a disclosure key is bound to a referral and a Träger")
+        parts += [referral_id, traeger]
+    elif referral_id is not None or traeger is not None:
+        raise ValueError(f"a {purpose.value} key is not bound to a referral")
+    try:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise ImportError("deriving keys needs the crypto extra") from exc
+    info = _KDF_LABEL + b"\x00" + b"\x00".join(p.encode("utf-8") for p in parts)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(
+        family_secret
+    )
+
+
+def purpose_kid(family_kid: str, purpose: KeyPurpose, *, referral_id: str | None = None) -> str:
+    """Key id of a derived key: ``<family kid>/<purpose>``, for a disclosure
+    ``<family kid>/disclosure/<referral id>``. It names the key, never contains it."""
+    if purpose is KeyPurpose.DISCLOSURE:
+        if not referral_id:
+            raise ValueError("a disclosure kid names its referral")
+        return f"{family_kid}/{purpose.value}/{referral_id}"
+    return f"{family_kid}/{purpose.value}"
+
+
+def kid_purpose(kid: str) -> tuple[str, KeyPurpose | None, str | None]:
+    """(family kid, purpose, referral id) of a key id; purpose None for a block sealed
+    before keys were bound to purposes (under the family secret itself)."""
+    family_kid, _, rest = kid.partition("/")
+    if not rest:
+        return family_kid, None, None
+    purpose_text, _, referral_id = rest.partition("/")
+    try:
+        purpose = KeyPurpose(purpose_text)
+    except ValueError:
+        raise BlockUnreadable(f"key id {kid!r} names no known purpose") from None
+    if (purpose is KeyPurpose.DISCLOSURE) != bool(referral_id):
+        raise BlockUnreadable(f"key id {kid!r} is malformed")
+    return family_kid, purpose, referral_id or None
+
+
+# -- JWE compact serialisation (RFC 7516), alg "dir", enc "A256GCM" ---------------------------
+
+_JWE_COMPACT = r"^[A-Za-z0-9_-]+\.\.[A-Za-z0-9_-]{16}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{22}$"
+#: Pattern of a compact JWE with direct encryption (empty encrypted-key part).
+JWE_COMPACT_PATTERN = _JWE_COMPACT
+
+
+def seal_jwe(
+    payload: BaseModel | dict[str, Any],
+    *,
+    key: bytes,
+    kid: str,
+    nonce: bytes | None = None,
+) -> str:
+    """``payload`` as a compact JWE: protected header ``{"alg":"dir","enc":"A256GCM",
+    "kid":…,"cty":"json"}``, no encrypted key, 96-bit IV, ciphertext, 128-bit tag. Any JOSE
+    library opens it with the 256-bit key and no options. Only registered header parameters
+    are used (strict libraries refuse others); the token needs no binding to its case in the
+    header because its key is derived for one referral of one case and one Träger."""
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+    if nonce is None:
+        nonce = os.urandom(NONCE_BYTES)
+    header = {"alg": "dir", "enc": ALG, "kid": kid, "cty": "json"}
+    protected = _b64encode(json.dumps(header, separators=(",", ":")).encode("utf-8"))
+    data = (
+        payload.model_dump(mode="json", exclude_none=True)
+        if isinstance(payload, BaseModel)
+        else payload
+    )
+    plaintext = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    sealed = _cipher(key).encrypt(nonce, plaintext.encode("utf-8"), protected.encode("ascii"))
+    ciphertext, tag = sealed[:-16], sealed[-16:]
+    return ".".join([protected, "", _b64encode(nonce), _b64encode(ciphertext), _b64encode(tag)])
+
+
+def jwe_header(token: str) -> dict[str, Any]:
+    """The (not yet authenticated) protected header of a compact JWE, e.g. for its ``kid``."""
+    try:
+        header = json.loads(_b64decode(token.split(".", 1)[0]))
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise BlockUnreadable("not a compact JWE") from exc
+    if not isinstance(header, dict):
+        raise BlockUnreadable("JWE header is not a JSON object")
+    return header
+
+
+def open_jwe(token: str, *, key: bytes) -> dict[str, Any]:
+    """Decrypt a compact JWE of :func:`seal_jwe` (``dir`` + ``A256GCM``)."""
+    parts = token.split(".")
+    if len(parts) != 5 or parts[1] != "":
+        raise BlockUnreadable("not a compact JWE with direct encryption")
+    header = jwe_header(token)
+    if header.get("alg") != "dir" or header.get("enc") != ALG:
+        raise BlockUnreadable("JWE is not alg dir / enc A256GCM")
+    if len(key) != KEY_BYTES:
+        raise BlockUnreadable(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+    try:
+        nonce, ciphertext, tag = (_b64decode(p) for p in parts[2:])
+    except (binascii.Error, ValueError) as exc:
+        raise BlockUnreadable("JWE parts are not base64url") from exc
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        plaintext = _cipher(key).decrypt(nonce, ciphertext + tag, parts[0].encode("ascii"))
+    except (InvalidTag, ValueError) as exc:
+        raise BlockUnreadable(
+            f"authentication failed for key {header.get('kid')!r}: wrong key or tampered JWE"
+        ) from exc
+    try:
+        data = json.loads(plaintext)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BlockUnreadable("decrypted JWE is not JSON") from exc
+    if not isinstance(data, dict):
+        raise BlockUnreadable("decrypted JWE is not a JSON object")
+    return data
+
+
+def example_jwe(payload: BaseModel | dict[str, Any], *, label: str) -> str:
+    """A reproducible compact JWE under the public fake :data:`EXAMPLE_KEY`."""
+    nonce = hashlib.sha256(label.encode("utf-8")).digest()[:NONCE_BYTES]
+    return seal_jwe(payload, key=EXAMPLE_KEY, kid=EXAMPLE_KID, nonce=nonce)

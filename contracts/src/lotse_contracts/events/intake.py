@@ -39,7 +39,13 @@ from lotse_contracts.events.common import (
     Uuid,
     utc,
 )
-from lotse_contracts.personal import EXAMPLE_KID, EncryptedBlock, PersonalData, example_block
+from lotse_contracts.personal import (
+    EXAMPLE_KID,
+    EncryptedBlock,
+    PersonalData,
+    example_block,
+    split_personal,
+)
 
 SOURCE = "/lotse/intake"
 
@@ -158,7 +164,12 @@ class FamilyRegistered(_IntakeEvent):
     consents: list[Consent]
     """Consents recorded at registration."""
     personal: EncryptedBlock
-    """Names, address, phone, e-mail and birth dates, sealed (plaintext: PersonalData)."""
+    """The family's contact data, sealed under its ``contact`` key (plaintext: PersonalData
+    with the household's names, address, phone and e-mail). Blocks sealed before keys were
+    bound to purposes (key id without ``/``) also hold the children's fields."""
+    children: EncryptedBlock | None = None
+    """The children's given names and dates of birth, sealed under the family's
+    ``children`` key (plaintext: ChildrenData); absent when nothing about them is known."""
 
     @model_validator(mode="after")
     def _clinic_only_for_clinic_channel(self) -> FamilyRegistered:
@@ -180,6 +191,8 @@ class FamilyRegistered(_IntakeEvent):
             phone="+49 231 555 0100",
             email="familie.beispiel@example.org",
         )
+        contact, children = split_personal(personal)
+        assert children is not None
         return cls(
             case_id=EXAMPLE_CASE_ID,
             bezirk=EXAMPLE_BEZIRK,
@@ -208,7 +221,10 @@ class FamilyRegistered(_IntakeEvent):
                 ),
             ],
             personal=example_block(
-                personal, case_id=EXAMPLE_CASE_ID, label="family-registered.personal"
+                contact, case_id=EXAMPLE_CASE_ID, label="family-registered.personal"
+            ),
+            children=example_block(
+                children, case_id=EXAMPLE_CASE_ID, label="family-registered.children"
             ),
         )
 

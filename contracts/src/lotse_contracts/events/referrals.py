@@ -37,7 +37,13 @@ from lotse_contracts.events.common import (
     Slug,
     Uuid,
 )
-from lotse_contracts.personal import EncryptedBlock, PersonalData, example_block
+from lotse_contracts.personal import (
+    JWE_COMPACT_PATTERN,
+    EncryptedBlock,
+    PersonalData,
+    example_block,
+    example_jwe,
+)
 
 SOURCE = "/lotse/referrals"
 
@@ -176,12 +182,20 @@ class ReferralRequested(_ReferralEvent):
     disclosed_fields: list[PersonalField] = Field(default_factory=list)
     """Which personal fields ``disclosure`` contains: exactly the consented ones."""
     disclosure: EncryptedBlock | None = None
-    """The consented personal fields, sealed (plaintext: a PersonalData subset)."""
+    """The consented personal fields, sealed under this referral's disclosure key
+    (plaintext: a PersonalData subset). Same content as ``disclosure_jwe``."""
+    disclosure_jwe: str | None = Field(default=None, pattern=JWE_COMPACT_PATTERN)
+    """The same disclosure as a compact JWE (RFC 7516, ``alg`` ``dir``, ``enc`` ``A256GCM``,
+    ``kid`` in the protected header), for any JOSE library: open it with the key of
+    ``GET /referrals/{referral_id}/disclosure-key``. That key opens this disclosure and
+    nothing else of the family."""
 
     @model_validator(mode="after")
     def _disclosure_matches_fields(self) -> ReferralRequested:
         if bool(self.disclosed_fields) != (self.disclosure is not None):
             raise ValueError("disclosure is required exactly when disclosed_fields is not empty")
+        if self.disclosure_jwe is not None and self.disclosure is None:
+            raise ValueError("disclosure_jwe is present only beside disclosure")
         return self
 
     @classmethod
@@ -205,6 +219,7 @@ class ReferralRequested(_ReferralEvent):
             disclosure=example_block(
                 contact, case_id=EXAMPLE_CASE_ID, label="referral-requested.disclosure"
             ),
+            disclosure_jwe=example_jwe(contact, label="referral-requested.disclosure_jwe"),
         )
 
 

@@ -2,7 +2,8 @@
 
 Families are registered by a Babylotse (baby pilot in a birth clinic) or from a move-in
 notice of the citizens' office; consent, screening and warm handovers are recorded per case;
-other Lotse services obtain a family's data key from the keyring; erasure destroys it.
+other Lotse services obtain purpose-bound keys from the keyring (what each may get is
+``keyring.RELEASES``); erasure destroys the family's secret and with it every key.
 Every changing route accepts an ``Idempotency-Key`` header and commits its state change,
 its events (outbox) and its audit entry in one transaction. Refusals name field and reason.
 Which roles may call each route is declared in policy.py and enforced by the runtime.
@@ -14,8 +15,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import Response
+from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.intake import Screening
-from lotse_contracts.personal import PersonalData, encode_data_key
+from lotse_contracts.events.referrals import PersonalField
+from lotse_contracts.personal import (
+    ChildrenData,
+    KeyPurpose,
+    PersonalData,
+    encode_data_key,
+    seal,
+    seal_jwe,
+)
 from lotse_runtime.app import runtime_of
 from lotse_runtime.audit import AuditAction
 from lotse_runtime.identity import AccessDenied, CallerDep, ensure_role, scope_checked_earlier
@@ -28,7 +38,7 @@ from lotse_intake import domain
 from lotse_intake import operations as ops
 from lotse_intake.domain import Refusal
 from lotse_intake.idempotency import REPLAY_HEADER, Action, IdempotencyKey, Outcome
-from lotse_intake.keyring import open_for
+from lotse_intake.keyring import RELEASES, FamilyKeys
 from lotse_intake.tables import (
     CaseDetail,
     CasePublic,
@@ -36,11 +46,14 @@ from lotse_intake.tables import (
     ConsentPublic,
     ConsentWithdrawal,
     DataKeyPublic,
+    DisclosureCreate,
+    DisclosureSealed,
     ErasureCreate,
     ErasurePublic,
     HandoverCreate,
     HandoverPublic,
     IntakeCase,
+    IntakeConsent,
     IntakeHandover,
     PersonalPublic,
     RegistrationCreate,
@@ -52,9 +65,17 @@ from lotse_intake.tables import (
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 CaseIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="Pseudonymous case id.")]
 ConsentIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="Consent id.")]
-KeyPurpose = Annotated[
+AuditPurpose = Annotated[
     str,
     Query(min_length=3, max_length=200, description="Why the key is needed (audit log)."),
+]
+ReferralIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="Referral id.")]
+TraegerQuery = Annotated[
+    str,
+    Query(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", max_length=64, description="Träger slug."),
+]
+ConsentIdQuery = Annotated[
+    str, Query(pattern=UUID_PATTERN, description="The traeger_contact consent it rests on.")
 ]
 
 _REFUSALS: dict[int | str, dict[str, Any]] = {
@@ -159,8 +180,7 @@ def _case_routes(api: APIRouter) -> None:
             personal: PersonalPublic | None = None
             found = await call.intake.keyring.find(session, case_id)
             if personal_data and case.personal is not None and found is not None:
-                opened = open_for(case.personal, key=found[1], case_id=case_id)
-                personal = ops.personal_public(PersonalData.model_validate(opened))
+                personal = ops.personal_public(_personal_data(found, case))
             handovers = (
                 await session.execute(
                     select(IntakeHandover)
@@ -298,7 +318,7 @@ def _screening_routes(api: APIRouter) -> None:
                     recorded_by_role=row.recorded_by_role,
                 )
                 if row.screening is not None and found is not None:
-                    opened = open_for(row.screening, key=found[1], case_id=case_id)
+                    opened = found.open(row.screening, KeyPurpose.SCREENING)
                     screening = Screening.model_validate(opened)
                     public.support_need = screening.support_need
                     public.indicators = list(screening.indicators)
@@ -395,65 +415,155 @@ def _erasure_routes(api: APIRouter) -> None:
             return ops.erasure_public(case)
 
 
-def _keyring_routes(api: APIRouter) -> None:
-    def ensure_keyring_client(call: ops.Call) -> None:
-        # The policy admits services only; of those, only the configured keyring clients.
-        if not call.is_keyring_client():
-            raise AccessDenied(f"service {call.caller.subject} is not a keyring client")
+_EMPTY: tuple[object, ...] = (None, "", [])
 
+
+def _personal_data(keys: FamilyKeys, case: IntakeCase) -> PersonalData:
+    """The family's contact and children's blocks, opened and joined (intake only)."""
+    assert case.personal is not None
+    data = keys.open(case.personal, KeyPurpose.CONTACT)
+    if case.children is not None:
+        children = ChildrenData.model_validate(keys.open(case.children, KeyPurpose.CHILDREN))
+        data |= children.model_dump(mode="json")
+    return PersonalData.model_validate(data)
+
+
+def _keyring_routes(api: APIRouter) -> None:
     responses: dict[int | str, dict[str, Any]] = {
         403: _REFUSALS[403],
-        404: {"description": "No such case or key."},
+        404: {"description": "No such case."},
+        409: {"description": "The consent does not (or no longer) cover the Träger."},
         410: _REFUSALS[410],
     }
 
-    @api.get(
-        "/keyring/cases/{case_id}",
-        tags=["keyring"],
-        response_model=DataKeyPublic,
-        summary="A family's data key (internal: Lotse services only)",
-        responses=responses,
-    )
-    async def key_for_case(
-        case_id: CaseIdPath, call: CallDep, purpose: KeyPurpose = "open personal data blocks"
-    ) -> DataKeyPublic:
-        """The key opening the family's ``personal`` and ``screening`` blocks (``kid`` as
-        in the blocks). Only for the services named in ``keyring_clients``; every release
-        is audited with its purpose. 410 once the family is erased: the key is gone, and
-        services must drop any copy they cached when ``family-erased`` arrives."""
-        ensure_keyring_client(call)
-        async with call.runtime.db.transaction() as session:
-            case = await ops.load_case(session, case_id)
-            if case is None:
-                raise Refusal("case_id", "no such case", status=404)
-            kid, key = await ops.family_key(session, call.intake.keyring, case)
-            call.audit(session, AuditAction.key_release, case_id, purpose)
-        return DataKeyPublic(case_id=case_id, kid=kid, key=encode_data_key(key))
+    def ensure_may_obtain(call: ops.Call, purpose: KeyPurpose) -> None:
+        # The policy admits services only; of those, each gets only the purposes it needs.
+        if purpose not in RELEASES.get(call.caller.subject, frozenset()) or not (
+            call.is_keyring_client()
+        ):
+            raise AccessDenied(f"service {call.caller.subject} may not obtain {purpose.value} keys")
+
+    async def family_of(session: AsyncSession, call: ops.Call, case_id: str) -> FamilyKeys:
+        case = await ops.load_case(session, case_id)
+        if case is None:
+            raise Refusal("case_id", "no such case", status=404)
+        return await ops.family_key(session, call.intake.keyring, case)
+
+    async def ensure_disclosable(
+        session: AsyncSession, case_id: str, traeger: str, consent_id: str
+    ) -> None:
+        row = await session.get(IntakeConsent, consent_id)
+        record = None
+        if row is not None and row.case_id == case_id:
+            record = domain.ConsentRecord(
+                consent_id=row.consent_id,
+                terms=domain.ConsentTerms(ConsentScope(row.scope), row.traeger, row.purpose),
+                state=ConsentState(row.state),
+            )
+        refusal = domain.disclosure_refusal(record, traeger, erased=False)
+        if refusal is not None:
+            raise refusal
 
     @api.get(
-        "/keyring/keys/{kid}",
+        "/keyring/cases/{case_id}/keys/{purpose}",
         tags=["keyring"],
         response_model=DataKeyPublic,
-        summary="A data key by its kid (internal: Lotse services only)",
+        summary="A family's key for one purpose (internal: Lotse services only)",
         responses=responses,
     )
-    async def key_by_kid(
-        kid: Annotated[str, Path(min_length=1, max_length=128)],
+    async def purpose_key(
+        case_id: CaseIdPath,
+        purpose: KeyPurpose,
         call: CallDep,
-        purpose: KeyPurpose = "open personal data blocks",
+        reason: AuditPurpose = "open a sealed block",
     ) -> DataKeyPublic:
-        """As ``/keyring/cases/{case_id}``, looked up by the ``kid`` a block names."""
-        ensure_keyring_client(call)
+        """The key that opens the family's blocks of one purpose (``contact``, ``children``,
+        ``screening``) and nothing else. Only for the services whose task needs that
+        purpose (visits: contact data for the welcome visit); every release is audited.
+        Disclosure keys are not released here (see ``/disclosures``). 410 once the family
+        is erased: the secret is gone and no key can be derived any more."""
+        if purpose is KeyPurpose.DISCLOSURE:
+            raise Refusal("purpose", "disclosure keys are bound to a referral and a Träger")
+        ensure_may_obtain(call, purpose)
         async with call.runtime.db.transaction() as session:
-            found = await call.intake.keyring.find_by_kid(session, kid)
-            if found is None:
-                erased = await session.execute(
-                    select(IntakeCase).where(col(IntakeCase.key_id) == kid)
-                )
-                case = erased.scalar_one_or_none()
-                if case is not None:
-                    ops.ensure_not_erased(case)
-                raise Refusal("kid", "no such key", status=404)
-            case_id, key = found
-            call.audit(session, AuditAction.key_release, case_id, purpose)
-        return DataKeyPublic(case_id=case_id, kid=kid, key=encode_data_key(key))
+            keys = await family_of(session, call, case_id)
+            kid, key = keys.key(purpose)
+            call.audit(session, AuditAction.key_release, case_id, f"{purpose.value} key: {reason}")
+        return DataKeyPublic(case_id=case_id, kid=kid, purpose=purpose, key=encode_data_key(key))
+
+    @api.post(
+        "/keyring/cases/{case_id}/disclosures",
+        tags=["keyring"],
+        response_model=DisclosureSealed,
+        summary="Seal a referral's disclosure for one Träger (internal: referrals only)",
+        responses=responses,
+    )
+    async def seal_disclosure(
+        case_id: CaseIdPath, body: DisclosureCreate, call: CallDep
+    ) -> DisclosureSealed:
+        """The requested fields the family gave, sealed under the key of this referral and
+        this Träger, as an EncryptedBlock and as a compact JWE. The consent named must be
+        the family's ``traeger_contact`` consent for that Träger and still given. The
+        referrals service never sees the family's other keys or the plaintext."""
+        ensure_may_obtain(call, KeyPurpose.DISCLOSURE)
+        async with call.runtime.db.transaction() as session:
+            keys = await family_of(session, call, case_id)
+            await ensure_disclosable(session, case_id, body.traeger, body.consent_id)
+            case = await ops.load_case(session, case_id)
+            assert case is not None
+            assert case.personal is not None
+            plain = _personal_data(keys, case).model_dump(mode="json", exclude_none=True)
+            wanted = set(body.fields)
+            fields = [f for f in PersonalField if f in wanted and plain.get(f.value) not in _EMPTY]
+            call.audit(
+                session,
+                AuditAction.key_release,
+                case_id,
+                f"disclosure of referral {body.referral_id} to {body.traeger}: "
+                + (", ".join(f.value for f in fields) or "nothing"),
+            )
+        if not fields:
+            return DisclosureSealed(kid=None, disclosed_fields=[])
+        kid, key = keys.key(
+            KeyPurpose.DISCLOSURE, referral_id=body.referral_id, traeger=body.traeger
+        )
+        subset = {f.value: plain[f.value] for f in fields}
+        return DisclosureSealed(
+            kid=kid,
+            disclosed_fields=fields,
+            disclosure=seal(subset, key=key, kid=kid, case_id=case_id),
+            disclosure_jwe=seal_jwe(subset, key=key, kid=kid),
+        )
+
+    @api.get(
+        "/keyring/cases/{case_id}/disclosures/{referral_id}/key",
+        tags=["keyring"],
+        response_model=DataKeyPublic,
+        summary="The key of one referral's disclosure (internal: referrals only)",
+        responses=responses,
+    )
+    async def disclosure_key(
+        case_id: CaseIdPath,
+        referral_id: ReferralIdPath,
+        traeger: TraegerQuery,
+        consent_id: ConsentIdQuery,
+        call: CallDep,
+    ) -> DataKeyPublic:
+        """The key the addressed Träger opens its disclosure with: bound to this referral
+        and this Träger, it opens no other block of the family. Released (to the referrals
+        service, which hands it to the Träger while the referral is open) only while the
+        consent stands and the family is not erased; audited."""
+        ensure_may_obtain(call, KeyPurpose.DISCLOSURE)
+        async with call.runtime.db.transaction() as session:
+            keys = await family_of(session, call, case_id)
+            await ensure_disclosable(session, case_id, traeger, consent_id)
+            kid, key = keys.key(KeyPurpose.DISCLOSURE, referral_id=referral_id, traeger=traeger)
+            call.audit(
+                session,
+                AuditAction.key_release,
+                case_id,
+                f"disclosure key of referral {referral_id} for {traeger}",
+            )
+        return DataKeyPublic(
+            case_id=case_id, kid=kid, purpose=KeyPurpose.DISCLOSURE, key=encode_data_key(key)
+        )

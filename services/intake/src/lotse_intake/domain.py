@@ -480,3 +480,26 @@ def fingerprint(secret: bytes, *parts: str) -> str:
     for part in parts:
         mac.update(b"\x00" + part.encode("utf-8"))
     return mac.hexdigest()
+
+
+def disclosure_refusal(
+    consent: ConsentRecord | None, traeger: str, *, erased: bool
+) -> Refusal | None:
+    """Why no disclosure of the family may be sealed for, or its key released to,
+    ``traeger`` on the strength of ``consent`` (§ 65 SGB VIII), or None when it may.
+
+    The consent must be the family's, in force, of scope ``traeger_contact`` and name that
+    Träger: passing data needs a named recipient. Checked at sealing and again at every key
+    release, so a withdrawal or an erasure closes the disclosure at once.
+    """
+    if erased:
+        return Refusal("case_id", "the family's data was erased", status=410)
+    if consent is None:
+        return Refusal("consent_id", "this case has no such consent", status=409)
+    if consent.terms.scope is not ConsentScope.TRAEGER_CONTACT:
+        return Refusal("consent_id", "the consent is not a traeger_contact consent", status=409)
+    if consent.state is not ConsentState.GIVEN:
+        return Refusal("consent_id", "the consent was withdrawn", status=409)
+    if consent.terms.traeger != traeger:
+        return Refusal("traeger", f"the consent does not name the Träger {traeger}", status=409)
+    return None

@@ -26,7 +26,7 @@ from lotse_contracts.events.intake import (
     Screening,
     SupportNeed,
 )
-from lotse_contracts.personal import PersonalData
+from lotse_contracts.personal import KeyPurpose, PersonalData, split_personal
 from lotse_runtime import audit
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.audit import AuditAction
@@ -53,7 +53,7 @@ from lotse_intake.idempotency import (
     request_fingerprint,
     respond,
 )
-from lotse_intake.keyring import Keyring, open_for, seal_for
+from lotse_intake.keyring import FamilyKeys, Keyring
 from lotse_intake.settings import IntakeSecrets, IntakeSettings
 from lotse_intake.tables import (
     CasePublic,
@@ -188,10 +188,8 @@ def ensure_not_erased(case: IntakeCase) -> None:
         )
 
 
-async def family_key(
-    session: AsyncSession, keyring: Keyring, case: IntakeCase
-) -> tuple[str, bytes]:
-    """(kid, key) of a family that is not erased (410 if it is)."""
+async def family_key(session: AsyncSession, keyring: Keyring, case: IntakeCase) -> FamilyKeys:
+    """The keys of a family that is not erased (410 if it is)."""
     found = await keyring.find(session, case.case_id)
     if found is None:
         ensure_not_erased(case)
@@ -348,7 +346,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         return Outcome(200, await case_public(session, existing, duplicate=True), existing_id)
 
     case_id = str(uuid.uuid4())
-    kid, key = call.intake.keyring.create(session, case_id, now)
+    keys = call.intake.keyring.create(session, case_id, now)
     names = [child.given_name for child in body.children]
     personal = PersonalData(
         family_name=body.family.family_name,
@@ -363,7 +361,11 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         phone=body.family.phone,
         email=body.family.email,
     )
-    block = seal_for(personal, key=key, kid=kid, case_id=case_id)
+    # Contact data and the children's data under keys of their own, so that a key released
+    # for a welcome visit (contact) opens nothing about the children.
+    contact, children = split_personal(personal)
+    block = keys.seal(contact, KeyPurpose.CONTACT)
+    children_block = None if children is None else keys.seal(children, KeyPurpose.CHILDREN)
     recorded_by = domain.event_role(caller.role, channel=body.channel)
     case = IntakeCase(
         case_id=case_id,
@@ -379,8 +381,9 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         preferred_language=body.preferred_language,
         days_since_birth_at_registration=domain.days_since_birth(birth_dates, today),
         visit_target_date=domain.visit_target_date(today, city),
-        key_id=kid,
+        key_id=keys.kid,
         personal=block.model_dump_json(),
+        children=None if children_block is None else children_block.model_dump_json(),
     )
     session.add(case)
     session.add_all(IntakeMatchKey(match_key=k, case_id=case_id) for k in match_keys)
@@ -423,6 +426,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
             preferred_language=body.preferred_language,
             consents=consents,
             personal=block,
+            children=children_block,
         ),
         time=now,
     )
@@ -557,14 +561,14 @@ async def record_screening(
     modules = domain.check_modules(call.runtime.city, body.wished_modules, "wished_modules")
     assessed_at = body.assessed_at or now
     domain.check_not_future("assessed_at", assessed_at, now)
-    kid, key = await family_key(session, call.intake.keyring, case)
+    keys = await family_key(session, call.intake.keyring, case)
     screening = Screening(
         support_need=body.support_need,
         indicators=list(dict.fromkeys(body.indicators)),
         wished_modules=modules,
         instrument=body.instrument,
     )
-    block = seal_for(screening, key=key, kid=kid, case_id=case_id)
+    block = keys.seal(screening, KeyPurpose.SCREENING)
     row = IntakeScreening(
         screening_id=str(uuid.uuid4()),
         case_id=case_id,
@@ -615,8 +619,8 @@ async def request_handover(
     screenings = await screenings_of(session, case_id)
     # The screening is opened only when the family allowed its use for referrals.
     if screening_use and screenings and screenings[-1].screening is not None:
-        _, key = await family_key(session, call.intake.keyring, case)
-        opened = open_for(screenings[-1].screening, key=key, case_id=case_id)
+        keys = await family_key(session, call.intake.keyring, case)
+        opened = keys.open(screenings[-1].screening, KeyPurpose.SCREENING)
         latest_need = Screening.model_validate(opened).support_need
     urgent = domain.is_urgent(body.urgent, latest_need, screening_use)
     role = domain.event_role(call.caller.role)
@@ -667,6 +671,7 @@ async def erase_case(
     runtime.db.forget_after_commit(session)
     await keyring.destroy(session, case_id)
     case.personal = None
+    case.children = None
     case.bezirk_derived = None
     case.preferred_language = None
     case.days_since_birth_at_registration = None

@@ -47,17 +47,16 @@ POLICY = AccessPolicy(
         "GET /cases/{case_id}/erasure": personal(
             *ERASE, purpose="erasure status", access=Access.read
         ),
-        # Keyring: Lotse services only, and of those only the configured keyring clients (the
-        # route checks the subject). Every key release is audited by the route itself.
-        "GET /keyring/cases/{case_id}": personal(
-            Role.service, purpose="data key release", access=Access.read, case_scoped=False
+        # Keyring: Lotse services only; which service gets which purpose's key is
+        # keyring.RELEASES, checked by the route. Every release is audited by the route.
+        "GET /keyring/cases/{case_id}/keys/{purpose}": personal(
+            Role.service, purpose="key release", access=Access.read, case_scoped=False
         ),
-        "GET /keyring/keys/{kid}": personal(
-            Role.service,
-            purpose="data key release",
-            access=Access.read,
-            case_scoped=False,
-            case_param=None,
+        "POST /keyring/cases/{case_id}/disclosures": personal(
+            Role.service, purpose="disclosure sealed", access=Access.read, case_scoped=False
+        ),
+        "GET /keyring/cases/{case_id}/disclosures/{referral_id}/key": personal(
+            Role.service, purpose="key release", access=Access.read, case_scoped=False
         ),
     }
 )

@@ -21,6 +21,8 @@ from lotse_contracts.events.intake import (
     Indicator,
     SupportNeed,
 )
+from lotse_contracts.events.referrals import PersonalField
+from lotse_contracts.personal import EncryptedBlock, KeyPurpose
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from sqlalchemy import Column, Text, UniqueConstraint
@@ -56,7 +58,14 @@ class IntakeCase(SQLModel, table=True):
     personal: str | None = TableField(
         default=None,
         sa_column=Column(Text, nullable=True),
-        description="EncryptedBlock (JSON) of PersonalData; null once erased.",
+        description="EncryptedBlock (JSON) of the contact data (PersonalData without the "
+        "children's fields), under the family's contact key; null once erased.",
+    )
+    children: str | None = TableField(
+        default=None,
+        sa_column=Column(Text, nullable=True),
+        description="EncryptedBlock (JSON) of ChildrenData under the family's children key; "
+        "null when unknown or erased.",
     )
     erased_at: datetime | None = None
     erasure_reason: str | None = TableField(default=None, max_length=32)
@@ -469,9 +478,34 @@ class ErasurePublic(BaseModel):
 
 
 class DataKeyPublic(BaseModel):
-    """A family's data key, for an authorised service to open the family's blocks."""
+    """One purpose-bound key of a family, for an authorised service: it opens the blocks
+    sealed for that purpose and nothing else."""
 
     case_id: str
     kid: str
+    purpose: KeyPurpose
     alg: str = "A256GCM"
     key: str = Field(description="The 256-bit key, base64url without padding.")
+
+
+class DisclosureCreate(BaseModel):
+    """What the referrals service asks intake to seal for one referral."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    referral_id: Uuid
+    traeger: Slug
+    consent_id: Uuid = Field(description="The traeger_contact consent naming the Träger.")
+    fields: list[PersonalField] = Field(
+        max_length=len(PersonalField), description="The fields the consent lets pass."
+    )
+
+
+class DisclosureSealed(BaseModel):
+    """The disclosure of one referral, sealed for its Träger (nothing when the family gave
+    none of the fields)."""
+
+    kid: str | None
+    disclosed_fields: list[PersonalField]
+    disclosure: EncryptedBlock | None = None
+    disclosure_jwe: str | None = None

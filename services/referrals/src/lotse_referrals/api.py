@@ -39,7 +39,7 @@ from sqlmodel import col
 from lotse_referrals import domain
 from lotse_referrals import operations as ops
 from lotse_referrals.domain import Step
-from lotse_referrals.keyring import KeyGone, KeyringUnavailable
+from lotse_referrals.keyring import DisclosureFor, KeyGone, KeyRefused, KeyringUnavailable
 from lotse_referrals.operations import Context, Refused, StepDetails
 from lotse_referrals.tables import (
     Case,
@@ -563,9 +563,12 @@ def referrals_router() -> APIRouter:
         "/referrals/{referral_id}/disclosure-key",
         response_model=DisclosureKey,
         summary="Key to open the referral's sealed disclosure (addressed Träger only)",
-        description="The family's data key, released only to the Träger the referral is "
-        "addressed to while the referral is running, and recorded in the audit log. After "
-        "the family's erasure there is no key any more (410).",
+        description="The key of this referral's disclosure, bound to this referral and this "
+        "Träger: it opens the referral's `disclosure` / `disclosure_jwe` and no other block "
+        "of the family. Released only to the Träger the referral is addressed to, while the "
+        "referral is running and the family's consent stands (409 otherwise), and recorded "
+        "in the audit log here and in intake's keyring. After the family's erasure there is "
+        "no key any more (410).",
     )
     async def disclosure_key(
         referral_id: str, runtime: RuntimeDep, ctx: ContextDep, caller: CallerDep
@@ -582,14 +585,18 @@ def referrals_router() -> APIRouter:
             return referral
 
         async with runtime.db.transaction() as session:
-            case_id = (await releasable(session)).case_id
+            referral = await releasable(session)
+            case_id = referral.case_id
+            which = DisclosureFor(case_id, referral_id, referral.traeger, referral.consent_ref)
         # The keyring is another service: ask it outside any transaction, so that a slow
         # answer holds no lock here (on SQLite every transaction holds the write lock).
         assert ctx.keyring is not None
         try:
-            kid, key = await ctx.keyring.data_key(case_id)
+            kid, key = await ctx.keyring.disclosure_key(which)
         except KeyGone:
             raise HTTPException(410, detail="the family's data was erased") from None
+        except KeyRefused as exc:
+            raise _refuse(409, "consent_ref", str(exc)) from None
         except KeyringUnavailable as exc:
             raise HTTPException(503, detail=f"try again later: {exc}") from None
         async with runtime.db.transaction() as session:

@@ -120,8 +120,13 @@ def create_app(
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         await runtime.db.create_schema(TABLES, service=settings.service_name)
         await ops.seed_catalogue(ctx, runtime.clock())
-        async with started(application):
-            yield
+        try:
+            async with started(application):
+                yield
+        finally:
+            # Only a keyring client this factory built is this app's to close.
+            if keyring is None and isinstance(ctx.keyring, HttpKeyring):
+                await ctx.keyring.aclose()
 
     app.router.lifespan_context = lifespan
 

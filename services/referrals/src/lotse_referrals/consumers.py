@@ -74,7 +74,8 @@ class Handlers:
         case.bezirk = data.bezirk
         case.clinic_id = data.clinic_id
         case.registered_at = data.registered_at
-        case.personal = data.personal.model_dump(mode="json")
+        # The sealed personal block is not kept: intake seals each disclosure itself, so
+        # this service needs no copy of the family's data, not even encrypted.
         session.add(case)
         for consent in data.consents:
             await ops.record_consent(

@@ -1,44 +1,86 @@
-"""Client for the intake service's keyring: a family's data key, fetched when needed.
+"""Client for the intake service's keyring: sealed disclosures and their keys, asked for
+when needed.
 
-The referrals service needs the key for two things only: to open the family's sealed
-personal block and re-seal the consented subset as a referral's ``disclosure`` (under the
-same family key, so erasing the family in intake shreds the disclosure as well), and to
-hand the key of one referral's disclosure to the addressed Träger. Keys are never cached:
-after an erasure the keyring answers "gone" and so does this service.
+The referrals service holds no key of a family and never sees its personal data in clear.
+It asks intake to seal a referral's disclosure (the consented fields, under a key bound to
+that referral and that Träger), and, when the addressed Träger asks for it, for that one
+disclosure key. Intake checks the consent at both steps; keys are never cached here, so
+after a withdrawal or an erasure the keyring's refusal is this service's answer too.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import httpx
-from lotse_contracts.personal import decode_data_key
+from lotse_contracts.events.referrals import PersonalField
+from lotse_contracts.personal import (
+    EncryptedBlock,
+    KeyPurpose,
+    PersonalData,
+    decode_data_key,
+    derive_key,
+    purpose_kid,
+    seal,
+    seal_jwe,
+)
+from pydantic import BaseModel, ValidationError
 
 _log = logging.getLogger(__name__)
 
 
 class KeyGone(LookupError):
-    """The family has no data key (erased, or never registered with intake)."""
+    """The family has no keys (erased, or never registered with intake)."""
+
+
+class KeyRefused(PermissionError):
+    """The keyring refuses: the consent does not (or no longer) cover the Träger."""
 
 
 class KeyringUnavailable(RuntimeError):
     """The keyring did not answer usefully; try again later."""
 
 
+class SealedDisclosure(BaseModel):
+    """A referral's disclosure as intake sealed it (empty when the family gave none of the
+    fields)."""
+
+    kid: str | None
+    disclosed_fields: list[PersonalField]
+    disclosure: EncryptedBlock | None = None
+    disclosure_jwe: str | None = None
+
+
+@dataclass(frozen=True)
+class DisclosureFor:
+    """Which disclosure: one referral of one case to one Träger, on one consent."""
+
+    case_id: str
+    referral_id: str
+    traeger: str
+    consent_id: str
+
+
 class Keyring(Protocol):
-    async def data_key(self, case_id: str) -> tuple[str, bytes]:
-        """(kid, key) of the family's data key; raises KeyGone or KeyringUnavailable."""
+    async def seal_disclosure(
+        self, which: DisclosureFor, fields: Sequence[PersonalField]
+    ) -> SealedDisclosure:
+        """Raises KeyGone, KeyRefused or KeyringUnavailable."""
+        ...
+
+    async def disclosure_key(self, which: DisclosureFor) -> tuple[str, bytes]:
+        """(kid, key) of the disclosure; raises KeyGone, KeyRefused or KeyringUnavailable."""
         ...
 
 
 class HttpKeyring:
-    """The intake keyring over HTTP: ``GET <base>/keyring/cases/{case_id}?purpose=...``
-    answering ``{"case_id", "kid", "key": <base64url>}``; 404 (no such case) or 410
-    (erased) when the family has no key. Intake audits every release with the purpose."""
-
-    PATH = "/keyring/cases/{case_id}"
+    """The intake keyring over HTTP (``/keyring/cases/{case_id}/disclosures``): 404 (no such
+    case) or 410 (erased) mean gone, 409 a consent that does not cover the Träger. One
+    client for the service's life: a TLS context per request costs ~27 ms of CPU."""
 
     def __init__(
         self,
@@ -49,24 +91,52 @@ class HttpKeyring:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._headers = headers
-        self._timeout = timeout_s
-        self._transport = transport
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport
+        )
 
-    async def data_key(self, case_id: str) -> tuple[str, bytes]:
-        url = self.base_url + self.PATH.format(case_id=case_id)
-        params = {"purpose": "referral disclosure to a Träger (§ 65 SGB VIII)"}
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
         try:
-            async with httpx.AsyncClient(
-                timeout=self._timeout, transport=self._transport
-            ) as client:
-                response = await client.get(url, headers=self._headers, params=params)
+            response = await self._client.request(method, path, **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
             raise KeyringUnavailable(f"keyring not reachable: {type(exc).__name__}") from exc
         if response.status_code in (404, 410):
-            raise KeyGone("the family has no data key (erased or unknown)")
+            raise KeyGone("the family has no keys (erased or unknown)")
+        if response.status_code == 409:
+            raise KeyRefused(_detail(response))
         if response.status_code != 200:
             raise KeyringUnavailable(f"keyring answered HTTP {response.status_code}")
+        return response
+
+    async def seal_disclosure(
+        self, which: DisclosureFor, fields: Sequence[PersonalField]
+    ) -> SealedDisclosure:
+        response = await self._call(
+            "POST",
+            f"/keyring/cases/{which.case_id}/disclosures",
+            json={
+                "referral_id": which.referral_id,
+                "traeger": which.traeger,
+                "consent_id": which.consent_id,
+                "fields": [f.value for f in fields],
+            },
+        )
+        try:
+            return SealedDisclosure.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise KeyringUnavailable(
+                f"keyring answer unusable: {exc.error_count()} errors"
+            ) from exc
+
+    async def disclosure_key(self, which: DisclosureFor) -> tuple[str, bytes]:
+        response = await self._call(
+            "GET",
+            f"/keyring/cases/{which.case_id}/disclosures/{which.referral_id}/key",
+            params={"traeger": which.traeger, "consent_id": which.consent_id},
+        )
         try:
             body = response.json()
             return str(body["kid"]), decode_data_key(str(body["key"]))
@@ -74,17 +144,72 @@ class HttpKeyring:
             raise KeyringUnavailable(f"keyring answer unusable: {exc}") from exc
 
 
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = None
+    return str(detail or f"keyring refused (HTTP {response.status_code})")
+
+
+@dataclass
+class StaticFamily:
+    """A family as the in-memory keyring knows it: its secret and its data."""
+
+    kid: str
+    secret: bytes
+    personal: PersonalData
+    traeger_consents: dict[str, str] = field(default_factory=dict)
+    """consent id → the Träger it names (only given ones)."""
+
+
 class StaticKeyring:
-    """Keys held in memory: for tests and for running the service without intake."""
+    """Intake's keyring semantics held in memory: for tests and for running the service
+    without intake. Seals and derives exactly as intake does."""
 
-    def __init__(self, keys: dict[str, tuple[str, bytes]] | None = None) -> None:
-        self.keys: dict[str, tuple[str, bytes]] = dict(keys or {})
+    def __init__(self) -> None:
+        self.families: dict[str, StaticFamily] = {}
 
-    async def data_key(self, case_id: str) -> tuple[str, bytes]:
-        try:
-            return self.keys[case_id]
-        except KeyError:
-            raise KeyGone("the family has no data key (erased or unknown)") from None
+    def _family(self, which: DisclosureFor) -> StaticFamily:
+        family = self.families.get(which.case_id)
+        if family is None:
+            raise KeyGone("the family has no keys (erased or unknown)")
+        if family.traeger_consents.get(which.consent_id) != which.traeger:
+            raise KeyRefused(f"the consent does not name the Träger {which.traeger}")
+        return family
+
+    def _key(self, family: StaticFamily, which: DisclosureFor) -> tuple[str, bytes]:
+        key = derive_key(
+            family.secret,
+            KeyPurpose.DISCLOSURE,
+            case_id=which.case_id,
+            referral_id=which.referral_id,
+            traeger=which.traeger,
+        )
+        kid = purpose_kid(family.kid, KeyPurpose.DISCLOSURE, referral_id=which.referral_id)
+        return kid, key
+
+    async def seal_disclosure(
+        self, which: DisclosureFor, fields: Sequence[PersonalField]
+    ) -> SealedDisclosure:
+        family = self._family(which)
+        plain = family.personal.model_dump(mode="json", exclude_none=True)
+        wanted = set(fields)
+        empty: tuple[object, ...] = (None, "", [])
+        chosen = [f for f in PersonalField if f in wanted and plain.get(f.value) not in empty]
+        if not chosen:
+            return SealedDisclosure(kid=None, disclosed_fields=[])
+        kid, key = self._key(family, which)
+        subset = {f.value: plain[f.value] for f in chosen}
+        return SealedDisclosure(
+            kid=kid,
+            disclosed_fields=chosen,
+            disclosure=seal(subset, key=key, kid=kid, case_id=which.case_id),
+            disclosure_jwe=seal_jwe(subset, key=key, kid=kid),
+        )
+
+    async def disclosure_key(self, which: DisclosureFor) -> tuple[str, bytes]:
+        return self._key(self._family(which), which)
 
 
 def service_headers(

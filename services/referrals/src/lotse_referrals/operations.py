@@ -36,7 +36,6 @@ from lotse_contracts.events.referrals import (
     ReferralStatus,
     RejectionReason,
 )
-from lotse_contracts.personal import BlockUnreadable, EncryptedBlock, open_block, seal
 from lotse_runtime import audit
 from lotse_runtime.db import Database
 from lotse_runtime.identity import Caller
@@ -49,7 +48,14 @@ from sqlmodel import col
 
 from lotse_referrals import domain
 from lotse_referrals.domain import Actor, ConsentView, Offer, Step, WorkingCalendar
-from lotse_referrals.keyring import KeyGone, Keyring, KeyringUnavailable
+from lotse_referrals.keyring import (
+    DisclosureFor,
+    KeyGone,
+    KeyRefused,
+    Keyring,
+    KeyringUnavailable,
+    SealedDisclosure,
+)
 from lotse_referrals.settings import ReferralsSettings
 from lotse_referrals.tables import (
     Case,
@@ -277,36 +283,27 @@ class NewReferral:
 
 
 async def _disclosure(
-    ctx: Context, case: Case, wanted: Sequence[PersonalField] | None
-) -> tuple[list[PersonalField], EncryptedBlock | None]:
-    """The consented subset of the family's personal data, sealed under the family's own
-    data key (erasing the family in intake therefore shreds it as well)."""
-    if wanted is not None:
-        try:
-            domain.disclosure_fields(
-                ctx.settings.disclosed_fields, wanted, [f.value for f in wanted]
-            )
-        except ValueError as exc:
-            raise Refused(422, "disclose", str(exc)) from None
-    if ctx.keyring is None or case.personal is None:
-        return [], None
-    block = EncryptedBlock.model_validate(case.personal)
+    ctx: Context, which: DisclosureFor, wanted: Sequence[PersonalField] | None
+) -> SealedDisclosure:
+    """The consented subset of the family's personal data, sealed by intake's keyring under
+    a key bound to this referral and its Träger. This service never holds a key of the
+    family nor its data in clear; erasing the family in intake shreds the disclosure too."""
     try:
-        kid, key = await ctx.keyring.data_key(case.case_id)
+        fields = domain.disclosure_fields(
+            ctx.settings.disclosed_fields, wanted, [f.value for f in PersonalField]
+        )
+    except ValueError as exc:
+        raise Refused(422, "disclose", str(exc)) from None
+    if ctx.keyring is None or not fields:
+        return SealedDisclosure(kid=None, disclosed_fields=[])
+    try:
+        return await ctx.keyring.seal_disclosure(which, fields)
     except KeyGone:
         raise Refused(409, "case_id", "the family's data was erased") from None
+    except KeyRefused as exc:
+        raise Refused(409, "consent_ref", str(exc)) from None
     except KeyringUnavailable as exc:
         raise Unavailable(f"keyring: {exc}") from exc
-    try:
-        plain = open_block(block, key=key, case_id=case.case_id)
-    except BlockUnreadable as exc:
-        raise Unavailable(f"personal block does not open with the keyring's key: {exc}") from exc
-    present = [name for name, value in plain.items() if value not in (None, "", [])]
-    fields = domain.disclosure_fields(ctx.settings.disclosed_fields, wanted, present)
-    if not fields:
-        return [], None
-    subset = {f.value: plain[f.value] for f in fields}
-    return fields, seal(subset, key=key, kid=kid, case_id=case.case_id)
 
 
 async def _choose(
@@ -430,7 +427,13 @@ async def create_referral(
             "is still open",
         )
     offer, consent = await _choose(session, ctx, case, new, now)
-    fields, block = await _disclosure(ctx, case, new.disclose)
+    referral_id = str(uuid.uuid4())
+    sealed = await _disclosure(
+        ctx,
+        DisclosureFor(case.case_id, referral_id, offer.traeger, consent.consent_id),
+        new.disclose,
+    )
+    fields = sealed.disclosed_fields
     due = domain.answer_due_by(
         ctx.today(now),
         urgent=new.urgent,
@@ -439,7 +442,7 @@ async def create_referral(
         calendar=ctx.calendar,
     )
     referral = Referral(
-        referral_id=str(uuid.uuid4()),
+        referral_id=referral_id,
         case_id=case.case_id,
         bezirk=case.bezirk,
         traeger=offer.traeger,
@@ -471,7 +474,8 @@ async def create_referral(
             urgent=new.urgent,
             answer_due_by=due,
             disclosed_fields=fields,
-            disclosure=block,
+            disclosure=sealed.disclosure,
+            disclosure_jwe=sealed.disclosure_jwe,
         ),
     )
     audit.record(
