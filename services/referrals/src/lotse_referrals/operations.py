@@ -104,7 +104,6 @@ REQUESTER_ROLES = (
     CallerRole.babylotse,
     CallerRole.familienbuero,
     CallerRole.bezirksteam,
-    CallerRole.service,
 )
 
 
