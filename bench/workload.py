@@ -219,8 +219,8 @@ class Intake:
 
 async def open_traeger_capacity(stack: Stack) -> None:
     """A benchmark compresses months of referrals into a minute: lift every Träger's monthly
-    capacity so that none waits for next month's places."""
-    headers = stack.bearer("service", subject="bench")
+    capacity so that none waits for next month's places (as city-wide coordination may)."""
+    headers = stack.bearer("koordination", subject="bench-koordination")
     async with httpx.AsyncClient(base_url=stack.url("referrals"), timeout=30) as client:
         for traeger in stack.city.traeger:
             answer = await client.patch(

@@ -77,6 +77,7 @@ BABYLOTSE = bearer("babylotse", subject="bl-7", clinic=CLINIC)
 FAMILIENBUERO = bearer("familienbuero", subject="fb-3", bezirk="hoerde")
 TRAEGER_STAFF = bearer("traeger", subject="tr-1", traeger=TRAEGER)
 DPO = bearer("dpo", subject="dsb-1")
+SECOND_DPO = bearer("dpo", subject="dsb-2")
 KEYRING_CLIENT = bearer("service", subject="referrals")
 
 #: Family of the erasure test: values distinctive enough that any hit is a leak.
@@ -783,8 +784,15 @@ async def erasure_leaves_no_readable_personal_data(lotse: Platform) -> list[RawR
     del keys, opened, disclosure_key
 
     lotse.clock.advance(days=1)
+    erasure_request = await lotse.intake.post(
+        f"/cases/{case_id}/erasure",
+        json={"reason": "request", "note": "Antrag der Familie, Vorgang E-17"},
+        headers=DPO,
+    )
+    assert erasure_request.status_code == 202, erasure_request.text
     erased = await lotse.intake.post(
-        f"/cases/{case_id}/erasure", json={"reason": "request"}, headers=DPO
+        f"/cases/{case_id}/erasure/{erasure_request.json()['request_id']}/confirm",
+        headers=SECOND_DPO,
     )
     assert erased.status_code == 200, erased.text
 

@@ -37,6 +37,10 @@ REPORTING_SERVICE = bearer("service", subject="reporting")
 VISITS_SERVICE = bearer("service", subject="visits")
 TRAEGER = bearer("traeger", subject="tr-1", traeger="hebammenzentrum-dortmund")
 DPO = bearer("dpo", subject="dsb-1")
+#: A second data-protection officer: confirms what the first requested (four eyes).
+SECOND_DPO = bearer("dpo", subject="dsb-2")
+#: A request body for an erasure (reason and note, the family's written request).
+ERASURE_REQUEST = {"reason": "request", "note": "Antrag der Familie, Vorgang E-17"}
 ANALYST = bearer("analyst", subject="jhp-1")
 
 #: Every plaintext personal value of the family in ``registration()``; none of them may
@@ -53,6 +57,24 @@ PLAINTEXTS = [
     "2025-02-27",
     "27.02.2025",
 ]
+
+
+def erase(
+    client: TestClient,
+    case_id: str,
+    *,
+    requester: dict[str, str] = DPO,
+    confirmer: dict[str, str] = SECOND_DPO,
+    body: dict[str, Any] | None = None,
+) -> Any:
+    """Erase a family with four eyes: one requests, a second data-protection officer
+    confirms; the confirmation's answer (the erasure status)."""
+    requested = client.post(
+        f"/cases/{case_id}/erasure", json=body or ERASURE_REQUEST, headers=requester
+    )
+    assert requested.status_code == 202, requested.text
+    request_id = requested.json()["request_id"]
+    return client.post(f"/cases/{case_id}/erasure/{request_id}/confirm", headers=confirmer)
 
 
 def registration(**changes: Any) -> dict[str, Any]:

@@ -52,6 +52,8 @@ START = datetime(2025, 4, 17, 8, 0, tzinfo=UTC)
 FAMILIENBUERO = bearer("familienbuero", subject="fb-3", bezirk="hoerde")
 FAMILIENBUERO_EVING = bearer("familienbuero", subject="fb-4", bezirk="eving")
 BEZIRKSTEAM = bearer("bezirksteam", subject="bt-1", bezirk="hoerde")
+#: City-wide coordination: the one role that edits every Träger's catalogue entry.
+KOORDINATION = bearer("koordination", subject="koord-1")
 BABYLOTSE = bearer("babylotse", subject="bl-7", clinic=CLINIC)
 
 

@@ -20,6 +20,7 @@ from tests.referrals.helpers import (
     CONTACT_VALUES,
     FAMILIENBUERO,
     FAMILIENBUERO_EVING,
+    KOORDINATION,
     MODULE,
     NEVER_DISCLOSED,
     TRAEGER,
@@ -97,7 +98,8 @@ def test_catalogue_from_configuration_editable_and_kept(
         ).json()
         assert [t["slug"] for t in offered] == ["familienbildung-sued-ost"]
 
-        # A Träger changes its own capacity; the Bezirksteam extends an offer.
+        # A Träger changes its own capacity; city-wide coordination extends an offer, which
+        # a Bezirksteam may not (a Träger's entry holds for every Bezirk).
         own = client.patch(
             "/catalogue/traeger/familienforum-west",
             json={"capacity_per_month": 99},
@@ -111,10 +113,16 @@ def test_catalogue_from_configuration_editable_and_kept(
             headers=traeger_caller("familienforum-west"),
         )
         assert foreign.status_code == 403
-        widened = client.patch(
+        by_bezirksteam = client.patch(
             "/catalogue/traeger/familienforum-west",
             json={"bezirke": ["innenstadt-west", "luetgendortmund", "hoerde"]},
             headers=BEZIRKSTEAM,
+        )
+        assert by_bezirksteam.status_code == 403
+        widened = client.patch(
+            "/catalogue/traeger/familienforum-west",
+            json={"bezirke": ["innenstadt-west", "luetgendortmund", "hoerde"]},
+            headers=KOORDINATION,
         )
         assert widened.status_code == 200
         by_familienbuero = client.patch(
@@ -125,12 +133,14 @@ def test_catalogue_from_configuration_editable_and_kept(
         bad = client.patch(
             "/catalogue/traeger/familienforum-west",
             json={"modules": ["yoga"], "capacity_per_month": -1},
-            headers=BEZIRKSTEAM,
+            headers=KOORDINATION,
         )
         assert bad.status_code == 422
         assert {e["field"] for e in bad.json()["errors"]} == {"capacity_per_month"}
         bad_module = client.patch(
-            "/catalogue/traeger/familienforum-west", json={"modules": ["yoga"]}, headers=BEZIRKSTEAM
+            "/catalogue/traeger/familienforum-west",
+            json={"modules": ["yoga"]},
+            headers=KOORDINATION,
         )
         assert bad_module.status_code == 422
         assert bad_module.json()["errors"] == [
@@ -138,7 +148,7 @@ def test_catalogue_from_configuration_editable_and_kept(
         ]
         assert (
             client.patch(
-                "/catalogue/traeger/nobody", json={"active": False}, headers=BEZIRKSTEAM
+                "/catalogue/traeger/nobody", json={"active": False}, headers=KOORDINATION
             ).status_code
             == 404
         )
@@ -251,7 +261,7 @@ def test_bad_referral_requests_are_refused_with_field_and_reason_and_store_nothi
 
         # No capacity left this month.
         service.client.patch(
-            f"/catalogue/traeger/{TRAEGER}", json={"capacity_per_month": 0}, headers=BEZIRKSTEAM
+            f"/catalogue/traeger/{TRAEGER}", json={"capacity_per_month": 0}, headers=KOORDINATION
         )
         refused(create(service, family), 409, "traeger", "no free capacity this month")
         assert referral_count(service) == 0
@@ -259,7 +269,7 @@ def test_bad_referral_requests_are_refused_with_field_and_reason_and_store_nothi
 
         # With capacity back, the same request succeeds (once).
         service.client.patch(
-            f"/catalogue/traeger/{TRAEGER}", json={"capacity_per_month": 1}, headers=BEZIRKSTEAM
+            f"/catalogue/traeger/{TRAEGER}", json={"capacity_per_month": 1}, headers=KOORDINATION
         )
         made = create(service, family, headers=BABYLOTSE)
         assert made.status_code == 201, made.text
@@ -300,7 +310,7 @@ def test_bad_referral_requests_are_refused_with_field_and_reason_and_store_nothi
         # Staff may narrow the disclosure further; the creation is in the audit trail.
         narrow_family = registered_family(service)
         service.client.patch(
-            f"/catalogue/traeger/{TRAEGER}", json={"capacity_per_month": 5}, headers=BEZIRKSTEAM
+            f"/catalogue/traeger/{TRAEGER}", json={"capacity_per_month": 5}, headers=KOORDINATION
         )
         narrow = create(service, narrow_family, disclose=["phone", "email"])
         assert narrow.status_code == 201, narrow.text

@@ -34,6 +34,7 @@ from tests.referrals.helpers import (
     BEZIRKSTEAM,
     CONTACT_VALUES,
     FAMILIENBUERO,
+    KOORDINATION,
     MODULE,
     NEVER_DISCLOSED,
     TRAEGER,
@@ -440,7 +441,7 @@ def test_a_visit_wish_waits_for_consent_then_becomes_a_referral(
         service.client.patch(
             "/catalogue/traeger/elternberatung-unterwegs",
             json={"capacity_per_month": 0},
-            headers=BEZIRKSTEAM,
+            headers=KOORDINATION,
         )
         service.send(
             handover(
@@ -455,7 +456,7 @@ def test_a_visit_wish_waits_for_consent_then_becomes_a_referral(
         service.client.patch(
             "/catalogue/traeger/elternberatung-unterwegs",
             json={"capacity_per_month": 45},
-            headers=BEZIRKSTEAM,
+            headers=KOORDINATION,
         )
         service.run_job("placement")
         [late] = service.referrals(waiting.case_id)

@@ -16,7 +16,7 @@ from lotse_runtime.app import create_service_app
 from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer, JwksSource, JwtCallerResolver
 from lotse_runtime.embedded import free_port
 from lotse_runtime.identity import CallerDep
-from lotse_runtime.policy import ALL_ROLES, AccessPolicy, allow
+from lotse_runtime.policy import PERSON_ROLES, AccessPolicy, allow
 from lotse_runtime.settings import ServiceSettings
 
 
@@ -43,7 +43,7 @@ def client(tmp_path: Path, issuer: DevelopmentIssuer) -> TestClient:
         data_dir=tmp_path,
         auth_jwks=None,  # the development issuer in data_dir, not the test run's
     )
-    policy = AccessPolicy({"GET /whoami": allow(*ALL_ROLES)})
+    policy = AccessPolicy({"GET /whoami": allow(*PERSON_ROLES)})
     return TestClient(
         create_service_app(settings, title="p", description="", routers=[router], policy=policy)
     )
@@ -204,7 +204,7 @@ def app_trusting(jwks_url: str, tmp_path: Path) -> TestClient:
         auth_jwks=jwks_url,
         auth_issuer=DEV_ISSUER,
     )
-    policy = AccessPolicy({"GET /whoami": allow(*ALL_ROLES)})
+    policy = AccessPolicy({"GET /whoami": allow(*PERSON_ROLES)})
     return TestClient(
         create_service_app(settings, title="p", description="", routers=[router], policy=policy)
     )

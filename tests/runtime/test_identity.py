@@ -231,6 +231,7 @@ def test_every_role_has_a_case_policy() -> None:
         Role.traeger: Caller(subject="u", role=Role.traeger, traeger="t"),
         Role.analyst: Caller(subject="u", role=Role.analyst),
         Role.dpo: Caller(subject="u", role=Role.dpo),
+        Role.koordination: Caller(subject="u", role=Role.koordination),
         Role.service: Caller(subject="u", role=Role.service),
     }
     assert set(callers) == set(Role)
@@ -240,7 +241,7 @@ def test_every_role_has_a_case_policy() -> None:
             ensure_may_access_case(caller, scope, personal_data=True)
         except AccessDenied as exc:
             denied[role] = exc.reason
-    assert set(denied) == {Role.analyst, Role.dpo}
+    assert set(denied) == {Role.analyst, Role.dpo, Role.koordination}
     assert not any(reason.startswith("no case policy") for reason in denied.values())
 
 

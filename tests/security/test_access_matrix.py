@@ -48,6 +48,7 @@ SAMPLE_PARAMS: dict[str, str] = {
     "consent_id": "1c5f5d4e-1111-4aaa-8bbb-123456789abc",
     "visit_id": "2c5f5d4e-1111-4aaa-8bbb-123456789abc",
     "referral_id": "3c5f5d4e-1111-4aaa-8bbb-123456789abc",
+    "request_id": "4c5f5d4e-1111-4aaa-8bbb-123456789abc",
     "bezirk": BEZIRK,
     "slug": TRAEGER,
     "purpose": "contact",
@@ -122,6 +123,16 @@ def concrete(path: str) -> str:
     return re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: SAMPLE_PARAMS[m.group(1)], path)
 
 
+def subjects(policy: AccessPolicy, number: int, role: Role | None) -> list[str]:
+    """Who tries a route in a role: for ``service``, every service some rule of the policy
+    names (as a service names itself in its token's subject) and one no rule names."""
+    anonymous = f"matrix-{number}-{role or 'anonymous'}"
+    if role is not Role.service:
+        return [anonymous]
+    named = sorted({name for rule in policy.rules.values() for name in rule.services})
+    return [*named, anonymous]
+
+
 @dataclass
 class Call:
     key: str
@@ -169,32 +180,33 @@ def test_every_role_against_every_route(
     with TestClient(app) as client:
         for number, key in enumerate(routes):
             for role in [*Role, None]:
-                if key in ENDLESS and policy.rules[key].permits(role):
-                    continue
-                subject = f"matrix-{number}-{role or 'anonymous'}"
-                calls.append(call_route(client, key, role, subject))
+                for subject in subjects(policy, number, role):
+                    if key in ENDLESS and policy.rules[key].permits(role, subject):
+                        continue
+                    calls.append(call_route(client, key, role, subject))
         trail = audit_rows(client)
 
-    refused_by_gate = {row.subject for row in trail if row.purpose == REFUSED_BY_POLICY}
+    refused_by_gate = {(row.subject, row.path) for row in trail if row.purpose == REFUSED_BY_POLICY}
     problems = []
     for call in calls:
         rule: Rule = policy.rules[call.key]
-        who = f"{call.key} as {call.role or 'anonymous'}"
+        who = f"{call.key} as {call.role or 'anonymous'} ({call.subject})"
+        gate_refused = (call.subject, call.key.split(" ", 1)[1]) in refused_by_gate
         if rule.public:
             if call.status in (401, 403):
                 problems.append(f"{who}: public route answered {call.status}")
         elif call.role is None:
             if call.status != 401:
                 problems.append(f"{who}: {call.status} without a token, expected 401")
-        elif rule.permits(call.role):
-            if call.status == 401 or call.subject in refused_by_gate:
+        elif rule.permits(call.role, call.subject):
+            if call.status == 401 or gate_refused:
                 problems.append(f"{who}: refused ({call.status}) but the policy allows it")
             if call.status >= 500:
                 problems.append(f"{who}: {call.status} {call.body}")
         else:
             if call.status != 403 or call.body != {"detail": ACCESS_DENIED_DETAIL}:
                 problems.append(f"{who}: {call.status} {call.body}, expected the 403")
-            elif call.subject not in refused_by_gate:
+            elif not gate_refused:
                 problems.append(f"{who}: refused, but not by the route policy")
     assert not problems, "\n".join(problems)
 

@@ -23,6 +23,7 @@ from tests.intake.helpers import (
     BABYLOTSE,
     BEZIRKSTEAM_HOERDE,
     DPO,
+    ERASURE_REQUEST,
     FAMILIENBUERO_EVING,
     FAMILIENBUERO_HOERDE,
     OTHER_CLINIC,
@@ -83,8 +84,8 @@ def test_intake_case_of_another_bezirk_or_clinic_looks_like_no_case(intake: Inta
                 client.get(template.format(NOBODY), headers=outsider),
             )
         same_refusal(
-            client.post(f"/cases/{case_id}/erasure", headers=outsider),
-            client.post(f"/cases/{NOBODY}/erasure", headers=outsider),
+            client.post(f"/cases/{case_id}/erasure", json=ERASURE_REQUEST, headers=outsider),
+            client.post(f"/cases/{NOBODY}/erasure", json=ERASURE_REQUEST, headers=outsider),
         )
     for stranger in (ANALYST, TRAEGER):
         for template in reads:

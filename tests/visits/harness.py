@@ -34,7 +34,6 @@ T = TypeVar("T")
 
 #: Monday 3 March 2025, 08:00 in Dortmund: the test's "now" unless moved.
 START = datetime(2025, 3, 3, 7, 0, tzinfo=UTC)
-SERVICE = bearer("service", subject="svc-tests")
 
 
 def office(bezirk: str) -> dict[str, str]:

@@ -21,7 +21,6 @@ from lotse_visits.tables import VisitsVisit
 
 from tests.support import bearer
 from tests.visits.harness import (
-    SERVICE,
     VisitsService,
     local_day,
     office,
@@ -109,7 +108,7 @@ def test_calendar_of_an_office_by_day(start_visits: Callable[..., Any], sqlite_u
             denied = client.get("/offices/hoerde/calendar", headers=headers)
             assert denied.status_code == 403
             assert denied.json() == {"detail": "not permitted"}
-        unknown = client.get("/offices/atlantis/calendar", headers=SERVICE)
+        unknown = client.get("/offices/atlantis/calendar", headers=office("atlantis"))
         assert unknown.status_code == 404
         assert "atlantis" in unknown.json()["detail"]
         bad_day = client.get("/offices/hoerde/calendar", params={"day": "4.3.2025"}, headers=HOERDE)

@@ -307,7 +307,7 @@ def test_overdue_is_raised_once_per_case(start_visits: Callable[..., Any], sqlit
         response = service.client.post(
             f"/visits/{done_visit.visit_id}/complete",
             json={"informed_about_offers": True, "needs_noted": False},
-            headers=bearer("service", subject="svc"),
+            headers=bearer("familienbuero", subject="fb-1", bezirk=done.bezirk),
         )
         assert response.status_code == 200, response.text
         job = service.runtime.jobs[0]

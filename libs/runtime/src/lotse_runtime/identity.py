@@ -73,6 +73,9 @@ class Role(StrEnum):
     analyst = "analyst"
     dpo = "dpo"
     """Data-protection officer: may read audit trails, not case contents."""
+    koordination = "koordination"
+    """City-wide coordination of the prevention chain (e.g. in the Jugendhilfeplanung): keeps
+    the offer catalogue city-wide; sees no case."""
     service = "service"
     """Another Lotse service calling with its own identity."""
 
@@ -303,5 +306,7 @@ def _check_case_access(caller: Caller, scope: CaseScope | None, *, personal_data
             raise AccessDenied("dpo may not read personal data")
         case Role.analyst:
             raise AccessDenied("analysts see aggregates only")
+        case Role.koordination:
+            raise AccessDenied("city-wide coordination sees no case")
     # Unreachable while every role is handled above; a new role is denied until it is added.
     raise AccessDenied(f"no case policy for role {caller.role}")

@@ -13,6 +13,13 @@ it. :func:`install_policy` (called by ``create_service_app``) enforces it:
 * **Roles, in one place.** An app-wide dependency runs before the route's own parameters are
   read: it resolves the caller (401 without a valid token) and refuses a role the rule does not
   name with the platform's one 403 answer, audited as :data:`REFUSED_BY_POLICY`.
+* **Services by name.** A token with role ``service`` is another system calling with its own
+  identity, and its subject names it (``referrals``, ``buergerbuero``). A rule that admits
+  :attr:`Role.service` names the services it admits (``services=("referrals",)``); any other
+  service subject gets the same 403. A rule admitting ``Role.service`` without naming one
+  (or naming services without admitting the role) is a :class:`PolicyError` when the policy
+  is built, so it fails start-up like a route without a rule. :data:`PERSON_ROLES` is every
+  role but ``service``, for routes open to every person.
 * **Case scope stays with the route, verified centrally.** Whether a caller may see *this*
   case (own Stadtbezirk, referrals addressed to its Träger, families of its clinic) depends on
   the case's data, which the route loads anyway, often by a visit or referral id and under a
@@ -66,6 +73,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALL_ROLES",
+    "PERSON_ROLES",
     "REFUSED_BY_POLICY",
     "RUNTIME_POLICY",
     "Access",
@@ -86,6 +94,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 ALL_ROLES: frozenset[Role] = frozenset(Role)
+#: Every role of a person (or a person's organisation): all but ``service``.
+PERSON_ROLES: frozenset[Role] = ALL_ROLES - {Role.service}
 #: Audit purpose of a refusal by the route policy (a role the route's rule does not name).
 REFUSED_BY_POLICY = "refused by route policy"
 
@@ -118,12 +128,23 @@ class Rule:
     """No caller needed (health probes); only the runtime declares these."""
     open_when: Callable[[Request], bool] | None = field(default=None, compare=False)
     """No caller needed while this says so (e.g. a dashboard a setting makes public)."""
+    services: frozenset[str] = frozenset()
+    """Subjects of the ``service`` tokens admitted; required exactly when ``roles`` has
+    :attr:`Role.service` (checked by :class:`AccessPolicy`, so that start-up fails)."""
 
     def __post_init__(self) -> None:
         if (self.purpose is None) != (self.access is None):
             raise ValueError("a personal-data rule needs both purpose and access")
         if not self.public and not self.roles:
             raise ValueError("a rule names at least one role (or is public)")
+
+    def problem(self) -> str | None:
+        """Why this rule may not be used, or None."""
+        if Role.service in self.roles and not self.services:
+            return "admits role service without naming the services (services=...)"
+        if self.services and Role.service not in self.roles:
+            return "names services but does not admit role service"
+        return None
 
     @property
     def personal(self) -> bool:
@@ -135,16 +156,23 @@ class Rule:
             return False
         return self.audit_roles is None or role in self.audit_roles
 
-    def permits(self, role: Role | None) -> bool:
-        """Whether the role gate lets `role` (None: no caller) through."""
+    def permits(self, role: Role | None, subject: str | None = None) -> bool:
+        """Whether the role gate lets `role` (None: no caller) through; a ``service`` caller
+        only with a `subject` the rule names."""
         if self.public:
             return True
-        return role is not None and role in self.roles
+        if role is None or role not in self.roles:
+            return False
+        return role is not Role.service or subject in self.services
+
+    def admits(self, caller: Caller) -> bool:
+        """Whether the role gate lets `caller` through."""
+        return self.permits(caller.role, caller.subject)
 
 
-def allow(*roles: Role, case_scoped: bool = False) -> Rule:
-    """A route without personal data, callable by `roles`."""
-    return Rule(roles=frozenset(roles), case_scoped=case_scoped)
+def allow(*roles: Role, case_scoped: bool = False, services: Iterable[str] = ()) -> Rule:
+    """A route without personal data, callable by `roles` (of services: by `services`)."""
+    return Rule(roles=frozenset(roles), case_scoped=case_scoped, services=frozenset(services))
 
 
 def personal(
@@ -154,9 +182,11 @@ def personal(
     case_scoped: bool = True,
     case_param: str | None = "case_id",
     audit_roles: Iterable[Role] | None = None,
+    services: Iterable[str] = (),
 ) -> Rule:
     """A route reading or changing personal data: audited with `purpose` on every success
-    (of the `audit_roles` only, where only they get personal data from it)."""
+    (of the `audit_roles` only, where only they get personal data from it). Of the
+    ``service`` callers only `services` (their token subjects) are admitted."""
     return Rule(
         roles=frozenset(roles),
         purpose=purpose,
@@ -164,6 +194,7 @@ def personal(
         case_scoped=case_scoped,
         case_param=case_param,
         audit_roles=None if audit_roles is None else frozenset(audit_roles),
+        services=frozenset(services),
     )
 
 
@@ -182,6 +213,7 @@ class AccessPolicy:
         for key in rules:
             if not _KEY.match(key):
                 raise PolicyError(f"policy key {key!r} is not 'METHOD /path'")
+        _check_rules(rules)
         self.rules: dict[str, Rule] = dict(rules)
 
     def __or__(self, other: AccessPolicy) -> AccessPolicy:
@@ -195,6 +227,12 @@ class AccessPolicy:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.rules)
+
+
+def _check_rules(rules: Mapping[str, Rule]) -> None:
+    problems = [f"{key} {problem}" for key, rule in rules.items() if (problem := rule.problem())]
+    if problems:
+        raise PolicyError("; ".join(sorted(problems)))
 
 
 #: The routes every service app gets from the runtime.
@@ -242,6 +280,7 @@ def route_keys(app: FastAPI) -> list[tuple[str, APIRoute]]:
 
 def _bind(app: FastAPI, policy: AccessPolicy) -> dict[tuple[int, str], _Bound]:
     """Match every route of `app` to its rule, or raise PolicyError naming the mismatches."""
+    _check_rules(policy.rules)  # again: the rules dict may have been changed since
     bound: dict[tuple[int, str], _Bound] = {}
     missing: list[str] = []
     seen: set[str] = set()
@@ -310,6 +349,8 @@ async def policy_gate(request: Request) -> None:
     caller = await current_caller(request)
     if caller.role not in rule.roles:
         raise RouteNotPermitted(f"role {caller.role} not permitted on {bound.key}")
+    if not rule.admits(caller):
+        raise RouteNotPermitted(f"service {caller.subject!r} not permitted on {bound.key}")
     access = current_access_observer()
     if isinstance(access, _RequestAccess):
         access.bound = bound

@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from lotse_intake import domain
+from lotse_intake import erasure as four_eyes
 from lotse_intake import operations as ops
 from lotse_intake.domain import Refusal
 from lotse_intake.idempotency import REPLAY_HEADER, Action, IdempotencyKey, Outcome
@@ -50,6 +51,7 @@ from lotse_intake.tables import (
     DisclosureSealed,
     ErasureCreate,
     ErasurePublic,
+    ErasureRequestPublic,
     HandoverCreate,
     HandoverPublic,
     IntakeCase,
@@ -357,46 +359,85 @@ def _handover_routes(api: APIRouter) -> None:
         return await _change(call, idempotency_key, body, action)
 
 
+RequestIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="Erasure request id.")]
+
+
 def _erasure_routes(api: APIRouter) -> None:
     @api.post(
         "/cases/{case_id}/erasure",
         tags=["erasure"],
-        response_model=ErasurePublic,
-        summary="Erase a family (crypto-shredding)",
-        responses={403: _REFUSALS[403], 422: _REFUSALS[422]},
+        status_code=202,
+        response_model=ErasureRequestPublic,
+        summary="Request the erasure of a family (four eyes: a second person confirms)",
+        responses={
+            403: _REFUSALS[403],
+            409: _REFUSALS[409],
+            410: _REFUSALS[410],
+            422: _REFUSALS[422],
+        },
     )
-    async def erase(
+    async def request_erasure(
         case_id: CaseIdPath,
+        body: ErasureCreate,
         call: CallDep,
-        body: Annotated[ErasureCreate | None, Body()] = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
-        """Destroys the family's data key, so that every personal and screening block of
-        the family — in every topic, topic backup and database — is unreadable; purges
-        intake's own copies (sealed blocks, duplicate-guard hashes) and publishes
-        ``family-erased`` (also to the Bezirksteam's feed), on which every service purges
-        its local copies. Erasing an erased family changes nothing and answers the same."""
-        erasure = body or ErasureCreate()
+        """Records a request to erase the family, with its reason and a note (e.g. the
+        reference of the family's written request), and erases nothing yet: a
+        data-protection officer other than the requester confirms it
+        (``.../erasure/{request_id}/confirm``), or it is withdrawn. One pending request per
+        family; 409 while one is waiting, 410 once the family is erased."""
 
         async def action(session: AsyncSession) -> Outcome:
-            case = call.authorise(
-                await ops.load_case(session, case_id, for_update=True),
-                ops.ERASE,
-                personal_data=False,
-            )
-            if case.erased_at is None:
-                await ops.erase_case(
-                    session,
-                    call.runtime,
-                    call.intake.keyring,
-                    case,
-                    reason=erasure.reason,
-                    caller=call.caller,
-                    path=call.route,
-                )
-            return Outcome(200, ops.erasure_public(case), case_id)
+            return await four_eyes.request(session, call, case_id, body)
 
-        return await _change(call, idempotency_key, erasure, action)
+        return await _change(call, idempotency_key, body, action)
+
+    @api.post(
+        "/cases/{case_id}/erasure/{request_id}/confirm",
+        tags=["erasure"],
+        response_model=ErasurePublic,
+        summary="Confirm an erasure request and erase the family (crypto-shredding)",
+        responses={403: _REFUSALS[403], 409: _REFUSALS[409]},
+    )
+    async def confirm_erasure(
+        case_id: CaseIdPath,
+        request_id: RequestIdPath,
+        call: CallDep,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """A data-protection officer other than the requester confirms (409 for the
+        requester: four eyes). Then the family's data key is destroyed, so that every
+        personal and screening block of the family — in every topic, topic backup and
+        database — is unreadable; intake's own copies (sealed blocks, duplicate-guard
+        hashes) are purged and ``family-erased`` is published (also to the Bezirksteam's
+        feed), on which every service purges its local copies."""
+
+        async def action(session: AsyncSession) -> Outcome:
+            return await four_eyes.confirm(session, call, case_id, request_id)
+
+        return await _change(call, idempotency_key, None, action)
+
+    @api.post(
+        "/cases/{case_id}/erasure/{request_id}/withdraw",
+        tags=["erasure"],
+        response_model=ErasureRequestPublic,
+        summary="Withdraw a pending erasure request",
+        responses={403: _REFUSALS[403], 409: _REFUSALS[409]},
+    )
+    async def withdraw_erasure(
+        case_id: CaseIdPath,
+        request_id: RequestIdPath,
+        call: CallDep,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """The requester or a data-protection officer withdraws a pending request; nothing
+        is erased."""
+
+        async def action(session: AsyncSession) -> Outcome:
+            return await four_eyes.withdraw(session, call, case_id, request_id)
+
+        return await _change(call, idempotency_key, None, action)
 
     @api.get(
         "/cases/{case_id}/erasure",
@@ -406,13 +447,14 @@ def _erasure_routes(api: APIRouter) -> None:
         responses={403: _REFUSALS[403]},
     )
     async def erasure_status(case_id: CaseIdPath, call: CallDep) -> ErasurePublic:
-        """Whether (when, why) a family was erased; readable by the data-protection officer."""
+        """Whether (when, why) a family was erased, and a request waiting for confirmation;
+        readable by the data-protection officer."""
         async with call.runtime.db.transaction() as session:
             case = call.authorise(
                 await ops.load_case(session, case_id), ops.ERASE, personal_data=False
             )
             call.audit(session, AuditAction.read, case_id, "erasure status")
-            return ops.erasure_public(case)
+            return await four_eyes.status(session, case)
 
 
 _EMPTY: tuple[object, ...] = (None, "", [])

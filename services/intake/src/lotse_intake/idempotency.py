@@ -3,8 +3,12 @@ Header Field").
 
 A clinic on a flaky connection repeats a registration; with the same ``Idempotency-Key`` the
 repeat gets the first answer again and creates nothing. The key is remembered per caller
-(subject), together with a keyed fingerprint of method, path and body, so reusing a key for
-a different request is refused instead of answered with an unrelated result. The key, the
+(subject), together with a keyed fingerprint of method, path, body and the caller's role
+and scope (clinic, Stadtbezirk, Träger: :func:`caller_scope`), so reusing a key for a
+different request is refused (422) instead of answered with an unrelated result — and so is
+the same request by the same subject acting in another role or scope (e.g. a token of
+another clinic): the stored answer was given after the case checks of the first scope and
+is never replayed into another. The key, the
 state change and its events commit in one transaction; two racing requests with one key
 cannot both commit (unique constraint), and the loser replays the winner's answer.
 """
@@ -65,13 +69,23 @@ class Outcome:
 Action = Callable[[AsyncSession], Awaitable[Outcome]]
 
 
-def request_fingerprint(secret: bytes, method: str, path: str, body: BaseModel | None) -> str:
+def caller_scope(caller: Caller) -> str:
+    """The role and scope a stored answer belongs to (with the subject it is stored under)."""
+    return "|".join(
+        (caller.role.value, caller.bezirk or "", caller.traeger or "", caller.clinic or "")
+    )
+
+
+def request_fingerprint(
+    secret: bytes, method: str, path: str, body: BaseModel | None, *, caller: Caller
+) -> str:
+    """Keyed fingerprint of the request and of the role and scope it was made in."""
     canonical = (
         ""
         if body is None
         else json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     )
-    return fingerprint(secret, method.upper(), path, canonical)
+    return fingerprint(secret, method.upper(), path, canonical, caller_scope(caller))
 
 
 async def respond(
@@ -131,8 +145,8 @@ def _replay(stored: IntakeIdempotency, request_print: str) -> Response:
     if stored.fingerprint != request_print:
         raise Refusal(
             "Idempotency-Key",
-            "this Idempotency-Key was already used for a different request; "
-            "send a new key with a new request",
+            "this Idempotency-Key was already used for a different request (or by you "
+            "in another role or scope); send a new key with a new request",
         )
     return Response(
         content=stored.response,

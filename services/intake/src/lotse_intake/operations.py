@@ -78,15 +78,16 @@ from lotse_intake.tables import (
 )
 
 #: Who may do what, before the per-case policy (own clinic / own Stadtbezirk) applies.
-READ_CASE = (Role.babylotse, Role.familienbuero, Role.bezirksteam, Role.service)
-CHANGE_CONSENT = (Role.babylotse, Role.familienbuero, Role.bezirksteam, Role.service)
+READ_CASE = (Role.babylotse, Role.familienbuero, Role.bezirksteam)
+CHANGE_CONSENT = (Role.babylotse, Role.familienbuero, Role.bezirksteam)
 READ_CONSENT = (*CHANGE_CONSENT, Role.dpo)
-SCREEN = (Role.babylotse, Role.familienbuero, Role.service)
-HAND_OVER = (Role.babylotse, Role.familienbuero, Role.service)
-ERASE = (Role.dpo, Role.service, Role.familienbuero, Role.babylotse)
+SCREEN = (Role.babylotse, Role.familienbuero)
+HAND_OVER = (Role.babylotse, Role.familienbuero)
+ERASE = (Role.dpo, Role.familienbuero, Role.babylotse)
 #: Who sees names and addresses. The Bezirksteam (district coordination team) reads cases
-#: of its Bezirk without them: it coordinates, the Familienbüro contacts the family.
-PERSONAL_DATA_ROLES = frozenset({Role.babylotse, Role.familienbuero, Role.service})
+#: of its Bezirk without them: it coordinates, the Familienbüro contacts the family. Of the
+#: services only those named in ``keyring_clients`` (by token subject, never by role).
+PERSONAL_DATA_ROLES = frozenset({Role.babylotse, Role.familienbuero})
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class Call:
         )
 
     def is_keyring_client(self) -> bool:
+        """A service named in ``keyring_clients``: by its token's subject, the role alone
+        (any service) is never enough."""
         return (
             self.caller.role is Role.service
             and self.caller.subject in self.intake.settings.keyring_clients
@@ -133,7 +136,7 @@ class Call:
 
     def sees_personal_data(self) -> bool:
         if self.caller.role is Role.service:
-            return self.is_keyring_client()
+            return self.is_keyring_client()  # by name, see is_keyring_client
         return self.caller.role in PERSONAL_DATA_ROLES
 
     def authorise(
@@ -159,7 +162,7 @@ class Call:
             caller=self.caller,
             key=key,
             request_print=request_fingerprint(
-                self.intake.secrets.match_key_secret, "POST", self.path, body
+                self.intake.secrets.match_key_secret, "POST", self.path, body, caller=self.caller
             ),
             now=self.runtime.clock,
             action=action,

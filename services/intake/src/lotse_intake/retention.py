@@ -4,7 +4,8 @@ Live families are kept until erased (on request, or by ``retention_days`` after
 registration in the housekeeping job, which also forgets expired Idempotency-Keys). What
 an erasure leaves behind, the case's tombstone without personal data, its consent history
 (proof of what the family agreed to, Art. 7 (1) GDPR), blanked screenings and handovers,
-goes ``retention_erased_case_days`` after the erasure.
+goes ``retention_erased_case_days`` after the erasure, with the erasure requests (who
+requested and who confirmed it, why: the four-eyes proof).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lotse_intake.tables import (
     IntakeCase,
     IntakeConsent,
     IntakeConsentChange,
+    IntakeErasureRequest,
     IntakeHandover,
     IntakeIdempotency,
     IntakeMatchKey,
@@ -40,6 +42,7 @@ def rules(settings: IntakeSettings) -> list[RetentionRule]:
                 (IntakeHandover, "case_id"),
                 (IntakeMatchKey, "case_id"),
                 (IntakeIdempotency, "case_id"),
+                (IntakeErasureRequest, "case_id"),
             ],
             description="tombstone of an erased family with its consent history",
         )

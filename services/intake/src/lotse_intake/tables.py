@@ -178,6 +178,27 @@ class IntakeIdempotency(SQLModel, table=True):
     created_at: datetime = TableField(index=True)
 
 
+class IntakeErasureRequest(SQLModel, table=True):
+    """A request to erase a family (four eyes): recorded with its reason by one person,
+    carried out only when a different data-protection officer confirms it; withdrawable
+    while pending. Kept as proof of who erased why until the tombstone goes."""
+
+    __tablename__ = "intake_erasure_request"
+
+    request_id: str = TableField(primary_key=True, max_length=36)
+    case_id: str = TableField(max_length=36, index=True)
+    reason: str = TableField(max_length=32)
+    note: str = TableField(max_length=500)
+    state: str = TableField(max_length=16)
+    """``pending``, ``confirmed`` or ``withdrawn``."""
+    requested_at: datetime
+    requested_by_role: str = TableField(max_length=32)
+    requested_by_subject: str = TableField(max_length=200)
+    decided_at: datetime | None = None
+    decided_by_role: str | None = TableField(default=None, max_length=32)
+    decided_by_subject: str | None = TableField(default=None, max_length=200)
+
+
 TABLES: list[type[SQLModel]] = [
     IntakeCase,
     IntakeDataKey,
@@ -187,6 +208,7 @@ TABLES: list[type[SQLModel]] = [
     IntakeScreening,
     IntakeHandover,
     IntakeIdempotency,
+    IntakeErasureRequest,
 ]
 
 
@@ -367,9 +389,18 @@ class HandoverCreate(_Input):
 
 
 class ErasureCreate(_Input):
-    """Erase a family: its data key is destroyed (crypto-shredding)."""
+    """A request to erase a family: its data key is destroyed (crypto-shredding) once a
+    second person, a data-protection officer other than the requester, confirms it."""
 
     reason: ErasureReason = ErasureReason.REQUEST
+    note: str = Field(
+        min_length=3,
+        max_length=500,
+        description=(
+            "Why, recorded with the request: e.g. the reference of the family's written "
+            "request (Art. 17 GDPR). No personal data: it is kept as proof after erasure."
+        ),
+    )
 
 
 # -- HTTP response models ------------------------------------------------------------------------
@@ -468,6 +499,20 @@ class ScreeningRecorded(BaseModel):
     assessed_at: datetime
 
 
+class ErasureRequestPublic(BaseModel):
+    """A request to erase a family and what became of it (four eyes)."""
+
+    request_id: str
+    case_id: str
+    reason: ErasureReason
+    note: str
+    state: str = Field(description="pending, confirmed or withdrawn.")
+    requested_at: datetime
+    requested_by_role: str
+    decided_at: datetime | None
+    decided_by_role: str | None
+
+
 class ErasurePublic(BaseModel):
     case_id: str
     bezirk: str
@@ -475,6 +520,9 @@ class ErasurePublic(BaseModel):
     erased_at: datetime | None
     reason: ErasureReason | None
     key_id: str
+    pending_request: ErasureRequestPublic | None = Field(
+        default=None, description="A request waiting for a second person's confirmation."
+    )
 
 
 class DataKeyPublic(BaseModel):

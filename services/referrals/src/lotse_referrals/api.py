@@ -227,7 +227,7 @@ def _public(row: Referral, caller: Caller) -> ReferralPublic:
     hours = None
     if warm and first_contact is not None:
         hours = round((first_contact - row.requested_at).total_seconds() / 3600, 2)
-    sees_code = caller.role in (Role.traeger, Role.service)
+    sees_code = caller.role is Role.traeger
     return ReferralPublic(
         referral_id=row.referral_id,
         case_id=row.case_id,
@@ -361,15 +361,18 @@ def catalogue_router() -> APIRouter:
         "/traeger/{slug}",
         response_model=TraegerPublic,
         summary="Change a Träger's catalogue entry",
-        description="Bezirksteam and services may change everything; a Träger may change "
-        "its own contact, capacity and availability. Träger are added in the city "
+        description="A Träger may change its own entry's contact, capacity and "
+        "availability; city-wide coordination (role koordination) may change every entry. "
+        "Nobody else: capacity and availability hold for every Stadtbezirk the Träger "
+        "serves, so they are no Bezirksteam's to change. Träger are added in the city "
         "configuration (their Kafka topics and ACLs come from it), not here.",
     )
     async def update_traeger(
         slug: str, body: TraegerUpdate, runtime: RuntimeDep, ctx: ContextDep, caller: CallerDep
     ) -> TraegerPublic:
-        if caller.role is Role.traeger:
-            if caller.traeger != slug:
+        if caller.role is not Role.koordination:
+            # The policy admits Träger and coordination only; a Träger edits its own entry.
+            if caller.role is not Role.traeger or caller.traeger != slug:
                 raise AccessDenied("a Träger may change only its own entry")
             if body.modules is not None or body.bezirke is not None or body.name is not None:
                 raise AccessDenied("a Träger may change only contact, capacity and activity")

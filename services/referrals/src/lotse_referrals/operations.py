@@ -110,7 +110,6 @@ REQUESTER_ROLES = (
     CallerRole.babylotse,
     CallerRole.familienbuero,
     CallerRole.bezirksteam,
-    CallerRole.service,
 )
 
 

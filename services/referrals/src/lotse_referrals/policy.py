@@ -1,7 +1,15 @@
 """Who may call which referrals route, and how each call is audited (enforced by the
 runtime, see ``lotse_runtime.policy``).
 
-The catalogue is open to every role (it names organisations, never people). Referrals are
+The catalogue is open to every person's role (it names organisations, never people). Who
+changes it is scoped (the route checks the entry): a Träger its own entry's contact,
+capacity and availability; city-wide coordination (``koordination``) any entry. A
+Bezirksteam changes nothing there: a Träger's capacity, availability, modules and Bezirke
+are one city-wide setting (the catalogue has no per-Bezirk offers), so an edit by one
+Bezirk's team would change the offer of every other Bezirk. No other service calls
+referrals over HTTP (they follow its events), so ``service`` tokens get nothing here.
+
+Referrals are
 made by the requesting side (Babylotse, Familienbüro, Bezirksteam), answered by the Träger
 they are addressed to, and read by both and the data-protection officer; analysts see no
 single referral. Whether a referral or case is the caller's (Stadtbezirk, clinic, addressed
@@ -11,7 +19,7 @@ verify; a Träger's own list and catalogue entry are checked by slug in the rout
 from __future__ import annotations
 
 from lotse_runtime.identity import Role
-from lotse_runtime.policy import ALL_ROLES, Access, AccessPolicy, allow, personal
+from lotse_runtime.policy import PERSON_ROLES, Access, AccessPolicy, allow, personal
 
 from lotse_referrals.operations import REQUESTER_ROLES
 
@@ -22,15 +30,15 @@ FOLLOWERS = (*REQUESTER_ROLES, Role.traeger, Role.dpo)
 #: Who takes lifecycle steps: the addressed Träger answers, the requesting side cancels.
 STEP_TAKERS = (*REQUESTER_ROLES, Role.traeger)
 #: Who reads a Stadtbezirk's lists.
-BEZIRK_ROLES = (Role.familienbuero, Role.bezirksteam, Role.service)
+BEZIRK_ROLES = (Role.familienbuero, Role.bezirksteam)
 
 POLICY = AccessPolicy(
     {
-        "GET /catalogue/modules": allow(*ALL_ROLES),
-        "GET /catalogue/traeger": allow(*ALL_ROLES),
-        "GET /catalogue/traeger/{slug}": allow(*ALL_ROLES),
-        "PATCH /catalogue/traeger/{slug}": allow(Role.bezirksteam, Role.service, Role.traeger),
-        "GET /catalogue/suggestions": allow(*ALL_ROLES),
+        "GET /catalogue/modules": allow(*PERSON_ROLES),
+        "GET /catalogue/traeger": allow(*PERSON_ROLES),
+        "GET /catalogue/traeger/{slug}": allow(*PERSON_ROLES),
+        "PATCH /catalogue/traeger/{slug}": allow(Role.koordination, Role.traeger),
+        "GET /catalogue/suggestions": allow(*PERSON_ROLES),
         "POST /referrals": personal(
             *REQUESTER_ROLES, purpose=PURPOSE, access=Access.change, case_param=None
         ),
@@ -58,7 +66,6 @@ POLICY = AccessPolicy(
         ),
         "GET /traeger/{slug}/referrals": personal(
             Role.traeger,
-            Role.service,
             purpose=PURPOSE,
             access=Access.read,
             case_scoped=False,

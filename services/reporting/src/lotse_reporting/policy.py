@@ -1,12 +1,13 @@
 """Who may call which reporting route (enforced by the runtime, see
 ``lotse_runtime.policy``). Reporting holds anonymised aggregates only, so every
-authenticated role may read them and no call is a personal-data access; the dashboard needs
-no login at all while the ``dashboard_public`` setting says so."""
+authenticated person may read them and no call is a personal-data access; the dashboard needs
+no login at all while the ``dashboard_public`` setting says so. No other service calls
+reporting, so ``service`` tokens get nothing here."""
 
 from __future__ import annotations
 
 from fastapi import Request
-from lotse_runtime.policy import ALL_ROLES, AccessPolicy, Rule, allow
+from lotse_runtime.policy import PERSON_ROLES, AccessPolicy, Rule, allow
 
 
 def dashboard_is_public(request: Request) -> bool:
@@ -14,8 +15,8 @@ def dashboard_is_public(request: Request) -> bool:
     return public
 
 
-AGGREGATES = allow(*ALL_ROLES)
-DASHBOARD = Rule(roles=ALL_ROLES, open_when=dashboard_is_public)
+AGGREGATES = allow(*PERSON_ROLES)
+DASHBOARD = Rule(roles=PERSON_ROLES, open_when=dashboard_is_public)
 
 POLICY = AccessPolicy(
     {

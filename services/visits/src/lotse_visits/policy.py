@@ -6,7 +6,9 @@ reads an office's calendar and cases; the Babylotse of the registering clinic an
 data-protection officer read a single case (without personal data); Träger and analysts get
 nothing here. Whether a case is the caller's (Stadtbezirk, clinic) is the route's
 ``ensure_may_access_case``, which ``case_scoped`` makes the runtime verify. Reads are audited
-for the office roles, the only ones that get staff ids and the sealed personal block."""
+for the office roles, the only ones that get staff ids and the sealed personal block.
+No other service calls visits over HTTP (they follow its events), so ``service`` tokens get
+nothing here."""
 
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ from lotse_runtime.policy import Access, AccessPolicy, Rule, personal
 PURPOSE = "welcome visit"
 
 #: Roles that may act on visits (and see staff ids and the sealed personal block).
-OFFICE_ROLES = (Role.familienbuero, Role.service)
+OFFICE_ROLES = (Role.familienbuero,)
 #: Roles that may read an office's calendar and due list.
-CALENDAR_ROLES = (Role.familienbuero, Role.bezirksteam, Role.service)
+CALENDAR_ROLES = (Role.familienbuero, Role.bezirksteam)
 #: Roles that may read a single case or visit.
-CASE_READERS = (Role.babylotse, Role.familienbuero, Role.bezirksteam, Role.dpo, Role.service)
+CASE_READERS = (Role.babylotse, Role.familienbuero, Role.bezirksteam, Role.dpo)
 
 
 def _read(roles: tuple[Role, ...], *, case_param: str | None) -> Rule:

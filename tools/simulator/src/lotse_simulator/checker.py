@@ -1,11 +1,12 @@
 """Compare the ground truth of a run with the platform's final state, over its APIs.
 
-* Welcome visits (visits service, ``service`` token): the family's visits are exactly those
-  the truth records, each in the recorded status; a family with its welcome-visit consent in
-  force has at most one completed and at most one scheduled visit; an erased family or one
-  that withdrew the consent has none scheduled.
-* Referrals (referrals service, ``service`` token): exactly the truth's referral, in the
-  status the Träger's answers, withdrawals and erasures imply, first contact as confirmed.
+* Welcome visits (visits service, token of the family's Familienbüro): the family's visits
+  are exactly those the truth records, each in the recorded status; a family with its
+  welcome-visit consent in force has at most one completed and at most one scheduled
+  visit; an erased family or one that withdrew the consent has none scheduled.
+* Referrals (referrals service, token of the family's Familienbüro): exactly the truth's
+  referral, in the status the Träger's answers, withdrawals and erasures imply, first
+  contact as confirmed.
 * Consents and erasure (intake, ``dpo`` token): each consent given or withdrawn as recorded,
   the family erased exactly when the truth says so.
 * Key figures (reporting, ``analyst`` token): every published count of
@@ -71,8 +72,8 @@ class _Api:
         self.endpoints = endpoints
         self.tokens = tokens
 
-    async def get(self, url: str, role: str) -> Any:
-        answer = await self.http.get(url, headers=self.tokens.headers(role))
+    async def get(self, url: str, role: str, *, bezirk: str | None = None) -> Any:
+        answer = await self.http.get(url, headers=self.tokens.headers(role, bezirk=bezirk))
         if answer.status_code != 200:
             raise LookupError(f"GET {url}: {answer.status_code} {answer.text[:200]}")
         return answer.json()
@@ -82,8 +83,11 @@ async def _check_family(api: _Api, family: FamilyTruth) -> list[str]:
     problems: list[str] = []
     ends = api.endpoints
     try:
-        case = await api.get(f"{ends.visits}/cases/{family.case_id}", "service")
-        referrals = await api.get(f"{ends.referrals}/cases/{family.case_id}/referrals", "service")
+        office = {"bezirk": family.bezirk}
+        case = await api.get(f"{ends.visits}/cases/{family.case_id}", "familienbuero", **office)
+        referrals = await api.get(
+            f"{ends.referrals}/cases/{family.case_id}/referrals", "familienbuero", **office
+        )
         consents = await api.get(f"{ends.intake}/cases/{family.case_id}/consents", "dpo")
         erasure = await api.get(f"{ends.intake}/cases/{family.case_id}/erasure", "dpo")
     except (LookupError, httpx.HTTPError) as exc:

@@ -291,7 +291,8 @@ class Driver:
             body["clinic_id"] = plan.clinic_id
             headers = self.tokens.headers("babylotse", clinic=plan.clinic_id)
         else:
-            headers = self.tokens.headers("service")
+            # The citizens' office sends move-in notices, as the service intake admits by name.
+            headers = self.tokens.headers("service", subject="buergerbuero")
         case = await self._call("POST", f"{self.endpoints.intake}/cases", headers, body)
         self._registered += 1
         family = FamilyTruth(
@@ -335,9 +336,7 @@ class Driver:
             return bool(body["visits"]) or not expect_visit or body["state"] != "active"
 
         body = await self._poll(
-            f"{self.endpoints.visits}/cases/{family.case_id}",
-            self.tokens.headers("service"),
-            done,
+            f"{self.endpoints.visits}/cases/{family.case_id}", self._office(family), done
         )
         if body is None:
             self._problem(family, "no welcome visit was scheduled")
@@ -426,7 +425,7 @@ class Driver:
         next_id = answer.get("follow_up_visit_id")
         if next_id:
             details = await self._call(
-                "GET", f"{self.endpoints.visits}/visits/{next_id}", self.tokens.headers("service")
+                "GET", f"{self.endpoints.visits}/visits/{next_id}", self._office(family)
             )
             self._record_visit(family, details["visit"])
             self._plan_visit_outcome(family)
@@ -521,7 +520,7 @@ class Driver:
 
         rows = await self._poll(
             f"{self.endpoints.referrals}/cases/{family.case_id}/referrals",
-            self.tokens.headers("service"),
+            self._office(family),
             done,
         )
         if rows is None:
@@ -585,7 +584,7 @@ class Driver:
 
         found = await self._poll(
             f"{self.endpoints.referrals}/referrals/{referral.referral_id}",
-            self.tokens.headers("service"),
+            self._office(family),
             done,
         )
         if found is None:
@@ -617,11 +616,20 @@ class Driver:
         await self._settle(key)
         if family.erased_at is not None:
             return
-        await self._call(
+        # Four eyes: one data-protection officer records the family's request, a second
+        # one confirms it, and only then is the family erased.
+        requested = await self._call(
             "POST",
             f"{self.endpoints.intake}/cases/{family.case_id}/erasure",
             self.tokens.headers("dpo"),
-            {"reason": "request"},
+            {"reason": "request", "note": f"Antrag der Familie vom {at:%d.%m.%Y}"},
+            ok=(202,),
+        )
+        await self._call(
+            "POST",
+            f"{self.endpoints.intake}/cases/{family.case_id}/erasure/"
+            f"{requested['request_id']}/confirm",
+            self.tokens.headers("dpo", subject="sim-dpo-2"),
         )
         family.erased_at = _iso(at)
         for visit in family.visits:
@@ -640,7 +648,7 @@ class Driver:
         if not family.expects_open_visit():
             await self._poll(
                 f"{self.endpoints.visits}/cases/{family.case_id}",
-                self.tokens.headers("service"),
+                self._office(family),
                 no_open_visit,
             )
         referral = family.referral

@@ -39,8 +39,11 @@ class Tokens:
         bezirk: str | None = None,
         clinic: str | None = None,
         traeger: str | None = None,
+        subject: str | None = None,
     ) -> dict[str, str]:
-        subject = "-".join(p for p in ("sim", role, bezirk, clinic, traeger) if p)
+        """A token for `role` in its scope; `subject` names a service (role ``service``: the
+        services admit one only by name) or a second person of the same role."""
+        subject = subject or "-".join(p for p in ("sim", role, bezirk, clinic, traeger) if p)
         token = self._issuer.token(
             role=role,
             subject=subject,
