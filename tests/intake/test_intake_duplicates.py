@@ -162,7 +162,8 @@ def test_only_the_responsible_familienbuero_sees_and_decides_the_flag(intake: In
             )
     # Eving's own list knows nothing of Hörde's flag.
     own = client.get("/bezirke/eving/possible-duplicates", headers=FAMILIENBUERO_EVING)
-    assert own.status_code == 200 and own.json() == []
+    assert own.status_code == 200
+    assert own.json() == []
     # The registering clinic cannot read the existing case either.
     existing = flag["existing_case_id"]
     same_refusal(
