@@ -51,6 +51,7 @@ SAMPLE_PARAMS: dict[str, str] = {
     "bezirk": BEZIRK,
     "slug": TRAEGER,
     "kid": "fk-nobody",
+    "duplicate_id": "4c5f5d4e-1111-4aaa-8bbb-123456789abc",
     "year": "2025",
 }
 
