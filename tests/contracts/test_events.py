@@ -28,6 +28,7 @@ from lotse_contracts.events import (
     UnknownEventVersion,
     split_type,
 )
+from lotse_contracts.events.intake import CasesMerged
 from lotse_contracts.events.reporting import CITY_TOTAL, KpiUpdated
 from lotse_contracts.personal import EncryptedBlock, PersonalData
 from lotse_contracts.schemagen import render_schema
@@ -46,6 +47,7 @@ REQUIRED_CHAIN = {
         "consent-changed",
         "handover-requested",
         "family-erased",
+        "cases-merged",  # possible duplicates are merged by the responsible Familienbüro
     ],
     "visits": [
         "visit-scheduled",
@@ -196,6 +198,9 @@ def test_cloudevent_attributes(event_type: str, model: type[EventModel]) -> None
     if isinstance(example, KpiUpdated):
         assert event.subject == example.cell()
         assert "case_id" not in data
+    elif isinstance(example, CasesMerged):
+        # Keyed by the case that goes away, so it follows that case's own events.
+        assert event.subject == data["merged_case_id"]
     else:
         assert event.subject == data["case_id"]
     assert event.bezirk == (data.get(model.bezirk_field) if model.bezirk_field else None)

@@ -364,7 +364,7 @@ def test_service_topics(registry: SubscriptionRegistry, dortmund: Municipality) 
     bezirk_feeds = [topics.bezirk_feed(b) for b in dortmund.bezirk_slugs]
     intake = registry.audience("service-intake")
     assert intake.read_topics == []
-    # intake routes family-erased to every Bezirksteam.
+    # intake routes family-erased and cases-merged to every Bezirksteam.
     assert intake.write_topics == [topics.INTAKE, topics.dead_letter("intake"), *bezirk_feeds]
     assert intake.consumer_groups == []
 
@@ -436,7 +436,10 @@ def test_audiences_never_write_feeds(registry: SubscriptionRegistry) -> None:
 
 
 def test_routed_types_by_producer(registry: SubscriptionRegistry) -> None:
-    assert registry.routed_types("intake") == ["de.lotse.intake.family-erased.v1"]
+    assert registry.routed_types("intake") == [
+        "de.lotse.intake.cases-merged.v1",
+        "de.lotse.intake.family-erased.v1",
+    ]
     visits = registry.routed_types("visits")
     assert OVERDUE in visits
     assert all(t.startswith("de.lotse.visits.") for t in visits)

@@ -17,7 +17,12 @@ from lotse_contracts import topics
 from lotse_contracts.city import load_city
 from lotse_contracts.cloudevents import from_kafka, to_kafka_binary
 from lotse_contracts.events.common import ConsentState, Role
-from lotse_contracts.events.intake import ErasureReason, FamilyErased, HandoverRequested
+from lotse_contracts.events.intake import (
+    CasesMerged,
+    ErasureReason,
+    FamilyErased,
+    HandoverRequested,
+)
 from lotse_contracts.events.partner import PartnerAnswer, PartnerReferralAnswer
 from lotse_contracts.events.referrals import ReferralRequested
 from lotse_contracts.events.visits import VisitCompleted
@@ -386,6 +391,65 @@ def test_withdrawn_consent_and_erasure_cancel_open_referrals_and_tell_the_traege
             (first["referral_id"], "consent_withdrawn"),
             (second["referral_id"], "case_erased"),
         }
+
+
+def test_a_merge_moves_unanswered_referrals_to_the_survivor_once(
+    broker: Broker, tmp_path: Path, topic_prefix: str
+) -> None:
+    with running(broker.bootstrap, sqlite(tmp_path), topic_prefix) as service:
+        survivor, duplicate = Family(), Family()
+        for family in (survivor, duplicate):
+            service.register(family)
+            wait_registered(service, family)
+        asked = handover(duplicate)
+        service.send(asked)
+        before = referral_of(service, duplicate, "the duplicate's referral")
+        assert before.handover_id == asked.handover_id
+
+        merge = CasesMerged(
+            merged_case_id=duplicate.case_id,
+            surviving_case_id=survivor.case_id,
+            bezirk=survivor.bezirk,
+            merged_bezirk=duplicate.bezirk,
+            merged_at=datetime.now(UTC),
+            merged_by_role=Role.FAMILIENBUERO,
+        )
+        event_id = str(uuid.uuid4())
+        service.send(merge, event_id=event_id)
+        service.send(merge, event_id=event_id)  # redelivered: no second effect
+        moved = referral_of(service, survivor, "the survivor's referral")
+        assert status_of(service, before.referral_id) == "cancelled"
+        gone = service.client.get(f"/referrals/{before.referral_id}", headers=BEZIRKSTEAM).json()
+        assert (gone["cancel_reason"], gone["cancelled_by_role"]) == ("duplicate", "system")
+        assert (moved.module, moved.handover_id, moved.status) == (
+            MODULE,
+            asked.handover_id,
+            "requested",
+        )
+        assert len(service.referrals(survivor.case_id)) == 1
+        assert [w.case_id for w in service.wishes(survivor.case_id)] == [survivor.case_id]
+        assert service.wishes(duplicate.case_id) == []
+
+        # A second duplicate of the same family: the survivor has the module already.
+        third = Family()
+        service.register(third)
+        wait_registered(service, third)
+        service.send(handover(third))
+        referral_of(service, third, "the third case's referral")
+        service.send(
+            merge.model_copy(update={"merged_case_id": third.case_id}), event_id=str(uuid.uuid4())
+        )
+        service.wait(
+            lambda: [w.state for w in service.wishes(third.case_id)] == ["dropped"],
+            what="wish dropped",
+        )
+        assert len(service.referrals(survivor.case_id)) == 1
+        feed = read(service, topics.partner_referrals(TRAEGER), 6)
+        cancelled = [
+            json.loads(r.value or b"{}") for r in feed if types_of([r]) == ["referral-cancelled"]
+        ]
+        assert {c["reason"] for c in cancelled} == {"duplicate"}
+        assert len(cancelled) == 2
 
 
 def test_a_visit_wish_waits_for_consent_then_becomes_a_referral(

@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from lotse_contracts.city import load_city
 from lotse_contracts.events.base import EventModel
-from lotse_contracts.events.common import ConsentScope
-from lotse_contracts.events.intake import Channel, ErasureReason
+from lotse_contracts.events.common import ConsentScope, Role
+from lotse_contracts.events.intake import CasesMerged, Channel, ErasureReason
 from lotse_contracts.events.reporting import KpiFigure
 from lotse_reporting.domain import (
     STADT,
@@ -392,6 +392,30 @@ def test_a_family_erased_as_duplicate_is_counted_nowhere() -> None:
     cells = figures(run(events))
     # The duplicate was never a family of its own; an erased family still counts, anonymously.
     assert value(cells, "hoerde", "2025-03", KpiFigure.FAMILIES_REGISTERED) == 5
+
+
+def test_a_merged_case_stops_counting_the_family_twice() -> None:
+    everyone = families("hoerde", 7)
+    events: list[EventModel] = [f.registered(at("2025-03-03")) for f in everyone]
+    snapshot = run(events)
+    march = ("hoerde", "2025-03", KpiFigure.FAMILIES_REGISTERED)
+    assert value(figures(snapshot), *march) == 7
+    merge = CasesMerged(
+        merged_case_id=everyone[6].case_id,
+        surviving_case_id=everyone[0].case_id,
+        bezirk="hoerde",
+        merged_bezirk="hoerde",
+        merged_at=at("2025-03-20"),
+        merged_by_role=Role.FAMILIENBUERO,
+    )
+    snapshot.reset_touched()
+    run([merge], snapshot)
+    # Only the merged case changes, and the year it counted in is recomputed.
+    assert snapshot.touched_cases == {everyone[6].case_id}
+    assert snapshot.dirty_years == {2025}
+    assert value(figures(snapshot), *march) == 6
+    run([merge], snapshot)  # delivered again: nothing more changes
+    assert value(figures(snapshot), *march) == 6
 
 
 def test_figures_do_not_depend_on_how_the_topics_interleave() -> None:

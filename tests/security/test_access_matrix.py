@@ -52,6 +52,7 @@ SAMPLE_PARAMS: dict[str, str] = {
     "bezirk": BEZIRK,
     "slug": TRAEGER,
     "purpose": "contact",
+    "duplicate_id": "4c5f5d4e-1111-4aaa-8bbb-123456789abc",
     "year": "2025",
 }
 

@@ -16,6 +16,7 @@ from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.common import Consent, ConsentScope, ConsentState, Role
 from lotse_contracts.events.intake import (
     BezirkSource,
+    CasesMerged,
     Channel,
     ConsentChanged,
     ErasureReason,
@@ -119,6 +120,23 @@ def erased(case_id: str, *, bezirk: str = "hoerde") -> FamilyErased:
         erased_at=START + timedelta(days=1),
         key_id=f"k-{case_id[:8]}",
         reason=ErasureReason.REQUEST,
+    )
+
+
+def merged(
+    merged_case_id: str,
+    surviving_case_id: str,
+    *,
+    bezirk: str = "hoerde",
+    merged_bezirk: str = "hoerde",
+) -> CasesMerged:
+    return CasesMerged(
+        merged_case_id=merged_case_id,
+        surviving_case_id=surviving_case_id,
+        bezirk=bezirk,
+        merged_bezirk=merged_bezirk,
+        merged_at=START + timedelta(days=1),
+        merged_by_role=Role.FAMILIENBUERO,
     )
 
 

@@ -29,6 +29,7 @@ from tests.visits.harness import (
     consent_changed,
     erased,
     local_day,
+    merged,
     registered,
 )
 
@@ -230,6 +231,42 @@ def test_erasure_cancels_purges_and_outlasts_a_late_registration(
             assert case.preferred_language is None
         assert service.get_visits(erased_first.case_id) == []
         assert [v.status for v in service.get_visits(family.case_id)] == ["cancelled"]
+
+
+def test_a_merge_leaves_one_visit_for_the_family(
+    start_visits: Callable[..., Any], sqlite_url: str
+) -> None:
+    existing = registered()
+    duplicate = registered(bezirk="eving")
+    merged_first = registered()
+    with start_visits(sqlite_url) as service:
+        service.send(existing)
+        service.send(duplicate)
+        kept = service.scheduled(existing.case_id)
+        gone = service.scheduled(duplicate.case_id)
+        event = merged(duplicate.case_id, existing.case_id, merged_bezirk="eving")
+        service.send(event, event_id=service.send(event))  # redelivered: no second effect
+        # Merged before its registration arrived: the late registration schedules nothing.
+        service.send(merged(merged_first.case_id, existing.case_id))
+        service.send(merged_first)
+        service.processed(6)
+
+        [cancelled] = service.events(VisitCancelled.event_type)
+        assert cancelled["visit_id"] == gone.visit_id
+        assert cancelled["case_id"] == duplicate.case_id
+        assert cancelled["reason"] == "duplicate"
+        assert cancelled["cancelled_by_role"] == "system"
+        # The Bezirksteam of the merged case's Bezirk learns it on its own feed.
+        assert service.events(VisitCancelled.event_type, "lotse.bezirk.eving")
+        case = service.get_case(duplicate.case_id)
+        assert case is not None
+        assert (case.state, case.personal, case.open_visit_id) == ("closed", None, None)
+        survivor = service.get_case(existing.case_id)
+        assert survivor is not None
+        assert survivor.state == "active"
+        assert survivor.open_visit_id == kept.visit_id
+        assert service.get_visits(merged_first.case_id) == []
+        assert [v.status for v in service.get_visits(existing.case_id)] == ["scheduled"]
 
 
 def test_bad_events_are_dead_lettered_and_scheduling_goes_on(

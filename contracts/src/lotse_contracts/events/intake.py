@@ -383,3 +383,46 @@ class FamilyErased(_IntakeEvent):
             key_id=EXAMPLE_KID,
             reason=ErasureReason.RETENTION_EXPIRED,
         )
+
+
+@CATALOGUE.register
+class CasesMerged(_IntakeEvent):
+    """Two cases turned out to be the same family; the Familienbüro responsible for the
+    existing case merged them, and ``merged_case_id`` goes away in favour of
+    ``surviving_case_id``.
+
+    Published once, keyed (Kafka key and ``subject``) by the merged case, so it follows
+    that case's own events; ``bezirk`` is the survivor's Stadtbezirk. Consents of the merged
+    case still in force that the survivor lacks were carried over to it beforehand, each
+    published as ``consent-changed`` of the survivor. Consumers count and visit the family
+    once, under the survivor: the merged case's open welcome visit is cancelled (reason
+    ``duplicate``), its waiting referral wishes move to the survivor, and it leaves the
+    registration figures. Nothing changes on the merged case afterwards.
+    """
+
+    event_type: ClassVar[str] = "de.lotse.intake.cases-merged.v1"
+    subject_field: ClassVar[str] = "merged_case_id"
+
+    merged_case_id: CaseId
+    """The case that goes away (pseudonymous UUID)."""
+    surviving_case_id: CaseId
+    """The case the family is followed under from now on."""
+    bezirk: Slug
+    """Stadtbezirk slug of the surviving case."""
+    merged_bezirk: Slug
+    """Stadtbezirk slug of the merged case (it may differ from ``bezirk``)."""
+    merged_at: AwareDatetime
+    """When the Familienbüro merged the two cases."""
+    merged_by_role: Role
+    """Role of the person who merged them, normally ``familienbuero``."""
+
+    @classmethod
+    def example(cls) -> CasesMerged:
+        return cls(
+            merged_case_id="5b0f7c1e-2d4a-4c8e-9a61-3f7e8d2b1c90",
+            surviving_case_id=EXAMPLE_CASE_ID,
+            bezirk=EXAMPLE_BEZIRK,
+            merged_bezirk="aplerbeck",
+            merged_at=datetime(2025, 3, 20, 9, 15, tzinfo=BERLIN_WINTER),
+            merged_by_role=Role.FAMILIENBUERO,
+        )

@@ -49,6 +49,7 @@ __all__ = [
     "ensure_may_access_case",
     "ensure_role",
     "install_identity",
+    "may_access_case",
     "observe_access",
     "require_role",
     "scope_checked_earlier",
@@ -280,6 +281,17 @@ def ensure_may_access_case(caller: Caller, scope: CaseScope | None, *, personal_
     observer = _access_observer.get()
     if observer is not None:
         observer.case_checked(scope)
+
+
+def may_access_case(caller: Caller, scope: CaseScope, *, personal_data: bool) -> bool:
+    """Whether `caller` may read the case described by `scope`, by the same rules as
+    `ensure_may_access_case`, without raising and without counting as the route's scope
+    check (for look-ups that must answer only with what the caller may see)."""
+    try:
+        _check_case_access(caller, scope, personal_data=personal_data)
+    except AccessDenied:
+        return False
+    return True
 
 
 def _check_case_access(caller: Caller, scope: CaseScope | None, *, personal_data: bool) -> None:

@@ -34,10 +34,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from lotse_intake import domain
+from lotse_intake import domain, duplicates
 from lotse_intake import erasure as four_eyes
 from lotse_intake import operations as ops
-from lotse_intake.domain import Refusal
+from lotse_intake.domain import DuplicateStatus, Refusal
 from lotse_intake.idempotency import REPLAY_HEADER, Action, IdempotencyKey, Outcome
 from lotse_intake.keyring import RELEASES, FamilyKeys
 from lotse_intake.tables import (
@@ -57,7 +57,9 @@ from lotse_intake.tables import (
     IntakeCase,
     IntakeConsent,
     IntakeHandover,
+    MergeCreate,
     PersonalPublic,
+    PossibleDuplicatePublic,
     RegistrationCreate,
     ScreeningCreate,
     ScreeningPublic,
@@ -67,6 +69,12 @@ from lotse_intake.tables import (
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 CaseIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="Pseudonymous case id.")]
 ConsentIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="Consent id.")]
+DuplicateIdPath = Annotated[
+    str, Path(pattern=UUID_PATTERN, description="Id of a possible-duplicate flag.")
+]
+BezirkPath = Annotated[
+    str, Path(pattern=r"^[a-z0-9]+(?:-[a-z0-9]+)*$", max_length=64, description="Bezirk slug.")
+]
 AuditPurpose = Annotated[
     str,
     Query(min_length=3, max_length=200, description="Why the key is needed (audit log)."),
@@ -126,6 +134,7 @@ def router() -> APIRouter:
     _handover_routes(api)
     _erasure_routes(api)
     _keyring_routes(api)
+    _duplicate_routes(api)
     return api
 
 
@@ -609,3 +618,64 @@ def _keyring_routes(api: APIRouter) -> None:
         return DataKeyPublic(
             case_id=case_id, kid=kid, purpose=KeyPurpose.DISCLOSURE, key=encode_data_key(key)
         )
+
+
+def _duplicate_routes(api: APIRouter) -> None:
+    @api.get(
+        "/bezirke/{bezirk}/possible-duplicates",
+        tags=["duplicates"],
+        response_model=list[PossibleDuplicatePublic],
+        summary="Possible duplicates for this Stadtbezirk's Familienbüro to decide",
+        responses={403: _REFUSALS[403]},
+    )
+    async def list_possible_duplicates(
+        bezirk: BezirkPath, call: CallDep, status: DuplicateStatus | None = None
+    ) -> list[PossibleDuplicatePublic]:
+        """Registrations made elsewhere (another clinic, another Stadtbezirk) that matched a
+        case of this Stadtbezirk by family name, child birth date and address. The
+        registrar was answered as for a new family; only the Familienbüro of the Stadtbezirk
+        of the existing case sees the flag (ids only) and merges the two cases or dismisses
+        it. Filter with ``status`` (open, merged, dismissed)."""
+        async with call.runtime.db.transaction() as session:
+            return await duplicates.list_flags(session, call, bezirk, status)
+
+    @api.post(
+        "/possible-duplicates/{duplicate_id}/merge",
+        tags=["duplicates"],
+        response_model=PossibleDuplicatePublic,
+        summary="Merge the two cases of a possible duplicate",
+        responses=_REFUSALS,
+    )
+    async def merge_possible_duplicate(
+        duplicate_id: DuplicateIdPath,
+        call: CallDep,
+        body: Annotated[MergeCreate | None, Body()] = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """One case survives (``surviving_case_id``, default the existing one), the other
+        is merged into it: its consents in force are carried over to the survivor, nothing
+        more is recorded for it (409 naming the survivor), and ``cases-merged`` tells
+        visits, referrals and reporting to follow the family under the survivor only."""
+        merging = body or MergeCreate()
+
+        async def action(session: AsyncSession) -> Outcome:
+            return await duplicates.merge(session, call, duplicate_id, merging)
+
+        return await _change(call, idempotency_key, merging, action)
+
+    @api.post(
+        "/possible-duplicates/{duplicate_id}/dismiss",
+        tags=["duplicates"],
+        response_model=PossibleDuplicatePublic,
+        summary="Dismiss a possible duplicate (two families after all)",
+        responses=_REFUSALS,
+    )
+    async def dismiss_possible_duplicate(
+        duplicate_id: DuplicateIdPath, call: CallDep, idempotency_key: IdempotencyKey = None
+    ) -> Response:
+        """Both cases stay as they are; the flag is closed."""
+
+        async def action(session: AsyncSession) -> Outcome:
+            return await duplicates.dismiss(session, call, duplicate_id)
+
+        return await _change(call, idempotency_key, None, action)

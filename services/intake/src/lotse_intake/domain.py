@@ -15,6 +15,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from enum import StrEnum
 
 from lotse_contracts.city import (
     InvalidPostcode,
@@ -46,6 +47,15 @@ class Refusal(Exception):
         self.field = field
         self.reason = reason
         self.status = status
+
+
+class DuplicateStatus(StrEnum):
+    """State of a possible duplicate: open until the responsible Familienbüro merges the
+    two cases or dismisses the flag (two families after all)."""
+
+    OPEN = "open"
+    MERGED = "merged"
+    DISMISSED = "dismissed"
 
 
 # -- who registers on which channel ---------------------------------------------------------

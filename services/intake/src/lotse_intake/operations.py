@@ -37,6 +37,7 @@ from lotse_runtime.identity import (
     Role,
     ensure_may_access_case,
     ensure_role,
+    may_access_case,
 )
 from lotse_runtime.outbox import OutboxMessage
 from pydantic import BaseModel
@@ -45,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from lotse_intake import domain
-from lotse_intake.domain import ConsentRecord, ConsentTerms, Refusal
+from lotse_intake.domain import ConsentRecord, ConsentTerms, DuplicateStatus, Refusal
 from lotse_intake.idempotency import (
     Action,
     Outcome,
@@ -70,6 +71,7 @@ from lotse_intake.tables import (
     IntakeConsentChange,
     IntakeHandover,
     IntakeMatchKey,
+    IntakePossibleDuplicate,
     IntakeScreening,
     PersonalPublic,
     RegistrationCreate,
@@ -189,6 +191,57 @@ def ensure_not_erased(case: IntakeCase) -> None:
             "recorded for it any more",
             status=410,
         )
+
+
+async def surviving_case_of(session: AsyncSession, case_id: str) -> str | None:
+    """The case this one was merged into, if it was."""
+    found = await session.execute(
+        select(col(IntakePossibleDuplicate.surviving_case_id)).where(
+            col(IntakePossibleDuplicate.merged_case_id) == case_id,
+            col(IntakePossibleDuplicate.status) == DuplicateStatus.MERGED.value,
+        )
+    )
+    return found.scalars().first()
+
+
+async def ensure_not_merged(session: AsyncSession, case: IntakeCase) -> None:
+    """409 naming the survivor once the case was merged into another: nothing more is
+    recorded for it (the caller passed the case check, so it may learn the survivor)."""
+    survivor = await surviving_case_of(session, case.case_id)
+    if survivor is not None:
+        raise Refusal(
+            "case_id",
+            f"this case was merged into case {survivor}; record it there",
+            status=409,
+        )
+
+
+async def flag_possible_duplicates(
+    session: AsyncSession, call: Call, case_id: str, existing_ids: Sequence[str]
+) -> None:
+    """Flag a new case as a possible duplicate of cases outside the registrar's scope, for
+    the Familienbüro of each existing case. Audited with ids only; the registrar's answer
+    does not change."""
+    for existing_id in existing_ids:
+        existing = await load_case(session, existing_id)
+        assert existing is not None
+        flag = IntakePossibleDuplicate(
+            duplicate_id=str(uuid.uuid4()),
+            case_id=case_id,
+            existing_case_id=existing_id,
+            bezirk=existing.bezirk,
+            created_at=call.now(),
+            status=DuplicateStatus.OPEN.value,
+        )
+        session.add(flag)
+        for flagged in (case_id, existing_id):
+            call.audit(
+                session,
+                AuditAction.create,
+                flagged,
+                f"possible duplicate {flag.duplicate_id} flagged: case {case_id} "
+                f"may be case {existing_id}",
+            )
 
 
 async def family_key(session: AsyncSession, keyring: Keyring, case: IntakeCase) -> FamilyKeys:
@@ -339,14 +392,23 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         postcode=body.address.postcode,
     )
     found = await session.execute(
-        select(col(IntakeMatchKey.case_id)).where(col(IntakeMatchKey.match_key).in_(match_keys))
+        select(IntakeMatchKey).where(col(IntakeMatchKey.match_key).in_(match_keys))
     )
-    existing_id = found.scalars().first()
-    if existing_id is not None:
+    taken = {row.match_key: row.case_id for row in found.scalars()}
+    # The guard answers only with a case the caller may read (own clinic, own Stadtbezirk).
+    # A match outside that scope must not show: the family is registered as new (same
+    # answer, same work) and flagged for the Familienbüro of the existing case.
+    elsewhere: list[str] = []
+    for existing_id in dict.fromkeys(taken[k] for k in match_keys if k in taken):
         existing = await load_case(session, existing_id)
         assert existing is not None
-        call.audit(session, AuditAction.read, existing_id, "duplicate registration")
-        return Outcome(200, await case_public(session, existing, duplicate=True), existing_id)
+        scope = CaseScope(bezirk=existing.bezirk, registered_by_clinic=existing.clinic_id)
+        if may_access_case(caller, scope, personal_data=False):
+            call.audit(session, AuditAction.read, existing_id, "duplicate registration")
+            return Outcome(200, await case_public(session, existing, duplicate=True), existing_id)
+        elsewhere.append(existing_id)
+    # The hashes already taken stay with the existing case (until a merge decides).
+    match_keys = [k for k in match_keys if k not in taken]
 
     case_id = str(uuid.uuid4())
     keys = call.intake.keyring.create(session, case_id, now)
@@ -434,6 +496,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         time=now,
     )
     call.audit(session, AuditAction.create, case_id, "register family")
+    await flag_possible_duplicates(session, call, case_id, elsewhere)
     await session.flush()
     return Outcome(201, await case_public(session, case), case_id)
 
@@ -466,6 +529,7 @@ async def give_consent(
         await load_case(session, case_id, for_update=True), CHANGE_CONSENT, personal_data=False
     )
     ensure_not_erased(case)
+    await ensure_not_merged(session, case)
     now = call.now()
     terms = ConsentTerms(body.scope, body.traeger, body.purpose)
     domain.check_consent(terms, call.runtime.city, case.bezirk, "")
@@ -514,6 +578,7 @@ async def withdraw_consent(
         await load_case(session, case_id, for_update=True), CHANGE_CONSENT, personal_data=False
     )
     ensure_not_erased(case)
+    await ensure_not_merged(session, case)
     now = call.now()
     row = await session.get(IntakeConsent, consent_id)
     if row is None or row.case_id != case_id:
@@ -560,6 +625,7 @@ async def record_screening(
         await load_case(session, case_id, for_update=True), SCREEN, personal_data=True
     )
     ensure_not_erased(case)
+    await ensure_not_merged(session, case)
     now = call.now()
     modules = domain.check_modules(call.runtime.city, body.wished_modules, "wished_modules")
     assessed_at = body.assessed_at or now
@@ -603,6 +669,7 @@ async def request_handover(
         await load_case(session, case_id, for_update=True), HAND_OVER, personal_data=False
     )
     ensure_not_erased(case)
+    await ensure_not_merged(session, case)
     now = call.now()
     domain.check_handover_target(call.runtime.city, case.bezirk, body.module, body.traeger)
     records = [

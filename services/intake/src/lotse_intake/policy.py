@@ -14,6 +14,7 @@ from lotse_runtime.identity import Role
 from lotse_runtime.policy import Access, AccessPolicy, personal
 
 from lotse_intake.domain import CHANNEL_ROLES
+from lotse_intake.duplicates import DECIDE
 from lotse_intake.operations import (
     CHANGE_CONSENT,
     ERASE,
@@ -68,6 +69,17 @@ POLICY = AccessPolicy(
         ),
         "GET /cases/{case_id}/erasure": personal(
             *ERASE, purpose="erasure status", access=Access.read
+        ),
+        # Possible duplicates: the Familienbüro of the existing case's Stadtbezirk (the route
+        # checks the Bezirk of the flag); ids only, every access audited by the route.
+        "GET /bezirke/{bezirk}/possible-duplicates": personal(
+            *DECIDE, purpose="read possible duplicates", access=Access.read, case_param=None
+        ),
+        "POST /possible-duplicates/{duplicate_id}/merge": personal(
+            *DECIDE, purpose="merge cases", access=Access.change, case_param=None
+        ),
+        "POST /possible-duplicates/{duplicate_id}/dismiss": personal(
+            *DECIDE, purpose="dismiss possible duplicate", access=Access.change, case_param=None
         ),
         # Keyring: Lotse services only; which service gets which purpose's key is
         # keyring.RELEASES, checked by the route. Every release is audited by the route.

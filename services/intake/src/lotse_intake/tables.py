@@ -199,6 +199,31 @@ class IntakeErasureRequest(SQLModel, table=True):
     decided_by_subject: str | None = TableField(default=None, max_length=200)
 
 
+class IntakePossibleDuplicate(SQLModel, table=True):
+    """A registration that matched a case outside the registrar's scope: the new case was
+    created as usual and flagged here for the Familienbüro responsible for the existing
+    case (``bezirk``), which merges the two or dismisses the flag. Ids only."""
+
+    __tablename__ = "intake_possible_duplicate"
+    __table_args__ = (UniqueConstraint("case_id", "existing_case_id"),)
+
+    duplicate_id: str = TableField(primary_key=True, max_length=36)
+    case_id: str = TableField(max_length=36, index=True, description="The new case.")
+    existing_case_id: str = TableField(max_length=36, index=True)
+    bezirk: str = TableField(
+        max_length=64, index=True, description="Stadtbezirk of the existing case: who decides."
+    )
+    created_at: datetime
+    status: str = TableField(max_length=16, description="open, merged or dismissed.")
+    decided_at: datetime | None = None
+    decided_by_role: str | None = TableField(default=None, max_length=32)
+    decided_by_subject: str | None = TableField(default=None, max_length=200)
+    merged_case_id: str | None = TableField(
+        default=None, max_length=36, index=True, description="The case that went away."
+    )
+    surviving_case_id: str | None = TableField(default=None, max_length=36)
+
+
 TABLES: list[type[SQLModel]] = [
     IntakeCase,
     IntakeDataKey,
@@ -209,6 +234,7 @@ TABLES: list[type[SQLModel]] = [
     IntakeHandover,
     IntakeIdempotency,
     IntakeErasureRequest,
+    IntakePossibleDuplicate,
 ]
 
 
@@ -557,3 +583,29 @@ class DisclosureSealed(BaseModel):
     disclosed_fields: list[PersonalField]
     disclosure: EncryptedBlock | None = None
     disclosure_jwe: str | None = None
+
+
+class PossibleDuplicatePublic(BaseModel):
+    """A flagged possible duplicate, as the responsible Familienbüro sees it: ids, the new
+    case's Stadtbezirk and channel, no personal data."""
+
+    duplicate_id: str
+    case_id: str = Field(description="The case registered later.")
+    existing_case_id: str = Field(description="The case of this Bezirk it matched.")
+    bezirk: str = Field(description="Stadtbezirk of the existing case (who decides).")
+    case_bezirk: str = Field(description="Stadtbezirk of the new case.")
+    channel: Channel
+    created_at: datetime
+    status: str
+    decided_at: datetime | None = None
+    merged_case_id: str | None = None
+    surviving_case_id: str | None = None
+
+
+class MergeCreate(_Input):
+    """Merge the two cases of a possible duplicate: one survives, the other goes away."""
+
+    surviving_case_id: Uuid | None = Field(
+        default=None,
+        description="The case that survives: one of the two; default the existing case.",
+    )

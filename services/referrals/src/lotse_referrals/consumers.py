@@ -16,19 +16,25 @@ from lotse_contracts import topics
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
 from lotse_contracts.events.intake import (
+    CasesMerged,
     ConsentChanged,
     FamilyErased,
     FamilyRegistered,
     HandoverRequested,
 )
 from lotse_contracts.events.partner import PartnerReferralAnswer
-from lotse_contracts.events.referrals import ReferralCancelReason, ReferralOrigin
+from lotse_contracts.events.referrals import (
+    ReferralCancelReason,
+    ReferralOrigin,
+    ReferralStatus,
+)
 from lotse_contracts.events.visits import VisitCompleted
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.consumer import Delivery, EventRejected, Handler
 from sqlalchemy import delete, select
 from sqlmodel import col
 
+from lotse_referrals import domain
 from lotse_referrals import operations as ops
 from lotse_referrals.domain import Actor, Step, TransitionRefused
 from lotse_referrals.operations import Context, StepDetails
@@ -46,6 +52,7 @@ def wire_consumers(runtime: ServiceRuntime, ctx: Context) -> None:
             ConsentChanged.event_type: handlers.consent_changed,
             HandoverRequested.event_type: handlers.handover_requested,
             FamilyErased.event_type: handlers.family_erased,
+            CasesMerged.event_type: handlers.cases_merged,
             VisitCompleted.event_type: handlers.visit_completed,
         },
     )
@@ -180,6 +187,77 @@ class Handlers:
         session.add(case)
         # The sealed disclosures went out under the family key, which intake destroyed: the
         # copies on the Träger feeds are unreadable now; locally only field names remain.
+
+    async def cases_merged(self, delivery: Delivery) -> None:
+        """Two cases were one family; from now on it is referred as the survivor.
+
+        Referrals of the merged case that a Träger has not accepted yet are cancelled
+        (reason ``duplicate``; the Träger purges what it got) and, with the merged case's
+        waiting wishes, move to the survivor as wishes of its own: placed again under the
+        survivor's consents (intake carried the merged case's over) and key, unless the
+        survivor already has one for that module, then they are dropped. A referral a
+        Träger accepted or is working on stays as it is: the family is in good hands, and
+        breaking the warm handover off would harm it."""
+        data = delivery.data
+        assert isinstance(data, CasesMerged)
+        session = delivery.session
+        now = self.runtime.clock()
+        merged, survivor = data.merged_case_id, data.surviving_case_id
+        cancelled = await session.execute(
+            select(Referral)
+            .where(col(Referral.case_id) == merged)
+            .where(col(Referral.status).in_([s.value for s in domain.AWAITING_ANSWER]))
+        )
+        for referral in list(cancelled.scalars()):
+            ops.take_step(
+                session,
+                self.ctx,
+                referral,
+                Step.CANCELLED,
+                actor=Actor.SYSTEM,
+                role=EventRole.SYSTEM,
+                occurred_at=now,
+                now=now,
+                details=StepDetails(cancel_reason=ReferralCancelReason.DUPLICATE),
+            )
+        running = await session.execute(
+            select(col(Referral.module))
+            .where(col(Referral.case_id) == survivor)
+            .where(col(Referral.status).in_([s.value for s in domain.OPEN_STATUSES]))
+        )
+        covered = set(running.scalars())
+        waiting = await session.execute(
+            select(Wish).where(col(Wish.state) == "open").where(col(Wish.case_id) == survivor)
+        )
+        covered |= {wish.module for wish in waiting.scalars()}
+        moving = await session.execute(
+            select(Wish, col(Referral.status))
+            .outerjoin(Referral, col(Referral.referral_id) == col(Wish.referral_id))
+            .where(col(Wish.case_id) == merged)
+            .where(col(Wish.state).in_(["open", "placed"]))
+        )
+        for wish, status in list(moving.all()):
+            if wish.state == "placed" and status != ReferralStatus.CANCELLED.value:
+                continue  # still running with its Träger (accepted or further)
+            if wish.state == "placed" and wish.referral_id is not None:
+                # Cancelled just now for the merge, not by the family or the Träger before.
+                placed = await session.get(Referral, wish.referral_id)
+                if placed is None or placed.cancel_reason != ReferralCancelReason.DUPLICATE:
+                    continue
+            wish.updated_at = now
+            if wish.module in covered:
+                wish.state = "dropped"
+                wish.problem = f"merged into case {survivor}, which has this module already"
+            else:
+                covered.add(wish.module)
+                wish.case_id = survivor
+                wish.bezirk = data.bezirk
+                wish.consent_ref = None  # the survivor's consents decide
+                wish.state = "open"
+                wish.referral_id = None
+                wish.problem = None
+            session.add(wish)
+        await ops.place_open_wishes(session, self.ctx, now, case_id=survivor)
 
     # -- visits ----------------------------------------------------------------------------
 

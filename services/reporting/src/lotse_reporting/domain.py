@@ -35,6 +35,7 @@ from zoneinfo import ZoneInfo
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.intake import (
+    CasesMerged,
     ConsentChanged,
     ErasureReason,
     FamilyErased,
@@ -68,6 +69,7 @@ HANDLED: tuple[type[EventModel], ...] = (
     FamilyRegistered,
     ConsentChanged,
     FamilyErased,
+    CasesMerged,
     VisitScheduled,
     VisitCompleted,
     VisitMissed,
@@ -140,7 +142,8 @@ class CaseFacts:
     registered_month: str | None = None
     erased: bool = False
     excluded: bool = False
-    """Erased as a duplicate of another case: not a family of its own, counted nowhere."""
+    """Erased as a duplicate of another case, or merged into another: not a family of its
+    own, counted nowhere (the survivor counts the family)."""
 
 
 @dataclass(slots=True)
@@ -300,6 +303,9 @@ def needs_of(event: EventModel) -> Needs:
             needs.fact_years_of.add(event.case_id)
         case FamilyErased():
             needs.fact_years_of.add(event.case_id)
+        case CasesMerged():
+            needs.case_ids.add(event.merged_case_id)
+            needs.fact_years_of.add(event.merged_case_id)
         case VisitScheduled():
             needs.fact_keys.add((FactKind.OFFERED, event.visit_id))
         case VisitCompleted():
@@ -348,6 +354,13 @@ def apply(event: EventModel, snapshot: Snapshot, rules: Rules) -> None:
             case.erased = True
             case.excluded = case.excluded or event.reason is ErasureReason.DUPLICATE
             snapshot.all_years_of_case_are_dirty(event.case_id)
+        case CasesMerged():
+            # The family counts once, as the survivor: the merged case leaves every figure
+            # (its cohort and its facts), as a duplicate erased; the years it counted in are
+            # recomputed. Idempotent: a second delivery changes nothing.
+            case = snapshot.case(event.merged_case_id)
+            case.excluded = True
+            snapshot.all_years_of_case_are_dirty(event.merged_case_id)
         case VisitScheduled():
             _check_bezirk(event.bezirk, rules)
             _fact(snapshot, FactKind.OFFERED, event.visit_id, event, event.scheduled_at, rules)

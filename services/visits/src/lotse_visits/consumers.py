@@ -14,7 +14,12 @@ from datetime import date, datetime
 from lotse_contracts import topics
 from lotse_contracts.city import UnknownBezirk
 from lotse_contracts.events.common import ConsentScope
-from lotse_contracts.events.intake import ConsentChanged, FamilyErased, FamilyRegistered
+from lotse_contracts.events.intake import (
+    CasesMerged,
+    ConsentChanged,
+    FamilyErased,
+    FamilyRegistered,
+)
 from lotse_contracts.events.visits import VisitCancelReason, VisitOverdue
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.consumer import Delivery, EventRejected
@@ -167,6 +172,45 @@ class IntakeHandlers:
             .values(topics=None, needs_noted=None, referral_wished_module=None)
         )
 
+    async def cases_merged(self, delivery: Delivery) -> None:
+        """Two cases were one family: it is visited once, as the survivor. The merged case's
+        open visit is cancelled (reason ``duplicate``) and the case closed; the survivor
+        keeps or gets its own visit from its consents (intake carried the merged case's over
+        to it, as ``consent-changed`` of the survivor). A family already visited under the
+        merged case is not visited again: the survivor's open visit is cancelled too."""
+        data = delivery.data
+        assert isinstance(data, CasesMerged)
+        runtime, session = self.runtime, delivery.session
+        now = runtime.clock()
+        merged = await store.locked_case(session, data.merged_case_id, data.merged_bezirk)
+        if merged is None:
+            # Merged before its registration arrived: a closed tombstone keeps a late
+            # registration from scheduling anything.
+            merged = VisitsCase(
+                case_id=data.merged_case_id,
+                bezirk=data.merged_bezirk,
+                state=CaseState.CLOSED.value,
+                updated_at=now,
+            )
+            session.add(merged)
+        if merged.state == CaseState.ERASED.value:
+            return
+        visited = merged.state == CaseState.VISITED.value
+        await store.cancel_open_visit(
+            session, runtime, merged, reason=VisitCancelReason.DUPLICATE, now=now
+        )
+        merged.state = CaseState.CLOSED.value
+        merged.updated_at = now
+        merged.personal = None
+        survivor = await store.locked_case(session, data.surviving_case_id, data.bezirk)
+        if visited and survivor is not None and survivor.state == CaseState.ACTIVE.value:
+            await store.cancel_open_visit(
+                session, runtime, survivor, reason=VisitCancelReason.DUPLICATE, now=now
+            )
+            survivor.state = CaseState.VISITED.value
+            survivor.updated_at = now
+        await session.flush()
+
 
 def purge(case: VisitsCase) -> None:
     """Drop everything of an erased case that could single the family out."""
@@ -258,6 +302,7 @@ def wire(runtime: ServiceRuntime) -> None:
             FamilyRegistered.event_type: handlers.family_registered,
             ConsentChanged.event_type: handlers.consent_changed,
             FamilyErased.event_type: handlers.family_erased,
+            CasesMerged.event_type: handlers.cases_merged,
         },
     )
     runtime.add_job("overdue", store.settings_of(runtime).overdue_check_interval_s, check_overdue)
