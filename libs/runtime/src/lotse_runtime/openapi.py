@@ -2,7 +2,8 @@
 
 FastAPI documents a 422 in its own shape (``detail`` as a list) while the runtime answers
 ``{"detail": ..., "errors": [{"field", "reason"}]}``, and it does not know about the 401 and
-403 of the identity hook and access policy, nor the 404 of a path naming nothing. Clients
+403 of the identity hook and access policy, nor the 404 of a path naming nothing, nor the
+413 and 422 of the input guard (inputs.py: body size, control characters in path or query). Clients
 generated from the document, and schemathesis, must see what really comes back, so the
 document is corrected here once for every service. A body that is not even decodable (FastAPI
 answers a bare 400) is answered like every other invalid request: 422 naming the body.
