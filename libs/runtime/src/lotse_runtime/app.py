@@ -50,6 +50,7 @@ from lotse_runtime.identity import (
     NotAuthenticated,
     install_identity,
 )
+from lotse_runtime.inputs import InputGuard
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
 from lotse_runtime.logging import configure_logging
 from lotse_runtime.openapi import document_errors
@@ -389,6 +390,8 @@ def create_service_app(
     for router in routers:
         app.include_router(router)
     install_policy(app, runtime, policy or AccessPolicy({}))
+    # Outermost: the body's size and the request's clock are settled before anything else.
+    app.add_middleware(InputGuard, runtime=runtime)
     document_errors(app)
     return app
 

@@ -5,7 +5,7 @@ UPDATE, and DELETE of entries younger than a year; older ones go by retention, s
 :mod:`lotse_runtime.retention`). Entries carry ids, roles and purposes — never personal
 data values — so the log itself may be shown to a data-protection officer (role ``dpo``)
 through ``GET /audit``, which every service app serves. Refused access (401/403) is recorded
-too.
+too, and so is refused input (413/422, action ``invalid``: route and case id, never the values).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import Field, SQLModel, col
 
 from lotse_runtime.identity import Caller, CallerDep, current_access_observer
+from lotse_runtime.inputs import AUDIT_SINCE, AuditSince
 
 
 def _utcnow() -> datetime:
@@ -38,6 +39,8 @@ class AuditAction(StrEnum):
     """A family's data key was handed to another service."""
     denied = "denied"
     unauthenticated = "unauthenticated"
+    invalid = "invalid"
+    """A request refused as bad input (413, 422); see inputs.py."""
 
 
 class AuditEntry(SQLModel, table=True):
@@ -121,7 +124,13 @@ def audit_router() -> APIRouter:
         caller: CallerDep,
         case_id: Annotated[str | None, Query(description="Only this case.")] = None,
         subject: Annotated[str | None, Query(description="Only this caller.")] = None,
-        since: Annotated[datetime | None, Query(description="Entries at or after.")] = None,
+        since: Annotated[
+            AuditSince | None,
+            Query(
+                description="Entries at or after this date-time, with its time-zone offset "
+                f"(e.g. 2026-01-01T00:00:00Z). {AUDIT_SINCE.text}."
+            ),
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[AuditEntryPublic]:
         runtime = request.app.state.runtime

@@ -2,7 +2,8 @@
 
 FastAPI documents a 422 in its own shape (``detail`` as a list) while the runtime answers
 ``{"detail": ..., "errors": [{"field", "reason"}]}``, and it does not know about the 401 and
-403 of the identity hook and access policy, nor the 404 of a path naming nothing. Clients
+403 of the identity hook and access policy, nor the 404 of a path naming nothing, nor the
+413 and 422 of the input guard (inputs.py: body size, control characters in path or query). Clients
 generated from the document, and schemathesis, must see what really comes back, so the
 document is corrected here once for every service. A body that is not even decodable (FastAPI
 answers a bare 400) is answered like every other invalid request: 422 naming the body.
@@ -63,6 +64,9 @@ _ANSWERS = {
     "401": "No valid bearer token.",
     "403": "The caller's role or scope does not allow this.",
     "404": "The path names nothing that exists (or nothing the caller may know of).",
+    "413": "The request body is larger than the service takes (max_request_body_bytes, "
+    "64 KiB by default); nothing was read or changed.",
+    "422": "Invalid input: each offending field and the reason; nothing was changed.",
     "503": "The database is busy or unreachable; nothing was changed. Retry after Retry-After.",
 }
 
@@ -92,6 +96,10 @@ def describe_errors(
                 wanted += ["401", "403", "503"]
             if "{" in path:
                 wanted.append("404")
+            if "requestBody" in operation:
+                wanted.append("413")
+            if "requestBody" in operation or operation.get("parameters"):
+                wanted.append("422")  # control characters in the path or query (inputs.py)
             for status in wanted:
                 responses.setdefault(status, _problem(_ANSWERS[status]))
     return schema

@@ -87,6 +87,12 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str | None = Field(
         default=None, description="OTLP/HTTP collector base URL; unset means no export."
     )
+    max_request_body_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Larger HTTP request bodies are refused with 413 before they are parsed.",
+    )
     max_event_bytes: int = Field(
         default=256 * 1024, gt=0, description="Larger incoming events are dead-lettered."
     )

@@ -28,6 +28,7 @@ from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
 from lotse_contracts.events.intake import BezirkSource, Channel, SupportNeed
 from lotse_runtime.identity import Role
+from lotse_runtime.inputs import BEFORE_REGISTRATION, CLOCK_SKEW
 
 #: Move-in notices (from the citizens' office) cover families with children under six.
 MOVE_IN_MAX_AGE_YEARS = 6
@@ -161,8 +162,21 @@ def local_date(moment: datetime, city: Municipality) -> date:
 def check_not_future(field: str, moment: datetime, now: datetime) -> None:
     """A recorded moment (consent given, screening done) cannot lie ahead."""
     # A minute of slack for clocks of clients that run slightly ahead.
-    if moment > now + timedelta(minutes=1):
+    if moment > now + CLOCK_SKEW:
         raise Refusal(field, "lies in the future; give the time it actually happened")
+
+
+def check_recorded(field: str, moment: datetime, now: datetime, registered_at: datetime) -> None:
+    """A consent given or a screening done for a family: not in the future, and not longer
+    before the family's registration than ``BEFORE_REGISTRATION`` (lotse_runtime.inputs;
+    at registration, ``registered_at`` is now)."""
+    check_not_future(field, moment, now)
+    if moment < registered_at - BEFORE_REGISTRATION:
+        raise Refusal(
+            field,
+            f"lies more than {BEFORE_REGISTRATION.days} days before the family's registration; "
+            "give the time it actually happened",
+        )
 
 
 # -- address and Stadtbezirk ---------------------------------------------------------------------

@@ -378,7 +378,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
     )
     for index, consent in enumerate(body.consents):
         if consent.given_at is not None:
-            domain.check_not_future(f"consents.{index}.given_at", consent.given_at, now)
+            domain.check_recorded(f"consents.{index}.given_at", consent.given_at, now, now)
     ensure_may_access_case(
         caller, CaseScope(bezirk=choice.bezirk, registered_by_clinic=clinic), personal_data=True
     )
@@ -534,7 +534,7 @@ async def give_consent(
     terms = ConsentTerms(body.scope, body.traeger, body.purpose)
     domain.check_consent(terms, call.runtime.city, case.bezirk, "")
     given_at = body.given_at or now
-    domain.check_not_future("given_at", given_at, now)
+    domain.check_recorded("given_at", given_at, now, case.registered_at)
     for row in await _consent_rows(session, case_id):
         in_force = row.state == ConsentState.GIVEN.value
         if in_force and ConsentTerms(ConsentScope(row.scope), row.traeger, row.purpose) == terms:
@@ -629,7 +629,7 @@ async def record_screening(
     now = call.now()
     modules = domain.check_modules(call.runtime.city, body.wished_modules, "wished_modules")
     assessed_at = body.assessed_at or now
-    domain.check_not_future("assessed_at", assessed_at, now)
+    domain.check_recorded("assessed_at", assessed_at, now, case.registered_at)
     keys = await family_key(session, call.intake.keyring, case)
     screening = Screening(
         support_need=body.support_need,

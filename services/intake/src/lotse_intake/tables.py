@@ -23,7 +23,15 @@ from lotse_contracts.events.intake import (
 )
 from lotse_contracts.events.referrals import PersonalField
 from lotse_contracts.personal import EncryptedBlock, KeyPurpose
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from lotse_runtime.inputs import (
+    BEFORE_REGISTRATION,
+    BIRTH_DATE,
+    RECORDED,
+    BirthDate,
+    RecordedMoment,
+    RequestModel,
+)
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from sqlalchemy import Column, Text, UniqueConstraint
 from sqlmodel import Field as TableField
@@ -243,9 +251,16 @@ TABLES: list[type[SQLModel]] = [
 _POSTCODE_DIGITS = 5
 
 
-class _Input(BaseModel):
-    # A misspelt field name is refused rather than silently dropped.
+class _Input(RequestModel):
+    # A misspelt field name is refused rather than silently dropped; control characters in
+    # text are refused (RequestModel, lotse_runtime.inputs).
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+_RECORDED = (
+    f"With its time-zone offset; {RECORDED.text}, and at most {BEFORE_REGISTRATION.days} days "
+    "before the family's registration."
+)
 
 
 Text200 = Annotated[str, Field(min_length=1, max_length=200)]
@@ -293,7 +308,10 @@ class ChildCreate(_Input):
     given_name: str | None = Field(
         default=None, min_length=1, max_length=200, description="Given name, if chosen yet."
     )
-    birth_date: date = Field(description="Date of birth; not in the future.")
+    birth_date: BirthDate = Field(
+        description=f"Date of birth (YYYY-MM-DD); {BIRTH_DATE.text}, and within the channel's "
+        "age limit."
+    )
 
 
 class AddressCreate(_Input):
@@ -328,8 +346,9 @@ class ConsentCreate(_Input):
     purpose: Slug | None = Field(
         default=None, description="Module slug the consent is for (traeger_contact)."
     )
-    given_at: AwareDatetime | None = Field(
-        default=None, description="When the family gave it (e.g. signed the form); default now."
+    given_at: RecordedMoment | None = Field(
+        default=None,
+        description=f"When the family gave it (e.g. signed the form); default now. {_RECORDED}",
     )
 
 
@@ -373,8 +392,10 @@ class RegistrationCreate(_Input):
 class ConsentWithdrawal(_Input):
     """The family withdraws a consent."""
 
-    withdrawn_at: AwareDatetime | None = Field(
-        default=None, description="When the family withdrew it; default now."
+    withdrawn_at: RecordedMoment | None = Field(
+        default=None,
+        description=f"When the family withdrew it; default now. With its time-zone offset; "
+        f"{RECORDED.text}, and not before the consent was given.",
     )
 
 
@@ -391,8 +412,8 @@ class ScreeningCreate(_Input):
     instrument: Slug | None = Field(
         default=None, description="Questionnaire and version, e.g. kinderstark-screening-2024."
     )
-    assessed_at: AwareDatetime | None = Field(
-        default=None, description="When the screening was done; default now."
+    assessed_at: RecordedMoment | None = Field(
+        default=None, description=f"When the screening was done; default now. {_RECORDED}"
     )
 
 
@@ -562,10 +583,8 @@ class DataKeyPublic(BaseModel):
     key: str = Field(description="The 256-bit key, base64url without padding.")
 
 
-class DisclosureCreate(BaseModel):
+class DisclosureCreate(_Input):
     """What the referrals service asks intake to seal for one referral."""
-
-    model_config = ConfigDict(extra="forbid")
 
     referral_id: Uuid
     traeger: Slug

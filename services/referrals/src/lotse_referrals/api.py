@@ -31,6 +31,7 @@ from lotse_runtime.identity import (
     Role,
     ensure_may_access_case,
 )
+from lotse_runtime.inputs import FIRST_CONTACT, FirstContactDay, RequestModel
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -88,8 +89,9 @@ class TraegerPublic(BaseModel):
     edited: bool = Field(description="Changed through the API (kept over restarts).")
 
 
-class TraegerUpdate(BaseModel):
-    """Changes to a Träger's catalogue entry; fields left out stay as they are."""
+class TraegerUpdate(RequestModel):
+    """Changes to a Träger's catalogue entry; fields left out stay as they are. Unknown
+    fields and control characters in text are refused (422)."""
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     contact: str | None = Field(default=None, min_length=1, max_length=200)
@@ -99,7 +101,7 @@ class TraegerUpdate(BaseModel):
     active: bool | None = None
 
 
-class ReferralCreate(BaseModel):
+class ReferralCreate(RequestModel):
     """A referral of a family to a module, by the requesting side (Familienbüro, Babylotse,
     Bezirksteam). Without ``traeger`` the best matching Träger with free capacity that the
     family's consent covers is chosen."""
@@ -122,7 +124,7 @@ class ReferralCreate(BaseModel):
     )
 
 
-class StepRequest(BaseModel):
+class StepRequest(RequestModel):
     """One lifecycle step: the addressed Träger sets received, accepted, rejected,
     in-progress, first-contact or completed; the requesting side sets cancelled."""
 
@@ -134,7 +136,9 @@ class StepRequest(BaseModel):
         default=None, description="Required for cancelled."
     )
     reason_code: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,32}$")
-    first_contact_planned_for: date | None = Field(default=None, description="With accepted.")
+    first_contact_planned_for: FirstContactDay | None = Field(
+        default=None, description=f"With accepted (YYYY-MM-DD); {FIRST_CONTACT.text}."
+    )
     outcome: CompletionOutcome | None = Field(default=None, description="With completed.")
 
     @field_validator("cancel_reason")

@@ -12,7 +12,7 @@ enforced by the runtime; the routes check the case's Stadtbezirk or clinic thems
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
@@ -37,6 +37,7 @@ from lotse_runtime.identity import (
     Role,
     ensure_may_access_case,
 )
+from lotse_runtime.inputs import CALENDAR_DAY, CalendarDay
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -175,7 +176,8 @@ def visits_router() -> APIRouter:
         caller: CallerDep,
         bezirk: Annotated[str, Path(description="Stadtbezirk slug, e.g. hoerde.")],
         day: Annotated[
-            date | None, Query(description="Local day (YYYY-MM-DD); default today.")
+            CalendarDay | None,
+            Query(description=f"Local day (YYYY-MM-DD); default today. {CALENDAR_DAY.text}."),
         ] = None,
     ) -> Calendar:
         runtime = runtime_of(request)

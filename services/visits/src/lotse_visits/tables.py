@@ -21,7 +21,14 @@ from lotse_contracts.events.visits import (
     VisitTopic,
 )
 from lotse_contracts.personal import EncryptedBlock
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from lotse_runtime.inputs import (
+    APPOINTMENT,
+    RECORDED,
+    AppointmentMoment,
+    RecordedMoment,
+    RequestModel,
+)
+from pydantic import BaseModel, Field
 from sqlalchemy import Column, Index, Text
 from sqlmodel import Field as TableField
 from sqlmodel import SQLModel
@@ -136,15 +143,19 @@ TABLES: list[type[SQLModel]] = [VisitsOffice, VisitsCase, VisitsConsent, VisitsV
 # -- API models ----------------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    # Unknown fields are refused: a typo in an action must not pass silently.
-    model_config = ConfigDict(extra="forbid")
+class _Body(RequestModel):
+    """Unknown fields are refused (a typo in an action must not pass silently), and so are
+    control characters in text (RequestModel, lotse_runtime.inputs)."""
 
 
 class RescheduleRequest(_Body):
-    starts_at: AwareDatetime = Field(description="New start, with time-zone offset.")
+    starts_at: AppointmentMoment = Field(
+        description=f"New start, with time-zone offset; {APPOINTMENT.text}, and inside the "
+        "office's working times."
+    )
     staff_id: str | None = Field(
         default=None,
+        max_length=64,
         description="Staff member to take it; default: the one assigned, else anyone free.",
     )
     rescheduled_by: RescheduleInitiator = Field(description="Who asked for the change.")
@@ -169,8 +180,10 @@ class CancelRequest(_Body):
 
 
 class CompleteRequest(_Body):
-    completed_at: AwareDatetime | None = Field(
-        default=None, description="When the visit was done; default now."
+    completed_at: RecordedMoment | None = Field(
+        default=None,
+        description=f"When the visit was done, with time-zone offset; default now. "
+        f"{RECORDED.text}, and not before the appointment's start.",
     )
     setting: VisitSetting | None = Field(
         default=None, description="Where it took place; default as planned."
@@ -186,10 +199,14 @@ class CompleteRequest(_Body):
 
 
 class NewVisitRequest(_Body):
-    starts_at: AwareDatetime | None = Field(
-        default=None, description="Start chosen by staff; default: the first free slot."
+    starts_at: AppointmentMoment | None = Field(
+        default=None,
+        description=f"Start chosen by staff, with time-zone offset; default: the first free "
+        f"slot. {APPOINTMENT.text}, and inside the office's working times.",
     )
-    staff_id: str | None = Field(default=None, description="Staff member; default: anyone free.")
+    staff_id: str | None = Field(
+        default=None, max_length=64, description="Staff member; default: anyone free."
+    )
     setting: VisitSetting = Field(default=VisitSetting.HOME, description="Where it takes place.")
 
 
