@@ -192,8 +192,8 @@ class Platform:
     prefix: str
     databases: dict[str, str]
 
-    def runtime(self, service: str) -> ServiceRuntime:
-        runtime: ServiceRuntime = self.apps[service].state.runtime
+    def runtime(self, service: str) -> ServiceRuntime[Any]:
+        runtime: ServiceRuntime[Any] = self.apps[service].state.runtime
         return runtime
 
     @property
@@ -415,7 +415,7 @@ def events_of(records: list[RawRecord], topic: str, event_type: str) -> list[dic
 # -- reading every row -------------------------------------------------------------------------
 
 
-async def dump_database(runtime: ServiceRuntime) -> dict[str, str]:
+async def dump_database(runtime: ServiceRuntime[Any]) -> dict[str, str]:
     """Every row of every table of a service database, as text, per table."""
     async with runtime.db.engine.connect() as conn:
         names = await conn.run_sync(lambda sync: inspect(sync).get_table_names())

@@ -393,8 +393,8 @@ class Platform:
                 {family.traeger_consent: TRAEGER},
             )
 
-    def runtime(self, service: str) -> ServiceRuntime:
-        runtime: ServiceRuntime = self.apps[service].state.runtime
+    def runtime(self, service: str) -> ServiceRuntime[Any]:
+        runtime: ServiceRuntime[Any] = self.apps[service].state.runtime
         return runtime
 
     def consumers(self) -> list[tuple[str, EventConsumer]]:
@@ -452,7 +452,7 @@ async def platform(broker: Broker, prefix: str, tmp_path: Path) -> AsyncIterator
 # -- what is stored -------------------------------------------------------------------------------
 
 
-async def snapshot(runtime: ServiceRuntime) -> dict[str, list[tuple[Any, ...]]]:
+async def snapshot(runtime: ServiceRuntime[Any]) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table of a service's database, in a stable order."""
     metadata = MetaData()
     async with runtime.db.engine.connect() as conn:

@@ -197,8 +197,8 @@ class Service:
     bootstrap: str
 
     @property
-    def runtime(self) -> ServiceRuntime:
-        runtime: ServiceRuntime = self.client.app.state.runtime  # type: ignore[attr-defined]
+    def runtime(self) -> ServiceRuntime[Any]:
+        runtime: ServiceRuntime[Any] = self.client.app.state.runtime  # type: ignore[attr-defined]
         return runtime
 
     @property

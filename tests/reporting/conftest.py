@@ -67,8 +67,8 @@ def settings_for(broker: Broker, prefix: str, database_url: str, **extra: Any) -
     return ReportingSettings(**{**values, **extra})
 
 
-def runtime_of(client: TestClient) -> ServiceRuntime:
-    runtime: ServiceRuntime = client.app.state.runtime  # type: ignore[attr-defined]
+def runtime_of(client: TestClient) -> ServiceRuntime[Any]:
+    runtime: ServiceRuntime[Any] = client.app.state.runtime  # type: ignore[attr-defined]
     return runtime
 
 

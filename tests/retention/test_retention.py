@@ -78,15 +78,15 @@ def _common(database_url: str) -> dict[str, Any]:
     return {"kafka_bootstrap": NO_BROKER, "database_url": database_url, "topic_prefix": "r."}
 
 
-def runtime_of(app: FastAPI) -> ServiceRuntime:
-    runtime: ServiceRuntime = app.state.runtime
+def runtime_of(app: FastAPI) -> ServiceRuntime[Any]:
+    runtime: ServiceRuntime[Any] = app.state.runtime
     return runtime
 
 
 @asynccontextmanager
 async def service(
     app: FastAPI, clock: Clock, tables: Sequence[type[SQLModel]]
-) -> AsyncIterator[ServiceRuntime]:
+) -> AsyncIterator[ServiceRuntime[Any]]:
     runtime = runtime_of(app)
     assert runtime.clock is clock
     await runtime.db.create_schema(tables, service=runtime.service)
@@ -96,22 +96,22 @@ async def service(
         await runtime.db.dispose()
 
 
-async def store(runtime: ServiceRuntime, *rows: SQLModel) -> None:
+async def store(runtime: ServiceRuntime[Any], *rows: SQLModel) -> None:
     async with runtime.db.transaction() as session:
         session.add_all(rows)
 
 
-async def ids(runtime: ServiceRuntime, model: type[SQLModel], column: str) -> set[Any]:
+async def ids(runtime: ServiceRuntime[Any], model: type[SQLModel], column: str) -> set[Any]:
     async with runtime.db.transaction() as session:
         return set((await session.execute(select(getattr(model, column)))).scalars())
 
 
-async def count(runtime: ServiceRuntime, model: type[SQLModel]) -> int:
+async def count(runtime: ServiceRuntime[Any], model: type[SQLModel]) -> int:
     async with runtime.db.transaction() as session:
         return int(await session.scalar(select(func.count()).select_from(model)) or 0)
 
 
-async def run_retention(runtime: ServiceRuntime) -> None:
+async def run_retention(runtime: ServiceRuntime[Any]) -> None:
     job = next(j for j in runtime.jobs if j.name == "retention")
     await job.run_once(runtime)
     assert job.last_error is None, job.last_error
@@ -147,7 +147,7 @@ def audit(purpose: str, at: datetime) -> AuditEntry:
     return AuditEntry(at=at, service="test", action="read", case_id="c", purpose=purpose)
 
 
-async def check_runtime_classes(runtime: ServiceRuntime) -> None:
+async def check_runtime_classes(runtime: ServiceRuntime[Any]) -> None:
     """Store runtime rows around the defaults (inbox 90 days, sent outbox 7, audit log 3650),
     run the job, and check old inbox entries, old *sent* outbox rows and old audit entries
     go, everything else stays."""

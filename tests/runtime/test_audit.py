@@ -4,7 +4,7 @@ data-protection officer reads the trail, and nobody can rewrite it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from fastapi import APIRouter, Request
@@ -39,7 +39,7 @@ def client_for(database_url: str) -> TestClient:
     async def read_case(case_id: str, request: Request, caller: CallerDep) -> dict[str, str]:
         if case_id == "not-yours":
             raise AccessDenied("other Bezirk")
-        runtime: ServiceRuntime = runtime_of(request)
+        runtime: ServiceRuntime[Any] = runtime_of(request)
         async with runtime.db.transaction() as session:
             audit.record(
                 session,

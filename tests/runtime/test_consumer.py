@@ -8,6 +8,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from lotse_contracts.cloudevents import to_kafka_binary, to_structured
@@ -62,7 +63,7 @@ class Harness:
     slow_s: float = 0.0  # how long each handler call takes
     rejected: set[str] = field(default_factory=set)
 
-    async def handle(self, delivery: Delivery) -> None:
+    async def handle(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, VisitScheduled)
         delivery.session.add(ProbeEffect(event_id=delivery.event.id, visit_id=data.visit_id))

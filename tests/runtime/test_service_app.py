@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
@@ -81,7 +81,7 @@ def test_one_trace_runs_from_the_request_through_database_and_outbox(tmp_path: P
 
     @router.post("/visits")
     async def schedule(request: Request, caller: CallerDep) -> dict[str, str]:
-        runtime: ServiceRuntime = runtime_of(request)
+        runtime: ServiceRuntime[Any] = runtime_of(request)
         event = VisitScheduled.example().model_copy(update={"case_id": str(uuid.uuid4())})
         async with runtime.db.transaction() as session:
             runtime.outbox.add(session, event)
@@ -132,7 +132,7 @@ def test_periodic_jobs_run_with_the_injected_clock_and_survive_failures(tmp_path
     fixed = datetime(2025, 3, 17, 8, 0, tzinfo=UTC)
     seen: list[datetime] = []
 
-    async def check_overdue(runtime: ServiceRuntime) -> None:
+    async def check_overdue(runtime: ServiceRuntime[Any]) -> None:
         seen.append(runtime.clock())
         if len(seen) == 1:
             raise RuntimeError("first run fails")

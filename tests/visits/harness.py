@@ -151,8 +151,8 @@ class VisitsService:
     sent: list[str] = field(default_factory=list)
 
     @property
-    def runtime(self) -> ServiceRuntime:
-        runtime: ServiceRuntime = self.client.app.state.runtime  # type: ignore[attr-defined]
+    def runtime(self) -> ServiceRuntime[Any]:
+        runtime: ServiceRuntime[Any] = self.client.app.state.runtime  # type: ignore[attr-defined]
         return runtime
 
     def topic(self, name: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -63,6 +63,7 @@ from lotse_runtime.policy import (
     install_policy,
     policy_gate,
 )
+from lotse_runtime.refusal import install_refusals
 from lotse_runtime.settings import ServiceSettings
 from lotse_runtime.telemetry import Telemetry, TelemetryConfig, setup_telemetry
 
@@ -82,13 +83,13 @@ class PeriodicJob:
 
     name: str
     interval_s: float
-    run: Callable[[ServiceRuntime], Awaitable[None]]
+    run: Callable[[ServiceRuntime[Any]], Awaitable[None]]
     runs: int = 0
     failures: int = 0
     last_error: str | None = None
     _task: asyncio.Task[None] | None = None
 
-    async def run_once(self, runtime: ServiceRuntime) -> None:
+    async def run_once(self, runtime: ServiceRuntime[Any]) -> None:
         try:
             await self.run(runtime)
             self.last_error = None
@@ -99,7 +100,7 @@ class PeriodicJob:
         finally:
             self.runs += 1
 
-    def start(self, runtime: ServiceRuntime) -> None:
+    def start(self, runtime: ServiceRuntime[Any]) -> None:
         async def loop() -> None:
             while True:
                 await self.run_once(runtime)
@@ -115,11 +116,15 @@ class PeriodicJob:
             self._task = None
 
 
-@dataclass
-class ServiceRuntime:
-    """Everything a service's routes and consumers work with, built from its settings."""
+S = TypeVar("S", bound=ServiceSettings)
 
-    settings: ServiceSettings
+
+@dataclass
+class ServiceRuntime(Generic[S]):
+    """Everything a service's routes and consumers work with, built from its settings;
+    typed by the service's own settings class, so no service casts them."""
+
+    settings: S
     city: Municipality
     registry: SubscriptionRegistry
     db: Database
@@ -132,6 +137,9 @@ class ServiceRuntime:
     kafka_started: asyncio.Event = field(default_factory=asyncio.Event)
     clock: Clock = field(default=lambda: _utc_now())
     """Current time, aware UTC. Tests pass a controllable clock to create_service_app."""
+    with_broker: bool = True
+    """False runs the service without Kafka (``lotse_runtime.testing``): no topics, no
+    consumer loop, no relay; events are fed to the consumers' handlers in process."""
 
     @property
     def service(self) -> str:
@@ -162,7 +170,7 @@ class ServiceRuntime:
         return consumer
 
     def add_job(
-        self, name: str, interval_s: float, run: Callable[[ServiceRuntime], Awaitable[None]]
+        self, name: str, interval_s: float, run: Callable[[ServiceRuntime[Any]], Awaitable[None]]
     ) -> PeriodicJob:
         """Run ``run(runtime)`` every ``interval_s`` seconds while the app runs (e.g. overdue
         checks). A failing run is logged and counted; the next one runs on schedule."""
@@ -194,8 +202,8 @@ class ServiceRuntime:
 
 
 def build_runtime(
-    settings: ServiceSettings, *, telemetry: Telemetry | None = None, clock: Clock | None = None
-) -> ServiceRuntime:
+    settings: S, *, telemetry: Telemetry | None = None, clock: Clock | None = None
+) -> ServiceRuntime[S]:
     """Construct (but do not start) the parts of one service."""
     city = load_city(settings.city)
     registry = load_registry(city, settings.subscriptions_file)
@@ -241,7 +249,7 @@ def build_runtime(
     )
 
 
-async def _connect_kafka(runtime: ServiceRuntime) -> None:
+async def _connect_kafka(runtime: ServiceRuntime[Any]) -> None:
     """Create topics and start consumers, retrying while the broker is away."""
     settings = runtime.settings
     delay = 0.5
@@ -314,7 +322,7 @@ async def _issuer_unavailable_handler(_request: Request, exc: Exception) -> Resp
 
 
 def create_service_app(
-    settings: ServiceSettings,
+    settings: S,
     *,
     title: str,
     description: str,
@@ -322,7 +330,7 @@ def create_service_app(
     tables: Sequence[type[SQLModel] | Table] = (),
     routers: Sequence[APIRouter] = (),
     policy: AccessPolicy | None = None,
-    wire: Callable[[ServiceRuntime], object] | None = None,
+    wire: Callable[[ServiceRuntime[S]], object] | None = None,
     caller_resolver: CallerResolver | None = None,
     telemetry: Telemetry | None = None,
     openapi_tags: list[dict[str, Any]] | None = None,
@@ -341,8 +349,10 @@ def create_service_app(
         configure_logging(settings.service_name, settings.log_level)
         check_policy(app)  # routes added after the build need their rule too
         await runtime.db.create_schema(tables, service=settings.service_name)
-        await runtime.relay.start()
-        connect = asyncio.create_task(_connect_kafka(runtime), name="kafka-connect")
+        connect: asyncio.Task[None] | None = None
+        if runtime.with_broker:
+            await runtime.relay.start()
+            connect = asyncio.create_task(_connect_kafka(runtime), name="kafka-connect")
         for job in runtime.jobs:
             job.start(runtime)
         try:
@@ -350,14 +360,15 @@ def create_service_app(
         finally:
             for job in runtime.jobs:
                 await job.stop()
-            connect.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connect
-            for consumer in runtime.consumers:
-                await consumer.stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(runtime.relay.publish_pending(), timeout=2.0)
-            await runtime.relay.stop()
+            if connect is not None:
+                connect.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connect
+                for consumer in runtime.consumers:
+                    await consumer.stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(runtime.relay.publish_pending(), timeout=2.0)
+                await runtime.relay.stop()
             await runtime.db.dispose()
             if telemetry is None:
                 runtime.telemetry.shutdown()
@@ -377,6 +388,7 @@ def create_service_app(
     for kind in (DBAPIError, PoolTimeoutError):
         app.add_exception_handler(kind, _busy_database_handler)
     app.add_exception_handler(IssuerUnavailable, _issuer_unavailable_handler)
+    install_refusals(app)
     install_identity(app, caller_resolver or resolver_from_settings(settings))
     _audit_refusals(app, runtime)
     app.include_router(audit_router())
@@ -396,7 +408,7 @@ def create_service_app(
     return app
 
 
-def _instrument(app: FastAPI, runtime: ServiceRuntime) -> None:
+def _instrument(app: FastAPI, runtime: ServiceRuntime[Any]) -> None:
     """HTTP server spans (continuing an incoming ``traceparent``) and database spans, so a
     trace runs from the request through the database and the outbox to every consumer."""
     telemetry = runtime.telemetry
@@ -417,7 +429,7 @@ def _instrument(app: FastAPI, runtime: ServiceRuntime) -> None:
     )
 
 
-def _audit_refusals(app: FastAPI, runtime: ServiceRuntime) -> None:
+def _audit_refusals(app: FastAPI, runtime: ServiceRuntime[Any]) -> None:
     """Record every 401 and 403 in the audit log, then answer as the identity hook does."""
     answers: dict[type[Exception], Any] = {
         kind: app.exception_handlers[kind] for kind in (NotAuthenticated, AccessDenied)
@@ -467,7 +479,12 @@ def resolver_from_settings(settings: ServiceSettings) -> CallerResolver:
     )
 
 
-def runtime_of(request: Request) -> ServiceRuntime:
+def runtime_of(request: Request) -> ServiceRuntime[Any]:
     """FastAPI dependency: the runtime of the app serving this request."""
-    runtime: ServiceRuntime = request.app.state.runtime
+    runtime: ServiceRuntime[Any] = request.app.state.runtime
     return runtime
+
+
+#: A route's runtime, typed by any service (routes that need their own settings type
+#: declare ``Annotated[ServiceRuntime[MySettings], Depends(runtime_of)]``).
+RuntimeDep = Annotated[ServiceRuntime[Any], Depends(runtime_of)]

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from lotse_contracts.cloudevents import CloudEvent, InvalidCloudEvent, from_kafka
@@ -86,12 +86,16 @@ class EventRejected(Exception):
         self.reason = reason
 
 
-@dataclass
-class Delivery:
-    """What a handler gets: the event, its validated data, and a transaction to act in."""
+E = TypeVar("E", bound=EventModel, covariant=True)
+
+
+@dataclass(frozen=True)
+class Delivery(Generic[E]):
+    """What a handler gets: the event, its validated data (the concrete event model the
+    handler was registered for, see ``lotse_runtime.handlers``), and a transaction to act in."""
 
     event: CloudEvent
-    data: EventModel
+    data: E
     session: AsyncSession
     outbox: Outbox
     topic: str
@@ -99,7 +103,7 @@ class Delivery:
     offset: int
 
 
-Handler = Callable[[Delivery], Awaitable[None]]
+Handler = Callable[[Delivery[Any]], Awaitable[None]]
 _Prepared = tuple[ConsumerRecord[Any, Any], CloudEvent, EventModel | None]
 
 
@@ -272,7 +276,7 @@ class EventConsumer:
         event: CloudEvent,
         data: EventModel,
         session: AsyncSession,
-    ) -> Delivery:
+    ) -> Delivery[EventModel]:
         return Delivery(
             event=event,
             data=data,

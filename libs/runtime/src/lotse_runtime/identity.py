@@ -32,6 +32,7 @@ from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from lotse_contracts.events.common import Role as EventRole
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
@@ -322,3 +323,25 @@ def _check_case_access(caller: Caller, scope: CaseScope | None, *, personal_data
             raise AccessDenied("city-wide coordination sees no case")
     # Unreachable while every role is handled above; a new role is denied until it is added.
     raise AccessDenied(f"no case policy for role {caller.role}")
+
+
+# -- the role events name ------------------------------------------------------------------------
+
+_EVENT_ROLES: dict[Role, EventRole] = {
+    Role.babylotse: EventRole.BABYLOTSE,
+    Role.familienbuero: EventRole.FAMILIENBUERO,
+    Role.bezirksteam: EventRole.BEZIRKSTEAM,
+    Role.traeger: EventRole.TRAEGER,
+}
+
+
+def event_role(role: Role, *, service_acts_as: EventRole | None = None) -> EventRole:
+    """The role an event names for a caller: events carry roles, never people.
+
+    A Lotse service acts for the platform (``system``) unless the use case says whom it
+    speaks for (``service_acts_as``: the citizens' office filing a move-in notice). Roles
+    that never act on a family (analyst, dpo, koordination) appear as ``system`` too.
+    """
+    if role is Role.service and service_acts_as is not None:
+        return service_acts_as
+    return _EVENT_ROLES.get(role, EventRole.SYSTEM)

@@ -278,7 +278,7 @@ class InputGuard:
     query (422) before the app parses anything, and audits every 413 and 422 the service
     gives."""
 
-    def __init__(self, app: ASGIApp, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: ASGIApp, runtime: ServiceRuntime[Any]) -> None:
         self.app = app
         self.runtime = runtime
         self.limit = runtime.settings.max_request_body_bytes

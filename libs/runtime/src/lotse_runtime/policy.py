@@ -49,7 +49,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -364,7 +364,7 @@ class _PolicyMiddleware:
     """Around each request: collects what the route did, and settles scope check and audit
     when a successful answer is about to leave."""
 
-    def __init__(self, app: ASGIApp, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: ASGIApp, runtime: ServiceRuntime[Any]) -> None:
         self.app = app
         self.runtime = runtime
 
@@ -434,7 +434,7 @@ def check_policy(app: FastAPI) -> None:
     app.state.access_rules = _bind(app, app.state.access_policy)
 
 
-def install_policy(app: FastAPI, runtime: ServiceRuntime, policy: AccessPolicy) -> None:
+def install_policy(app: FastAPI, runtime: ServiceRuntime[Any], policy: AccessPolicy) -> None:
     """Enforce `policy` (plus the runtime's own routes) on every route of `app`.
 
     Call after all routers are included; the app must have been created with

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Table, delete, select
 from sqlmodel import SQLModel
@@ -199,12 +199,14 @@ async def purge(db: Database, rules: Sequence[RetentionRule], now: datetime) -> 
     return report
 
 
-def add_retention_job(runtime: ServiceRuntime, rules: Sequence[RetentionRule] = ()) -> PeriodicJob:
+def add_retention_job(
+    runtime: ServiceRuntime[Any], rules: Sequence[RetentionRule] = ()
+) -> PeriodicJob:
     """Purge the runtime's data classes and the service's ``rules`` every
     ``retention_interval_s`` seconds, measured by the runtime's clock."""
     every = [*runtime_rules(runtime.settings), *rules]
 
-    async def run(rt: ServiceRuntime) -> None:
+    async def run(rt: ServiceRuntime[Any]) -> None:
         report = await purge(rt.db, every, rt.clock())
         if report.total:
             # Counts per class only: what was deleted is nobody's business in a log line.

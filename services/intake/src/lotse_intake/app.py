@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -63,11 +64,11 @@ async def _refused(_request: Request, exc: Exception) -> Response:
 
 def housekeeping(
     context: IntakeContext,
-) -> Callable[[ServiceRuntime], Awaitable[None]]:
+) -> Callable[[ServiceRuntime[Any]], Awaitable[None]]:
     """Forget expired Idempotency-Keys; erase families past the retention period."""
     settings = context.settings
 
-    async def run(runtime: ServiceRuntime) -> None:
+    async def run(runtime: ServiceRuntime[Any]) -> None:
         now = runtime.clock()
         async with runtime.db.transaction() as session:
             await forget_expired(session, now - timedelta(hours=settings.idempotency_ttl_hours))
@@ -117,7 +118,7 @@ def create_app(
         settings=settings, secrets=secrets, keyring=Keyring(secrets.key_encryption_key)
     )
 
-    def wire(runtime: ServiceRuntime) -> None:
+    def wire(runtime: ServiceRuntime[Any]) -> None:
         runtime.add_job("housekeeping", settings.housekeeping_interval_s, housekeeping(context))
         retention.install(runtime)
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from fastapi.responses import Response
 from lotse_contracts.events.common import Consent, ConsentScope, ConsentState
@@ -105,7 +106,7 @@ class IntakeContext:
 class Call:
     """One request: who calls which route, and what the service works with."""
 
-    runtime: ServiceRuntime
+    runtime: ServiceRuntime[Any]
     intake: IntakeContext
     caller: Caller
     route: str
@@ -727,7 +728,7 @@ async def request_handover(
 
 async def erase_case(
     session: AsyncSession,
-    runtime: ServiceRuntime,
+    runtime: ServiceRuntime[Any],
     keyring: Keyring,
     case: IntakeCase,
     *,

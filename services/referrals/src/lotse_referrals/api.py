@@ -9,7 +9,7 @@ route are declared in policy.py and enforced by the runtime.
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from lotse_contracts.events.referrals import (
@@ -61,7 +61,7 @@ def context_of(request: Request) -> Context:
     return ctx
 
 
-RuntimeDep = Annotated[ServiceRuntime, Depends(runtime_of)]
+RuntimeDep = Annotated[ServiceRuntime[Any], Depends(runtime_of)]
 ContextDep = Annotated[Context, Depends(context_of)]
 
 

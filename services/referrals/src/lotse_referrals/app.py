@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -75,7 +76,7 @@ def create_app(
     settings = settings or ReferralsSettings()
     contexts: list[Context] = []
 
-    def wire(runtime: ServiceRuntime) -> None:
+    def wire(runtime: ServiceRuntime[Any]) -> None:
         ctx = Context(
             settings=settings,
             city=runtime.city,
@@ -87,10 +88,10 @@ def create_app(
         contexts.append(ctx)
         wire_consumers(runtime, ctx)
 
-        async def escalate(rt: ServiceRuntime) -> None:
+        async def escalate(rt: ServiceRuntime[Any]) -> None:
             await ops.escalate_overdue(ctx, rt.clock())
 
-        async def place_waiting(rt: ServiceRuntime) -> None:
+        async def place_waiting(rt: ServiceRuntime[Any]) -> None:
             await ops.place_waiting_wishes(ctx, rt.clock())
 
         runtime.add_job("escalation", settings.escalation_interval_s, escalate)
@@ -110,7 +111,7 @@ def create_app(
     )
     ctx = contexts[0]
     app.state.referrals = ctx
-    runtime: ServiceRuntime = app.state.runtime
+    runtime: ServiceRuntime[Any] = app.state.runtime
 
     # The catalogue must be in its tables before consumers, jobs and requests use it, so the
     # schema is migrated (the runtime's start-up does it again, as a no-op) and seeded first.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 from lotse_contracts import topics
 from lotse_contracts.events.common import ConsentScope, ConsentState
@@ -41,7 +42,7 @@ from lotse_referrals.operations import Context, StepDetails
 from lotse_referrals.tables import Case, ConsentRecord, Referral, Wish
 
 
-def wire_consumers(runtime: ServiceRuntime, ctx: Context) -> None:
+def wire_consumers(runtime: ServiceRuntime[Any], ctx: Context) -> None:
     """Register both consumer groups of the service."""
     handlers = Handlers(runtime, ctx)
     runtime.add_consumer(
@@ -63,13 +64,13 @@ def wire_consumers(runtime: ServiceRuntime, ctx: Context) -> None:
 
 
 class Handlers:
-    def __init__(self, runtime: ServiceRuntime, ctx: Context) -> None:
+    def __init__(self, runtime: ServiceRuntime[Any], ctx: Context) -> None:
         self.runtime = runtime
         self.ctx = ctx
 
     # -- intake ----------------------------------------------------------------------------
 
-    async def family_registered(self, delivery: Delivery) -> None:
+    async def family_registered(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, FamilyRegistered)
         session = delivery.session
@@ -98,7 +99,7 @@ class Handlers:
         # Intake and visits are separate topics: a visit's wish may have come first.
         await ops.place_open_wishes(session, self.ctx, self.runtime.clock(), case_id=data.case_id)
 
-    async def consent_changed(self, delivery: Delivery) -> None:
+    async def consent_changed(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, ConsentChanged)
         session = delivery.session
@@ -138,7 +139,7 @@ class Handlers:
         else:
             await ops.place_open_wishes(session, self.ctx, now, case_id=data.case_id)
 
-    async def handover_requested(self, delivery: Delivery) -> None:
+    async def handover_requested(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, HandoverRequested)
         self._known_module_and_traeger(data.module, data.traeger)
@@ -155,7 +156,7 @@ class Handlers:
             role=data.requested_by_role,
         )
 
-    async def family_erased(self, delivery: Delivery) -> None:
+    async def family_erased(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, FamilyErased)
         session = delivery.session
@@ -188,7 +189,7 @@ class Handlers:
         # The sealed disclosures went out under the family key, which intake destroyed: the
         # copies on the Träger feeds are unreadable now; locally only field names remain.
 
-    async def cases_merged(self, delivery: Delivery) -> None:
+    async def cases_merged(self, delivery: Delivery[Any]) -> None:
         """Two cases were one family; from now on it is referred as the survivor.
 
         Referrals of the merged case that a Träger has not accepted yet are cancelled
@@ -261,7 +262,7 @@ class Handlers:
 
     # -- visits ----------------------------------------------------------------------------
 
-    async def visit_completed(self, delivery: Delivery) -> None:
+    async def visit_completed(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, VisitCompleted)
         if data.referral_wished_module is None:
@@ -291,7 +292,7 @@ class Handlers:
 
     async def _wish(
         self,
-        delivery: Delivery,
+        delivery: Delivery[Any],
         *,
         origin: ReferralOrigin,
         source_id: str,
@@ -334,7 +335,7 @@ class Handlers:
 
     # -- partner answers -------------------------------------------------------------------
 
-    async def partner_answer(self, delivery: Delivery) -> None:
+    async def partner_answer(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, PartnerReferralAnswer)
         settings = self.ctx.settings

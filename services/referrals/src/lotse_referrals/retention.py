@@ -9,7 +9,7 @@ is no key copy to purge.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from lotse_contracts.events.referrals import ReferralStatus
 from lotse_runtime.app import PeriodicJob, ServiceRuntime
@@ -48,6 +48,6 @@ def rules(settings: ReferralsSettings) -> list[RetentionRule]:
     ]
 
 
-def install(runtime: ServiceRuntime) -> PeriodicJob:
+def install(runtime: ServiceRuntime[Any]) -> PeriodicJob:
     """The retention job of referrals (runtime data classes included)."""
     return add_retention_job(runtime, rules(cast(ReferralsSettings, runtime.settings)))

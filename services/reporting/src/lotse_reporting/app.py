@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from fastapi import FastAPI
 from lotse_contracts import topics
@@ -60,7 +61,7 @@ def create_app(
     settings = settings or ReportingSettings()
     holder: dict[str, api.ReportingContext] = {}
 
-    def wire(runtime: ServiceRuntime) -> None:
+    def wire(runtime: ServiceRuntime[Any]) -> None:
         changes = Changes()
         layout = layout_for(runtime.city, settings)
         context = api.ReportingContext(
@@ -84,7 +85,7 @@ def create_app(
             consumers.handlers(rules_for(runtime.city, settings)),
         )
 
-        async def publish(_runtime: ServiceRuntime) -> None:
+        async def publish(_runtime: ServiceRuntime[Any]) -> None:
             await context.publisher.run_pass()
 
         runtime.add_job("kpis", settings.publish_interval_s, publish)

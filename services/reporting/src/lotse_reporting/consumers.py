@@ -4,6 +4,8 @@ the result in the delivery's transaction (the inbox entry is in the same one).""
 
 from __future__ import annotations
 
+from typing import Any
+
 from lotse_runtime.consumer import Delivery, EventRejected, Handler
 
 from lotse_reporting import domain, store
@@ -17,7 +19,7 @@ live consumer finds what a replay already applied."""
 def handlers(rules: Rules) -> dict[str, Handler]:
     """One handler for every event type the projections use."""
 
-    async def handle(delivery: Delivery) -> None:
+    async def handle(delivery: Delivery[Any]) -> None:
         snapshot = await store.load_snapshot(delivery.session, domain.needs_of(delivery.data))
         try:
             domain.apply(delivery.data, snapshot, rules)

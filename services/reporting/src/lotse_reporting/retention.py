@@ -7,10 +7,12 @@ classes (inbox entries, sent outbox rows) are purged.
 
 from __future__ import annotations
 
+from typing import Any
+
 from lotse_runtime.app import PeriodicJob, ServiceRuntime
 from lotse_runtime.retention import add_retention_job
 
 
-def install(runtime: ServiceRuntime) -> PeriodicJob:
+def install(runtime: ServiceRuntime[Any]) -> PeriodicJob:
     """The retention job of reporting: runtime data classes only."""
     return add_retention_job(runtime)

@@ -13,7 +13,7 @@ enforced by the runtime; the routes check the case's Stadtbezirk or clinic thems
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from lotse_contracts.city import UnknownBezirk
@@ -94,7 +94,7 @@ def _acting_role(caller: Caller) -> EventRole:
 
 def _audit(
     session: AsyncSession,
-    runtime: ServiceRuntime,
+    runtime: ServiceRuntime[Any],
     caller: Caller,
     action: audit.AuditAction,
     case_id: str,
@@ -617,7 +617,7 @@ def visits_router() -> APIRouter:
 
 def _declined(
     session: AsyncSession,
-    runtime: ServiceRuntime,
+    runtime: ServiceRuntime[Any],
     case: VisitsCase,
     visit: VisitsVisit | None,
     body: DeclineRequest,

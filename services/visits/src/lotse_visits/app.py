@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from lotse_runtime.app import Clock, ServiceRuntime, create_service_app
@@ -15,7 +17,7 @@ from lotse_visits.settings import VisitsSettings
 from lotse_visits.tables import TABLES
 
 
-def _wire(runtime: ServiceRuntime) -> None:
+def _wire(runtime: ServiceRuntime[Any]) -> None:
     wire(runtime)
     retention.install(runtime)
 

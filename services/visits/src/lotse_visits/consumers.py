@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date, datetime
+from typing import Any
 
 from lotse_contracts import topics
 from lotse_contracts.city import UnknownBezirk
@@ -36,10 +37,10 @@ _log = logging.getLogger(__name__)
 class IntakeHandlers:
     """Handlers of the intake events, bound to one runtime."""
 
-    def __init__(self, runtime: ServiceRuntime) -> None:
+    def __init__(self, runtime: ServiceRuntime[Any]) -> None:
         self.runtime = runtime
 
-    async def family_registered(self, delivery: Delivery) -> None:
+    async def family_registered(self, delivery: Delivery[Any]) -> None:
         # The queries of one event never need to see its own new rows, so they are written
         # in one flush at its end (a round trip per row saved) — before the next event of a
         # batch, which shares the transaction and must see them.
@@ -47,12 +48,12 @@ class IntakeHandlers:
             await self._family_registered(delivery)
         await delivery.session.flush()
 
-    async def consent_changed(self, delivery: Delivery) -> None:
+    async def consent_changed(self, delivery: Delivery[Any]) -> None:
         with delivery.session.no_autoflush:
             await self._consent_changed(delivery)
         await delivery.session.flush()
 
-    async def _family_registered(self, delivery: Delivery) -> None:
+    async def _family_registered(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, FamilyRegistered)
         runtime, session = self.runtime, delivery.session
@@ -109,7 +110,7 @@ class IntakeHandlers:
         case.state = CaseState.WITHOUT_CONSENT.value
         await store.apply_consent(session, runtime, case, facts, now=now, new_case=new_case)
 
-    async def _consent_changed(self, delivery: Delivery) -> None:
+    async def _consent_changed(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, ConsentChanged)
         if data.scope is not ConsentScope.WELCOME_VISIT:
@@ -137,7 +138,7 @@ class IntakeHandlers:
         )
         await store.apply_consent(session, runtime, case, facts, now=now)
 
-    async def family_erased(self, delivery: Delivery) -> None:
+    async def family_erased(self, delivery: Delivery[Any]) -> None:
         data = delivery.data
         assert isinstance(data, FamilyErased)
         runtime, session = self.runtime, delivery.session
@@ -172,7 +173,7 @@ class IntakeHandlers:
             .values(topics=None, needs_noted=None, referral_wished_module=None)
         )
 
-    async def cases_merged(self, delivery: Delivery) -> None:
+    async def cases_merged(self, delivery: Delivery[Any]) -> None:
         """Two cases were one family: it is visited once, as the survivor. The merged case's
         open visit is cancelled (reason ``duplicate``) and the case closed; the survivor
         keeps or gets its own visit from its consents (intake carried the merged case's over
@@ -223,7 +224,7 @@ def purge(case: VisitsCase) -> None:
     case.preferred_language = None
 
 
-async def check_overdue(runtime: ServiceRuntime) -> None:
+async def check_overdue(runtime: ServiceRuntime[Any]) -> None:
     """Raise "visit overdue" once for every due case whose target date has passed.
 
     Runs periodically. The conditional update marks a case as reported and publishes in one
@@ -292,7 +293,7 @@ def overdue_event(case: VisitsCase, office: Office, *, today: date, now: datetim
     )
 
 
-def wire(runtime: ServiceRuntime) -> None:
+def wire(runtime: ServiceRuntime[Any]) -> None:
     """Register the intake consumer and the overdue check."""
     handlers = IntakeHandlers(runtime)
     runtime.add_consumer(

@@ -8,7 +8,7 @@ go ``retention_erased_case_days`` after the erasure.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from lotse_runtime.app import PeriodicJob, ServiceRuntime
 from lotse_runtime.retention import RetentionRule, add_retention_job, days, rule
@@ -37,6 +37,6 @@ def rules(settings: VisitsSettings) -> list[RetentionRule]:
     ]
 
 
-def install(runtime: ServiceRuntime) -> PeriodicJob:
+def install(runtime: ServiceRuntime[Any]) -> PeriodicJob:
     """The retention job of visits (runtime data classes included)."""
     return add_retention_job(runtime, rules(cast(VisitsSettings, runtime.settings)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from lotse_contracts.events.common import ConsentState, Role
 from lotse_contracts.events.visits import (
@@ -41,11 +41,11 @@ from lotse_visits.tables import (
 SEARCH_CHUNK = timedelta(days=14)
 
 
-def settings_of(runtime: ServiceRuntime) -> VisitsSettings:
+def settings_of(runtime: ServiceRuntime[Any]) -> VisitsSettings:
     return cast(VisitsSettings, runtime.settings)
 
 
-def target_days(runtime: ServiceRuntime) -> int:
+def target_days(runtime: ServiceRuntime[Any]) -> int:
     configured = settings_of(runtime).visit_target_days
     return configured if configured is not None else runtime.city.welcome_visit_target_days
 
@@ -216,7 +216,7 @@ def scheduled_event(visit: VisitsVisit) -> VisitScheduled:
 
 def book(
     session: AsyncSession,
-    runtime: ServiceRuntime,
+    runtime: ServiceRuntime[Any],
     case: VisitsCase,
     office: Office,
     slot: domain.Slot,
@@ -258,7 +258,7 @@ def book(
 
 async def propose(
     session: AsyncSession,
-    runtime: ServiceRuntime,
+    runtime: ServiceRuntime[Any],
     case: VisitsCase,
     *,
     now: datetime,
@@ -320,7 +320,7 @@ def cancelled_event(visit: VisitsVisit, *, role: Role) -> VisitCancelled:
 
 async def cancel_open_visit(
     session: AsyncSession,
-    runtime: ServiceRuntime,
+    runtime: ServiceRuntime[Any],
     case: VisitsCase,
     *,
     reason: VisitCancelReason,
@@ -343,7 +343,7 @@ async def cancel_open_visit(
 
 async def apply_consent(
     session: AsyncSession,
-    runtime: ServiceRuntime,
+    runtime: ServiceRuntime[Any],
     case: VisitsCase,
     facts: Iterable[ConsentFact],
     *,
