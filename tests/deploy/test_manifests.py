@@ -46,6 +46,7 @@ from tests.deploy.manifests import (
     ROOT,
     TOPIC_PLAN,
     Obj,
+    dockerfile_instructions,
     env_mapping,
     load_yaml,
     named,
@@ -133,26 +134,7 @@ def _settings_from_env(
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
-    text = DOCKERFILE.read_text(encoding="utf-8")
-    logical: list[str] = []
-    current = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        if stripped.startswith("#"):
-            continue  # a comment inside a continued instruction
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        logical.append(current + stripped)
-        current = ""
-    assert not current, "the Dockerfile ends inside a continued line"
-    instructions = []
-    for entry in logical:
-        keyword, _, rest = entry.partition(" ")
-        instructions.append((keyword.upper(), rest.strip()))
-    return instructions
+    return dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
 
 
 def _runtime_stage() -> list[tuple[str, str]]:
