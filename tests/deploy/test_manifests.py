@@ -65,7 +65,7 @@ SERVICES = topic_names.SERVICES
 UID = 10001
 HTTP_PORT = 8000
 KAFKA_TLS_PORT = 9093
-STRIMZI_API = "kafka.strimzi.io/v1beta2"
+STRIMZI_API = "kafka.strimzi.io/v1"
 KEDA_API = "keda.sh/v1alpha1"
 CUSTOM_KINDS = {
     (STRIMZI_API, "Kafka"),
@@ -414,13 +414,30 @@ def test_compose_takes_every_secret_from_the_generated_env_file(
 def test_compose_infrastructure(compose: Obj) -> None:
     services = compose["services"]
     kafka = services["kafka"]
-    assert kafka["image"] == "apache/kafka:3.9.1"
+    image = str(kafka["image"])
+    assert re.fullmatch(r"apache/kafka:4\.\d+\.\d+", image), (
+        f"docker-compose.yml: kafka runs {image}, not a pinned Apache Kafka 4.x"
+    )
+    [base_kafka] = of_kind(rendered("base"), "Kafka")
+    assert image.rpartition(":")[2] == base_kafka["spec"]["kafka"]["version"], (
+        "docker-compose.yml and deploy/k8s/base/kafka/kafka.yaml run the same Kafka version"
+    )
     env = env_mapping(kafka["environment"])
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}, "KRaft"
     assert not [name for name in services if "zookeeper" in name]
     assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"].lower() == "false"
     assert "healthcheck" in kafka
+    # Broker settings Kafka 4 no longer has (ZooKeeper, message-format and protocol pins).
+    removed = {
+        "KAFKA_ZOOKEEPER_CONNECT",
+        "KAFKA_LOG_MESSAGE_FORMAT_VERSION",
+        "KAFKA_INTER_BROKER_PROTOCOL_VERSION",
+        "KAFKA_CONTROL_PLANE_LISTENER_NAME",
+        "KAFKA_LOG_MESSAGE_DOWNCONVERSION_ENABLE",
+        "KAFKA_AUTHORIZER_CLASS_NAME",
+    } & set(env)
+    assert not removed, f"docker-compose.yml: kafka sets {sorted(removed)}, gone in Kafka 4"
 
     postgres = services["postgres"]
     assert postgres["image"] == "postgres:16-alpine"
@@ -597,7 +614,7 @@ def test_every_standard_resource_is_valid_for_kubernetes_1_32(overlay: str) -> N
     for obj in rendered(f"overlays/{overlay}"):
         kind = (obj["apiVersion"], obj["kind"])
         if kind in CUSTOM_KINDS:
-            continue  # checked against their operators' required fields below
+            continue  # checked against their CRD schemas below
         name = f"{obj['kind']}/{obj['metadata']['name']}"
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -653,8 +670,9 @@ def test_kubernetes_validate_is_strict(tmp_path: Path) -> None:
     assert _kubernetes_validate_cli([broken], tmp_path / "broken.yaml").returncode != 0
 
 
-# What the Strimzi (0.45+) and KEDA (2.12+) operators need of each custom resource; their
-# CRDs are not bundled with kubernetes-validate.
+# What Lotse relies on in each custom resource, stricter than the CRDs (which let unknown fields
+# through: the API server prunes them silently); the CRD schemas themselves are checked by
+# test_custom_resources_match_the_strimzi_and_keda_crd_schemas.
 _ACL = {
     "type": "object",
     "required": ["resource", "operations"],
@@ -884,6 +902,87 @@ def test_custom_resources_have_the_fields_their_operators_require(overlay: str) 
         spec = scaled["spec"]
         assert spec["minReplicaCount"] <= spec["maxReplicaCount"], scaled["metadata"]["name"]
     assert not problems, "\n".join(problems)
+
+
+CRD_VALIDATORS = (
+    Path(__file__).parent / "fixtures" / "crd-validators" / "strimzi-keda-validators.cjs"
+)
+_NODE_RUNNER = """
+const validators = require(process.argv[1]);
+const objects = JSON.parse(require("fs").readFileSync(0, "utf8"));
+const problems = [];
+for (const obj of objects) {
+  const validate = validators[obj.kind];
+  const name = `${obj.kind}/${obj.metadata && obj.metadata.name}`;
+  if (!validate) { problems.push(`${name}: no CRD schema for this kind`); continue; }
+  if (!validate(obj)) {
+    for (const e of validate.errors) {
+      problems.push(`${name}: ${e.instancePath || "/"}: ${e.keyword} ${JSON.stringify(e.params)}`);
+    }
+  }
+}
+process.stdout.write(JSON.stringify(problems));
+"""
+
+
+def crd_schema_problems(objects: list[Obj]) -> list[str]:
+    """Every custom resource checked against its CRD's openAPIV3 schema (Strimzi v1, KEDA
+    v1alpha1), by the validators the kubernetes-models npm packages compile from the CRDs."""
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("Node.js is not installed: the CRD schema validators are JavaScript")
+    result = subprocess.run(
+        [node, "-e", _NODE_RUNNER, str(CRD_VALIDATORS)],
+        input=json.dumps(objects),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    problems: list[str] = json.loads(result.stdout)
+    return problems
+
+
+def test_crd_validators_fixture_is_the_documented_one() -> None:
+    readme = (CRD_VALIDATORS.parent.parent / "README.md").read_text(encoding="utf-8")
+    assert hashlib.sha256(CRD_VALIDATORS.read_bytes()).hexdigest() in readme
+    assert "@kubernetes-models/strimzi-kafka-operator@1.0.1" in readme
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_custom_resources_match_the_strimzi_and_keda_crd_schemas(overlay: str) -> None:
+    objects = [
+        obj
+        for obj in rendered(f"overlays/{overlay}")
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS
+    ]
+    assert {obj["kind"] for obj in objects} >= {"Kafka", "KafkaNodePool", "KafkaTopic"}
+    problems = crd_schema_problems(objects)
+    assert not problems, "\n".join(problems)
+
+
+def test_crd_schemas_reject_what_the_operators_would() -> None:
+    # The control: the schemas do check something. An ACL in the old v1beta2 form (a single
+    # `operation`), a topic with a string partition count, a node pool without roles and a
+    # ScaledObject without triggers each fail, naming the resource and the field.
+    objects = rendered("overlays/prod")
+    [user, *_] = of_kind(objects, "KafkaUser")
+    [topic, *_] = of_kind(objects, "KafkaTopic")
+    [pool] = of_kind(objects, "KafkaNodePool")
+    [scaled, *_] = of_kind(objects, "ScaledObject")
+    user, topic, pool, scaled = (json.loads(json.dumps(o)) for o in (user, topic, pool, scaled))
+    acl = user["spec"]["authorization"]["acls"][0]
+    acl["operation"] = acl.pop("operations")[0]
+    topic["spec"]["partitions"] = "three"
+    del pool["spec"]["roles"]
+    del scaled["spec"]["triggers"]
+    problems = "\n".join(crd_schema_problems([user, topic, pool, scaled]))
+    assert f"KafkaUser/{user['metadata']['name']}: /spec/authorization/acls/0: required" in problems
+    assert '"missingProperty":"operations"' in problems
+    assert f"KafkaTopic/{topic['metadata']['name']}: /spec/partitions: type" in problems
+    assert '"missingProperty":"roles"' in problems
+    assert '"missingProperty":"triggers"' in problems
 
 
 # -- kustomize: the services -------------------------------------------------------------------
@@ -1527,3 +1626,18 @@ def test_yamllint_finds_problems() -> None:
     )
     assert result.returncode != 0
     assert "truthy" in result.stdout
+
+
+# -- Kafka 4 clients ---------------------------------------------------------------------------
+
+
+def test_service_clients_speak_kafka_4() -> None:
+    # Kafka 4 dropped the oldest protocol versions (KIP-896). aiokafka negotiates versions with
+    # the broker since 0.13 (before, it sent Metadata v0/v1 at bootstrap, which 4.0 refuses);
+    # an `api_version` pin would be ignored there, but says the wrong thing: none is set.
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in version("aiokafka").split(".")[:2])
+    assert (major, minor) >= (0, 13), f"aiokafka {version('aiokafka')} cannot talk to Kafka 4"
+    source = (ROOT / "libs" / "runtime" / "src" / "lotse_runtime" / "kafka.py").read_text()
+    assert "api_version" not in source, "lotse_runtime.kafka pins a Kafka protocol version"
