@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,6 +60,7 @@ from tests.deploy.manifests import (
 )
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+K8S_DIR = ROOT / "deploy" / "k8s"
 COMPOSE_SCHEMA = Path(__file__).parent / "fixtures" / "compose-spec.json"
 DOCKERFILE = ROOT / "Dockerfile"
 SERVICES = topic_names.SERVICES
@@ -1285,15 +1287,11 @@ def test_network_policies_deny_by_default_and_allow_a_list(overlay: str) -> None
         egress_policies = _policies_for(objects, labels, "Egress")
         assert egress_policies, f"{name}: egress is not restricted"
         egress = _allowed_ports(egress_policies, "Egress")
-        assert egress == {
-            ("UDP", 53),
-            ("TCP", 53),
-            ("TCP", KAFKA_TLS_PORT),
-            ("TCP", 5432),
-            ("TCP", HTTP_PORT),
-            ("TCP", 4317),
-            ("TCP", 4318),
-        }, name
+        # Nothing beyond what some service's settings need (test_network_policies_let_each_
+        # service_reach_what_its_settings_name derives that), DNS and the collector's gRPC port.
+        needed = {("TCP", need.port) for needs in _egress_needs(objects).values() for need in needs}
+        extra = egress - needed - {("UDP", 53), ("TCP", 53), ("TCP", 4317)}
+        assert not extra, f"{name}: egress opens {sorted(extra)}, which no setting needs"
 
     # Every other workload of Lotse (collector, dev database) has its own allow-list.
     for workload in of_kind(objects, "Deployment") + of_kind(objects, "StatefulSet"):
@@ -1302,6 +1300,208 @@ def test_network_policies_deny_by_default_and_allow_a_list(overlay: str) -> None
             assert _policies_for(objects, labels, direction), (
                 f"{workload['metadata']['name']}: no {direction} policy"
             )
+
+
+@dataclass(frozen=True)
+class EgressNeed:
+    """A destination a service's settings make it connect to."""
+
+    variable: str
+    host: str
+    port: int
+    pod_labels: dict[str, str] | None  # in-cluster: the labels of the pods behind the name
+
+    def __str__(self) -> str:
+        return f"{self.variable} -> {self.host}:{self.port}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "postgres": 5432}
+
+
+def _url_endpoints(value: str) -> list[tuple[str, int]]:
+    """host:port of a URL (scheme default port), or of each entry of a Kafka bootstrap list."""
+    if "://" in value:
+        url = urlsplit(value)
+        scheme = url.scheme.split("+")[0]
+        if not url.hostname:
+            return []  # a file:// or sqlite path
+        return [(url.hostname, url.port or _DEFAULT_PORTS[scheme])]
+    endpoints = []
+    for entry in value.split(","):
+        host, _, port = entry.strip().rpartition(":")
+        if host and port.isdigit():
+            endpoints.append((host, int(port)))
+    return endpoints
+
+
+def _in_cluster(objects: list[Obj], host: str, port: int) -> tuple[dict[str, str], int] | None:
+    """The labels of the pods behind an in-cluster Service name and the port they listen on
+    (what a NetworkPolicy sees), or None for a destination outside the cluster."""
+    name = host.split(".")[0]
+    if "." in host and not host.endswith((".svc", ".svc.cluster.local")) and host.count(".") != 1:
+        return None
+    for kafka in of_kind(objects, "Kafka"):
+        if name == f"{kafka['metadata']['name']}-kafka-bootstrap":
+            # Strimzi creates this Service; it selects the cluster's broker pods.
+            cluster = kafka["metadata"]["name"]
+            return {"strimzi.io/cluster": cluster, "strimzi.io/kind": "Kafka"}, port
+    services = [s for s in of_kind(objects, "Service") if s["metadata"]["name"] == name]
+    if not services:
+        return None
+    [service] = services
+    workloads = [
+        w
+        for w in of_kind(objects, "Deployment") + of_kind(objects, "StatefulSet")
+        if selects(
+            {"matchLabels": service["spec"]["selector"]},
+            w["spec"]["template"]["metadata"]["labels"],
+        )
+    ]
+    assert workloads, f"Service {name} selects no pods"
+    pod = workloads[0]["spec"]["template"]
+    [entry] = [p for p in service["spec"]["ports"] if p["port"] == port] or [{"targetPort": port}]
+    target = entry.get("targetPort", port)
+    if isinstance(target, str):
+        named_ports = {
+            p["name"]: p["containerPort"]
+            for c in pod["spec"]["containers"]
+            for p in c.get("ports", [])
+            if "name" in p
+        }
+        target = named_ports[target]
+    return dict(pod["metadata"]["labels"]), int(target)
+
+
+def _egress_needs(objects: list[Obj]) -> dict[str, list[EgressNeed]]:
+    """For each service Deployment, every destination its settings name: any URL-valued
+    variable (AUTH_JWKS, OTLP_ENDPOINT, the keyring URL, the database URL, from a ConfigMap, the
+    Deployment or a rendered Secret), and the Kafka bootstrap servers."""
+    secrets = {s["metadata"]["name"]: s for s in of_kind(objects, "Secret")}
+    needs: dict[str, list[EgressNeed]] = {}
+    for name, deployment in _deployments(objects).items():
+        _, container = _container(deployment)
+        found = []
+        for variable, item in sorted(_effective_env(objects, container).items()):
+            if "value" in item:
+                value = str(item["value"])
+            else:
+                ref = item["valueFrom"]["secretKeyRef"]
+                if ref["name"] in secrets:
+                    value = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+                else:
+                    # Made by ops (prod): the documented form, e.g. postgresql://…@host:5432/….
+                    value = _secret_placeholder(variable) or ""
+            if not (
+                variable.endswith("KAFKA_BOOTSTRAP") or re.match(r"^[a-z][a-z0-9+.-]*://", value)
+            ):
+                continue
+            for host, port in _url_endpoints(value):
+                target = _in_cluster(objects, host, port)
+                if target is None:
+                    found.append(EgressNeed(variable, host, port, None))
+                else:
+                    found.append(EgressNeed(variable, host, target[1], target[0]))
+        needs[name] = found
+    return needs
+
+
+def _policy_files() -> dict[str, str]:
+    """NetworkPolicy name -> the file under deploy/k8s that defines it."""
+    files = {}
+    for path in sorted(K8S_DIR.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if isinstance(doc, dict) and doc.get("kind") == "NetworkPolicy":
+                files[doc["metadata"]["name"]] = str(path.relative_to(ROOT))
+    return files
+
+
+def _rule_allows(rule: Obj, need: EgressNeed) -> bool:
+    ports = rule.get("ports") or []
+    if ports and not any(
+        p.get("protocol", "TCP") == "TCP"
+        and int(p["port"]) <= need.port <= int(p.get("endPort", p["port"]))
+        for p in ports
+    ):
+        return False
+    peers = rule.get("to") or []
+    if not peers:
+        return True
+    for peer in peers:
+        if "ipBlock" in peer and need.pod_labels is None:
+            return True  # an external address: the overlay's CIDR stands for it
+        in_namespace = "podSelector" in peer and "namespaceSelector" not in peer
+        if (
+            need.pod_labels is not None
+            and in_namespace
+            and selects(peer["podSelector"], need.pod_labels)
+        ):
+            return True
+    return False
+
+
+def egress_problems(objects: list[Obj]) -> list[str]:
+    files = _policy_files()
+    problems = []
+    for name, needs in _egress_needs(objects).items():
+        labels = _deployments(objects)[name]["spec"]["template"]["metadata"]["labels"]
+        policies = _policies_for(objects, labels, "Egress")
+        if not policies:
+            continue  # egress unrestricted (test_network_policies_deny_by_default_... objects)
+        for need in needs:
+            if not any(
+                _rule_allows(r, need) for p in policies for r in p["spec"].get("egress") or []
+            ):
+                where = sorted({files.get(p["metadata"]["name"], "?") for p in policies})
+                destination = "its pods" if need.pod_labels is not None else "an ipBlock"
+                problems.append(
+                    f"{', '.join(where)}: {name} needs {need} (TCP {need.port} to {destination}), "
+                    f"but no egress rule of {sorted(p['metadata']['name'] for p in policies)} "
+                    f"allows port {need.port}"
+                )
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_each_service_reach_what_its_settings_name(overlay: str) -> None:
+    objects = rendered(f"overlays/{overlay}")
+    needs = _egress_needs(objects)
+    variables = {need.variable for found in needs.values() for need in found}
+    # What the derivation must find, or it proves nothing.
+    assert {"LOTSE_KAFKA_BOOTSTRAP", "LOTSE_OTLP_ENDPOINT", "LOTSE_REFERRALS_KEYRING_URL"} <= (
+        variables
+    ), variables
+    assert any(v.endswith("DATABASE_URL") for v in variables), variables
+    if overlay == "prod":
+        jwks = [n for found in needs.values() for n in found if n.variable == "LOTSE_AUTH_JWKS"]
+        assert jwks, "prod verifies tokens against the identity provider's JWKS URL"
+        assert {n.port for n in jwks} == {443}
+    problems = egress_problems(objects)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_policy_that_blocks_a_configured_dependency_fails_naming_file_and_port() -> None:
+    # The control, and the bug this exists for: prod's JWKS is an https URL, and a policy set
+    # without 443 (as it once was) makes every authenticated call answer 503.
+    objects = json.loads(json.dumps(rendered("overlays/prod")))
+    [idp] = [
+        p for p in of_kind(objects, "NetworkPolicy") if "identity-provider" in p["metadata"]["name"]
+    ]
+    idp["spec"]["egress"][0]["ports"][0]["port"] = 8443
+    problems = "\n".join(egress_problems(objects))
+    assert "deploy/k8s/components/network-policies/policies.yaml" in problems
+    assert "LOTSE_AUTH_JWKS -> login.example.org:443" in problems
+    assert "allows port 443" in problems
+    # And the keyring call to intake, should the services' rule to each other go.
+    objects = json.loads(json.dumps(rendered("overlays/prod")))
+    [services] = [
+        p for p in of_kind(objects, "NetworkPolicy") if p["metadata"]["name"] == "lotse-services"
+    ]
+    services["spec"]["egress"] = [
+        r for r in services["spec"]["egress"] if {p["port"] for p in r["ports"]} != {HTTP_PORT}
+    ]
+    problems = "\n".join(egress_problems(objects))
+    assert "LOTSE_REFERRALS_KEYRING_URL -> lotse-intake:8000" in problems
+    assert "allows port 8000" in problems
 
 
 def test_dev_database_is_reachable_only_from_the_services() -> None:
