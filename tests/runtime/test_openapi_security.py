@@ -79,7 +79,9 @@ def test_openapi_declares_the_bearer_scheme_where_a_token_is_needed(
             assert "401" not in operation["responses"], where
             continue
         protected += 1
-        expected = [{BEARER: []}] + ([{}] if rule.open_when is not None else [])
+        expected: list[dict[str, list[str]]] = [{BEARER: []}] + (
+            [{}] if rule.open_when is not None else []
+        )
         assert operation.get("security") == expected, (
             f"{where}: security {operation.get('security')}"
         )

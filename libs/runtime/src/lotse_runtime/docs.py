@@ -31,11 +31,14 @@ def serve_docs_offline(app: FastAPI) -> None:
     app.state.docs_assets_url = ASSETS_URL
     app.mount(ASSETS_URL, StaticFiles(directory=ASSETS), name="docs-assets")
 
+    def root(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
     def assets(request: Request) -> str:
-        return request.scope.get("root_path", "").rstrip("/") + ASSETS_URL
+        return root(request) + ASSETS_URL
 
     def openapi_url(request: Request) -> str:
-        return request.scope.get("root_path", "").rstrip("/") + (app.openapi_url or "")
+        return root(request) + (app.openapi_url or "")
 
     async def swagger_ui(request: Request) -> HTMLResponse:
         oauth2_redirect = app.swagger_ui_oauth2_redirect_url
@@ -45,11 +48,7 @@ def serve_docs_offline(app: FastAPI) -> None:
             swagger_js_url=f"{assets(request)}/swagger-ui-bundle.js",
             swagger_css_url=f"{assets(request)}/swagger-ui.css",
             swagger_favicon_url=f"{assets(request)}/favicon.png",
-            oauth2_redirect_url=(
-                request.scope.get("root_path", "").rstrip("/") + oauth2_redirect
-                if oauth2_redirect
-                else None
-            ),
+            oauth2_redirect_url=root(request) + oauth2_redirect if oauth2_redirect else None,
             init_oauth=app.swagger_ui_init_oauth,
             swagger_ui_parameters=app.swagger_ui_parameters,
         )
