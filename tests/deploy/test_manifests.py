@@ -1841,3 +1841,11 @@ def test_service_clients_speak_kafka_4() -> None:
     assert (major, minor) >= (0, 13), f"aiokafka {version('aiokafka')} cannot talk to Kafka 4"
     source = (ROOT / "libs" / "runtime" / "src" / "lotse_runtime" / "kafka.py").read_text()
     assert "api_version" not in source, "lotse_runtime.kafka pins a Kafka protocol version"
+
+
+def test_compose_v2_is_documented_as_required(compose_file: Obj) -> None:
+    # The top-level `name:` is Compose v2 only; docker-compose 1.x refuses the whole file.
+    assert "name" in compose_file
+    for document in (ROOT / "README.md", ROOT / "docs" / "operations.md"):
+        text = " ".join(document.read_text(encoding="utf-8").split())
+        assert "Docker Compose v2" in text, f"{document.name}: say that compose v2 is required"
