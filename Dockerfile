@@ -4,15 +4,22 @@
 #
 #   docker build --build-arg SERVICE=intake -t lotse-intake .
 #
-# SERVICE (intake | visits | referrals | reporting) becomes LOTSE_SERVICE, which picks the app
-# factory `lotse_<service>.app:create_app` when the container starts; the image holds all four
-# services, so LOTSE_SERVICE can also be overridden at run time.
+# SERVICE (intake | visits | referrals | reporting) picks what is installed and becomes
+# LOTSE_SERVICE, which picks the app factory `lotse_<service>.app:create_app` when the
+# container starts. The image holds that one service with the contracts and the runtime, and
+# nothing else of the workspace: not the other services, not the simulator (tools/), not the
+# benchmarks (bench/): `uv sync --package lotse-<service>` installs exactly that package's part
+# of the lock, and only the members it needs are copied. (Without --package, uv would install
+# the root's dependencies, all services and tools/simulator.)
 #
 # The runtime stage contains the slim Python base and /app/.venv, nothing else from the build:
 # the workspace packages are installed non-editable, so no source tree is copied. It runs as
 # uid/gid 10001, listens on 0.0.0.0:8000 and needs no shell (the command is python itself). With a
 # DATABASE_URL it writes nothing to the image's filesystem (a read-only root is fine; give it a
 # writable /tmp); without one it falls back to SQLite in /app/var (owned by 10001).
+#
+# tests/deploy/test_image_build.py replays the COPY and `uv sync` lines below in a directory that
+# holds only what they copy: a file the build needs but does not copy fails the suite.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
@@ -29,23 +36,28 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PROJECT_ENVIRONMENT=/app/.venv
 WORKDIR /src
 
+ARG SERVICE
+RUN case "${SERVICE}" in \
+        intake|visits|referrals|reporting) ;; \
+        *) echo "build with --build-arg SERVICE=intake|visits|referrals|reporting (got '${SERVICE}')" >&2; exit 1 ;; \
+    esac
+
 # Third-party dependencies first: this layer is rebuilt only when the lock or a pyproject changes.
+# With --package, uv reads only the members lotse-${SERVICE} needs (no other service, not
+# tools/simulator) and installs only its part of the lock.
 COPY pyproject.toml uv.lock ./
 COPY contracts/pyproject.toml contracts/
 COPY libs/runtime/pyproject.toml libs/runtime/
-COPY services/intake/pyproject.toml services/intake/
-COPY services/visits/pyproject.toml services/visits/
-COPY services/referrals/pyproject.toml services/referrals/
-COPY services/reporting/pyproject.toml services/reporting/
+COPY services/${SERVICE}/pyproject.toml services/${SERVICE}/
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-install-workspace --no-editable
+    uv sync --frozen --no-dev --no-install-workspace --no-editable --package lotse-${SERVICE}
 
-# Then the workspace members (contracts, runtime, the four services) as real wheels.
+# Then the workspace members the service needs (contracts, runtime, the service) as real wheels.
 COPY contracts/ contracts/
-COPY libs/ libs/
-COPY services/ services/
+COPY libs/runtime/ libs/runtime/
+COPY services/${SERVICE}/ services/${SERVICE}/
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable
+    uv sync --frozen --no-dev --no-editable --package lotse-${SERVICE}
 
 # --- runtime -----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

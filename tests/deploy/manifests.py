@@ -152,3 +152,26 @@ def settings_class(service: str) -> type[ServiceSettings]:
     ]
     assert len(found) == 1, f"lotse_{service}.settings: one ServiceSettings subclass expected"
     return found[0]
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """A Dockerfile's instructions as (KEYWORD, rest), continued lines joined, comments gone."""
+    logical: list[str] = []
+    current = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        logical.append(current + stripped)
+        current = ""
+    assert not current, "the Dockerfile ends inside a continued line"
+    instructions = []
+    for entry in logical:
+        keyword, _, rest = entry.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    return instructions

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics, platform_topics
 
-STRIMZI_API = "kafka.strimzi.io/v1beta2"
+STRIMZI_API = "kafka.strimzi.io/v1"
 KUSTOMIZE_COMPONENT_API = "kustomize.config.k8s.io/v1alpha1"
 DEFAULT_CLUSTER = "lotse"
 DEFAULT_CITY = "dortmund"

@@ -42,6 +42,7 @@ from lotse_runtime.auth import (
 )
 from lotse_runtime.consumer import EventConsumer, Handler
 from lotse_runtime.db import Database, transient_error
+from lotse_runtime.docs import serve_docs_offline
 from lotse_runtime.health import ReadinessCheck, health_router
 from lotse_runtime.identity import (
     AccessDenied,
@@ -383,6 +384,7 @@ def create_service_app(
         dependencies=[Depends(policy_gate)],
     )
     app.state.runtime = runtime
+    serve_docs_offline(app)
     _instrument(app, runtime)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     for kind in (DBAPIError, PoolTimeoutError):

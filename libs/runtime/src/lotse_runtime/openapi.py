@@ -7,6 +7,12 @@ FastAPI documents a 422 in its own shape (``detail`` as a list) while the runtim
 generated from the document, and schemathesis, must see what really comes back, so the
 document is corrected here once for every service. A body that is not even decodable (FastAPI
 answers a bare 400) is answered like every other invalid request: 422 naming the body.
+
+The document also says how to authenticate: the bearer scheme (a JWT of the configured issuer,
+``components.securitySchemes.bearerAuth``) and, on every operation that needs a caller,
+``security: [{bearerAuth: []}]``. Public routes (health probes) carry none; a route a setting
+may open (reporting's dashboard) lists the token as optional (``[{bearerAuth: []}, {}]``). So
+Swagger UI shows its Authorize button and generated clients send the token.
 """
 
 from __future__ import annotations
@@ -60,6 +66,18 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     },
 }
 
+BEARER = "bearerAuth"
+_BEARER_SCHEME: dict[str, Any] = {
+    "type": "http",
+    "scheme": "bearer",
+    "bearerFormat": "JWT",
+    "description": (
+        "An OAuth2/OIDC access token (JWT) of the configured issuer (LOTSE_AUTH_ISSUER, keys "
+        "from LOTSE_AUTH_JWKS, audience LOTSE_AUTH_AUDIENCE); its claims lotse_role and "
+        "lotse_bezirk / lotse_traeger / lotse_clinic say who is calling."
+    ),
+}
+
 _ANSWERS = {
     "401": "No valid bearer token.",
     "403": "The caller's role or scope does not allow this.",
@@ -79,13 +97,19 @@ def _problem(description: str) -> dict[str, Any]:
 
 
 def describe_errors(
-    schema: dict[str, Any], *, is_public: Callable[[str, str], bool]
+    schema: dict[str, Any],
+    *,
+    is_public: Callable[[str, str], bool],
+    may_be_open: Callable[[str, str], bool] | None = None,
 ) -> dict[str, Any]:
-    """Add the platform's error answers to an OpenAPI document (in place; returned).
+    """Add the platform's error answers and its bearer scheme to an OpenAPI document (in
+    place; returned).
 
-    ``is_public(method, path)`` tells the routes that need no caller (no 401/403 there)."""
-    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-    schemas.update(_SCHEMAS)
+    ``is_public(method, path)`` tells the routes that need no caller (no 401/403 there, no
+    ``security``); ``may_be_open`` those a setting can open (the token becomes optional)."""
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {}).update(_SCHEMAS)
+    components.setdefault("securitySchemes", {})[BEARER] = _BEARER_SCHEME
     for path, item in schema.get("paths", {}).items():
         for method, operation in item.items():
             if method not in _HTTP_METHODS:
@@ -94,6 +118,9 @@ def describe_errors(
             wanted = []
             if not is_public(method.upper(), path):
                 wanted += ["401", "403", "503"]
+                operation["security"] = [{BEARER: []}]
+                if may_be_open is not None and may_be_open(method.upper(), path):
+                    operation["security"].append({})
             if "{" in path:
                 wanted.append("404")
             if "requestBody" in operation:
@@ -127,6 +154,15 @@ def _public_by_policy(app: FastAPI) -> Callable[[str, str], bool]:
     return is_public
 
 
+def _open_when_by_policy(app: FastAPI) -> Callable[[str, str], bool]:
+    def may_be_open(method: str, path: str) -> bool:
+        policy = getattr(app.state, "access_policy", None)
+        rule = policy.get(f"{method} {path}") if policy is not None else None
+        return bool(rule is not None and rule.open_when is not None)
+
+    return may_be_open
+
+
 def document_errors(app: FastAPI, *, is_public: Callable[[str, str], bool] | None = None) -> None:
     """Make ``app.openapi()`` state the error answers; answer undecodable bodies with 422.
 
@@ -136,7 +172,9 @@ def document_errors(app: FastAPI, *, is_public: Callable[[str, str], bool] | Non
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = describe_errors(generate(), is_public=is_public)
+            app.openapi_schema = describe_errors(
+                generate(), is_public=is_public, may_be_open=_open_when_by_policy(app)
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
