@@ -32,6 +32,10 @@ from tests.support import install_test_issuer
 
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
+# Test topics have two partitions (fixture ``topics`` and the helpers alike); services check
+# the partition count of their topics and are not ready on another one.
+os.environ.setdefault("LOTSE_TOPIC_PARTITIONS", "2")
+
 # Before any test module (or nested conftest) builds tokens or apps: every service verifies
 # bearer tokens of the run's own issuer.
 install_test_issuer()

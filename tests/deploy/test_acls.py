@@ -361,15 +361,20 @@ def test_topics_get_their_class_settings(
     registry: SubscriptionRegistry, plan: acls.TopicPlan
 ) -> None:
     topics = {t.name: t for t in acls.planned_topics(registry, plan)}
-    assert topics["lotse.intake"].config == {"cleanup.policy": "delete", "retention.ms": -1}
-    assert topics["lotse.reporting.kpis"].config == {"cleanup.policy": "compact"}
+    size = {"max.message.bytes": plan.max_message_bytes}  # the runtime's record size limit
+    assert topics["lotse.intake"].config == {"cleanup.policy": "delete", "retention.ms": -1, **size}
+    assert topics["lotse.reporting.kpis"].config == {"cleanup.policy": "compact", **size}
     assert topics["lotse.dlq.visits"].config["retention.ms"] == 90 * 24 * 3600 * 1000
     feed = topics[topic_names.bezirk_feed("hoerde")]
     assert feed.topic_class == "bezirk_feed"
     assert feed.config["retention.ms"] == 30 * 24 * 3600 * 1000
     assert {t.partitions for t in topics.values()} == {plan.partitions}
     spec = topics["lotse.intake"].spec()
-    assert spec.config == {"cleanup.policy": "delete", "retention.ms": "-1"}
+    assert spec.config == {
+        "cleanup.policy": "delete",
+        "retention.ms": "-1",
+        "max.message.bytes": str(plan.max_message_bytes),
+    }
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,13 @@ from lotse_contracts.subscriptions import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics, platform_topics
+from lotse_runtime.kafka import (
+    MAX_RECORD_BYTES,
+    KafkaConfig,
+    TopicSpec,
+    ensure_topics,
+    platform_topics,
+)
 
 STRIMZI_API = "kafka.strimzi.io/v1"
 KUSTOMIZE_COMPONENT_API = "kustomize.config.k8s.io/v1alpha1"
@@ -120,6 +126,11 @@ class TopicPlan(_Strict):
     version: Literal[1] = Field(description="Format version of the file.")
     partitions: int = Field(default=3, ge=1, description="Default partitions per topic.")
     replicas: int = Field(default=1, ge=1, description="Default replication factor.")
+    max_message_bytes: int = Field(
+        default=MAX_RECORD_BYTES,
+        ge=64 * 1024,
+        description="max.message.bytes of every topic: the runtime's kafka_max_record_bytes.",
+    )
     classes: dict[TopicClassName, TopicClass] = Field(default_factory=dict)
 
     def settings(self, name: TopicClassName) -> TopicClass:
@@ -238,6 +249,7 @@ def planned_topics(
             config["cleanup.policy"] = policy
         if settings.retention_ms is not None:
             config["retention.ms"] = settings.retention_ms
+        config["max.message.bytes"] = plan.max_message_bytes
         config.update(settings.config)
         result.append(
             PlannedTopic(

@@ -52,7 +52,7 @@ from lotse_runtime.identity import (
     install_identity,
 )
 from lotse_runtime.inputs import InputGuard
-from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
+from lotse_runtime.kafka import KafkaConfig, TopicSpec, platform_topics, verify_topics
 from lotse_runtime.logging import configure_logging
 from lotse_runtime.openapi import document_errors
 from lotse_runtime.outbox import Outbox, OutboxRelay
@@ -136,6 +136,8 @@ class ServiceRuntime(Generic[S]):
     consumers: list[EventConsumer] = field(default_factory=list)
     jobs: list[PeriodicJob] = field(default_factory=list)
     kafka_started: asyncio.Event = field(default_factory=asyncio.Event)
+    topic_problems: list[str] | None = None
+    """What the last topic check found wrong (empty: all as planned; None: not checked yet)."""
     clock: Clock = field(default=lambda: _utc_now())
     """Current time, aware UTC. Tests pass a controllable clock to create_service_app."""
     with_broker: bool = True
@@ -179,6 +181,26 @@ class ServiceRuntime(Generic[S]):
         self.jobs.append(job)
         return job
 
+    def planned_topics(self) -> list[TopicSpec]:
+        """Every platform topic with the partition count and size limit this service expects."""
+        settings = self.settings
+        return platform_topics(
+            self.registry,
+            prefix=settings.topic_prefix,
+            partitions=settings.topic_partitions,
+            replication=settings.topic_replication,
+            max_record_bytes=settings.kafka_max_record_bytes,
+        )
+
+    async def verify_topics(self) -> list[str]:
+        """Check the platform's topics (existence, partition count), re-create missing ones
+        where ``create_topics`` allows, and keep the problems for readiness."""
+        report = await verify_topics(
+            self.kafka, self.planned_topics(), create=self.settings.create_topics
+        )
+        self.topic_problems = report.problems
+        return report.problems
+
     async def check_database(self) -> None:
         await self.db.ping()
 
@@ -196,6 +218,22 @@ class ServiceRuntime(Generic[S]):
         stopped = [c.name for c in self.consumers if not c.running]
         if stopped:
             raise RuntimeError(f"consumer(s) stopped: {', '.join(stopped)}")
+        stalled = [
+            f"{c.name}: {where}"
+            for c in self.consumers
+            for where in c.stalled(self.settings.consumer_stall_s)
+        ]
+        if stalled:
+            raise RuntimeError(f"consumer(s) not advancing: {'; '.join(stalled)}")
+
+    async def check_topics(self) -> None:
+        problems = self.topic_problems
+        if problems is None:
+            raise RuntimeError("topics not checked yet")
+        if problems:
+            # Wrong partition counts first: they name topic, expected and found counts.
+            ordered = sorted(problems, key=lambda line: "missing" in line)
+            raise RuntimeError("; ".join(ordered))
 
     async def check_relay(self) -> None:
         if self.relay.last_error is not None:
@@ -214,6 +252,7 @@ def build_runtime(
         client_id=f"lotse-{settings.service_name}",
         session_timeout_ms=settings.consumer_session_timeout_ms,
         heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
+        max_record_bytes=settings.kafka_max_record_bytes,
         extra=settings.kafka_client_options(),
     )
     if telemetry is None:
@@ -251,21 +290,27 @@ def build_runtime(
 
 
 async def _connect_kafka(runtime: ServiceRuntime[Any]) -> None:
-    """Create topics and start consumers, retrying while the broker is away."""
-    settings = runtime.settings
+    """Verify (and where allowed create) topics and start consumers, retrying while the
+    broker is away; then check the topics again every ``topic_check_interval_s``."""
+    await _start_kafka(runtime)
+    while True:
+        await asyncio.sleep(runtime.settings.topic_check_interval_s)
+        try:
+            await runtime.verify_topics()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The broker check reports an unreachable broker; the last findings stay.
+            _log.warning("topic check failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+
+async def _start_kafka(runtime: ServiceRuntime[Any]) -> None:
     delay = 0.5
     while True:
         try:
-            if settings.create_topics:
-                await ensure_topics(
-                    runtime.kafka,
-                    platform_topics(
-                        runtime.registry,
-                        prefix=settings.topic_prefix,
-                        partitions=settings.topic_partitions,
-                        replication=settings.topic_replication,
-                    ),
-                )
+            # A wrong partition count is not repaired here (it cannot be, safely): readiness
+            # names it until an operator does. Consumers start all the same.
+            await runtime.verify_topics()
             for consumer in runtime.consumers:
                 if not consumer.running:
                     await consumer.start()
@@ -399,6 +444,7 @@ def create_service_app(
         "broker": runtime.check_broker,
         "consumers": runtime.check_consumers,
         "outbox": runtime.check_relay,
+        "topics": runtime.check_topics,
     }
     app.include_router(health_router(checks, timeout_s=settings.readiness_timeout_s))
     for router in routers:

@@ -4,7 +4,10 @@
 creates the topics, starts every installed service (entry point group ``lotse.services``)
 with its SQLite database under ``var/`` (unless ``LOTSE_<SERVICE>_DATABASE_URL`` says
 otherwise), waits until each is ready and prints where it listens. Ctrl-C stops everything.
-``lotse broker`` runs only the embedded broker.
+``lotse broker`` runs only the embedded broker. Both stop their broker (and services) on
+SIGTERM as on SIGINT (Ctrl-C).
+``lotse republish --service NAME --since ISO`` publishes a service's retained outbox rows again
+(after the broker lost its data; docs/operations.md).
 ``lotse acls`` renders the Kafka users (ACLs) and topics of deploy/k8s from the subscription
 registry (``--check``: fail on drift; ``--create-topics``: create them on a running Kafka).
 ``lotse dev-secrets`` writes development secrets for docker compose and the dev cluster into
@@ -24,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -35,7 +39,8 @@ from lotse_runtime import acls as acls_command
 from lotse_runtime.auth import DevelopmentIssuer
 from lotse_runtime.embedded import BrokerStartError, EmbeddedBroker, free_port
 from lotse_runtime.identity import Role
-from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
+from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics, verify_topics
+from lotse_runtime.settings import ServiceSettings
 
 DEFAULT_PORTS = {"intake": 8001, "visits": 8002, "referrals": 8003, "reporting": 8004}
 
@@ -77,6 +82,26 @@ def _ready(port: int) -> tuple[bool, str]:
         return False, str(exc)
 
 
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[None]:
+    """SIGTERM and SIGINT both become one KeyboardInterrupt, so that ``finally`` blocks stop
+    the broker and the services (Python's default for SIGTERM ends the process at once and
+    leaves the broker running); further signals during the shutdown are ignored."""
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _start_broker(data_dir: Path) -> tuple[str, EmbeddedBroker | None]:
     external = os.environ.get("LOTSE_KAFKA_BOOTSTRAP")
     if external:
@@ -90,6 +115,15 @@ def _start_broker(data_dir: Path) -> tuple[str, EmbeddedBroker | None]:
 
 
 def up(args: argparse.Namespace) -> int:
+    with _signals_stop():
+        try:
+            return _up(args)
+        except KeyboardInterrupt:
+            print("stopped", flush=True)
+            return 130
+
+
+def _up(args: argparse.Namespace) -> int:
     data_dir = Path(os.environ.get("LOTSE_DATA_DIR", "var"))
     data_dir.mkdir(parents=True, exist_ok=True)
     services = _installed_services()
@@ -110,11 +144,16 @@ def up(args: argparse.Namespace) -> int:
     running: list[RunningService] = []
     try:
         city = load_city(os.environ.get("LOTSE_CITY", "dortmund"))
-        prefix = os.environ.get("LOTSE_TOPIC_PREFIX", "")
+        shared = ServiceSettings(kafka_bootstrap=bootstrap)  # LOTSE_* as every service reads
         created = asyncio.run(
             ensure_topics(
-                KafkaConfig(bootstrap=bootstrap),
-                platform_topics(load_registry(city), prefix=prefix),
+                KafkaConfig(bootstrap=bootstrap, max_record_bytes=shared.kafka_max_record_bytes),
+                platform_topics(
+                    load_registry(city),
+                    prefix=shared.topic_prefix,
+                    partitions=shared.topic_partitions,
+                    max_record_bytes=shared.kafka_max_record_bytes,
+                ),
             )
         )
         print(f"Topics:    {len(created)} created for {city.name}")
@@ -235,15 +274,83 @@ def _stop_all(running: list[RunningService]) -> None:
 
 def broker(args: argparse.Namespace) -> int:
     try:
-        with EmbeddedBroker(port=args.port) as embedded:
+        with (
+            _signals_stop(),
+            contextlib.suppress(KeyboardInterrupt),
+            EmbeddedBroker(port=args.port) as embedded,
+        ):
             print(f"embedded broker listening on {embedded.bootstrap}; Ctrl-C stops it", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while embedded.running:
-                    time.sleep(0.5)
+            while embedded.running:
+                time.sleep(0.5)
     except BrokerStartError as exc:
         print(str(exc), file=sys.stderr)
         return 1
     return 0
+
+
+def republish(args: argparse.Namespace) -> int:
+    """Publish a service's retained outbox rows from a point in time again."""
+    from datetime import datetime
+
+    from lotse_runtime.db import Database
+    from lotse_runtime.outbox import republish as republish_rows
+
+    services = _installed_services()
+    if args.service not in services:
+        print(
+            f"unknown service {args.service!r}; installed: {', '.join(services)}", file=sys.stderr
+        )
+        return 2
+    try:
+        since = datetime.fromisoformat(args.since)
+        until = datetime.fromisoformat(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"--since/--until: not an ISO 8601 date-time: {exc}", file=sys.stderr)
+        return 2
+    if since.tzinfo is None or (until is not None and until.tzinfo is None):
+        print("--since/--until: give a time-zone offset (e.g. 2026-11-24T08:00:00+01:00)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    settings_class = type(
+        f"{args.service.title()}Settings", (ServiceSettings,), {"service_name": args.service}
+    )
+    settings: ServiceSettings = settings_class()
+    kafka = KafkaConfig(
+        bootstrap=settings.kafka_bootstrap,
+        client_id=f"lotse-{args.service}-republish",
+        max_record_bytes=settings.kafka_max_record_bytes,
+        extra=settings.kafka_client_options(),
+    )
+    topics = [settings.topic(name) for name in args.topic]
+
+    async def run() -> int:
+        if not args.dry_run:
+            # Never let a publish auto-create a lost topic with the broker's partition count.
+            registry = load_registry(load_city(settings.city), settings.subscriptions_file)
+            specs = platform_topics(
+                registry,
+                prefix=settings.topic_prefix,
+                partitions=settings.topic_partitions,
+                replication=settings.topic_replication,
+                max_record_bytes=settings.kafka_max_record_bytes,
+            )
+            report = await verify_topics(kafka, specs, create=settings.create_topics)
+            if report.problems:
+                print("refused, topics not as planned: " + "; ".join(report.problems),
+                      file=sys.stderr)  # fmt: skip
+                return 1
+        db = Database(settings.resolved_database_url())
+        try:
+            count = await republish_rows(
+                db, kafka, since=since, until=until, topics=topics, dry_run=args.dry_run
+            )
+        finally:
+            await db.dispose()
+        verb = "would republish" if args.dry_run else "republished"
+        print(f"{args.service}: {verb} {count} outbox rows created since {since.isoformat()}")
+        return 0
+
+    return asyncio.run(run())
 
 
 def token(args: argparse.Namespace) -> int:
@@ -307,6 +414,23 @@ def main(argv: list[str] | None = None) -> int:
     broker_parser = commands.add_parser("broker", help="run only the embedded broker")
     broker_parser.add_argument("--port", type=int, default=None)
     broker_parser.set_defaults(func=broker)
+    republish_parser = commands.add_parser(
+        "republish",
+        help="publish a service's retained outbox rows from a point in time again "
+        "(after broker data loss)",
+    )
+    republish_parser.add_argument("--service", required=True, help="e.g. intake, visits")
+    republish_parser.add_argument(
+        "--since", required=True, help="ISO 8601 date-time with offset: rows created from then"
+    )
+    republish_parser.add_argument("--until", help="ISO 8601 date-time: rows created before")
+    republish_parser.add_argument(
+        "--topic", action="append", default=[], help="only rows for this topic (repeatable)"
+    )
+    republish_parser.add_argument(
+        "--dry-run", action="store_true", help="count the rows, publish nothing"
+    )
+    republish_parser.set_defaults(func=republish)
     token_parser = commands.add_parser(
         "token", help="print a bearer token of the local development issuer (`lotse up`)"
     )

@@ -16,12 +16,27 @@ For each record, in partition order:
 
 If even the dead-letter topic cannot be written, the offset is not committed: the wrapper
 holds the partition and tries again rather than lose the record.
+
+No single record can stop a partition for good:
+
+* a dead letter that cannot carry the original value within the record size limit
+  (``KafkaConfig.max_record_bytes``) carries a reference instead: no value, and the original
+  topic, partition, offset, size and SHA-256 in headers (``lotse_dlq_value: reference``);
+  original headers too large to fit are left out as well (``lotse_dlq_headers: omitted``);
+* a record the client refuses to hand out because it exceeds the fetch size is dead-lettered
+  by reference and skipped;
+* an event with the source and id of an applied one but other content (a *conflicting
+  duplicate*) is dead-lettered, never applied, and counted; a redelivery with the same
+  content is skipped silently;
+* a partition that does not advance while records are pending is reported by
+  :meth:`EventConsumer.stalled`, which ``/readyz`` turns into "not ready".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +45,8 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from lotse_contracts.cloudevents import CloudEvent, InvalidCloudEvent, from_kafka
 from lotse_contracts.events.base import (
     CATALOGUE,
@@ -60,6 +77,12 @@ DLQ_OFFSET = "lotse_dlq_offset"
 DLQ_CONSUMER = "lotse_dlq_consumer"
 DLQ_ATTEMPTS = "lotse_dlq_attempts"
 DLQ_TIME = "lotse_dlq_time"
+DLQ_SIZE = "lotse_dlq_size"
+DLQ_SHA256 = "lotse_dlq_sha256"
+DLQ_VALUE = "lotse_dlq_value"
+DLQ_HEADERS_KEPT = "lotse_dlq_headers"
+VALUE_ORIGINAL = "original"
+VALUE_REFERENCE = "reference"
 _DLQ_HEADERS = {
     DLQ_REASON,
     DLQ_STAGE,
@@ -70,8 +93,14 @@ _DLQ_HEADERS = {
     DLQ_CONSUMER,
     DLQ_ATTEMPTS,
     DLQ_TIME,
+    DLQ_SIZE,
+    DLQ_SHA256,
+    DLQ_VALUE,
+    DLQ_HEADERS_KEPT,
 }
 MAX_REASON_CHARS = 1000
+DLQ_MARGIN_BYTES = 512
+"""Kept free below the record limit for what the size estimate does not count (batch header)."""
 DATABASE_RETRY_S = 1.0
 """Pause between tries while the service's database does not answer."""
 
@@ -157,6 +186,7 @@ class EventConsumer:
         self.processed = 0
         self.dead_lettered = 0
         self.duplicates = 0
+        self.conflicts = 0
         self.skipped = 0
         # Waits for a busy or unreachable database (no attempt counted, nothing dead-lettered).
         self.held = 0
@@ -165,6 +195,10 @@ class EventConsumer:
         self._task: asyncio.Task[None] | None = None
         self._assigned = asyncio.Event()
         self._positions: dict[TopicPartition, int] = {}
+        # Offset after the last record fetched per partition, and when the partition last
+        # advanced or was seen with nothing pending (monotonic clock): see stalled().
+        self._fetched: dict[TopicPartition, int] = {}
+        self._moved_at: dict[TopicPartition, float] = {}
         self._stopping = False
         self.failed: BaseException | None = None
 
@@ -227,6 +261,45 @@ class EventConsumer:
             result[(tp.topic, tp.partition)] = max(0, high - position)
         return result
 
+    def stalled(self, threshold_s: float) -> list[str]:
+        """Partitions with pending records that have not advanced for ``threshold_s`` seconds.
+
+        Pending means: records this consumer has fetched but not yet applied or
+        dead-lettered (exact on any broker, as it counts what the client holds), or a high
+        watermark from the last fetch beyond the applied position. The embedded broker's
+        high watermarks can be too low, so there the second part may miss records it has not
+        handed out yet; it never reports a stall that is not there.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        now = time.monotonic()
+        found = []
+        for tp in sorted(consumer.assignment()):
+            position = self._positions.get(tp)
+            if position is None:
+                continue
+            pending = max(self._fetched.get(tp, 0), consumer.highwater(tp) or 0) > position
+            since = now - self._moved_at.get(tp, now)
+            if pending and since > threshold_s:
+                found.append(
+                    f"{tp.topic}[{tp.partition}] stuck at offset {position} for {since:.0f} s"
+                )
+        return found
+
+    def _note_idle(self, consumer: AIOKafkaConsumer) -> None:
+        now = time.monotonic()
+        for tp in consumer.assignment():
+            position = self._positions.get(tp)
+            if position is None or self._fetched.get(tp, 0) <= position:
+                high = consumer.highwater(tp)
+                if position is None or high is None or high <= position:
+                    self._moved_at[tp] = now
+
+    def _advanced(self, tp: TopicPartition, position: int) -> None:
+        self._positions[tp] = position
+        self._moved_at[tp] = time.monotonic()
+
     # -- the loop --------------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -234,9 +307,19 @@ class EventConsumer:
         assert consumer is not None
         try:
             while not self._stopping:
-                batches = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
+                try:
+                    batches = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
+                except RecordTooLargeError as exc:
+                    await self._skip_too_large(consumer, exc)
+                    continue
                 if consumer.assignment():
                     self._assigned.set()
+                self._note_idle(consumer)
+                for tp, records in batches.items():
+                    if records:
+                        self._fetched[tp] = records[-1].offset + 1
+                        if records[0].offset < self._positions.get(tp, records[0].offset + 1):
+                            self._positions[tp] = records[0].offset  # first, or redelivered
                 for tp, records in batches.items():
                     await self._process_partition(consumer, tp, records)
         except asyncio.CancelledError:
@@ -253,8 +336,8 @@ class EventConsumer:
         records: list[ConsumerRecord[Any, Any]],
     ) -> None:
         applied = await self._apply_batch(records)
-        for record in records[:applied]:
-            self._positions[tp] = record.offset + 1
+        if applied:
+            self._advanced(tp, records[applied - 1].offset + 1)
         records = records[applied:]
         for record in records:
             while True:
@@ -265,10 +348,39 @@ class EventConsumer:
                     # Keep the record: go back to it and try again after a pause.
                     _log.error("dead-letter topic unavailable", extra={"error": str(exc)})
                     await asyncio.sleep(1.0)
-            self._positions[tp] = record.offset + 1
+            self._advanced(tp, record.offset + 1)
         # Effects are committed (or dead-lettered) already; committing the offset once per
         # batch saves round trips, and a redelivery after a crash is caught by the inbox.
         await consumer.commit({tp: self._positions[tp]})
+
+    async def _skip_too_large(self, consumer: AIOKafkaConsumer, exc: RecordTooLargeError) -> None:
+        """The client skipped a record larger than the fetch size (a broker that cuts the
+        batch off): dead-letter a reference to it and commit past it."""
+        tp, offset = next(
+            ((a, b) for a, b in zip(exc.args, exc.args[1:], strict=False)
+             if isinstance(a, TopicPartition) and isinstance(b, int)),
+            (None, None),
+        )  # fmt: skip
+        if tp is None or offset is None:
+            raise exc
+        record: ConsumerRecord[Any, Any] = ConsumerRecord(
+            topic=tp.topic, partition=tp.partition, offset=offset, timestamp=0,
+            timestamp_type=0, key=None, value=None, checksum=None,
+            serialized_key_size=-1, serialized_value_size=-1, headers=(),
+        )  # fmt: skip
+        verdict = _Verdict(
+            "envelope",
+            f"record larger than the fetch size ({self.kafka.max_record_bytes} bytes)",
+        )
+        while True:
+            try:
+                await self._dead_letter(record, verdict, value_known=False)
+                break
+            except DeadLetterUnavailable as failure:
+                _log.error("dead-letter topic unavailable", extra={"error": str(failure)})
+                await asyncio.sleep(1.0)
+        self._advanced(tp, offset + 1)
+        await consumer.commit({tp: offset + 1})
 
     def _delivery(
         self,
@@ -352,14 +464,21 @@ class EventConsumer:
                 for record, event, data in prepared:
                     if taken and time.perf_counter() - started > self.max_transaction_s:
                         break
+                    if data is not None and (event.source, event.id) in seen:
+                        if inbox.judge(seen[(event.source, event.id)], event) is not (
+                            inbox.Claim.duplicate
+                        ):
+                            # A conflicting duplicate: left to the one-by-one path, which
+                            # dead-letters it with its reason.
+                            break
+                        taken += 1
+                        duplicates += 1
+                        continue
                     taken += 1
                     if data is None:
                         skipped += 1
                         continue
-                    if (event.source, event.id) in seen:
-                        duplicates += 1
-                        continue
-                    seen.add((event.source, event.id))
+                    seen[(event.source, event.id)] = inbox.fingerprint(event)
                     with self._span(record):
                         inbox.record(
                             session,
@@ -379,6 +498,8 @@ class EventConsumer:
         except asyncio.CancelledError:
             raise
         except Exception:
+            return 0
+        if taken == 0:
             return 0
         self.processed += processed
         self.duplicates += duplicates
@@ -449,7 +570,7 @@ class EventConsumer:
             attempt += 1
             try:
                 async with self.db.transaction() as session:
-                    fresh = await inbox.claim(
+                    claim = await inbox.claim(
                         session,
                         consumer=f"{self.service}.{self.name}",
                         event=event,
@@ -457,9 +578,22 @@ class EventConsumer:
                         partition=record.partition,
                         offset=record.offset,
                     )
-                    if not fresh:
+                    if claim is inbox.Claim.duplicate:
                         self.duplicates += 1
                         return None, "duplicate"
+                    if claim is inbox.Claim.conflict:
+                        self.conflicts += 1
+                        if self.telemetry is not None:
+                            self.telemetry.count_conflicting_duplicate(self.name)
+                        return (
+                            _Verdict(
+                                "duplicate",
+                                inbox.CONFLICTING_DUPLICATE,
+                                error="ConflictingDuplicate",
+                                attempts=attempt,
+                            ),
+                            "",
+                        )
                     await handler(self._delivery(record, event, data, session))
                 self.processed += 1
                 return None, "ok"
@@ -509,14 +643,67 @@ class EventConsumer:
             return False
         return True
 
-    async def _dead_letter(self, record: ConsumerRecord[Any, Any], verdict: _Verdict) -> None:
+    async def _dead_letter(
+        self, record: ConsumerRecord[Any, Any], verdict: _Verdict, *, value_known: bool = True
+    ) -> None:
+        """Write the record to the dead-letter topic with the verdict in headers.
+
+        The whole value goes along when it fits the record size limit; otherwise (or when
+        the broker still refuses the size) a reference does: no value, the original topic,
+        partition, offset, size and SHA-256 in headers, and the original headers only if
+        they fit."""
         producer = self._producer
         if producer is None:
             raise DeadLetterUnavailable("consumer is not started")
         reason = verdict.reason[:MAX_REASON_CHARS]
+        value: bytes | None = record.value
+        verdict_headers = self._verdict_headers(record, verdict, reason)
+        if value_known:
+            verdict_headers.append((DLQ_SIZE, str(len(value or b"")).encode()))
+            verdict_headers.append((DLQ_SHA256, hashlib.sha256(value or b"").hexdigest().encode()))
         original = [(k, v) for k, v in (record.headers or ()) if k not in _DLQ_HEADERS]
-        headers = [
-            *original,
+        limit = self.kafka.max_record_bytes - DLQ_MARGIN_BYTES
+        key: bytes | None = record.key
+
+        def size(key: bytes | None, value: bytes | None, headers: list[Any]) -> int:
+            return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
+
+        forms: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+        whole = [*original, *verdict_headers, (DLQ_VALUE, VALUE_ORIGINAL.encode())]
+        if value_known and size(key, value, whole) <= limit:
+            forms.append((key, value, whole))
+        with_headers = [*original, *verdict_headers, (DLQ_VALUE, VALUE_REFERENCE.encode())]
+        if size(key, None, with_headers) <= limit:
+            forms.append((key, None, with_headers))
+        # The last resort carries only the verdict and the reference.
+        bare = [
+            *verdict_headers,
+            (DLQ_VALUE, VALUE_REFERENCE.encode()),
+            (DLQ_HEADERS_KEPT, b"omitted"),
+        ]
+        forms.append((key if key is not None and len(key) <= 1024 else None, None, bare))
+        for index, (form_key, form_value, headers) in enumerate(forms):
+            try:
+                await producer.send_and_wait(
+                    self.dead_letter_topic, value=form_value, key=form_key, headers=headers
+                )
+                break
+            except MessageSizeTooLargeError as exc:
+                # The broker's limit is lower than ours (or the estimate was off): smaller.
+                if index == len(forms) - 1:
+                    raise DeadLetterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                _log.warning(
+                    "dead letter too large, sending a smaller form",
+                    extra={"consumer": self.name, "error": str(exc)},
+                )
+            except Exception as exc:
+                raise DeadLetterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        self._count_dead_letter(record, verdict, reason)
+
+    def _verdict_headers(
+        self, record: ConsumerRecord[Any, Any], verdict: _Verdict, reason: str
+    ) -> list[tuple[str, bytes]]:
+        return [
             (DLQ_REASON, reason.encode()),
             (DLQ_STAGE, verdict.stage.encode()),
             (DLQ_ERROR, verdict.error.encode()),
@@ -527,12 +714,10 @@ class EventConsumer:
             (DLQ_ATTEMPTS, str(verdict.attempts).encode()),
             (DLQ_TIME, datetime.now(UTC).isoformat().encode()),
         ]
-        try:
-            await producer.send_and_wait(
-                self.dead_letter_topic, value=record.value, key=record.key, headers=headers
-            )
-        except Exception as exc:
-            raise DeadLetterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _count_dead_letter(
+        self, record: ConsumerRecord[Any, Any], verdict: _Verdict, reason: str
+    ) -> None:
         self.dead_lettered += 1
         if self.telemetry is not None:
             self.telemetry.count_dead_lettered(verdict.stage)

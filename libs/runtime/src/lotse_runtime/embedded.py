@@ -8,13 +8,18 @@ its port is taken, so "started" means: the process is alive *and* answers on the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 
 class BrokerStartError(RuntimeError):
@@ -34,6 +39,24 @@ def _answers(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _prctl() -> Any:
+    with contextlib.suppress(Exception):
+        return ctypes.CDLL(None).prctl
+    return None
+
+
+# Looked up here, not in the forked child (which should do as little as possible).
+_PRCTL = _prctl() if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM the broker when its parent dies, even by
+    SIGKILL, so no broker outlives the process that started it."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def broker_binary() -> Path:
@@ -108,6 +131,9 @@ class EmbeddedBroker:
             "--storage-engine",
             "memory://tansu/",
         ]
+        # The death signal follows the thread that forks: only from the main thread, whose
+        # end is the process's end.
+        tied = _PRCTL is not None and threading.current_thread() is threading.main_thread()
         try:
             self._process = subprocess.Popen(
                 command,
@@ -115,10 +141,19 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+                preexec_fn=_die_with_parent if tied else None,
             )
         except OSError as exc:
             raise BrokerStartError(f"cannot run {binary}: {exc}") from exc
         self.port = port
+        try:
+            return self._wait_until_it_answers(url, port)
+        except BaseException:
+            self.stop()  # interrupted (SIGTERM, Ctrl-C) while starting: leave nothing behind
+            raise
+
+    def _wait_until_it_answers(self, url: str, port: int) -> str:
+        assert self._process is not None
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

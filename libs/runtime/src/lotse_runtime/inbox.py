@@ -3,10 +3,20 @@
 The entry is written in the same transaction as the handler's effects, so either both
 commit or neither does; a redelivered event finds its entry and causes no second effect.
 The dedup key is (consumer, CloudEvents source, CloudEvents id).
+
+Each entry also keeps a SHA-256 of the event's type, subject and data (:func:`fingerprint`),
+so that a second event with the same source and id tells apart a redelivery (same content:
+skipped silently) from a *conflicting duplicate* (other content under an id already used:
+dead-lettered, never applied). Entries written before the column existed, or by a bulk
+writer that does not fill it, have no fingerprint and count as redeliveries.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from lotse_contracts.cloudevents import CloudEvent
@@ -32,6 +42,49 @@ class InboxEntry(SQLModel, table=True):
     partition: int
     offset: int
     processed_at: datetime = Field(default_factory=_utcnow)
+    data_sha256: str | None = Field(
+        default=None,
+        max_length=64,
+        description="SHA-256 (hex) of type, subject and data: tells a redelivery from a "
+        "conflicting duplicate.",
+    )
+
+
+class Claim(enum.Enum):
+    """What :func:`claim` found."""
+
+    new = "new"
+    duplicate = "duplicate"
+    """Applied before with the same content: a redelivery, skip it."""
+    conflict = "conflict"
+    """Applied before with other content under the same source and id."""
+
+
+CONFLICTING_DUPLICATE = "conflicting duplicate"
+"""The dead-letter reason of an event whose source and id were applied with other content."""
+
+
+def fingerprint(event: CloudEvent) -> str:
+    """SHA-256 (hex) of the event's type, subject and data in canonical JSON.
+
+    Canonical, so that the same event read in binary or structured mode, or re-serialised
+    with other whitespace or key order, has the same fingerprint.
+    """
+    canonical = json.dumps(
+        [event.type, event.subject, event.data],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def judge(stored: str | None, event: CloudEvent) -> Claim:
+    """A duplicate's verdict against the stored fingerprint (None: unknown, a redelivery)."""
+    if stored is None or stored == fingerprint(event):
+        return Claim.duplicate
+    return Claim.conflict
 
 
 async def claim(
@@ -42,32 +95,35 @@ async def claim(
     topic: str,
     partition: int,
     offset: int,
-) -> bool:
-    """Record the event as processed; False when it already was (then do nothing).
+) -> Claim:
+    """Record the event as processed, or say why not: applied before with the same content
+    (``duplicate``: do nothing) or with other content (``conflict``: dead-letter it). Nothing
+    stored changes unless the claim is ``new``.
 
     Two deliveries racing each other both pass the lookup, but only one commit can insert
     the primary key; the other fails and, retried, finds the entry.
     """
     existing = await session.get(InboxEntry, (consumer, event.source, event.id))
     if existing is not None:
-        return False
+        return judge(existing.data_sha256, event)
     record(session, consumer=consumer, event=event, topic=topic, partition=partition, offset=offset)
-    return True
+    return Claim.new
 
 
 async def already_processed(
-    session: AsyncSession, *, consumer: str, events: list[CloudEvent]
-) -> set[tuple[str, str]]:
-    """(source, id) of those ``events`` the consumer has applied: one query for a batch."""
+    session: AsyncSession, *, consumer: str, events: Sequence[CloudEvent]
+) -> dict[tuple[str, str], str | None]:
+    """(source, id) of those ``events`` the consumer has applied, with their fingerprints:
+    one query for a batch."""
     if not events:
-        return set()
+        return {}
     rows = await session.execute(
-        select(col(InboxEntry.source), col(InboxEntry.event_id)).where(
+        select(col(InboxEntry.source), col(InboxEntry.event_id), col(InboxEntry.data_sha256)).where(
             col(InboxEntry.consumer) == consumer,
             col(InboxEntry.event_id).in_({e.id for e in events}),
         )
     )
-    return {(source, event_id) for source, event_id in rows.all()}
+    return {(source, event_id): digest for source, event_id, digest in rows.all()}
 
 
 def record(
@@ -89,5 +145,6 @@ def record(
             topic=topic,
             partition=partition,
             offset=offset,
+            data_sha256=fingerprint(event),
         )
     )

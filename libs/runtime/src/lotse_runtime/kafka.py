@@ -2,6 +2,12 @@
 
 Producers use acks=all and no idempotence or transactions: the embedded broker lacks both,
 and exactly-once effects come from the outbox and the inbox instead.
+
+Record size: one limit, :attr:`KafkaConfig.max_record_bytes` (setting
+``kafka_max_record_bytes``), is the producer's ``max_request_size``, the topics'
+``max.message.bytes`` and the consumer's ``max_partition_fetch_bytes`` alike, so that what one
+side may write the others accept and can read. ``deploy/topics.toml`` states the same number
+for topics that Strimzi or the compose step create.
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ from lotse_contracts.subscriptions import SubscriptionRegistry
 
 _log = logging.getLogger(__name__)
 
+MAX_RECORD_BYTES = 1024 * 1024
+"""Default largest record (key, value and headers) the platform writes, stores and reads: the
+producer's ``max_request_size``, the topics' ``max.message.bytes`` and the consumer's
+``max_partition_fetch_bytes``. Apache Kafka's own default is about the same (1 MiB)."""
+
+FETCH_MAX_BYTES = 50 * 1024 * 1024
+"""aiokafka's default for a whole fetch response; raised to the record limit if that is larger."""
+
 
 @dataclass(frozen=True)
 class KafkaConfig:
@@ -29,6 +43,7 @@ class KafkaConfig:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     request_timeout_ms: int = 15_000
+    max_record_bytes: int = MAX_RECORD_BYTES
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def producer(self, **overrides: Any) -> AIOKafkaProducer:
@@ -38,6 +53,7 @@ class KafkaConfig:
             "acks": "all",
             "enable_idempotence": False,
             "linger_ms": 2,
+            "max_request_size": self.max_record_bytes,
             "request_timeout_ms": self.request_timeout_ms,
             **self.extra,
             **overrides,
@@ -53,6 +69,10 @@ class KafkaConfig:
             # A broker may hold a fetch for the whole wait even when data arrives (the
             # embedded one does): a short wait keeps each consumer hop fast.
             "fetch_max_wait_ms": 100,
+            # A record of the limit's size must fit one partition's share of a fetch (Apache
+            # Kafka returns a larger first batch anyway; older brokers would cut it off).
+            "max_partition_fetch_bytes": self.max_record_bytes,
+            "fetch_max_bytes": max(FETCH_MAX_BYTES, self.max_record_bytes),
             "auto_offset_reset": "earliest",
             "session_timeout_ms": self.session_timeout_ms,
             "heartbeat_interval_ms": self.heartbeat_interval_ms,
@@ -89,6 +109,7 @@ def platform_topics(
     prefix: str = "",
     partitions: int = 3,
     replication: int = 1,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> list[TopicSpec]:
     """Every topic the platform uses: domain, reporting, dead letters and audience feeds."""
     compacted = {"cleanup.policy": "compact"}
@@ -99,8 +120,9 @@ def platform_topics(
     if registry is not None:
         for name in registry.topics():
             names.setdefault(name, {})
+    size = {"max.message.bytes": str(max_record_bytes)}
     return [
-        TopicSpec(prefix + name, partitions, replication, config)
+        TopicSpec(prefix + name, partitions, replication, {**config, **size})
         for name, config in sorted(names.items())
     ]
 
@@ -151,3 +173,71 @@ async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: set[str]) -> Non
         if names <= set(await admin.list_topics()):
             return
         await asyncio.sleep(0.1)
+
+
+@dataclass
+class TopicReport:
+    """What :func:`verify_topics` found: topics missing, created, or of the wrong shape."""
+
+    missing: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    wrong_partitions: list[tuple[str, int, int]] = field(default_factory=list)
+    """(topic, expected, found) partition counts."""
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per problem that remains (created topics are fixed, not a problem)."""
+        lines = [f"topic {name} is missing" for name in self.missing]
+        lines.extend(
+            f"topic {name} has {found} partitions, expected {expected}"
+            for name, expected, found in self.wrong_partitions
+        )
+        return lines
+
+
+async def verify_topics(
+    config: KafkaConfig, specs: Iterable[TopicSpec], *, create: bool
+) -> TopicReport:
+    """Check that every topic exists with its partition count; create missing ones if allowed.
+
+    A topic with another partition count than planned is never changed (partitions cannot be
+    removed, and adding some would move families' keys to other partitions): it is reported,
+    and readiness fails until an operator fixes it. A broker that auto-creates a topic on
+    first use (with its default partition count) shows up here.
+    """
+    wanted = {spec.name: spec for spec in specs}
+    report = TopicReport()
+    admin = config.admin()
+    await admin.start()
+    try:
+        found = await _partition_counts(admin, list(wanted))
+    finally:
+        await admin.close()
+    missing = [name for name in wanted if name not in found]
+    for name, count in sorted(found.items()):
+        expected = wanted[name].partitions
+        if count != expected:
+            report.wrong_partitions.append((name, expected, count))
+    if missing and create:
+        report.created = await ensure_topics(config, [wanted[name] for name in missing])
+        missing = [name for name in missing if name not in report.created]
+        if report.created:
+            _log.warning("re-created missing topics", extra={"topics": report.created})
+    report.missing = sorted(missing)
+    if report.problems:
+        _log.error("topics not as planned", extra={"problems": report.problems})
+    return report
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    """Partitions per existing topic among ``names`` (one metadata request)."""
+    existing = set(await admin.list_topics())
+    present = [name for name in names if name in existing]
+    if not present:
+        return {}
+    counts: dict[str, int] = {}
+    for description in await admin.describe_topics(present):
+        if description.get("error_code", 0) != 0:
+            continue
+        counts[description["topic"]] = len(description.get("partitions") or [])
+    return counts

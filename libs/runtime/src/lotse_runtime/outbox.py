@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -361,3 +361,73 @@ class OutboxRelay:
             if loop.time() > deadline:
                 raise TimeoutError(f"outbox still holds {self.backlog} unsent rows")
             await asyncio.sleep(0.05)
+
+
+async def republish(
+    db: Database,
+    kafka: KafkaConfig,
+    *,
+    since: datetime,
+    until: datetime | None = None,
+    topics: Collection[str] = (),
+    dry_run: bool = False,
+    batch_size: int = 500,
+) -> int:
+    """Publish the retained outbox rows created at or after ``since`` (and before ``until``)
+    once more, in id order, as the relay did: for a broker that lost its data.
+
+    Rows are published whether marked sent or not and are not changed (an unsent row is
+    published by the relay as well: consumers' inboxes drop the copy). ``topics`` limits the
+    run to rows for these topics (names on the cluster, prefix included). Returns how many
+    rows were (or, with ``dry_run``, would be) published. Rows older than the retention of
+    sent rows (``retention_outbox_sent_days``) are gone and cannot be republished.
+    """
+    if since.tzinfo is None or (until is not None and until.tzinfo is None):
+        raise ValueError("since and until need a time-zone offset")
+    since = since.astimezone(UTC)
+    until = until.astimezone(UTC) if until is not None else None
+    query = select(OutboxMessage).where(col(OutboxMessage.created_at) >= since)
+    if until is not None:
+        query = query.where(col(OutboxMessage.created_at) < until)
+    if topics:
+        query = query.where(col(OutboxMessage.topic).in_(list(topics)))
+    producer: AIOKafkaProducer | None = None
+    published = 0
+    last_id = 0
+    try:
+        while True:
+            async with db.transaction() as session:
+                rows = list(
+                    (
+                        await session.execute(
+                            query.where(col(OutboxMessage.id) > last_id)
+                            .order_by(col(OutboxMessage.id))
+                            .limit(batch_size)
+                        )
+                    ).scalars()
+                )
+            if not rows:
+                return published
+            last_id = rows[-1].id or last_id
+            if dry_run:
+                published += len(rows)
+                continue
+            if producer is None:
+                producer = kafka.producer()
+                await producer.start()
+            futures = [
+                await producer.send(
+                    row.topic,
+                    value=row.value,
+                    key=row.record_key.encode() if row.record_key is not None else None,
+                    headers=_decode_headers(row.headers),
+                )
+                for row in rows
+            ]
+            for future in futures:
+                await future
+                published += 1
+    finally:
+        if producer is not None:
+            await producer.stop()
+        _log.info("outbox republished", extra={"rows": published, "since": since.isoformat()})

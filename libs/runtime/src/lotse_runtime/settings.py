@@ -21,7 +21,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from lotse_runtime.kafka import MAX_RECORD_BYTES
+
 DEFAULT_DATA_DIR = Path("var")
+
+DEAD_LETTER_HEADROOM_BYTES = 64 * 1024
+"""Room a dead letter needs besides the original value (its headers, key, batch overhead)."""
 
 
 class _DatabaseUrlSource(PydanticBaseSettingsSource):
@@ -72,6 +77,19 @@ class ServiceSettings(BaseSettings):
     )
     topic_partitions: int = Field(default=3, ge=1, description="Partitions of created topics.")
     topic_replication: int = Field(default=1, ge=1, description="Replication of created topics.")
+    topic_check_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often a service checks that its topics exist with their partition "
+        "count (re-creating missing ones where create_topics allows).",
+    )
+    kafka_max_record_bytes: int = Field(
+        default=MAX_RECORD_BYTES,
+        ge=64 * 1024,
+        description="Largest Kafka record (key, value, headers): the producer's "
+        "max_request_size, the topics' max.message.bytes and the consumer's "
+        "max_partition_fetch_bytes alike; deploy/topics.toml must state the same.",
+    )
     database_url: str = Field(
         default="",
         description="SQLAlchemy URL; empty means the embedded SQLite file var/<service>.db.",
@@ -94,7 +112,16 @@ class ServiceSettings(BaseSettings):
         description="Larger HTTP request bodies are refused with 413 before they are parsed.",
     )
     max_event_bytes: int = Field(
-        default=256 * 1024, gt=0, description="Larger incoming events are dead-lettered."
+        default=256 * 1024,
+        gt=0,
+        description="Larger incoming events are dead-lettered (by reference if they do not "
+        "fit a dead letter); at most kafka_max_record_bytes minus 64 KiB for headers.",
+    )
+    consumer_stall_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="/readyz fails when a consumer has not advanced a partition with pending "
+        "records for this long.",
     )
     consumer_session_timeout_ms: int = Field(default=10_000, ge=1000)
     consumer_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
@@ -156,6 +183,12 @@ class ServiceSettings(BaseSettings):
                 )
         if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
             raise ValueError("kafka_ssl_certfile and kafka_ssl_keyfile go together (mTLS)")
+        if self.max_event_bytes + DEAD_LETTER_HEADROOM_BYTES > self.kafka_max_record_bytes:
+            raise ValueError(
+                f"max_event_bytes ({self.max_event_bytes}) must leave "
+                f"{DEAD_LETTER_HEADROOM_BYTES} bytes of kafka_max_record_bytes "
+                f"({self.kafka_max_record_bytes}) for a dead letter's headers"
+            )
         return self
 
     def kafka_client_options(self) -> dict[str, Any]:

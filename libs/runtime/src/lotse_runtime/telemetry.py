@@ -42,6 +42,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pydantic import BaseModel, Field
 
 __all__ = [
+    "CONFLICTING_DUPLICATES_COUNTER",
     "CONSUMER_LAG_GAUGE",
     "DEAD_LETTERED_COUNTER",
     "HANDLER_LATENCY_HISTOGRAM",
@@ -59,6 +60,7 @@ INSTRUMENTATION_SCOPE = "lotse_runtime"
 HANDLER_LATENCY_HISTOGRAM = "lotse.handler.duration"
 PUBLISHED_COUNTER = "lotse.events.published"
 DEAD_LETTERED_COUNTER = "lotse.events.dead_lettered"
+CONFLICTING_DUPLICATES_COUNTER = "lotse.events.conflicting_duplicates"
 OUTBOX_BACKLOG_GAUGE = "lotse.outbox.backlog"
 CONSUMER_LAG_GAUGE = "lotse.consumer.lag"
 
@@ -135,6 +137,12 @@ class Telemetry:
             unit="{event}",
             description="Events sent to a dead-letter topic; attribute reason_kind.",
         )
+        self.conflicting_duplicates: Counter = self.meter.create_counter(
+            CONFLICTING_DUPLICATES_COUNTER,
+            unit="{event}",
+            description="Events whose source and id were applied before with other content "
+            "(dead-lettered, not applied); attribute consumer.",
+        )
 
         # Observable gauges can only be created once per name on a meter; the callbacks behind
         # them are swapped instead so a restarted relay or consumer can re-register.
@@ -160,6 +168,9 @@ class Telemetry:
 
     def count_dead_lettered(self, reason_kind: str, count: int = 1) -> None:
         self.events_dead_lettered.add(count, {"reason_kind": reason_kind})
+
+    def count_conflicting_duplicate(self, consumer: str, count: int = 1) -> None:
+        self.conflicting_duplicates.add(count, {"consumer": consumer})
 
     def observe_outbox_backlog(self, callback: Callable[[], int]) -> None:
         """Report `callback()` as gauge `lotse.outbox.backlog`; a new call replaces the old one.

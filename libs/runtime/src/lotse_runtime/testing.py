@@ -58,7 +58,9 @@ class InProcessFeed:
         self.dead_letters: list[DeadLetter] = []
         self._offsets = itertools.count()
 
-        async def keep(record: ConsumerRecord[Any, Any], verdict: Any) -> None:
+        async def keep(
+            record: ConsumerRecord[Any, Any], verdict: Any, *, value_known: bool = True
+        ) -> None:
             headers = dict(record.headers or ())
             event_id = headers.get("ce_id")
             self.dead_letters.append(
