@@ -30,6 +30,7 @@ from lotse_referrals import operations as ops
 from lotse_referrals.tables import Case, Referral, Wish
 from lotse_runtime.consumer import DLQ_REASON
 from sqlalchemy import select
+from sqlmodel import col
 
 from tests.conftest import Broker
 from tests.referrals.helpers import (
@@ -120,7 +121,7 @@ def register_all(services: Sequence[Service], families: Sequence[Family]) -> Non
     def known() -> bool:
         async def load() -> set[str]:
             async with services[0].runtime.db.transaction() as session:
-                query = select(Case.case_id).where(Case.case_id.in_(wanted))  # type: ignore[attr-defined]
+                query = select(col(Case.case_id)).where(col(Case.case_id).in_(wanted))
                 return set((await session.execute(query)).scalars())
 
         return services[0].client.portal.call(load) == wanted  # type: ignore[union-attr]
