@@ -469,6 +469,9 @@ def referrals_router() -> APIRouter:
                     )
                 )
                 ensure_may_access_case(caller, scope, personal_data=True)
+                # The waiting wish this referral settles, locked before the Träger rows
+                # (the placement job's lock order), so that the job does not place it too.
+                await _lock_open_wishes(session, body.handover_id, body.visit_id)
                 referral = await ops.create_referral(
                     session,
                     ctx,
@@ -545,7 +548,9 @@ def referrals_router() -> APIRouter:
             ensure_may_access_case(caller, scope, personal_data=False)
             assert referral is not None
             try:
-                ops.take_step(
+                # A conditional update: of concurrent conflicting steps one wins, the
+                # others are refused here (409) with the status they found.
+                await ops.take_step_now(
                     session,
                     ctx,
                     referral,
@@ -653,6 +658,20 @@ def referrals_router() -> APIRouter:
         return [_public(r, caller) for r in rows]
 
     return router
+
+
+async def _lock_open_wishes(
+    session: AsyncSession, handover_id: str | None, visit_id: str | None
+) -> None:
+    for origin, source in (("handover", handover_id), ("visit", visit_id)):
+        if source is not None:
+            await session.execute(
+                select(col(Wish.wish_id))
+                .where(col(Wish.origin) == origin)
+                .where(col(Wish.source_id) == source)
+                .where(col(Wish.state) == "open")
+                .with_for_update()
+            )
 
 
 async def _mark_wishes_placed(session: AsyncSession, referral: Referral, now: datetime) -> None:

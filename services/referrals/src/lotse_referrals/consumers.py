@@ -368,7 +368,9 @@ class Handlers:
         ):
             raise EventRejected("occurred_at lies before the referral was requested")
         try:
-            ops.take_step(
+            # Conditional on the referral's version: an answer that lost against a
+            # concurrent step (HTTP or another answer) is refused like any illegal one.
+            await ops.take_step_now(
                 session,
                 self.ctx,
                 referral,

@@ -4,6 +4,15 @@ of its lifecycle, place waiting wishes, escalate overdue answers.
 
 Every function works inside the caller's transaction and adds its events to the outbox in
 that same transaction, so a refusal (an exception) leaves nothing stored and nothing sent.
+
+Concurrency (several requests at once, several replicas on one database): a new referral
+locks the catalogue rows of the Träger it may go to before it counts their places (so the
+capacity check and the insert are one step), partial unique indexes allow one running
+referral per family and module and per handover, the placement job claims a wish with
+``FOR UPDATE SKIP LOCKED``, and a referral's row version makes every lifecycle step a
+conditional update. The lock order is always wish, then Träger (by slug), then referral, so
+that these locks cannot deadlock each other. On SQLite every transaction holds the write
+lock from its start (``BEGIN IMMEDIATE``), which serialises all of this anyway.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from lotse_runtime.outbox import Outbox
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import col
 
 from lotse_referrals import domain
@@ -58,6 +68,7 @@ from lotse_referrals.keyring import (
 )
 from lotse_referrals.settings import ReferralsSettings
 from lotse_referrals.tables import (
+    ONE_OPEN_PER_HANDOVER,
     Case,
     CatalogueTraeger,
     ConsentRecord,
@@ -145,7 +156,8 @@ async def _seed_catalogue(ctx: Context, now: datetime) -> int:
     changed = 0
     async with ctx.db.transaction() as session:
         rows = {r.slug: r for r in (await session.execute(select(CatalogueTraeger))).scalars()}
-        for traeger in ctx.city.traeger:
+        # In slug order, the order in which new referrals lock Träger rows (no deadlock).
+        for traeger in sorted(ctx.city.traeger, key=lambda t: t.slug):
             row = rows.get(traeger.slug)
             if row is not None and row.edited:
                 continue
@@ -207,8 +219,39 @@ def offer_of(row: CatalogueTraeger, used: int) -> Offer:
 
 async def load_offers(session: AsyncSession, ctx: Context, now: datetime) -> dict[str, Offer]:
     used = await usage_this_month(session, ctx, now)
-    rows = (await session.execute(select(CatalogueTraeger))).scalars()
+    rows = (
+        await session.execute(select(CatalogueTraeger).execution_options(populate_existing=True))
+    ).scalars()
     return {r.slug: offer_of(r, used.get(r.slug, 0)) for r in rows}
+
+
+async def lock_places(
+    session: AsyncSession, *, traeger: str | None, module: str, bezirk: str
+) -> list[str]:
+    """Lock the catalogue rows of the Träger a new referral may go to (``traeger``, or every
+    Träger offering ``module`` in ``bezirk``), in slug order, until the transaction ends.
+
+    Whoever creates a referral holds these locks while it counts the places taken and
+    inserts, so two requests for the last place of a Träger run one after the other and the
+    second counts the first's referral (PostgreSQL, ``SELECT ... FOR UPDATE``; a statement
+    after the lock sees everything committed before it). SQLite's transactions hold the
+    database's write lock from their start, so nothing is needed there."""
+    if traeger is not None:
+        slugs = [traeger]
+    else:
+        rows = (await session.execute(select(CatalogueTraeger))).scalars()
+        slugs = sorted(
+            r.slug for r in rows if offer_of(r, 0).offers(module) and offer_of(r, 0).serves(bezirk)
+        )
+    if not slugs:
+        return []
+    locked = await session.execute(
+        select(col(CatalogueTraeger.slug))
+        .where(col(CatalogueTraeger.slug).in_(slugs))
+        .order_by(col(CatalogueTraeger.slug))
+        .with_for_update()
+    )
+    return list(locked.scalars())
 
 
 # --- consents -----------------------------------------------------------------------------
@@ -410,6 +453,8 @@ async def create_referral(
         raise Refused(409, "case_id", "no family registered under this case id")
     if case.erased_at is not None:
         raise Refused(409, "case_id", "the family's data was erased")
+    # First the lock, then every check: what was committed while waiting for it counts.
+    await lock_places(session, traeger=new.traeger, module=new.module, bezirk=case.bezirk)
     duplicate = (
         await session.execute(
             select(col(Referral.referral_id), col(Referral.traeger))
@@ -459,7 +504,7 @@ async def create_referral(
         answer_due_by=due,
         updated_at=now,
     )
-    session.add(referral)
+    await _insert_running(session, referral)
     _add_step(session, referral, "requested", new.requested_by_role.value, now, now)
     ctx.outbox.add(
         session,
@@ -488,6 +533,37 @@ async def create_referral(
         path=path or f"consumer:{new.origin.value}",
     )
     return referral
+
+
+async def _insert_running(session: AsyncSession, referral: Referral) -> None:
+    """Insert a new referral; a concurrent one for the same family and module (or the same
+    handover) that committed first makes this a refusal naming the field, not an error."""
+    # What the transaction did before is written first, outside the savepoint: a refusal
+    # here rolls back the referral only, never the consumer's other changes.
+    await session.flush()
+    try:
+        async with session.begin_nested():
+            session.add(referral)
+            await session.flush()
+    except IntegrityError as exc:
+        message = str(exc.orig)
+        if ONE_OPEN_PER_HANDOVER in message or "referrals_referral.handover_id" in message:
+            raise Refused(
+                409,
+                "handover_id",
+                f"handover {referral.handover_id} already has a running referral "
+                "(created at the same moment)",
+            ) from None
+        if "uq_referrals_referral_open_case_module" in message or (
+            "referrals_referral.case_id" in message and "referrals_referral.module" in message
+        ):
+            raise Refused(
+                409,
+                "module",
+                f"another referral of this family for {referral.module} is still open "
+                "(created at the same moment)",
+            ) from None
+        raise
 
 
 def _ids(referral: Referral) -> dict[str, str]:
@@ -522,6 +598,10 @@ def _add_step(
 
 
 # --- lifecycle steps ----------------------------------------------------------------------
+
+#: How often a step is tried again on a referral that changed since it was read, while the
+#: step is still legal from the new status (e.g. accepted after a concurrent received).
+STEP_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -621,6 +701,39 @@ def take_step(
     return event
 
 
+async def take_step_now(
+    session: AsyncSession,
+    ctx: Context,
+    referral: Referral,
+    step: Step,
+    **kwargs: Any,
+) -> EventModel:
+    """:func:`take_step`, written at once as a conditional update: only if the referral is
+    still at the version it was read in (its row version, see ``tables.Referral``).
+
+    When a concurrent step committed first, the referral is read again and the step judged
+    from its new status: still legal, it is applied to that; otherwise it is refused
+    (``TransitionRefused`` naming the status) and leaves nothing behind, neither a change
+    nor an event. So of two conflicting answers (accepted and rejected) exactly one wins."""
+    await session.flush()  # the savepoint below holds this step's changes only
+    for attempt in range(1, STEP_ATTEMPTS + 1):
+        try:
+            async with session.begin_nested():
+                event = take_step(session, ctx, referral, step, **kwargs)
+                await session.flush()
+            return event
+        except StaleDataError:
+            # The savepoint is gone with the step's row, event and outbox copies; read the
+            # referral as the winner committed it.
+            await session.refresh(referral)
+            if attempt == STEP_ATTEMPTS:
+                raise domain.TransitionRefused(
+                    f"the referral kept changing while {step.value} was taken "
+                    f"(now {referral.status}); try again"
+                ) from None
+    raise AssertionError("unreachable")
+
+
 async def cancel_open(
     session: AsyncSession,
     ctx: Context,
@@ -696,7 +809,16 @@ async def place(session: AsyncSession, ctx: Context, wish: Wish, now: datetime) 
 async def place_open_wishes(
     session: AsyncSession, ctx: Context, now: datetime, *, case_id: str | None = None
 ) -> int:
-    query = select(Wish).where(col(Wish.state) == "open").order_by(col(Wish.created_at))
+    """Place the open wishes (of one case): locked first (``FOR UPDATE``), so a placement
+    job on another replica can neither place them at the same time nor be overtaken; one
+    it is placing right now is waited for and then, no longer open, left out."""
+    query = (
+        select(Wish)
+        .where(col(Wish.state) == "open")
+        .order_by(col(Wish.created_at), col(Wish.wish_id))
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
     if case_id is not None:
         query = query.where(col(Wish.case_id) == case_id)
     placed = 0
@@ -722,9 +844,18 @@ async def place_waiting_wishes(ctx: Context, now: datetime) -> int:
     placed = 0
     for wish_id in waiting:
         async with ctx.db.transaction() as session:
-            wish = await session.get(Wish, wish_id)
-            # Placed meanwhile (by the consumer, when the consent arrived): nothing to do.
-            if wish is not None and wish.state == "open" and await place(session, ctx, wish, now):
+            # The claim: the wish, still open, locked by this transaction. One that another
+            # replica's job or a consumer holds right now is skipped (it is being placed);
+            # one placed or dropped meanwhile is no longer found.
+            wish = (
+                await session.execute(
+                    select(Wish)
+                    .where(col(Wish.wish_id) == wish_id)
+                    .where(col(Wish.state) == "open")
+                    .with_for_update(skip_locked=True)
+                )
+            ).scalar_one_or_none()
+            if wish is not None and await place(session, ctx, wish, now):
                 placed += 1
     return placed
 

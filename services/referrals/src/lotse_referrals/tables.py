@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, Integer, UniqueConstraint, text
 from sqlmodel import Field, SQLModel, UTCDateTime
 
 
@@ -72,10 +72,41 @@ class ConsentRecord(SQLModel, table=True):
     changed_at: datetime = _ts()
 
 
+#: The statuses of a running referral (domain.OPEN_STATUSES) as SQL, for the partial
+#: unique indexes: at most one running referral per family and module, and per handover.
+OPEN_STATUS_SQL = "status IN ('requested', 'received', 'accepted', 'in-progress')"
+ONE_OPEN_PER_MODULE = "uq_referrals_referral_open_case_module"
+ONE_OPEN_PER_HANDOVER = "uq_referrals_referral_open_handover"
+_REFERRAL_VERSION = Column("version", Integer, nullable=False, server_default=text("1"))
+
+
 class Referral(SQLModel, table=True):
-    """A referral of a family to a Träger's module, with its lifecycle times."""
+    """A referral of a family to a Träger's module, with its lifecycle times.
+
+    ``version`` counts the changes of the row: every update through the ORM is written
+    ``WHERE version = <the version read>``, so of two concurrent steps on one referral only
+    the first commits and the other finds nothing to update (``StaleDataError``) instead of
+    overwriting it.
+    """
 
     __tablename__ = "referrals_referral"
+    __table_args__ = (
+        Index(
+            ONE_OPEN_PER_MODULE,
+            "case_id",
+            "module",
+            unique=True,
+            postgresql_where=text(OPEN_STATUS_SQL),
+            sqlite_where=text(OPEN_STATUS_SQL),
+        ),
+        Index(
+            ONE_OPEN_PER_HANDOVER,
+            "handover_id",
+            unique=True,
+            postgresql_where=text(f"handover_id IS NOT NULL AND {OPEN_STATUS_SQL}"),
+            sqlite_where=text(f"handover_id IS NOT NULL AND {OPEN_STATUS_SQL}"),
+        ),
+    )
 
     referral_id: str = Field(primary_key=True, max_length=36)
     case_id: str = Field(index=True, max_length=36)
@@ -110,6 +141,9 @@ class Referral(SQLModel, table=True):
     escalated_at: datetime | None = _ts(nullable=True, index=True)
     working_days_at_escalation: int | None = None
     updated_at: datetime = _ts()
+    version: int = Field(default=1, sa_column=_REFERRAL_VERSION)
+
+    __mapper_args__ = {"version_id_col": _REFERRAL_VERSION}
 
 
 class ReferralStep(SQLModel, table=True):
