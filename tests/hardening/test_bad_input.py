@@ -33,6 +33,7 @@ from tests.intake.helpers import BABYLOTSE, Intake, run_intake
 from tests.referrals.helpers import (
     BEZIRKSTEAM,
     FAMILIENBUERO,
+    KOORDINATION,
     MODULE,
     TRAEGER,
     Family,
@@ -485,11 +486,11 @@ def test_catalogue_patch_refuses_unknown_fields_control_characters_and_big_bodie
         ({"contact": "info@example.org\n"}, "contact", "U+000A"),
     ]
     for body, field, reason in cases:
-        response = referrals.client.patch(path, json=body, headers=BEZIRKSTEAM)
+        response = referrals.client.patch(path, json=body, headers=KOORDINATION)
         refused(response, field, reason)
         assert_audited_refusal(referrals.client, "/catalogue/traeger/{slug}")
     huge = {"contact": "x", "modules": [MODULE] * (5 * 1024 * 1024 // 18)}
-    big = referrals.client.patch(path, content=json.dumps(huge), headers=BEZIRKSTEAM)
+    big = referrals.client.patch(path, content=json.dumps(huge), headers=KOORDINATION)
     refused(big, "body", "larger than 65536 bytes", status=413)
     assert_audited_refusal(referrals.client, "/catalogue/traeger/{slug}", "body too large")
     assert traeger_entry(referrals) == before
