@@ -24,10 +24,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypedDict
 from zoneinfo import ZoneInfo
 
 from lotse_contracts.city import Municipality, TimeWindow
+from lotse_contracts.events import visits as events
 from lotse_contracts.events.common import ConsentState
 from lotse_contracts.events.common import Role as EventRole
 from lotse_contracts.events.intake import Channel
@@ -36,12 +37,7 @@ from lotse_contracts.events.visits import (
     MissedFollowUp,
     RescheduleInitiator,
     TargetMissedReason,
-    VisitCancelled,
     VisitCancelReason,
-    VisitCompleted,
-    VisitDeclined,
-    VisitMissed,
-    VisitRescheduled,
     VisitSetting,
     VisitTopic,
 )
@@ -539,39 +535,43 @@ def check_module(city: Municipality, module: str | None) -> None:
 class Appointment(Protocol):
     """What the rules read of a visit (a ``VisitsVisit`` row is one)."""
 
-    @property
-    def visit_id(self) -> str: ...
-    @property
-    def case_id(self) -> str: ...
-    @property
-    def bezirk(self) -> str: ...
-    @property
-    def familienbuero(self) -> str: ...
-    @property
-    def staff_id(self) -> str: ...
-    @property
-    def status(self) -> str: ...
-    @property
-    def starts_at(self) -> datetime: ...
-    @property
-    def setting(self) -> str: ...
-    @property
-    def attempt(self) -> int: ...
-    @property
-    def target_date(self) -> date: ...
+    visit_id: str
+    case_id: str
+    bezirk: str
+    familienbuero: str
+    staff_id: str
+    status: str
+    starts_at: datetime
+    setting: str
+    attempt: int
+    target_date: date
+
+
+class VisitKeys(TypedDict):
+    """The fields every event about one visit starts with."""
+
+    visit_id: str
+    case_id: str
+    bezirk: str
+    familienbuero: str
+
+
+def keys_of(visit: Appointment) -> VisitKeys:
+    return {
+        "visit_id": visit.visit_id,
+        "case_id": visit.case_id,
+        "bezirk": visit.bezirk,
+        "familienbuero": visit.familienbuero,
+    }
 
 
 class CaseFacts(Protocol):
     """What the rules read of a case (a ``VisitsCase`` row is one)."""
 
-    @property
-    def case_id(self) -> str: ...
-    @property
-    def bezirk(self) -> str: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def open_visit_id(self) -> str | None: ...
+    case_id: str
+    bezirk: str
+    state: str
+    open_visit_id: str | None
 
 
 def reschedule(
@@ -583,7 +583,7 @@ def reschedule(
     by: RescheduleInitiator,
     booked: Sequence[Booking],
     now: datetime,
-) -> VisitRescheduled:
+) -> events.VisitRescheduled:
     """Move a scheduled visit to ``starts_at`` (``wanted``: a staff member named by hand)."""
     check_open(VisitStatus(visit.status), "reschedule")
     check_appointment(office, starts_at, now)
@@ -601,11 +601,8 @@ def reschedule(
         office, starts_at, visit.target_date, reschedule_miss_reason(by)
     )
     new_start = starts_at.astimezone(UTC)
-    return VisitRescheduled(
-        visit_id=visit.visit_id,
-        case_id=visit.case_id,
-        bezirk=visit.bezirk,
-        familienbuero=visit.familienbuero,
+    return events.VisitRescheduled(
+        **keys_of(visit),
         staff_id=staff_id,
         previous_starts_at=visit.starts_at,
         starts_at=new_start,
@@ -618,15 +615,12 @@ def reschedule(
     )
 
 
-def no_show(visit: Appointment, follow_up: MissedFollowUp, now: datetime) -> VisitMissed:
+def no_show(visit: Appointment, follow_up: MissedFollowUp, now: datetime) -> events.VisitMissed:
     """The family was not there (only once the appointment has begun)."""
     check_open(VisitStatus(visit.status), "no_show")
     check_no_show(visit.starts_at, now)
-    return VisitMissed(
-        visit_id=visit.visit_id,
-        case_id=visit.case_id,
-        bezirk=visit.bezirk,
-        familienbuero=visit.familienbuero,
+    return events.VisitMissed(
+        **keys_of(visit),
         scheduled_for=visit.starts_at,
         attempt=visit.attempt,
         follow_up=follow_up,
@@ -640,7 +634,7 @@ def decline(
     visit: Appointment | None,
     via: DeclineChannel,
     now: datetime,
-) -> VisitDeclined:
+) -> events.VisitDeclined:
     """The family does not want the visit: its scheduled one, or (``visit`` None) any."""
     if visit is not None:
         check_open(VisitStatus(visit.status), "decline")
@@ -652,7 +646,7 @@ def decline(
         )
     elif case.state not in (CaseState.ACTIVE.value, CaseState.NOT_REACHED.value):
         raise Conflict("case_id", f"the case is {case.state}; no visit is due")
-    return VisitDeclined(
+    return events.VisitDeclined(
         visit_id=visit.visit_id if visit is not None else None,
         case_id=case.case_id,
         bezirk=case.bezirk,
@@ -664,15 +658,12 @@ def decline(
 
 def cancel(
     visit: Appointment, reason: VisitCancelReason, role: EventRole, now: datetime
-) -> VisitCancelled:
+) -> events.VisitCancelled:
     """The Familienbüro cancels a scheduled visit (not for the system's reasons)."""
     check_open(VisitStatus(visit.status), "cancel")
     check_staff_cancel_reason(reason)
-    return VisitCancelled(
-        visit_id=visit.visit_id,
-        case_id=visit.case_id,
-        bezirk=visit.bezirk,
-        familienbuero=visit.familienbuero,
+    return events.VisitCancelled(
+        **keys_of(visit),
         reason=reason,
         cancelled_by_role=role,
         cancelled_at=now,
@@ -682,18 +673,12 @@ def cancel(
 class OutcomeReport(Protocol):
     """What staff record of a visit that took place (a ``CompleteRequest`` is one)."""
 
-    @property
-    def completed_at(self) -> datetime | None: ...
-    @property
-    def setting(self) -> VisitSetting | None: ...
-    @property
-    def informed_about_offers(self) -> bool: ...
-    @property
-    def topics(self) -> Sequence[VisitTopic]: ...
-    @property
-    def needs_noted(self) -> bool: ...
-    @property
-    def referral_wished_module(self) -> str | None: ...
+    completed_at: datetime | None
+    setting: VisitSetting | None
+    informed_about_offers: bool
+    topics: list[VisitTopic]
+    needs_noted: bool
+    referral_wished_module: str | None
 
 
 def complete(
@@ -704,7 +689,7 @@ def complete(
     *,
     reference: date | None,
     now: datetime,
-) -> VisitCompleted:
+) -> events.VisitCompleted:
     """The visit took place (after it began, not in the future), with its outcome;
     ``reference`` is the case's reference date (unknown: the day of the visit)."""
     check_open(VisitStatus(visit.status), "complete")
@@ -712,11 +697,8 @@ def complete(
     check_completion(visit.starts_at, completed_at, now)
     check_module(city, outcome.referral_wished_module)
     reference = reference or office.local_date(visit.starts_at)
-    return VisitCompleted(
-        visit_id=visit.visit_id,
-        case_id=visit.case_id,
-        bezirk=visit.bezirk,
-        familienbuero=visit.familienbuero,
+    return events.VisitCompleted(
+        **keys_of(visit),
         staff_id=visit.staff_id,
         scheduled_for=visit.starts_at,
         completed_at=completed_at,

@@ -84,8 +84,12 @@ class Context:
             path=self.path,
         )
 
-    def publish(self, session: AsyncSession, event: EventModel, now: datetime) -> None:
+    def recorded(
+        self, session: AsyncSession, event: EventModel, case_id: str, now: datetime
+    ) -> None:
+        """Publish what staff recorded (outbox) and audit the change, in its transaction."""
         self.runtime.outbox.add(session, event, time=now)
+        self.audit(session, audit.AuditAction.change, case_id)
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -271,8 +275,7 @@ async def reschedule(ctx: Context, visit_id: str, change: RescheduleRequest) -> 
             now=now,
         )
         store.rescheduled(visit, case, event)
-        ctx.publish(session, event, now)
-        ctx.audit(session, audit.AuditAction.change, case.case_id)
+        ctx.recorded(session, event, case.case_id, now)
         return store.visit_public(visit, full=True)
 
 
@@ -284,13 +287,12 @@ async def no_show(ctx: Context, visit_id: str, report: NoShowRequest) -> VisitPu
         now = runtime.clock()
         event = domain.no_show(visit, report.follow_up, now)
         store.missed(visit, case, event)
-        ctx.publish(session, event, now)
+        ctx.recorded(session, event, case.case_id, now)
         if report.follow_up is MissedFollowUp.NEW_APPOINTMENT_OFFERED:
             follow = await store.propose(
                 session, runtime, case, now=now, why_late=TargetMissedReason.FAMILY_UNREACHABLE
             )
             visit.follow_up_visit_id = follow.visit_id if follow is not None else None
-        ctx.audit(session, audit.AuditAction.change, case.case_id)
         return store.visit_public(visit, full=True)
 
 
@@ -302,8 +304,7 @@ async def decline_visit(ctx: Context, visit_id: str, report: DeclineRequest) -> 
         office = Office.of(runtime.city, case.bezirk)
         event = domain.decline(office, case, visit, report.declined_via, now)
         store.declined(case, visit, event)
-        ctx.publish(session, event, now)
-        ctx.audit(session, audit.AuditAction.change, case.case_id)
+        ctx.recorded(session, event, case.case_id, now)
         return store.visit_public(visit, full=True)
 
 
@@ -316,8 +317,7 @@ async def decline_case(ctx: Context, case_id: str, report: DeclineRequest) -> Ca
         office = Office.of(runtime.city, case.bezirk)
         event = domain.decline(office, case, None, report.declined_via, now)
         store.declined(case, None, event)
-        ctx.publish(session, event, now)
-        ctx.audit(session, audit.AuditAction.change, case_id)
+        ctx.recorded(session, event, case_id, now)
         return await _case_public(session, case, full=True)
 
 
@@ -329,8 +329,7 @@ async def cancel(ctx: Context, visit_id: str, order: CancelRequest) -> VisitPubl
         now = runtime.clock()
         event = domain.cancel(visit, order.reason, event_role(ctx.caller.role), now)
         store.cancelled(visit, case, event)
-        ctx.publish(session, event, now)
-        ctx.audit(session, audit.AuditAction.change, case.case_id)
+        ctx.recorded(session, event, case.case_id, now)
         return store.visit_public(visit, full=True)
 
 
@@ -344,8 +343,7 @@ async def complete(ctx: Context, visit_id: str, outcome: CompleteRequest) -> Vis
             office, runtime.city, visit, outcome, reference=case.reference_date, now=now
         )
         store.completed(visit, case, event, now)
-        ctx.publish(session, event, now)
-        ctx.audit(session, audit.AuditAction.change, case.case_id)
+        ctx.recorded(session, event, case.case_id, now)
         return store.visit_public(visit, full=True)
 
 

@@ -78,21 +78,11 @@ async def lock_office(session: AsyncSession, bezirk: str) -> None:
 
 async def fresh_case(session: AsyncSession, case_id: str) -> VisitsCase | None:
     """The case as committed now (after a lock), not a copy cached in the session."""
-    found = await session.execute(
-        select(VisitsCase)
-        .where(col(VisitsCase.case_id) == case_id)
-        .execution_options(populate_existing=True)
-    )
-    return found.scalars().first()
+    return await session.get(VisitsCase, case_id, populate_existing=True)
 
 
 async def fresh_visit(session: AsyncSession, visit_id: str) -> VisitsVisit | None:
-    found = await session.execute(
-        select(VisitsVisit)
-        .where(col(VisitsVisit.visit_id) == visit_id)
-        .execution_options(populate_existing=True)
-    )
-    return found.scalars().first()
+    return await session.get(VisitsVisit, visit_id, populate_existing=True)
 
 
 async def locked_case(session: AsyncSession, case_id: str, bezirk: str) -> VisitsCase | None:
@@ -259,10 +249,7 @@ async def latest_consent_state(session: AsyncSession, case_id: str) -> ConsentSt
 
 def scheduled_event(visit: VisitsVisit) -> VisitScheduled:
     return VisitScheduled(
-        visit_id=visit.visit_id,
-        case_id=visit.case_id,
-        bezirk=visit.bezirk,
-        familienbuero=visit.familienbuero,
+        **domain.keys_of(visit),
         staff_id=visit.staff_id,
         starts_at=visit.starts_at,
         ends_at=visit.ends_at,
@@ -371,10 +358,7 @@ def cancelled_event(visit: VisitsVisit, *, role: Role) -> VisitCancelled:
     assert visit.cancel_reason is not None
     assert visit.closed_at is not None
     return VisitCancelled(
-        visit_id=visit.visit_id,
-        case_id=visit.case_id,
-        bezirk=visit.bezirk,
-        familienbuero=visit.familienbuero,
+        **domain.keys_of(visit),
         reason=VisitCancelReason(visit.cancel_reason),
         cancelled_by_role=role,
         cancelled_at=visit.closed_at,
