@@ -3,6 +3,8 @@ configuration, plain values, no fakes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -17,6 +19,7 @@ from lotse_contracts.events.visits import (
     TargetMissedReason,
     VisitCancelReason,
 )
+from lotse_runtime.refusal import Conflict, Refusal
 from lotse_visits import domain
 from lotse_visits.domain import (
     Booking,
@@ -30,6 +33,15 @@ from lotse_visits.domain import (
 BERLIN = ZoneInfo("Europe/Berlin")
 MONDAY = date(2025, 3, 3)  # a Monday in winter time (UTC+1)
 TINY_CITY = Path(__file__).parent / "tiny-city.toml"
+
+
+@contextmanager
+def invalid(match: str | None = None) -> Iterator[pytest.ExceptionInfo[Refusal]]:
+    """A refusal of a value that cannot be right (HTTP 422), not a conflict (409)."""
+    with pytest.raises(Refusal, match=match) as refused:
+        yield refused
+    assert refused.value.status == 422
+    assert not isinstance(refused.value, Conflict)
 
 
 @pytest.fixture(scope="module")
@@ -188,28 +200,28 @@ def test_staff_for_a_chosen_time(hoerde: Office) -> None:
     at = local(MONDAY, 11, 30)
     assert domain.staff_for(hoerde, at, booked, preferred=first) == second
     assert domain.staff_for(hoerde, at, booked, preferred=first, ignore_visit="mine") == first
-    with pytest.raises(domain.Conflict) as occupied:
+    with pytest.raises(Conflict) as occupied:
         domain.staff_for(hoerde, at, booked, wanted=first)
     assert occupied.value.field == "starts_at"
     assert "occupied" in occupied.value.reason
     assert "11:00–12:00" in occupied.value.reason
-    with pytest.raises(domain.Invalid) as unknown:
+    with invalid() as unknown:
         domain.staff_for(hoerde, at, booked, wanted="nobody-1")
     assert unknown.value.field == "staff_id"
     everyone = [booking(s, local(MONDAY, 11), hoerde, s) for s in hoerde.staff_ids]
-    with pytest.raises(domain.Conflict, match="no staff member of Familienbüro Hörde"):
+    with pytest.raises(Conflict, match="no staff member of Familienbüro Hörde"):
         domain.staff_for(hoerde, at, everyone)
 
 
 def test_appointments_only_in_the_future_and_inside_working_times(hoerde: Office) -> None:
     now = local(MONDAY, 12)
     domain.check_appointment(hoerde, local(MONDAY, 14), now)
-    with pytest.raises(domain.Invalid, match="lies in the past") as past:
+    with invalid(match="lies in the past") as past:
         domain.check_appointment(hoerde, local(MONDAY, 11), now)
     assert past.value.field == "starts_at"
-    with pytest.raises(domain.Invalid, match=r"outside the working times.*11:00–16:00"):
+    with invalid(match=r"outside the working times.*11:00–16:00"):
         domain.check_appointment(hoerde, local(MONDAY + timedelta(days=7), 9), now)
-    with pytest.raises(domain.Invalid, match="makes no visits on Saturdays"):
+    with invalid(match="makes no visits on Saturdays"):
         domain.check_appointment(hoerde, local(MONDAY + timedelta(days=5), 11), now)
 
 
@@ -320,7 +332,7 @@ def test_case_state_after_staff_actions() -> None:
 @pytest.mark.parametrize("status", [s for s in VisitStatus if s is not VisitStatus.SCHEDULED])
 def test_only_a_scheduled_visit_can_be_acted_on(status: VisitStatus) -> None:
     domain.check_open(VisitStatus.SCHEDULED, "complete")
-    with pytest.raises(domain.Conflict) as refused:
+    with pytest.raises(Conflict) as refused:
         domain.check_open(status, "complete")
     assert refused.value.field == "status"
     assert refused.value.reason == (
@@ -331,7 +343,7 @@ def test_only_a_scheduled_visit_can_be_acted_on(status: VisitStatus) -> None:
 def test_staff_may_not_use_the_system_cancel_reasons() -> None:
     domain.check_staff_cancel_reason(VisitCancelReason.STAFF_UNAVAILABLE)
     for reason in (VisitCancelReason.CONSENT_WITHDRAWN, VisitCancelReason.CASE_ERASED):
-        with pytest.raises(domain.Invalid, match="set by the system"):
+        with invalid(match="set by the system"):
             domain.check_staff_cancel_reason(reason)
 
 
@@ -347,25 +359,25 @@ def test_who_may_get_a_new_visit() -> None:
         (CaseState.ERASED, False, True, "erased"),
     ]
     for state, open_visit, consent, reason in refusals:
-        with pytest.raises(domain.Conflict, match=reason):
+        with pytest.raises(Conflict, match=reason):
             domain.check_new_visit(state, has_open_visit=open_visit, consent=consent)
 
 
 def test_completion_and_no_show_times() -> None:
     start = local(MONDAY, 11)
     domain.check_completion(start, start + timedelta(minutes=70), start + timedelta(hours=3))
-    with pytest.raises(domain.Invalid, match="future"):
+    with invalid(match="future"):
         domain.check_completion(start, start + timedelta(hours=4), start + timedelta(hours=3))
-    with pytest.raises(domain.Conflict, match="before the appointment's start"):
+    with pytest.raises(Conflict, match="before the appointment's start"):
         domain.check_completion(start, start - timedelta(hours=1), start + timedelta(hours=3))
     domain.check_no_show(start, start + timedelta(minutes=20))
-    with pytest.raises(domain.Conflict, match="has not started yet"):
+    with pytest.raises(Conflict, match="has not started yet"):
         domain.check_no_show(start, start - timedelta(minutes=1))
 
 
 def test_wished_module_must_be_in_the_catalogue(dortmund: Municipality) -> None:
     domain.check_module(dortmund, None)
     domain.check_module(dortmund, "familienhebamme")
-    with pytest.raises(domain.Invalid) as unknown:
+    with invalid() as unknown:
         domain.check_module(dortmund, "zauberschule")
     assert unknown.value.field == "referral_wished_module"

@@ -11,45 +11,37 @@ that a day fills without gaps; staff may move a visit to any time inside the wor
 as long as the staff member is free, travel buffer included.
 
 Times: working windows are local times of the city; everything else is aware UTC.
+
+A rule that says no raises the runtime's ``Refusal`` (422: a value that cannot be right) or
+``Conflict`` (409: it clashes with the state of things), naming the field and the reason; a
+decision on what staff record returns the event that says what happened (operations.py
+stores it and puts it in the outbox).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
+from typing import Protocol, TypedDict
 from zoneinfo import ZoneInfo
 
 from lotse_contracts.city import Municipality, TimeWindow
+from lotse_contracts.events import visits as events
 from lotse_contracts.events.common import ConsentState
+from lotse_contracts.events.common import Role as EventRole
 from lotse_contracts.events.intake import Channel
 from lotse_contracts.events.visits import (
+    DeclineChannel,
     MissedFollowUp,
     RescheduleInitiator,
     TargetMissedReason,
     VisitCancelReason,
+    VisitSetting,
+    VisitTopic,
 )
-
-# -- refusals ------------------------------------------------------------------------------------
-
-
-class Refusal(Exception):
-    """An action the rules do not allow; ``field`` names what is wrong, ``reason`` says why."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-
-class Conflict(Refusal):
-    """The request is well-formed but clashes with the state of things (HTTP 409)."""
-
-
-class Invalid(Refusal):
-    """A value of the request cannot be right whatever the state (HTTP 422)."""
-
+from lotse_runtime.refusal import Conflict, Refusal
 
 # -- states --------------------------------------------------------------------------------------
 
@@ -265,16 +257,16 @@ def free_slots(
 
 
 def check_appointment(office: Office, starts_at: datetime, now: datetime) -> None:
-    """Raise ``Invalid`` for a start in the past or outside the office's working times."""
+    """Raise ``Refusal`` for a start in the past or outside the office's working times."""
     if starts_at < now:
-        raise Invalid(
+        raise Refusal(
             "starts_at",
             f"{office.local(starts_at):%Y-%m-%d %H:%M} lies in the past; "
             "an appointment can only be made for the future",
         )
     if not office.within_working_time(starts_at):
         local = office.local(starts_at)
-        raise Invalid(
+        raise Refusal(
             "starts_at",
             f"a {int(office.visit_length.total_seconds() // 60)}-minute visit starting "
             f"{local:%Y-%m-%d %H:%M} is outside the working times: "
@@ -295,10 +287,10 @@ def staff_for(
 
     ``wanted`` is a staff member named in the request: it must exist and be free.
     Otherwise ``preferred`` (the one already assigned) if free, else anyone free.
-    Raises ``Invalid`` for an unknown staff member, ``Conflict`` for an occupied slot.
+    Raises ``Refusal`` for an unknown staff member, ``Conflict`` for an occupied slot.
     """
     if wanted is not None and wanted not in office.staff_ids:
-        raise Invalid(
+        raise Refusal(
             "staff_id",
             f"{wanted!r} is not a staff member of {office.name} "
             f"(known: {', '.join(office.staff_ids)})",
@@ -492,7 +484,7 @@ def check_open(status: VisitStatus, action: str) -> None:
 
 def check_staff_cancel_reason(reason: VisitCancelReason) -> None:
     if reason in SYSTEM_CANCEL_REASONS:
-        raise Invalid(
+        raise Refusal(
             "reason",
             f"{reason.value} is set by the system when intake reports a withdrawn consent or "
             "an erasure; record those in intake",
@@ -520,7 +512,7 @@ def check_no_show(starts_at: datetime, now: datetime) -> None:
 def check_completion(starts_at: datetime, completed_at: datetime, now: datetime) -> None:
     """A visit is completed after it started and not in the future."""
     if completed_at > now:
-        raise Invalid("completed_at", "lies in the future")
+        raise Refusal("completed_at", "lies in the future")
     if completed_at < starts_at:
         raise Conflict(
             "completed_at",
@@ -531,7 +523,206 @@ def check_completion(starts_at: datetime, completed_at: datetime, now: datetime)
 
 def check_module(city: Municipality, module: str | None) -> None:
     if module is not None and module not in city.module_slugs:
-        raise Invalid(
+        raise Refusal(
             "referral_wished_module",
             f"{city.name} has no offer module {module!r} (known: {', '.join(city.module_slugs)})",
         )
+
+
+# -- what staff record: each decision checks the rules and returns the event ------------------
+
+
+class Appointment(Protocol):
+    """What the rules read of a visit (a ``VisitsVisit`` row is one)."""
+
+    visit_id: str
+    case_id: str
+    bezirk: str
+    familienbuero: str
+    staff_id: str
+    status: str
+    starts_at: datetime
+    setting: str
+    attempt: int
+    target_date: date
+
+
+class VisitKeys(TypedDict):
+    """The fields every event about one visit starts with."""
+
+    visit_id: str
+    case_id: str
+    bezirk: str
+    familienbuero: str
+
+
+def keys_of(visit: Appointment) -> VisitKeys:
+    return {
+        "visit_id": visit.visit_id,
+        "case_id": visit.case_id,
+        "bezirk": visit.bezirk,
+        "familienbuero": visit.familienbuero,
+    }
+
+
+class CaseFacts(Protocol):
+    """What the rules read of a case (a ``VisitsCase`` row is one)."""
+
+    case_id: str
+    bezirk: str
+    state: str
+    open_visit_id: str | None
+
+
+def reschedule(
+    office: Office,
+    visit: Appointment,
+    *,
+    starts_at: datetime,
+    wanted: str | None,
+    by: RescheduleInitiator,
+    booked: Sequence[Booking],
+    now: datetime,
+) -> events.VisitRescheduled:
+    """Move a scheduled visit to ``starts_at`` (``wanted``: a staff member named by hand)."""
+    check_open(VisitStatus(visit.status), "reschedule")
+    check_appointment(office, starts_at, now)
+    staff_id = staff_for(
+        office,
+        starts_at,
+        booked,
+        wanted=wanted,
+        preferred=visit.staff_id,
+        ignore_visit=visit.visit_id,
+    )
+    if staff_id == visit.staff_id and starts_at == visit.starts_at:
+        raise Conflict("starts_at", "is the visit's current appointment")
+    missed, reason = target_verdict(
+        office, starts_at, visit.target_date, reschedule_miss_reason(by)
+    )
+    new_start = starts_at.astimezone(UTC)
+    return events.VisitRescheduled(
+        **keys_of(visit),
+        staff_id=staff_id,
+        previous_starts_at=visit.starts_at,
+        starts_at=new_start,
+        ends_at=new_start + office.visit_length,
+        target_date=visit.target_date,
+        target_missed=missed,
+        target_missed_reason=reason,
+        rescheduled_by=by,
+        rescheduled_at=now,
+    )
+
+
+def no_show(visit: Appointment, follow_up: MissedFollowUp, now: datetime) -> events.VisitMissed:
+    """The family was not there (only once the appointment has begun)."""
+    check_open(VisitStatus(visit.status), "no_show")
+    check_no_show(visit.starts_at, now)
+    return events.VisitMissed(
+        **keys_of(visit),
+        scheduled_for=visit.starts_at,
+        attempt=visit.attempt,
+        follow_up=follow_up,
+        recorded_at=now,
+    )
+
+
+def decline(
+    office: Office,
+    case: CaseFacts,
+    visit: Appointment | None,
+    via: DeclineChannel,
+    now: datetime,
+) -> events.VisitDeclined:
+    """The family does not want the visit: its scheduled one, or (``visit`` None) any."""
+    if visit is not None:
+        check_open(VisitStatus(visit.status), "decline")
+    elif case.open_visit_id is not None:
+        raise Conflict(
+            "case_id",
+            f"the family has a scheduled visit; decline it: "
+            f"POST /visits/{case.open_visit_id}/decline",
+        )
+    elif case.state not in (CaseState.ACTIVE.value, CaseState.NOT_REACHED.value):
+        raise Conflict("case_id", f"the case is {case.state}; no visit is due")
+    return events.VisitDeclined(
+        visit_id=visit.visit_id if visit is not None else None,
+        case_id=case.case_id,
+        bezirk=case.bezirk,
+        familienbuero=office.slug,
+        declined_via=via,
+        declined_at=now,
+    )
+
+
+def cancel(
+    visit: Appointment, reason: VisitCancelReason, role: EventRole, now: datetime
+) -> events.VisitCancelled:
+    """The Familienbüro cancels a scheduled visit (not for the system's reasons)."""
+    check_open(VisitStatus(visit.status), "cancel")
+    check_staff_cancel_reason(reason)
+    return events.VisitCancelled(
+        **keys_of(visit),
+        reason=reason,
+        cancelled_by_role=role,
+        cancelled_at=now,
+    )
+
+
+class OutcomeReport(Protocol):
+    """What staff record of a visit that took place (a ``CompleteRequest`` is one)."""
+
+    completed_at: datetime | None
+    setting: VisitSetting | None
+    informed_about_offers: bool
+    topics: list[VisitTopic]
+    needs_noted: bool
+    referral_wished_module: str | None
+
+
+def complete(
+    office: Office,
+    city: Municipality,
+    visit: Appointment,
+    outcome: OutcomeReport,
+    *,
+    reference: date | None,
+    now: datetime,
+) -> events.VisitCompleted:
+    """The visit took place (after it began, not in the future), with its outcome;
+    ``reference`` is the case's reference date (unknown: the day of the visit)."""
+    check_open(VisitStatus(visit.status), "complete")
+    completed_at = outcome.completed_at or now
+    check_completion(visit.starts_at, completed_at, now)
+    check_module(city, outcome.referral_wished_module)
+    reference = reference or office.local_date(visit.starts_at)
+    return events.VisitCompleted(
+        **keys_of(visit),
+        staff_id=visit.staff_id,
+        scheduled_for=visit.starts_at,
+        completed_at=completed_at,
+        setting=outcome.setting or VisitSetting(visit.setting),
+        informed_about_offers=outcome.informed_about_offers,
+        topics=list(dict.fromkeys(outcome.topics)),  # once each, in the order given
+        needs_noted=outcome.needs_noted,
+        referral_wished_module=outcome.referral_wished_module,
+        days_since_reference=days_since_reference(office, visit.starts_at, reference),
+    )
+
+
+def check_chosen_slot(starts_at: datetime | None, staff_id: str | None) -> None:
+    """A staff member is named only together with the time chosen for them."""
+    if starts_at is None and staff_id is not None:
+        raise Refusal("staff_id", "name a staff member only together with starts_at")
+
+
+def new_visit_miss_reason(
+    state: CaseState, has_open_visit: bool, consent: bool
+) -> TargetMissedReason:
+    """Check that staff may arrange a new visit; why it will be late if it is."""
+    check_new_visit(state, has_open_visit, consent)
+    return {
+        CaseState.DECLINED: TargetMissedReason.FAMILY_REQUEST,
+        CaseState.NOT_REACHED: TargetMissedReason.FAMILY_UNREACHABLE,
+    }.get(state, TargetMissedReason.NO_CAPACITY)

@@ -8,12 +8,10 @@ go ``retention_erased_case_days`` after the erasure.
 
 from __future__ import annotations
 
-from typing import Any, cast
-
-from lotse_runtime.app import PeriodicJob, ServiceRuntime
+from lotse_runtime.app import PeriodicJob
 from lotse_runtime.retention import RetentionRule, add_retention_job, days, rule
 
-from lotse_visits.settings import VisitsSettings
+from lotse_visits.settings import VisitsRuntime, VisitsSettings
 from lotse_visits.tables import VisitsCase, VisitsConsent, VisitsVisit
 
 
@@ -37,6 +35,6 @@ def rules(settings: VisitsSettings) -> list[RetentionRule]:
     ]
 
 
-def install(runtime: ServiceRuntime[Any]) -> PeriodicJob:
+def install(runtime: VisitsRuntime) -> PeriodicJob:
     """The retention job of visits (runtime data classes included)."""
-    return add_retention_job(runtime, rules(cast(VisitsSettings, runtime.settings)))
+    return add_retention_job(runtime, rules(runtime.settings))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.settings import ServiceSettings
 from pydantic import Field
 
@@ -55,3 +56,7 @@ class VisitsSettings(ServiceSettings):
         description="Days after an erasure until the family's tombstone (no personal data) "
         "and what hangs on it are deleted; unset: kept for good.",
     )
+
+
+#: The runtime of the visits service, typed by its settings.
+VisitsRuntime = ServiceRuntime[VisitsSettings]

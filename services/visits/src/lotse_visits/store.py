@@ -1,25 +1,28 @@
-"""Reading and changing the calendar in the database, shared by the HTTP routes and the
-event handlers: office locks, bookings, automatic proposals, cancellations and the events
-they publish through the outbox (always in the caller's transaction)."""
+"""Data access of the visits service, for the use cases in operations.py: office locks,
+loading cases, visits, bookings and consents, writing what an event says into the rows,
+automatic proposals and system cancellations with the events they publish through the
+outbox (always in the caller's transaction), and the API views of the rows."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from datetime import UTC, date, datetime, timedelta
 
 from lotse_contracts.events.common import ConsentState, Role
 from lotse_contracts.events.visits import (
     TargetMissedReason,
     VisitCancelled,
     VisitCancelReason,
+    VisitCompleted,
+    VisitDeclined,
+    VisitMissed,
+    VisitRescheduled,
     VisitScheduled,
     VisitSetting,
     VisitTopic,
 )
-from lotse_runtime.app import ServiceRuntime
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,7 +30,7 @@ from sqlmodel import col
 
 from lotse_visits import domain
 from lotse_visits.domain import Booking, CaseState, ConsentFact, Office, VisitStatus
-from lotse_visits.settings import VisitsSettings
+from lotse_visits.settings import VisitsRuntime
 from lotse_visits.tables import (
     Outcome,
     VisitPublic,
@@ -41,12 +44,8 @@ from lotse_visits.tables import (
 SEARCH_CHUNK = timedelta(days=14)
 
 
-def settings_of(runtime: ServiceRuntime[Any]) -> VisitsSettings:
-    return cast(VisitsSettings, runtime.settings)
-
-
-def target_days(runtime: ServiceRuntime[Any]) -> int:
-    configured = settings_of(runtime).visit_target_days
+def target_days(runtime: VisitsRuntime) -> int:
+    configured = runtime.settings.visit_target_days
     return configured if configured is not None else runtime.city.welcome_visit_target_days
 
 
@@ -79,21 +78,11 @@ async def lock_office(session: AsyncSession, bezirk: str) -> None:
 
 async def fresh_case(session: AsyncSession, case_id: str) -> VisitsCase | None:
     """The case as committed now (after a lock), not a copy cached in the session."""
-    found = await session.execute(
-        select(VisitsCase)
-        .where(col(VisitsCase.case_id) == case_id)
-        .execution_options(populate_existing=True)
-    )
-    return found.scalars().first()
+    return await session.get(VisitsCase, case_id, populate_existing=True)
 
 
 async def fresh_visit(session: AsyncSession, visit_id: str) -> VisitsVisit | None:
-    found = await session.execute(
-        select(VisitsVisit)
-        .where(col(VisitsVisit.visit_id) == visit_id)
-        .execution_options(populate_existing=True)
-    )
-    return found.scalars().first()
+    return await session.get(VisitsVisit, visit_id, populate_existing=True)
 
 
 async def locked_case(session: AsyncSession, case_id: str, bezirk: str) -> VisitsCase | None:
@@ -135,6 +124,70 @@ async def visits_of_case(session: AsyncSession, case_id: str) -> list[VisitsVisi
         .order_by(col(VisitsVisit.attempt))
     )
     return list(rows.scalars())
+
+
+async def visits_of_office(
+    session: AsyncSession, bezirk: str, start: datetime, end: datetime
+) -> list[VisitsVisit]:
+    """Every visit of the office starting in [start, end), by time and staff member."""
+    rows = await session.execute(
+        select(VisitsVisit)
+        .where(
+            col(VisitsVisit.bezirk) == bezirk,
+            col(VisitsVisit.starts_at) >= start,
+            col(VisitsVisit.starts_at) < end,
+        )
+        .order_by(col(VisitsVisit.starts_at), col(VisitsVisit.staff_id))
+    )
+    return list(rows.scalars())
+
+
+async def due_cases(session: AsyncSession, bezirk: str, limit: int) -> list[VisitsCase]:
+    """Active cases of the office without an appointment, earliest target first."""
+    rows = await session.execute(
+        select(VisitsCase)
+        .where(
+            col(VisitsCase.bezirk) == bezirk,
+            col(VisitsCase.state) == CaseState.ACTIVE.value,
+            col(VisitsCase.open_visit_id).is_(None),
+        )
+        .order_by(col(VisitsCase.target_date), col(VisitsCase.case_id))
+        .limit(limit)
+    )
+    return list(rows.scalars())
+
+
+async def overdue_candidates(
+    session: AsyncSession, today: date, limit: int, skipped: set[str]
+) -> list[VisitsCase]:
+    """Active cases past their target date not yet reported, earliest target first."""
+    query = (
+        select(VisitsCase)
+        .where(
+            col(VisitsCase.state) == CaseState.ACTIVE.value,
+            col(VisitsCase.overdue_raised_at).is_(None),
+            col(VisitsCase.target_date) < today,
+        )
+        .order_by(col(VisitsCase.target_date))
+        .limit(limit)
+    )
+    if skipped:
+        query = query.where(col(VisitsCase.case_id).not_in(skipped))
+    return list((await session.execute(query)).scalars())
+
+
+async def mark_overdue(session: AsyncSession, case_id: str, now: datetime) -> bool:
+    """Mark a case as reported overdue, if it still is due and unreported."""
+    marked = await session.execute(
+        update(VisitsCase)
+        .where(
+            col(VisitsCase.case_id) == case_id,
+            col(VisitsCase.state) == CaseState.ACTIVE.value,
+            col(VisitsCase.overdue_raised_at).is_(None),
+        )
+        .values(overdue_raised_at=now)
+    )
+    return bool(marked.rowcount)  # type: ignore[attr-defined]
 
 
 async def next_attempt(session: AsyncSession, case_id: str) -> int:
@@ -196,10 +249,7 @@ async def latest_consent_state(session: AsyncSession, case_id: str) -> ConsentSt
 
 def scheduled_event(visit: VisitsVisit) -> VisitScheduled:
     return VisitScheduled(
-        visit_id=visit.visit_id,
-        case_id=visit.case_id,
-        bezirk=visit.bezirk,
-        familienbuero=visit.familienbuero,
+        **domain.keys_of(visit),
         staff_id=visit.staff_id,
         starts_at=visit.starts_at,
         ends_at=visit.ends_at,
@@ -216,7 +266,7 @@ def scheduled_event(visit: VisitsVisit) -> VisitScheduled:
 
 def book(
     session: AsyncSession,
-    runtime: ServiceRuntime[Any],
+    runtime: VisitsRuntime,
     case: VisitsCase,
     office: Office,
     slot: domain.Slot,
@@ -258,7 +308,7 @@ def book(
 
 async def propose(
     session: AsyncSession,
-    runtime: ServiceRuntime[Any],
+    runtime: VisitsRuntime,
     case: VisitsCase,
     *,
     now: datetime,
@@ -272,7 +322,7 @@ async def propose(
     fortnight of bookings, a full one more. Returns None when nothing is free within the
     scheduling horizon (the case stays due, and the overdue check will report it).
     """
-    settings = settings_of(runtime)
+    settings = runtime.settings
     office = Office.of(runtime.city, case.bezirk)
     assert case.target_date is not None
     assert case.registered_at is not None
@@ -308,10 +358,7 @@ def cancelled_event(visit: VisitsVisit, *, role: Role) -> VisitCancelled:
     assert visit.cancel_reason is not None
     assert visit.closed_at is not None
     return VisitCancelled(
-        visit_id=visit.visit_id,
-        case_id=visit.case_id,
-        bezirk=visit.bezirk,
-        familienbuero=visit.familienbuero,
+        **domain.keys_of(visit),
         reason=VisitCancelReason(visit.cancel_reason),
         cancelled_by_role=role,
         cancelled_at=visit.closed_at,
@@ -320,7 +367,7 @@ def cancelled_event(visit: VisitsVisit, *, role: Role) -> VisitCancelled:
 
 async def cancel_open_visit(
     session: AsyncSession,
-    runtime: ServiceRuntime[Any],
+    runtime: VisitsRuntime,
     case: VisitsCase,
     *,
     reason: VisitCancelReason,
@@ -343,7 +390,7 @@ async def cancel_open_visit(
 
 async def apply_consent(
     session: AsyncSession,
-    runtime: ServiceRuntime[Any],
+    runtime: VisitsRuntime,
     case: VisitsCase,
     facts: Iterable[ConsentFact],
     *,
@@ -364,6 +411,85 @@ async def apply_consent(
     if not consent:
         # Without a welcome-visit consent there is no purpose left for contact data here.
         case.personal = None
+
+
+# -- what an event of staff changes in the rows ------------------------------------------------
+
+
+def _close(case: VisitsCase, state: CaseState, now: datetime) -> None:
+    case.open_visit_id = None
+    case.state = state.value
+    case.updated_at = now
+
+
+def rescheduled(visit: VisitsVisit, case: VisitsCase, event: VisitRescheduled) -> None:
+    visit.staff_id = event.staff_id
+    visit.starts_at = event.starts_at
+    visit.ends_at = event.ends_at
+    visit.target_missed = event.target_missed
+    reason = event.target_missed_reason
+    visit.target_missed_reason = reason.value if reason else None
+    visit.reschedule_count += 1
+    case.updated_at = event.rescheduled_at
+
+
+def missed(visit: VisitsVisit, case: VisitsCase, event: VisitMissed) -> None:
+    visit.status = VisitStatus.MISSED.value
+    visit.missed_follow_up = event.follow_up.value
+    visit.closed_at = event.recorded_at
+    _close(case, domain.state_after_missed(event.follow_up), event.recorded_at)
+
+
+def declined(case: VisitsCase, visit: VisitsVisit | None, event: VisitDeclined) -> None:
+    if visit is not None:
+        visit.status = VisitStatus.DECLINED.value
+        visit.declined_via = event.declined_via.value
+        visit.closed_at = event.declined_at
+    _close(case, CaseState.DECLINED, event.declined_at)
+
+
+def cancelled(visit: VisitsVisit, case: VisitsCase, event: VisitCancelled) -> None:
+    visit.status = VisitStatus.CANCELLED.value
+    visit.cancel_reason = event.reason.value
+    visit.cancelled_by_role = event.cancelled_by_role.value
+    visit.closed_at = event.cancelled_at
+    _close(case, domain.state_after_cancel(event.reason), event.cancelled_at)
+
+
+def completed(visit: VisitsVisit, case: VisitsCase, event: VisitCompleted, now: datetime) -> None:
+    visit.status = VisitStatus.COMPLETED.value
+    visit.closed_at = event.completed_at
+    visit.setting = event.setting.value
+    visit.informed_about_offers = event.informed_about_offers
+    visit.topics = ",".join(t.value for t in event.topics)
+    visit.needs_noted = event.needs_noted
+    visit.referral_wished_module = event.referral_wished_module
+    _close(case, CaseState.VISITED, now)
+
+
+# -- erasure -------------------------------------------------------------------------------------
+
+
+def purge(case: VisitsCase) -> None:
+    """Drop everything of an erased case that could single the family out."""
+    case.personal = None
+    case.clinic_id = None
+    case.registered_at = None
+    case.reference_date = None
+    case.intake_target_date = None
+    case.children_count = None
+    case.preferred_language = None
+
+
+async def forget_consents_and_outcomes(session: AsyncSession, case_id: str) -> None:
+    """Delete an erased family's consents and what was said in its visits; when and whether
+    a visit took place stays, pseudonymous, for the calendar and the figures."""
+    await session.execute(delete(VisitsConsent).where(col(VisitsConsent.case_id) == case_id))
+    await session.execute(
+        update(VisitsVisit)
+        .where(col(VisitsVisit.case_id) == case_id)
+        .values(topics=None, needs_noted=None, referral_wished_module=None)
+    )
 
 
 # -- views ---------------------------------------------------------------------------------------
