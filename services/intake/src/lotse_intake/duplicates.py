@@ -23,7 +23,7 @@ import uuid
 
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
-from lotse_contracts.events.intake import CasesMerged, Channel, ConsentChanged
+from lotse_contracts.events.intake import CasesMerged, Channel
 from lotse_runtime.audit import AuditAction
 from lotse_runtime.identity import (
     CaseScope,
@@ -211,7 +211,6 @@ async def _carry_consents(
         for row in await ops.consent_rows(session, survivor.case_id)
         if row.state == ConsentState.GIVEN.value
     }
-    now = call.now()
     for row in await ops.consent_rows(session, merged.case_id):
         terms = ConsentTerms(ConsentScope(row.scope), row.traeger, row.purpose)
         if row.state != ConsentState.GIVEN.value or terms in in_force:
@@ -232,21 +231,4 @@ async def _carry_consents(
             given_at=row.given_at,
         )
         session.add(carried)
-        ops.record_consent_change(
-            session, call, carried, ConsentState.GIVEN, carried.given_at, role
-        )
-        call.runtime.outbox.add(
-            session,
-            ConsentChanged(
-                case_id=survivor.case_id,
-                bezirk=survivor.bezirk,
-                consent_id=carried.consent_id,
-                scope=ConsentScope(row.scope),
-                traeger=row.traeger,
-                purpose=row.purpose,
-                state=ConsentState.GIVEN,
-                changed_at=row.given_at,
-                changed_by_role=role,
-            ),
-            time=now,
-        )
+        ops.consent_changed(session, call, survivor, carried, carried.given_at, role)

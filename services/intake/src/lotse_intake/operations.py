@@ -219,6 +219,24 @@ async def ensure_not_merged(session: AsyncSession, case: IntakeCase) -> None:
         raise Conflict("case_id", f"this case was merged into case {survivor}; record it there")
 
 
+async def case_to_change(
+    session: AsyncSession,
+    call: Call,
+    case_id: str,
+    roles: Sequence[Role],
+    *,
+    personal_data: bool,
+) -> IntakeCase:
+    """Load a case to record something for it (locked): the caller may (403), the family
+    is not erased (410) and the case not merged into another (409)."""
+    case = call.authorise(
+        await load_case(session, case_id, for_update=True), roles, personal_data=personal_data
+    )
+    ensure_not_erased(case)
+    await ensure_not_merged(session, case)
+    return case
+
+
 async def flag_possible_duplicates(
     session: AsyncSession, call: Call, case_id: str, existing_ids: Sequence[str]
 ) -> None:
@@ -633,6 +651,7 @@ def record_consent_change(
     at: datetime,
     role: EventRole,
 ) -> None:
+    """One entry of a consent's history (given or withdrawn, when, by which role)."""
     session.add(
         IntakeConsentChange(
             consent_id=consent.consent_id,
@@ -646,14 +665,39 @@ def record_consent_change(
     )
 
 
+def consent_changed(
+    session: AsyncSession,
+    call: Call,
+    case: IntakeCase,
+    consent: IntakeConsent,
+    at: datetime,
+    role: EventRole,
+) -> None:
+    """A consent given or withdrawn after registration (its ``state`` says which): recorded
+    in its history and published as ``consent-changed``."""
+    state = ConsentState(consent.state)
+    record_consent_change(session, call, consent, state, at, role)
+    call.runtime.outbox.add(
+        session,
+        ConsentChanged(
+            case_id=consent.case_id,
+            bezirk=case.bezirk,
+            consent_id=consent.consent_id,
+            scope=ConsentScope(consent.scope),
+            traeger=consent.traeger,
+            purpose=consent.purpose,
+            state=state,
+            changed_at=at,
+            changed_by_role=role,
+        ),
+        time=call.now(),
+    )
+
+
 async def give_consent(
     session: AsyncSession, call: Call, case_id: str, body: ConsentCreate
 ) -> Outcome:
-    case = call.authorise(
-        await load_case(session, case_id, for_update=True), CHANGE_CONSENT, personal_data=False
-    )
-    ensure_not_erased(case)
-    await ensure_not_merged(session, case)
+    case = await case_to_change(session, call, case_id, CHANGE_CONSENT, personal_data=False)
     now = call.now()
     terms = ConsentTerms(body.scope, body.traeger, body.purpose)
     domain.check_consent(terms, call.runtime.city, case.bezirk, "")
@@ -673,23 +717,7 @@ async def give_consent(
         given_at=given_at,
     )
     session.add(row)
-    role = event_role(call.caller.role)
-    record_consent_change(session, call, row, ConsentState.GIVEN, given_at, role)
-    call.runtime.outbox.add(
-        session,
-        ConsentChanged(
-            case_id=case_id,
-            bezirk=case.bezirk,
-            consent_id=row.consent_id,
-            scope=body.scope,
-            traeger=body.traeger,
-            purpose=body.purpose,
-            state=ConsentState.GIVEN,
-            changed_at=given_at,
-            changed_by_role=role,
-        ),
-        time=now,
-    )
+    consent_changed(session, call, case, row, given_at, event_role(call.caller.role))
     call.audit(session, AuditAction.change, case_id, "consent given")
     await session.flush()
     return Outcome(201, await consent_public(session, case_id, row.consent_id), case_id)
@@ -698,11 +726,7 @@ async def give_consent(
 async def withdraw_consent(
     session: AsyncSession, call: Call, case_id: str, consent_id: str, body: ConsentWithdrawal
 ) -> Outcome:
-    case = call.authorise(
-        await load_case(session, case_id, for_update=True), CHANGE_CONSENT, personal_data=False
-    )
-    ensure_not_erased(case)
-    await ensure_not_merged(session, case)
+    case = await case_to_change(session, call, case_id, CHANGE_CONSENT, personal_data=False)
     now = call.now()
     row = await session.get(IntakeConsent, consent_id)
     if row is None or row.case_id != case_id:
@@ -718,23 +742,7 @@ async def withdraw_consent(
     row.state = ConsentState.WITHDRAWN.value
     row.withdrawn_at = withdrawn_at
     session.add(row)
-    role = event_role(call.caller.role)
-    record_consent_change(session, call, row, ConsentState.WITHDRAWN, withdrawn_at, role)
-    call.runtime.outbox.add(
-        session,
-        ConsentChanged(
-            case_id=case_id,
-            bezirk=case.bezirk,
-            consent_id=consent_id,
-            scope=ConsentScope(row.scope),
-            traeger=row.traeger,
-            purpose=row.purpose,
-            state=ConsentState.WITHDRAWN,
-            changed_at=withdrawn_at,
-            changed_by_role=role,
-        ),
-        time=now,
-    )
+    consent_changed(session, call, case, row, withdrawn_at, event_role(call.caller.role))
     call.audit(session, AuditAction.change, case_id, "consent withdrawn")
     await session.flush()
     return Outcome(200, await consent_public(session, case_id, consent_id), case_id)
@@ -743,11 +751,7 @@ async def withdraw_consent(
 async def record_screening(
     session: AsyncSession, call: Call, case_id: str, body: ScreeningCreate
 ) -> Outcome:
-    case = call.authorise(
-        await load_case(session, case_id, for_update=True), SCREEN, personal_data=True
-    )
-    ensure_not_erased(case)
-    await ensure_not_merged(session, case)
+    case = await case_to_change(session, call, case_id, SCREEN, personal_data=True)
     now = call.now()
     modules = domain.check_modules(call.runtime.city, body.wished_modules, "wished_modules")
     assessed_at = body.assessed_at or now
@@ -797,11 +801,7 @@ async def _latest_need(session: AsyncSession, call: Call, case: IntakeCase) -> S
 async def request_handover(
     session: AsyncSession, call: Call, case_id: str, body: HandoverCreate
 ) -> Outcome:
-    case = call.authorise(
-        await load_case(session, case_id, for_update=True), HAND_OVER, personal_data=False
-    )
-    ensure_not_erased(case)
-    await ensure_not_merged(session, case)
+    case = await case_to_change(session, call, case_id, HAND_OVER, personal_data=False)
     now = call.now()
     domain.check_handover_target(call.runtime.city, case.bezirk, body.module, body.traeger)
     records = [
