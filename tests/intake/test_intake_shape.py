@@ -34,7 +34,7 @@ def test_use_cases_and_rules_know_nothing_of_http() -> None:
 
 def test_every_route_is_a_module_level_function_of_api() -> None:
     routes = [r for r in api.router.routes if isinstance(r, APIRoute)]
-    assert len(routes) == 21
+    assert len(routes) == 18
     for route in routes:
         endpoint = route.endpoint
         assert getattr(api, endpoint.__name__) is endpoint, route.path
