@@ -11,8 +11,9 @@ from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
 from lotse_contracts.events.intake import BezirkSource, Channel, SupportNeed
 from lotse_intake import domain
-from lotse_intake.domain import ConsentRecord, ConsentTerms, Refusal
-from lotse_runtime.identity import Role
+from lotse_intake.domain import ConsentRecord, ConsentTerms
+from lotse_runtime.identity import Role, event_role
+from lotse_runtime.refusal import Refusal
 
 CITY = load_city("dortmund")
 SECRET = b"s" * 32
@@ -259,10 +260,11 @@ def test_services_name_the_clinic_and_move_ins_have_none() -> None:
 
 
 def test_event_roles() -> None:
-    assert domain.event_role(Role.babylotse) is EventRole.BABYLOTSE
-    assert domain.event_role(Role.service, channel=Channel.MOVE_IN) is EventRole.CITIZENS_OFFICE
-    assert domain.event_role(Role.service, channel=Channel.CLINIC) is EventRole.SYSTEM
-    assert domain.event_role(Role.dpo) is EventRole.SYSTEM
+    assert event_role(Role.babylotse) is EventRole.BABYLOTSE
+    assert domain.registrar_role(Role.babylotse, Channel.CLINIC) is EventRole.BABYLOTSE
+    assert domain.registrar_role(Role.service, Channel.MOVE_IN) is EventRole.CITIZENS_OFFICE
+    assert domain.registrar_role(Role.service, Channel.CLINIC) is EventRole.SYSTEM
+    assert event_role(Role.dpo) is EventRole.SYSTEM
 
 
 # -- consents --------------------------------------------------------------------------------

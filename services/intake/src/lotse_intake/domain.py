@@ -2,8 +2,11 @@
 district) is found, which birth dates and consents make sense, how the duplicate guard
 recognises a family, and which consent a warm handover rests on.
 
-Every refusal is a :class:`Refusal` naming the request field and a reason a clinic worker
-understands; the API turns it into HTTP 422 (or 409 for a conflict with stored state).
+Every refusal is the runtime's :class:`~lotse_runtime.refusal.Refusal` naming the request
+field and a reason a clinic worker understands (HTTP 422), or a :class:`Conflict` with the
+stored state (409); the runtime answers both in the platform's one error shape. A reason
+never repeats a personal value (name, address, birth date), so that it is safe wherever an
+error ends up.
 """
 
 from __future__ import annotations
@@ -27,27 +30,14 @@ from lotse_contracts.city import (
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
 from lotse_contracts.events.intake import BezirkSource, Channel, SupportNeed
-from lotse_runtime.identity import Role
+from lotse_runtime.identity import Role, event_role
 from lotse_runtime.inputs import BEFORE_REGISTRATION, CLOCK_SKEW
+from lotse_runtime.refusal import Conflict, Refusal
 
 #: Move-in notices (from the citizens' office) cover families with children under six.
 MOVE_IN_MAX_AGE_YEARS = 6
 #: What the contract allows for ``days_since_birth_at_registration``.
 MAX_AGE_DAYS = 6 * 366
-
-
-class Refusal(Exception):
-    """A request intake will not carry out; ``field`` is the request field at fault.
-
-    ``reason`` goes back to the caller; it never repeats a personal value (name, address,
-    birth date), so that it is safe wherever an error ends up.
-    """
-
-    def __init__(self, field: str, reason: str, *, status: int = 422) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-        self.status = status
 
 
 class DuplicateStatus(StrEnum):
@@ -68,23 +58,12 @@ CHANNEL_ROLES: dict[Channel, frozenset[Role]] = {
     Channel.MOVE_IN: frozenset({Role.service, Role.familienbuero}),
 }
 
-_EVENT_ROLE: dict[Role, EventRole] = {
-    Role.babylotse: EventRole.BABYLOTSE,
-    Role.familienbuero: EventRole.FAMILIENBUERO,
-    Role.bezirksteam: EventRole.BEZIRKSTEAM,
-    Role.traeger: EventRole.TRAEGER,
-}
 
-
-def event_role(role: Role, *, channel: Channel | None = None) -> EventRole:
-    """The role an event names for a caller (events carry roles, never people).
-
-    A service registering a move-in notice is the citizens' office; any other service
-    acts for the platform itself (``system``).
-    """
-    if role is Role.service and channel is Channel.MOVE_IN:
-        return EventRole.CITIZENS_OFFICE
-    return _EVENT_ROLE.get(role, EventRole.SYSTEM)
+def registrar_role(role: Role, channel: Channel) -> EventRole:
+    """The role a registration's events name: a service registering a move-in notice is the
+    citizens' office; otherwise the platform's one role map (``identity.event_role``)."""
+    acts_as = EventRole.CITIZENS_OFFICE if channel is Channel.MOVE_IN else None
+    return event_role(role, service_acts_as=acts_as)
 
 
 def resolve_clinic(
@@ -338,7 +317,7 @@ def consent_for_handover(
                 f"this case has no traeger_contact consent {consent_id} for the module {module}",
             )
         if chosen.state is not ConsentState.GIVEN:
-            raise Refusal("consent_id", "this consent was withdrawn", status=409)
+            raise Conflict("consent_id", "this consent was withdrawn")
         if chosen.terms.traeger not in (None, traeger):
             raise Refusal(
                 "consent_id",
@@ -369,7 +348,7 @@ def consent_for_handover(
             "record a traeger_contact consent first"
         )
     field = "traeger" if traeger or named_only else "module"
-    raise Refusal(field, reason, status=409)
+    raise Conflict(field, reason)
 
 
 def check_handover_target(
@@ -519,11 +498,11 @@ def disclosure_refusal(
     if erased:
         return Refusal("case_id", "the family's data was erased", status=410)
     if consent is None:
-        return Refusal("consent_id", "this case has no such consent", status=409)
+        return Conflict("consent_id", "this case has no such consent")
     if consent.terms.scope is not ConsentScope.TRAEGER_CONTACT:
-        return Refusal("consent_id", "the consent is not a traeger_contact consent", status=409)
+        return Conflict("consent_id", "the consent is not a traeger_contact consent")
     if consent.state is not ConsentState.GIVEN:
-        return Refusal("consent_id", "the consent was withdrawn", status=409)
+        return Conflict("consent_id", "the consent was withdrawn")
     if consent.terms.traeger != traeger:
-        return Refusal("traeger", f"the consent does not name the Träger {traeger}", status=409)
+        return Conflict("traeger", f"the consent does not name the Träger {traeger}")
     return None

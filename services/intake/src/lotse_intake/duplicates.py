@@ -23,17 +23,24 @@ import uuid
 
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
-from lotse_contracts.events.intake import CasesMerged, Channel, ConsentChanged
+from lotse_contracts.events.intake import CasesMerged, Channel
 from lotse_runtime.audit import AuditAction
-from lotse_runtime.identity import CaseScope, Role, ensure_may_access_case, ensure_role
+from lotse_runtime.identity import (
+    CaseScope,
+    Role,
+    ensure_may_access_case,
+    ensure_role,
+    event_role,
+)
+from lotse_runtime.refusal import Conflict, Refusal
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from lotse_intake import domain
 from lotse_intake import operations as ops
-from lotse_intake.domain import ConsentTerms, DuplicateStatus, Refusal
-from lotse_intake.idempotency import Outcome
+from lotse_intake.domain import ConsentTerms, DuplicateStatus
+from lotse_intake.operations import Outcome
 from lotse_intake.tables import (
     IntakeCase,
     IntakeConsent,
@@ -83,7 +90,7 @@ async def _authorised_flag(
 
 def _ensure_open(flag: IntakePossibleDuplicate) -> None:
     if flag.status != DuplicateStatus.OPEN.value:
-        raise Refusal("duplicate_id", f"this flag is {flag.status} already", status=409)
+        raise Conflict("duplicate_id", f"this flag is {flag.status} already")
 
 
 async def list_flags(
@@ -121,8 +128,16 @@ async def dismiss(session: AsyncSession, call: ops.Call, duplicate_id: str) -> O
 
 def _decided(flag: IntakePossibleDuplicate, call: ops.Call) -> None:
     flag.decided_at = call.now()
-    flag.decided_by_role = domain.event_role(call.caller.role).value
+    flag.decided_by_role = event_role(call.caller.role).value
     flag.decided_by_subject = call.caller.subject
+
+
+async def _ensure_mergeable(session: AsyncSession, case: IntakeCase) -> None:
+    if case.erased_at is not None:
+        raise Conflict("duplicate_id", f"case {case.case_id} was erased; nothing to merge")
+    other = await ops.surviving_case_of(session, case.case_id)
+    if other is not None:
+        raise Conflict("duplicate_id", f"case {case.case_id} was merged into case {other} already")
 
 
 async def merge(
@@ -143,19 +158,9 @@ async def merge(
     assert survivor is not None
     assert merged is not None
     for case in (survivor, merged):
-        if case.erased_at is not None:
-            raise Refusal(
-                "duplicate_id", f"case {case.case_id} was erased; nothing to merge", status=409
-            )
-        other = await ops.surviving_case_of(session, case.case_id)
-        if other is not None:
-            raise Refusal(
-                "duplicate_id",
-                f"case {case.case_id} was merged into case {other} already",
-                status=409,
-            )
+        await _ensure_mergeable(session, case)
     now = call.now()
-    role = domain.event_role(call.caller.role)
+    role = event_role(call.caller.role)
     await _carry_consents(session, call, merged, survivor, role)
     await session.execute(
         update(IntakeMatchKey)
@@ -203,11 +208,10 @@ async def _carry_consents(
     given on the survivor too (new ids, the family's original dates)."""
     in_force = {
         ConsentTerms(ConsentScope(row.scope), row.traeger, row.purpose)
-        for row in await ops._consent_rows(session, survivor.case_id)
+        for row in await ops.consent_rows(session, survivor.case_id)
         if row.state == ConsentState.GIVEN.value
     }
-    now = call.now()
-    for row in await ops._consent_rows(session, merged.case_id):
+    for row in await ops.consent_rows(session, merged.case_id):
         terms = ConsentTerms(ConsentScope(row.scope), row.traeger, row.purpose)
         if row.state != ConsentState.GIVEN.value or terms in in_force:
             continue
@@ -227,21 +231,4 @@ async def _carry_consents(
             given_at=row.given_at,
         )
         session.add(carried)
-        ops._record_consent_change(
-            session, call, carried, ConsentState.GIVEN, carried.given_at, role
-        )
-        call.runtime.outbox.add(
-            session,
-            ConsentChanged(
-                case_id=survivor.case_id,
-                bezirk=survivor.bezirk,
-                consent_id=carried.consent_id,
-                scope=ConsentScope(row.scope),
-                traeger=row.traeger,
-                purpose=row.purpose,
-                state=ConsentState.GIVEN,
-                changed_at=row.given_at,
-                changed_by_role=role,
-            ),
-            time=now,
-        )
+        ops.consent_changed(session, call, survivor, carried, carried.given_at, role)

@@ -25,13 +25,13 @@ import uuid
 from lotse_contracts.events.intake import ErasureReason
 from lotse_runtime.audit import AuditAction
 from lotse_runtime.identity import AccessDenied, Role
+from lotse_runtime.refusal import Conflict, Refusal
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from lotse_intake import operations as ops
-from lotse_intake.domain import Refusal
-from lotse_intake.idempotency import Outcome
+from lotse_intake.operations import Outcome
 from lotse_intake.tables import (
     ErasureCreate,
     ErasurePublic,
@@ -72,8 +72,10 @@ async def pending_request(session: AsyncSession, case_id: str) -> IntakeErasureR
     return (await session.execute(query)).scalars().first()
 
 
-async def status(session: AsyncSession, case: IntakeCase) -> ErasurePublic:
+async def status(session: AsyncSession, call: ops.Call, case_id: str) -> ErasurePublic:
     """The case's erasure status with a request still waiting for confirmation."""
+    case = call.authorise(await ops.load_case(session, case_id), ops.ERASE, personal_data=False)
+    call.audit(session, AuditAction.read, case_id, "erasure status")
     public = ops.erasure_public(case)
     pending = await pending_request(session, case.case_id)
     if pending is not None:
@@ -94,7 +96,7 @@ async def _request_of(session: AsyncSession, case_id: str, request_id: str) -> I
     if row is None or row.case_id != case_id:
         raise Refusal("request_id", "no such erasure request for this case", status=404)
     if row.state != PENDING:
-        raise Refusal("request_id", f"this erasure request is {row.state} already", status=409)
+        raise Conflict("request_id", f"this erasure request is {row.state} already")
     return row
 
 
@@ -105,11 +107,10 @@ async def request(
     ops.ensure_not_erased(case)
     waiting = await pending_request(session, case_id)
     if waiting is not None:
-        raise Refusal(
+        raise Conflict(
             "case_id",
             f"erasure request {waiting.request_id} is waiting for confirmation; confirm or "
             "withdraw it first",
-            status=409,
         )
     row = IntakeErasureRequest(
         request_id=str(uuid.uuid4()),
@@ -130,11 +131,10 @@ async def confirm(session: AsyncSession, call: ops.Call, case_id: str, request_i
     case = await _load(session, call, case_id, CONFIRMERS)
     row = await _request_of(session, case_id, request_id)
     if row.requested_by_subject == call.caller.subject:
-        raise Refusal(
+        raise Conflict(
             "request_id",
             "four eyes: the person who requested this erasure may not confirm it; a second "
             "data-protection officer must",
-            status=409,
         )
     now = call.now()
     row.state, row.decided_at = CONFIRMED, now

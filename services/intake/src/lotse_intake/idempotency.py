@@ -11,13 +11,17 @@ another clinic): the stored answer was given after the case checks of the first 
 is never replayed into another. The key, the
 state change and its events commit in one transaction; two racing requests with one key
 cannot both commit (unique constraint), and the loser replays the winner's answer.
+
+This is the HTTP side of a changing request: a route hands :func:`run_once` the use case
+(an ``operations`` function bound to its arguments, taking the session) and gets the HTTP
+answer back. The use case returns a plain :class:`~lotse_intake.operations.Outcome` and
+knows nothing of keys, replays or responses.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated
 
@@ -25,19 +29,19 @@ from fastapi import Header
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from lotse_runtime.db import Database
-from lotse_runtime.identity import Caller
+from lotse_runtime.identity import Caller, scope_checked_earlier
+from lotse_runtime.refusal import Refusal
 from pydantic import BaseModel
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from lotse_intake.domain import Refusal, fingerprint
-from lotse_intake.tables import IntakeIdempotency
+from lotse_intake.domain import fingerprint
+from lotse_intake.operations import Call, Outcome
+from lotse_intake.tables import ERASED_FINGERPRINT, IntakeIdempotency
 
 REPLAY_HEADER = "Idempotent-Replayed"
-#: Fingerprint of a request of an erased family.
-ERASED = "erased"
 _ATTEMPTS = 3
 
 IdempotencyKey = Annotated[
@@ -56,17 +60,29 @@ IdempotencyKey = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a changing request produced: its status, its answer (never personal data, as
-    it is stored for replay) and the case it concerns."""
-
-    status_code: int
-    body: BaseModel
-    case_id: str | None
+#: A use case bound to its arguments: given the transaction's session, it does its work.
+UseCase = Callable[[AsyncSession], Awaitable[Outcome]]
 
 
-Action = Callable[[AsyncSession], Awaitable[Outcome]]
+async def run_once(
+    call: Call, key: str | None, body: BaseModel | None, use_case: UseCase
+) -> Response:
+    """Run a changing request's ``use_case`` in one transaction under its Idempotency-Key.
+    A replay repeats the answer this same caller got when the case checks passed, so the
+    runtime's policy layer counts them as made."""
+    response = await respond(
+        call.runtime.db,
+        caller=call.caller,
+        key=key,
+        request_print=request_fingerprint(
+            call.intake.secrets.match_key_secret, "POST", call.path, body, caller=call.caller
+        ),
+        now=call.runtime.clock,
+        use_case=use_case,
+    )
+    if response.headers.get(REPLAY_HEADER):
+        scope_checked_earlier()
+    return response
 
 
 def caller_scope(caller: Caller) -> str:
@@ -95,9 +111,9 @@ async def respond(
     key: str | None,
     request_print: str,
     now: Callable[[], datetime],
-    action: Action,
+    use_case: UseCase,
 ) -> Response:
-    """Run ``action`` in one transaction, honouring ``key`` (see module docstring)."""
+    """Run ``use_case`` in one transaction, honouring ``key`` (see module docstring)."""
     for attempt in range(_ATTEMPTS):
         try:
             async with db.transaction() as session:
@@ -112,7 +128,7 @@ async def respond(
                     ).scalar_one_or_none()
                     if stored is not None:
                         return _replay(stored, request_print)
-                outcome = await action(session)
+                outcome = await use_case(session)
                 content = jsonable_encoder(outcome.body)
                 if key is not None:
                     session.add(
@@ -136,7 +152,7 @@ async def respond(
 
 
 def _replay(stored: IntakeIdempotency, request_print: str) -> Response:
-    if stored.fingerprint == ERASED:
+    if stored.fingerprint == ERASED_FINGERPRINT:
         raise Refusal(
             "Idempotency-Key",
             "this request concerned a family whose data has since been erased",
@@ -162,16 +178,3 @@ async def forget_expired(session: AsyncSession, before: datetime) -> int:
         delete(IntakeIdempotency).where(col(IntakeIdempotency.created_at) < before)
     )
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-async def forget_case(session: AsyncSession, case_id: str) -> None:
-    """Blank the fingerprints of an erased family's requests (they derive from its data).
-
-    The keys stay until they expire, so a late repeat of, say, its registration is refused
-    rather than registering the erased family anew.
-    """
-    await session.execute(
-        update(IntakeIdempotency)
-        .where(col(IntakeIdempotency.case_id) == case_id)
-        .values(fingerprint=ERASED)
-    )

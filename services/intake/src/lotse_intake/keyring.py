@@ -8,8 +8,8 @@ key encryption key, bound to the case id), so a copy of the table alone opens no
 Erasure deletes the secret row: from then on no key of the family can be derived and no
 block of it opens anywhere.
 
-Who may obtain which key is :data:`RELEASES`; the routes in ``api.py`` enforce it and audit
-every release.
+Who may obtain which key is :data:`RELEASES`; the use cases in ``releases.py`` enforce it
+and audit every release.
 """
 
 from __future__ import annotations

@@ -1,7 +1,13 @@
-"""What intake does, apart from HTTP: register families, record consent, screening and
-handovers, erase families — each inside the caller's transaction, with its events added to
-the outbox and its audit entry recorded. The routes (api.py) wrap these in a transaction
-that also honours the request's Idempotency-Key.
+"""What intake does, apart from HTTP: one function per use case (register a family, record
+consent, screening and handovers, read a case, erase a family), each in the shape load →
+decide (domain.py) → save, inside the session it is given, with its events added to the
+outbox and its audit entry recorded. A changing use case returns an :class:`Outcome` (status
+and public model); the route (api.py) runs it under the request's Idempotency-Key
+(idempotency.py), which opens the transaction. Refusals are raised, never answered here.
+
+The four-eyes erasure (erasure.py), possible duplicates (duplicates.py) and the keyring's
+releases to other services (releases.py) are use cases of the same shape in modules of
+their own.
 """
 
 from __future__ import annotations
@@ -9,10 +15,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import date, datetime
 
-from fastapi.responses import Response
 from lotse_contracts.events.common import Consent, ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
 from lotse_contracts.events.intake import (
@@ -27,7 +31,13 @@ from lotse_contracts.events.intake import (
     Screening,
     SupportNeed,
 )
-from lotse_contracts.personal import KeyPurpose, PersonalData, split_personal
+from lotse_contracts.personal import (
+    ChildrenData,
+    EncryptedBlock,
+    KeyPurpose,
+    PersonalData,
+    split_personal,
+)
 from lotse_runtime import audit
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.audit import AuditAction
@@ -38,26 +48,23 @@ from lotse_runtime.identity import (
     Role,
     ensure_may_access_case,
     ensure_role,
+    event_role,
     may_access_case,
 )
 from lotse_runtime.outbox import OutboxMessage
+from lotse_runtime.refusal import Conflict, Refusal
 from pydantic import BaseModel
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from lotse_intake import domain
-from lotse_intake.domain import ConsentRecord, ConsentTerms, DuplicateStatus, Refusal
-from lotse_intake.idempotency import (
-    Action,
-    Outcome,
-    forget_case,
-    request_fingerprint,
-    respond,
-)
+from lotse_intake.domain import ConsentRecord, ConsentTerms, DuplicateStatus
 from lotse_intake.keyring import FamilyKeys, Keyring
 from lotse_intake.settings import IntakeSecrets, IntakeSettings
 from lotse_intake.tables import (
+    ERASED_FINGERPRINT,
+    CaseDetail,
     CasePublic,
     ChildPublic,
     ConsentChangePublic,
@@ -71,12 +78,14 @@ from lotse_intake.tables import (
     IntakeConsent,
     IntakeConsentChange,
     IntakeHandover,
+    IntakeIdempotency,
     IntakeMatchKey,
     IntakePossibleDuplicate,
     IntakeScreening,
     PersonalPublic,
     RegistrationCreate,
     ScreeningCreate,
+    ScreeningPublic,
     ScreeningRecorded,
 )
 
@@ -103,10 +112,20 @@ class IntakeContext:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """What a changing use case produced: its status, its answer (never personal data, as
+    it is stored for replay) and the case it concerns."""
+
+    status_code: int
+    body: BaseModel
+    case_id: str | None
+
+
+@dataclass(frozen=True)
 class Call:
     """One request: who calls which route, and what the service works with."""
 
-    runtime: ServiceRuntime[Any]
+    runtime: ServiceRuntime[IntakeSettings]
     intake: IntakeContext
     caller: Caller
     route: str
@@ -158,19 +177,6 @@ class Call:
         assert case is not None  # the policy denies an unknown case
         return case
 
-    async def change(self, key: str | None, body: BaseModel | None, action: Action) -> Response:
-        """Run a changing request's ``action`` honouring its Idempotency-Key."""
-        return await respond(
-            self.runtime.db,
-            caller=self.caller,
-            key=key,
-            request_print=request_fingerprint(
-                self.intake.secrets.match_key_secret, "POST", self.path, body, caller=self.caller
-            ),
-            now=self.runtime.clock,
-            action=action,
-        )
-
 
 # -- reading state -------------------------------------------------------------------------------
 
@@ -210,11 +216,25 @@ async def ensure_not_merged(session: AsyncSession, case: IntakeCase) -> None:
     recorded for it (the caller passed the case check, so it may learn the survivor)."""
     survivor = await surviving_case_of(session, case.case_id)
     if survivor is not None:
-        raise Refusal(
-            "case_id",
-            f"this case was merged into case {survivor}; record it there",
-            status=409,
-        )
+        raise Conflict("case_id", f"this case was merged into case {survivor}; record it there")
+
+
+async def case_to_change(
+    session: AsyncSession,
+    call: Call,
+    case_id: str,
+    roles: Sequence[Role],
+    *,
+    personal_data: bool,
+) -> IntakeCase:
+    """Load a case to record something for it (locked): the caller may (403), the family
+    is not erased (410) and the case not merged into another (409)."""
+    case = call.authorise(
+        await load_case(session, case_id, for_update=True), roles, personal_data=personal_data
+    )
+    ensure_not_erased(case)
+    await ensure_not_merged(session, case)
+    return case
 
 
 async def flag_possible_duplicates(
@@ -254,7 +274,7 @@ async def family_key(session: AsyncSession, keyring: Keyring, case: IntakeCase) 
     return found
 
 
-async def _consent_rows(session: AsyncSession, case_id: str) -> list[IntakeConsent]:
+async def consent_rows(session: AsyncSession, case_id: str) -> list[IntakeConsent]:
     query = (
         select(IntakeConsent)
         .where(col(IntakeConsent.case_id) == case_id)
@@ -294,7 +314,7 @@ async def consents_public(session: AsyncSession, case_id: str) -> list[ConsentPu
             withdrawn_at=row.withdrawn_at,
             history=history.get(row.consent_id, []),
         )
-        for row in await _consent_rows(session, case_id)
+        for row in await consent_rows(session, case_id)
     ]
 
 
@@ -360,10 +380,93 @@ def erasure_public(case: IntakeCase) -> ErasurePublic:
     )
 
 
+def personal_data_of(keys: FamilyKeys, case: IntakeCase) -> PersonalData:
+    """The family's contact and children's blocks, opened and joined (intake only)."""
+    assert case.personal is not None
+    data = keys.open(case.personal, KeyPurpose.CONTACT)
+    if case.children is not None:
+        children = ChildrenData.model_validate(keys.open(case.children, KeyPurpose.CHILDREN))
+        data |= children.model_dump(mode="json")
+    return PersonalData.model_validate(data)
+
+
+# -- reading use cases ---------------------------------------------------------------------------
+
+
+async def read_case(session: AsyncSession, call: Call, case_id: str) -> CaseDetail:
+    """The case with its consents and handovers; personal data where the caller sees it."""
+    personal_data = call.sees_personal_data()
+    case = call.authorise(await load_case(session, case_id), READ_CASE, personal_data=personal_data)
+    personal: PersonalPublic | None = None
+    found = await call.intake.keyring.find(session, case_id)
+    if personal_data and case.personal is not None and found is not None:
+        personal = personal_public(personal_data_of(found, case))
+    handovers = (
+        await session.execute(
+            select(IntakeHandover)
+            .where(col(IntakeHandover.case_id) == case_id)
+            .order_by(col(IntakeHandover.requested_at))
+        )
+    ).scalars()
+    detail = CaseDetail(
+        **dict(await case_public(session, case)),
+        bezirk_derived=case.bezirk_derived,
+        personal=personal,
+        handovers=[HandoverPublic.model_validate(h, from_attributes=True) for h in handovers],
+        erased_at=case.erased_at,
+    )
+    purpose = "read case" if personal_data else "read case without personal data"
+    call.audit(session, AuditAction.read, case_id, purpose)
+    return detail
+
+
+async def read_consents(session: AsyncSession, call: Call, case_id: str) -> list[ConsentPublic]:
+    call.authorise(await load_case(session, case_id), READ_CONSENT, personal_data=False)
+    consents = await consents_public(session, case_id)
+    call.audit(session, AuditAction.read, case_id, "read consents")
+    return consents
+
+
+async def read_screenings(session: AsyncSession, call: Call, case_id: str) -> list[ScreeningPublic]:
+    """Screening results, opened; after erasure only their dates."""
+    case = call.authorise(await load_case(session, case_id), SCREEN, personal_data=True)
+    found = await call.intake.keyring.find(session, case.case_id)
+    result = []
+    for row in await screenings_of(session, case_id):
+        public = ScreeningPublic(
+            screening_id=row.screening_id,
+            case_id=case_id,
+            assessed_at=row.assessed_at,
+            recorded_by_role=row.recorded_by_role,
+        )
+        if row.screening is not None and found is not None:
+            opened = found.open(row.screening, KeyPurpose.SCREENING)
+            screening = Screening.model_validate(opened)
+            public.support_need = screening.support_need
+            public.indicators = list(screening.indicators)
+            public.wished_modules = list(screening.wished_modules)
+            public.instrument = screening.instrument
+        result.append(public)
+    call.audit(session, AuditAction.read, case_id, "read screening")
+    return result
+
+
 # -- changing state ------------------------------------------------------------------------------
 
 
-async def register_family(session: AsyncSession, call: Call, body: RegistrationCreate) -> Outcome:
+@dataclass(frozen=True)
+class _Registration:
+    """A registration the rules accept: what was decided about it before anything is stored."""
+
+    now: datetime
+    today: date
+    clinic: str | None
+    bezirk: domain.BezirkChoice
+    birth_dates: list[date]
+
+
+def _check_registration(call: Call, body: RegistrationCreate) -> _Registration:
+    """Decide: the domain's checks of a registration (refusals name the field)."""
     city, settings, caller = call.runtime.city, call.intake.settings, call.caller
     now = call.now()
     today = domain.local_date(now, city)
@@ -383,7 +486,14 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
     ensure_may_access_case(
         caller, CaseScope(bezirk=choice.bezirk, registered_by_clinic=clinic), personal_data=True
     )
+    return _Registration(now, today, clinic, choice, birth_dates)
 
+
+async def _matching_cases(
+    session: AsyncSession, call: Call, body: RegistrationCreate, birth_dates: list[date]
+) -> tuple[IntakeCase | None, list[str], list[str]]:
+    """The duplicate guard: (a matching case the caller may read, ids of matching cases
+    outside the caller's scope, the family's match keys no case holds yet)."""
     match_keys = domain.match_keys(
         secret=call.intake.secrets.match_key_secret,
         family_name=body.family.family_name,
@@ -404,15 +514,19 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         existing = await load_case(session, existing_id)
         assert existing is not None
         scope = CaseScope(bezirk=existing.bezirk, registered_by_clinic=existing.clinic_id)
-        if may_access_case(caller, scope, personal_data=False):
-            call.audit(session, AuditAction.read, existing_id, "duplicate registration")
-            return Outcome(200, await case_public(session, existing, duplicate=True), existing_id)
+        if may_access_case(call.caller, scope, personal_data=False):
+            return existing, elsewhere, []
         elsewhere.append(existing_id)
     # The hashes already taken stay with the existing case (until a merge decides).
-    match_keys = [k for k in match_keys if k not in taken]
+    return None, elsewhere, [k for k in match_keys if k not in taken]
 
-    case_id = str(uuid.uuid4())
-    keys = call.intake.keyring.create(session, case_id, now)
+
+def _sealed_personal(
+    keys: FamilyKeys, body: RegistrationCreate, city_name: str, birth_dates: list[date]
+) -> tuple[EncryptedBlock, EncryptedBlock | None]:
+    """The family's contact data and the children's data, each sealed under a key of its
+    own, so that a key released for a welcome visit (contact) opens nothing about the
+    children."""
     names = [child.given_name for child in body.children]
     personal = PersonalData(
         family_name=body.family.family_name,
@@ -423,36 +537,24 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         street=body.address.street,
         house_number=body.address.house_number,
         postcode=body.address.postcode,
-        city=body.address.city or city.name,
+        city=body.address.city or city_name,
         phone=body.family.phone,
         email=body.family.email,
     )
-    # Contact data and the children's data under keys of their own, so that a key released
-    # for a welcome visit (contact) opens nothing about the children.
     contact, children = split_personal(personal)
     block = keys.seal(contact, KeyPurpose.CONTACT)
-    children_block = None if children is None else keys.seal(children, KeyPurpose.CHILDREN)
-    recorded_by = domain.event_role(caller.role, channel=body.channel)
-    case = IntakeCase(
-        case_id=case_id,
-        channel=body.channel.value,
-        clinic_id=clinic,
-        bezirk=choice.bezirk,
-        bezirk_source=choice.source.value,
-        bezirk_derived=choice.derived,
-        registered_at=now,
-        registered_by_role=recorded_by.value,
-        registered_by_subject=caller.subject,
-        children_count=len(body.children),
-        preferred_language=body.preferred_language,
-        days_since_birth_at_registration=domain.days_since_birth(birth_dates, today),
-        visit_target_date=domain.visit_target_date(today, city),
-        key_id=keys.kid,
-        personal=block.model_dump_json(),
-        children=None if children_block is None else children_block.model_dump_json(),
-    )
-    session.add(case)
-    session.add_all(IntakeMatchKey(match_key=k, case_id=case_id) for k in match_keys)
+    return block, None if children is None else keys.seal(children, KeyPurpose.CHILDREN)
+
+
+def _registration_consents(
+    session: AsyncSession,
+    call: Call,
+    case_id: str,
+    body: RegistrationCreate,
+    recorded_by: EventRole,
+    now: datetime,
+) -> list[Consent]:
+    """Store the consents given at registration; their event form for family-registered."""
     consents: list[Consent] = []
     for position, given in enumerate(body.consents):
         row = IntakeConsent(
@@ -466,7 +568,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
             position=position,
         )
         session.add(row)
-        _record_consent_change(session, call, row, ConsentState.GIVEN, row.given_at, recorded_by)
+        record_consent_change(session, call, row, ConsentState.GIVEN, row.given_at, recorded_by)
         consents.append(
             Consent(
                 consent_id=row.consent_id,
@@ -477,17 +579,56 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
                 at=row.given_at,
             )
         )
+    return consents
+
+
+async def register_family(session: AsyncSession, call: Call, body: RegistrationCreate) -> Outcome:
+    checked = _check_registration(call, body)
+    city, caller, now, today = call.runtime.city, call.caller, checked.now, checked.today
+    existing, elsewhere, match_keys = await _matching_cases(
+        session, call, body, checked.birth_dates
+    )
+    if existing is not None:
+        call.audit(session, AuditAction.read, existing.case_id, "duplicate registration")
+        return Outcome(200, await case_public(session, existing, duplicate=True), existing.case_id)
+
+    case_id = str(uuid.uuid4())
+    keys = call.intake.keyring.create(session, case_id, now)
+    block, children_block = _sealed_personal(keys, body, city.name, checked.birth_dates)
+    recorded_by = domain.registrar_role(caller.role, body.channel)
+    days_since_birth = domain.days_since_birth(checked.birth_dates, today)
+    case = IntakeCase(
+        case_id=case_id,
+        channel=body.channel.value,
+        clinic_id=checked.clinic,
+        bezirk=checked.bezirk.bezirk,
+        bezirk_source=checked.bezirk.source.value,
+        bezirk_derived=checked.bezirk.derived,
+        registered_at=now,
+        registered_by_role=recorded_by.value,
+        registered_by_subject=caller.subject,
+        children_count=len(body.children),
+        preferred_language=body.preferred_language,
+        days_since_birth_at_registration=days_since_birth,
+        visit_target_date=domain.visit_target_date(today, city),
+        key_id=keys.kid,
+        personal=block.model_dump_json(),
+        children=None if children_block is None else children_block.model_dump_json(),
+    )
+    session.add(case)
+    session.add_all(IntakeMatchKey(match_key=k, case_id=case_id) for k in match_keys)
+    consents = _registration_consents(session, call, case_id, body, recorded_by, now)
     call.runtime.outbox.add(
         session,
         FamilyRegistered(
             case_id=case_id,
-            bezirk=choice.bezirk,
-            bezirk_source=choice.source,
+            bezirk=case.bezirk,
+            bezirk_source=checked.bezirk.source,
             channel=body.channel,
-            clinic_id=clinic,
+            clinic_id=checked.clinic,
             registered_at=now,
             visit_target_date=case.visit_target_date,
-            days_since_birth_at_registration=domain.days_since_birth(birth_dates, today),
+            days_since_birth_at_registration=days_since_birth,
             children_count=case.children_count,
             preferred_language=body.preferred_language,
             consents=consents,
@@ -502,7 +643,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
     return Outcome(201, await case_public(session, case), case_id)
 
 
-def _record_consent_change(
+def record_consent_change(
     session: AsyncSession,
     call: Call,
     consent: IntakeConsent,
@@ -510,6 +651,7 @@ def _record_consent_change(
     at: datetime,
     role: EventRole,
 ) -> None:
+    """One entry of a consent's history (given or withdrawn, when, by which role)."""
     session.add(
         IntakeConsentChange(
             consent_id=consent.consent_id,
@@ -523,20 +665,45 @@ def _record_consent_change(
     )
 
 
+def consent_changed(
+    session: AsyncSession,
+    call: Call,
+    case: IntakeCase,
+    consent: IntakeConsent,
+    at: datetime,
+    role: EventRole,
+) -> None:
+    """A consent given or withdrawn after registration (its ``state`` says which): recorded
+    in its history and published as ``consent-changed``."""
+    state = ConsentState(consent.state)
+    record_consent_change(session, call, consent, state, at, role)
+    call.runtime.outbox.add(
+        session,
+        ConsentChanged(
+            case_id=consent.case_id,
+            bezirk=case.bezirk,
+            consent_id=consent.consent_id,
+            scope=ConsentScope(consent.scope),
+            traeger=consent.traeger,
+            purpose=consent.purpose,
+            state=state,
+            changed_at=at,
+            changed_by_role=role,
+        ),
+        time=call.now(),
+    )
+
+
 async def give_consent(
     session: AsyncSession, call: Call, case_id: str, body: ConsentCreate
 ) -> Outcome:
-    case = call.authorise(
-        await load_case(session, case_id, for_update=True), CHANGE_CONSENT, personal_data=False
-    )
-    ensure_not_erased(case)
-    await ensure_not_merged(session, case)
+    case = await case_to_change(session, call, case_id, CHANGE_CONSENT, personal_data=False)
     now = call.now()
     terms = ConsentTerms(body.scope, body.traeger, body.purpose)
     domain.check_consent(terms, call.runtime.city, case.bezirk, "")
     given_at = body.given_at or now
     domain.check_recorded("given_at", given_at, now, case.registered_at)
-    for row in await _consent_rows(session, case_id):
+    for row in await consent_rows(session, case_id):
         in_force = row.state == ConsentState.GIVEN.value
         if in_force and ConsentTerms(ConsentScope(row.scope), row.traeger, row.purpose) == terms:
             return Outcome(200, await consent_public(session, case_id, row.consent_id), case_id)
@@ -550,23 +717,7 @@ async def give_consent(
         given_at=given_at,
     )
     session.add(row)
-    role = domain.event_role(call.caller.role)
-    _record_consent_change(session, call, row, ConsentState.GIVEN, given_at, role)
-    call.runtime.outbox.add(
-        session,
-        ConsentChanged(
-            case_id=case_id,
-            bezirk=case.bezirk,
-            consent_id=row.consent_id,
-            scope=body.scope,
-            traeger=body.traeger,
-            purpose=body.purpose,
-            state=ConsentState.GIVEN,
-            changed_at=given_at,
-            changed_by_role=role,
-        ),
-        time=now,
-    )
+    consent_changed(session, call, case, row, given_at, event_role(call.caller.role))
     call.audit(session, AuditAction.change, case_id, "consent given")
     await session.flush()
     return Outcome(201, await consent_public(session, case_id, row.consent_id), case_id)
@@ -575,20 +726,14 @@ async def give_consent(
 async def withdraw_consent(
     session: AsyncSession, call: Call, case_id: str, consent_id: str, body: ConsentWithdrawal
 ) -> Outcome:
-    case = call.authorise(
-        await load_case(session, case_id, for_update=True), CHANGE_CONSENT, personal_data=False
-    )
-    ensure_not_erased(case)
-    await ensure_not_merged(session, case)
+    case = await case_to_change(session, call, case_id, CHANGE_CONSENT, personal_data=False)
     now = call.now()
     row = await session.get(IntakeConsent, consent_id)
     if row is None or row.case_id != case_id:
         raise Refusal("consent_id", "this case has no such consent", status=404)
     if row.withdrawn_at is not None:
-        raise Refusal(
-            "consent_id",
-            f"this consent was already withdrawn on {row.withdrawn_at:%d.%m.%Y}",
-            status=409,
+        raise Conflict(
+            "consent_id", f"this consent was already withdrawn on {row.withdrawn_at:%d.%m.%Y}"
         )
     withdrawn_at = body.withdrawn_at or now
     domain.check_not_future("withdrawn_at", withdrawn_at, now)
@@ -597,23 +742,7 @@ async def withdraw_consent(
     row.state = ConsentState.WITHDRAWN.value
     row.withdrawn_at = withdrawn_at
     session.add(row)
-    role = domain.event_role(call.caller.role)
-    _record_consent_change(session, call, row, ConsentState.WITHDRAWN, withdrawn_at, role)
-    call.runtime.outbox.add(
-        session,
-        ConsentChanged(
-            case_id=case_id,
-            bezirk=case.bezirk,
-            consent_id=consent_id,
-            scope=ConsentScope(row.scope),
-            traeger=row.traeger,
-            purpose=row.purpose,
-            state=ConsentState.WITHDRAWN,
-            changed_at=withdrawn_at,
-            changed_by_role=role,
-        ),
-        time=now,
-    )
+    consent_changed(session, call, case, row, withdrawn_at, event_role(call.caller.role))
     call.audit(session, AuditAction.change, case_id, "consent withdrawn")
     await session.flush()
     return Outcome(200, await consent_public(session, case_id, consent_id), case_id)
@@ -622,11 +751,7 @@ async def withdraw_consent(
 async def record_screening(
     session: AsyncSession, call: Call, case_id: str, body: ScreeningCreate
 ) -> Outcome:
-    case = call.authorise(
-        await load_case(session, case_id, for_update=True), SCREEN, personal_data=True
-    )
-    ensure_not_erased(case)
-    await ensure_not_merged(session, case)
+    case = await case_to_change(session, call, case_id, SCREEN, personal_data=True)
     now = call.now()
     modules = domain.check_modules(call.runtime.city, body.wished_modules, "wished_modules")
     assessed_at = body.assessed_at or now
@@ -644,7 +769,7 @@ async def record_screening(
         case_id=case_id,
         assessed_at=assessed_at,
         recorded_at=now,
-        recorded_by_role=domain.event_role(call.caller.role).value,
+        recorded_by_role=event_role(call.caller.role).value,
         recorded_by_subject=call.caller.subject,
         screening=block.model_dump_json(),
     )
@@ -663,14 +788,20 @@ async def record_screening(
     return Outcome(201, recorded, case_id)
 
 
+async def _latest_need(session: AsyncSession, call: Call, case: IntakeCase) -> SupportNeed | None:
+    """The support need the family's latest screening found, if any."""
+    screenings = await screenings_of(session, case.case_id)
+    if not screenings or screenings[-1].screening is None:
+        return None
+    keys = await family_key(session, call.intake.keyring, case)
+    opened = keys.open(screenings[-1].screening, KeyPurpose.SCREENING)
+    return Screening.model_validate(opened).support_need
+
+
 async def request_handover(
     session: AsyncSession, call: Call, case_id: str, body: HandoverCreate
 ) -> Outcome:
-    case = call.authorise(
-        await load_case(session, case_id, for_update=True), HAND_OVER, personal_data=False
-    )
-    ensure_not_erased(case)
-    await ensure_not_merged(session, case)
+    case = await case_to_change(session, call, case_id, HAND_OVER, personal_data=False)
     now = call.now()
     domain.check_handover_target(call.runtime.city, case.bezirk, body.module, body.traeger)
     records = [
@@ -679,22 +810,17 @@ async def request_handover(
             terms=ConsentTerms(ConsentScope(row.scope), row.traeger, row.purpose),
             state=ConsentState(row.state),
         )
-        for row in await _consent_rows(session, case_id)
+        for row in await consent_rows(session, case_id)
     ]
     consent = domain.consent_for_handover(records, body.module, body.traeger, body.consent_id)
     screening_use = any(
         r.terms.scope is ConsentScope.SCREENING_DATA_USE and r.state is ConsentState.GIVEN
         for r in records
     )
-    latest_need: SupportNeed | None = None
-    screenings = await screenings_of(session, case_id)
     # The screening is opened only when the family allowed its use for referrals.
-    if screening_use and screenings and screenings[-1].screening is not None:
-        keys = await family_key(session, call.intake.keyring, case)
-        opened = keys.open(screenings[-1].screening, KeyPurpose.SCREENING)
-        latest_need = Screening.model_validate(opened).support_need
+    latest_need = await _latest_need(session, call, case) if screening_use else None
     urgent = domain.is_urgent(body.urgent, latest_need, screening_use)
-    role = domain.event_role(call.caller.role)
+    role = event_role(call.caller.role)
     row = IntakeHandover(
         handover_id=str(uuid.uuid4()),
         case_id=case_id,
@@ -726,9 +852,35 @@ async def request_handover(
     return Outcome(201, HandoverPublic.model_validate(row, from_attributes=True), case_id)
 
 
+async def _purge_copies(session: AsyncSession, case_id: str) -> None:
+    """Intake's own copies of an erased family's data: duplicate-guard hashes, sealed
+    screenings, request fingerprints, sent outbox records."""
+    await session.execute(delete(IntakeMatchKey).where(col(IntakeMatchKey.case_id) == case_id))
+    await session.execute(
+        update(IntakeScreening)
+        .where(col(IntakeScreening.case_id) == case_id)
+        .values(screening=None)
+    )
+    # The fingerprints of its requests derive from its data; the keys stay until they
+    # expire, so a late repeat of, say, its registration is refused (410), not carried out.
+    await session.execute(
+        update(IntakeIdempotency)
+        .where(col(IntakeIdempotency.case_id) == case_id)
+        .values(fingerprint=ERASED_FINGERPRINT)
+    )
+    # Published copies are unreadable without the key anyway; the sent ones kept here for
+    # replay need not outlive the family. Unsent ones still go out, as unreadable
+    # ciphertext, so that the topic keeps the family's order of events.
+    await session.execute(
+        delete(OutboxMessage).where(
+            col(OutboxMessage.record_key) == case_id, col(OutboxMessage.sent_at).is_not(None)
+        )
+    )
+
+
 async def erase_case(
     session: AsyncSession,
-    runtime: ServiceRuntime[Any],
+    runtime: ServiceRuntime[IntakeSettings],
     keyring: Keyring,
     case: IntakeCase,
     *,
@@ -748,23 +900,9 @@ async def erase_case(
     case.days_since_birth_at_registration = None
     case.erased_at = now
     case.erasure_reason = reason.value
-    case.erased_by_role = (domain.event_role(caller.role) if caller else EventRole.SYSTEM).value
+    case.erased_by_role = (event_role(caller.role) if caller else EventRole.SYSTEM).value
     session.add(case)
-    await session.execute(delete(IntakeMatchKey).where(col(IntakeMatchKey.case_id) == case_id))
-    await session.execute(
-        update(IntakeScreening)
-        .where(col(IntakeScreening.case_id) == case_id)
-        .values(screening=None)
-    )
-    await forget_case(session, case_id)
-    # Published copies are unreadable without the key anyway; the sent ones kept here for
-    # replay need not outlive the family. Unsent ones still go out, as unreadable
-    # ciphertext, so that the topic keeps the family's order of events.
-    await session.execute(
-        delete(OutboxMessage).where(
-            col(OutboxMessage.record_key) == case_id, col(OutboxMessage.sent_at).is_not(None)
-        )
-    )
+    await _purge_copies(session, case_id)
     runtime.outbox.add(
         session,
         FamilyErased(
@@ -781,3 +919,42 @@ async def erase_case(
         purpose=f"erasure: {reason}",
         path=path,
     )
+
+
+#: Families erased per housekeeping transaction (keeps each transaction short).
+RETENTION_BATCH = 100
+
+
+async def erase_expired(
+    runtime: ServiceRuntime[IntakeSettings], keyring: Keyring, cutoff: datetime
+) -> None:
+    """Erase the families registered before ``cutoff`` (the retention period), a batch per
+    transaction; recorded as ``erasure: retention_expired`` with no caller."""
+    while True:
+        async with runtime.db.transaction() as session:
+            expired = list(
+                (
+                    await session.execute(
+                        select(col(IntakeCase.case_id))
+                        .where(
+                            col(IntakeCase.erased_at).is_(None),
+                            col(IntakeCase.registered_at) < cutoff,
+                        )
+                        .limit(RETENTION_BATCH)
+                    )
+                ).scalars()
+            )
+            for case_id in expired:
+                case = await load_case(session, case_id, for_update=True)
+                if case is not None and case.erased_at is None:
+                    await erase_case(
+                        session,
+                        runtime,
+                        keyring,
+                        case,
+                        reason=ErasureReason.RETENTION_EXPIRED,
+                        caller=None,
+                        path="job:retention",
+                    )
+        if len(expired) < RETENTION_BATCH:
+            return

@@ -10,8 +10,6 @@ requested and who confirmed it, why: the four-eyes proof).
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 from lotse_runtime.app import PeriodicJob, ServiceRuntime
 from lotse_runtime.retention import RetentionRule, add_retention_job, days, rule
 
@@ -49,6 +47,6 @@ def rules(settings: IntakeSettings) -> list[RetentionRule]:
     ]
 
 
-def install(runtime: ServiceRuntime[Any]) -> PeriodicJob:
+def install(runtime: ServiceRuntime[IntakeSettings]) -> PeriodicJob:
     """The retention job of intake (runtime data classes included)."""
-    return add_retention_job(runtime, rules(cast(IntakeSettings, runtime.settings)))
+    return add_retention_job(runtime, rules(runtime.settings))

@@ -186,6 +186,11 @@ class IntakeIdempotency(SQLModel, table=True):
     created_at: datetime = TableField(index=True)
 
 
+#: ``IntakeIdempotency.fingerprint`` of a request of a family erased since: a repeat is
+#: refused (410) rather than answered or carried out anew.
+ERASED_FINGERPRINT = "erased"
+
+
 class IntakeErasureRequest(SQLModel, table=True):
     """A request to erase a family (four eyes): recorded with its reason by one person,
     carried out only when a different data-protection officer confirms it; withdrawable
