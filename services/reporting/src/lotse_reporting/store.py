@@ -267,6 +267,8 @@ async def oldest_year(session: AsyncSession) -> int | None:
 _CONTACTS = [FactKind.COMPLETED.value, FactKind.FIRST_CONTACT.value]
 
 
+# Over 60 lines: one query per kind of input of compute_year, in the order YearInputs
+# lists them; splitting them would only pass the same filters around.
 async def load_year(session: AsyncSession, year: int, newest: str) -> YearInputs:
     """Every fact the figures of ``year`` depend on; facts of duplicate cases left out.
 
