@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import load_registry
 from lotse_reporting import store
-from lotse_reporting.api import ReportingContext
 from lotse_reporting.app import create_app
+from lotse_reporting.operations import Reporting
 from lotse_reporting.settings import ReportingSettings
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
@@ -72,9 +72,9 @@ def runtime_of(client: TestClient) -> ServiceRuntime[Any]:
     return runtime
 
 
-def context_of(client: TestClient) -> ReportingContext:
-    context: ReportingContext = client.app.state.reporting  # type: ignore[attr-defined]
-    return context
+def reporting_of(client: TestClient) -> Reporting:
+    reporting: Reporting = client.app.state.reporting  # type: ignore[attr-defined]
+    return reporting
 
 
 def portal_of(client: TestClient) -> BlockingPortal:

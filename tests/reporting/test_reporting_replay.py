@@ -26,7 +26,7 @@ from sqlmodel import SQLModel, col
 
 from tests.conftest import Broker
 from tests.reporting.builders import Family, Published, at, new_id, publish, random_city, to_records
-from tests.reporting.conftest import context_of, runtime_of, settings_for, settle, wait_ready
+from tests.reporting.conftest import reporting_of, runtime_of, settings_for, settle, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def test_replay_rebuilds_identical_figures_and_facts(
         assert consumer.duplicates == redelivered
         assert consumer.dead_lettered == impossible
         applied_live = consumer.processed
-        assert context_of(client).publisher.published > 0
+        assert reporting_of(client).published > 0
     cells, facts, inbox = asyncio.run(snapshot(database_url))
     assert inbox == applied_live
     assert sum(1 for v, s in cells.values() if v and not s) > 100

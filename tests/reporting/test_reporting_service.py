@@ -22,7 +22,7 @@ from lotse_reporting.app import create_app
 
 from tests.conftest import Broker
 from tests.reporting.builders import Family, Published, at, new_id, publish, to_records
-from tests.reporting.conftest import context_of, create_topics, settings_for, settle, wait_ready
+from tests.reporting.conftest import create_topics, reporting_of, settings_for, settle, wait_ready
 from tests.support import Record, _read, bearer
 
 pytestmark = pytest.mark.integration
@@ -201,7 +201,7 @@ def test_a_redelivered_event_counts_once(scenario: Scenario) -> None:
 
 
 def test_the_reporting_stream_carries_no_case_ids_and_no_personal_data(scenario: Scenario) -> None:
-    published = context_of(scenario.client).publisher.published
+    published = reporting_of(scenario.client).published
     assert published > 0
     records: list[Record] = _read(
         scenario.bootstrap, scenario.prefix + "lotse.reporting.kpis", published, 30.0
@@ -239,7 +239,7 @@ def test_the_reporting_stream_carries_no_case_ids_and_no_personal_data(scenario:
 
 
 def test_the_latest_value_of_each_cell_is_on_the_stream(scenario: Scenario) -> None:
-    published = context_of(scenario.client).publisher.published
+    published = reporting_of(scenario.client).published
     records = _read(scenario.bootstrap, scenario.prefix + "lotse.reporting.kpis", published, 30.0)
     latest: dict[str, dict[str, Any]] = {}
     for record in records:  # one key stays in one partition, in order: the last one counts

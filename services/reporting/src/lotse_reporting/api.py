@@ -1,244 +1,240 @@
-"""HTTP API: the published key figures (filter by Bezirk, period, figure) and the annual
-report. Callers get aggregates only: every answer is built from ``reporting_kpi``, the cells
-as published on the reporting stream, suppressed cells included as suppressed."""
+"""HTTP API: the published key figures (filter by Bezirk, period, figure), the annual report,
+and the dashboard (one HTML page with a little JavaScript, no build step; the figures of a
+year as JSON; a server-sent-event stream of newly published figures so the page updates
+live). Callers get aggregates only: every answer is built from ``reporting_kpi``, the cells
+as published on the reporting stream, suppressed cells included as suppressed. Whether the
+dashboard needs a login is a setting (``dashboard_public``).
+
+Each route reads its parameters and calls one function of :mod:`lotse_reporting.operations`;
+refusals are raised there and answered by the runtime."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
+import json
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response
-from lotse_contracts.city import Municipality
-from lotse_contracts.events.reporting import FIGURE_UNITS, KpiFigure
-from lotse_runtime.db import Database
-from lotse_runtime.identity import CallerDep
-from sqlalchemy import func
-from sqlmodel import col, select
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from lotse_contracts.events.reporting import KpiFigure
+from lotse_runtime.app import runtime_of
+from lotse_runtime.identity import CallerDep, current_caller
 
-from lotse_reporting import domain, report
-from lotse_reporting.domain import STADT, Layout
-from lotse_reporting.publisher import Changes, KpiPublisher
-from lotse_reporting.settings import ReportingSettings
-from lotse_reporting.tables import BezirkPublic, FigurePublic, KpiPublic, ReportingKpi
+from lotse_reporting import operations
+from lotse_reporting.domain import STADT
+from lotse_reporting.operations import AnnualReport, Reporting
+from lotse_reporting.store import KpiFilter
+from lotse_reporting.tables import BezirkPublic, FigurePublic, KpiPublic
 
 PERIOD_PATTERN = r"^[0-9]{4}(-(0[1-9]|1[0-2]))?$"
 DIMENSION_PATTERN = r"^[a-z_]+:[a-z0-9_-]+$"
+#: Comment lines keep proxies from closing an idle stream.
+KEEP_ALIVE_S = 15.0
+#: Revisions count publication passes; anything larger is no revision (and no SQL integer).
+MAX_REVISION = 2**62
 
 
-@dataclass
-class ReportingContext:
-    """What routes and jobs of the reporting service share (kept on ``app.state``)."""
-
-    settings: ReportingSettings
-    city: Municipality
-    layout: Layout
-    db: Database
-    publisher: KpiPublisher
-    changes: Changes
-
-    def area_name(self, slug: str) -> str:
-        if slug == STADT:
-            return f"Stadt {self.city.name} (gesamt)"
-        return self.city.bezirk(slug).name
-
-    def areas(self) -> list[BezirkPublic]:
-        return [
-            *(BezirkPublic(slug=b.slug, name=b.name) for b in self.city.stadtbezirke),
-            BezirkPublic(slug=STADT, name=self.area_name(STADT)),
-        ]
+def reporting_of(request: Request) -> Reporting:
+    """FastAPI dependency: the reporting parts of the app serving this request."""
+    reporting: Reporting = request.app.state.reporting
+    return reporting
 
 
-def context_of(request: Request) -> ReportingContext:
-    """FastAPI dependency: the reporting context of the app serving this request."""
-    context: ReportingContext = request.app.state.reporting
-    return context
+ReportingDep = Annotated[Reporting, Depends(reporting_of)]
+Area = Annotated[str, Query(description="Stadtbezirk slug or `stadt`.")]
 
 
-ContextDep = Annotated[ReportingContext, Depends(context_of)]
+async def dashboard_access(request: Request) -> None:
+    """Open when the dashboard is public, else the caller must be authenticated."""
+    if not runtime_of(request).settings.dashboard_public:
+        await current_caller(request)
 
 
-def invalid(field: str, reason: str, where: str = "query") -> RequestValidationError:
-    """A 422 in the platform's shape (field and reason), for checks FastAPI cannot do."""
-    return RequestValidationError([{"loc": (where, field), "msg": reason, "type": "value_error"}])
+router = APIRouter()
+"""The figures and the annual report."""
+dashboard = APIRouter(tags=["dashboard"], dependencies=[Depends(dashboard_access)])
+"""The dashboard page, its data and its stream."""
 
 
-def check_area(context: ReportingContext, bezirk: str | None) -> None:
-    if bezirk is not None and bezirk not in context.layout.areas:
-        known = ", ".join(context.layout.areas)
-        raise invalid("bezirk", f"unknown Stadtbezirk {bezirk!r}; known: {known}")
+def _sent(annual: AnnualReport) -> Response:
+    if annual.format == "html":
+        return HTMLResponse(annual.text)
+    return Response(
+        annual.text,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{annual.filename}"'},
+    )
 
 
-async def query_kpis(
-    db: Database,
-    *,
-    bezirk: str | None = None,
-    period: str | None = None,
-    year: int | None = None,
-    figure: KpiFigure | None = None,
-    dimension: str | None = None,
-    breakdowns: bool = True,
-    limit: int | None = None,
-    offset: int = 0,
+# --- figures and reports ---------------------------------------------------------------------
+
+
+@router.get(
+    "/kpis", response_model=list[KpiPublic], summary="Published key figures", tags=["figures"]
+)
+async def list_kpis(
+    caller: CallerDep,
+    reporting: ReportingDep,
+    bezirk: Annotated[
+        str | None, Query(description="Stadtbezirk slug, or `stadt` for the whole city.")
+    ] = None,
+    period: Annotated[
+        str | None, Query(pattern=PERIOD_PATTERN, description="`YYYY-MM` or `YYYY`.")
+    ] = None,
+    year: Annotated[
+        int | None,
+        Query(ge=2000, le=2100, description="All periods of a year (months and the year)."),
+    ] = None,
+    figure: Annotated[KpiFigure | None, Query(description="Which key figure.")] = None,
+    dimension: Annotated[
+        str | None,
+        Query(pattern=DIMENSION_PATTERN, description="Breakdown, e.g. `module:elternschule`."),
+    ] = None,
+    breakdowns: Annotated[
+        bool, Query(description="Include breakdowns (module, status, consent scope).")
+    ] = True,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    # Bounded: a larger offset is no page, and no SQL integer either.
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> list[KpiPublic]:
-    """Published cells matching the filters, ordered by Bezirk, period, figure, dimension."""
-    statement = select(ReportingKpi)
-    if bezirk is not None:
-        statement = statement.where(col(ReportingKpi.bezirk) == bezirk)
-    if period is not None:
-        statement = statement.where(col(ReportingKpi.period) == period)
-    if year is not None:
-        statement = statement.where(col(ReportingKpi.period).like(f"{year}%"))
-    if figure is not None:
-        statement = statement.where(col(ReportingKpi.figure) == figure.value)
-    if dimension is not None:
-        statement = statement.where(col(ReportingKpi.dimension) == dimension)
-    elif not breakdowns:
-        statement = statement.where(col(ReportingKpi.dimension) == "")
-    statement = statement.order_by(
-        col(ReportingKpi.bezirk),
-        col(ReportingKpi.period),
-        col(ReportingKpi.figure),
-        col(ReportingKpi.dimension),
-    ).offset(offset)
-    if limit is not None:
-        statement = statement.limit(limit)
-    async with db.transaction() as session:
-        rows = list(await session.scalars(statement))
-    return [KpiPublic.of(row) for row in rows]
+    """Anonymised key figures per Stadtbezirk (or city) and period. Any authenticated
+    caller may read them; a suppressed cell has no value."""
+    wanted = KpiFilter(bezirk, period, year, figure, dimension, breakdowns, limit, offset)
+    return await operations.list_kpis(reporting, wanted)
 
 
-async def years_with_figures(db: Database) -> list[int]:
-    async with db.transaction() as session:
-        periods = await session.scalars(select(func.substr(ReportingKpi.period, 1, 4)).distinct())
-        return sorted({int(p) for p in periods})
+@router.get(
+    "/kpis/figures",
+    response_model=list[FigurePublic],
+    summary="What the figures mean",
+    tags=["figures"],
+)
+async def list_figures(caller: CallerDep, reporting: ReportingDep) -> list[FigurePublic]:
+    return operations.figures(reporting)
 
 
-async def annual_report(context: ReportingContext, year: int, bezirk: str, fmt: str) -> Response:
-    """The annual report of ``year`` and ``bezirk`` as CSV or HTML."""
-    check_area(context, bezirk)
-    cells = await query_kpis(context.db, bezirk=bezirk, year=year)
-    if not cells:
-        raise invalid("year", f"no figures for {year} yet", where="path")
-    if fmt == "csv":
-        return Response(
-            report.annual_csv(cells),
-            media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": f'attachment; filename="lotse-{bezirk}-{year}.csv"'},
-        )
-    city_cells = cells if bezirk == STADT else await query_kpis(context.db, bezirk=STADT, year=year)
-    document = report.annual_html(
-        report.ReportContext(
-            city=context.city.name,
-            year=year,
-            area=bezirk,
-            area_name=context.area_name(bezirk),
-            modules={m.slug: m.name for m in context.city.modules},
-            reach_reference=context.city.reach_rate_reported,
-            generated_at=max(c.computed_at for c in cells),
-        ),
-        cells,
-        city_cells,
+@router.get(
+    "/kpis/bezirke", response_model=list[BezirkPublic], summary="Stadtbezirke", tags=["figures"]
+)
+async def list_bezirke(caller: CallerDep, reporting: ReportingDep) -> list[BezirkPublic]:
+    return operations.areas(reporting)
+
+
+@router.get(
+    "/reports/annual/{year}.csv",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}}},
+    summary="Annual report as CSV",
+    tags=["reports"],
+)
+async def annual_csv(
+    caller: CallerDep, reporting: ReportingDep, year: int, bezirk: Area = STADT
+) -> Response:
+    """Every published cell of a year and Stadtbezirk (months and year), one row each."""
+    return _sent(await operations.annual_report(reporting, year, bezirk, "csv"))
+
+
+@router.get(
+    "/reports/annual/{year}.html",
+    response_class=HTMLResponse,
+    summary="Annual report (HTML)",
+    tags=["reports"],
+)
+async def annual_html(
+    caller: CallerDep, reporting: ReportingDep, year: int, bezirk: Area = STADT
+) -> Response:
+    """The report a committee receives: tables and charts of a year and Stadtbezirk."""
+    return _sent(await operations.annual_report(reporting, year, bezirk, "html"))
+
+
+# --- dashboard -------------------------------------------------------------------------------
+
+
+def _static(name: str) -> str:
+    return (resources.files("lotse_reporting") / "static" / name).read_text(encoding="utf-8")
+
+
+@dashboard.get("/dashboard", response_class=HTMLResponse, summary="Live dashboard page")
+async def dashboard_page() -> HTMLResponse:
+    return HTMLResponse(_static("dashboard.html"))
+
+
+@dashboard.get("/dashboard/dashboard.js", summary="Dashboard script", include_in_schema=False)
+async def dashboard_script() -> Response:
+    return Response(_static("dashboard.js"), media_type="text/javascript; charset=utf-8")
+
+
+@dashboard.get("/dashboard/data", summary="Figures of one year for the dashboard")
+async def dashboard_data(
+    reporting: ReportingDep, year: Annotated[int | None, Query(ge=2000, le=2100)] = None
+) -> dict[str, Any]:
+    """All published cells of ``year`` (default: the newest with figures), compact."""
+    return await operations.dashboard_data(reporting, year)
+
+
+@dashboard.get(
+    "/dashboard/stream",
+    summary="Newly published figures (server-sent events)",
+    response_class=StreamingResponse,
+    # What the stream really is, so clients (and schemathesis) do not expect JSON.
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Event stream"}},
+)
+async def dashboard_stream(
+    request: Request,
+    reporting: ReportingDep,
+    after: Annotated[int | None, Query(ge=0, le=MAX_REVISION)] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Each event ``kpis`` carries the cells published since the last one; its id is the
+    publication revision, so a reconnecting browser resumes where it stopped."""
+    start = after
+    # A browser sends back the id it got; anything else (e.g. "²", which isdigit() takes
+    # for a digit) is ignored rather than parsed.
+    if last_event_id is not None and last_event_id.isascii() and last_event_id.isdigit():
+        start = min(int(last_event_id), MAX_REVISION)
+    return StreamingResponse(
+        _published_events(request, reporting, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-    return HTMLResponse(document)
 
 
-def router() -> APIRouter:
-    routes = APIRouter(tags=["figures"])
+async def _published_events(
+    request: Request, reporting: Reporting, start: int | None
+) -> AsyncIterator[str]:
+    """Server-sent events: the cells published after ``start`` (default: from now on)."""
+    last = start if start is not None else await operations.current_revision(reporting)
+    poll_s = reporting.settings.dashboard_poll_s
+    yield "retry: 2000\n\n"
+    quiet = 0.0
+    while not await request.is_disconnected():
+        newest, cells = await operations.published_since(reporting, last)
+        if cells:
+            last = newest
+            body = json.dumps({"revision": last, "cells": cells})
+            yield f"event: kpis\nid: {last}\ndata: {body}\n\n"
+            quiet = 0.0
+        elif quiet >= KEEP_ALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet = 0.0
+        await reporting.changes.wait(poll_s)
+        quiet += poll_s
 
-    @routes.get("/kpis", response_model=list[KpiPublic], summary="Published key figures")
-    async def list_kpis(
-        caller: CallerDep,
-        context: ContextDep,
-        bezirk: Annotated[
-            str | None, Query(description="Stadtbezirk slug, or `stadt` for the whole city.")
-        ] = None,
-        period: Annotated[
-            str | None, Query(pattern=PERIOD_PATTERN, description="`YYYY-MM` or `YYYY`.")
-        ] = None,
-        year: Annotated[
-            int | None,
-            Query(ge=2000, le=2100, description="All periods of a year (months and the year)."),
-        ] = None,
-        figure: Annotated[KpiFigure | None, Query(description="Which key figure.")] = None,
-        dimension: Annotated[
-            str | None,
-            Query(pattern=DIMENSION_PATTERN, description="Breakdown, e.g. `module:elternschule`."),
-        ] = None,
-        breakdowns: Annotated[
-            bool, Query(description="Include breakdowns (module, status, consent scope).")
-        ] = True,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-        # Bounded: a larger offset is no page, and no SQL integer either.
-        offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
-    ) -> list[KpiPublic]:
-        """Anonymised key figures per Stadtbezirk (or city) and period. Any authenticated
-        caller may read them; a suppressed cell has no value."""
-        check_area(context, bezirk)
-        if period is not None and year is not None and not period.startswith(str(year)):
-            raise invalid("period", f"period {period} is not in year {year}")
-        return await query_kpis(
-            context.db,
-            bezirk=bezirk,
-            period=period,
-            year=year,
-            figure=figure,
-            dimension=dimension,
-            breakdowns=breakdowns,
-            limit=limit,
-            offset=offset,
-        )
 
-    @routes.get("/kpis/figures", response_model=list[FigurePublic], summary="What the figures mean")
-    async def list_figures(caller: CallerDep, context: ContextDep) -> list[FigurePublic]:
-        return [
-            FigurePublic(
-                figure=figure,
-                unit=FIGURE_UNITS[figure],
-                label=report.label(figure),
-                description=report.FIGURE_LABELS[figure][1],
-                dimensions=[
-                    d
-                    for d in domain.figure_dimensions(figure, context.layout.modules)
-                    if d is not None
-                ],
-            )
-            for figure in KpiFigure
-        ]
+@dashboard.get("/dashboard/annual/{year}.csv", summary="Annual report (CSV) from the dashboard")
+async def dashboard_annual_csv(
+    reporting: ReportingDep, year: int, bezirk: Annotated[str, Query()] = STADT
+) -> Response:
+    return _sent(await operations.annual_report(reporting, year, bezirk, "csv"))
 
-    @routes.get("/kpis/bezirke", response_model=list[BezirkPublic], summary="Stadtbezirke")
-    async def list_bezirke(caller: CallerDep, context: ContextDep) -> list[BezirkPublic]:
-        return context.areas()
 
-    reports = APIRouter(tags=["reports"])
-
-    @reports.get(
-        "/reports/annual/{year}.csv",
-        response_class=Response,
-        responses={200: {"content": {"text/csv": {}}}},
-        summary="Annual report as CSV",
-    )
-    async def annual_csv(
-        caller: CallerDep,
-        context: ContextDep,
-        year: int,
-        bezirk: Annotated[str, Query(description="Stadtbezirk slug or `stadt`.")] = STADT,
-    ) -> Response:
-        """Every published cell of a year and Stadtbezirk (months and year), one row each."""
-        return await annual_report(context, year, bezirk, "csv")
-
-    @reports.get(
-        "/reports/annual/{year}.html", response_class=HTMLResponse, summary="Annual report (HTML)"
-    )
-    async def annual_html(
-        caller: CallerDep,
-        context: ContextDep,
-        year: int,
-        bezirk: Annotated[str, Query(description="Stadtbezirk slug or `stadt`.")] = STADT,
-    ) -> Response:
-        """The report a committee receives: tables and charts of a year and Stadtbezirk."""
-        return await annual_report(context, year, bezirk, "html")
-
-    routes.include_router(reports)
-    return routes
+@dashboard.get(
+    "/dashboard/annual/{year}.html",
+    response_class=HTMLResponse,
+    summary="Annual report (HTML) from the dashboard",
+)
+async def dashboard_annual_html(
+    reporting: ReportingDep, year: int, bezirk: Annotated[str, Query()] = STADT
+) -> Response:
+    return _sent(await operations.annual_report(reporting, year, bezirk, "html"))

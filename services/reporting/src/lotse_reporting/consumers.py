@@ -1,14 +1,16 @@
-"""Event handlers: every domain event the projections use goes through :func:`handle`, which
-loads the rows the event needs, lets :func:`lotse_reporting.domain.apply` decide, and stores
-the result in the delivery's transaction (the inbox entry is in the same one)."""
+"""Event handlers: every domain event type the projections use is registered with
+:class:`~lotse_runtime.handlers.Handlers` and goes the same way, through
+:func:`lotse_reporting.operations.apply_event` (load the rows the event needs, let the domain
+decide, store the result in the delivery's transaction, with the inbox entry in the same
+one). An impossible event is rejected, so the consumer dead-letters it with its reason."""
 
 from __future__ import annotations
 
-from typing import Any
+from lotse_contracts.events.base import EventModel
+from lotse_runtime.consumer import Delivery, EventRejected
+from lotse_runtime.handlers import Handlers
 
-from lotse_runtime.consumer import Delivery, EventRejected, Handler
-
-from lotse_reporting import domain, store
+from lotse_reporting import domain, operations
 from lotse_reporting.domain import Rules
 
 CONSUMER = "main"
@@ -16,15 +18,21 @@ CONSUMER = "main"
 live consumer finds what a replay already applied."""
 
 
-def handlers(rules: Rules) -> dict[str, Handler]:
-    """One handler for every event type the projections use."""
+async def project(delivery: Delivery[EventModel], rules: Rules) -> None:
+    """Apply one event to the projections, or reject it as impossible."""
+    try:
+        await operations.apply_event(delivery.session, delivery.data, rules)
+    except domain.ImpossibleEvent as exc:
+        raise EventRejected(exc.reason) from exc
 
-    async def handle(delivery: Delivery[Any]) -> None:
-        snapshot = await store.load_snapshot(delivery.session, domain.needs_of(delivery.data))
-        try:
-            domain.apply(delivery.data, snapshot, rules)
-        except domain.ImpossibleEvent as exc:
-            raise EventRejected(exc.reason) from exc
-        await store.save_snapshot(delivery.session, snapshot)
 
-    return {model.event_type: handle for model in domain.HANDLED}
+def handlers(rules: Rules) -> Handlers:
+    """One typed registration for every event type in :data:`domain.HANDLED`."""
+    table = Handlers()
+
+    async def with_rules(delivery: Delivery[EventModel]) -> None:
+        await project(delivery, rules)
+
+    for model in domain.HANDLED:
+        table.on(model)(with_rules)
+    return table

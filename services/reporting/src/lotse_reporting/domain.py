@@ -326,6 +326,8 @@ def needs_of(event: EventModel) -> Needs:
     return needs
 
 
+# Over 60 lines: one flat match over every handled event type, read as a table; kept as
+# it is while the projections are reworked for incremental figures (issue 19).
 def apply(event: EventModel, snapshot: Snapshot, rules: Rules) -> None:
     """Record what ``event`` means in ``snapshot``.
 
@@ -515,6 +517,8 @@ ReferralEvent = (
 )
 
 
+# Over 60 lines: every referral event's checks, facts and escalation episode in one place;
+# kept as it is while the projections are reworked (issue 19).
 def _referral(event: ReferralEvent, snapshot: Snapshot, rules: Rules) -> None:
     _check_bezirk(event.bezirk, rules)
     if event.module not in rules.modules:
@@ -751,6 +755,8 @@ class _Table:
                 yield self.acc(area, period, figure, dimension)
 
 
+# Over 60 lines: the one pass over a year's facts that every figure is counted in; kept as
+# it is until issue 19 reworks the computation for incremental figures.
 def compute_year(inputs: YearInputs, layout: Layout) -> list[Cell]:
     """All cells of one year: months up to the horizon and the year, every Bezirk and the
     city, every figure; then protected (:func:`protect`)."""
@@ -954,6 +960,8 @@ def groups_of_year(layout: Layout, months: list[str], year: str) -> list[Group]:
     return groups
 
 
+# Over 60 lines: the suppression rules (primary and complementary) must be read together;
+# kept as it is while the projections are reworked (issue 19).
 def protect(
     cells: Mapping[CellKey, Cell],
     groups: Sequence[Group],

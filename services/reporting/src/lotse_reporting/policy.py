@@ -7,11 +7,12 @@ reporting, so ``service`` tokens get nothing here."""
 from __future__ import annotations
 
 from fastapi import Request
+from lotse_runtime.app import runtime_of
 from lotse_runtime.policy import PERSON_ROLES, AccessPolicy, Rule, allow
 
 
 def dashboard_is_public(request: Request) -> bool:
-    public: bool = request.app.state.reporting.settings.dashboard_public
+    public: bool = runtime_of(request).settings.dashboard_public
     return public
 
 

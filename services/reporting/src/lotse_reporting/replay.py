@@ -38,7 +38,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from lotse_contracts import topics
-from lotse_contracts.city import load_city
 from lotse_contracts.cloudevents import CloudEvent, InvalidCloudEvent, from_kafka
 from lotse_contracts.events.base import (
     CATALOGUE,
@@ -47,11 +46,10 @@ from lotse_contracts.events.base import (
     UnknownEventType,
     UnknownEventVersion,
 )
-from lotse_contracts.subscriptions import load_registry
+from lotse_runtime.app import build_runtime
 from lotse_runtime.db import Database
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.kafka import KafkaConfig
-from lotse_runtime.outbox import Outbox, OutboxRelay
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -65,10 +63,9 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from lotse_reporting import domain, store
-from lotse_reporting.app import layout_for, rules_for
+from lotse_reporting import domain, operations, store
 from lotse_reporting.consumers import CONSUMER
-from lotse_reporting.publisher import KpiPublisher
+from lotse_reporting.operations import Reporting
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import TABLES
 
@@ -167,35 +164,35 @@ class Replayer:
                     continue
                 seen.add(event.dedup_key)
                 fresh.append((record, event, data))
-            needs = domain.Needs()
-            for _, _, data in fresh:
-                needs.merge(domain.needs_of(data))
-            needs.fact_years_of.clear()  # every year is recomputed after a replay anyway
-            snapshot = await store.load_snapshot(session, needs)
-            inbox: list[dict[str, Any]] = []
+            outcomes = await operations.replay_events(
+                session, [data for _, _, data in fresh], self.rules
+            )
             now = datetime.now(UTC)
-            for record, event, data in fresh:
-                try:
-                    domain.apply(data, snapshot, self.rules)
-                except domain.ImpossibleEvent as exc:
-                    self.stats.rejected[_reason_kind(exc.reason)] += 1
+            inbox: list[dict[str, Any]] = []
+            for (record, event, _), rejected in zip(fresh, outcomes, strict=True):
+                if rejected is not None:
+                    self.stats.rejected[_reason_kind(rejected)] += 1
                     continue
                 self.stats.applied += 1
-                inbox.append(
-                    {
-                        "consumer": _INBOX_CONSUMER,
-                        "source": event.source,
-                        "event_id": event.id,
-                        "event_type": event.type,
-                        "topic": record.topic,
-                        "partition": record.partition,
-                        "offset": record.offset,
-                        "processed_at": now,
-                    }
-                )
-            await store.save_snapshot(session, snapshot)
+                inbox.append(_inbox_entry(record, event, now))
             if inbox:
                 await session.execute(insert(InboxEntry), inbox)
+
+
+def _inbox_entry(
+    record: ConsumerRecord[Any, Any], event: CloudEvent, now: datetime
+) -> dict[str, Any]:
+    """The live consumer's inbox entry for an applied event."""
+    return {
+        "consumer": _INBOX_CONSUMER,
+        "source": event.source,
+        "event_id": event.id,
+        "event_type": event.type,
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "processed_at": now,
+    }
 
 
 def _reason_kind(reason: str) -> str:
@@ -334,23 +331,19 @@ async def replay(
     clock: Callable[[], datetime] | None = None,
 ) -> ReplayStats:
     """Rebuild the projections from the domain topics and publish what changed."""
-    city = load_city(settings.city)
-    registry = load_registry(city, settings.subscriptions_file)
-    db = Database(settings.resolved_database_url())
-    kafka = KafkaConfig(
-        bootstrap=settings.kafka_bootstrap,
-        client_id=f"lotse-{settings.service_name}",
-        extra=settings.kafka_client_options(),
-    )
-    relay = OutboxRelay(db, kafka, service=settings.service_name, batch_size=500)
+    # The service's own runtime (one relay batch per 500 rows: a replay publishes a lot),
+    # without its consumer and jobs: the replay reads the topics itself.
+    runtime = build_runtime(settings.model_copy(update={"relay_batch_size": 500}), clock=clock)
+    db = runtime.db
     try:
         await db.create_schema(TABLES, service=settings.service_name)
         if not keep:
             await drop(db)
-        replayer = Replayer(db, settings, rules_for(city, settings))
+        reporting = Reporting.of(runtime)
+        replayer = Replayer(db, settings, reporting.rules)
         started = time.perf_counter()
         await read_from_start(
-            kafka,
+            runtime.kafka,
             [settings.topic(t) for t in topics.DOMAIN_TOPICS],
             replayer.apply_batch,
             batch_size=batch_size or settings.replay_batch_size,
@@ -360,23 +353,16 @@ async def replay(
         stats = replayer.stats
         stats.consume_s = time.perf_counter() - started
         started = time.perf_counter()
-        publisher = KpiPublisher(
-            db=db,
-            outbox=Outbox(
-                source=f"/lotse/{settings.service_name}",
-                topic_prefix=settings.topic_prefix,
-                registry=registry,
-            ),
-            layout=layout_for(city, settings),
-            clock=clock or (lambda: datetime.now(UTC)),
+        stats.cells_published = await operations.publish_figures(
+            reporting, all_years=True, republish=republish_all
         )
-        stats.cells_published = await publisher.run_pass(all_years=True, republish=republish_all)
-        await relay.drain(timeout_s=600)
+        await runtime.relay.drain(timeout_s=600)
         stats.publish_s = time.perf_counter() - started
         return stats
     finally:
-        await relay.stop()
+        await runtime.relay.stop()
         await db.dispose()
+        runtime.telemetry.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -240,6 +240,7 @@ def _shown(cells: Cells, period: str, figure: KpiFigure, dimension: str = "") ->
     return format_value(cell.value, cell.unit, suppressed=cell.suppressed)
 
 
+# Over 60 lines: mostly the HTML document itself, one template read top to bottom.
 def annual_html(
     context: ReportContext, cells: Sequence[KpiPublic], city_cells: Sequence[KpiPublic]
 ) -> str:

@@ -5,9 +5,11 @@ event per transaction) and by the replay (a batch of events per transaction)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+from lotse_contracts.events.reporting import KpiFigure
 from sqlalchemy import Table, and_, delete, false, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,6 +18,7 @@ from sqlmodel import SQLModel, col
 from lotse_reporting import domain
 from lotse_reporting.domain import (
     CaseFacts,
+    Cell,
     CellKey,
     ConsentFacts,
     Fact,
@@ -85,95 +88,39 @@ KPIS = _table(ReportingKpi)
 
 # --- rows <-> facts (ORM objects or plain rows: both have the columns as attributes) ---
 
+F = TypeVar("F", CaseFacts, ConsentFacts, Fact, ReferralFacts)
+_COLUMNS: dict[type[Any], tuple[str, ...]] = {
+    kind: tuple(f.name for f in fields(kind))
+    for kind in (CaseFacts, ConsentFacts, Fact, ReferralFacts)
+}
+
+
+def _facts(kind: type[F], row: Any) -> F:
+    """The facts of one row: the dataclass's fields are the table's columns."""
+    return kind(**{name: getattr(row, name) for name in _COLUMNS[kind]})
+
 
 def _case(row: Any) -> CaseFacts:
-    return CaseFacts(
-        case_id=row.case_id,
-        bezirk=row.bezirk,
-        channel=row.channel,
-        registered_month=row.registered_month,
-        erased=row.erased,
-        excluded=row.excluded,
-    )
+    return _facts(CaseFacts, row)
 
 
 def _consent(row: Any) -> ConsentFacts:
-    at = row.at
-    assert at is not None
-    return ConsentFacts(
-        case_id=row.case_id, consent_id=row.consent_id, scope=row.scope, given=row.given, at=at
-    )
+    assert row.at is not None
+    return _facts(ConsentFacts, row)
 
 
 def _fact(row: Any) -> Fact:
-    return Fact(
-        kind=row.kind,
-        ref=row.ref,
-        case_id=row.case_id,
-        bezirk=row.bezirk,
-        month=row.month,
-        dimension=row.dimension,
-        number=row.number,
-        at=row.at,
-        until=row.until,
-    )
+    return _facts(Fact, row)
 
 
 def _referral(row: Any) -> ReferralFacts:
-    return ReferralFacts(
-        referral_id=row.referral_id,
-        case_id=row.case_id,
-        bezirk=row.bezirk,
-        module=row.module,
-        status=row.status,
-        open_escalation=row.open_escalation,
-    )
+    return _facts(ReferralFacts, row)
 
 
-def _case_row(case: CaseFacts) -> dict[str, Any]:
-    return {
-        "case_id": case.case_id,
-        "bezirk": case.bezirk,
-        "channel": case.channel,
-        "registered_month": case.registered_month,
-        "erased": case.erased,
-        "excluded": case.excluded,
-    }
-
-
-def _consent_row(consent: ConsentFacts) -> dict[str, Any]:
-    return {
-        "case_id": consent.case_id,
-        "consent_id": consent.consent_id,
-        "scope": consent.scope,
-        "given": consent.given,
-        "at": _utc(consent.at),
-    }
-
-
-def _fact_row(fact: Fact) -> dict[str, Any]:
-    return {
-        "kind": fact.kind,
-        "ref": fact.ref,
-        "case_id": fact.case_id,
-        "bezirk": fact.bezirk,
-        "month": fact.month,
-        "dimension": fact.dimension,
-        "number": fact.number,
-        "at": _utc(fact.at),
-        "until": _utc(fact.until),
-    }
-
-
-def _referral_row(referral: ReferralFacts) -> dict[str, Any]:
-    return {
-        "referral_id": referral.referral_id,
-        "case_id": referral.case_id,
-        "bezirk": referral.bezirk,
-        "module": referral.module,
-        "status": referral.status,
-        "open_escalation": referral.open_escalation,
-    }
+def _row(facts: CaseFacts | ConsentFacts | Fact | ReferralFacts) -> dict[str, Any]:
+    """The row of some facts, times in UTC."""
+    row = {name: getattr(facts, name) for name in _COLUMNS[type(facts)]}
+    return {k: _utc(v) if isinstance(v, datetime) else v for k, v in row.items()}
 
 
 # --- loading and storing what events touch ---------------------------------------------------
@@ -227,20 +174,14 @@ async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
 
 async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
     """Store the rows ``apply`` touched and mark the years it made dirty."""
-    cases = [_case_row(snapshot.cases[k]) for k in sorted(snapshot.touched_cases)]
+    cases = [_row(snapshot.cases[k]) for k in sorted(snapshot.touched_cases)]
     await upsert(session, ReportingCase, cases)
-    await upsert(
-        session,
-        ReportingConsent,
-        [_consent_row(snapshot.consents[k]) for k in sorted(snapshot.touched_consents)],
-    )
-    facts = [_fact_row(snapshot.facts[k]) for k in sorted(snapshot.touched_facts)]
+    consents = [_row(snapshot.consents[k]) for k in sorted(snapshot.touched_consents)]
+    await upsert(session, ReportingConsent, consents)
+    facts = [_row(snapshot.facts[k]) for k in sorted(snapshot.touched_facts)]
     await upsert(session, ReportingFact, facts)
-    await upsert(
-        session,
-        ReportingReferral,
-        [_referral_row(snapshot.referrals[k]) for k in sorted(snapshot.touched_referrals)],
-    )
+    referrals = [_row(snapshot.referrals[k]) for k in sorted(snapshot.touched_referrals)]
+    await upsert(session, ReportingReferral, referrals)
     await mark_dirty(session, snapshot.dirty_years)
 
 
@@ -284,6 +225,11 @@ async def drop_facts(session: AsyncSession) -> None:
 
 # --- state values ----------------------------------------------------------------------------
 
+REVISION = "kpi_revision"
+"""State key: the number of the last publication pass that published anything."""
+HORIZON = "horizon"
+"""State key: the newest month the published figures reach."""
+
 
 async def get_state(session: AsyncSession, key: str) -> str | None:
     row = await session.get(ReportingState, key)
@@ -292,6 +238,11 @@ async def get_state(session: AsyncSession, key: str) -> str | None:
 
 async def set_state(session: AsyncSession, key: str, value: str) -> None:
     await upsert(session, ReportingState, [{"key": key, "value": value}])
+
+
+async def revision(session: AsyncSession) -> int:
+    """The revision of the last publication (0 before the first)."""
+    return int(await get_state(session, REVISION) or 0)
 
 
 # --- what the figures are computed from ------------------------------------------------------
@@ -316,6 +267,8 @@ async def oldest_year(session: AsyncSession) -> int | None:
 _CONTACTS = [FactKind.COMPLETED.value, FactKind.FIRST_CONTACT.value]
 
 
+# Over 60 lines: one query per kind of input of compute_year, in the order YearInputs
+# lists them; splitting them would only pass the same filters around.
 async def load_year(session: AsyncSession, year: int, newest: str) -> YearInputs:
     """Every fact the figures of ``year`` depend on; facts of duplicate cases left out.
 
@@ -410,3 +363,84 @@ async def published_cells(
         ).where(KPIS.c.period.like(f"{year}%"))
     )
     return {(b, p, f, d): (v, bool(s)) for b, p, f, d, v, s in rows}
+
+
+async def save_cells(
+    session: AsyncSession, cells: Sequence[Cell], now: datetime, revision: int
+) -> None:
+    """Record cells as published at ``now`` with ``revision``."""
+    rows = [
+        {
+            "bezirk": cell.bezirk,
+            "period": cell.period,
+            "figure": cell.figure.value,
+            "dimension": cell.dimension or "",
+            "value": cell.value,
+            "suppressed": cell.suppressed,
+            "unit": cell.unit.value,
+            "computed_at": now,
+            "revision": revision,
+        }
+        for cell in cells
+    ]
+    await upsert(session, ReportingKpi, rows)
+    await set_state(session, REVISION, str(revision))
+
+
+# --- what the API and the dashboard read: the published cells only ---------------------------
+
+
+@dataclass(frozen=True)
+class KpiFilter:
+    """Which published cells a query wants (None: any)."""
+
+    bezirk: str | None = None
+    period: str | None = None
+    year: int | None = None
+    figure: KpiFigure | None = None
+    dimension: str | None = None
+    breakdowns: bool = True
+    limit: int | None = None
+    offset: int = 0
+
+
+async def query_kpis(session: AsyncSession, wanted: KpiFilter) -> list[ReportingKpi]:
+    """Published cells matching the filter, ordered by Bezirk, period, figure, dimension."""
+    statement = select(ReportingKpi)
+    if wanted.bezirk is not None:
+        statement = statement.where(col(ReportingKpi.bezirk) == wanted.bezirk)
+    if wanted.period is not None:
+        statement = statement.where(col(ReportingKpi.period) == wanted.period)
+    if wanted.year is not None:
+        statement = statement.where(col(ReportingKpi.period).like(f"{wanted.year}%"))
+    if wanted.figure is not None:
+        statement = statement.where(col(ReportingKpi.figure) == wanted.figure.value)
+    if wanted.dimension is not None:
+        statement = statement.where(col(ReportingKpi.dimension) == wanted.dimension)
+    elif not wanted.breakdowns:
+        statement = statement.where(col(ReportingKpi.dimension) == "")
+    statement = statement.order_by(
+        col(ReportingKpi.bezirk),
+        col(ReportingKpi.period),
+        col(ReportingKpi.figure),
+        col(ReportingKpi.dimension),
+    ).offset(wanted.offset)
+    if wanted.limit is not None:
+        statement = statement.limit(wanted.limit)
+    return list(await session.scalars(statement))
+
+
+async def years_with_figures(session: AsyncSession) -> list[int]:
+    periods = await session.scalars(select(func.substr(ReportingKpi.period, 1, 4)).distinct())
+    return sorted({int(p) for p in periods})
+
+
+async def published_since(session: AsyncSession, revision: int) -> list[ReportingKpi]:
+    """Cells published after ``revision``, oldest first."""
+    return list(
+        await session.scalars(
+            select(ReportingKpi)
+            .where(col(ReportingKpi.revision) > revision)
+            .order_by(col(ReportingKpi.revision))
+        )
+    )

@@ -1,0 +1,351 @@
+"""The use cases of reporting, one function each, in the shape load → decide → save (+ outbox).
+
+- :func:`apply_event` (the live consumer) and :func:`replay_events` (the replay): load the
+  rows the events need (``store``), let :func:`lotse_reporting.domain.apply` decide, store
+  what changed and mark the years to recompute.
+- :func:`publish_figures` (the periodic job, and the replay at its end): load the facts of
+  each dirty year, compute its cells (``domain.compute_year``), record the changed ones in
+  ``reporting_kpi`` and publish each as ``kpi-updated`` through the outbox, in one transaction.
+- The reads of the API and the dashboard (:func:`list_kpis`, :func:`annual_report`,
+  :func:`dashboard_data`, ...): published cells only, never a fact.
+
+Nothing here knows HTTP: a refusal is a :class:`~lotse_runtime.refusal.Refusal`, an impossible
+event a :class:`~lotse_reporting.domain.ImpossibleEvent`; api.py and consumers.py answer them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from lotse_contracts.events.base import EventModel
+from lotse_contracts.events.reporting import FIGURE_UNITS, KpiFigure, KpiUpdated
+from lotse_runtime.app import ServiceRuntime
+from lotse_runtime.db import Database
+from lotse_runtime.refusal import Refusal
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from lotse_reporting import domain, report, store
+from lotse_reporting.domain import STADT, Cell, Layout, Rules
+from lotse_reporting.settings import ReportingSettings
+from lotse_reporting.store import KpiFilter
+from lotse_reporting.tables import BezirkPublic, FigurePublic, KpiPublic, ReportingKpi
+
+_LOCK_KEY = zlib.crc32(b"lotse-reporting-kpis")
+
+
+class Changes:
+    """Tells waiting dashboard streams that figures were published (in this process)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Return after the next notification, or after ``timeout_s``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+
+
+@dataclass
+class Reporting:
+    """The reporting service's own parts next to its runtime (kept on ``app.state``): the
+    city's rules and layout, the in-process change signal, and publication counters."""
+
+    runtime: ServiceRuntime[ReportingSettings]
+    rules: Rules
+    layout: Layout
+    changes: Changes = field(default_factory=Changes)
+    published: int = 0
+    """Cells published by this process."""
+    passes: int = 0
+    """Publication passes that found something to recompute."""
+
+    @classmethod
+    def of(cls, runtime: ServiceRuntime[ReportingSettings]) -> Reporting:
+        city, settings = runtime.city, runtime.settings
+        rules = Rules(
+            bezirke=frozenset(city.bezirk_slugs),
+            modules=frozenset(city.module_slugs),
+            zone=city.zone(),
+            completion_grace=timedelta(minutes=settings.completion_grace_minutes),
+        )
+        layout = Layout(
+            bezirke=tuple(city.bezirk_slugs),
+            modules=tuple(city.module_slugs),
+            k=settings.k_anonymity,
+            zone=city.zone(),
+        )
+        return cls(runtime=runtime, rules=rules, layout=layout)
+
+    @property
+    def settings(self) -> ReportingSettings:
+        return self.runtime.settings
+
+    @property
+    def db(self) -> Database:
+        return self.runtime.db
+
+    def area_name(self, slug: str) -> str:
+        if slug == STADT:
+            return f"Stadt {self.runtime.city.name} (gesamt)"
+        return self.runtime.city.bezirk(slug).name
+
+
+# --- applying events -------------------------------------------------------------------------
+
+
+async def apply_event(session: AsyncSession, event: EventModel, rules: Rules) -> None:
+    """One event, in the delivery's transaction (the inbox entry is in the same one).
+    Raises :class:`domain.ImpossibleEvent` before anything is stored."""
+    snapshot = await store.load_snapshot(session, domain.needs_of(event))
+    domain.apply(event, snapshot, rules)
+    await store.save_snapshot(session, snapshot)
+
+
+async def replay_events(
+    session: AsyncSession, events: Sequence[EventModel], rules: Rules
+) -> list[str | None]:
+    """A batch of events in order, in one transaction; per event, None when applied or the
+    reason it was impossible (an impossible event changes nothing, the others go on)."""
+    needs = domain.Needs()
+    for event in events:
+        needs.merge(domain.needs_of(event))
+    needs.fact_years_of.clear()  # every year is recomputed after a replay anyway
+    snapshot = await store.load_snapshot(session, needs)
+    outcomes: list[str | None] = []
+    for event in events:
+        try:
+            domain.apply(event, snapshot, rules)
+        except domain.ImpossibleEvent as exc:
+            outcomes.append(exc.reason)
+        else:
+            outcomes.append(None)
+    await store.save_snapshot(session, snapshot)
+    return outcomes
+
+
+# --- publishing the figures ------------------------------------------------------------------
+
+
+async def publish_figures(
+    reporting: Reporting, *, all_years: bool = False, republish: bool = False
+) -> int:
+    """Recompute what is dirty (or every year) and publish the changes; returns how many
+    cells were published."""
+    db = reporting.db
+    async with db.transaction() as session:
+        dirty = await store.dirty_years(session)
+        newest = await store.horizon(session)
+        known = await store.get_state(session, store.HORIZON)
+        oldest = await store.oldest_year(session)
+    if newest is None or oldest is None:
+        if dirty:
+            async with db.transaction() as session:
+                await store.clear_dirty(session, dirty)
+        return 0
+    starts = list(dirty)
+    if all_years:
+        starts.append(oldest)
+    if known != newest:
+        # New months appear at the horizon (and a year may have been left incomplete).
+        starts.append(domain.year_of(known) if known else oldest)
+    if not starts:
+        return 0
+    published = 0
+    # Later years follow too: an escalation's state carries over into them.
+    for year in range(max(min(starts), oldest), domain.year_of(newest) + 1):
+        published += await _publish_year(reporting, year, newest, republish=republish)
+    async with db.transaction() as session:
+        await store.clear_dirty(session, dirty)
+        await store.set_state(session, store.HORIZON, newest)
+    reporting.passes += 1
+    reporting.published += published
+    if published:
+        reporting.changes.notify()
+    return published
+
+
+async def _publish_year(reporting: Reporting, year: int, newest: str, *, republish: bool) -> int:
+    runtime = reporting.runtime
+    async with runtime.db.transaction() as session:
+        if runtime.db.is_postgres:
+            # Replicas take turns; the second then finds nothing changed.
+            await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+        inputs = await store.load_year(session, year, newest)
+        # Pure and CPU-bound: off the event loop, so consumers and streams keep going.
+        cells = await asyncio.to_thread(domain.compute_year, inputs, reporting.layout)
+        before = await store.published_cells(session, year)
+        changed = cells if republish else domain.changed_cells(cells, before)
+        if not changed:
+            return 0
+        now = runtime.clock().astimezone(UTC)
+        await store.save_cells(session, changed, now, await store.revision(session) + 1)
+        for cell in changed:
+            runtime.outbox.add(session, _kpi_updated(cell, now))
+        return len(changed)
+
+
+def _kpi_updated(cell: Cell, now: datetime) -> KpiUpdated:
+    return KpiUpdated(
+        bezirk=cell.bezirk,
+        period=cell.period,
+        figure=cell.figure,
+        dimension=cell.dimension,
+        value=cell.value,
+        suppressed=cell.suppressed,
+        unit=cell.unit,
+        computed_at=now,
+    )
+
+
+# --- reading the published figures -----------------------------------------------------------
+
+
+def _check_area(reporting: Reporting, bezirk: str | None) -> None:
+    if bezirk is not None and bezirk not in reporting.layout.areas:
+        known = ", ".join(reporting.layout.areas)
+        raise Refusal("query.bezirk", f"unknown Stadtbezirk {bezirk!r}; known: {known}")
+
+
+async def list_kpis(reporting: Reporting, wanted: KpiFilter) -> list[KpiPublic]:
+    """Published cells matching the filter (a Bezirk of the city, a period of the year)."""
+    _check_area(reporting, wanted.bezirk)
+    period, year = wanted.period, wanted.year
+    if period is not None and year is not None and not period.startswith(str(year)):
+        raise Refusal("query.period", f"period {period} is not in year {year}")
+    async with reporting.db.transaction() as session:
+        rows = await store.query_kpis(session, wanted)
+    return [KpiPublic.of(row) for row in rows]
+
+
+def figures(reporting: Reporting) -> list[FigurePublic]:
+    """What every key figure means, and its breakdowns in this city."""
+    return [
+        FigurePublic(
+            figure=figure,
+            unit=FIGURE_UNITS[figure],
+            label=report.label(figure),
+            description=report.FIGURE_LABELS[figure][1],
+            dimensions=[
+                d
+                for d in domain.figure_dimensions(figure, reporting.layout.modules)
+                if d is not None
+            ],
+        )
+        for figure in KpiFigure
+    ]
+
+
+def areas(reporting: Reporting) -> list[BezirkPublic]:
+    """The Stadtbezirke and the whole city."""
+    return [
+        *(BezirkPublic(slug=b.slug, name=b.name) for b in reporting.runtime.city.stadtbezirke),
+        BezirkPublic(slug=STADT, name=reporting.area_name(STADT)),
+    ]
+
+
+@dataclass(frozen=True)
+class AnnualReport:
+    """An annual report as text, ready to be sent."""
+
+    format: Literal["csv", "html"]
+    text: str
+    filename: str
+
+
+async def annual_report(
+    reporting: Reporting, year: int, bezirk: str, fmt: Literal["csv", "html"]
+) -> AnnualReport:
+    """The annual report of ``year`` and ``bezirk`` as CSV or HTML."""
+    _check_area(reporting, bezirk)
+    async with reporting.db.transaction() as session:
+        rows = await store.query_kpis(session, KpiFilter(bezirk=bezirk, year=year))
+        city_rows = rows
+        if bezirk != STADT and fmt == "html":
+            city_rows = await store.query_kpis(session, KpiFilter(bezirk=STADT, year=year))
+    if not rows:
+        raise Refusal("path.year", f"no figures for {year} yet")
+    cells = [KpiPublic.of(row) for row in rows]
+    filename = f"lotse-{bezirk}-{year}.{fmt}"
+    if fmt == "csv":
+        return AnnualReport("csv", report.annual_csv(cells), filename)
+    city = reporting.runtime.city
+    context = report.ReportContext(
+        city=city.name,
+        year=year,
+        area=bezirk,
+        area_name=reporting.area_name(bezirk),
+        modules={m.slug: m.name for m in city.modules},
+        reach_reference=city.reach_rate_reported,
+        generated_at=max(c.computed_at for c in cells),
+    )
+    city_cells = [KpiPublic.of(row) for row in city_rows]
+    return AnnualReport("html", report.annual_html(context, cells, city_cells), filename)
+
+
+def compact(row: ReportingKpi) -> dict[str, Any]:
+    """A published cell as the dashboard's script reads it."""
+    return {
+        "b": row.bezirk,
+        "p": row.period,
+        "f": row.figure,
+        "d": row.dimension or None,
+        "v": row.value,
+        "s": row.suppressed,
+    }
+
+
+async def dashboard_data(reporting: Reporting, year: int | None) -> dict[str, Any]:
+    """All published cells of ``year`` (default: the newest with figures), compact, with
+    what the page needs to label them."""
+    async with reporting.db.transaction() as session:
+        revision = await store.revision(session)
+        years = await store.years_with_figures(session)
+        chosen = year if year is not None else (years[-1] if years else None)
+        rows = [] if chosen is None else await store.query_kpis(session, KpiFilter(year=chosen))
+    city = reporting.runtime.city
+    reference = city.reach_rate_reported
+    return {
+        "city": city.name,
+        "k": reporting.layout.k,
+        "reachReference": None if reference is None else round(100 * reference, 1),
+        "areas": [a.model_dump() for a in areas(reporting)],
+        "modules": {m.slug: m.name for m in city.modules},
+        "figures": {
+            figure.value: {
+                "label": report.label(figure),
+                "description": report.FIGURE_LABELS[figure][1],
+                "unit": FIGURE_UNITS[figure].value,
+            }
+            for figure in KpiFigure
+        },
+        "years": sorted({*years, *([chosen] if chosen is not None else [])}),
+        "year": chosen,
+        "revision": revision,
+        "cells": [compact(row) for row in rows],
+    }
+
+
+async def current_revision(reporting: Reporting) -> int:
+    async with reporting.db.transaction() as session:
+        return await store.revision(session)
+
+
+async def published_since(reporting: Reporting, revision: int) -> tuple[int, list[dict[str, Any]]]:
+    """The cells published after ``revision`` (compact) and the newest revision among them
+    (``revision`` itself when there are none)."""
+    async with reporting.db.transaction() as session:
+        rows = await store.published_since(session, revision)
+    if not rows:
+        return revision, []
+    return max(row.revision for row in rows), [compact(row) for row in rows]
