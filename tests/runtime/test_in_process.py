@@ -144,3 +144,26 @@ async def test_events_fed_in_process_take_the_runtime_path(sqlite_url: str) -> N
         assert feed.dead_letters[-1].stage == "envelope"
         assert await feed.send(FamilyErased(**erased(event.case_id).model_dump())) == "ok"
         assert feed.consumer.processed == 2
+
+
+async def test_a_refusal_in_a_handler_dead_letters_the_event_with_field_and_reason(
+    sqlite_url: str,
+) -> None:
+    handlers = Handlers()
+
+    @handlers.on(FamilyRegistered)
+    async def refuse(delivery: Delivery[FamilyRegistered]) -> None:
+        raise Conflict("bezirk", "no Familienbüro for this Stadtbezirk")
+
+    def wire(runtime: ServiceRuntime[ServiceSettings]) -> None:
+        runtime.add_consumer("main", ["lotse.intake"], handlers)
+
+    settings = ServiceSettings(service_name="probe", database_url=sqlite_url)
+    app = create_service_app(settings, title="p", description="", wire=wire)
+    async with without_broker(app) as runtime:
+        feed = InProcessFeed(runtime, "main")
+        assert await feed.send(registered(), event_id="r-1") == "dead_lettered"
+        [letter] = feed.dead_letters
+        assert (letter.event_id, letter.stage) == ("r-1", "rejected")
+        assert letter.reason == "bezirk: no Familienbüro for this Stadtbezirk"
+        assert feed.consumer.processed == 0

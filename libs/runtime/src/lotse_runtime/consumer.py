@@ -64,6 +64,7 @@ from lotse_runtime import inbox
 from lotse_runtime.db import Database, transient_error
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.outbox import Outbox
+from lotse_runtime.refusal import Refusal
 from lotse_runtime.telemetry import Telemetry, extract_context
 
 _log = logging.getLogger(__name__)
@@ -599,6 +600,11 @@ class EventConsumer:
                 return None, "ok"
             except EventRejected as exc:
                 return _Verdict("rejected", exc.reason, attempts=attempt), ""
+            except Refusal as exc:
+                # The same refusal an HTTP caller would get: the event is at fault, not the
+                # moment, so it is dead-lettered at once with the field and the reason.
+                reason = f"{exc.field}: {exc.reason}"
+                return _Verdict("rejected", reason, attempts=attempt), ""
             except RoutingError as exc:
                 return _Verdict("routing", exc.reason, attempts=attempt), ""
             except asyncio.CancelledError:
