@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from lotse_contracts.city import Municipality, UnknownBezirk, load_city
 from lotse_contracts.events.common import ConsentState
-from lotse_contracts.events.intake import Channel
+from lotse_contracts.events.intake import Channel, welcome_visit_target
 from lotse_contracts.events.visits import (
     MissedFollowUp,
     RescheduleInitiator,
@@ -232,7 +232,13 @@ def test_reference_is_the_birth_or_the_move_in() -> None:
     registered = local(MONDAY, 0, 30).astimezone(UTC)  # Sunday 23:30 UTC, Monday in Dortmund
     assert domain.reference_date(Channel.CLINIC, registered, 2, BERLIN) == date(2025, 3, 1)
     assert domain.reference_date(Channel.MOVE_IN, registered, 400, BERLIN) == MONDAY
-    assert domain.target_date(date(2025, 3, 1), 14) == date(2025, 3, 15)
+    # Intake's visit_target_date and visits' overdue check use one rule (contracts), counted
+    # from the same reference: the birth for clinic families, the move-in otherwise.
+    assert welcome_visit_target(Channel.CLINIC, MONDAY, 2, 14) == date(2025, 3, 15)
+    assert welcome_visit_target(Channel.MOVE_IN, MONDAY, 400, 21) == MONDAY + timedelta(days=21)
+    for channel, days in ((Channel.CLINIC, 2), (Channel.MOVE_IN, 400)):
+        reference = domain.reference_date(channel, registered, days, BERLIN)
+        assert welcome_visit_target(channel, MONDAY, days, 14) == reference + timedelta(days=14)
 
 
 def test_earliest_proposal_leaves_lead_days_and_never_lies_before_registration() -> None:

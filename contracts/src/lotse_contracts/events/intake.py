@@ -9,7 +9,7 @@ the screening result is special-category data (Art. 9 GDPR) and sits only in the
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from enum import StrEnum
 from typing import ClassVar
 
@@ -55,6 +55,19 @@ class Channel(StrEnum):
 
     CLINIC = "clinic"
     MOVE_IN = "move_in"
+
+
+def welcome_visit_target(
+    channel: Channel, registered_on: date, days_since_birth: int, target_days: int
+) -> date:
+    """The day by which a family's welcome visit should have taken place: ``target_days``
+    after the birth for a family registered in a birth clinic, after the registration for a
+    family moving in. One rule for intake (``visit_target_date`` of ``family-registered``)
+    and visits (its overdue check), so both name the same day."""
+    reference = registered_on
+    if channel is Channel.CLINIC:
+        reference = registered_on - timedelta(days=days_since_birth)
+    return reference + timedelta(days=target_days)
 
 
 class BezirkSource(StrEnum):

@@ -17,7 +17,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from enum import StrEnum
 
 from lotse_contracts.city import (
@@ -29,7 +29,12 @@ from lotse_contracts.city import (
 )
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
-from lotse_contracts.events.intake import BezirkSource, Channel, SupportNeed
+from lotse_contracts.events.intake import (
+    BezirkSource,
+    Channel,
+    SupportNeed,
+    welcome_visit_target,
+)
 from lotse_runtime.identity import Role, event_role
 from lotse_runtime.inputs import BEFORE_REGISTRATION, CLOCK_SKEW
 from lotse_runtime.refusal import Conflict, Refusal
@@ -128,9 +133,14 @@ def days_since_birth(birth_dates: Iterable[date], today: date) -> int:
     return min((today - born).days for born in birth_dates)
 
 
-def visit_target_date(registered_on: date, city: Municipality) -> date:
-    """The day by which the welcome visit should have happened (city's target)."""
-    return registered_on + timedelta(days=city.welcome_visit_target_days)
+def visit_target_date(
+    channel: Channel, registered_on: date, days_since_birth: int, city: Municipality
+) -> date:
+    """The day by which the welcome visit should have happened (the city's target, counted
+    as visits counts it: from the birth for clinic families, see ``welcome_visit_target``)."""
+    return welcome_visit_target(
+        channel, registered_on, days_since_birth, city.welcome_visit_target_days
+    )
 
 
 def local_date(moment: datetime, city: Municipality) -> date:

@@ -610,7 +610,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         children_count=len(body.children),
         preferred_language=body.preferred_language,
         days_since_birth_at_registration=days_since_birth,
-        visit_target_date=domain.visit_target_date(today, city),
+        visit_target_date=domain.visit_target_date(body.channel, today, days_since_birth, city),
         key_id=keys.kid,
         personal=block.model_dump_json(),
         children=None if children_block is None else children_block.model_dump_json(),

@@ -336,10 +336,6 @@ def reference_date(
     return registered_on
 
 
-def target_date(reference: date, target_days: int) -> date:
-    return reference + timedelta(days=target_days)
-
-
 def earliest_proposal(
     now: datetime, registered_at: datetime, lead_days: int, zone: ZoneInfo
 ) -> datetime:

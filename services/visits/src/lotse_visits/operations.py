@@ -21,6 +21,7 @@ from lotse_contracts.events.intake import (
     ConsentChanged,
     FamilyErased,
     FamilyRegistered,
+    welcome_visit_target,
 )
 from lotse_contracts.events.visits import (
     MissedFollowUp,
@@ -451,7 +452,14 @@ async def register_family(
     case.clinic_id = data.clinic_id
     case.registered_at = data.registered_at
     case.reference_date = reference
-    case.target_date = domain.target_date(reference, store.target_days(runtime))
+    # The same rule intake used for visit_target_date, unless this service overrides the
+    # city's target (visit_target_days).
+    case.target_date = welcome_visit_target(
+        data.channel,
+        data.registered_at.astimezone(office.zone).date(),
+        data.days_since_birth_at_registration,
+        store.target_days(runtime),
+    )
     case.intake_target_date = data.visit_target_date
     case.children_count = data.children_count
     case.preferred_language = data.preferred_language
