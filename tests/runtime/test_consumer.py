@@ -16,6 +16,7 @@ from lotse_contracts.events.visits import VisitScheduled
 from lotse_runtime.consumer import Delivery, EventConsumer, EventRejected
 from lotse_runtime.db import Database
 from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.migrations import create_schema
 from lotse_runtime.outbox import Outbox
 from lotse_runtime.telemetry import TelemetryConfig, inject_headers, setup_telemetry
 from sqlalchemy.exc import OperationalError
@@ -123,7 +124,7 @@ class Harness:
 @pytest.fixture
 async def harness(database_url: str, kafka: KafkaConfig, topics: str) -> AsyncIterator[Harness]:
     db = Database(database_url)
-    await db.create_schema([ProbeEffect])
+    await create_schema(db, [ProbeEffect])
     h = Harness(db, kafka, topics)
     yield h
     for consumer in h.consumers:

@@ -51,6 +51,7 @@ from lotse_contracts.subscriptions import load_registry
 from lotse_runtime.db import Database
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.migrations import create_schema
 from lotse_runtime.outbox import Outbox, OutboxRelay
 from rich.console import Console
 from rich.progress import (
@@ -344,7 +345,7 @@ async def replay(
     )
     relay = OutboxRelay(db, kafka, service=settings.service_name, batch_size=500)
     try:
-        await db.create_schema(TABLES, service=settings.service_name)
+        await create_schema(db, TABLES, service=settings.service_name)
         if not keep:
             await drop(db)
         replayer = Replayer(db, settings, rules_for(city, settings))
