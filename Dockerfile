@@ -59,7 +59,33 @@ COPY services/${SERVICE}/ services/${SERVICE}/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable --package lotse-${SERVICE}
 
-# --- runtime -----------------------------------------------------------------------------------
+# --- tooling (target for one-shot jobs, e.g. compose's kafka-topics) -------------------------
+# The `lotse` command (ACL and topic rendering) with contracts and runtime, no service:
+#   docker build --target tooling -t lotse-tooling .
+FROM ${PYTHON_IMAGE} AS tooling
+COPY --from=uv /uv /usr/local/bin/uv
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PYTHON=/usr/local/bin/python3.11 \
+    UV_PROJECT_ENVIRONMENT=/app/.venv
+WORKDIR /src
+COPY pyproject.toml uv.lock ./
+COPY contracts/ contracts/
+COPY libs/runtime/ libs/runtime/
+COPY libs/tooling/ libs/tooling/
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-editable --package lotse-tooling
+RUN groupadd --system --gid 10001 lotse \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin lotse
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /app
+USER 10001:10001
+CMD ["lotse", "--help"]
+
+# --- runtime (the default target: one service) --------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 ARG SERVICE
 RUN case "${SERVICE}" in \

@@ -88,8 +88,8 @@ from lotse_contracts.events.visits import (
     VisitTopic,
 )
 from lotse_contracts.personal import PersonalData, new_data_key, seal
-from lotse_runtime.embedded import EmbeddedBroker
 from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics
+from lotse_tooling.embedded import EmbeddedBroker
 
 RESULTS = Path(__file__).parent / "results" / "reporting_replay.json"
 BERLIN = ZoneInfo("Europe/Berlin")

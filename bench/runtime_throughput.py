@@ -35,10 +35,11 @@ from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.visits import VisitScheduled
 from lotse_runtime.consumer import Delivery, EventConsumer
 from lotse_runtime.db import Database
-from lotse_runtime.embedded import EmbeddedBroker
 from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics
 from lotse_runtime.logging import configure_logging
+from lotse_runtime.migrations import create_schema
 from lotse_runtime.outbox import Outbox, OutboxRelay
+from lotse_tooling.embedded import EmbeddedBroker
 from sqlmodel import Field, SQLModel
 
 RESULTS = Path(__file__).parent / "results" / "runtime_throughput.json"
@@ -147,7 +148,7 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="lotse-bench-")
     url = args.database or f"sqlite+aiosqlite:///{tmp}/bench.db"
     db = Database(url)
-    await db.create_schema([BenchEffect])
+    await create_schema(db, [BenchEffect])
     n = args.events
     try:
         produce_s, record_bytes = await raw_produce(kafka, raw_topic, n)

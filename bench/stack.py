@@ -34,8 +34,8 @@ from lotse_contracts.city import Municipality, load_city
 from lotse_contracts.subscriptions import load_registry
 from lotse_runtime.auth import DevelopmentIssuer
 from lotse_runtime.db import Database
-from lotse_runtime.embedded import EmbeddedBroker, free_port
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
+from lotse_tooling.embedded import EmbeddedBroker, free_port
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 

@@ -55,8 +55,8 @@ from lotse_contracts.events.visits import VisitScheduled
 from lotse_contracts.personal import PersonalData, new_data_key, seal
 from lotse_contracts.subscriptions import load_registry
 from lotse_runtime.db import Database
-from lotse_runtime.embedded import EmbeddedBroker
 from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics, platform_topics
+from lotse_tooling.embedded import EmbeddedBroker
 from sqlalchemy import text
 
 RESULTS = Path(__file__).parent / "results" / "visits_year.json"

@@ -24,8 +24,8 @@ import pytest
 from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import load_registry
 from lotse_runtime.db import async_url
-from lotse_runtime.embedded import EmbeddedBroker
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
+from lotse_tooling.embedded import EmbeddedBroker
 from sqlalchemy.engine import make_url
 
 from tests.support import install_test_issuer

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
-from lotse_runtime import dev_secrets
 from lotse_runtime.settings import ServiceSettings
+from lotse_tooling import dev_secrets
 
 Obj = dict[str, Any]
 

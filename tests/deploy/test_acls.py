@@ -19,7 +19,7 @@ from confluent_kafka.admin import AdminClient
 from lotse_contracts import topics as topic_names
 from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import Audience, SubscriptionRegistry, load_registry
-from lotse_runtime import acls, cli
+from lotse_tooling import acls, cli
 
 from tests.deploy.manifests import COMPONENTS, TOPIC_PLAN, settings_class
 
@@ -477,7 +477,7 @@ def test_create_topics_makes_every_planned_topic_once(
 def test_create_topics_gives_up_on_an_unreachable_broker(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lotse_runtime.embedded import free_port
+    from lotse_tooling.embedded import free_port
 
     monkeypatch.setenv("LOTSE_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
     assert cli.main(_args("--create-topics", "--wait", "1")) == 1

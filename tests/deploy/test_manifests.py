@@ -33,12 +33,12 @@ import yaml
 from lotse_contracts import topics as topic_names
 from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import load_registry
-from lotse_runtime import acls, dev_secrets
 from lotse_runtime.app import resolver_from_settings
 from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer
-from lotse_runtime.cli import DEFAULT_PORTS
 from lotse_runtime.identity import Caller
 from lotse_runtime.settings import ServiceSettings
+from lotse_tooling import acls, dev_secrets
+from lotse_tooling.cli import DEFAULT_PORTS
 from starlette.requests import Request
 
 from tests.deploy.manifests import (
@@ -197,7 +197,8 @@ def test_dockerfile_runtime_runs_as_uid_10001_with_a_health_check() -> None:
 
 
 def _dockerfile_command() -> list[str]:
-    [cmd] = [rest for keyword, rest in _dockerfile_instructions() if keyword == "CMD"]
+    """The service image's command (the runtime stage's; the tooling target has its own)."""
+    [cmd] = [rest for keyword, rest in _runtime_stage() if keyword == "CMD"]
     command = json.loads(cmd)
     assert isinstance(command, list)
     return [str(part) for part in command]
@@ -474,7 +475,7 @@ def test_compose_topic_init_step_creates_the_planned_topics(compose: Obj) -> Non
     assert init.get("restart") == "no"
     assert env_mapping(init["environment"])["LOTSE_KAFKA_BOOTSTRAP"] == "kafka:9092"
     command = [str(part) for part in init["command"]]
-    assert command[:4] == ["python", "-m", "lotse_runtime.cli", "acls"]
+    assert command[:4] == ["python", "-m", "lotse_tooling.cli", "acls"]
 
     # The command line parses as `lotse acls` and reads the mounted topic plan.
     import argparse

@@ -18,7 +18,7 @@ def test_lotse_up_starts_broker_and_every_service(tmp_path: Path) -> None:
     }
     env["LOTSE_DATA_DIR"] = str(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "lotse_runtime.cli", "up", "--exit-when-ready"],
+        [sys.executable, "-m", "lotse_tooling.cli", "up", "--exit-when-ready"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

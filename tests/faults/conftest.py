@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from lotse_runtime.embedded import free_port
+from lotse_tooling.embedded import free_port
 
 from tests.conftest import PostgresServer
 from tests.faults.processes import (

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 import httpx
-from lotse_runtime.embedded import broker_binary, free_port
+from lotse_tooling.embedded import broker_binary, free_port
 from sqlalchemy.engine import make_url
 
 SERVICES = ("intake", "visits", "referrals", "reporting")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lotse_runtime.embedded import free_port
+from lotse_tooling.embedded import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ def _cmdline(pid: int) -> str:
 def test_lotse_broker_stops_its_broker(signum: int) -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "lotse_runtime.cli", "broker", "--port", str(port)],
+        [sys.executable, "-m", "lotse_tooling.cli", "broker", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -107,7 +107,7 @@ def test_lotse_up_stops_broker_and_services_on_sigterm(tmp_path: Path) -> None:
     env.update(LOTSE_DATA_DIR=str(tmp_path), LOTSE_LOG_LEVEL="WARNING")
     # One service is enough: what matters is what stops with the command.
     process = subprocess.Popen(
-        [sys.executable, "-m", "lotse_runtime.cli", "up", "reporting", "--ready-timeout", "60"],
+        [sys.executable, "-m", "lotse_tooling.cli", "up", "reporting", "--ready-timeout", "60"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**env, "LOTSE_REPORTING_HTTP_PORT": str(port)},

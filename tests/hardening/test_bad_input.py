@@ -21,11 +21,11 @@ import pytest
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from lotse_runtime.app import create_service_app
-from lotse_runtime.embedded import free_port
 from lotse_runtime.identity import CallerDep, Role
 from lotse_runtime.inputs import CLOCK_SKEW, RequestModel
 from lotse_runtime.policy import AccessPolicy, allow
 from lotse_runtime.settings import ServiceSettings
+from lotse_tooling.embedded import free_port
 from pydantic import Field
 
 from tests.conftest import Broker

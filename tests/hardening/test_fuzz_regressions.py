@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from lotse_reporting.app import create_app as create_reporting
 from lotse_reporting.settings import ReportingSettings
-from lotse_runtime.embedded import free_port
+from lotse_tooling.embedded import free_port
 from schemathesis.python.asgi import get_client, shutdown_lifespans
 
 from tests.support import bearer

@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from lotse_reporting.app import create_app
-from lotse_runtime.embedded import free_port
+from lotse_tooling.embedded import free_port
 
 from tests.conftest import Broker
 from tests.reporting.browser import Chromium, find_chromium

@@ -34,6 +34,7 @@ from lotse_reporting.tables import ReportingFact, ReportingKpi
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.audit import AuditEntry
 from lotse_runtime.inbox import InboxEntry
+from lotse_runtime.migrations import create_schema
 from lotse_runtime.outbox import OutboxMessage
 from lotse_runtime.retention import RetentionFailed, purge, rule
 from lotse_visits.app import create_app as create_visits
@@ -89,7 +90,7 @@ async def service(
 ) -> AsyncIterator[ServiceRuntime[Any]]:
     runtime = runtime_of(app)
     assert runtime.clock is clock
-    await runtime.db.create_schema(tables, service=runtime.service)
+    await create_schema(runtime.db, tables, service=runtime.service)
     try:
         yield runtime
     finally:

@@ -12,10 +12,11 @@ from fastapi.testclient import TestClient
 from lotse_runtime import audit
 from lotse_runtime.app import ServiceRuntime, create_service_app, runtime_of
 from lotse_runtime.db import Database
-from lotse_runtime.embedded import free_port
 from lotse_runtime.identity import AccessDenied, CallerDep, Role
+from lotse_runtime.migrations import create_schema
 from lotse_runtime.policy import Access, AccessPolicy, personal
 from lotse_runtime.settings import ServiceSettings
+from lotse_tooling.embedded import free_port
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
@@ -87,7 +88,7 @@ def test_reads_and_refusals_are_in_the_trail_for_the_dpo_only(database_url: str)
 
 async def test_the_trail_cannot_be_rewritten(database_url: str, tmp_path: Path) -> None:
     db = Database(database_url)
-    await db.create_schema([])
+    await create_schema(db, [])
     async with db.transaction() as session:
         audit.record(
             session,

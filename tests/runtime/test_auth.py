@@ -14,10 +14,10 @@ from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from lotse_runtime.app import create_service_app
 from lotse_runtime.auth import DEV_ISSUER, DevelopmentIssuer, JwksSource, JwtCallerResolver
-from lotse_runtime.embedded import free_port
 from lotse_runtime.identity import CallerDep
 from lotse_runtime.policy import PERSON_ROLES, AccessPolicy, allow
 from lotse_runtime.settings import ServiceSettings
+from lotse_tooling.embedded import free_port
 
 
 class ProbeSettings(ServiceSettings):
@@ -136,7 +136,7 @@ def test_cli_prints_a_token_the_services_accept(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "lotse_runtime.cli",
+            "lotse_tooling.cli",
             "token",
             "--role",
             "bezirksteam",

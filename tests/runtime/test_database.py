@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from lotse_runtime.db import Database, transient_error
+from lotse_runtime.migrations import create_schema
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Field, SQLModel, func, select
@@ -62,7 +63,7 @@ def test_which_errors_mean_a_busy_or_unreachable_database(
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
     database = Database(database_url)
-    await database.create_schema([Tally])
+    await create_schema(database, [Tally])
     yield database
     await database.dispose()
 
@@ -95,7 +96,7 @@ async def test_the_wal_checkpoint_after_an_erasure_empties_the_log(
     db = Database(sqlite_url)
     wal = Path(sqlite_url.removeprefix("sqlite+aiosqlite:///") + "-wal")
     try:
-        await db.create_schema([Tally])
+        await create_schema(db, [Tally])
         async with db.transaction() as session:
             session.add(Tally(seen_before=0))
             db.forget_after_commit(session)

@@ -6,9 +6,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from lotse_runtime import embedded
-from lotse_runtime.embedded import BrokerStartError, EmbeddedBroker, free_port
 from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics
+from lotse_tooling import embedded
+from lotse_tooling.embedded import BrokerStartError, EmbeddedBroker, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -18,6 +18,7 @@ from lotse_runtime.migrations import (
     MigrationError,
     TableLike,
     check_migrations,
+    create_schema,
     make_revision,
     runtime_tables,
     target_metadata,
@@ -156,7 +157,7 @@ async def inspect_db(db: Database) -> dict[str, Any]:
 
 
 async def test_upgrade_creates_outbox_and_inbox_exactly(db: Database) -> None:
-    result = await db.create_schema([])
+    result = await create_schema(db, [])
     schema = await inspect_db(db)
     assert schema["tables"] == {"outbox", "inbox", "audit_log", "alembic_version"}
     assert schema["columns"]["outbox"] == set(OutboxMessage.__table__.columns.keys())  # type: ignore[attr-defined]
@@ -191,11 +192,11 @@ async def test_upgrade_creates_outbox_and_inbox_exactly(db: Database) -> None:
 
 
 async def test_running_twice_is_a_no_op(db: Database) -> None:
-    first = await db.create_schema([])
+    first = await create_schema(db, [])
     async with db.transaction() as session:
         session.add(OutboxMessage(topic="t", headers="[]", event_id="e1", event_type="x"))
     before = await inspect_db(db)
-    second = await db.create_schema([])
+    second = await create_schema(db, [])
     assert second.before == first.heads == second.heads == (RUNTIME_HEAD,)
     assert await inspect_db(db) == before
     async with db.transaction() as session:
@@ -203,7 +204,7 @@ async def test_running_twice_is_a_no_op(db: Database) -> None:
 
 
 async def test_migrated_runtime_tables_match_the_models(db: Database) -> None:
-    await db.create_schema([])
+    await create_schema(db, [])
     assert await check_migrations(db, [], upgrade_first=False) == []
 
     # Not vacuous: a model the revisions do not create shows up.
@@ -212,7 +213,7 @@ async def test_migrated_runtime_tables_match_the_models(db: Database) -> None:
 
 
 async def test_service_revisions_are_applied(db: Database, probe_versions: Path) -> None:
-    result = await db.create_schema(PROBE_TABLES, service="probe", versions_dir=probe_versions)
+    result = await create_schema(db, PROBE_TABLES, service="probe", versions_dir=probe_versions)
     schema = await inspect_db(db)
     assert schema["tables"] == {
         "outbox",
@@ -235,7 +236,7 @@ async def test_service_revisions_are_applied(db: Database, probe_versions: Path)
         session.add(MigrationProbeItem(name="kept"))
     write_revision(probe_versions, "probe_0002_notes.py", REVISION_2)
     tables: list[TableLike] = [MigrationProbeItem, MigrationProbeNote]
-    again = await db.create_schema(tables, service="probe", versions_dir=probe_versions)
+    again = await create_schema(db, tables, service="probe", versions_dir=probe_versions)
     assert again.before == result.heads
     assert set(again.heads) == {RUNTIME_HEAD, "probe_0002"}
     schema = await inspect_db(db)
@@ -252,7 +253,7 @@ async def test_unmigrated_tables_are_created_with_a_warning(
 ) -> None:
     tables: list[TableLike] = [MigrationProbeItem, MigrationProbeDraft]
     with caplog.at_level(logging.WARNING, logger="lotse_runtime.migrations"):
-        result = await db.create_schema(tables, service="probe", versions_dir=probe_versions)
+        result = await create_schema(db, tables, service="probe", versions_dir=probe_versions)
     assert result.unmigrated == ["migration_probe_draft"]
     assert any("migration_probe_draft" in r.getMessage() for r in caplog.records)
     schema = await inspect_db(db)
@@ -262,21 +263,21 @@ async def test_unmigrated_tables_are_created_with_a_warning(
 
 
 async def test_strict_upgrade_leaves_unmigrated_tables_out(db: Database) -> None:
-    result = await db.create_schema([MigrationProbeDraft], create_unmigrated=False)
+    result = await create_schema(db, [MigrationProbeDraft], create_unmigrated=False)
     assert result.unmigrated == []
     assert "migration_probe_draft" not in (await inspect_db(db))["tables"]
 
 
 async def test_other_tables_in_the_process_are_never_created(db: Database) -> None:
     assert "migration_probe_item" in SQLModel.metadata.tables  # imported, yet not this service's
-    await db.create_schema([], service="other")
+    await create_schema(db, [], service="other")
     assert (await inspect_db(db))["tables"] == {"outbox", "inbox", "audit_log", "alembic_version"}
 
 
 async def test_another_services_database_is_refused(db: Database, probe_versions: Path) -> None:
-    await db.create_schema(PROBE_TABLES, service="probe", versions_dir=probe_versions)
+    await create_schema(db, PROBE_TABLES, service="probe", versions_dir=probe_versions)
     with pytest.raises(MigrationError, match="probe_0001"):
-        await db.create_schema([], service="other")
+        await create_schema(db, [], service="other")
 
 
 async def test_database_from_before_migrations_is_adopted(db: Database) -> None:
@@ -301,7 +302,7 @@ async def test_database_from_before_migrations_is_adopted(db: Database) -> None:
                 "CURRENT_TIMESTAMP)"
             )
         )
-    result = await db.create_schema([])
+    result = await create_schema(db, [])
     assert result.adopted
     assert result.heads == (RUNTIME_HEAD,)
     assert (await inspect_db(db))["versions"] == {RUNTIME_HEAD}
@@ -324,7 +325,7 @@ async def test_autogenerated_revision_creates_the_models(db: Database, tmp_path:
     assert "outbox" not in source  # the runtime's tables are the runtime's revisions'
     assert "sqlmodel" not in source  # SQLModel's types are rendered as SQLAlchemy's
 
-    result = await db.create_schema(PROBE_TABLES, service="probe", versions_dir=versions)
+    result = await create_schema(db, PROBE_TABLES, service="probe", versions_dir=versions)
     assert result.unmigrated == []
     assert "migration_probe_item" in (await inspect_db(db))["tables"]
     assert await check_migrations(db, PROBE_TABLES, service="probe", versions_dir=versions) == []
@@ -337,7 +338,7 @@ async def test_autogenerated_revision_creates_the_models(db: Database, tmp_path:
     second = await make_revision("probe", "notes", tables=tables, versions_dir=versions)
     first_id = path.name.split("_")[1]
     assert f"down_revision: str | Sequence[str] | None = {first_id!r}" in second.read_text()
-    await db.create_schema(tables, service="probe", versions_dir=versions)
+    await create_schema(db, tables, service="probe", versions_dir=versions)
     assert await check_migrations(db, tables, service="probe", versions_dir=versions) == []
 
 

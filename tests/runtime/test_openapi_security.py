@@ -26,8 +26,8 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from lotse_runtime.docs import ASSETS_URL
-from lotse_runtime.embedded import free_port
 from lotse_runtime.openapi import BEARER
+from lotse_tooling.embedded import free_port
 from uvicorn.importer import import_from_string
 
 from tests.reporting.browser import Chromium, find_chromium

@@ -13,6 +13,7 @@ from lotse_contracts.events.visits import VisitScheduled
 from lotse_contracts.subscriptions import RoutingError, load_registry
 from lotse_runtime.db import Database
 from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.migrations import create_schema
 from lotse_runtime.outbox import Outbox, OutboxMessage, OutboxRelay
 from lotse_runtime.telemetry import TelemetryConfig, setup_telemetry
 from opentelemetry.sdk.metrics.export import NumberDataPoint
@@ -32,7 +33,7 @@ def scheduled(case_id: str, n: int = 0) -> VisitScheduled:
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
     database = Database(database_url)
-    await database.create_schema([])
+    await create_schema(database, [])
     yield database
     await database.dispose()
 
@@ -140,7 +141,7 @@ async def test_crash_between_publish_and_mark_sent_republishes(
 
 
 async def test_relay_survives_broker_absence_and_reports_it(db: Database) -> None:
-    from lotse_runtime.embedded import free_port
+    from lotse_tooling.embedded import free_port
 
     nowhere = KafkaConfig(bootstrap=f"127.0.0.1:{free_port()}", request_timeout_ms=1000)
     relay = OutboxRelay(db, nowhere, service="visits", poll_interval_s=0.05)

@@ -14,16 +14,18 @@ import pytest
 from confluent_kafka import Producer
 from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import load_registry
-from lotse_runtime import acls, inbox
+from lotse_runtime import inbox
 from lotse_runtime.consumer import EventConsumer
 from lotse_runtime.db import Database
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.kafka import MAX_RECORD_BYTES, KafkaConfig
+from lotse_runtime.migrations import create_schema
 from lotse_runtime.settings import ServiceSettings
 from lotse_runtime.telemetry import TelemetryConfig, setup_telemetry
+from lotse_tooling import acls
 from sqlmodel import select
 
-from tests.runtime.test_consumer import (
+from tests.runtime.consumer_harness import (
     DLQ,
     VISITS,
     Harness,
@@ -41,7 +43,7 @@ pytestmark = pytest.mark.integration
 async def small(sqlite_url: str, kafka: KafkaConfig, topics: str) -> AsyncIterator[Harness]:
     """The consumer harness on SQLite only: record sizes do not depend on the database."""
     db = Database(sqlite_url)
-    await db.create_schema([ProbeEffect])
+    await create_schema(db, [ProbeEffect])
     h = Harness(db, kafka, topics)
     yield h
     for consumer in h.consumers:
@@ -52,7 +54,7 @@ async def small(sqlite_url: str, kafka: KafkaConfig, topics: str) -> AsyncIterat
 @pytest.fixture
 async def both(database_url: str, kafka: KafkaConfig, topics: str) -> AsyncIterator[Harness]:
     db = Database(database_url)
-    await db.create_schema([ProbeEffect])
+    await create_schema(db, [ProbeEffect])
     h = Harness(db, kafka, topics)
     yield h
     for consumer in h.consumers:

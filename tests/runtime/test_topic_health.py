@@ -14,12 +14,13 @@ import pytest
 from aiokafka.admin import NewTopic
 from fastapi.testclient import TestClient
 from lotse_contracts.events.visits import VisitScheduled
-from lotse_runtime import cli
 from lotse_runtime.app import create_service_app
 from lotse_runtime.db import Database
 from lotse_runtime.kafka import KafkaConfig, platform_topics, verify_topics
+from lotse_runtime.migrations import create_schema
 from lotse_runtime.outbox import Outbox, OutboxMessage
 from lotse_runtime.settings import ServiceSettings
+from lotse_tooling import cli
 from sqlmodel import select, update
 
 from tests.conftest import Broker
@@ -129,7 +130,7 @@ async def test_republish_sends_retained_rows_from_a_point_in_time(
     prefix = f"t{uuid.uuid4().hex[:10]}."
     url = f"sqlite+aiosqlite:///{tmp_path / 'visits.db'}"
     db = Database(url)
-    await db.create_schema([])
+    await create_schema(db, [])
     outbox = Outbox(source="/lotse/visits", topic_prefix=prefix)
     ids = []
     async with db.transaction() as session:

@@ -15,8 +15,8 @@ from lotse_referrals.app import create_app as referrals_app
 from lotse_referrals.settings import ReferralsSettings
 from lotse_reporting.app import create_app as reporting_app
 from lotse_reporting.settings import ReportingSettings
-from lotse_runtime.embedded import free_port
 from lotse_runtime.settings import ServiceSettings
+from lotse_tooling.embedded import free_port
 from lotse_visits.app import create_app as visits_app
 from lotse_visits.settings import VisitsSettings
 

@@ -32,7 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import SQLModel
 
 from lotse_runtime import audit
-from lotse_runtime.audit import audit_router
+from lotse_runtime.audit_api import audit_router
 from lotse_runtime.auth import (
     DEV_ISSUER,
     DevelopmentIssuer,
@@ -54,6 +54,7 @@ from lotse_runtime.identity import (
 from lotse_runtime.inputs import InputGuard
 from lotse_runtime.kafka import KafkaConfig, TopicSpec, platform_topics, verify_topics
 from lotse_runtime.logging import configure_logging
+from lotse_runtime.migrations import create_schema
 from lotse_runtime.openapi import document_errors
 from lotse_runtime.outbox import Outbox, OutboxRelay
 from lotse_runtime.policy import (
@@ -394,7 +395,7 @@ def create_service_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.service_name, settings.log_level)
         check_policy(app)  # routes added after the build need their rule too
-        await runtime.db.create_schema(tables, service=settings.service_name)
+        await create_schema(runtime.db, tables, service=settings.service_name)
         connect: asyncio.Task[None] | None = None
         if runtime.with_broker:
             await runtime.relay.start()

@@ -4,25 +4,21 @@ Every service database holds an append-only ``audit_log`` table (database trigge
 UPDATE, and DELETE of entries younger than a year; older ones go by retention, see
 :mod:`lotse_runtime.retention`). Entries carry ids, roles and purposes — never personal
 data values — so the log itself may be shown to a data-protection officer (role ``dpo``)
-through ``GET /audit``, which every service app serves. Refused access (401/403) is recorded
-too, and so is refused input (413/422, action ``invalid``: route and case id, never the values).
+through ``GET /audit`` (audit_api.py), which every service app serves. Refused access
+(401/403) is recorded too, and so is refused input (413/422, action ``invalid``: route and case
+id, never the values).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
 from opentelemetry import trace
-from pydantic import BaseModel
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import Field, SQLModel, col
+from sqlmodel import Field, SQLModel
 
-from lotse_runtime.identity import Caller, CallerDep, current_access_observer
-from lotse_runtime.inputs import AUDIT_SINCE, AuditSince
+from lotse_runtime.identity import Caller, current_access_observer
 
 
 def _utcnow() -> datetime:
@@ -94,64 +90,3 @@ def record(
     if observer is not None:
         observer.recorded(case_id)
     return entry
-
-
-class AuditEntryPublic(BaseModel):
-    id: int
-    at: datetime
-    service: str
-    subject: str | None
-    role: str | None
-    action: str
-    case_id: str | None
-    purpose: str
-    path: str | None
-    trace_id: str | None
-
-
-def audit_router() -> APIRouter:
-    """``GET /audit`` for the data-protection officer (the role is the runtime's policy:
-    ``RUNTIME_POLICY`` in policy.py)."""
-    router = APIRouter(tags=["audit"])
-
-    @router.get(
-        "/audit",
-        response_model=list[AuditEntryPublic],
-        summary="Audit trail of personal-data access (data-protection officer only)",
-    )
-    async def read_audit(
-        request: Request,
-        caller: CallerDep,
-        case_id: Annotated[str | None, Query(description="Only this case.")] = None,
-        subject: Annotated[str | None, Query(description="Only this caller.")] = None,
-        since: Annotated[
-            AuditSince | None,
-            Query(
-                description="Entries at or after this date-time, with its time-zone offset "
-                f"(e.g. 2026-01-01T00:00:00Z). {AUDIT_SINCE.text}."
-            ),
-        ] = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> list[AuditEntryPublic]:
-        runtime = request.app.state.runtime
-        query = select(AuditEntry).order_by(col(AuditEntry.id).desc()).limit(limit)
-        if case_id is not None:
-            query = query.where(col(AuditEntry.case_id) == case_id)
-        if subject is not None:
-            query = query.where(col(AuditEntry.subject) == subject)
-        if since is not None:
-            query = query.where(col(AuditEntry.at) >= since)
-        async with runtime.db.transaction() as session:
-            rows = (await session.execute(query)).scalars().all()
-            record(
-                session,
-                service=runtime.service,
-                caller=caller,
-                action=AuditAction.read,
-                case_id=case_id,
-                purpose="data-protection audit",
-                path="/audit",
-            )
-        return [AuditEntryPublic.model_validate(row, from_attributes=True) for row in rows]
-
-    return router

@@ -1,21 +1,21 @@
 """Async database access for one service: PostgreSQL in production, SQLite embedded.
 
 Every service owns its database. Its schema is the service's own tables plus the runtime's
-outbox and inbox tables; :meth:`Database.create_schema` migrates to exactly those (Alembic,
-see :mod:`lotse_runtime.migrations`), so services that share one Python process (tests)
-never create each other's tables.
+outbox and inbox tables; :func:`lotse_runtime.migrations.create_schema` migrates to exactly
+those (Alembic), so services that share one Python process (tests) never create each other's
+tables. This module imports nothing of the migrations (they build on it, not the reverse).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Table, event, text
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -25,10 +25,6 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlmodel import SQLModel
-
-if TYPE_CHECKING:
-    from lotse_runtime.migrations import MigrationResult
 
 _log = logging.getLogger(__name__)
 
@@ -150,34 +146,6 @@ class Database:
         """A session inside one transaction: committed on success, rolled back on error."""
         async with self._sessions() as session, session.begin():
             yield session
-
-    async def create_schema(
-        self,
-        tables: Iterable[type[SQLModel] | Table] = (),
-        *,
-        service: str | None = None,
-        versions_dir: Path | None = None,
-        create_unmigrated: bool = True,
-    ) -> MigrationResult:
-        """Migrate the database to the newest schema of ``service`` (see
-        :mod:`lotse_runtime.migrations`): the runtime's revisions (outbox, inbox) and the
-        service's, from ``versions_dir`` or else ``lotse_<service>/migrations/versions``.
-
-        ``tables`` are the service's tables; those no revision creates yet are created
-        directly, with a warning (unless ``create_unmigrated`` is off). Tables of other
-        services are never touched.
-        """
-        from lotse_runtime.migrations import migrate, versions_dir_of
-
-        if versions_dir is None and service is not None:
-            versions_dir = versions_dir_of(service)
-        return await migrate(
-            self,
-            tables,
-            service=service,
-            versions_dir=versions_dir,
-            create_unmigrated=create_unmigrated,
-        )
 
     def forget_after_commit(self, session: AsyncSession) -> None:
         """After `session` commits, drop superseded page images from SQLite's write-ahead log.

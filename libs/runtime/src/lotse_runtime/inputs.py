@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi.routing import iter_route_contexts
@@ -49,10 +49,9 @@ from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lotse_runtime import audit
 from lotse_runtime.identity import Caller
-
-if TYPE_CHECKING:
-    from lotse_runtime.app import ServiceRuntime
+from lotse_runtime.ports import RequestRuntime
 
 _log = logging.getLogger(__name__)
 
@@ -278,7 +277,7 @@ class InputGuard:
     query (422) before the app parses anything, and audits every 413 and 422 the service
     gives."""
 
-    def __init__(self, app: ASGIApp, runtime: ServiceRuntime[Any]) -> None:
+    def __init__(self, app: ASGIApp, runtime: RequestRuntime) -> None:
         self.app = app
         self.runtime = runtime
         self.limit = runtime.settings.max_request_body_bytes
@@ -366,8 +365,6 @@ class InputGuard:
     async def _audit(self, scope: Scope, status: int) -> None:
         """An audit entry for a refused request: who (if known), which route, which case
         (the path's ``case_id``), why — never the values sent."""
-        from lotse_runtime import audit  # audit's /audit route uses this module's types
-
         state = scope.get("state") or {}
         caller = state.get("caller")
         request = Request(scope)

@@ -49,7 +49,6 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -67,9 +66,7 @@ from lotse_runtime.identity import (
     observe_access,
     stop_observing,
 )
-
-if TYPE_CHECKING:
-    from lotse_runtime.app import ServiceRuntime
+from lotse_runtime.ports import RequestRuntime
 
 __all__ = [
     "ALL_ROLES",
@@ -365,7 +362,7 @@ class _PolicyMiddleware:
     """Around each request: collects what the route did, and settles scope check and audit
     when a successful answer is about to leave."""
 
-    def __init__(self, app: ASGIApp, runtime: ServiceRuntime[Any]) -> None:
+    def __init__(self, app: ASGIApp, runtime: RequestRuntime) -> None:
         self.app = app
         self.runtime = runtime
 
@@ -435,7 +432,7 @@ def check_policy(app: FastAPI) -> None:
     app.state.access_rules = _bind(app, app.state.access_policy)
 
 
-def install_policy(app: FastAPI, runtime: ServiceRuntime[Any], policy: AccessPolicy) -> None:
+def install_policy(app: FastAPI, runtime: RequestRuntime, policy: AccessPolicy) -> None:
     """Enforce `policy` (plus the runtime's own routes) on every route of `app`.
 
     Call after all routers are included; the app must have been created with

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from lotse_runtime.app import ServiceRuntime, create_service_app
+from lotse_runtime.migrations import create_schema
 
 from lotse_referrals import operations as ops
 from lotse_referrals import retention
@@ -119,7 +120,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
-        await runtime.db.create_schema(TABLES, service=settings.service_name)
+        await create_schema(runtime.db, TABLES, service=settings.service_name)
         await ops.seed_catalogue(ctx, runtime.clock())
         try:
             async with started(application):

@@ -50,6 +50,7 @@ from lotse_runtime.app import build_runtime
 from lotse_runtime.db import Database
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.migrations import create_schema
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -336,7 +337,7 @@ async def replay(
     runtime = build_runtime(settings.model_copy(update={"relay_batch_size": 500}), clock=clock)
     db = runtime.db
     try:
-        await db.create_schema(TABLES, service=settings.service_name)
+        await create_schema(db, TABLES, service=settings.service_name)
         if not keep:
             await drop(db)
         reporting = Reporting.of(runtime)

@@ -24,8 +24,8 @@ from types import TracebackType
 from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import load_registry
 from lotse_runtime.auth import DevelopmentIssuer
-from lotse_runtime.embedded import EmbeddedBroker, free_port
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics
+from lotse_tooling.embedded import EmbeddedBroker, free_port
 
 from lotse_simulator import clock
 from lotse_simulator.endpoints import Endpoints

@@ -7,7 +7,7 @@ Every service owns its database, and its schema comes from two lines of revision
 * the service's revisions (``lotse_<service>/migrations/versions``, branch label
   ``<service>``): the service's own tables.
 
-:meth:`lotse_runtime.db.Database.create_schema` (called by every service at start-up)
+:func:`create_schema` (called by every service at start-up)
 upgrades the database to ``heads``, so both lines are applied; ``alembic_version`` then holds
 one row per head. Autogenerate only ever sees the tables of the service at hand: the
 environment (``env.py`` here, shared by all services) compares against a copy of the
@@ -337,6 +337,32 @@ async def migrate(
             extra={"service": service, "from": list(result.before), "to": list(result.heads)},
         )
     return result
+
+
+async def create_schema(
+    db: Database,
+    tables: Iterable[TableLike] = (),
+    *,
+    service: str | None = None,
+    versions_dir: Path | None = None,
+    create_unmigrated: bool = True,
+) -> MigrationResult:
+    """Migrate ``db`` to the newest schema of ``service``: the runtime's revisions (outbox,
+    inbox) and the service's, from ``versions_dir`` or else ``lotse_<service>/migrations/versions``.
+
+    ``tables`` are the service's tables; those no revision creates yet are created
+    directly, with a warning (unless ``create_unmigrated`` is off). Tables of other
+    services are never touched.
+    """
+    if versions_dir is None and service is not None:
+        versions_dir = versions_dir_of(service)
+    return await migrate(
+        db,
+        tables,
+        service=service,
+        versions_dir=versions_dir,
+        create_unmigrated=create_unmigrated,
+    )
 
 
 async def check_migrations(

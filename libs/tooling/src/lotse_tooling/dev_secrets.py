@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lotse_contracts.topics import SERVICES
-
 from lotse_runtime.auth import DevelopmentIssuer
 
 ENV_FILE = Path(".env")

@@ -44,8 +44,6 @@ from lotse_contracts.subscriptions import (
     SubscriptionRegistry,
     load_registry,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from lotse_runtime.kafka import (
     MAX_RECORD_BYTES,
     KafkaConfig,
@@ -53,6 +51,7 @@ from lotse_runtime.kafka import (
     ensure_topics,
     platform_topics,
 )
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 STRIMZI_API = "kafka.strimzi.io/v1"
 KUSTOMIZE_COMPONENT_API = "kustomize.config.k8s.io/v1alpha1"
@@ -613,7 +612,7 @@ def write(files: Mapping[str, str], out_dir: Path) -> list[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``lotse acls`` (also ``python -m lotse_runtime.acls``)."""
+    """The options of ``lotse acls`` (also ``python -m lotse_tooling.acls``)."""
     env = os.environ.get
     parser.add_argument(
         "--check",

@@ -11,7 +11,7 @@ SIGTERM as on SIGINT (Ctrl-C).
 ``lotse acls`` renders the Kafka users (ACLs) and topics of deploy/k8s from the subscription
 registry (``--check``: fail on drift; ``--create-topics``: create them on a running Kafka).
 ``lotse dev-secrets`` writes development secrets for docker compose and the dev cluster into
-git-ignored files (lotse_runtime.dev_secrets).
+git-ignored files (lotse_tooling.dev_secrets).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from pathlib import Path
 
 from lotse_contracts.city import load_city
 from lotse_contracts.subscriptions import load_registry
-
-from lotse_runtime import acls as acls_command
 from lotse_runtime.auth import DevelopmentIssuer
-from lotse_runtime.embedded import BrokerStartError, EmbeddedBroker, free_port
 from lotse_runtime.identity import Role
 from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics, verify_topics
 from lotse_runtime.settings import ServiceSettings
+
+from lotse_tooling import acls as acls_command
+from lotse_tooling.embedded import BrokerStartError, EmbeddedBroker, free_port
 
 DEFAULT_PORTS = {"intake": 8001, "visits": 8002, "referrals": 8003, "reporting": 8004}
 
@@ -381,7 +381,7 @@ def token(args: argparse.Namespace) -> int:
 
 
 def dev_secrets(args: argparse.Namespace) -> int:
-    from lotse_runtime import dev_secrets as generator
+    from lotse_tooling import dev_secrets as generator
 
     try:
         result = generator.write(args.root, force=args.force)
