@@ -205,17 +205,7 @@ async def cases_merged(ctx: Context, delivery: Delivery[CasesMerged]) -> None:
         .where(col(Referral.status).in_([s.value for s in domain.AWAITING_ANSWER]))
     )
     for referral in list(cancelled.scalars()):
-        ops.take_step(
-            session,
-            ctx,
-            referral,
-            Step.CANCELLED,
-            actor=Actor.SYSTEM,
-            role=EventRole.SYSTEM,
-            occurred_at=now,
-            now=now,
-            details=StepDetails(cancel_reason=ReferralCancelReason.DUPLICATE),
-        )
+        ops.cancel_as_system(session, ctx, referral, ReferralCancelReason.DUPLICATE, now)
     covered = await _modules_of(session, survivor)
     moving = await session.execute(
         select(Wish, col(Referral.status))

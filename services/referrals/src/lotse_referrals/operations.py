@@ -644,6 +644,27 @@ async def take_step_now(
     raise AssertionError("unreachable")
 
 
+def cancel_as_system(
+    session: AsyncSession,
+    ctx: Context,
+    referral: Referral,
+    reason: ReferralCancelReason,
+    now: datetime,
+) -> None:
+    """Cancel an open referral as the system (withdrawn consent, erasure, merge)."""
+    take_step(
+        session,
+        ctx,
+        referral,
+        Step.CANCELLED,
+        actor=Actor.SYSTEM,
+        role=EventRole.SYSTEM,
+        occurred_at=now,
+        now=now,
+        details=StepDetails(cancel_reason=reason),
+    )
+
+
 async def cancel_open(
     session: AsyncSession,
     ctx: Context,
@@ -664,17 +685,7 @@ async def cancel_open(
         query = query.where(col(Referral.consent_ref) == consent_id)
     cancelled = []
     for referral in (await session.execute(query)).scalars():
-        take_step(
-            session,
-            ctx,
-            referral,
-            Step.CANCELLED,
-            actor=Actor.SYSTEM,
-            role=EventRole.SYSTEM,
-            occurred_at=now,
-            now=now,
-            details=StepDetails(cancel_reason=reason),
-        )
+        cancel_as_system(session, ctx, referral, reason, now)
         cancelled.append(referral.referral_id)
     return cancelled
 
