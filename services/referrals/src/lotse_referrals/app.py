@@ -8,18 +8,18 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from lotse_runtime.app import ServiceRuntime, create_service_app
 from lotse_runtime.migrations import create_schema
 
 from lotse_referrals import operations as ops
 from lotse_referrals import retention
-from lotse_referrals.api import catalogue_router, overview_router, referrals_router
+from lotse_referrals.api import router
+from lotse_referrals.catalogue import seed_catalogue
 from lotse_referrals.consumers import wire_consumers
+from lotse_referrals.context import Context
 from lotse_referrals.domain import WorkingCalendar
 from lotse_referrals.keyring import HttpKeyring, Keyring, service_headers
-from lotse_referrals.operations import Context, Refused
 from lotse_referrals.policy import POLICY
 from lotse_referrals.settings import ReferralsSettings
 from lotse_referrals.tables import TABLES
@@ -66,6 +66,35 @@ def _keyring_from(settings: ReferralsSettings) -> Keyring | None:
     return HttpKeyring(settings.keyring_url, headers=headers, timeout_s=settings.keyring_timeout_s)
 
 
+def _context(runtime: ServiceRuntime[ReferralsSettings], keyring: Keyring | None) -> Context:
+    settings = runtime.settings
+    return Context(
+        settings=settings,
+        city=runtime.city,
+        calendar=WorkingCalendar.for_region(settings.holiday_country, runtime.city.state),
+        keyring=keyring if keyring is not None else _keyring_from(settings),
+        db=runtime.db,
+        outbox=runtime.outbox,
+        clock=runtime.clock,
+    )
+
+
+def _wire(runtime: ServiceRuntime[ReferralsSettings], ctx: Context) -> None:
+    """Consumers, the escalation and placement jobs, retention."""
+    wire_consumers(runtime, ctx)
+
+    async def escalate(rt: ServiceRuntime[Any]) -> None:
+        await ops.escalate_overdue(ctx, rt.clock())
+
+    async def place_waiting(rt: ServiceRuntime[Any]) -> None:
+        await ops.place_waiting_wishes(ctx, rt.clock())
+
+    settings = runtime.settings
+    runtime.add_job("escalation", settings.escalation_interval_s, escalate)
+    runtime.add_job("placement", settings.placement_interval_s, place_waiting)
+    retention.install(runtime)
+
+
 def create_app(
     settings: ReferralsSettings | None = None,
     *,
@@ -77,34 +106,16 @@ def create_app(
     settings = settings or ReferralsSettings()
     contexts: list[Context] = []
 
-    def wire(runtime: ServiceRuntime[Any]) -> None:
-        ctx = Context(
-            settings=settings,
-            city=runtime.city,
-            calendar=WorkingCalendar.for_region(settings.holiday_country, runtime.city.state),
-            keyring=keyring if keyring is not None else _keyring_from(settings),
-            db=runtime.db,
-            outbox=runtime.outbox,
-        )
-        contexts.append(ctx)
-        wire_consumers(runtime, ctx)
-
-        async def escalate(rt: ServiceRuntime[Any]) -> None:
-            await ops.escalate_overdue(ctx, rt.clock())
-
-        async def place_waiting(rt: ServiceRuntime[Any]) -> None:
-            await ops.place_waiting_wishes(ctx, rt.clock())
-
-        runtime.add_job("escalation", settings.escalation_interval_s, escalate)
-        runtime.add_job("placement", settings.placement_interval_s, place_waiting)
-        retention.install(runtime)
+    def wire(runtime: ServiceRuntime[ReferralsSettings]) -> None:
+        contexts.append(_context(runtime, keyring))
+        _wire(runtime, contexts[0])
 
     app = create_service_app(
         settings,
         title="Lotse referrals",
         description=DESCRIPTION,
         tables=TABLES,
-        routers=[catalogue_router(), referrals_router(), overview_router()],
+        routers=[router],
         policy=POLICY,
         wire=wire,
         clock=clock,
@@ -112,32 +123,29 @@ def create_app(
     )
     ctx = contexts[0]
     app.state.referrals = ctx
-    runtime: ServiceRuntime[Any] = app.state.runtime
+    runtime: ServiceRuntime[ReferralsSettings] = app.state.runtime
+    _seed_first(app, runtime, ctx, own_keyring=keyring is None)
+    return app
 
-    # The catalogue must be in its tables before consumers, jobs and requests use it, so the
-    # schema is migrated (the runtime's start-up does it again, as a no-op) and seeded first.
+
+def _seed_first(
+    app: FastAPI, runtime: ServiceRuntime[ReferralsSettings], ctx: Context, *, own_keyring: bool
+) -> None:
+    """The catalogue must be in its tables before consumers, jobs and requests use it, so
+    the schema is migrated (the runtime's start-up does it again, as a no-op) and seeded
+    first; a keyring client the factory built is closed with the app."""
     started = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
-        await create_schema(runtime.db, TABLES, service=settings.service_name)
-        await ops.seed_catalogue(ctx, runtime.clock())
+        await create_schema(runtime.db, TABLES, service=runtime.settings.service_name)
+        await seed_catalogue(ctx, runtime.clock())
         try:
             async with started(application):
                 yield
         finally:
             # Only a keyring client this factory built is this app's to close.
-            if keyring is None and isinstance(ctx.keyring, HttpKeyring):
+            if own_keyring and isinstance(ctx.keyring, HttpKeyring):
                 await ctx.keyring.aclose()
 
     app.router.lifespan_context = lifespan
-
-    async def refused(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, Refused)
-        return JSONResponse(
-            {"detail": exc.reason, "errors": [{"field": exc.field, "reason": exc.reason}]},
-            status_code=exc.status,
-        )
-
-    app.add_exception_handler(Refused, refused)
-    return app

@@ -1,9 +1,16 @@
-"""What the service does with its tables, shared by the HTTP routes, the event handlers and
-the periodic jobs: create a referral behind the catalogue and consent gates, take a step
-of its lifecycle, place waiting wishes, escalate overdue answers.
+"""The referrals' use cases, one function each, in the shape load → decide (domain.py) →
+save and publish: create a referral behind the catalogue and consent gates, take a step of
+its lifecycle, release the key of its disclosure, follow referrals, place waiting wishes,
+escalate overdue answers. Shared by the HTTP routes (api.py), the event handlers
+(consumers.py) and the periodic jobs; the offer catalogue's own use cases are in
+catalogue.py.
 
-Every function works inside the caller's transaction and adds its events to the outbox in
-that same transaction, so a refusal (an exception) leaves nothing stored and nothing sent.
+A use case knows nothing of HTTP: it refuses with :class:`~lotse_runtime.refusal.Refusal`
+(422) or :class:`~lotse_runtime.refusal.Conflict` (409), a keyring that does not answer is
+:class:`~lotse_runtime.refusal.Unavailable` (503), and the runtime's app factory answers
+each in the platform's one shape. Those called with a session work inside the caller's
+transaction and add their events to the outbox in that same transaction, so a refusal (an
+exception) leaves nothing stored and nothing sent; those called without one open their own.
 
 Concurrency (several requests at once, several replicas on one database): a new referral
 locks the catalogue rows of the Träger it may go to before it counts their places (so the
@@ -19,12 +26,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
-from lotse_contracts.city import Municipality
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
@@ -46,73 +52,39 @@ from lotse_contracts.events.referrals import (
     RejectionReason,
 )
 from lotse_runtime import audit
-from lotse_runtime.db import Database
-from lotse_runtime.identity import Caller
+from lotse_runtime.identity import AccessDenied, Caller, CaseScope, ensure_may_access_case
 from lotse_runtime.identity import Role as CallerRole
-from lotse_runtime.outbox import Outbox
-from sqlalchemy import func, select, update
+from lotse_runtime.identity import event_role as event_role_of
+from lotse_runtime.refusal import Conflict, Refusal, Unavailable
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import col
 
 from lotse_referrals import domain
-from lotse_referrals.domain import Actor, ConsentView, Offer, Step, WorkingCalendar
+from lotse_referrals.catalogue import load_offers, lock_places
+from lotse_referrals.context import SERVICE, Context
+from lotse_referrals.domain import Actor, ConsentView, Offer, Step
 from lotse_referrals.keyring import (
     DisclosureFor,
     KeyGone,
     KeyRefused,
-    Keyring,
     KeyringUnavailable,
     SealedDisclosure,
 )
-from lotse_referrals.settings import ReferralsSettings
 from lotse_referrals.tables import (
     ONE_OPEN_PER_HANDOVER,
     Case,
-    CatalogueTraeger,
     ConsentRecord,
     Referral,
     ReferralStep,
     Wish,
 )
 
+__all__ = ["SERVICE", "Context"]  # re-exported: the context is where every use case starts
+
 _log = logging.getLogger(__name__)
-
-SERVICE = "referrals"
-
-
-class Refused(Exception):
-    """A request the domain refuses: HTTP ``status`` (409 or 422), the field, the reason."""
-
-    def __init__(self, status: int, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.status = status
-        self.field = field
-        self.reason = reason
-
-
-class Unavailable(Exception):
-    """A dependency (the keyring) did not answer; the same request may work later."""
-
-
-@dataclass
-class Context:
-    """What the operations need besides a session: settings, city, calendar, keyring."""
-
-    settings: ReferralsSettings
-    city: Municipality
-    calendar: WorkingCalendar
-    keyring: Keyring | None
-    db: Database
-    outbox: Outbox
-
-    def today(self, now: datetime) -> date:
-        return domain.local_date(now, self.city.zone())
-
-    def month_start_utc(self, now: datetime) -> datetime:
-        first = domain.month_start(self.today(now))
-        return datetime.combine(first, time(0), tzinfo=self.city.zone()).astimezone(UTC)
 
 
 # --- roles --------------------------------------------------------------------------------
@@ -124,134 +96,12 @@ REQUESTER_ROLES = (
 )
 
 
-def event_role(role: CallerRole) -> EventRole:
-    """The role as events name it (another Lotse service acts as ``system``)."""
-    if role is CallerRole.service:
-        return EventRole.SYSTEM
-    return EventRole(role.value)
-
-
 def actor_of(role: CallerRole) -> Actor:
     if role is CallerRole.traeger:
         return Actor.TRAEGER
     if role is CallerRole.service:
         return Actor.SYSTEM
     return Actor.REQUESTER
-
-
-# --- catalogue ----------------------------------------------------------------------------
-
-
-async def seed_catalogue(ctx: Context, now: datetime) -> int:
-    """Bring the catalogue tables in line with the city configuration: new Träger are added,
-    unedited ones follow the file, ones edited through the API keep their edits."""
-    try:
-        return await _seed_catalogue(ctx, now)
-    except IntegrityError:
-        # Another replica seeded the same rows at the same moment; its rows are as good.
-        return await _seed_catalogue(ctx, now)
-
-
-async def _seed_catalogue(ctx: Context, now: datetime) -> int:
-    changed = 0
-    async with ctx.db.transaction() as session:
-        rows = {r.slug: r for r in (await session.execute(select(CatalogueTraeger))).scalars()}
-        # In slug order, the order in which new referrals lock Träger rows (no deadlock).
-        for traeger in sorted(ctx.city.traeger, key=lambda t: t.slug):
-            row = rows.get(traeger.slug)
-            if row is not None and row.edited:
-                continue
-            if row is None:
-                row = CatalogueTraeger(
-                    slug=traeger.slug,
-                    name=traeger.name,
-                    contact=traeger.contact,
-                    modules=list(traeger.modules),
-                    bezirke=list(traeger.bezirke),
-                    capacity_per_month=traeger.capacity_per_month,
-                    updated_at=now,
-                )
-                session.add(row)
-                changed += 1
-                continue
-            wanted: dict[str, Any] = {
-                "name": traeger.name,
-                "contact": traeger.contact,
-                "modules": list(traeger.modules),
-                "bezirke": list(traeger.bezirke),
-                "capacity_per_month": traeger.capacity_per_month,
-            }
-            if any(getattr(row, k) != v for k, v in wanted.items()):
-                for key, value in wanted.items():
-                    setattr(row, key, value)
-                row.updated_at = now
-                changed += 1
-    return changed
-
-
-async def usage_this_month(session: AsyncSession, ctx: Context, now: datetime) -> dict[str, int]:
-    """Referrals per Träger requested this month (city time) that hold a place: all but the
-    rejected and the cancelled ones."""
-    query = (
-        select(col(Referral.traeger), func.count())
-        .where(col(Referral.requested_at) >= ctx.month_start_utc(now))
-        .where(
-            col(Referral.status).not_in(
-                [ReferralStatus.REJECTED.value, ReferralStatus.CANCELLED.value]
-            )
-        )
-        .group_by(Referral.traeger)
-    )
-    return {slug: int(n) for slug, n in (await session.execute(query)).all()}
-
-
-def offer_of(row: CatalogueTraeger, used: int) -> Offer:
-    return Offer(
-        traeger=row.slug,
-        name=row.name,
-        modules=tuple(row.modules),
-        bezirke=tuple(row.bezirke),
-        capacity_per_month=row.capacity_per_month,
-        used_this_month=used,
-        active=row.active,
-    )
-
-
-async def load_offers(session: AsyncSession, ctx: Context, now: datetime) -> dict[str, Offer]:
-    used = await usage_this_month(session, ctx, now)
-    rows = (
-        await session.execute(select(CatalogueTraeger).execution_options(populate_existing=True))
-    ).scalars()
-    return {r.slug: offer_of(r, used.get(r.slug, 0)) for r in rows}
-
-
-async def lock_places(
-    session: AsyncSession, *, traeger: str | None, module: str, bezirk: str
-) -> list[str]:
-    """Lock the catalogue rows of the Träger a new referral may go to (``traeger``, or every
-    Träger offering ``module`` in ``bezirk``), in slug order, until the transaction ends.
-
-    Whoever creates a referral holds these locks while it counts the places taken and
-    inserts, so two requests for the last place of a Träger run one after the other and the
-    second counts the first's referral (PostgreSQL, ``SELECT ... FOR UPDATE``; a statement
-    after the lock sees everything committed before it). SQLite's transactions hold the
-    database's write lock from their start, so nothing is needed there."""
-    if traeger is not None:
-        slugs = [traeger]
-    else:
-        rows = (await session.execute(select(CatalogueTraeger))).scalars()
-        slugs = sorted(
-            r.slug for r in rows if offer_of(r, 0).offers(module) and offer_of(r, 0).serves(bezirk)
-        )
-    if not slugs:
-        return []
-    locked = await session.execute(
-        select(col(CatalogueTraeger.slug))
-        .where(col(CatalogueTraeger.slug).in_(slugs))
-        .order_by(col(CatalogueTraeger.slug))
-        .with_for_update()
-    )
-    return list(locked.scalars())
 
 
 # --- consents -----------------------------------------------------------------------------
@@ -323,6 +173,15 @@ class NewReferral:
     disclose: Sequence[PersonalField] | None = None
     requested_by_subject: str | None = None
 
+    @classmethod
+    def asked_by(cls, caller: Caller, fields: Mapping[str, Any]) -> NewReferral:
+        """A referral a person asks for (the fields of the request), in the caller's role."""
+        return cls(
+            **{**fields, "origin": ReferralOrigin(fields["origin"])},
+            requested_by_role=event_role_of(caller.role),
+            requested_by_subject=caller.subject,
+        )
+
 
 async def _disclosure(
     ctx: Context, which: DisclosureFor, wanted: Sequence[PersonalField] | None
@@ -335,17 +194,66 @@ async def _disclosure(
             ctx.settings.disclosed_fields, wanted, [f.value for f in PersonalField]
         )
     except ValueError as exc:
-        raise Refused(422, "disclose", str(exc)) from None
+        raise Refusal("disclose", str(exc)) from None
     if ctx.keyring is None or not fields:
         return SealedDisclosure(kid=None, disclosed_fields=[])
     try:
         return await ctx.keyring.seal_disclosure(which, fields)
     except KeyGone:
-        raise Refused(409, "case_id", "the family's data was erased") from None
+        raise Conflict("case_id", "the family's data was erased") from None
     except KeyRefused as exc:
-        raise Refused(409, "consent_ref", str(exc)) from None
+        raise Conflict("consent_ref", str(exc)) from None
     except KeyringUnavailable as exc:
         raise Unavailable(f"keyring: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _Consents:
+    """The family's consents as a new referral asks for them: the one it names (looked up
+    even when it is another case's, so that the refusal can say so) or any covering one."""
+
+    new: NewReferral
+    case: Case
+    all: list[ConsentView]
+    by_id: dict[str, ConsentView]
+
+    @classmethod
+    async def load(cls, session: AsyncSession, case: Case, new: NewReferral) -> _Consents:
+        consents = await consents_of(session, case.case_id)
+        by_id = {c.consent_id: c for c in consents}
+        if new.consent_ref is not None and new.consent_ref not in by_id:
+            foreign = await session.get(ConsentRecord, new.consent_ref)
+            if foreign is not None:
+                by_id[foreign.consent_id] = consent_view(foreign)
+        return cls(new, case, consents, by_id)
+
+    def covering(self, traeger: str) -> ConsentView | None:
+        """The consent that lets this referral go to ``traeger``, if any."""
+        case_id, module = self.case.case_id, self.new.module
+        if self.new.consent_ref is not None:
+            found = self.by_id.get(self.new.consent_ref)
+            problem = domain.consent_problem(found, case_id=case_id, traeger=traeger, module=module)
+            return found if problem is None else None
+        covering = domain.covering_consents(
+            self.all, case_id=case_id, traeger=traeger, module=module
+        )
+        return covering[0] if covering else None
+
+    def missing(self, traeger: str) -> str:
+        """Why no consent lets this referral go to ``traeger``."""
+        new = self.new
+        if new.consent_ref is None:
+            return (
+                f"no consent of the family covers passing contact data to {traeger} "
+                f"for {new.module} (§ 65 SGB VIII)"
+            )
+        problem = domain.consent_problem(
+            self.by_id.get(new.consent_ref),
+            case_id=self.case.case_id,
+            traeger=traeger,
+            module=new.module,
+        )
+        return f"consent {new.consent_ref}: {problem}"
 
 
 async def _choose(
@@ -353,88 +261,87 @@ async def _choose(
 ) -> tuple[Offer, ConsentView]:
     """The Träger and the consent a new referral rests on, or a refusal naming the field."""
     if new.module not in ctx.city.module_slugs:
-        raise Refused(
-            422,
-            "module",
-            f"unknown module {new.module} (known: {', '.join(ctx.city.module_slugs)})",
+        raise Refusal(
+            "module", f"unknown module {new.module} (known: {', '.join(ctx.city.module_slugs)})"
         )
     offers = await load_offers(session, ctx, now)
-    consents = await consents_of(session, case.case_id)
-    by_id = {c.consent_id: c for c in consents}
-    if new.consent_ref is not None and new.consent_ref not in by_id:
-        # Looked up anyway, so that the refusal can say "another case's consent".
-        foreign = await session.get(ConsentRecord, new.consent_ref)
-        if foreign is not None:
-            by_id[foreign.consent_id] = consent_view(foreign)
-
-    def consent_for(traeger: str) -> ConsentView | None:
-        if new.consent_ref is not None:
-            found = by_id.get(new.consent_ref)
-            ok = domain.consent_problem(
-                found, case_id=case.case_id, traeger=traeger, module=new.module
-            )
-            return found if ok is None else None
-        covering = domain.covering_consents(
-            consents, case_id=case.case_id, traeger=traeger, module=new.module
-        )
-        return covering[0] if covering else None
-
+    consents = await _Consents.load(session, case, new)
     if new.traeger is not None:
-        offer = offers.get(new.traeger)
-        problem = domain.offer_problem(
-            offer, traeger=new.traeger, bezirk=case.bezirk, module=new.module
-        )
-        if problem is not None or offer is None:
-            raise Refused(422, "traeger", problem or f"unknown Träger {new.traeger}")
-        consent = consent_for(offer.traeger)
-        if consent is None:
-            raise Refused(409, "consent_ref", _consent_reason(new, by_id, case, offer.traeger))
-        if offer.free_capacity <= 0:
-            raise Refused(
-                409,
-                "traeger",
-                f"Träger {offer.traeger} has no free capacity this month "
-                f"(all {offer.capacity_per_month} places taken)",
-            )
-        return offer, consent
+        return _named(offers.get(new.traeger), new.traeger, case, consents)
+    return _suggested(list(offers.values()), case, consents)
 
-    candidates = domain.suggest(offers.values(), bezirk=case.bezirk, module=new.module)
+
+def _named(
+    offer: Offer | None, traeger: str, case: Case, consents: _Consents
+) -> tuple[Offer, ConsentView]:
+    """The Träger the requester named: it must offer the module there, be consented to and
+    have a free place."""
+    module = consents.new.module
+    problem = domain.offer_problem(offer, traeger=traeger, bezirk=case.bezirk, module=module)
+    if problem is not None or offer is None:
+        raise Refusal("traeger", problem or f"unknown Träger {traeger}")
+    consent = consents.covering(offer.traeger)
+    if consent is None:
+        raise Conflict("consent_ref", consents.missing(offer.traeger))
+    if offer.free_capacity <= 0:
+        raise Conflict(
+            "traeger",
+            f"Träger {offer.traeger} has no free capacity this month "
+            f"(all {offer.capacity_per_month} places taken)",
+        )
+    return offer, consent
+
+
+def _suggested(offers: list[Offer], case: Case, consents: _Consents) -> tuple[Offer, ConsentView]:
+    """The best suggestion of the catalogue the family consented to that has a free place."""
+    module = consents.new.module
+    candidates = domain.suggest(offers, bezirk=case.bezirk, module=module)
     if not candidates:
-        raise Refused(422, "module", f"no Träger offers {new.module} in Stadtbezirk {case.bezirk}")
-    consented = {o.traeger: consent_for(o.traeger) for o in candidates}
+        raise Refusal("module", f"no Träger offers {module} in Stadtbezirk {case.bezirk}")
+    consented = {o.traeger: consents.covering(o.traeger) for o in candidates}
     if not any(consented.values()):
-        raise Refused(
-            409,
+        raise Conflict(
             "consent_ref",
             "no consent of the family covers passing contact data for "
-            f"{new.module} to any Träger offering it in {case.bezirk} "
+            f"{module} to any Träger offering it in {case.bezirk} "
             f"({', '.join(o.traeger for o in candidates)})",
         )
     chosen = domain.pick(candidates, lambda o: consented[o.traeger] is not None)
     if chosen is None:
-        raise Refused(
-            409,
+        raise Conflict(
             "traeger",
-            f"no consented Träger offering {new.module} in {case.bezirk} has free capacity "
-            "this month",
+            f"no consented Träger offering {module} in {case.bezirk} has free capacity this month",
         )
     consent = consented[chosen.traeger]
     assert consent is not None
     return chosen, consent
 
 
-def _consent_reason(
-    new: NewReferral, by_id: dict[str, ConsentView], case: Case, traeger: str
-) -> str:
-    if new.consent_ref is None:
-        return (
-            f"no consent of the family covers passing contact data to {traeger} "
-            f"for {new.module} (§ 65 SGB VIII)"
+async def _referable_case(session: AsyncSession, new: NewReferral) -> Case:
+    """The family's case, registered and not erased, with no referral for the module open;
+    the Träger rows it may go to locked first, so that what was committed while waiting for
+    the lock counts."""
+    case = await session.get(Case, new.case_id)
+    if case is None:
+        raise Conflict("case_id", "no family registered under this case id")
+    if case.erased_at is not None:
+        raise Conflict("case_id", "the family's data was erased")
+    await lock_places(session, traeger=new.traeger, module=new.module, bezirk=case.bezirk)
+    duplicate = (
+        await session.execute(
+            select(col(Referral.referral_id), col(Referral.traeger))
+            .where(col(Referral.case_id) == case.case_id)
+            .where(col(Referral.module) == new.module)
+            .where(col(Referral.status).in_([s.value for s in domain.OPEN_STATUSES]))
         )
-    problem = domain.consent_problem(
-        by_id.get(new.consent_ref), case_id=case.case_id, traeger=traeger, module=new.module
-    )
-    return f"consent {new.consent_ref}: {problem}"
+    ).first()
+    if duplicate is not None:
+        raise Conflict(
+            "module",
+            f"referral {duplicate[0]} of this family to {duplicate[1]} for {new.module} "
+            "is still open",
+        )
+    return case
 
 
 async def create_referral(
@@ -447,29 +354,8 @@ async def create_referral(
     path: str | None = None,
 ) -> Referral:
     """Create a referral behind the catalogue, capacity and consent gates and publish
-    ``referral-requested``; raises :class:`Refused` or :class:`Unavailable`."""
-    case = await session.get(Case, new.case_id)
-    if case is None:
-        raise Refused(409, "case_id", "no family registered under this case id")
-    if case.erased_at is not None:
-        raise Refused(409, "case_id", "the family's data was erased")
-    # First the lock, then every check: what was committed while waiting for it counts.
-    await lock_places(session, traeger=new.traeger, module=new.module, bezirk=case.bezirk)
-    duplicate = (
-        await session.execute(
-            select(col(Referral.referral_id), col(Referral.traeger))
-            .where(col(Referral.case_id) == case.case_id)
-            .where(col(Referral.module) == new.module)
-            .where(col(Referral.status).in_([s.value for s in domain.OPEN_STATUSES]))
-        )
-    ).first()
-    if duplicate is not None:
-        raise Refused(
-            409,
-            "module",
-            f"referral {duplicate[0]} of this family to {duplicate[1]} for {new.module} "
-            "is still open",
-        )
+    ``referral-requested``; raises :class:`Refusal` or :class:`Unavailable`."""
+    case = await _referable_case(session, new)
     offer, consent = await _choose(session, ctx, case, new, now)
     referral_id = str(uuid.uuid4())
     sealed = await _disclosure(
@@ -477,7 +363,6 @@ async def create_referral(
         DisclosureFor(case.case_id, referral_id, offer.traeger, consent.consent_id),
         new.disclose,
     )
-    fields = sealed.disclosed_fields
     due = domain.answer_due_by(
         ctx.today(now),
         urgent=new.urgent,
@@ -499,29 +384,14 @@ async def create_referral(
         handover_id=new.handover_id,
         visit_id=new.visit_id,
         urgent=new.urgent,
-        disclosed_fields=[f.value for f in fields],
+        disclosed_fields=[f.value for f in sealed.disclosed_fields],
         requested_at=now,
         answer_due_by=due,
         updated_at=now,
     )
     await _insert_running(session, referral)
-    _add_step(session, referral, "requested", new.requested_by_role.value, now, now)
-    ctx.outbox.add(
-        session,
-        ReferralRequested(
-            **_ids(referral),
-            occurred_at=now,
-            consent_ref=consent.consent_id,
-            requested_by_role=new.requested_by_role,
-            origin=new.origin,
-            handover_id=new.handover_id,
-            urgent=new.urgent,
-            answer_due_by=due,
-            disclosed_fields=fields,
-            disclosure=sealed.disclosure,
-            disclosure_jwe=sealed.disclosure_jwe,
-        ),
-    )
+    _requested(session, ctx, referral, new, sealed, now)
+    fields = sealed.disclosed_fields
     audit.record(
         session,
         service=SERVICE,
@@ -533,6 +403,34 @@ async def create_referral(
         path=path or f"consumer:{new.origin.value}",
     )
     return referral
+
+
+def _requested(
+    session: AsyncSession,
+    ctx: Context,
+    referral: Referral,
+    new: NewReferral,
+    sealed: SealedDisclosure,
+    now: datetime,
+) -> None:
+    """The first step of a new referral, and ``referral-requested`` in the outbox."""
+    _add_step(session, referral, "requested", new.requested_by_role.value, now, now)
+    ctx.outbox.add(
+        session,
+        ReferralRequested(
+            **_ids(referral),
+            occurred_at=now,
+            consent_ref=referral.consent_ref,
+            requested_by_role=new.requested_by_role,
+            origin=new.origin,
+            handover_id=new.handover_id,
+            urgent=new.urgent,
+            answer_due_by=referral.answer_due_by,
+            disclosed_fields=sealed.disclosed_fields,
+            disclosure=sealed.disclosure,
+            disclosure_jwe=sealed.disclosure_jwe,
+        ),
+    )
 
 
 async def _insert_running(session: AsyncSession, referral: Referral) -> None:
@@ -548,8 +446,7 @@ async def _insert_running(session: AsyncSession, referral: Referral) -> None:
     except IntegrityError as exc:
         message = str(exc.orig)
         if ONE_OPEN_PER_HANDOVER in message or "referrals_referral.handover_id" in message:
-            raise Refused(
-                409,
+            raise Conflict(
                 "handover_id",
                 f"handover {referral.handover_id} already has a running referral "
                 "(created at the same moment)",
@@ -557,8 +454,7 @@ async def _insert_running(session: AsyncSession, referral: Referral) -> None:
         if "uq_referrals_referral_open_case_module" in message or (
             "referrals_referral.case_id" in message and "referrals_referral.module" in message
         ):
-            raise Refused(
-                409,
+            raise Conflict(
                 "module",
                 f"another referral of this family for {referral.module} is still open "
                 "(created at the same moment)",
@@ -637,6 +533,24 @@ def take_step(
         raise domain.TransitionRefused("a rejection needs a reason")
     if step is Step.CANCELLED and details.cancel_reason is None:
         raise domain.TransitionRefused("a cancellation needs a reason")
+    event = _record(ctx, referral, step, role, occurred_at, details)
+    referral.status = new_status.value
+    referral.updated_at = now
+    session.add(referral)
+    _add_step(session, referral, step.value, role.value, occurred_at, now, source_event_id)
+    ctx.outbox.add(session, event)
+    return event
+
+
+def _record(
+    ctx: Context,
+    referral: Referral,
+    step: Step,
+    role: EventRole,
+    occurred_at: datetime,
+    details: StepDetails,
+) -> EventModel:
+    """Write what a (legal) step records on the referral; return the event that says so."""
     ids = _ids(referral)
     event: EventModel
     match step:
@@ -666,14 +580,7 @@ def take_step(
             referral.in_progress_at = occurred_at
             event = ReferralInProgress(**ids, occurred_at=occurred_at)
         case Step.FIRST_CONTACT:
-            zone = ctx.city.zone()
-            days = max(
-                0,
-                (
-                    domain.local_date(occurred_at, zone)
-                    - domain.local_date(referral.requested_at, zone)
-                ).days,
-            )
+            days = _days_since_requested(ctx, referral, occurred_at)
             referral.first_contact_at = occurred_at
             referral.days_to_first_contact = days
             event = ReferralFirstContact(**ids, occurred_at=occurred_at, days_since_requested=days)
@@ -693,12 +600,15 @@ def take_step(
                 reason_code=details.reason_code,
                 cancelled_by_role=role,
             )
-    referral.status = new_status.value
-    referral.updated_at = now
-    session.add(referral)
-    _add_step(session, referral, step.value, role.value, occurred_at, now, source_event_id)
-    ctx.outbox.add(session, event)
     return event
+
+
+def _days_since_requested(ctx: Context, referral: Referral, moment: datetime) -> int:
+    """Calendar days (city time) from the request to ``moment``."""
+    zone = ctx.city.zone()
+    return max(
+        0, (domain.local_date(moment, zone) - domain.local_date(referral.requested_at, zone)).days
+    )
 
 
 async def take_step_now(
@@ -734,6 +644,27 @@ async def take_step_now(
     raise AssertionError("unreachable")
 
 
+def cancel_as_system(
+    session: AsyncSession,
+    ctx: Context,
+    referral: Referral,
+    reason: ReferralCancelReason,
+    now: datetime,
+) -> None:
+    """Cancel an open referral as the system (withdrawn consent, erasure, merge)."""
+    take_step(
+        session,
+        ctx,
+        referral,
+        Step.CANCELLED,
+        actor=Actor.SYSTEM,
+        role=EventRole.SYSTEM,
+        occurred_at=now,
+        now=now,
+        details=StepDetails(cancel_reason=reason),
+    )
+
+
 async def cancel_open(
     session: AsyncSession,
     ctx: Context,
@@ -754,17 +685,7 @@ async def cancel_open(
         query = query.where(col(Referral.consent_ref) == consent_id)
     cancelled = []
     for referral in (await session.execute(query)).scalars():
-        take_step(
-            session,
-            ctx,
-            referral,
-            Step.CANCELLED,
-            actor=Actor.SYSTEM,
-            role=EventRole.SYSTEM,
-            occurred_at=now,
-            now=now,
-            details=StepDetails(cancel_reason=reason),
-        )
+        cancel_as_system(session, ctx, referral, reason, now)
         cancelled.append(referral.referral_id)
     return cancelled
 
@@ -788,22 +709,25 @@ async def place(session: AsyncSession, ctx: Context, wish: Wish, now: datetime) 
     try:
         # create_referral checks everything before it writes, so a refusal leaves no trace.
         referral = await create_referral(session, ctx, new, now)
-    except Refused as exc:
-        wish.problem = f"{exc.field}: {exc.reason}"
+    except (Refusal, Unavailable) as exc:
+        wish.problem = (
+            f"{exc.field}: {exc.reason}"
+            if isinstance(exc, Refusal)
+            else f"waiting for the keyring ({exc})"
+        )
         wish.updated_at = now
         session.add(wish)
         return False
-    except Unavailable as exc:
-        wish.problem = f"waiting for the keyring ({exc})"
-        wish.updated_at = now
-        session.add(wish)
-        return False
+    _placed(session, wish, referral, now)
+    return True
+
+
+def _placed(session: AsyncSession, wish: Wish, referral: Referral, now: datetime) -> None:
     wish.state = "placed"
     wish.problem = None
     wish.referral_id = referral.referral_id
     wish.updated_at = now
     session.add(wish)
-    return True
 
 
 async def place_open_wishes(
@@ -879,49 +803,332 @@ async def escalate_overdue(ctx: Context, now: datetime) -> list[str]:
                 )
             ).scalars()
         )
-    escalated = []
-    for referral_id in due:
-        async with ctx.db.transaction() as session:
-            # The conditional update is the claim: a concurrent run updates nothing.
-            claimed = await session.execute(
-                update(Referral)
-                .where(col(Referral.referral_id) == referral_id)
-                .where(col(Referral.escalated_at).is_(None))
-                .where(col(Referral.status).in_([s.value for s in domain.AWAITING_ANSWER]))
-                .where(col(Referral.answer_due_by) < today)
-                .values(escalated_at=now, updated_at=now)
-            )
-            if getattr(claimed, "rowcount", 0) != 1:
-                continue
-            referral = await session.get(Referral, referral_id)
-            assert referral is not None
-            await session.refresh(referral)
-            status = ReferralStatus(referral.status)
-            if not domain.escalation_due(
-                status, referral.answer_due_by, today, already_escalated=False
-            ):
-                continue
-            # Whole working days gone by without the answer: up to yesterday, since today
-            # has only begun when the job escalates in the early morning.
-            days = max(
-                1,
-                ctx.calendar.working_days_between(
-                    domain.local_date(referral.requested_at, ctx.city.zone()),
-                    today - timedelta(days=1),
-                ),
-            )
-            referral.working_days_at_escalation = days
-            _add_step(session, referral, "escalated", EventRole.SYSTEM.value, now, now)
-            ctx.outbox.add(
-                session,
-                ReferralEscalated(
-                    **_ids(referral),
-                    occurred_at=now,
-                    working_days_without_answer=days,
-                    last_status=status,
-                ),
-            )
-            escalated.append(referral_id)
+    escalated = [r for r in due if await _escalate(ctx, r, today, now)]
     if escalated:
         _log.info("referrals escalated", extra={"count": len(escalated)})
     return escalated
+
+
+async def _escalate(ctx: Context, referral_id: str, today: date, now: datetime) -> bool:
+    """Escalate one referral in a transaction of its own, if no other run did."""
+    async with ctx.db.transaction() as session:
+        # The conditional update is the claim: a concurrent run updates nothing.
+        claimed = await session.execute(
+            update(Referral)
+            .where(col(Referral.referral_id) == referral_id)
+            .where(col(Referral.escalated_at).is_(None))
+            .where(col(Referral.status).in_([s.value for s in domain.AWAITING_ANSWER]))
+            .where(col(Referral.answer_due_by) < today)
+            .values(escalated_at=now, updated_at=now)
+        )
+        if getattr(claimed, "rowcount", 0) != 1:
+            return False
+        referral = await session.get(Referral, referral_id)
+        assert referral is not None
+        await session.refresh(referral)
+        status = ReferralStatus(referral.status)
+        if not domain.escalation_due(
+            status, referral.answer_due_by, today, already_escalated=False
+        ):
+            return False
+        # Whole working days gone by without the answer: up to yesterday, since today
+        # has only begun when the job escalates in the early morning.
+        days = max(
+            1,
+            ctx.calendar.working_days_between(
+                domain.local_date(referral.requested_at, ctx.city.zone()),
+                today - timedelta(days=1),
+            ),
+        )
+        referral.working_days_at_escalation = days
+        _add_step(session, referral, "escalated", EventRole.SYSTEM.value, now, now)
+        ctx.outbox.add(
+            session,
+            ReferralEscalated(
+                **_ids(referral),
+                occurred_at=now,
+                working_days_without_answer=days,
+                last_status=status,
+            ),
+        )
+        return True
+
+
+# --- referrals asked for and followed by people (the HTTP API) ----------------------------
+
+
+async def request_referral(ctx: Context, caller: Caller, new: NewReferral) -> Referral:
+    """A person refers a family (of their Bezirk or clinic); a waiting handover or visit
+    wish the referral is made for counts as placed by it."""
+    now = ctx.clock()
+    async with ctx.db.transaction() as session:
+        case = await session.get(Case, new.case_id)
+        scope = (
+            None
+            if case is None
+            else CaseScope(
+                bezirk=case.bezirk, case_id=case.case_id, registered_by_clinic=case.clinic_id
+            )
+        )
+        ensure_may_access_case(caller, scope, personal_data=True)
+        # The waiting wish this referral settles, locked before the Träger rows (the
+        # placement job's lock order), so that the job does not place it too.
+        await _lock_open_wishes(session, new.handover_id, new.visit_id)
+        referral = await create_referral(session, ctx, new, now, caller=caller, path="/referrals")
+        await _mark_wishes_placed(session, referral, now)
+    return referral
+
+
+def _wish_sources(handover_id: str | None, visit_id: str | None) -> list[tuple[str, str]]:
+    return [(o, s) for o, s in (("handover", handover_id), ("visit", visit_id)) if s is not None]
+
+
+async def _lock_open_wishes(
+    session: AsyncSession, handover_id: str | None, visit_id: str | None
+) -> None:
+    for origin, source in _wish_sources(handover_id, visit_id):
+        await session.execute(
+            select(col(Wish.wish_id))
+            .where(col(Wish.origin) == origin)
+            .where(col(Wish.source_id) == source)
+            .where(col(Wish.state) == "open")
+            .with_for_update()
+        )
+
+
+async def _mark_wishes_placed(session: AsyncSession, referral: Referral, now: datetime) -> None:
+    """A referral made by staff for a waiting handover or visit wish settles that wish."""
+    for origin, source in _wish_sources(referral.handover_id, referral.visit_id):
+        wishes = await session.execute(
+            select(Wish)
+            .where(col(Wish.origin) == origin)
+            .where(col(Wish.source_id) == source)
+            .where(col(Wish.state) == "open")
+        )
+        for wish in wishes.scalars():
+            _placed(session, wish, referral, now)
+
+
+async def _followed(
+    session: AsyncSession, caller: Caller, referral_id: str, *, personal_data: bool = False
+) -> Referral:
+    """The referral, if the caller may follow it (403 alike for unknown ids)."""
+    referral = await session.get(Referral, referral_id)
+    scope = None
+    if referral is not None:
+        case = await session.get(Case, referral.case_id)
+        scope = CaseScope(
+            bezirk=referral.bezirk,
+            case_id=referral.case_id,
+            traeger=frozenset({referral.traeger}),
+            registered_by_clinic=case.clinic_id if case is not None else None,
+        )
+    ensure_may_access_case(caller, scope, personal_data=personal_data)
+    assert referral is not None
+    return referral
+
+
+async def read_referral(
+    ctx: Context, caller: Caller, referral_id: str
+) -> tuple[Referral, list[ReferralStep]]:
+    """A referral with its steps, oldest first."""
+    async with ctx.db.transaction() as session:
+        referral = await _followed(session, caller, referral_id)
+        steps = (
+            await session.execute(
+                select(ReferralStep)
+                .where(col(ReferralStep.referral_id) == referral_id)
+                .order_by(col(ReferralStep.id))
+            )
+        ).scalars()
+        return referral, list(steps)
+
+
+async def step_referral(
+    ctx: Context, caller: Caller, referral_id: str, step: Step, details: StepDetails
+) -> Referral:
+    """A person takes a lifecycle step: the addressed Träger answers, the requesting side
+    cancels. Of concurrent conflicting steps one wins, the others are refused (409) with
+    the status they found."""
+    if step is Step.REJECTED and details.rejection_reason is None:
+        raise Refusal("rejection_reason", "required for the step rejected")
+    if step is Step.CANCELLED and details.cancel_reason is None:
+        raise Refusal("cancel_reason", "required for the step cancelled")
+    now = ctx.clock()
+    async with ctx.db.transaction() as session:
+        referral = await _followed(session, caller, referral_id)
+        try:
+            await take_step_now(
+                session,
+                ctx,
+                referral,
+                step,
+                actor=actor_of(caller.role),
+                role=event_role_of(caller.role),
+                occurred_at=now,
+                now=now,
+                details=details,
+            )
+        except domain.TransitionRefused as exc:
+            raise Conflict("step", exc.reason) from None
+    return referral
+
+
+async def _releasable(
+    session: AsyncSession, ctx: Context, caller: Caller, referral_id: str
+) -> Referral:
+    referral = await _followed(session, caller, referral_id, personal_data=True)
+    if ReferralStatus(referral.status) not in domain.OPEN_STATUSES:
+        raise Conflict("referral_id", f"the referral is {referral.status}")
+    if not referral.disclosed_fields or ctx.keyring is None:
+        raise Refusal("referral_id", "this referral carries no disclosure", status=404)
+    return referral
+
+
+async def release_disclosure_key(
+    ctx: Context, caller: Caller, referral_id: str
+) -> tuple[str, bytes]:
+    """The key (kid, key) of a running referral's disclosure, for its addressed Träger
+    while the family's consent stands; recorded in the audit log."""
+    async with ctx.db.transaction() as session:
+        referral = await _releasable(session, ctx, caller, referral_id)
+        case_id = referral.case_id
+        which = DisclosureFor(case_id, referral_id, referral.traeger, referral.consent_ref)
+    # The keyring is another service: ask it outside any transaction, so that a slow
+    # answer holds no lock here (on SQLite every transaction holds the write lock).
+    assert ctx.keyring is not None
+    try:
+        kid, key = await ctx.keyring.disclosure_key(which)
+    except KeyGone:
+        raise Refusal("case_id", "the family's data was erased", status=410) from None
+    except KeyRefused as exc:
+        raise Conflict("consent_ref", str(exc)) from None
+    except KeyringUnavailable as exc:
+        raise Unavailable(str(exc)) from None
+    async with ctx.db.transaction() as session:
+        # Checked again with the release: cancelled or closed meanwhile means no key.
+        await _releasable(session, ctx, caller, referral_id)
+        audit.record(
+            session,
+            service=SERVICE,
+            caller=caller,
+            action=audit.AuditAction.key_release,
+            case_id=case_id,
+            purpose=f"open the disclosure of referral {referral_id}",
+            path="/referrals/{referral_id}/disclosure-key",
+        )
+    return kid, key
+
+
+async def referrals_of_case(ctx: Context, caller: Caller, case_id: str) -> list[Referral]:
+    """A family's referrals, oldest first (a Träger sees only its own)."""
+    async with ctx.db.transaction() as session:
+        rows = list(
+            (
+                await session.execute(
+                    select(Referral)
+                    .where(col(Referral.case_id) == case_id)
+                    .order_by(col(Referral.requested_at))
+                )
+            ).scalars()
+        )
+        case = await session.get(Case, case_id)
+        scope = (
+            None
+            if case is None
+            else CaseScope(
+                bezirk=case.bezirk,
+                case_id=case_id,
+                traeger=frozenset(r.traeger for r in rows),
+                registered_by_clinic=case.clinic_id,
+            )
+        )
+        ensure_may_access_case(caller, scope, personal_data=False)
+    if caller.role is CallerRole.traeger:
+        rows = [r for r in rows if r.traeger == caller.traeger]
+    return rows
+
+
+def _statuses(status: str) -> list[str]:
+    """The statuses a list asks for: ``open``, ``all`` or one status."""
+    if status == "open":
+        return [s.value for s in domain.OPEN_STATUSES]
+    if status == "all":
+        return [s.value for s in ReferralStatus]
+    if status not in [s.value for s in ReferralStatus]:
+        raise Refusal(
+            "status",
+            f"unknown status {status}: use open, all or one of "
+            f"{', '.join(s.value for s in ReferralStatus)}",
+        )
+    return [status]
+
+
+def _ensure_bezirk(caller: Caller, bezirk: str) -> None:
+    ensure_may_access_case(caller, CaseScope(bezirk=bezirk), personal_data=False)
+
+
+async def _referrals(ctx: Context, query: Any) -> list[Referral]:
+    async with ctx.db.transaction() as session:
+        return list((await session.execute(query)).scalars())
+
+
+async def referrals_of_bezirk(
+    ctx: Context, caller: Caller, bezirk: str, *, status: str, limit: int
+) -> list[Referral]:
+    """A Stadtbezirk's referrals (``open``, ``all`` or one status), due first."""
+    _ensure_bezirk(caller, bezirk)
+    return await _referrals(
+        ctx,
+        select(Referral)
+        .where(col(Referral.bezirk) == bezirk)
+        .where(col(Referral.status).in_(_statuses(status)))
+        .order_by(col(Referral.answer_due_by), col(Referral.requested_at))
+        .limit(limit),
+    )
+
+
+async def escalations_of_bezirk(
+    ctx: Context, caller: Caller, bezirk: str, *, open_only: bool, limit: int
+) -> list[Referral]:
+    """A Stadtbezirk's escalated referrals (those still open), in escalation order."""
+    _ensure_bezirk(caller, bezirk)
+    query = (
+        select(Referral)
+        .where(col(Referral.bezirk) == bezirk)
+        .where(col(Referral.escalated_at).is_not(None))
+        .order_by(col(Referral.escalated_at))
+        .limit(limit)
+    )
+    if open_only:
+        query = query.where(col(Referral.status).in_(_statuses("open")))
+    return await _referrals(ctx, query)
+
+
+async def wishes_of_bezirk(ctx: Context, caller: Caller, bezirk: str, *, state: str) -> list[Wish]:
+    """A Stadtbezirk's handover and visit wishes in ``state``, oldest first."""
+    _ensure_bezirk(caller, bezirk)
+    async with ctx.db.transaction() as session:
+        rows = await session.execute(
+            select(Wish)
+            .where(col(Wish.bezirk) == bezirk)
+            .where(col(Wish.state) == state)
+            .order_by(col(Wish.created_at))
+        )
+        return list(rows.scalars())
+
+
+async def referrals_of_traeger(
+    ctx: Context, caller: Caller, slug: str, *, status: str, limit: int
+) -> list[Referral]:
+    """The referrals addressed to one Träger (asked by that Träger), urgent first."""
+    if caller.role is CallerRole.traeger and caller.traeger != slug:
+        raise AccessDenied("another Träger's referrals")
+    return await _referrals(
+        ctx,
+        select(Referral)
+        .where(col(Referral.traeger) == slug)
+        .where(col(Referral.status).in_(_statuses(status)))
+        .order_by(col(Referral.urgent).desc(), col(Referral.requested_at))
+        .limit(limit),
+    )

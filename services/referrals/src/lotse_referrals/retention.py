@@ -9,8 +9,6 @@ is no key copy to purge.
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 from lotse_contracts.events.referrals import ReferralStatus
 from lotse_runtime.app import PeriodicJob, ServiceRuntime
 from lotse_runtime.retention import RetentionRule, add_retention_job, days, rule
@@ -48,6 +46,6 @@ def rules(settings: ReferralsSettings) -> list[RetentionRule]:
     ]
 
 
-def install(runtime: ServiceRuntime[Any]) -> PeriodicJob:
+def install(runtime: ServiceRuntime[ReferralsSettings]) -> PeriodicJob:
     """The retention job of referrals (runtime data classes included)."""
-    return add_retention_job(runtime, rules(cast(ReferralsSettings, runtime.settings)))
+    return add_retention_job(runtime, rules(runtime.settings))

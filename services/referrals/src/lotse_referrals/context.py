@@ -1,0 +1,48 @@
+"""What every use case of the service works with besides a session: settings, the city and
+its working calendar, intake's keyring, the database, the outbox and the clock.
+
+Built once by the app factory (app.py) and handed to routes (``ContextDep`` in api.py),
+event handlers (consumers.py) and periodic jobs alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+
+from lotse_contracts.city import Municipality
+from lotse_runtime.db import Database
+from lotse_runtime.outbox import Outbox
+
+from lotse_referrals import domain
+from lotse_referrals.domain import WorkingCalendar
+from lotse_referrals.keyring import Keyring
+from lotse_referrals.settings import ReferralsSettings
+
+SERVICE = "referrals"
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Context:
+    """What the operations need besides a session: settings, city, calendar, keyring."""
+
+    settings: ReferralsSettings
+    city: Municipality
+    calendar: WorkingCalendar
+    keyring: Keyring | None
+    db: Database
+    outbox: Outbox
+    clock: Callable[[], datetime] = _utc_now
+    """Current time, aware UTC (the runtime's clock; tests control it)."""
+
+    def today(self, now: datetime) -> date:
+        return domain.local_date(now, self.city.zone())
+
+    def month_start_utc(self, now: datetime) -> datetime:
+        first = domain.month_start(self.today(now))
+        return datetime.combine(first, time(0), tzinfo=self.city.zone()).astimezone(UTC)
