@@ -9,7 +9,7 @@ from lotse_runtime.migrations import check_migrations, service_tables
 
 pytestmark = pytest.mark.integration
 
-SERVICES = ["intake", "visits", "referrals", "reporting"]
+SERVICES = ["intake", "visits", "referrals", "reporting", "delivery"]
 
 
 @pytest.mark.parametrize("service", SERVICES)

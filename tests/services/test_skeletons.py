@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from lotse_delivery.app import create_app as delivery_app
+from lotse_delivery.settings import DeliverySettings
 from lotse_intake.app import create_app as intake_app
 from lotse_intake.settings import IntakeSettings
 from lotse_referrals.app import create_app as referrals_app
@@ -29,6 +31,7 @@ SERVICES = {
     "visits": (visits_app, VisitsSettings),
     "referrals": (referrals_app, ReferralsSettings),
     "reporting": (reporting_app, ReportingSettings),
+    "delivery": (delivery_app, DeliverySettings),
 }
 
 

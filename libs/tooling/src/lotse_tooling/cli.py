@@ -42,7 +42,13 @@ from lotse_runtime.settings import ServiceSettings
 from lotse_tooling import acls as acls_command
 from lotse_tooling.embedded import BrokerStartError, EmbeddedBroker, free_port
 
-DEFAULT_PORTS = {"intake": 8001, "visits": 8002, "referrals": 8003, "reporting": 8004}
+DEFAULT_PORTS = {
+    "intake": 8001,
+    "visits": 8002,
+    "referrals": 8003,
+    "reporting": 8004,
+    "delivery": 8005,
+}
 
 
 @dataclass
@@ -177,6 +183,8 @@ def _up(args: argparse.Namespace) -> int:
                 # A browser cannot present a token of the local issuer: on the developer's own
                 # platform the dashboard (anonymised figures only) opens without one.
                 env.setdefault("LOTSE_REPORTING_DASHBOARD_PUBLIC", "true")
+                # Webhook receivers under development listen on this machine (http://127.0.0.1).
+                env.setdefault("LOTSE_DELIVERY_SINK_POLICY", "development")
             if "intake" in ports:
                 # Services that open families' personal-data blocks fetch keys from intake.
                 env.setdefault(

@@ -1,0 +1,1 @@
+"""Revisions of the delivery service, applied in order at start-up."""
