@@ -184,6 +184,8 @@ class _Channel:
     compacted: bool = False
 
 
+# Longer than 60 lines on purpose: the AsyncAPI channel documents, field by field as the spec
+# orders them.
 def _channels(catalogue: EventCatalogue, registry: RegistryFile) -> list[_Channel]:
     models = catalogue.models
 
@@ -264,6 +266,8 @@ def _channels(catalogue: EventCatalogue, registry: RegistryFile) -> list[_Channe
     ]
 
 
+# Longer than 60 lines on purpose: the AsyncAPI document, section by section as the spec orders
+# them.
 def render_asyncapi(
     catalogue: EventCatalogue = CATALOGUE, registry: RegistryFile | None = None
 ) -> dict[str, Any]:

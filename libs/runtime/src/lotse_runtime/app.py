@@ -368,6 +368,8 @@ async def _issuer_unavailable_handler(_request: Request, exc: Exception) -> Resp
     )
 
 
+# Longer than 60 lines on purpose: the order of lifespan, handlers, routers, policy and middleware
+# matters and reads top to bottom here.
 def create_service_app(
     settings: S,
     *,
