@@ -43,7 +43,7 @@ from stack import (
     RESULTS_DIR,
     MemorySampler,
     Stack,
-    count_records,
+    dead_letter_reasons,
     raw_produce_consume,
     run_on_own_stack,
 )
@@ -113,9 +113,10 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     published = sum(c["published"] for c in counts.values())
     events = published + answers
     kafka = stack.kafka()
-    dead_letters = await count_records(
+    reasons = await dead_letter_reasons(
         kafka, [stack.topic(topic_names.dead_letter(s)) for s in topic_names.SERVICES], idle_s=1.0
     )
+    dead_letters = sum(reasons.values())
     print(f"raw aiokafka: {events:,} messages …", file=sys.stderr)
     records = await stack.outbox_records()
     while len(records) < events:  # the Träger's answers: sized like the rest, for the count
@@ -158,6 +159,7 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         "disclosures_opened": partners.disclosures_opened,
         "disclosures_unopened": partners.disclosures_unopened,
         "dead_letters": dead_letters,
+        "dead_letter_reasons": reasons,
         "reporting_seen": {f: watch.latest(f) for f in watch.FIGURES},
         "visits_scheduled_seen": len(watch.visit_scheduled),
         "raw_aiokafka": raw,

@@ -463,6 +463,34 @@ async def assigned_reader(kafka: KafkaConfig, topics: list[str]) -> AIOKafkaCons
     return consumer
 
 
+async def dead_letter_reasons(
+    kafka: KafkaConfig, topics: list[str], idle_s: float = 1.5
+) -> dict[str, int]:
+    """How many dead letters ``topics`` hold, per topic, event type, stage and reason (the
+    ``lotse_dlq_*`` headers), so a run that dead-letters says why."""
+    reader = await assigned_reader(kafka, topics)
+    found: dict[str, int] = {}
+    try:
+        while True:
+            batch = await reader.getmany(timeout_ms=int(idle_s * 1000), max_records=5000)
+            if not batch:
+                return found
+            for records in batch.values():
+                for record in records:
+                    headers = {k: v.decode(errors="replace") for k, v in record.headers or ()}
+                    key = " | ".join(
+                        (
+                            record.topic,
+                            headers.get("ce_type", "?"),
+                            headers.get("lotse_dlq_stage", "?"),
+                            headers.get("lotse_dlq_reason", "?")[:160],
+                        )
+                    )
+                    found[key] = found.get(key, 0) + 1
+    finally:
+        await reader.stop()
+
+
 async def count_records(kafka: KafkaConfig, topics: list[str], idle_s: float = 1.5) -> int:
     """How many records ``topics`` hold (read until nothing came for ``idle_s``)."""
     reader = await assigned_reader(kafka, topics)
