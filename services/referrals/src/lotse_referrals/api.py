@@ -25,6 +25,7 @@ from lotse_contracts.events.referrals import (
     ReferralOrigin,
     ReferralStatus,
     RejectionReason,
+    WishWaitingFor,
 )
 from lotse_contracts.personal import encode_data_key
 from lotse_runtime.identity import Caller, CallerDep, Role
@@ -199,9 +200,29 @@ class WishPublic(BaseModel):
     traeger: str | None
     urgent: bool
     state: str
-    problem: str | None
+    problem: str | None = Field(description="Why it is not a referral yet, and what helps.")
+    waiting_for: WishWaitingFor | None = Field(
+        default=None,
+        description="What an open wish waits for: consent (no consent names a Träger "
+        "offering the module), capacity, offer (not offered in the Bezirk), case, keyring.",
+    )
     referral_id: str | None
     created_at: datetime
+    escalated_at: datetime | None = Field(
+        default=None, description="When it was escalated to the Bezirksteam (once)."
+    )
+
+
+class WishPlacement(RequestModel):
+    """The Träger the Familienbüro chooses for a waiting wish. The family's
+    ``traeger_contact`` consent must name that Träger (and cover the module): record it
+    first (intake), otherwise the placement is refused (409, field ``consent_ref``)."""
+
+    traeger: Slug = Field(description="The chosen Träger (catalogue slug).")
+    urgent: bool | None = Field(default=None, description="Default: as the wish says.")
+    disclose: list[PersonalField] | None = Field(
+        default=None, description="Narrow the disclosed contact fields further."
+    )
 
 
 class DisclosureKey(BaseModel):
@@ -331,7 +352,7 @@ async def update_traeger(
     slug: str, body: TraegerUpdate, ctx: ContextDep, caller: CallerDep
 ) -> TraegerPublic:
     changes = body.model_dump(exclude_unset=True)
-    return _traeger_public(await catalogue.update_traeger(ctx, caller, slug, changes))
+    return _traeger_public(await ops.change_catalogue_entry(ctx, caller, slug, changes))
 
 
 @router.get(
@@ -483,6 +504,28 @@ async def wishes_of_bezirk(
     state: Annotated[Literal["open", "placed", "dropped"], Query()] = "open",
 ) -> list[WishPublic]:
     return [_wish_public(w) for w in await ops.wishes_of_bezirk(ctx, caller, bezirk, state=state)]
+
+
+@router.post(
+    "/wishes/{wish_id}/placement",
+    tags=OVERVIEWS,
+    status_code=201,
+    response_model=WishPublic,
+    summary="Place a waiting wish with the Träger the Familienbüro chooses",
+    responses={
+        409: {
+            "description": "No consent names that Träger, no free place, or the wish is "
+            "no longer open"
+        },
+        422: {"description": "Unknown Träger, or it does not offer the module in the Bezirk"},
+        503: {"description": "The keyring is unavailable; try again"},
+    },
+)
+async def place_wish(
+    wish_id: str, body: WishPlacement, ctx: ContextDep, caller: CallerDep
+) -> WishPublic:
+    choice = ops.Placement(**body.model_dump())
+    return _wish_public(await ops.place_wish(ctx, caller, wish_id, choice))
 
 
 @router.get(

@@ -26,9 +26,11 @@ from lotse_contracts.events.intake import (
 )
 from lotse_contracts.events.partner import PartnerReferralAnswer
 from lotse_contracts.events.referrals import (
+    AnswerRefusedCode,
     ReferralCancelReason,
     ReferralOrigin,
     ReferralStatus,
+    WishWaitingFor,
 )
 from lotse_contracts.events.visits import VisitCompleted
 from lotse_runtime.app import ServiceRuntime
@@ -113,7 +115,7 @@ async def consent_changed(ctx: Context, delivery: Delivery[ConsentChanged]) -> N
     if not fresh or data.scope is not ConsentScope.TRAEGER_CONTACT:
         return
     if data.state is ConsentState.WITHDRAWN:
-        await ops.cancel_open(
+        cancelled = await ops.cancel_open(
             session,
             ctx,
             case_id=data.case_id,
@@ -131,7 +133,9 @@ async def consent_changed(ctx: Context, delivery: Delivery[ConsentChanged]) -> N
             # The named consent is gone; another consent of the family may still cover it.
             wish.consent_ref = None
             wish.problem = "consent_ref: the consent was withdrawn"
+            wish.waiting_for = WishWaitingFor.CONSENT.value
             session.add(wish)
+        await _places_freed(session, ctx, cancelled, now)
     else:
         await ops.place_open_wishes(session, ctx, now, case_id=data.case_id)
 
@@ -158,7 +162,7 @@ async def family_erased(ctx: Context, delivery: Delivery[FamilyErased]) -> None:
     data = delivery.data
     session = delivery.session
     now = ctx.clock()
-    await ops.cancel_open(
+    cancelled = await ops.cancel_open(
         session,
         ctx,
         case_id=data.case_id,
@@ -181,6 +185,7 @@ async def family_erased(ctx: Context, delivery: Delivery[FamilyErased]) -> None:
     case.personal = None
     case.erased_at = data.erased_at
     session.add(case)
+    await _places_freed(session, ctx, cancelled, now)
     # The sealed disclosures went out under the family key, which intake destroyed: the
     # copies on the Träger feeds are unreadable now; locally only field names remain.
 
@@ -289,6 +294,22 @@ async def visit_completed(ctx: Context, delivery: Delivery[VisitCompleted]) -> N
 # --- shared ----------------------------------------------------------------------------
 
 
+async def _places_freed(
+    session: AsyncSession, ctx: Context, referral_ids: list[str], now: datetime
+) -> None:
+    """Referrals cancelled or rejected just now free their places: the open wishes of their
+    modules are tried again at once (skipping any another transaction holds, see
+    ``ops.place_open_wishes``)."""
+    if not referral_ids:
+        return
+    modules = await session.execute(
+        select(col(Referral.module)).where(col(Referral.referral_id).in_(referral_ids))
+    )
+    await ops.place_open_wishes(
+        session, ctx, now, modules=sorted(set(modules.scalars())), skip_locked=True
+    )
+
+
 def _known_module_and_traeger(ctx: Context, module: str, traeger: str | None) -> None:
     city = ctx.city
     if module not in city.module_slugs:
@@ -389,4 +410,10 @@ async def partner_answer(ctx: Context, delivery: Delivery[PartnerReferralAnswer]
             source_event_id=delivery.event.id,
         )
     except TransitionRefused as exc:
-        raise EventRejected(f"referral {data.referral_id}: {exc.reason}") from None
+        raise EventRejected(
+            f"referral {data.referral_id}: {exc.reason}",
+            code=AnswerRefusedCode.ILLEGAL_STEP,
+            public_reason=f"referral {data.referral_id}: {exc.reason}",
+        ) from None
+    if Step.from_answer(data.answer) in domain.FREES_A_PLACE:
+        await _places_freed(session, ctx, [referral.referral_id], now)
