@@ -68,6 +68,7 @@ class Service:
 
     async def wish(self, family: Family) -> Wish:
         [wish] = await self.rows(Wish, case_id=family.case_id)
+        assert isinstance(wish, Wish)
         return wish
 
     async def capacity(self, slug: str, places: int) -> None:
