@@ -76,6 +76,16 @@ class TraegerPublic(BaseModel):
     free_capacity: int
     active: bool = Field(description="False: takes no new referrals at present.")
     edited: bool = Field(description="Changed through the API (kept over restarts).")
+    edited_fields: list[str] = Field(
+        default_factory=list,
+        description="The fields changed through the API: they keep their values over "
+        "restarts until the city file changes the same field; the others follow the file.",
+    )
+    retired: bool = Field(
+        default=False,
+        description="No longer in the city configuration: takes no new referrals; its "
+        "referrals stay and can be followed and answered.",
+    )
 
 
 class TraegerUpdate(RequestModel):
@@ -282,8 +292,10 @@ def _traeger_public(listing: catalogue.Listing) -> TraegerPublic:
         capacity_per_month=row.capacity_per_month,
         used_this_month=used,
         free_capacity=catalogue.offer_of(row, used).free_capacity,
-        active=row.active,
+        active=row.active and not row.retired,
         edited=row.edited,
+        edited_fields=list(row.edited_fields or []),
+        retired=row.retired,
     )
 
 
