@@ -486,7 +486,9 @@ class AnswerRefused(EventModel):
     refused_topic: str = Field(max_length=249)
     """The topic it was read from (the Träger's responses topic)."""
     refused_partition: int = Field(ge=0)
+    """Its partition."""
     refused_offset: int = Field(ge=0)
+    """Its offset."""
     reason_code: AnswerRefusedCode
     """Why it was refused (machine-readable)."""
     reason: str = Field(max_length=1000)
