@@ -21,6 +21,9 @@ Rules the script follows, which every partner implementation must follow too:
   so that an answer sent twice after a crash is recognised as the same one.
 * Commit your consumer offset only after your answers are written.
 * On ``referral-cancelled`` stop working with the family and delete what you received.
+* On ``answer-refused`` (one of your answers was refused and changed nothing) log the code
+  and reason and fix the answer; the notice names your refused event's id, topic, partition
+  and offset. It says nothing about referrals that are not yours.
 * Contact data comes only sealed, with exactly the fields the family consented to: as a
   compact JWE (``disclosure_jwe``; ``dir`` + ``A256GCM``, any JOSE library opens it) and,
   on events from before it existed, only as ``disclosure``. Fetch the key for one referral
@@ -49,6 +52,7 @@ from lotse_contracts import topics
 from lotse_contracts.cloudevents import InvalidCloudEvent, KafkaRecord, from_kafka, to_kafka_binary
 from lotse_contracts.events.partner import PartnerAnswer, PartnerReferralAnswer
 from lotse_contracts.events.referrals import (
+    AnswerRefused,
     ReferralCancelled,
     ReferralRequested,
     RejectionReason,
@@ -102,7 +106,7 @@ def build_answer(
 
 def read_referral_event(
     value: bytes | None, headers: Sequence[tuple[str, bytes]]
-) -> ReferralRequested | ReferralCancelled | None:
+) -> ReferralRequested | ReferralCancelled | AnswerRefused | None:
     """A referral event from the feed, validated against the contract; None for event types
     this client does not handle. Raises InvalidCloudEvent / ValueError for broken records."""
     event = from_kafka(value, list(headers))
@@ -110,6 +114,8 @@ def read_referral_event(
         return ReferralRequested.model_validate(event.data)
     if event.type == ReferralCancelled.event_type:
         return ReferralCancelled.model_validate(event.data)
+    if event.type == AnswerRefused.event_type:
+        return AnswerRefused.model_validate(event.data)
     return None
 
 
@@ -180,6 +186,8 @@ class Summary:
     skipped: int = 0
     #: Referrals that came with a sealed disclosure the client could not open, and why.
     undisclosed: dict[str, str] = field(default_factory=dict)
+    #: Our answers Lotse refused (answer-refused): (refused event id, reason code).
+    refused: list[tuple[str | None, str]] = field(default_factory=list)
 
 
 class PartnerClient:
@@ -265,6 +273,19 @@ class PartnerClient:
             return
         if event is None:
             self.summary.skipped += 1
+            return
+        if isinstance(event, AnswerRefused):
+            # One of our answers changed nothing: log it so that it gets fixed.
+            log.error(
+                "answer %s refused (%s): %s [%s/%d@%d]",
+                event.refused_event_id,
+                event.reason_code.value,
+                event.reason,
+                event.refused_topic,
+                event.refused_partition,
+                event.refused_offset,
+            )
+            self.summary.refused.append((event.refused_event_id, event.reason_code.value))
             return
         if isinstance(event, ReferralCancelled):
             # Stop, and delete what was received about the family (here: nothing kept).

@@ -29,6 +29,7 @@ from lotse_contracts.events import (
     split_type,
 )
 from lotse_contracts.events.intake import CasesMerged
+from lotse_contracts.events.referrals import AnswerRefused
 from lotse_contracts.events.reporting import CITY_TOTAL, KpiUpdated
 from lotse_contracts.personal import EncryptedBlock, PersonalData
 from lotse_contracts.schemagen import render_schema
@@ -94,6 +95,9 @@ def test_catalogue_holds_every_chain_event() -> None:
     assert set(TYPES) - expected == {
         "de.lotse.referrals.referral-first-contact.v1",
         PARTNER_ANSWER,
+        # No family lost (issue 18): wishes escalated, partners told of refused answers.
+        "de.lotse.referrals.wish-escalated.v1",
+        "de.lotse.referrals.answer-refused.v1",
     }
 
 
@@ -201,6 +205,9 @@ def test_cloudevent_attributes(event_type: str, model: type[EventModel]) -> None
     elif isinstance(example, CasesMerged):
         # Keyed by the case that goes away, so it follows that case's own events.
         assert event.subject == data["merged_case_id"]
+    elif isinstance(example, AnswerRefused):
+        # About a partner's own message, not a family: keyed by the refused event.
+        assert event.subject == data["refused_event_id"]
     else:
         assert event.subject == data["case_id"]
     assert event.bezirk == (data.get(model.bezirk_field) if model.bezirk_field else None)

@@ -385,3 +385,15 @@ def test_readme_names_only_real_types_topics_and_groups() -> None:
     for source in re.findall(r"/partner/([a-z0-9-]+)", text):
         assert source in dortmund.traeger_slugs
     assert STRUCTURED_CONTENT_TYPE in text
+
+
+def test_the_asyncapi_documents_every_dead_letter_header_the_runtime_writes() -> None:
+    from lotse_contracts.schemagen import DEAD_LETTER_HEADERS
+    from lotse_runtime import consumer
+
+    written = {
+        value
+        for name, value in vars(consumer).items()
+        if name.startswith("DLQ_") and isinstance(value, str) and value.startswith("lotse_dlq_")
+    }
+    assert written == set(DEAD_LETTER_HEADERS)

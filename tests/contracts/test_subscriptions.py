@@ -303,7 +303,7 @@ def test_bezirksteam_never_gets_screening_or_sealed_data(registry: SubscriptionR
 
 def test_traeger_feed_carries_only_referrals(registry: SubscriptionRegistry) -> None:
     audience = registry.audience(f"traeger-{MIDWIVES}")
-    assert audience.event_types == [REQUESTED, CANCELLED]
+    assert audience.event_types == [REQUESTED, CANCELLED, "de.lotse.referrals.answer-refused.v1"]
     assert "case_id" in (registry.fields_for("traeger", REQUESTED) or [])
     assert "disclosure" in (registry.fields_for("traeger", REQUESTED) or [])
 

@@ -273,11 +273,11 @@ BROKEN = {
     "unknown Träger": (
         '{ type = "de.lotse.referrals.referral-cancelled.v1", fields = [\n        "referral_id",'
         ' "case_id", "bezirk", "traeger", "module", "occurred_at", "reason",\n'
-        '        "cancelled_by_role",\n    ] },\n]\n\n# --- Dashboards',
+        '        "cancelled_by_role",\n    ] },\n    # A message the Träger wrote',
         '{ type = "de.lotse.referrals.referral-cancelled.v1", traeger = ["nowhere-ev"], '
         'fields = [\n        "referral_id",'
         ' "case_id", "bezirk", "traeger", "module", "occurred_at", "reason",\n'
-        '        "cancelled_by_role",\n    ] },\n]\n\n# --- Dashboards',
+        '        "cancelled_by_role",\n    ] },\n    # A message the Träger wrote',
         "traeger filter names unknown Träger nowhere-ev of Dortmund",
     ),
 }

@@ -27,9 +27,9 @@ from lotse_contracts.events.common import Role
 from lotse_contracts.events.intake import HandoverRequested
 from lotse_contracts.events.partner import PartnerAnswer, PartnerReferralAnswer
 from lotse_referrals import operations as ops
-from lotse_referrals.tables import Case, Referral, Wish
+from lotse_referrals.tables import Case, CatalogueTraeger, Referral, Wish
 from lotse_runtime.consumer import DLQ_REASON
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlmodel import col
 
 from tests.conftest import Broker
@@ -155,6 +155,18 @@ def set_capacity(service: Service, places: int) -> None:
     assert response.status_code == 200, response.text
 
 
+def set_capacity_in_table(service: Service, places: int) -> None:
+    async def write() -> None:
+        async with service.runtime.db.transaction() as session:
+            await session.execute(
+                update(CatalogueTraeger)
+                .where(col(CatalogueTraeger.slug) == TRAEGER)
+                .values(capacity_per_month=places)
+            )
+
+    service.client.portal.call(write)  # type: ignore[union-attr]
+
+
 def referral_request(family: Family, *, chosen: bool) -> Call:
     body: dict[str, Any] = {
         "case_id": family.case_id,
@@ -255,7 +267,9 @@ def probe_placement(services: Sequence[Service], families: list[Family]) -> None
     first.wait(waiting, timeout_s=30, what="20 handovers waiting for a place")
     assert not [r for r in table(first, Referral) if r.handover_id in ids]
     before = domain_events(first)["referral-requested"]
-    set_capacity(first, taken["used_this_month"] + 20)
+    # Straight in the table: an edit through the API would place the wishes itself at once
+    # (test_referrals_wishes.py); here the placement jobs are to race for them.
+    set_capacity_in_table(first, taken["used_this_month"] + 20)
 
     def job(service: Service) -> int:
         async def twice() -> int:

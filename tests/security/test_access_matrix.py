@@ -54,6 +54,7 @@ SAMPLE_PARAMS: dict[str, str] = {
     "purpose": "contact",
     "duplicate_id": "4c5f5d4e-1111-4aaa-8bbb-123456789abc",
     "year": "2025",
+    "wish_id": "5c5f5d4e-1111-4aaa-8bbb-123456789abc",
 }
 
 #: Routes whose successful answer never ends (a server-sent-event stream): only refusals

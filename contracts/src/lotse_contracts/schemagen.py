@@ -91,6 +91,27 @@ def _required_in_model(model: type[EventModel], field_name: str | None) -> bool:
     return field_name is not None and model.model_fields[field_name].is_required()
 
 
+#: The verdict headers of a dead letter (the runtime's consumer writes them; the names are
+#: checked against it in tests/contracts).
+DEAD_LETTER_HEADERS: dict[str, str] = {
+    "lotse_dlq_reason": "Why the record was refused, in words (at most 1000 characters).",
+    "lotse_dlq_stage": "Where it failed: envelope, type, schema, duplicate, rejected, routing "
+    "or handler.",
+    "lotse_dlq_error": "The exception type for handler failures; empty otherwise.",
+    "lotse_dlq_topic": "The topic the record was read from.",
+    "lotse_dlq_partition": "Its partition (decimal).",
+    "lotse_dlq_offset": "Its offset (decimal).",
+    "lotse_dlq_consumer": "The consumer group that refused it.",
+    "lotse_dlq_attempts": "How often the handler was tried (decimal).",
+    "lotse_dlq_time": "When it was dead-lettered (ISO 8601, UTC).",
+    "lotse_dlq_size": "Size of the original value in bytes (decimal).",
+    "lotse_dlq_sha256": "SHA-256 of the original value (hex).",
+    "lotse_dlq_value": "original: the value is the record's; reference: no value, the "
+    "record is named by topic, partition, offset, size and hash.",
+    "lotse_dlq_headers": "omitted: the original headers did not fit and were left out.",
+}
+
+
 def _message(model: type[EventModel]) -> dict[str, Any]:
     """AsyncAPI message: binary-mode CloudEvents headers plus the data schema as payload."""
     required = ["ce_subject", "ce_time", "ce_dataschema"]
@@ -316,8 +337,28 @@ def render_asyncapi(
         "title": "DeadLetter",
         "summary": "A record that failed processing: original value and headers, plus the "
         "error headers of the dead-letter handler.",
-        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-        "payload": {"description": "The original record value, unchanged."},
+        "headers": {
+            "type": "object",
+            "description": "The original record's headers (ce_* and others), unless "
+            "lotse_dlq_headers says they were omitted, plus these verdict headers (UTF-8).",
+            "properties": {
+                name: {"type": "string", "description": text}
+                for name, text in DEAD_LETTER_HEADERS.items()
+            },
+            "required": [
+                "lotse_dlq_reason",
+                "lotse_dlq_stage",
+                "lotse_dlq_topic",
+                "lotse_dlq_partition",
+                "lotse_dlq_offset",
+                "lotse_dlq_value",
+            ],
+            "additionalProperties": {"type": "string"},
+        },
+        "payload": {
+            "description": "The original record value, unchanged (lotse_dlq_value "
+            "original), or none when only a reference fits (lotse_dlq_value reference)."
+        },
     }
     return {
         "asyncapi": ASYNCAPI_VERSION,

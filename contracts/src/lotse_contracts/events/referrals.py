@@ -363,3 +363,149 @@ class ReferralEscalated(_ReferralEvent):
             working_days_without_answer=3,
             last_status=ReferralStatus.REQUESTED,
         )
+
+
+# --- wishes no Träger could be found for, and refused partner answers ---------------------
+
+
+class WishWaitingFor(StrEnum):
+    """What an open wish (a handover or a visit's "referral wished") is waiting for."""
+
+    CONSENT = "consent"
+    """No consent of the family names a Träger offering the module (e.g. "the Familienbüro
+    chooses"): the Familienbüro records one and places the wish."""
+    CAPACITY = "capacity"
+    """The consented Träger have no free place this month."""
+    OFFER = "offer"
+    """No (active) Träger offers the module in the family's Stadtbezirk."""
+    CASE = "case"
+    """The family is not known to the service yet (its registration has not arrived)."""
+    KEYRING = "keyring"
+    """The keyring did not answer; tried again."""
+    OTHER = "other"
+
+
+@CATALOGUE.register
+class WishEscalated(EventModel):
+    """A handover or a visit's referral wish is still not a referral after the configured
+    number of working days: the Bezirksteam (district team) takes it over. Sent once per
+    wish."""
+
+    model_config = DOCUMENTED
+
+    event_type: ClassVar[str] = "de.lotse.referrals.wish-escalated.v1"
+    topic: ClassVar[str] = topics.REFERRALS
+    source: ClassVar[str] = SOURCE
+
+    wish_id: Uuid
+    """Id of the wish (as listed under ``GET /bezirke/{bezirk}/wishes``)."""
+    case_id: CaseId
+    """Pseudonymous case id (UUID) of the family."""
+    bezirk: Slug
+    """Stadtbezirk (city district) slug of the case."""
+    module: Slug
+    """The module wished for."""
+    origin: Literal["handover", "visit"]
+    """A Babylotse's handover request or a welcome visit's referral wish."""
+    waiting_for: WishWaitingFor
+    """What the wish is waiting for."""
+    reason: str = Field(max_length=1000)
+    """Why it could not be placed, in words (names Träger and modules, never a person)."""
+    working_days_open: int = Field(ge=1)
+    """Working days since the wish arrived."""
+    occurred_at: AwareDatetime
+    """When it was escalated."""
+    escalated_to: Literal["bezirksteam"] = "bezirksteam"
+    """Who the escalation goes to: the Bezirksteam of ``bezirk``."""
+
+    @classmethod
+    def example(cls) -> WishEscalated:
+        return cls(
+            wish_id=EXAMPLE_HANDOVER_ID,
+            case_id=EXAMPLE_CASE_ID,
+            bezirk=EXAMPLE_BEZIRK,
+            module=EXAMPLE_MODULE,
+            origin="handover",
+            waiting_for=WishWaitingFor.CONSENT,
+            reason="the family's consent names no Träger: the Familienbüro chooses one",
+            working_days_open=5,
+            occurred_at=datetime(2025, 3, 10, 6, 0, tzinfo=BERLIN_WINTER),
+        )
+
+
+class AnswerRefusedCode(StrEnum):
+    """Why a Träger's message on its responses topic was refused (machine-readable)."""
+
+    INVALID_ENVELOPE = "invalid-envelope"
+    """Not a CloudEvent (binary or structured mode), or too large."""
+    UNKNOWN_TYPE = "unknown-type"
+    """An event type (or major version) the contract does not know."""
+    SCHEMA_VIOLATION = "schema-violation"
+    """The data does not match the JSON Schema of its type."""
+    WRONG_TOPIC = "wrong-topic"
+    """The answer names another Träger than the topic it was written to."""
+    WRONG_SOURCE = "wrong-source"
+    """The CloudEvents ``source`` is not ``/partner/<traeger>``."""
+    UNKNOWN_REFERRAL = "unknown-referral"
+    """No referral with this id and case is addressed to the Träger (also said when it
+    is another Träger's: whose it is, or whether it exists, is not told)."""
+    IMPLAUSIBLE_TIME = "implausible-time"
+    """``occurred_at`` lies in the future or before the referral was requested."""
+    ILLEGAL_STEP = "illegal-step"
+    """The answer does not follow the referral's lifecycle from its current status."""
+    CONFLICTING_DUPLICATE = "conflicting-duplicate"
+    """The same event id was sent before with other data."""
+    NOT_APPLIED = "not-applied"
+    """Anything else; ops have the details on the dead-letter topic."""
+
+
+@CATALOGUE.register
+class AnswerRefused(EventModel):
+    """A message a Träger wrote to its responses topic was refused and changed nothing.
+
+    Published to that Träger's own feed only (``lotse.partner.<traeger>.referrals``), so
+    that its client can log and fix it; ops keep the full record on the dead-letter topic.
+    Carries the refused message's coordinates, a code and a reason, never data of another
+    Träger's referral."""
+
+    model_config = DOCUMENTED
+
+    event_type: ClassVar[str] = "de.lotse.referrals.answer-refused.v1"
+    topic: ClassVar[str] = topics.REFERRALS
+    source: ClassVar[str] = SOURCE
+    subject_field: ClassVar[str] = "refused_event_id"
+    bezirk_field: ClassVar[str | None] = None
+    traeger_field: ClassVar[str | None] = "traeger"
+
+    traeger: Slug
+    """The Träger whose message was refused (the owner of the topic it arrived on)."""
+    refused_event_id: str | None = Field(default=None, max_length=256)
+    """The CloudEvents ``id`` of the refused message (absent when it was no CloudEvent)."""
+    refused_event_type: str | None = Field(default=None, max_length=256)
+    """Its CloudEvents ``type``, if it had one."""
+    refused_topic: str = Field(max_length=249)
+    """The topic it was read from (the Träger's responses topic)."""
+    refused_partition: int = Field(ge=0)
+    """Its partition."""
+    refused_offset: int = Field(ge=0)
+    """Its offset."""
+    reason_code: AnswerRefusedCode
+    """Why it was refused (machine-readable)."""
+    reason: str = Field(max_length=1000)
+    """Why it was refused, in words."""
+    refused_at: AwareDatetime
+    """When it was refused."""
+
+    @classmethod
+    def example(cls) -> AnswerRefused:
+        return cls(
+            traeger=EXAMPLE_TRAEGER,
+            refused_event_id="b1f0c3d2-4e5a-4b6c-8d7e-9f0a1b2c3d4e",
+            refused_event_type="de.lotse.partner.referral-answer.v1",
+            refused_topic="lotse.partner.hebammenzentrum-dortmund.responses",
+            refused_partition=0,
+            refused_offset=42,
+            reason_code=AnswerRefusedCode.ILLEGAL_STEP,
+            reason="completed is only possible from in-progress; the referral is accepted",
+            refused_at=datetime(2025, 3, 4, 9, 31, tzinfo=BERLIN_WINTER),
+        )

@@ -40,7 +40,7 @@ from lotse_runtime.auth import (
     JwksSource,
     JwtCallerResolver,
 )
-from lotse_runtime.consumer import EventConsumer, Handler
+from lotse_runtime.consumer import EventConsumer, Handler, RefusalHook
 from lotse_runtime.db import Database, transient_error
 from lotse_runtime.docs import serve_docs_offline
 from lotse_runtime.health import ReadinessCheck, health_router
@@ -150,9 +150,15 @@ class ServiceRuntime(Generic[S]):
         return self.settings.service_name
 
     def add_consumer(
-        self, name: str, topics: Iterable[str], handlers: Mapping[str, Handler]
+        self,
+        name: str,
+        topics: Iterable[str],
+        handlers: Mapping[str, Handler],
+        *,
+        on_refused: RefusalHook | None = None,
     ) -> EventConsumer:
-        """Register a consumer group ``lotse-<service>-<name>`` over (unprefixed) topics."""
+        """Register a consumer group ``lotse-<service>-<name>`` over (unprefixed) topics;
+        ``on_refused`` is called for each record it dead-letters (see ``Refused``)."""
         settings = self.settings
         consumer = EventConsumer(
             name=name,
@@ -169,6 +175,7 @@ class ServiceRuntime(Generic[S]):
             max_event_bytes=settings.max_event_bytes,
             max_attempts=settings.consumer_max_attempts,
             backoff_s=settings.consumer_backoff_s,
+            on_refused=on_refused,
         )
         self.consumers.append(consumer)
         return consumer

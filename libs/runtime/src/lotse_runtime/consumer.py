@@ -109,11 +109,19 @@ DATABASE_RETRY_S = 1.0
 class EventRejected(Exception):
     """A handler's verdict that this event is invalid for the domain (e.g. an answer about a
     referral that was not addressed to its sender). It is dead-lettered at once, without
-    retries, and the transaction's effects are rolled back."""
+    retries, and the transaction's effects are rolled back.
 
-    def __init__(self, reason: str) -> None:
+    ``code`` and ``public_reason`` are what the sender may be told (see
+    :class:`Refused`): a machine-readable code and a reason without anything the sender
+    must not learn; the full ``reason`` goes to the dead-letter topic only."""
+
+    def __init__(
+        self, reason: str, *, code: str | None = None, public_reason: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
+        self.public_reason = public_reason
 
 
 E = TypeVar("E", bound=EventModel, covariant=True)
@@ -143,6 +151,28 @@ class _Verdict:
     reason: str
     error: str = ""
     attempts: int = 0
+    code: str | None = None
+    public_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A record this consumer refused and dead-lettered, as a refusal hook sees it (e.g. to
+    tell the sender on a feed of its own). ``stage`` is the dead letter's stage
+    (envelope, type, schema, duplicate, rejected, routing, handler); ``code`` and
+    ``public_reason`` are the handler's (``EventRejected``), if it gave them."""
+
+    topic: str
+    partition: int
+    offset: int
+    event: CloudEvent | None
+    stage: str
+    reason: str
+    code: str | None = None
+    public_reason: str | None = None
+
+
+RefusalHook = Callable[[Refused], Awaitable[None]]
 
 
 class EventConsumer:
@@ -167,8 +197,10 @@ class EventConsumer:
         backoff_s: float = 0.2,
         batch_size: int = 200,
         max_transaction_s: float = 0.5,
+        on_refused: RefusalHook | None = None,
     ) -> None:
         self.name = name
+        self.on_refused = on_refused
         self.service = service
         self.topics = topics
         self.handlers = dict(handlers)
@@ -524,6 +556,7 @@ class EventConsumer:
         outcome = "ok"
         with self._span(record) as span:
             verdict: _Verdict | None = None
+            event: CloudEvent | None = None
             try:
                 event = from_kafka(record.value, headers, max_bytes=self.max_event_bytes)
             except InvalidCloudEvent as exc:
@@ -537,6 +570,7 @@ class EventConsumer:
             if verdict is not None:
                 outcome = "dead_lettered"
                 await self._dead_letter(record, verdict)
+                await self._tell_refused(record, event, verdict)
                 if span is not None:
                     span.set_status(Status(StatusCode.ERROR, verdict.reason[:200]))
         if self.telemetry is not None:
@@ -603,7 +637,16 @@ class EventConsumer:
                 self.processed += 1
                 return None, "ok"
             except EventRejected as exc:
-                return _Verdict("rejected", exc.reason, attempts=attempt), ""
+                return (
+                    _Verdict(
+                        "rejected",
+                        exc.reason,
+                        attempts=attempt,
+                        code=exc.code,
+                        public_reason=exc.public_reason,
+                    ),
+                    "",
+                )
             except Refusal as exc:
                 # The same refusal an HTTP caller would get: the event is at fault, not the
                 # moment, so it is dead-lettered at once with the field and the reason.
@@ -644,6 +687,34 @@ class EventConsumer:
                     extra={"consumer": self.name, "attempt": attempt, "error": error},
                 )
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+
+    async def _tell_refused(
+        self, record: ConsumerRecord[Any, Any], event: CloudEvent | None, verdict: _Verdict
+    ) -> None:
+        """Run the refusal hook after the dead letter is safe. A hook that fails is logged
+        and counted, never retried: the dead letter is ops' copy, the notice a courtesy."""
+        if self.on_refused is None:
+            return
+        try:
+            await self.on_refused(
+                Refused(
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    event=event,
+                    stage=verdict.stage,
+                    reason=verdict.reason[:MAX_REASON_CHARS],
+                    code=verdict.code,
+                    public_reason=verdict.public_reason,
+                )
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.error(
+                "refusal notice failed",
+                extra={"consumer": self.name, "error": f"{type(exc).__name__}: {exc}"},
+            )
 
     async def _database_answers(self) -> bool:
         try:

@@ -92,8 +92,11 @@ class Outbox:
         *,
         event_id: str | None = None,
         time: datetime | None = None,
+        audiences_only: bool = False,
     ) -> CloudEvent:
-        """Add an event for its domain topic and every audience feed the registry names.
+        """Add an event for its domain topic and every audience feed the registry names
+        (``audiences_only``: for the feeds only, e.g. a notice to one partner that is no
+        fact of the domain).
 
         Raises ``RoutingError`` when the registry cannot place a routed event; the caller's
         transaction then fails and nothing is stored.
@@ -102,13 +105,14 @@ class Outbox:
         # again here, so that no service can publish what its own contract forbids.
         type(event).model_validate(event.model_dump())
         cloudevent = event.to_cloudevent(event_id=event_id, time=time, source=self.source)
-        self.add_cloudevent(session, cloudevent, type(event).topic)
+        self.add_cloudevent(session, cloudevent, None if audiences_only else type(event).topic)
         return cloudevent
 
-    def add_cloudevent(self, session: AsyncSession, event: CloudEvent, topic: str) -> None:
-        """Add an already-built CloudEvent (e.g. a re-published one) for ``topic``."""
+    def add_cloudevent(self, session: AsyncSession, event: CloudEvent, topic: str | None) -> None:
+        """Add an already-built CloudEvent (e.g. a re-published one) for ``topic`` (None:
+        only for the audience feeds)."""
         trace = inject_headers()
-        copies = [(topic, event)]
+        copies = [] if topic is None else [(topic, event)]
         if self.registry is not None:
             copies.extend(self.registry.route(event))
         for target, copy in copies:

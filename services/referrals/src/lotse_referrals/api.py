@@ -25,6 +25,7 @@ from lotse_contracts.events.referrals import (
     ReferralOrigin,
     ReferralStatus,
     RejectionReason,
+    WishWaitingFor,
 )
 from lotse_contracts.personal import encode_data_key
 from lotse_runtime.identity import Caller, CallerDep, Role
@@ -75,6 +76,16 @@ class TraegerPublic(BaseModel):
     free_capacity: int
     active: bool = Field(description="False: takes no new referrals at present.")
     edited: bool = Field(description="Changed through the API (kept over restarts).")
+    edited_fields: list[str] = Field(
+        default_factory=list,
+        description="The fields changed through the API: they keep their values over "
+        "restarts until the city file changes the same field; the others follow the file.",
+    )
+    retired: bool = Field(
+        default=False,
+        description="No longer in the city configuration: takes no new referrals; its "
+        "referrals stay and can be followed and answered.",
+    )
 
 
 class TraegerUpdate(RequestModel):
@@ -199,9 +210,29 @@ class WishPublic(BaseModel):
     traeger: str | None
     urgent: bool
     state: str
-    problem: str | None
+    problem: str | None = Field(description="Why it is not a referral yet, and what helps.")
+    waiting_for: WishWaitingFor | None = Field(
+        default=None,
+        description="What an open wish waits for: consent (no consent names a Träger "
+        "offering the module), capacity, offer (not offered in the Bezirk), case, keyring.",
+    )
     referral_id: str | None
     created_at: datetime
+    escalated_at: datetime | None = Field(
+        default=None, description="When it was escalated to the Bezirksteam (once)."
+    )
+
+
+class WishPlacement(RequestModel):
+    """The Träger the Familienbüro chooses for a waiting wish. The family's
+    ``traeger_contact`` consent must name that Träger (and cover the module): record it
+    first (intake), otherwise the placement is refused (409, field ``consent_ref``)."""
+
+    traeger: Slug = Field(description="The chosen Träger (catalogue slug).")
+    urgent: bool | None = Field(default=None, description="Default: as the wish says.")
+    disclose: list[PersonalField] | None = Field(
+        default=None, description="Narrow the disclosed contact fields further."
+    )
 
 
 class DisclosureKey(BaseModel):
@@ -261,8 +292,10 @@ def _traeger_public(listing: catalogue.Listing) -> TraegerPublic:
         capacity_per_month=row.capacity_per_month,
         used_this_month=used,
         free_capacity=catalogue.offer_of(row, used).free_capacity,
-        active=row.active,
+        active=row.active and not row.retired,
         edited=row.edited,
+        edited_fields=list(row.edited_fields or []),
+        retired=row.retired,
     )
 
 
@@ -331,7 +364,7 @@ async def update_traeger(
     slug: str, body: TraegerUpdate, ctx: ContextDep, caller: CallerDep
 ) -> TraegerPublic:
     changes = body.model_dump(exclude_unset=True)
-    return _traeger_public(await catalogue.update_traeger(ctx, caller, slug, changes))
+    return _traeger_public(await ops.change_catalogue_entry(ctx, caller, slug, changes))
 
 
 @router.get(
@@ -483,6 +516,28 @@ async def wishes_of_bezirk(
     state: Annotated[Literal["open", "placed", "dropped"], Query()] = "open",
 ) -> list[WishPublic]:
     return [_wish_public(w) for w in await ops.wishes_of_bezirk(ctx, caller, bezirk, state=state)]
+
+
+@router.post(
+    "/wishes/{wish_id}/placement",
+    tags=OVERVIEWS,
+    status_code=201,
+    response_model=WishPublic,
+    summary="Place a waiting wish with the Träger the Familienbüro chooses",
+    responses={
+        409: {
+            "description": "No consent names that Träger, no free place, or the wish is "
+            "no longer open"
+        },
+        422: {"description": "Unknown Träger, or it does not offer the module in the Bezirk"},
+        503: {"description": "The keyring is unavailable; try again"},
+    },
+)
+async def place_wish(
+    wish_id: str, body: WishPlacement, ctx: ContextDep, caller: CallerDep
+) -> WishPublic:
+    choice = ops.Placement(**body.model_dump())
+    return _wish_public(await ops.place_wish(ctx, caller, wish_id, choice))
 
 
 @router.get(

@@ -85,6 +85,7 @@ def _wire(runtime: ServiceRuntime[ReferralsSettings], ctx: Context) -> None:
 
     async def escalate(rt: ServiceRuntime[Any]) -> None:
         await ops.escalate_overdue(ctx, rt.clock())
+        await ops.escalate_waiting_wishes(ctx, rt.clock())
 
     async def place_waiting(rt: ServiceRuntime[Any]) -> None:
         await ops.place_waiting_wishes(ctx, rt.clock())

@@ -9,13 +9,14 @@ refusal is a :class:`~lotse_runtime.refusal.Refusal`, a caller without the right
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
 from lotse_contracts.city import Municipality
 from lotse_contracts.events.referrals import ReferralStatus
 from lotse_runtime.identity import AccessDenied, Caller, Role
-from lotse_runtime.refusal import Refusal
+from lotse_runtime.refusal import Conflict, Refusal
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,7 +25,9 @@ from sqlmodel import col
 from lotse_referrals import domain
 from lotse_referrals.context import Context
 from lotse_referrals.domain import Offer
-from lotse_referrals.tables import CatalogueTraeger, Referral
+from lotse_referrals.tables import CatalogueCity, CatalogueTraeger, Referral
+
+_log = logging.getLogger(__name__)
 
 #: A catalogue entry with the places it holds this month.
 Listing = tuple[CatalogueTraeger, int]
@@ -57,7 +60,8 @@ def offer_of(row: CatalogueTraeger, used: int) -> Offer:
         bezirke=tuple(row.bezirke),
         capacity_per_month=row.capacity_per_month,
         used_this_month=used,
-        active=row.active,
+        # A Träger the city file no longer names takes no new referrals, whatever its flag.
+        active=row.active and not row.retired,
     )
 
 
@@ -149,19 +153,44 @@ async def update_traeger(
     now = ctx.clock()
     async with ctx.db.transaction() as session:
         row = await _entry(session, slug)
-        for key, value in changes.items():
-            if value is not None:
-                setattr(row, key, value)
-        row.edited = True
+        if row.retired:
+            raise Conflict(
+                "slug",
+                f"Träger {slug} is no longer in the configuration of {ctx.city.name} (retired); "
+                "add it to the city file to change it",
+            )
+        changed = [k for k, v in changes.items() if v is not None]
+        for key in changed:
+            setattr(row, key, changes[key])
+        row.edited_fields = sorted(set(row.edited_fields or []) | set(changed))
+        row.edited = bool(row.edited_fields)
         row.updated_at = now
         session.add(row)
         used = await usage_this_month(session, ctx, now)
     return row, used.get(slug, 0)
 
 
+class CityMismatch(RuntimeError):
+    """The database holds another city's catalogue: starting would mix two cities."""
+
+
+#: The fields of a catalogue entry the city file sets (``active`` is the API's only).
+FILE_FIELDS = ("name", "contact", "modules", "bezirke", "capacity_per_month")
+
+
 async def seed_catalogue(ctx: Context, now: datetime) -> int:
-    """Bring the catalogue tables in line with the city configuration: new Träger are added,
-    unedited ones follow the file, ones edited through the API keep their edits."""
+    """Reconcile the catalogue tables with the city configuration (at every start).
+
+    * The database remembers its city; another city's configuration is refused
+      (:class:`CityMismatch`) instead of mixing two cities' Träger.
+    * A new Träger of the file is added. For a known one, each field the file sets follows
+      the file, except one changed through the API (``edited_fields``), which keeps its
+      edit until the file changes that same field (the file's values as last applied are
+      in ``seeded``); ``active`` is set through the API only.
+    * A Träger the file no longer names is retired, never deleted: its referrals keep
+      pointing at it and can be followed and answered, no new referral goes to it, and it
+      comes back if the file names it again. Modules and Bezirke the city no longer has
+      are dropped from every entry."""
     try:
         return await _seed_catalogue(ctx, now)
     except IntegrityError:
@@ -173,11 +202,11 @@ async def _seed_catalogue(ctx: Context, now: datetime) -> int:
     changed = 0
     async with ctx.db.transaction() as session:
         rows = {r.slug: r for r in (await session.execute(select(CatalogueTraeger))).scalars()}
+        await _same_city(session, ctx, rows, now)
+        configured = {t.slug for t in ctx.city.traeger}
         # In slug order, the order in which new referrals lock Träger rows (no deadlock).
         for traeger in sorted(ctx.city.traeger, key=lambda t: t.slug):
             row = rows.get(traeger.slug)
-            if row is not None and row.edited:
-                continue
             wanted: dict[str, Any] = {
                 "name": traeger.name,
                 "contact": traeger.contact,
@@ -186,14 +215,76 @@ async def _seed_catalogue(ctx: Context, now: datetime) -> int:
                 "capacity_per_month": traeger.capacity_per_month,
             }
             if row is None:
-                session.add(CatalogueTraeger(slug=traeger.slug, **wanted, updated_at=now))
+                session.add(
+                    CatalogueTraeger(slug=traeger.slug, **wanted, seeded=wanted, updated_at=now)
+                )
                 changed += 1
-            elif any(getattr(row, k) != v for k, v in wanted.items()):
-                for key, value in wanted.items():
-                    setattr(row, key, value)
+            elif _reconcile(row, wanted, ctx.city):
                 row.updated_at = now
                 changed += 1
+        for slug in sorted(set(rows) - configured):
+            row = rows[slug]
+            if not row.retired:
+                row.retired = True
+                row.updated_at = now
+                changed += 1
+                _log.warning(
+                    "Träger retired: no longer in the city configuration",
+                    extra={"traeger": slug, "city": ctx.city.slug},
+                )
     return changed
+
+
+def _reconcile(row: CatalogueTraeger, wanted: dict[str, Any], city: Municipality) -> bool:
+    """Apply the file's values to a known entry, field by field (see seed_catalogue)."""
+    before = {k: getattr(row, k) for k in (*FILE_FIELDS, "retired", "edited_fields", "seeded")}
+    previous = row.seeded or {}
+    edited = set(row.edited_fields or [])
+    for key, value in wanted.items():
+        file_changed = key in previous and previous[key] != value
+        if file_changed:
+            edited.discard(key)
+        if key not in edited:
+            setattr(row, key, value)
+    # What the city no longer has cannot stay in an edited entry either.
+    row.modules = [m for m in row.modules if m in city.module_slugs] or list(wanted["modules"])
+    row.bezirke = [b for b in row.bezirke if b == "*" or b in city.bezirk_slugs] or list(
+        wanted["bezirke"]
+    )
+    row.edited_fields = sorted(edited)
+    row.edited = bool(edited)
+    row.seeded = dict(wanted)
+    row.retired = False
+    after = {k: getattr(row, k) for k in before}
+    return after != before
+
+
+async def _same_city(
+    session: AsyncSession, ctx: Context, rows: dict[str, CatalogueTraeger], now: datetime
+) -> None:
+    """Refuse another city's catalogue; remember this city on the first start."""
+    city = ctx.city
+    recorded = list((await session.execute(select(CatalogueCity))).scalars())
+    other = [r for r in recorded if r.slug != city.slug]
+    if other:
+        raise CityMismatch(
+            f"the referrals database holds the offer catalogue of {other[0].name} "
+            f"({other[0].slug}, seeded {other[0].seeded_at:%Y-%m-%d}), but the configured city "
+            f"is {city.name} ({city.slug}): start {city.name} with its own data directory "
+            "or database (e.g. another var/ or LOTSE_REFERRALS_DATABASE_URL), or configure "
+            f"{other[0].slug} again; two cities' catalogues are never mixed"
+        )
+    if recorded:
+        return
+    known = set(city.traeger_slugs)
+    if rows and not known & set(rows):
+        raise CityMismatch(
+            f"the referrals database holds Träger of another city ({', '.join(sorted(rows)[:5])}"
+            f"{', …' if len(rows) > 5 else ''}) and none of {city.name} ({city.slug}): start "
+            f"{city.name} with its own data directory or database; two cities' catalogues are "
+            "never mixed"
+        )
+    session.add(CatalogueCity(slug=city.slug, name=city.name, seeded_at=now))
 
 
 # --- the places of a new referral ---------------------------------------------------------

@@ -26,13 +26,16 @@ from lotse_contracts.events.intake import (
 )
 from lotse_contracts.events.partner import PartnerReferralAnswer
 from lotse_contracts.events.referrals import (
+    AnswerRefused,
+    AnswerRefusedCode,
     ReferralCancelReason,
     ReferralOrigin,
     ReferralStatus,
+    WishWaitingFor,
 )
 from lotse_contracts.events.visits import VisitCompleted
 from lotse_runtime.app import ServiceRuntime
-from lotse_runtime.consumer import Delivery, EventRejected
+from lotse_runtime.consumer import Delivery, EventRejected, Refused
 from lotse_runtime.handlers import Handlers
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -60,7 +63,10 @@ def wire_consumers(runtime: ServiceRuntime[ReferralsSettings], ctx: Context) -> 
     partners = Handlers()
     partners.on(PartnerReferralAnswer)(partial(partner_answer, ctx))
     runtime.add_consumer(
-        "partners", [topics.partner_responses(t) for t in runtime.city.traeger_slugs], partners
+        "partners",
+        [topics.partner_responses(t) for t in runtime.city.traeger_slugs],
+        partners,
+        on_refused=partial(answer_refused, ctx),
     )
 
 
@@ -113,7 +119,7 @@ async def consent_changed(ctx: Context, delivery: Delivery[ConsentChanged]) -> N
     if not fresh or data.scope is not ConsentScope.TRAEGER_CONTACT:
         return
     if data.state is ConsentState.WITHDRAWN:
-        await ops.cancel_open(
+        cancelled = await ops.cancel_open(
             session,
             ctx,
             case_id=data.case_id,
@@ -131,7 +137,9 @@ async def consent_changed(ctx: Context, delivery: Delivery[ConsentChanged]) -> N
             # The named consent is gone; another consent of the family may still cover it.
             wish.consent_ref = None
             wish.problem = "consent_ref: the consent was withdrawn"
+            wish.waiting_for = WishWaitingFor.CONSENT.value
             session.add(wish)
+        await _places_freed(session, ctx, cancelled, now)
     else:
         await ops.place_open_wishes(session, ctx, now, case_id=data.case_id)
 
@@ -158,7 +166,7 @@ async def family_erased(ctx: Context, delivery: Delivery[FamilyErased]) -> None:
     data = delivery.data
     session = delivery.session
     now = ctx.clock()
-    await ops.cancel_open(
+    cancelled = await ops.cancel_open(
         session,
         ctx,
         case_id=data.case_id,
@@ -181,6 +189,7 @@ async def family_erased(ctx: Context, delivery: Delivery[FamilyErased]) -> None:
     case.personal = None
     case.erased_at = data.erased_at
     session.add(case)
+    await _places_freed(session, ctx, cancelled, now)
     # The sealed disclosures went out under the family key, which intake destroyed: the
     # copies on the Träger feeds are unreadable now; locally only field names remain.
 
@@ -289,6 +298,22 @@ async def visit_completed(ctx: Context, delivery: Delivery[VisitCompleted]) -> N
 # --- shared ----------------------------------------------------------------------------
 
 
+async def _places_freed(
+    session: AsyncSession, ctx: Context, referral_ids: list[str], now: datetime
+) -> None:
+    """Referrals cancelled or rejected just now free their places: the open wishes of their
+    modules are tried again at once (skipping any another transaction holds, see
+    ``ops.place_open_wishes``)."""
+    if not referral_ids:
+        return
+    modules = await session.execute(
+        select(col(Referral.module)).where(col(Referral.referral_id).in_(referral_ids))
+    )
+    await ops.place_open_wishes(
+        session, ctx, now, modules=sorted(set(modules.scalars())), skip_locked=True
+    )
+
+
 def _known_module_and_traeger(ctx: Context, module: str, traeger: str | None) -> None:
     city = ctx.city
     if module not in city.module_slugs:
@@ -349,30 +374,50 @@ async def partner_answer(ctx: Context, delivery: Delivery[PartnerReferralAnswer]
     settings = ctx.settings
     expected_topic = settings.topic(topics.partner_responses(data.traeger))
     if delivery.topic != expected_topic:
-        raise EventRejected(
+        reason = (
             f"answer of Träger {data.traeger} arrived on {delivery.topic}, "
             f"not on its own topic {expected_topic}"
         )
+        raise _refused(AnswerRefusedCode.WRONG_TOPIC, reason)
     if delivery.event.source != data.partner_source():
-        raise EventRejected(
+        reason = (
             f"source {delivery.event.source} does not match Träger {data.traeger} "
             f"(expected {data.partner_source()})"
         )
+        raise _refused(AnswerRefusedCode.WRONG_SOURCE, reason)
     session = delivery.session
     referral = await session.get(Referral, data.referral_id)
+    # Whether the referral exists, or is another Träger's, the sender is told alike.
+    unknown = (
+        f"no referral {data.referral_id} of case {data.case_id} is addressed to "
+        f"Träger {data.traeger}"
+    )
     if referral is None:
-        raise EventRejected(f"no referral {data.referral_id}")
+        raise _refused(
+            AnswerRefusedCode.UNKNOWN_REFERRAL, f"no referral {data.referral_id}", unknown
+        )
     if referral.traeger != data.traeger:
-        raise EventRejected(
-            f"referral {data.referral_id} is not addressed to Träger {data.traeger}"
+        raise _refused(
+            AnswerRefusedCode.UNKNOWN_REFERRAL,
+            f"referral {data.referral_id} is not addressed to Träger {data.traeger}",
+            unknown,
         )
     if referral.case_id != data.case_id:
-        raise EventRejected(f"referral {data.referral_id} belongs to another case")
+        raise _refused(
+            AnswerRefusedCode.UNKNOWN_REFERRAL,
+            f"referral {data.referral_id} belongs to another case",
+            unknown,
+        )
     now = ctx.clock()
     if data.occurred_at > now + timedelta(seconds=settings.answer_clock_skew_s):
-        raise EventRejected(f"occurred_at {data.occurred_at.isoformat()} lies in the future")
+        raise _refused(
+            AnswerRefusedCode.IMPLAUSIBLE_TIME,
+            f"occurred_at {data.occurred_at.isoformat()} lies in the future",
+        )
     if data.occurred_at < referral.requested_at - timedelta(seconds=settings.answer_clock_skew_s):
-        raise EventRejected("occurred_at lies before the referral was requested")
+        raise _refused(
+            AnswerRefusedCode.IMPLAUSIBLE_TIME, "occurred_at lies before the referral was requested"
+        )
     try:
         # Conditional on the referral's version: an answer that lost against a
         # concurrent step (HTTP or another answer) is refused like any illegal one.
@@ -389,4 +434,81 @@ async def partner_answer(ctx: Context, delivery: Delivery[PartnerReferralAnswer]
             source_event_id=delivery.event.id,
         )
     except TransitionRefused as exc:
-        raise EventRejected(f"referral {data.referral_id}: {exc.reason}") from None
+        raise _refused(
+            AnswerRefusedCode.ILLEGAL_STEP, f"referral {data.referral_id}: {exc.reason}"
+        ) from None
+    if Step.from_answer(data.answer) in domain.FREES_A_PLACE:
+        await _places_freed(session, ctx, [referral.referral_id], now)
+
+
+def _refused(code: AnswerRefusedCode, reason: str, public: str | None = None) -> EventRejected:
+    """A refused answer: ``reason`` for the dead letter, ``public`` (default: the same)
+    for the sender's notice."""
+    return EventRejected(reason, code=code.value, public_reason=public or reason)
+
+
+#: The code of a refusal the consumer itself made (before or around the handler).
+_STAGE_CODES = {
+    "envelope": AnswerRefusedCode.INVALID_ENVELOPE,
+    "type": AnswerRefusedCode.UNKNOWN_TYPE,
+    "schema": AnswerRefusedCode.SCHEMA_VIOLATION,
+    "duplicate": AnswerRefusedCode.CONFLICTING_DUPLICATE,
+}
+#: Stages whose reason is about the sender's own message only, so it may be told.
+_TOLD_AS_IS = {"envelope", "type", "schema"}
+
+
+def refusal_notice(ctx: Context, refused: Refused, now: datetime) -> AnswerRefused | None:
+    """The notice for the Träger whose message on its responses topic was refused, or None.
+
+    It goes to the Träger that owns the topic the message arrived on (only that Träger may
+    write there), if that is a Träger of the city's catalogue; never to a Träger the
+    message merely names. It says what the sender may know: its own message's coordinates,
+    a code and a reason, nothing of another Träger's referral (an unknown referral and
+    another Träger's are refused alike)."""
+    owners = {
+        ctx.settings.topic(topics.partner_responses(slug)): slug for slug in ctx.city.traeger_slugs
+    }
+    traeger = owners.get(refused.topic)
+    if traeger is None:
+        return None
+    if refused.code is not None:
+        code = AnswerRefusedCode(refused.code)
+        reason = refused.public_reason or "the answer was refused"
+    else:
+        code = _STAGE_CODES.get(refused.stage, AnswerRefusedCode.NOT_APPLIED)
+        if refused.stage in _TOLD_AS_IS:
+            reason = refused.reason
+        elif code is AnswerRefusedCode.CONFLICTING_DUPLICATE:
+            reason = "this event id was sent before with other data; use a new id"
+        else:
+            reason = "the answer could not be applied; Lotse's operators have it"
+    event = refused.event
+    return AnswerRefused(
+        traeger=traeger,
+        refused_event_id=None if event is None else event.id[:256],
+        refused_event_type=None if event is None else event.type[:256],
+        refused_topic=refused.topic,
+        refused_partition=refused.partition,
+        refused_offset=refused.offset,
+        reason_code=code,
+        reason=reason[:1000],
+        refused_at=now,
+    )
+
+
+async def answer_refused(ctx: Context, refused: Refused) -> None:
+    """Tell the sender of a refused answer on its own feed (``answer-refused``); the dead
+    letter stays ops' copy. The notice's id is derived from the refused record's place, so a
+    redelivery of the same record (after a crash) repeats the same notice, not a new one."""
+    now = ctx.clock()
+    notice = refusal_notice(ctx, refused, now)
+    if notice is None:
+        return
+    notice_id = uuid.uuid5(
+        uuid.NAMESPACE_URL,
+        f"lotse:answer-refused:{refused.topic}:{refused.partition}:{refused.offset}",
+    )
+    async with ctx.db.transaction() as session:
+        # For the Träger's feed only: a refused answer is no fact of the domain.
+        ctx.outbox.add(session, notice, event_id=str(notice_id), audiences_only=True)

@@ -62,6 +62,8 @@ OPEN_STATUSES: frozenset[ReferralStatus] = frozenset(
 )
 """Statuses in which a referral is still running (and may be cancelled)."""
 FINAL_STATUSES: frozenset[ReferralStatus] = frozenset({S.REJECTED, S.COMPLETED, S.CANCELLED})
+FREES_A_PLACE: frozenset[Step] = frozenset({Step.REJECTED, Step.CANCELLED})
+"""Steps after which the referral no longer holds a place of its Träger this month."""
 AWAITING_ANSWER: frozenset[ReferralStatus] = frozenset({S.REQUESTED, S.RECEIVED})
 """Statuses in which the Träger still owes its decision (accept or reject): these escalate."""
 
@@ -278,6 +280,13 @@ def answer_due_by(
 ) -> date:
     """Last day for the Träger's decision: N working days after the request day."""
     return calendar.add_working_days(requested_on, urgent_days if urgent else days)
+
+
+def wish_escalation_due(
+    created_on: date, today: date, *, days: int, calendar: WorkingCalendar
+) -> bool:
+    """Whether an open wish is to be escalated: still open after ``days`` working days."""
+    return today > calendar.add_working_days(created_on, days)
 
 
 def escalation_due(

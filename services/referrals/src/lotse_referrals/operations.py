@@ -50,6 +50,8 @@ from lotse_contracts.events.referrals import (
     ReferralRequested,
     ReferralStatus,
     RejectionReason,
+    WishEscalated,
+    WishWaitingFor,
 )
 from lotse_runtime import audit
 from lotse_runtime.identity import AccessDenied, Caller, CaseScope, ensure_may_access_case
@@ -63,7 +65,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import col
 
 from lotse_referrals import domain
-from lotse_referrals.catalogue import load_offers, lock_places
+from lotse_referrals.catalogue import Listing, load_offers, lock_places, update_traeger
 from lotse_referrals.context import SERVICE, Context
 from lotse_referrals.domain import Actor, ConsentView, Offer, Step
 from lotse_referrals.keyring import (
@@ -693,30 +695,80 @@ async def cancel_open(
 # --- wishes (handovers and visit outcomes waiting for a referral) -------------------------
 
 
+async def _named_consent(session: AsyncSession, wish: Wish) -> str | None:
+    """The consent a wish names, if it names a Träger. A consent that names none ("the
+    Familienbüro chooses") covers nobody by itself (§ 65 SGB VIII), so such a wish rests
+    on whichever consent of the family names the Träger chosen, once there is one."""
+    if wish.consent_ref is None:
+        return None
+    named = await session.get(ConsentRecord, wish.consent_ref)
+    if named is not None and named.traeger is None and named.case_id == wish.case_id:
+        return None
+    return wish.consent_ref
+
+
+def waiting_for(exc: Refusal | Unavailable) -> WishWaitingFor:
+    """What a wish waits for, from the refusal that kept it from becoming a referral."""
+    if isinstance(exc, Unavailable):
+        return WishWaitingFor.KEYRING
+    if exc.field == "consent_ref":
+        return WishWaitingFor.CONSENT
+    if exc.field == "case_id":
+        return WishWaitingFor.CASE
+    if exc.field == "traeger":
+        return WishWaitingFor.CAPACITY if "capacity" in exc.reason else WishWaitingFor.OFFER
+    if exc.field == "module" and "no Träger offers" in exc.reason:
+        return WishWaitingFor.OFFER
+    return WishWaitingFor.OTHER
+
+
+_HINTS = {
+    WishWaitingFor.CONSENT: "record the family's traeger_contact consent naming a Träger "
+    "that offers the module: the wish is placed at once (or with POST "
+    "/wishes/{wish_id}/placement naming that Träger)",
+    WishWaitingFor.CAPACITY: "placed as soon as a place is free (a rejection, a "
+    "cancellation, more capacity, a new month), or with POST /wishes/{wish_id}/placement "
+    "naming another consented Träger",
+    WishWaitingFor.OFFER: "placed when the catalogue offers the module in the Stadtbezirk",
+}
+
+
+def _wait(session: AsyncSession, wish: Wish, exc: Refusal | Unavailable, now: datetime) -> None:
+    """Record on the open wish why it waits, and for what."""
+    why = waiting_for(exc)
+    text = f"{exc.field}: {exc.reason}" if isinstance(exc, Refusal) else f"keyring: {exc}"
+    hint = _HINTS.get(why)
+    wish.problem = text if hint is None else f"{text} — {hint.replace('{wish_id}', wish.wish_id)}"
+    wish.waiting_for = why.value
+    wish.updated_at = now
+    session.add(wish)
+
+
+def _wish_referral(wish: Wish, consent_ref: str | None, **changes: Any) -> NewReferral:
+    values: dict[str, Any] = {
+        "case_id": wish.case_id,
+        "module": wish.module,
+        "origin": ReferralOrigin(wish.origin),
+        "requested_by_role": EventRole(wish.requested_by_role),
+        "traeger": wish.traeger,
+        "consent_ref": consent_ref,
+        "urgent": wish.urgent,
+        "handover_id": wish.source_id if wish.origin == ReferralOrigin.HANDOVER.value else None,
+        "visit_id": wish.source_id if wish.origin == ReferralOrigin.VISIT.value else None,
+    }
+    values.update(changes)
+    return NewReferral(**values)
+
+
 async def place(session: AsyncSession, ctx: Context, wish: Wish, now: datetime) -> bool:
-    """Try to turn an open wish into a referral; records why not when it cannot (yet)."""
-    new = NewReferral(
-        case_id=wish.case_id,
-        module=wish.module,
-        origin=ReferralOrigin(wish.origin),
-        requested_by_role=EventRole(wish.requested_by_role),
-        traeger=wish.traeger,
-        consent_ref=wish.consent_ref,
-        urgent=wish.urgent,
-        handover_id=wish.source_id if wish.origin == ReferralOrigin.HANDOVER.value else None,
-        visit_id=wish.source_id if wish.origin == ReferralOrigin.VISIT.value else None,
-    )
+    """Try to turn an open wish into a referral; records why not (and what it waits for)
+    when it cannot (yet)."""
+    new = _wish_referral(wish, await _named_consent(session, wish))
     try:
         # create_referral checks everything before it writes, so a refusal leaves no trace.
         referral = await create_referral(session, ctx, new, now)
     except (Refusal, Unavailable) as exc:
-        wish.problem = (
-            f"{exc.field}: {exc.reason}"
-            if isinstance(exc, Refusal)
-            else f"waiting for the keyring ({exc})"
-        )
-        wish.updated_at = now
-        session.add(wish)
+        _wait(session, wish, exc, now)
         return False
     _placed(session, wish, referral, now)
     return True
@@ -725,26 +777,38 @@ async def place(session: AsyncSession, ctx: Context, wish: Wish, now: datetime) 
 def _placed(session: AsyncSession, wish: Wish, referral: Referral, now: datetime) -> None:
     wish.state = "placed"
     wish.problem = None
+    wish.waiting_for = None
     wish.referral_id = referral.referral_id
     wish.updated_at = now
     session.add(wish)
 
 
 async def place_open_wishes(
-    session: AsyncSession, ctx: Context, now: datetime, *, case_id: str | None = None
+    session: AsyncSession,
+    ctx: Context,
+    now: datetime,
+    *,
+    case_id: str | None = None,
+    modules: Sequence[str] | None = None,
+    skip_locked: bool = False,
 ) -> int:
-    """Place the open wishes (of one case): locked first (``FOR UPDATE``), so a placement
-    job on another replica can neither place them at the same time nor be overtaken; one
-    it is placing right now is waited for and then, no longer open, left out."""
+    """Place the open wishes (of one case, for some modules): locked first (``FOR
+    UPDATE``), so a placement job on another replica can neither place them at the same
+    time nor be overtaken; one it is placing right now is waited for and then, no longer
+    open, left out. ``skip_locked`` skips those instead of waiting: for callers that hold
+    a referral's row already (a place freed by a rejection or cancellation), which must not
+    wait for a wish lock (the lock order is wish, Träger, referral)."""
     query = (
         select(Wish)
         .where(col(Wish.state) == "open")
         .order_by(col(Wish.created_at), col(Wish.wish_id))
-        .with_for_update()
+        .with_for_update(skip_locked=skip_locked)
         .execution_options(populate_existing=True)
     )
     if case_id is not None:
         query = query.where(col(Wish.case_id) == case_id)
+    if modules is not None:
+        query = query.where(col(Wish.module).in_(list(modules)))
     placed = 0
     for wish in list((await session.execute(query)).scalars()):
         if await place(session, ctx, wish, now):
@@ -752,19 +816,17 @@ async def place_open_wishes(
     return placed
 
 
-async def place_waiting_wishes(ctx: Context, now: datetime) -> int:
-    """The placement job: try every open wish again, each in a transaction of its own, so
-    that the keyring calls of a long list hold no lock across the whole pass."""
+async def place_waiting_wishes(
+    ctx: Context, now: datetime, *, modules: Sequence[str] | None = None
+) -> int:
+    """The placement job (and the re-evaluation after a catalogue edit or a freed place,
+    for ``modules``): try every open wish again, each in a transaction of its own, so that
+    the keyring calls of a long list hold no lock across the whole pass."""
+    query = select(col(Wish.wish_id)).where(col(Wish.state) == "open")
+    if modules is not None:
+        query = query.where(col(Wish.module).in_(list(modules)))
     async with ctx.db.transaction() as session:
-        waiting = list(
-            (
-                await session.execute(
-                    select(col(Wish.wish_id))
-                    .where(col(Wish.state) == "open")
-                    .order_by(col(Wish.created_at))
-                )
-            ).scalars()
-        )
+        waiting = list((await session.execute(query.order_by(col(Wish.created_at)))).scalars())
     placed = 0
     for wish_id in waiting:
         async with ctx.db.transaction() as session:
@@ -852,6 +914,132 @@ async def _escalate(ctx: Context, referral_id: str, today: date, now: datetime) 
             ),
         )
         return True
+
+
+async def escalate_waiting_wishes(ctx: Context, now: datetime) -> list[str]:
+    """Escalate to the Bezirksteam every wish still open after the configured number of
+    working days (``wish_escalation_working_days``); each exactly once, also with several
+    replicas running this job (the conditional update on ``escalated_at`` is the claim)."""
+    today = ctx.today(now)
+    days = ctx.settings.wish_escalation_working_days
+    async with ctx.db.transaction() as session:
+        rows = (
+            await session.execute(
+                select(col(Wish.wish_id), col(Wish.created_at))
+                .where(col(Wish.state) == "open")
+                .where(col(Wish.escalated_at).is_(None))
+                .order_by(col(Wish.created_at))
+            )
+        ).all()
+    zone = ctx.city.zone()
+    due = [
+        wish_id
+        for wish_id, created in rows
+        if domain.wish_escalation_due(
+            domain.local_date(created, zone), today, days=days, calendar=ctx.calendar
+        )
+    ]
+    escalated = [w for w in due if await _escalate_wish(ctx, w, today, now)]
+    if escalated:
+        _log.info("wishes escalated", extra={"count": len(escalated)})
+    return escalated
+
+
+async def _escalate_wish(ctx: Context, wish_id: str, today: date, now: datetime) -> bool:
+    async with ctx.db.transaction() as session:
+        claimed = await session.execute(
+            update(Wish)
+            .where(col(Wish.wish_id) == wish_id)
+            .where(col(Wish.state) == "open")
+            .where(col(Wish.escalated_at).is_(None))
+            .values(escalated_at=now, updated_at=now)
+        )
+        if getattr(claimed, "rowcount", 0) != 1:
+            return False
+        wish = await session.get(Wish, wish_id)
+        assert wish is not None
+        await session.refresh(wish)
+        created = domain.local_date(wish.created_at, ctx.city.zone())
+        ctx.outbox.add(
+            session,
+            WishEscalated(
+                wish_id=wish.wish_id,
+                case_id=wish.case_id,
+                bezirk=wish.bezirk,
+                module=wish.module,
+                origin="visit" if wish.origin == ReferralOrigin.VISIT.value else "handover",
+                waiting_for=WishWaitingFor(wish.waiting_for or WishWaitingFor.OTHER.value),
+                reason=(wish.problem or "not placed yet")[:1000],
+                working_days_open=max(
+                    1, ctx.calendar.working_days_between(created, today - timedelta(days=1))
+                ),
+                occurred_at=now,
+            ),
+        )
+        return True
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The Familienbüro's choice for a waiting wish: the Träger, and optionally fewer
+    disclosed fields and urgency."""
+
+    traeger: str
+    disclose: Sequence[PersonalField] | None = None
+    urgent: bool | None = None
+
+
+async def place_wish(ctx: Context, caller: Caller, wish_id: str, choice: Placement) -> Wish:
+    """The Familienbüro (or Bezirksteam) of the family's Bezirk places an open wish with
+    the Träger it names. Every gate of a new referral applies: the Träger must offer the
+    module there and have a free place, and a consent of the family must name that Träger
+    (and purpose): record it first. A refusal changes nothing, not even the wish's reason."""
+    now = ctx.clock()
+    async with ctx.db.transaction() as session:
+        wish = (
+            await session.execute(
+                select(Wish).where(col(Wish.wish_id) == wish_id).with_for_update()
+            )
+        ).scalar_one_or_none()
+        scope = None if wish is None else CaseScope(bezirk=wish.bezirk, case_id=wish.case_id)
+        ensure_may_access_case(caller, scope, personal_data=True)
+        assert wish is not None
+        if wish.state != "open":
+            raise Conflict(
+                "wish_id",
+                f"the wish is {wish.state}"
+                + (f" (referral {wish.referral_id})" if wish.referral_id else ""),
+            )
+        consent_ref = await _named_consent(session, wish)
+        if consent_ref is not None:
+            named = await session.get(ConsentRecord, consent_ref)
+            if named is not None and named.traeger not in (None, choice.traeger):
+                consent_ref = None  # the Familienbüro chose another Träger: its consent counts
+        new = _wish_referral(
+            wish,
+            consent_ref,
+            traeger=choice.traeger,
+            disclose=choice.disclose,
+            urgent=wish.urgent if choice.urgent is None else choice.urgent,
+            requested_by_role=event_role_of(caller.role),
+            requested_by_subject=caller.subject,
+        )
+        referral = await create_referral(
+            session, ctx, new, now, caller=caller, path="/wishes/{wish_id}/placement"
+        )
+        _placed(session, wish, referral, now)
+    return wish
+
+
+async def change_catalogue_entry(
+    ctx: Context, caller: Caller, slug: str, changes: dict[str, Any]
+) -> Listing:
+    """Change a catalogue entry, then try the open wishes its modules could unblock (more
+    capacity, a new module or Bezirk, active again) at once."""
+    listing = await update_traeger(ctx, caller, slug, changes)
+    row = listing[0]
+    await place_waiting_wishes(ctx, ctx.clock(), modules=list(row.modules))
+    return listing
 
 
 # --- referrals asked for and followed by people (the HTTP API) ----------------------------
@@ -971,6 +1159,9 @@ async def step_referral(
             )
         except domain.TransitionRefused as exc:
             raise Conflict("step", exc.reason) from None
+    if step in domain.FREES_A_PLACE:
+        # The place is free again: the waiting wishes of the module may take it now.
+        await place_waiting_wishes(ctx, now, modules=[referral.module])
     return referral
 
 

@@ -64,6 +64,9 @@ POLICY = AccessPolicy(
         "GET /bezirke/{bezirk}/wishes": personal(
             *BEZIRK_ROLES, purpose=PURPOSE, access=Access.read, case_param=None
         ),
+        "POST /wishes/{wish_id}/placement": personal(
+            *BEZIRK_ROLES, purpose=PURPOSE, access=Access.change, case_param=None
+        ),
         "GET /traeger/{slug}/referrals": personal(
             Role.traeger,
             purpose=PURPOSE,

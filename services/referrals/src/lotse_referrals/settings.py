@@ -39,6 +39,14 @@ class ReferralsSettings(ServiceSettings):
     escalation_interval_s: float = Field(
         default=300.0, gt=0, description="How often overdue answers are looked for."
     )
+    wish_escalation_working_days: int = Field(
+        default=5,
+        ge=1,
+        le=60,
+        description="Working days a handover or a visit's referral wish may stay open (no "
+        "consent naming a Träger, no free place, module not offered) before it is escalated "
+        "to the Bezirksteam of the family's Stadtbezirk (once, event wish-escalated).",
+    )
     placement_interval_s: float = Field(
         default=900.0,
         gt=0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Integer, UniqueConstraint, text
+from sqlalchemy import JSON, Boolean, Column, Index, Integer, UniqueConstraint, false, text
 from sqlmodel import Field, SQLModel, UTCDateTime
 
 
@@ -23,8 +23,12 @@ def _ts(nullable: bool = False, index: bool = False) -> Any:
 class CatalogueTraeger(SQLModel, table=True):
     """One Träger (provider agency) of the offer catalogue.
 
-    Seeded from the city configuration at start-up; a row changed through the API
-    (``edited``) keeps its changes over restarts, others follow the configuration.
+    Reconciled with the city configuration at every start (``catalogue.seed_catalogue``),
+    field by field: a field changed through the API (``edited_fields``) keeps its value
+    over restarts unless the city file changed that same field since the last start
+    (``seeded`` holds the file's values as last applied); every other field follows the
+    file. A Träger no longer in the file is ``retired``: kept while referrals point at it,
+    no new ones go to it, and it comes back when the file names it again.
     """
 
     __tablename__ = "referrals_traeger"
@@ -37,7 +41,25 @@ class CatalogueTraeger(SQLModel, table=True):
     capacity_per_month: int
     active: bool = True
     edited: bool = False
+    retired: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
+    edited_fields: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    seeded: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     updated_at: datetime = _ts()
+
+
+class CatalogueCity(SQLModel, table=True):
+    """The city whose configuration the catalogue was seeded from (one row): a start with
+    another city's configuration over this database is refused instead of mixing cities."""
+
+    __tablename__ = "referrals_city"
+
+    slug: str = Field(primary_key=True, max_length=64)
+    name: str
+    seeded_at: datetime = _ts()
 
 
 class Case(SQLModel, table=True):
@@ -182,9 +204,21 @@ class Wish(SQLModel, table=True):
     requested_by_role: str = Field(max_length=32)
     state: str = Field(index=True, max_length=16, description="open, placed or dropped.")
     problem: str | None = None
+    waiting_for: str | None = Field(
+        default=None, max_length=16, description="WishWaitingFor of an open wish."
+    )
     referral_id: str | None = Field(default=None, max_length=36)
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
+    escalated_at: datetime | None = _ts(nullable=True)
 
 
-TABLES: list[type[SQLModel]] = [CatalogueTraeger, Case, ConsentRecord, Referral, ReferralStep, Wish]
+TABLES: list[type[SQLModel]] = [
+    CatalogueCity,
+    CatalogueTraeger,
+    Case,
+    ConsentRecord,
+    Referral,
+    ReferralStep,
+    Wish,
+]
