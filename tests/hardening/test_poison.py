@@ -58,11 +58,13 @@ from lotse_runtime.consumer import (
     DLQ_TOPIC,
     EventConsumer,
 )
+from lotse_runtime.db import transient_error
 from lotse_runtime.outbox import OutboxMessage
 from lotse_visits.app import create_app as create_visits
 from lotse_visits.settings import VisitsSettings
 from lotse_visits.tables import VisitsVisit
 from sqlalchemy import MetaData, func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
@@ -401,8 +403,15 @@ class Platform:
         return [(s, c) for s in self.apps for c in self.runtime(s).consumers]
 
     async def rows(self, service: str, model: Any, *where: Any) -> list[Any]:
-        async with self.runtime(service).db.transaction() as session:
-            return list((await session.execute(select(model).where(*where))).scalars())
+        """The rows, or none while the service holds its SQLite write lock (every SQLite
+        transaction takes it, reads too): the poll asks again rather than failing."""
+        try:
+            async with self.runtime(service).db.transaction() as session:
+                return list((await session.execute(select(model).where(*where))).scalars())
+        except DBAPIError as exc:
+            if transient_error(exc):
+                return []
+            raise
 
 
 @asynccontextmanager
