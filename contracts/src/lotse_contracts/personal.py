@@ -221,12 +221,17 @@ def open_block(block: EncryptedBlock, *, key: bytes, case_id: str) -> dict[str, 
             f"authentication failed for key {block.kid!r}: "
             "wrong key, block of another case, or tampered ciphertext"
         ) from exc
+    return _json_object(plaintext, "block")
+
+
+def _json_object(plaintext: bytes, what: str) -> dict[str, Any]:
+    """The decrypted plaintext as the JSON object every sealed payload is."""
     try:
         data = json.loads(plaintext)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BlockUnreadable("decrypted block is not JSON") from exc
+        raise BlockUnreadable(f"decrypted {what} is not JSON") from exc
     if not isinstance(data, dict):
-        raise BlockUnreadable("decrypted block is not a JSON object")
+        raise BlockUnreadable(f"decrypted {what} is not a JSON object")
     return data
 
 
@@ -439,13 +444,7 @@ def open_jwe(token: str, *, key: bytes) -> dict[str, Any]:
         raise BlockUnreadable(
             f"authentication failed for key {header.get('kid')!r}: wrong key or tampered JWE"
         ) from exc
-    try:
-        data = json.loads(plaintext)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BlockUnreadable("decrypted JWE is not JSON") from exc
-    if not isinstance(data, dict):
-        raise BlockUnreadable("decrypted JWE is not a JSON object")
-    return data
+    return _json_object(plaintext, "JWE")
 
 
 def example_jwe(payload: BaseModel | dict[str, Any], *, label: str) -> str:
