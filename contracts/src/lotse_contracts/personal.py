@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
@@ -451,3 +451,24 @@ def example_jwe(payload: BaseModel | dict[str, Any], *, label: str) -> str:
     """A reproducible compact JWE under the public fake :data:`EXAMPLE_KEY`."""
     nonce = hashlib.sha256(label.encode("utf-8")).digest()[:NONCE_BYTES]
     return seal_jwe(payload, key=EXAMPLE_KEY, kid=EXAMPLE_KID, nonce=nonce)
+
+
+def disclosure_subset(personal: PersonalData, wanted: Iterable[str]) -> dict[str, Any]:
+    """What a disclosure carries: the wanted fields the family actually gave (an empty value
+    discloses nothing), in PersonalData's field order."""
+    plain = personal.model_dump(mode="json", exclude_none=True)
+    chosen = set(wanted)
+    return {
+        name: plain[name]
+        for name in PersonalData.model_fields
+        if name in chosen and plain.get(name) not in (None, "", [])
+    }
+
+
+def seal_both_envelopes(
+    subset: Mapping[str, Any], *, key: bytes, kid: str, case_id: str
+) -> tuple[EncryptedBlock, str]:
+    """A disclosure in both envelopes under its one key: the EncryptedBlock (``disclosure``)
+    and the compact JWE (``disclosure_jwe``)."""
+    data = dict(subset)
+    return seal(data, key=key, kid=kid, case_id=case_id), seal_jwe(data, key=key, kid=kid)

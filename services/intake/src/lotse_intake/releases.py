@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.referrals import PersonalField
-from lotse_contracts.personal import KeyPurpose, encode_data_key, seal, seal_jwe
+from lotse_contracts.personal import (
+    KeyPurpose,
+    disclosure_subset,
+    encode_data_key,
+    seal_both_envelopes,
+)
 from lotse_runtime.audit import AuditAction
 from lotse_runtime.identity import AccessDenied
 from lotse_runtime.refusal import Refusal
@@ -22,9 +27,6 @@ from lotse_intake import domain
 from lotse_intake import operations as ops
 from lotse_intake.keyring import RELEASES, FamilyKeys
 from lotse_intake.tables import DataKeyPublic, DisclosureCreate, DisclosureSealed, IntakeConsent
-
-#: Values that disclose nothing (a field the family left empty is not disclosed).
-_EMPTY: tuple[object, ...] = (None, "", [])
 
 
 def ensure_may_obtain(call: ops.Call, purpose: KeyPurpose) -> None:
@@ -82,9 +84,8 @@ async def seal_disclosure(
     case = await ops.load_case(session, case_id)
     assert case is not None
     assert case.personal is not None
-    plain = ops.personal_data_of(keys, case).model_dump(mode="json", exclude_none=True)
-    wanted = set(body.fields)
-    fields = [f for f in PersonalField if f in wanted and plain.get(f.value) not in _EMPTY]
+    subset = disclosure_subset(ops.personal_data_of(keys, case), (f.value for f in body.fields))
+    fields = [PersonalField(name) for name in subset]
     call.audit(
         session,
         AuditAction.key_release,
@@ -95,13 +96,8 @@ async def seal_disclosure(
     if not fields:
         return DisclosureSealed(kid=None, disclosed_fields=[])
     kid, key = keys.key(KeyPurpose.DISCLOSURE, referral_id=body.referral_id, traeger=body.traeger)
-    subset = {f.value: plain[f.value] for f in fields}
-    return DisclosureSealed(
-        kid=kid,
-        disclosed_fields=fields,
-        disclosure=seal(subset, key=key, kid=kid, case_id=case_id),
-        disclosure_jwe=seal_jwe(subset, key=key, kid=kid),
-    )
+    block, jwe = seal_both_envelopes(subset, key=key, kid=kid, case_id=case_id)
+    return DisclosureSealed(kid=kid, disclosed_fields=fields, disclosure=block, disclosure_jwe=jwe)
 
 
 async def disclosure_key(

@@ -24,9 +24,9 @@ from lotse_contracts.personal import (
     PersonalData,
     decode_data_key,
     derive_key,
+    disclosure_subset,
     purpose_kid,
-    seal,
-    seal_jwe,
+    seal_both_envelopes,
 )
 from pydantic import BaseModel, ValidationError
 
@@ -193,19 +193,16 @@ class StaticKeyring:
         self, which: DisclosureFor, fields: Sequence[PersonalField]
     ) -> SealedDisclosure:
         family = self._family(which)
-        plain = family.personal.model_dump(mode="json", exclude_none=True)
-        wanted = set(fields)
-        empty: tuple[object, ...] = (None, "", [])
-        chosen = [f for f in PersonalField if f in wanted and plain.get(f.value) not in empty]
-        if not chosen:
+        subset = disclosure_subset(family.personal, (f.value for f in fields))
+        if not subset:
             return SealedDisclosure(kid=None, disclosed_fields=[])
         kid, key = self._key(family, which)
-        subset = {f.value: plain[f.value] for f in chosen}
+        block, jwe = seal_both_envelopes(subset, key=key, kid=kid, case_id=which.case_id)
         return SealedDisclosure(
             kid=kid,
-            disclosed_fields=chosen,
-            disclosure=seal(subset, key=key, kid=kid, case_id=which.case_id),
-            disclosure_jwe=seal_jwe(subset, key=key, kid=kid),
+            disclosed_fields=[PersonalField(name) for name in subset],
+            disclosure=block,
+            disclosure_jwe=jwe,
         )
 
     async def disclosure_key(self, which: DisclosureFor) -> tuple[str, bytes]:
