@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from lotse_contracts.subscriptions import SubscriptionRegistry, load_registry
 from lotse_contracts.topics import dead_letter
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+from opentelemetry.metrics import CallbackOptions, Observation
+from pydantic import BaseModel, Field
 from sqlalchemy import Table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -43,7 +46,7 @@ from lotse_runtime.auth import (
 from lotse_runtime.consumer import EventConsumer, Handler, RefusalHook
 from lotse_runtime.db import Database, transient_error
 from lotse_runtime.docs import serve_docs_offline
-from lotse_runtime.health import ReadinessCheck, health_router
+from lotse_runtime.health import HEALTH_TAG, ReadinessCheck, health_router
 from lotse_runtime.identity import (
     AccessDenied,
     Caller,
@@ -53,6 +56,7 @@ from lotse_runtime.identity import (
 )
 from lotse_runtime.inputs import InputGuard
 from lotse_runtime.kafka import KafkaConfig, TopicSpec, platform_topics, verify_topics
+from lotse_runtime.lease import LeaseKeeper
 from lotse_runtime.logging import configure_logging
 from lotse_runtime.migrations import create_schema
 from lotse_runtime.openapi import document_errors
@@ -64,6 +68,7 @@ from lotse_runtime.policy import (
     check_policy,
     install_policy,
     policy_gate,
+    public,
 )
 from lotse_runtime.refusal import install_refusals
 from lotse_runtime.settings import ServiceSettings
@@ -81,26 +86,57 @@ def _utc_now() -> datetime:
 
 @dataclass
 class PeriodicJob:
-    """A background task of a service, run at a fixed interval."""
+    """A background task of a service, run at a fixed interval.
+
+    A run-once job (``once=True``) runs only on the replica holding its lease (lease.py);
+    on the others each tick is a standby tick. A per-replica job runs on every replica."""
 
     name: str
     interval_s: float
     run: Callable[[ServiceRuntime[Any]], Awaitable[None]]
+    once: bool = False
     runs: int = 0
+    """Ticks this replica took the job on (the run, or the lease check, may have failed)."""
+    standby: int = 0
+    """Ticks skipped because another replica holds the lease."""
     failures: int = 0
     last_error: str | None = None
+    last_run_at: datetime | None = None
+    holding: bool = False
+    """Whether this replica held the lease at its last tick (always True for per-replica)."""
     _task: asyncio.Task[None] | None = None
 
     async def run_once(self, runtime: ServiceRuntime[Any]) -> None:
+        if self.once:
+            try:
+                self.holding = await runtime.leases.hold(self.name)
+            except Exception as exc:
+                # No database, no lease: this tick is lost here, as it is for the job itself.
+                self.holding = False
+                self._failed(exc)
+                self.runs += 1
+                return
+            if not self.holding:
+                self.standby += 1
+                runtime.telemetry_jobs.count(self.name, "standby")
+                return
+        else:
+            self.holding = True
         try:
             await self.run(runtime)
             self.last_error = None
+            runtime.telemetry_jobs.count(self.name, "ok")
         except Exception as exc:
-            self.failures += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            _log.exception("periodic job failed", extra={"job": self.name})
+            self._failed(exc)
+            runtime.telemetry_jobs.count(self.name, "failed")
         finally:
             self.runs += 1
+            self.last_run_at = _utc_now()
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        _log.exception("periodic job failed", extra={"job": self.name})
 
     def start(self, runtime: ServiceRuntime[Any]) -> None:
         async def loop() -> None:
@@ -116,6 +152,52 @@ class PeriodicJob:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+class JobTelemetry:
+    """Metrics of the periodic jobs: ``lotse.job.ticks`` (counter; attributes ``job`` and
+    ``outcome``: ok, failed, standby) and ``lotse.job.lease.held`` (1 on the replica holding
+    a run-once job's lease, 0 on the others).
+
+    One per :class:`Telemetry` (:meth:`of`): a meter keeps only the first callback of an
+    observable gauge, so runtimes sharing one (tests) share this too."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        meter = telemetry.meter
+        self._ticks = meter.create_counter(
+            "lotse.job.ticks",
+            unit="{tick}",
+            description="Ticks of periodic jobs by outcome (ok, failed, standby).",
+        )
+        self._sources: list[Callable[[], Sequence[PeriodicJob]]] = []
+        meter.create_observable_gauge(
+            "lotse.job.lease.held",
+            callbacks=[self._observe_held],
+            unit="{lease}",
+            description="1 where this replica holds a run-once job's lease, else 0.",
+        )
+
+    @classmethod
+    def of(cls, telemetry: Telemetry, jobs: Callable[[], Sequence[PeriodicJob]]) -> JobTelemetry:
+        found = _JOB_TELEMETRY.get(telemetry)
+        if found is None:
+            found = _JOB_TELEMETRY[telemetry] = cls(telemetry)
+        found._sources.append(jobs)
+        return found
+
+    def count(self, job: str, outcome: str) -> None:
+        self._ticks.add(1, {"job": job, "outcome": outcome})
+
+    def _observe_held(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(1 if job.holding else 0, {"job": job.name})
+            for source in list(self._sources)
+            for job in source()
+            if job.once
+        ]
+
+
+_JOB_TELEMETRY: weakref.WeakKeyDictionary[Telemetry, JobTelemetry] = weakref.WeakKeyDictionary()
 
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -134,6 +216,9 @@ class ServiceRuntime(Generic[S]):
     telemetry: Telemetry
     outbox: Outbox
     relay: OutboxRelay
+    leases: LeaseKeeper
+    """The leases of this replica's run-once jobs (lease.py)."""
+    telemetry_jobs: JobTelemetry
     consumers: list[EventConsumer] = field(default_factory=list)
     jobs: list[PeriodicJob] = field(default_factory=list)
     kafka_started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -181,13 +266,49 @@ class ServiceRuntime(Generic[S]):
         return consumer
 
     def add_job(
-        self, name: str, interval_s: float, run: Callable[[ServiceRuntime[Any]], Awaitable[None]]
+        self,
+        name: str,
+        interval_s: float,
+        run: Callable[[ServiceRuntime[Any]], Awaitable[None]],
+        *,
+        once: bool = False,
     ) -> PeriodicJob:
         """Run ``run(runtime)`` every ``interval_s`` seconds while the app runs (e.g. overdue
-        checks). A failing run is logged and counted; the next one runs on schedule."""
-        job = PeriodicJob(name=name, interval_s=interval_s, run=run)
+        checks). A failing run is logged and counted; the next one runs on schedule.
+
+        ``once=True``: of all replicas of the service on one database, only the holder of the
+        job's lease runs it (lease.py); the others stand by and take over at their next tick
+        after the holder is gone. Leave it False only for work that belongs to each replica
+        (its own caches, its own connections)."""
+        if any(job.name == name for job in self.jobs):
+            raise ValueError(f"job {name!r} is registered twice (its lease is by name)")
+        job = PeriodicJob(name=name, interval_s=interval_s, run=run, once=once)
         self.jobs.append(job)
         return job
+
+    async def job_states(self) -> list[JobState]:
+        """Each job's state on this replica, and for run-once jobs who holds the lease."""
+        holders = {
+            h.name: h for h in await self.leases.holders([j.name for j in self.jobs if j.once])
+        }
+        states = []
+        for job in self.jobs:
+            holder = holders.get(job.name)
+            states.append(
+                JobState(
+                    name=job.name,
+                    interval_s=job.interval_s,
+                    once=job.once,
+                    held_here=job.holding if holder is None else holder.held_here,
+                    holder=self.leases.replica if holder is None else holder.holder,
+                    runs=job.runs,
+                    standby=job.standby,
+                    failures=job.failures,
+                    last_run_at=job.last_run_at,
+                    last_error=job.last_error.split(":", 1)[0] if job.last_error else None,
+                )
+            )
+        return states
 
     def planned_topics(self) -> list[TopicSpec]:
         """Every platform topic with the partition count and size limit this service expects."""
@@ -284,6 +405,7 @@ def build_runtime(
         registry=registry,
         on_commit=relay.wake,
     )
+    jobs: list[PeriodicJob] = []
     return ServiceRuntime(
         settings=settings,
         city=city,
@@ -293,6 +415,9 @@ def build_runtime(
         telemetry=telemetry,
         outbox=outbox,
         relay=relay,
+        leases=LeaseKeeper(db, service=settings.service_name),
+        telemetry_jobs=JobTelemetry.of(telemetry, lambda: jobs),
+        jobs=jobs,
         clock=clock or _utc_now,
     )
 
@@ -416,6 +541,7 @@ def create_service_app(
         finally:
             for job in runtime.jobs:
                 await job.stop()
+            await runtime.leases.close()  # the other replicas take the jobs at their next tick
             if connect is not None:
                 connect.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -457,13 +583,57 @@ def create_service_app(
         "topics": runtime.check_topics,
     }
     app.include_router(health_router(checks, timeout_s=settings.readiness_timeout_s))
+    app.include_router(_jobs_router())
     for router in routers:
         app.include_router(router)
-    install_policy(app, runtime, policy or AccessPolicy({}))
+    install_policy(app, runtime, (policy or AccessPolicy({})) | JOBS_POLICY)
     # Outermost: the body's size and the request's clock are settled before anything else.
     app.add_middleware(InputGuard, runtime=runtime)
     document_errors(app)
     return app
+
+
+class JobState(BaseModel):
+    """One periodic job as this replica sees it (no personal data: names, counts, times)."""
+
+    name: str
+    interval_s: float
+    once: bool = Field(description="Runs on one replica only, the holder of its lease.")
+    holder: str | None = Field(
+        description="Replica holding the lease (run-once jobs; None: nobody right now), "
+        "else this replica."
+    )
+    held_here: bool
+    runs: int = Field(description="Ticks this replica took the job on.")
+    standby: int = Field(description="Ticks skipped here because another replica held it.")
+    failures: int
+    last_run_at: datetime | None
+    last_error: str | None = Field(description="Error class of the last failed tick, if any.")
+
+
+class JobsView(BaseModel):
+    replica: str
+    jobs: list[JobState]
+
+
+#: ``GET /jobs`` shows what ``/readyz`` shows, names and counts only: open like the probes.
+JOBS_POLICY = AccessPolicy({"GET /jobs": public()})
+
+
+def _jobs_router() -> APIRouter:
+    router = APIRouter(tags=[HEALTH_TAG])
+
+    @router.get(
+        "/jobs",
+        response_model=JobsView,
+        summary="Periodic jobs on this replica, and which replica holds each run-once lease",
+    )
+    async def jobs(request: Request) -> JSONResponse:
+        runtime = runtime_of(request)
+        view = JobsView(replica=runtime.leases.replica, jobs=await runtime.job_states())
+        return JSONResponse(view.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
+
+    return router
 
 
 def _instrument(app: FastAPI, runtime: ServiceRuntime[Any]) -> None:

@@ -212,4 +212,4 @@ def add_retention_job(
             # Counts per class only: what was deleted is nobody's business in a log line.
             _log.info("retention purge", extra={"deleted": report.deleted})
 
-    return runtime.add_job("retention", runtime.settings.retention_interval_s, run)
+    return runtime.add_job("retention", runtime.settings.retention_interval_s, run, once=True)

@@ -41,8 +41,9 @@ def create_app(settings: DeliverySettings | None = None, *, clock: Clock | None 
         wire(runtime)
         worker = DeliveryWorker(runtime)
         workers.append(worker)
-        runtime.add_job("deliver", runtime.settings.deliver_interval_s, worker.tick)
-        runtime.add_job("purge", runtime.settings.retention_interval_s, purge)
+        # One replica delivers at a time: rounds take pending rows without claiming them.
+        runtime.add_job("deliver", runtime.settings.deliver_interval_s, worker.tick, once=True)
+        runtime.add_job("purge", runtime.settings.retention_interval_s, purge, once=True)
 
     app = create_service_app(
         settings or DeliverySettings(),

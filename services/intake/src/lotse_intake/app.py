@@ -73,7 +73,12 @@ def create_app(
     )
 
     def wire(runtime: ServiceRuntime[IntakeSettings]) -> None:
-        runtime.add_job("housekeeping", settings.housekeeping_interval_s, housekeeping(context))
+        runtime.add_job(
+            "housekeeping",
+            settings.housekeeping_interval_s,
+            housekeeping(context),
+            once=True,
+        )
         retention.install(runtime)
 
     app = create_service_app(

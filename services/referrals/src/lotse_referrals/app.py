@@ -91,8 +91,8 @@ def _wire(runtime: ServiceRuntime[ReferralsSettings], ctx: Context) -> None:
         await ops.place_waiting_wishes(ctx, rt.clock())
 
     settings = runtime.settings
-    runtime.add_job("escalation", settings.escalation_interval_s, escalate)
-    runtime.add_job("placement", settings.placement_interval_s, place_waiting)
+    runtime.add_job("escalation", settings.escalation_interval_s, escalate, once=True)
+    runtime.add_job("placement", settings.placement_interval_s, place_waiting, once=True)
     retention.install(runtime)
 
 

@@ -57,4 +57,6 @@ def intake_handlers(runtime: VisitsRuntime) -> Handlers:
 def wire(runtime: VisitsRuntime) -> None:
     """Register the intake consumer and the overdue check."""
     runtime.add_consumer("main", [topics.INTAKE], intake_handlers(runtime))
-    runtime.add_job("overdue", runtime.settings.overdue_check_interval_s, operations.check_overdue)
+    runtime.add_job(
+        "overdue", runtime.settings.overdue_check_interval_s, operations.check_overdue, once=True
+    )
