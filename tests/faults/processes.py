@@ -47,12 +47,27 @@ class Launcher:
         if greeting != "ready":
             raise RuntimeError(f"service launcher did not start: {greeting!r}")
 
-    def spawn(self, service: str, port: int, env: Mapping[str, str], log: Path) -> int:
-        """Start one service process; returns its pid."""
+    def spawn(
+        self,
+        service: str,
+        port: int,
+        env: Mapping[str, str],
+        log: Path,
+        clock_file: Path | None = None,
+    ) -> int:
+        """Start one service process; returns its pid. With ``clock_file`` the service runs
+        on the city simulator's clock (lotse_simulator.clock.FileClock)."""
         process = self._process
         assert process.stdin is not None
         assert process.stdout is not None
-        request = {"service": service, "port": port, "env": dict(env), "log": str(log)}
+        request: dict[str, Any] = {
+            "service": service,
+            "port": port,
+            "env": dict(env),
+            "log": str(log),
+        }
+        if clock_file is not None:
+            request["clock_file"] = str(clock_file)
         process.stdin.write(json.dumps(request) + "\n")
         process.stdin.flush()
         return int(process.stdout.readline())
@@ -88,6 +103,8 @@ class ServiceProcess:
     launcher: Launcher
     pid: int | None = None
     starts: int = 0
+    clock_file: Path | None = None
+    """The city simulator's clock file the service takes its time from (None: wall clock)."""
 
     @property
     def base_url(self) -> str:
@@ -101,7 +118,7 @@ class ServiceProcess:
         self.starts += 1
         with self.log.open("ab") as handle:
             handle.write(f"\n--- start {self.starts} ---\n".encode())
-        self.pid = self.launcher.spawn(self.name, self.port, self.env, self.log)
+        self.pid = self.launcher.spawn(self.name, self.port, self.env, self.log, self.clock_file)
 
     def _signal_and_wait(self, signum: int, timeout_s: float) -> bool:
         if not alive(self.pid):

@@ -4,7 +4,8 @@ once, then forks a child per request, which runs uvicorn with the service's app 
 a parent that has already imported the stack makes a restart cost well under a second
 instead of a fresh interpreter's imports, which keeps the fault tests within their time.
 
-Protocol: one JSON object per line on stdin ({"service", "port", "env", "log"}), answered by
+Protocol: one JSON object per line on stdin ({"service", "port", "env", "log"}, optionally
+"clock_file": the service then takes its time from the city simulator's clock file), answered by
 one line on stdout: the child's pid. The parent ignores SIGCHLD, so the kernel reaps children;
 when stdin closes it kills every child it started, and a child dies with its parent.
 """
@@ -35,7 +36,9 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _run_child(target: str, port: int, env: dict[str, str], log: str) -> None:
+def _run_child(
+    target: str, port: int, env: dict[str, str], log: str, clock_file: str | None = None
+) -> None:
     import uvicorn
 
     os.setsid()
@@ -49,7 +52,16 @@ def _run_child(target: str, port: int, env: dict[str, str], log: str) -> None:
     os.environ.clear()
     os.environ.update(env)
     try:
-        uvicorn.run(target, factory=True, host="127.0.0.1", port=port, access_log=False)
+        if clock_file is None:
+            uvicorn.run(target, factory=True, host="127.0.0.1", port=port, access_log=False)
+        else:
+            from pathlib import Path
+
+            from lotse_simulator.clock import FileClock
+
+            module, _, name = target.partition(":")
+            app = getattr(import_module(module), name)(clock=FileClock(Path(clock_file)))
+            uvicorn.run(app, host="127.0.0.1", port=port, access_log=False)
     finally:
         os._exit(0)
 
@@ -71,7 +83,11 @@ def main() -> None:
             pid = os.fork()
             if pid == 0:
                 _run_child(
-                    factories[request["service"]], request["port"], request["env"], request["log"]
+                    factories[request["service"]],
+                    request["port"],
+                    request["env"],
+                    request["log"],
+                    request.get("clock_file"),
                 )
             children.append(pid)
             print(pid, flush=True)

@@ -1,0 +1,190 @@
+"""Several replicas of each service, as production runs them: the replica count read from the
+prod overlay, a round-robin front per service (what a Kubernetes Service does: each new
+connection to the next pod), and the checks of what replicas must never do: book a staff
+member twice, give a family two open welcome visits, exceed a Träger's places, run a
+run-once job on two replicas, publish an event twice or not at all."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lotse_tooling.embedded import free_port
+
+from tests.faults.processes import fetch
+
+ROOT = Path(__file__).resolve().parents[2]
+PROD_OVERLAY = ROOT / "deploy" / "k8s" / "overlays" / "prod" / "kustomization.yaml"
+
+
+def prod_replicas(overlay: Path = PROD_OVERLAY) -> int:
+    """The replica count production gives every service Deployment (the overlay's patch of
+    ``/spec/replicas`` on the Deployments of the platform)."""
+    kustomization = yaml.safe_load(overlay.read_text())
+    found: list[int] = []
+    for patch in kustomization.get("patches", []):
+        if patch.get("target", {}).get("kind") != "Deployment":
+            continue
+        for operation in yaml.safe_load(patch["patch"]):
+            if operation.get("path") == "/spec/replicas" and operation.get("op") == "replace":
+                found.append(int(operation["value"]))
+    if len(found) != 1:
+        raise AssertionError(f"{overlay}: expected one replica patch of the Deployments: {found}")
+    return found[0]
+
+
+class Balancer:
+    """A front port that hands each new connection to the next of ``targets`` in turn."""
+
+    def __init__(self, targets: list[int]) -> None:
+        self.port = free_port()
+        self._next = itertools.cycle(targets)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", next(self._next))
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(
+            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+
+# -- invariants, read from the service databases -------------------------------------------------
+
+
+async def double_bookings(visits_url: str) -> list[str]:
+    """Pairs of visits of one staff member that overlap in time, among the visits that take
+    or took that time (scheduled, completed, missed)."""
+    rows = await fetch(
+        visits_url,
+        "SELECT a.visit_id AS first, b.visit_id AS second, a.staff_id, a.starts_at"
+        " FROM visits_visit a JOIN visits_visit b"
+        " ON a.staff_id = b.staff_id AND a.bezirk = b.bezirk AND a.visit_id < b.visit_id"
+        " AND a.starts_at < b.ends_at AND b.starts_at < a.ends_at"
+        " WHERE a.status IN ('scheduled', 'completed', 'missed')"
+        " AND b.status IN ('scheduled', 'completed', 'missed')",
+    )
+    return [f"{r['staff_id']} at {r['starts_at']}: {r['first']} and {r['second']}" for r in rows]
+
+
+async def families_with_two_open_visits(visits_url: str) -> list[str]:
+    rows = await fetch(
+        visits_url,
+        "SELECT case_id, count(*) AS n FROM visits_visit WHERE status = 'scheduled'"
+        " GROUP BY case_id HAVING count(*) > 1",
+    )
+    completed = await fetch(
+        visits_url,
+        "SELECT case_id, count(*) AS n FROM visits_visit WHERE status = 'completed'"
+        " GROUP BY case_id HAVING count(*) > 1",
+    )
+    return [f"{r['case_id']}: {r['n']} scheduled" for r in rows] + [
+        f"{r['case_id']}: {r['n']} completed" for r in completed
+    ]
+
+
+async def places_beyond_capacity(referrals_url: str, zone: str) -> list[str]:
+    """Träger and months (city time) with more referrals holding a place (all but rejected
+    and cancelled ones) than the Träger's places per month."""
+    rows = await fetch(
+        referrals_url,
+        "SELECT r.traeger, to_char(r.requested_at AT TIME ZONE $1, 'YYYY-MM') AS month,"
+        " count(*) AS taken, t.capacity_per_month AS places"
+        " FROM referrals_referral r JOIN referrals_traeger t ON t.slug = r.traeger"
+        " WHERE r.status NOT IN ('rejected', 'cancelled')"
+        " GROUP BY r.traeger, month, t.capacity_per_month"
+        " HAVING count(*) > t.capacity_per_month",
+        zone,
+    )
+    return [f"{r['traeger']} {r['month']}: {r['taken']} of {r['places']} places" for r in rows]
+
+
+async def unsent_outbox_rows(databases: Mapping[str, str]) -> dict[str, int]:
+    found = {}
+    for service, url in databases.items():
+        [row] = await fetch(url, "SELECT count(*) AS n FROM outbox WHERE sent_at IS NULL")
+        if row["n"]:
+            found[service] = int(row["n"])
+    return found
+
+
+# -- run-once jobs -------------------------------------------------------------------------------
+
+
+def job_findings(views: Mapping[str, list[dict[str, Any]]]) -> list[str]:
+    """``views``: replica → its ``GET /jobs`` answer's jobs, for the replicas of one service.
+
+    A run-once job ran on exactly one replica (no restarts in this test, so the lease never
+    moved): that one never stood by and ran on every one of its ticks; every other replica
+    only stood by. Together they ran it no more often than one replica ticks (not doubled),
+    and every replica names the same holder."""
+    problems: list[str] = []
+    by_job: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for replica, jobs in views.items():
+        for job in jobs:
+            by_job[job["name"]][replica] = job
+    for name, seen in sorted(by_job.items()):
+        once = {job["once"] for job in seen.values()}
+        if once != {True}:
+            if once == {False}:
+                problems += [
+                    f"{name}@{replica}: per-replica job did not run"
+                    for replica, job in seen.items()
+                    if job["runs"] == 0
+                ]
+            continue
+        ran = [replica for replica, job in seen.items() if job["runs"] > 0]
+        holders = {job["holder"] for job in seen.values()}
+        if len(ran) != 1:
+            problems.append(f"{name}: ran on {sorted(ran)} (expected exactly one replica)")
+        if len(holders) != 1 or (ran and holders != set(ran)):
+            problems.append(f"{name}: holders seen {sorted(map(str, holders))}, ran on {ran}")
+        for replica, job in seen.items():
+            if replica in ran and (job["standby"] or job["failures"]):
+                problems.append(f"{name}@{replica}: holder skipped or failed ticks: {job}")
+            if replica not in ran and not job["standby"]:
+                problems.append(f"{name}@{replica}: neither ran nor stood by: {job}")
+        ticks = max(job["runs"] + job["standby"] for job in seen.values())
+        total = sum(job["runs"] for job in seen.values())
+        if total > ticks + 1:
+            problems.append(f"{name}: {total} runs in all, one replica ticks {ticks} times")
+    return problems
+
+
+def describe_views(views: Mapping[str, Mapping[str, list[dict[str, Any]]]]) -> str:
+    return json.dumps(views, indent=1, default=str)[:6000]
