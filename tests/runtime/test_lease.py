@@ -23,6 +23,7 @@ from lotse_runtime.app import ServiceRuntime, create_service_app
 from lotse_runtime.db import Database
 from lotse_runtime.lease import LeaseKeeper, lease_key
 from lotse_runtime.settings import ServiceSettings
+from lotse_runtime.telemetry import Telemetry, TelemetryConfig, setup_telemetry
 from lotse_runtime.testing import without_broker
 from lotse_tooling.embedded import free_port
 from sqlalchemy import text
@@ -173,7 +174,9 @@ async def test_on_sqlite_the_one_process_holds_every_lease(sqlite_url: str) -> N
 # -- jobs on two replicas ------------------------------------------------------------------------
 
 
-def _probe_app(url: str, tmp_path: Path, ran: list[str], replica: str) -> Any:
+def _probe_app(
+    url: str, tmp_path: Path, ran: list[str], replica: str, telemetry: Telemetry | None = None
+) -> Any:
     settings = LeaseProbeSettings(
         kafka_bootstrap=f"127.0.0.1:{free_port()}",
         database_url=url,
@@ -191,7 +194,9 @@ def _probe_app(url: str, tmp_path: Path, ran: list[str], replica: str) -> Any:
     async def tick_everywhere(_runtime: ServiceRuntime[Any]) -> None:
         pass
 
-    return create_service_app(settings, title="probe", description="", wire=wire)
+    return create_service_app(
+        settings, title="probe", description="", wire=wire, telemetry=telemetry
+    )
 
 
 async def _jobs(app: Any) -> dict[str, Any]:
@@ -207,9 +212,13 @@ async def test_a_run_once_job_runs_on_the_lease_holder_only_and_moves_when_it_st
     postgres_url: str, tmp_path: Path
 ) -> None:
     ran: list[str] = []
+    telemetry = {
+        name: setup_telemetry(TelemetryConfig(service_name="probe", in_memory=True))
+        for name in ("pod-a", "pod-b")
+    }
     apps = {
-        "pod-a": _probe_app(postgres_url, tmp_path, ran, "pod-a"),
-        "pod-b": _probe_app(postgres_url, tmp_path, ran, "pod-b"),
+        name: _probe_app(postgres_url, tmp_path, ran, name, telemetry[name])
+        for name in ("pod-a", "pod-b")
     }
     stacks = {name: AsyncExitStack() for name in apps}
     try:
@@ -238,6 +247,18 @@ async def test_a_run_once_job_runs_on_the_lease_holder_only_and_moves_when_it_st
             assert (by_name["once"]["standby"] == 0) == (name == holder)
             assert by_name["everywhere"]["once"] is False
             assert by_name["everywhere"]["holder"] == name
+            # The metrics say the same: the lease gauge is 1 on the holder only, and the
+            # other replica's ticks of the job are standby ticks.
+            held = _points(telemetry[name], "lotse.job.lease.held")
+            assert [(p.attributes["job"], p.value) for p in held] == [
+                ("once", 1 if name == holder else 0)
+            ]
+            ticks = {
+                (p.attributes["job"], p.attributes["outcome"]): p.value
+                for p in _points(telemetry[name], "lotse.job.ticks")
+            }
+            assert (("once", "standby") in ticks) == (name != holder)
+            assert (("once", "ok") in ticks) == (name == holder)
 
         # The holder stops (a rolling update): the other replica carries on at its next tick.
         await stacks[holder].aclose()
@@ -250,6 +271,24 @@ async def test_a_run_once_job_runs_on_the_lease_holder_only_and_moves_when_it_st
     finally:
         for stack in stacks.values():
             await stack.aclose()
+        for each in telemetry.values():
+            each.shutdown()
+
+
+def _points(telemetry: Telemetry, name: str) -> list[Any]:
+    reader = telemetry.metric_reader
+    assert reader is not None
+    data = reader.get_metrics_data()
+    if data is None:
+        return []
+    return [
+        point
+        for resource_metrics in data.resource_metrics
+        for scope_metrics in resource_metrics.scope_metrics
+        for metric in scope_metrics.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    ]
 
 
 async def test_a_run_once_job_runs_on_sqlite(sqlite_url: str, tmp_path: Path) -> None:

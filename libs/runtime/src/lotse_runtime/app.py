@@ -114,6 +114,7 @@ class PeriodicJob:
                 # No database, no lease: this tick is lost here, as it is for the job itself.
                 self.holding = False
                 self._failed(exc)
+                runtime.telemetry_jobs.count(self.name, "failed")
                 self.runs += 1
                 return
             if not self.holding:
