@@ -11,7 +11,8 @@ simulated clock, so that visits fall overdue and referrals stall while it runs; 
 * every run-once job (overdue check, escalation, placement, housekeeping, retention) ran on
   one replica only, on every tick of it, and the others stood by (``GET /jobs``); each
   overdue visit and each escalation was raised exactly once, none that was due is missing;
-* every event was published once by the outbox relays (none left unsent, none twice).
+* every event was published once by the outbox relays (none left unsent, none twice);
+* when each service's lease holder is killed, the other replica takes its jobs over.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from tests.faults.replicas import (
     prod_replicas,
     unsent_outbox_rows,
 )
-from tests.support import Record
+from tests.support import Record, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -141,6 +142,11 @@ async def job_views(processes: dict[str, list[ServiceProcess]]) -> dict[str, Any
                 body = answer.json()
                 views[service][body["replica"]] = body["jobs"]
     return views
+
+
+def lease_holders(seen: dict[str, list[dict[str, Any]]]) -> set[str]:
+    """The replicas named as holders of a service's run-once jobs."""
+    return {job["holder"] for jobs in seen.values() for job in jobs if job["once"]}
 
 
 def _records(bootstrap: str, topic: str) -> list[Record]:
@@ -346,6 +352,34 @@ async def test_replicas_keep_a_simulated_city_correct(
         views = await job_views(processes)
         for service, seen in views.items():
             assert job_findings(seen) == [], describe_views({service: seen})
+
+        # Each service's lease holder dies (SIGKILL, nothing released by the process): the
+        # other replicas take its run-once jobs over at their next tick.
+        holders = {service: lease_holders(seen) for service, seen in views.items()}
+        for service, holder in holders.items():
+            assert len(holder) == 1, f"{service}: leases held by {holder}"
+        victims = {
+            service: next(p for p in processes[service] if p.env["LOTSE_REPLICA"] in holder)
+            for service, holder in holders.items()
+        }
+        for victim in victims.values():
+            await asyncio.to_thread(victim.kill)
+        killed = time.monotonic()
+
+        async def taken_over() -> bool:
+            after = await job_views(
+                {s: [p for p in ps if p not in victims.values()] for s, ps in processes.items()}
+            )
+            return all(
+                job["holder"] == replica and job["held_here"] and job["runs"] > 0
+                for seen in after.values()
+                for replica, jobs in seen.items()
+                for job in jobs
+                if job["once"]
+            )
+
+        await eventually(taken_over, timeout_s=60, interval_s=0.5)
+        print(f"run-once jobs taken over {time.monotonic() - killed:.1f} s after the kill")
         print(f"checked after {time.monotonic() - started:.1f} s in all")
     except BaseException:
         for process in everyone:
