@@ -113,6 +113,11 @@ class SimulatedPlatform:
         env.update(self.extra_env)
         for name in services:
             service_env = dict(env)
+            # Events name their schema below the address the service really listens on.
+            service_env.setdefault(
+                f"LOTSE_{name.upper()}_CONTRACTS_BASE_URL",
+                f"http://127.0.0.1:{ports[name]}/contracts",
+            )
             if "intake" in ports:
                 service_env.setdefault(
                     f"LOTSE_{name.upper()}_KEYRING_URL", f"http://127.0.0.1:{ports['intake']}"
