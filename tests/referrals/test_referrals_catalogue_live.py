@@ -106,6 +106,11 @@ async def test_a_changed_city_file_retires_traeger_while_running(
         assert (own.status_code, own.json()) == (200, [])
         koordination = await svc.http.get(RETIRED_LIST.format("brackel"), headers=KOORDINATION)
         assert koordination.status_code == 403
+        bad = await svc.http.get(
+            RETIRED_LIST.format("brackel"), params={"limit": 0}, headers=BRACKEL
+        )
+        assert bad.status_code == 422
+        assert bad.json()["errors"][0]["field"] == "query.limit"
 
         # Coordination reconciles on demand: nothing more to do, and says so.
         done = await svc.http.post("/catalogue/reconcile", headers=KOORDINATION)
