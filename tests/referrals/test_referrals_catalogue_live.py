@@ -116,7 +116,7 @@ async def test_a_changed_city_file_retires_traeger_while_running(
         done = await svc.http.post("/catalogue/reconcile", headers=KOORDINATION)
         assert done.status_code == 200, done.text
         body = done.json()
-        assert (body["file_changed"], body["changed"], body["retired"]) == (True, 0, [])
+        assert (body["file_changed"], body["changed"], body["retired"]) == (False, 0, [])
         assert body["open_of_retired"] == {GONE: 1}
         refused = await svc.http.post("/catalogue/reconcile", headers=FAMILIENBUERO)
         assert refused.status_code == 403
@@ -124,7 +124,7 @@ async def test_a_changed_city_file_retires_traeger_while_running(
         # The file names it again: it comes back, with nothing left to list.
         _city_file(tmp_path, "city.toml")
         back = (await svc.http.post("/catalogue/reconcile", headers=KOORDINATION)).json()
-        assert back["restored"] == [GONE]
+        assert (back["file_changed"], back["restored"]) == (True, [GONE])
         answer = await svc.http.get(RETIRED_LIST.format("brackel"), headers=BRACKEL)
         assert answer.json() == []
 

@@ -239,7 +239,10 @@ class CatalogueReconciled(BaseModel):
     """What reconciling the catalogue with the city file did."""
 
     source: str = Field(description="The city file read.")
-    file_changed: bool = Field(description="False: as at the last reconciliation, nothing done.")
+    file_changed: bool = Field(
+        description="Whether the file differs from the one last reconciled (at start, by the "
+        "periodic check or by this call)."
+    )
     changed: int = Field(description="Catalogue entries added or changed.")
     retired: list[str] = Field(description="Träger the file no longer names, retired now.")
     restored: list[str] = Field(description="Retired Träger the file names again.")

@@ -372,6 +372,7 @@ class Reconciled:
 
     source: str
     file_changed: bool
+    """Whether the file differs from the one the catalogue was last reconciled with."""
     applied: Applied = field(default_factory=Applied)
     needs_restart: list[str] = field(default_factory=list)
     """File changes the running service cannot take over (they change topics, ACLs or the
@@ -407,7 +408,8 @@ async def reconcile_with_file(ctx: Context, now: datetime, *, force: bool) -> Re
     ``needs_restart`` and left for the next start."""
     text, source = city_file_text(ctx.settings.city)
     seen = fingerprint(text)
-    if not force and seen == ctx.city_fingerprint:
+    changed = seen != ctx.city_fingerprint
+    if not force and not changed:
         return Reconciled(source=source, file_changed=False)
     try:
         new = parse_city(text, source=source)
@@ -427,7 +429,7 @@ async def reconcile_with_file(ctx: Context, now: datetime, *, force: bool) -> Re
         open_of_retired = await _open_of_retired(session)
     return Reconciled(
         source=source,
-        file_changed=True,
+        file_changed=changed,
         applied=applied,
         needs_restart=_restart_changes(ctx.city, new),
         open_of_retired=open_of_retired,
