@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from lotse_contracts.city import Municipality, load_city
 from lotse_simulator import truth as truth_file
@@ -166,6 +167,21 @@ def simulated_run(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> I
         yield Run(city, truth, truth_path, endpoints, tokens, data_dir)
 
 
+def _escalated_at(run: Run, bezirk: str, handover_id: str) -> str | None:
+    """When the open wish of a handover was escalated (polls: the escalation job runs every
+    few seconds on the platform's simulated clock)."""
+    url = f"{run.endpoints.referrals}/bezirke/{bezirk}/wishes"
+    headers = run.tokens.headers("bezirksteam", bezirk=bezirk)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = httpx.get(url, params={"state": "open"}, headers=headers, timeout=10).json()
+        for row in rows:
+            if row["source_id"] == handover_id and row["escalated_at"]:
+                return str(row["escalated_at"])
+        time.sleep(1.0)
+    return None
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_the_platform_ends_as_the_ground_truth_says(simulated_run: Run) -> None:
@@ -204,6 +220,12 @@ def test_the_platform_ends_as_the_ground_truth_says(simulated_run: Run) -> None:
     assert traegerless["never"].wish_id is not None
     assert report.wishes["placed"] == sum(1 for r in referrals if r.referral_id)
     assert report.wishes.get("open", 0) + report.wishes.get("escalated", 0) >= 1
+    # The wish nobody placed reaches the Bezirksteam: the simulated year went on for far
+    # more than the five working days it may wait, and the platform escalates it once.
+    left = next(f for f in truth.families if f.referral and f.referral.traeger_named == "never")
+    assert left.referral is not None
+    escalated = _escalated_at(simulated_run, left.bezirk, left.referral.handover_id)
+    assert escalated is not None, f"{left.key}: the wish nobody placed was never escalated"
 
 
 @pytest.mark.integration

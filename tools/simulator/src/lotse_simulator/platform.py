@@ -103,6 +103,9 @@ class SimulatedPlatform:
             LOTSE_LOG_LEVEL="WARNING",
             # The demo's dashboard is watched in a browser, which has no token to present.
             LOTSE_REPORTING_DASHBOARD_PUBLIC="true",
+            # The simulated clock runs days in seconds: look for what is overdue (unanswered
+            # referrals, wishes nobody placed) often enough to escalate it about on time.
+            LOTSE_REFERRALS_ESCALATION_INTERVAL_S="5",
         )
         # Four processes import the same large dependency tree: let them compile it once, into
         # a cache outside the source tree, instead of at every start.
