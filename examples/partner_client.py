@@ -355,6 +355,18 @@ def local_platform(path: Path = LOCAL_PLATFORM_FILE) -> dict[str, Any] | None:
     return found
 
 
+def with_platform_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in what the flags leave out from the local platform file: the bootstrap, the
+    topic prefix and (with a token to present) the referrals API. Flags always win."""
+    local = local_platform(args.platform_file) or {}
+    args.bootstrap = args.bootstrap or local.get("bootstrap") or FALLBACK_BOOTSTRAP
+    if args.topic_prefix is None:
+        args.topic_prefix = str(local.get("topic_prefix", ""))
+    if args.lotse_url is None and args.token_file is not None:
+        args.lotse_url = (local.get("services") or {}).get("referrals")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--traeger", required=True, help="your Träger slug")
@@ -385,12 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, default=None, help="file with your bearer token")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    local = local_platform(args.platform_file) or {}
-    args.bootstrap = args.bootstrap or local.get("bootstrap") or FALLBACK_BOOTSTRAP
-    if args.topic_prefix is None:
-        args.topic_prefix = str(local.get("topic_prefix", ""))
-    if args.lotse_url is None and args.token_file is not None:
-        args.lotse_url = (local.get("services") or {}).get("referrals")
+    with_platform_defaults(args)
     fetcher = None
     if args.lotse_url:
         if args.token_file is None:

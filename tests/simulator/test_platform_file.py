@@ -19,7 +19,7 @@ from lotse_simulator.cli import _endpoints, _platform_arguments
 from lotse_tooling import platform_file
 from lotse_tooling.platform_file import PlatformFileError, PlatformInfo
 
-from examples.partner_client import local_platform
+from examples.partner_client import local_platform, with_platform_defaults
 
 RUNNING = PlatformInfo(
     bootstrap="127.0.0.1:40321",
@@ -137,3 +137,28 @@ def test_the_example_partner_client_reads_the_same_file(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no bootstrap"):
         local_platform(path)
     assert local_platform(tmp_path / "absent.json") is None
+
+
+def test_the_example_partner_client_fills_in_what_its_flags_leave_out(tmp_path: Path) -> None:
+    path = platform_file.write(tmp_path, RUNNING)
+
+    def resolved(**flags: object) -> argparse.Namespace:
+        values: dict[str, object] = {
+            "bootstrap": None, "topic_prefix": None, "lotse_url": None, "token_file": None,
+            "platform_file": path,
+        }  # fmt: skip
+        values.update(flags)
+        return with_platform_defaults(argparse.Namespace(**values))
+
+    found = resolved(token_file=tmp_path / "token")
+    assert (found.bootstrap, found.topic_prefix) == (RUNNING.bootstrap, "dev.")
+    assert found.lotse_url == RUNNING.services["referrals"]
+    assert resolved().lotse_url is None  # no token: no API calls
+    explicit = resolved(bootstrap="kafka:9093", topic_prefix="", lotse_url="https://l.example")
+    assert (explicit.bootstrap, explicit.topic_prefix, explicit.lotse_url) == (
+        "kafka:9093",
+        "",
+        "https://l.example",
+    )
+    nothing = resolved(platform_file=tmp_path / "absent.json")
+    assert (nothing.bootstrap, nothing.topic_prefix) == ("127.0.0.1:9092", "")
