@@ -8,10 +8,14 @@ completed. A real Träger takes these steps days or weeks apart, as things happe
 family; this script takes them at once, as a demonstration and as a test of the integration
 (see examples/README.md, the integration guide).
 
-Run it against a Lotse platform (``lotse up`` starts one on 127.0.0.1:9092)::
+Run it against a Lotse platform started by ``lotse up``: the broker and the referrals API
+are found in ``var/platform.json``, which ``lotse up`` writes (it picks other ports when the
+usual ones are taken)::
 
-    python examples/partner_client.py --traeger hebammenzentrum-dortmund \\
-        --bootstrap 127.0.0.1:9092 --lotse-url http://127.0.0.1:8003 --token-file token.txt
+    python examples/partner_client.py --traeger hebammenzentrum-dortmund --token-file token.txt
+
+Against any other deployment name them: ``--bootstrap HOST:PORT --lotse-url URL`` (explicit
+flags always win over the file).
 
 Rules the script follows, which every partner implementation must follow too:
 
@@ -37,6 +41,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -325,11 +330,58 @@ class PartnerClient:
         self.summary.disclosed_fields[referral.referral_id] = sorted(contact)
 
 
+#: What ``lotse up`` writes once its platform is ready (and removes when it stops).
+LOCAL_PLATFORM_FILE = Path("var/platform.json")
+FALLBACK_BOOTSTRAP = "127.0.0.1:9092"
+
+
+def local_platform(path: Path = LOCAL_PLATFORM_FILE) -> dict[str, Any] | None:
+    """Where a local ``lotse up`` platform listens (``bootstrap``, ``services``), read from
+    its platform file; None when there is none, or its platform no longer runs."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: not a readable platform file ({exc})") from exc
+    if not isinstance(found, dict) or not isinstance(found.get("bootstrap"), str):
+        raise SystemExit(f"{path}: no bootstrap in the platform file")
+    try:
+        os.kill(int(found.get("pid", 0)), 0)
+    except (ProcessLookupError, ValueError, OverflowError):
+        return None  # left behind by a platform that was killed
+    except PermissionError:
+        pass  # runs as another user
+    return found
+
+
+def with_platform_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in what the flags leave out from the local platform file: the bootstrap, the
+    topic prefix and (with a token to present) the referrals API. Flags always win."""
+    local = local_platform(args.platform_file) or {}
+    args.bootstrap = args.bootstrap or local.get("bootstrap") or FALLBACK_BOOTSTRAP
+    if args.topic_prefix is None:
+        args.topic_prefix = str(local.get("topic_prefix", ""))
+    if args.lotse_url is None and args.token_file is not None:
+        args.lotse_url = (local.get("services") or {}).get("referrals")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--traeger", required=True, help="your Träger slug")
-    parser.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
-    parser.add_argument("--topic-prefix", default="", help="prefix of the deployment's topics")
+    parser.add_argument(
+        "--bootstrap",
+        default=None,
+        help=f"Kafka bootstrap (default: as --platform-file says, else {FALLBACK_BOOTSTRAP})",
+    )
+    parser.add_argument(
+        "--platform-file",
+        type=Path,
+        default=LOCAL_PLATFORM_FILE,
+        help="where `lotse up` says it runs (used for what --bootstrap/--lotse-url leave out)",
+    )
+    parser.add_argument("--topic-prefix", default=None, help="prefix of the deployment's topics")
     parser.add_argument("--group-id", default=None, help="consumer group (default from registry)")
     parser.add_argument(
         "--reject",
@@ -345,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, default=None, help="file with your bearer token")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with_platform_defaults(args)
     fetcher = None
     if args.lotse_url:
         if args.token_file is None:

@@ -17,6 +17,7 @@ from lotse_contracts import topics
 from lotse_contracts.city import load_city
 from lotse_contracts.cloudevents import STRUCTURED_CONTENT_TYPE, from_kafka
 from lotse_contracts.events import CATALOGUE
+from lotse_contracts.events.base import EXAMPLE_CONTRACTS_BASE
 from lotse_contracts.schemagen import CONTRACTS_DIR, main, plan
 from lotse_contracts.subscriptions import load_registry, read_registry_file
 
@@ -204,7 +205,7 @@ def test_check_schema_would_catch_a_broken_schema() -> None:
 
 
 def _validator_for(example: dict[str, Any]) -> Draft202012Validator:
-    path = REPO / example["dataschema"].lstrip("/")
+    path = REPO / "contracts" / example["dataschema"].removeprefix(EXAMPLE_CONTRACTS_BASE + "/")
     return Draft202012Validator(_load(path), format_checker=FormatChecker())
 
 
@@ -212,7 +213,7 @@ def _validator_for(example: dict[str, Any]) -> Draft202012Validator:
 def test_example_validates_against_its_schema(path: Path) -> None:
     example = _load(path)
     assert example["type"] == path.stem
-    assert example["dataschema"] == f"/contracts/schemas/{path.stem}.json"
+    assert example["dataschema"] == f"{EXAMPLE_CONTRACTS_BASE}/schemas/{path.stem}.json"
     errors = [e.message for e in _validator_for(example).iter_errors(example["data"])]
     assert errors == []
 
@@ -397,3 +398,26 @@ def test_the_asyncapi_documents_every_dead_letter_header_the_runtime_writes() ->
         if name.startswith("DLQ_") and isinstance(value, str) and value.startswith("lotse_dlq_")
     }
     assert written == set(DEAD_LETTER_HEADERS)
+
+
+def test_asyncapi_dataschema_header_takes_any_base_and_the_old_path(
+    asyncapi: dict[str, Any],
+) -> None:
+    """A deployment names its own contracts base URL; events written before the URI carry
+    the repository path. The header's pattern admits both, and only the event's own schema."""
+    event_type = "de.lotse.referrals.referral-requested.v1"
+    message = asyncapi["components"]["messages"][event_type]
+    [_, own] = message["headers"]["allOf"]
+    pattern = re.compile(own["properties"]["ce_dataschema"]["pattern"])
+    for good in (
+        f"https://lotse.example/contracts/schemas/{event_type}.json",
+        f"http://127.0.0.1:8003/contracts/schemas/{event_type}.json",
+        f"/contracts/schemas/{event_type}.json",
+    ):
+        assert pattern.match(good), good
+    for bad in (
+        f"https://lotse.example/contracts/schemas/{event_type.replace('.v1', '.v2')}.json",
+        f"/elsewhere/schemas/{event_type}.json",
+        f"{event_type}.json",
+    ):
+        assert not pattern.match(bad), bad

@@ -139,8 +139,9 @@ async def test_registration_publishes_family_registered_with_personal_data_seale
     assert record.header("ce_subject") == case_id
     assert record.header("ce_bezirk") == "hoerde"
     assert record.header("ce_time") == "2025-03-03T08:15:00Z"  # the service clock
+    # An absolute URI below the service's own address (no contracts base URL configured).
     assert record.header("ce_dataschema") == (
-        "/contracts/schemas/de.lotse.intake.family-registered.v1.json"
+        "http://127.0.0.1:8001/contracts/schemas/de.lotse.intake.family-registered.v1.json"
     )
     assert record.header("content-type") == "application/json"
     assert uuid.UUID(record.header("ce_id") or "")

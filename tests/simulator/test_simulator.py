@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from lotse_contracts.city import Municipality, load_city
 from lotse_simulator import truth as truth_file
@@ -71,12 +72,42 @@ def test_a_full_year_follows_the_city_figures() -> None:
     assert sum(1 for f in plan.families if f.erase_after_days) > 30
 
 
+def test_some_handovers_name_no_traeger_and_the_rest_of_the_plan_stays() -> None:
+    city = load_city("dortmund")
+    plan = make_plan(city, seed=SEED, year=YEAR)
+    named = Counter(f.referral.traeger_named for f in plan.families if f.referral)
+    assert set(named) == {"at_consent", "by_familienbuero", "never"}
+    assert 0.08 < (named["by_familienbuero"] + named["never"]) / sum(named.values()) < 0.25
+    for family in plan.families:
+        referral = family.referral
+        if referral is not None and referral.traeger_named == "never":
+            assert (referral.answers, referral.withdraw_after_h) == ((), None)
+        if referral is not None and referral.traeger_named == "by_familienbuero":
+            assert referral.choose_after_h is not None
+
+
+def _traegerless(family: FamilyPlan, how: str) -> FamilyPlan:
+    referral = family.referral
+    assert referral is not None
+    if how == "never":
+        chosen = dataclasses.replace(
+            referral, traeger_named="never", answers=(), withdraw_after_h=None
+        )
+    else:
+        chosen = dataclasses.replace(
+            referral, traeger_named="by_familienbuero", choose_after_h=5.0, withdraw_after_h=None
+        )
+    return dataclasses.replace(family, referral=chosen)
+
+
 def _with_every_turn(plan: CityPlan) -> CityPlan:
-    """A small plan that surely contains a consent withdrawal of each kind and erasures."""
+    """A small plan that surely contains a consent withdrawal of each kind, erasures, and
+    handovers naming no Träger that the Familienbüro places (after a Babylotse's and after
+    its own handover) or leaves to the Bezirksteam."""
     families: list[FamilyPlan] = list(plan.families)
     with_referral = [i for i, f in enumerate(families) if f.referral is not None]
     with_visit = [i for i, f in enumerate(families) if f.visit_outcome == "completed"]
-    assert len(with_referral) >= 3
+    assert len(with_referral) >= 6
     assert len(with_visit) >= 6
     first, second = with_referral[0], with_referral[1]
     referral = families[first].referral
@@ -88,6 +119,14 @@ def _with_every_turn(plan: CityPlan) -> CityPlan:
     welcome = [i for i in with_visit if i not in (first, second)]
     families[welcome[0]] = dataclasses.replace(families[welcome[0]], withdraw_welcome_after_h=1.0)
     families[welcome[1]] = dataclasses.replace(families[welcome[1]], erase_after_days=60.0)
+    by_office = [i for i in with_referral if families[i].referral.by == "familienbuero"]  # type: ignore[union-attr]
+    assert by_office
+    for index, how in (
+        (with_referral[2], "never"),
+        (with_referral[3], "by_familienbuero"),
+        (by_office[-1], "by_familienbuero"),
+    ):
+        families[index] = _traegerless(families[index], how)
     return dataclasses.replace(plan, families=tuple(families))
 
 
@@ -128,6 +167,21 @@ def simulated_run(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> I
         yield Run(city, truth, truth_path, endpoints, tokens, data_dir)
 
 
+def _escalated_at(run: Run, bezirk: str, handover_id: str) -> str | None:
+    """When the open wish of a handover was escalated (polls: the escalation job runs every
+    few seconds on the platform's simulated clock)."""
+    url = f"{run.endpoints.referrals}/bezirke/{bezirk}/wishes"
+    headers = run.tokens.headers("bezirksteam", bezirk=bezirk)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = httpx.get(url, params={"state": "open"}, headers=headers, timeout=10).json()
+        for row in rows:
+            if row["source_id"] == handover_id and row["escalated_at"]:
+                return str(row["escalated_at"])
+        time.sleep(1.0)
+    return None
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_the_platform_ends_as_the_ground_truth_says(simulated_run: Run) -> None:
@@ -138,7 +192,7 @@ def test_the_platform_ends_as_the_ground_truth_says(simulated_run: Run) -> None:
     assert visits["completed"] > FAMILIES // 2
     assert visits["cancelled"] >= 1  # withdrawn or erased before the appointment
     referrals = [f.referral for f in truth.families if f.referral]
-    assert all(r.referral_id for r in referrals)
+    assert all(r.referral_id for r in referrals if r.traeger_named != "never")
     assert "cancelled" in {r.expected_status for r in referrals}
     assert sum(1 for f in truth.families if f.erased_at) >= 2
     # The year's months carry the simulated calendar, not today's.
@@ -158,6 +212,20 @@ def test_the_platform_ends_as_the_ground_truth_says(simulated_run: Run) -> None:
     assert report.ok, report.summary()
     assert report.kpi_cells_compared > 50
     assert report.families == FAMILIES
+    # Every handover ended somewhere: the Träger-less ones placed by the Familienbüro as
+    # referrals, the one nobody placed still an open wish (or escalated).
+    traegerless = {f.referral.traeger_named: f.referral for f in truth.families if f.referral}
+    assert traegerless["by_familienbuero"].referral_id is not None
+    assert traegerless["never"].referral_id is None
+    assert traegerless["never"].wish_id is not None
+    assert report.wishes["placed"] == sum(1 for r in referrals if r.referral_id)
+    assert report.wishes.get("open", 0) + report.wishes.get("escalated", 0) >= 1
+    # The wish nobody placed reaches the Bezirksteam: the simulated year went on for far
+    # more than the five working days it may wait, and the platform escalates it once.
+    left = next(f for f in truth.families if f.referral and f.referral.traeger_named == "never")
+    assert left.referral is not None
+    escalated = _escalated_at(simulated_run, left.bezirk, left.referral.handover_id)
+    assert escalated is not None, f"{left.key}: the wish nobody placed was never escalated"
 
 
 @pytest.mark.integration
@@ -174,6 +242,10 @@ def test_the_checker_fails_when_the_platform_differs(
             visit["status"] = "declined"  # the truth now claims a decline the platform never saw
     referred = next(f for f in raw["families"] if f["referral"] and f["referral"]["referral_id"])
     referred["referral"]["expected_status"] = "completed-elsewhere"
+    # A handover the platform never heard of: its wish is nowhere.
+    lost = next(f for f in raw["families"] if f["referral"] and f["key"] not in (referred["key"],))
+    lost_handover = "00000000-0000-4000-8000-00000000dead"
+    lost["referral"]["handover_id"] = lost_handover
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps(raw))
 
@@ -189,6 +261,10 @@ def test_the_checker_fails_when_the_platform_differs(
     assert not report.ok
     assert completed["key"] in report.family_mismatches
     assert referred["key"] in report.family_mismatches
+    assert any(
+        lost_handover in m and "no referral, no open-wish entry, no escalation" in m
+        for m in report.family_mismatches[lost["key"]]
+    ), report.family_mismatches.get(lost["key"])
     assert any("visits_declined" in m for m in report.kpi_mismatches)
 
     # The command says so too, and exits non-zero.

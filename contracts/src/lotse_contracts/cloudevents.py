@@ -74,7 +74,11 @@ class CloudEvent(BaseModel):
     subject: str | None = Field(default=None, description="The pseudonymous case id.")
     time: datetime | None = Field(default=None, description="When the fact happened (UTC).")
     datacontenttype: str | None = Field(default=JSON_CONTENT_TYPE)
-    dataschema: str | None = Field(default=None, description="Path of the JSON Schema file.")
+    dataschema: str | None = Field(
+        default=None,
+        description="URI of the JSON Schema of the data: <contracts base URL>/schemas/<type>.json "
+        "(older events: the repository path /contracts/schemas/<type>.json).",
+    )
     bezirk: str | None = Field(default=None, description="Stadtbezirk slug (extension).")
     traeger: str | None = Field(default=None, description="Träger slug (extension).")
     extensions: dict[str, str] = Field(

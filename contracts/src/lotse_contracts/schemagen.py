@@ -2,8 +2,11 @@
 
 ``python -m lotse_contracts.schemagen`` writes, below ``contracts/``:
 
-- ``schemas/<type>.json``: JSON Schema 2020-12 of each event's data, ``$id`` = dataschema;
-- ``examples/<type>.json``: each model's example as a structured-mode CloudEvent;
+- ``schemas/<type>.json``: JSON Schema 2020-12 of each event's data, ``$id`` = its path
+  below the contracts root (``/contracts/schemas/<type>.json``); a deployment serves it at
+  ``<contracts base URL>/schemas/<type>.json``, the events' ``dataschema``;
+- ``examples/<type>.json``: each model's example as a structured-mode CloudEvent (its
+  ``dataschema`` under the example base ``https://lotse.example/contracts``);
 - ``asyncapi.json``: the AsyncAPI 3.0.0 document of all channels. The event types of the
   audience feeds come from the packaged subscription registry (``subscriptions.toml``), so
   the document advertises exactly what is routed.
@@ -36,7 +39,7 @@ from lotse_contracts import topics
 from lotse_contracts.cloudevents import JSON_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE
 from lotse_contracts.compat import check_full_transitive
 from lotse_contracts.events import CATALOGUE, EventCatalogue, EventModel
-from lotse_contracts.events.base import TYPE_PATTERN
+from lotse_contracts.events.base import EXAMPLE_CONTRACTS_BASE, SCHEMA_DIR, TYPE_PATTERN
 from lotse_contracts.subscriptions import RegistryFile, read_registry_file
 
 #: ``contracts/`` of the source checkout (this file is contracts/src/lotse_contracts/).
@@ -81,6 +84,7 @@ def render_example(model: type[EventModel]) -> dict[str, Any]:
     event = example.to_cloudevent(
         event_id=str(uuid.uuid5(_EXAMPLE_NAMESPACE, model.event_type)),
         time=example_time(example),
+        schema_base=EXAMPLE_CONTRACTS_BASE,
     )
     document: dict[str, Any] = dict(event.attributes())
     document["data"] = event.data
@@ -110,6 +114,15 @@ DEAD_LETTER_HEADERS: dict[str, str] = {
     "record is named by topic, partition, offset, size and hash.",
     "lotse_dlq_headers": "omitted: the original headers did not fit and were left out.",
 }
+
+
+def dataschema_pattern(event_type: str) -> str:
+    """What a ``ce_dataschema`` of ``event_type`` looks like: any contracts base URL (or, on
+    events written before the URI, the repository path) followed by /schemas/<type>.json.
+    Only dots are escaped: a type is [a-z0-9.-], and ECMAScript rejects an escaped hyphen."""
+    legacy = SCHEMA_DIR.removesuffix("/schemas")
+    name = event_type.replace(".", "\\.")
+    return f"^(?:https?://[^\\s]+|{legacy})/schemas/{name}\\.json$"
 
 
 def _message(model: type[EventModel]) -> dict[str, Any]:
@@ -145,7 +158,10 @@ def _message(model: type[EventModel]) -> dict[str, Any]:
                     "properties": {
                         "ce_type": {"type": "string", "const": model.event_type},
                         "ce_source": source,
-                        "ce_dataschema": {"type": "string", "const": model.schema_file()},
+                        "ce_dataschema": {
+                            "type": "string",
+                            "pattern": dataschema_pattern(model.event_type),
+                        },
                     },
                     "required": required,
                 },
@@ -180,7 +196,14 @@ def _cloudevents_headers() -> dict[str, Any]:
             "ce_type": text("de.lotse.<domain>.<event>.v<major>.", pattern=TYPE_PATTERN.pattern),
             "ce_subject": text("The pseudonymous case id (key figures: the cell)."),
             "ce_time": text("When the fact happened (RFC 3339).", format="date-time"),
-            "ce_dataschema": text("Path of the JSON Schema of the data."),
+            "ce_dataschema": text(
+                "URI of the JSON Schema of the data: <contracts base URL>/schemas/<type>.json, "
+                "served read-only by every Lotse service (the base is the deployment's "
+                "LOTSE_CONTRACTS_BASE_URL, e.g. https://lotse.example/contracts; the "
+                "AsyncAPI document is <base>/asyncapi.json). Events written before it was a "
+                "URI carry the path /contracts/schemas/<type>.json; readers accept both.",
+                format="uri-reference",
+            ),
             "ce_datacontenttype": text("Media type of the data.", const=JSON_CONTENT_TYPE),
             "ce_bezirk": text("Extension: Stadtbezirk (city district) slug."),
             "ce_traeger": text("Extension: slug of the Träger (provider agency)."),

@@ -21,7 +21,12 @@ from lotse_contracts.cloudevents import CloudEvent
 TYPE_PATTERN = re.compile(
     r"^de\.lotse\.(?P<domain>[a-z]+)\.(?P<name>[a-z][a-z0-9-]*)\.v(?P<major>[1-9][0-9]*)$"
 )
+#: Where the schemas lie below the contracts' root: ``contracts/schemas`` in the repository,
+#: ``<base>/schemas`` below a deployment's contracts base URL.
 SCHEMA_DIR = "/contracts/schemas"
+#: The contracts base URL the committed example payloads show (an example domain: a
+#: deployment configures its own, see :func:`schema_uri`).
+EXAMPLE_CONTRACTS_BASE = "https://lotse.example/contracts"
 
 
 class UnknownEventType(LookupError):
@@ -60,8 +65,15 @@ class EventModel(BaseModel):
 
     @classmethod
     def schema_file(cls) -> str:
-        """Repository path of this model's generated JSON Schema (the ``dataschema``)."""
+        """Repository path of this model's generated JSON Schema (its ``$id``; the
+        ``dataschema`` of events written before it became an absolute URI)."""
         return f"{SCHEMA_DIR}/{cls.event_type}.json"
+
+    @classmethod
+    def schema_uri(cls, base: str | None = None) -> str:
+        """The ``dataschema``: this model's schema below the contracts base URL ``base``
+        (e.g. ``https://lotse.example/contracts``); without one, the repository path."""
+        return schema_uri(cls.event_type, base)
 
     @classmethod
     def example(cls) -> EventModel:
@@ -74,8 +86,10 @@ class EventModel(BaseModel):
         event_id: str | None = None,
         time: datetime | None = None,
         source: str | None = None,
+        schema_base: str | None = None,
     ) -> CloudEvent:
-        """Wrap this payload in a CloudEvent with subject and extension attributes set."""
+        """Wrap this payload in a CloudEvent with subject and extension attributes set;
+        ``schema_base`` (the contracts base URL) makes ``dataschema`` an absolute URI."""
         data = self.model_dump(mode="json", exclude_none=True)
         return CloudEvent(
             id=event_id or str(uuid.uuid4()),
@@ -83,11 +97,20 @@ class EventModel(BaseModel):
             type=self.event_type,
             subject=_str_or_none(data.get(self.subject_field)),
             time=time or datetime.now(UTC),
-            dataschema=self.schema_file(),
+            dataschema=self.schema_uri(schema_base),
             bezirk=_str_or_none(data.get(self.bezirk_field)) if self.bezirk_field else None,
             traeger=_str_or_none(data.get(self.traeger_field)) if self.traeger_field else None,
             data=data,
         )
+
+
+def schema_uri(event_type: str, base: str | None = None) -> str:
+    """``<base>/schemas/<type>.json``, the URI a partner resolves to get the JSON Schema of
+    an event's data; without ``base`` the repository path ``/contracts/schemas/<type>.json``.
+    Readers accept both (and any base): the type, not the ``dataschema``, picks the model."""
+    if base is None:
+        return f"{SCHEMA_DIR}/{event_type}.json"
+    return f"{base.rstrip('/')}/schemas/{event_type}.json"
 
 
 def _str_or_none(value: Any) -> str | None:

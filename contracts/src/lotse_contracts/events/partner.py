@@ -106,10 +106,14 @@ class PartnerReferralAnswer(EventModel):
         event_id: str | None = None,
         time: datetime | None = None,
         source: str | None = None,
+        schema_base: str | None = None,
     ) -> CloudEvent:
         """As the base, but the source defaults to this Träger's ``/partner/<traeger>``."""
         return super().to_cloudevent(
-            event_id=event_id, time=time, source=source or self.partner_source()
+            event_id=event_id,
+            time=time,
+            source=source or self.partner_source(),
+            schema_base=schema_base,
         )
 
     @classmethod

@@ -144,9 +144,12 @@ class KpiUpdated(EventModel):
         event_id: str | None = None,
         time: datetime | None = None,
         source: str | None = None,
+        schema_base: str | None = None,
     ) -> CloudEvent:
         """As the base, but the subject is the cell: a key figure has no case id."""
-        event = super().to_cloudevent(event_id=event_id, time=time, source=source)
+        event = super().to_cloudevent(
+            event_id=event_id, time=time, source=source, schema_base=schema_base
+        )
         return event.model_copy(update={"subject": self.cell()})
 
     @classmethod

@@ -44,6 +44,7 @@ from lotse_runtime.auth import (
     JwtCallerResolver,
 )
 from lotse_runtime.consumer import EventConsumer, Handler, RefusalHook
+from lotse_runtime.contract_docs import serve_contract_documents
 from lotse_runtime.db import Database, transient_error
 from lotse_runtime.docs import serve_docs_offline
 from lotse_runtime.health import HEALTH_TAG, ReadinessCheck, health_router
@@ -405,6 +406,7 @@ def build_runtime(
         topic_prefix=settings.topic_prefix,
         registry=registry,
         on_commit=relay.wake,
+        schema_base=settings.contracts_base(),
     )
     jobs: list[PeriodicJob] = []
     return ServiceRuntime(
@@ -567,6 +569,7 @@ def create_service_app(
     )
     app.state.runtime = runtime
     serve_docs_offline(app)
+    serve_contract_documents(app, settings.contracts_base())
     _instrument(app, runtime)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     for kind in (DBAPIError, PoolTimeoutError):

@@ -75,8 +75,11 @@ class Outbox:
         topic_prefix: str = "",
         registry: SubscriptionRegistry | None = None,
         on_commit: Callable[[], None] | None = None,
+        schema_base: str | None = None,
     ) -> None:
         self.source = source
+        #: The contracts base URL: each event's dataschema is an absolute URI below it.
+        self.schema_base = schema_base
         self.topic_prefix = topic_prefix
         self.registry = registry
         self._on_commit = on_commit
@@ -104,7 +107,9 @@ class Outbox:
         # A model built with model_copy(update=...) or model_construct skips validation: check
         # again here, so that no service can publish what its own contract forbids.
         type(event).model_validate(event.model_dump())
-        cloudevent = event.to_cloudevent(event_id=event_id, time=time, source=self.source)
+        cloudevent = event.to_cloudevent(
+            event_id=event_id, time=time, source=self.source, schema_base=self.schema_base
+        )
         self.add_cloudevent(session, cloudevent, None if audiences_only else type(event).topic)
         return cloudevent
 

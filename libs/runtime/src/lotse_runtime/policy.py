@@ -260,6 +260,7 @@ def docs_paths(app: FastAPI) -> set[str]:
     """FastAPI's own documentation routes, public by design (no data behind them)."""
     paths = {app.openapi_url, app.docs_url, app.redoc_url}
     paths.add(getattr(app.state, "docs_assets_url", None))  # lotse_runtime.docs: their assets
+    paths.update(getattr(app.state, "contract_docs_paths", ()))  # lotse_runtime.contract_docs
     if app.docs_url:
         paths.add(app.swagger_ui_oauth2_redirect_url)
     return {path for path in paths if path}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -101,6 +102,14 @@ class ServiceSettings(BaseSettings):
     )
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
     http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
+    contracts_base_url: str | None = Field(
+        default=None,
+        description="Public URL of the contract documents (e.g. "
+        "https://lotse.example/contracts): events name <base>/schemas/<type>.json as their "
+        "dataschema, and the service serves the schemas and <base>/asyncapi.json at that "
+        "URL's path. Unset: the service's own http://<http_host>:<http_port>/contracts "
+        "(development; set it wherever partners reach the services by another name).",
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
     otlp_endpoint: str | None = Field(
         default=None, description="OTLP/HTTP collector base URL; unset means no export."
@@ -164,6 +173,18 @@ class ServiceSettings(BaseSettings):
         description="Issuer keys: JWKS file path, URL or inline JSON document; unset means the "
         "local development issuer's (key in data_dir, tokens from `lotse token`).",
     )
+
+    @field_validator("contracts_base_url")
+    @classmethod
+    def _contracts_base_is_absolute(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("contracts_base_url must be an absolute http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError("contracts_base_url must have no query or fragment")
+        return value.strip().rstrip("/")
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -248,6 +269,17 @@ class ServiceSettings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.data_dir / (self.service_name + '.db')}"
+
+    def contracts_base(self) -> str:
+        """The contracts base URL (configured, or this service's own address)."""
+        if self.contracts_base_url is not None:
+            return self.contracts_base_url
+        host = self.http_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"  # bound to every address: the loopback one answers too
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port}/contracts"
 
     def dev_issuer_key_file(self) -> Path:
         """Key of the local development token issuer (``lotse token`` signs with it)."""

@@ -4,6 +4,8 @@
 creates the topics, starts every installed service (entry point group ``lotse.services``)
 with its SQLite database under ``var/`` (unless ``LOTSE_<SERVICE>_DATABASE_URL`` says
 otherwise), waits until each is ready and prints where it listens. Ctrl-C stops everything.
+Once all are ready it writes ``<data dir>/platform.json`` (the broker's bootstrap and each
+service's URL; removed on stop) for the tools (lotse_tooling.platform_file).
 ``lotse broker`` runs only the embedded broker. Both stop their broker (and services) on
 SIGTERM as on SIGINT (Ctrl-C).
 ``lotse republish --service NAME --since ISO`` publishes a service's retained outbox rows again
@@ -29,6 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from lotse_runtime.kafka import KafkaConfig, ensure_topics, platform_topics, ver
 from lotse_runtime.settings import ServiceSettings
 
 from lotse_tooling import acls as acls_command
+from lotse_tooling import platform_file
 from lotse_tooling.embedded import BrokerStartError, EmbeddedBroker, free_port
 
 DEFAULT_PORTS = {
@@ -187,6 +191,12 @@ def _up(args: argparse.Namespace) -> int:
                 env.setdefault("LOTSE_REPORTING_DASHBOARD_PUBLIC", "true")
                 # Webhook receivers under development listen on this machine (http://127.0.0.1).
                 env.setdefault("LOTSE_DELIVERY_SINK_POLICY", "development")
+            if not os.environ.get("LOTSE_CONTRACTS_BASE_URL"):
+                # Events name their schema below the address the service really listens on.
+                env.setdefault(
+                    f"LOTSE_{name.upper()}_CONTRACTS_BASE_URL",
+                    f"http://127.0.0.1:{port}/contracts",
+                )
             if "intake" in ports:
                 # Services that open families' personal-data blocks fetch keys from intake.
                 env.setdefault(
@@ -216,11 +226,24 @@ def _up(args: argparse.Namespace) -> int:
         for svc in running:
             base = f"http://127.0.0.1:{svc.port}"
             print(f"{svc.name:<11} {base:<28} {base + '/docs':<34} {svc.log}")
-        print("\nLotse is up. Ctrl-C stops it.", flush=True)
+        written = platform_file.write(
+            data_dir,
+            platform_file.PlatformInfo(
+                bootstrap=bootstrap,
+                services={svc.name: f"http://127.0.0.1:{svc.port}" for svc in running},
+                topic_prefix=shared.topic_prefix,
+                city=city.slug,
+                pid=os.getpid(),
+                started_at=datetime.now(UTC).isoformat(),
+            ),
+        )
+        print(f"\nTools find broker and services in {written}.")
+        print("Lotse is up. Ctrl-C stops it.", flush=True)
         if args.exit_when_ready:
             return 0
         return _supervise(running)
     finally:
+        platform_file.remove(data_dir, pid=os.getpid())
         _stop_all(running)
         if broker is not None:
             broker.stop()
@@ -301,8 +324,6 @@ def broker(args: argparse.Namespace) -> int:
 # Longer than 60 lines on purpose: argument checks and the operator's messages, in order.
 def republish(args: argparse.Namespace) -> int:
     """Publish a service's retained outbox rows from a point in time again."""
-    from datetime import datetime
-
     from lotse_runtime.db import Database
     from lotse_runtime.outbox import republish as republish_rows
 

@@ -235,6 +235,27 @@ class WishPlacement(RequestModel):
     )
 
 
+class CatalogueReconciled(BaseModel):
+    """What reconciling the catalogue with the city file did."""
+
+    source: str = Field(description="The city file read.")
+    file_changed: bool = Field(
+        description="Whether the file differs from the one last reconciled (at start, by the "
+        "periodic check or by this call)."
+    )
+    changed: int = Field(description="Catalogue entries added or changed.")
+    retired: list[str] = Field(description="Träger the file no longer names, retired now.")
+    restored: list[str] = Field(description="Retired Träger the file names again.")
+    needs_restart: list[str] = Field(
+        description="File changes the running service cannot take over (new Träger, the "
+        "city's modules or Stadtbezirke): they apply at the next start."
+    )
+    open_of_retired: dict[str, int] = Field(
+        description="Open referrals per retired Träger; each Bezirk lists its own at "
+        "GET /bezirke/{bezirk}/retired-traeger/referrals."
+    )
+
+
 class DisclosureKey(BaseModel):
     """The key that opens this referral's sealed ``disclosure`` (base64url, 32 bytes)."""
 
@@ -383,6 +404,34 @@ async def suggestions(
     return [_traeger_public(listing) for listing in listings]
 
 
+@router.post(
+    "/catalogue/reconcile",
+    tags=CATALOGUE,
+    response_model=CatalogueReconciled,
+    summary="Reconcile the catalogue with the city file now (koordination)",
+    description="As at start, and as the periodic check does when the file changed: Träger "
+    "the file no longer names are retired (kept while referrals point at them, no new "
+    "referrals to them); the others follow the file field by field, except fields edited "
+    "through the API that the file did not change. A file that does not parse (422) or "
+    "configures another city (409) changes nothing.",
+    responses={
+        409: {"description": "The file configures another city; nothing changed"},
+        422: {"description": "The file cannot be read or is invalid; nothing changed"},
+    },
+)
+async def reconcile_catalogue(ctx: ContextDep, caller: CallerDep) -> CatalogueReconciled:
+    result = await ops.reconcile_catalogue(ctx, ctx.clock(), force=True)
+    return CatalogueReconciled(
+        source=result.source,
+        file_changed=result.file_changed,
+        changed=result.applied.changed,
+        retired=list(result.applied.retired),
+        restored=list(result.applied.restored),
+        needs_restart=result.needs_restart,
+        open_of_retired=result.open_of_retired,
+    )
+
+
 # --- referrals ----------------------------------------------------------------------------
 
 REFERRALS: list[str | Enum] = ["referrals"]
@@ -500,6 +549,22 @@ async def escalations_of_bezirk(
     limit: LimitQuery = 200,
 ) -> list[ReferralPublic]:
     rows = await ops.escalations_of_bezirk(ctx, caller, bezirk, open_only=open_only, limit=limit)
+    return [_public(r, caller) for r in rows]
+
+
+@router.get(
+    "/bezirke/{bezirk}/retired-traeger/referrals",
+    tags=OVERVIEWS,
+    response_model=list[ReferralPublic],
+    summary="A Stadtbezirk's open referrals to Träger the city file no longer names",
+    description="No new referral goes to a retired Träger and its Kafka answers are no "
+    "longer read: each of these needs a person (follow up, answer over HTTP, or cancel "
+    "and refer elsewhere).",
+)
+async def referrals_to_retired_traeger(
+    bezirk: str, ctx: ContextDep, caller: CallerDep, limit: LimitQuery = 200
+) -> list[ReferralPublic]:
+    rows = await ops.referrals_to_retired_traeger(ctx, caller, bezirk, limit=limit)
     return [_public(r, caller) for r in rows]
 
 

@@ -15,7 +15,7 @@ from lotse_runtime.migrations import create_schema
 from lotse_referrals import operations as ops
 from lotse_referrals import retention
 from lotse_referrals.api import router
-from lotse_referrals.catalogue import seed_catalogue
+from lotse_referrals.catalogue import city_file_text, fingerprint, seed_catalogue
 from lotse_referrals.consumers import wire_consumers
 from lotse_referrals.context import Context
 from lotse_referrals.domain import WorkingCalendar
@@ -80,7 +80,7 @@ def _context(runtime: ServiceRuntime[ReferralsSettings], keyring: Keyring | None
 
 
 def _wire(runtime: ServiceRuntime[ReferralsSettings], ctx: Context) -> None:
-    """Consumers, the escalation and placement jobs, retention."""
+    """Consumers, the city-file, escalation and placement jobs, retention."""
     wire_consumers(runtime, ctx)
 
     async def escalate(rt: ServiceRuntime[Any]) -> None:
@@ -90,7 +90,13 @@ def _wire(runtime: ServiceRuntime[ReferralsSettings], ctx: Context) -> None:
     async def place_waiting(rt: ServiceRuntime[Any]) -> None:
         await ops.place_waiting_wishes(ctx, rt.clock())
 
+    async def city_file(rt: ServiceRuntime[Any]) -> None:
+        await ops.check_city_file(ctx, rt.clock())
+
     settings = runtime.settings
+    # Per replica: each replica keeps the fingerprint of the file it last applied in memory
+    # (reconciling is idempotent, as at start).
+    runtime.add_job("catalogue", settings.catalogue_check_interval_s, city_file)
     runtime.add_job("escalation", settings.escalation_interval_s, escalate, once=True)
     runtime.add_job("placement", settings.placement_interval_s, place_waiting, once=True)
     retention.install(runtime)
@@ -141,6 +147,8 @@ def _seed_first(
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         await create_schema(runtime.db, TABLES, service=runtime.settings.service_name)
         await seed_catalogue(ctx, runtime.clock())
+        # The file as seeded: the periodic check reconciles again only when it changes.
+        ctx.city_fingerprint = fingerprint(city_file_text(runtime.settings.city)[0])
         try:
             async with started(application):
                 yield

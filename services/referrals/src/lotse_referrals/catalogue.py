@@ -9,11 +9,15 @@ refusal is a :class:`~lotse_runtime.refusal.Refusal`, a caller without the right
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from dataclasses import dataclass, field
 from datetime import datetime
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
-from lotse_contracts.city import Municipality
+from lotse_contracts.city import CityConfigError, Municipality, Traeger, parse_city
 from lotse_contracts.events.referrals import ReferralStatus
 from lotse_runtime.identity import AccessDenied, Caller, Role
 from lotse_runtime.refusal import Conflict, Refusal
@@ -191,21 +195,36 @@ async def seed_catalogue(ctx: Context, now: datetime) -> int:
       pointing at it and can be followed and answered, no new referral goes to it, and it
       comes back if the file names it again. Modules and Bezirke the city no longer has
       are dropped from every entry."""
+    return (await _seed_with_retry(ctx, now, list(ctx.city.traeger))).changed
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one reconciliation changed: entries touched, Träger retired and restored."""
+
+    changed: int = 0
+    retired: tuple[str, ...] = ()
+    restored: tuple[str, ...] = ()
+
+
+async def _seed_with_retry(ctx: Context, now: datetime, configured: list[Traeger]) -> Applied:
     try:
-        return await _seed_catalogue(ctx, now)
+        return await _seed_catalogue(ctx, now, configured)
     except IntegrityError:
         # Another replica seeded the same rows at the same moment; its rows are as good.
-        return await _seed_catalogue(ctx, now)
+        return await _seed_catalogue(ctx, now, configured)
 
 
-async def _seed_catalogue(ctx: Context, now: datetime) -> int:
+async def _seed_catalogue(ctx: Context, now: datetime, configured: list[Traeger]) -> Applied:
     changed = 0
+    retired: list[str] = []
+    restored: list[str] = []
     async with ctx.db.transaction() as session:
         rows = {r.slug: r for r in (await session.execute(select(CatalogueTraeger))).scalars()}
         await _same_city(session, ctx, rows, now)
-        configured = {t.slug for t in ctx.city.traeger}
+        slugs = {t.slug for t in configured}
         # In slug order, the order in which new referrals lock Träger rows (no deadlock).
-        for traeger in sorted(ctx.city.traeger, key=lambda t: t.slug):
+        for traeger in sorted(configured, key=lambda t: t.slug):
             row = rows.get(traeger.slug)
             wanted: dict[str, Any] = {
                 "name": traeger.name,
@@ -219,20 +238,25 @@ async def _seed_catalogue(ctx: Context, now: datetime) -> int:
                     CatalogueTraeger(slug=traeger.slug, **wanted, seeded=wanted, updated_at=now)
                 )
                 changed += 1
-            elif _reconcile(row, wanted, ctx.city):
+                continue
+            was_retired = row.retired
+            if _reconcile(row, wanted, ctx.city):
                 row.updated_at = now
                 changed += 1
-        for slug in sorted(set(rows) - configured):
+            if was_retired:
+                restored.append(row.slug)
+        for slug in sorted(set(rows) - slugs):
             row = rows[slug]
             if not row.retired:
                 row.retired = True
                 row.updated_at = now
                 changed += 1
+                retired.append(slug)
                 _log.warning(
                     "Träger retired: no longer in the city configuration",
                     extra={"traeger": slug, "city": ctx.city.slug},
                 )
-    return changed
+    return Applied(changed, tuple(retired), tuple(restored))
 
 
 def _reconcile(row: CatalogueTraeger, wanted: dict[str, Any], city: Municipality) -> bool:
@@ -317,3 +341,120 @@ async def lock_places(
         .with_for_update()
     )
     return list(locked.scalars())
+
+
+# --- the city file changed while the service runs -----------------------------------------
+
+
+def city_file_text(name_or_path: str) -> tuple[str, str]:
+    """The city file's text and how to name it: a path, or a city packaged with the
+    contracts (``lotse_contracts/cities/<name>.toml``), as ``load_city`` reads it."""
+    if "/" in name_or_path or "\\" in name_or_path or name_or_path.endswith(".toml"):
+        path = Path(name_or_path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except OSError as exc:
+            raise Refusal("city", f"cannot read the city file {path}: {exc.strerror}") from exc
+    resource = files("lotse_contracts").joinpath("cities", f"{name_or_path}.toml")
+    try:
+        return resource.read_text(encoding="utf-8"), f"{name_or_path} (packaged)"
+    except OSError as exc:
+        raise Refusal("city", f"cannot read the packaged city {name_or_path}: {exc}") from exc
+
+
+def fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Reconciled:
+    """The outcome of reconciling the catalogue with the city file while running."""
+
+    source: str
+    file_changed: bool
+    """Whether the file differs from the one the catalogue was last reconciled with."""
+    applied: Applied = field(default_factory=Applied)
+    needs_restart: list[str] = field(default_factory=list)
+    """File changes the running service cannot take over (they change topics, ACLs or the
+    city's modules and Bezirke): they apply at the next start."""
+    open_of_retired: dict[str, int] = field(default_factory=dict)
+    """Open referrals per retired Träger, city-wide (each Bezirk lists its own)."""
+
+
+def _restart_changes(running: Municipality, new: Municipality) -> list[str]:
+    problems = []
+    added = sorted(set(new.traeger_slugs) - set(running.traeger_slugs))
+    if added:
+        problems.append(
+            f"new Träger {', '.join(added)}: their Kafka topics and ACLs come with the next start"
+        )
+    for what, before, after in (
+        ("modules", running.module_slugs, new.module_slugs),
+        ("Stadtbezirke", running.bezirk_slugs, new.bezirk_slugs),
+    ):
+        if set(before) != set(after):
+            problems.append(f"the city's {what} changed: they apply at the next start")
+    return problems
+
+
+async def reconcile_with_file(ctx: Context, now: datetime, *, force: bool) -> Reconciled:
+    """Reconcile the catalogue with the city file as it is now, as at start
+    (:func:`seed_catalogue`), when the file changed since the last look (or ``force``).
+
+    The file is read and validated first: a file that does not parse (``Refusal`` on
+    ``city``, 422) or names another city (``Conflict``, 409) changes nothing. Träger the
+    file no longer names are retired; field changes of the others apply at once. What the
+    running service cannot take over (new Träger, other modules or Bezirke) is reported in
+    ``needs_restart`` and left for the next start."""
+    text, source = city_file_text(ctx.settings.city)
+    seen = fingerprint(text)
+    changed = seen != ctx.city_fingerprint
+    if not force and not changed:
+        return Reconciled(source=source, file_changed=False)
+    try:
+        new = parse_city(text, source=source)
+    except CityConfigError as exc:
+        raise Refusal("city", f"{exc}; nothing was changed") from exc
+    if new.slug != ctx.city.slug:
+        raise Conflict(
+            "city",
+            f"{source} now configures {new.name} ({new.slug}), but this service runs "
+            f"{ctx.city.name} ({ctx.city.slug}); two cities' catalogues are never mixed, "
+            "nothing was changed",
+        )
+    known = set(ctx.city.traeger_slugs)
+    applied = await _seed_with_retry(ctx, now, [t for t in new.traeger if t.slug in known])
+    ctx.city_fingerprint = seen
+    async with ctx.db.transaction() as session:
+        open_of_retired = await _open_of_retired(session)
+    return Reconciled(
+        source=source,
+        file_changed=changed,
+        applied=applied,
+        needs_restart=_restart_changes(ctx.city, new),
+        open_of_retired=open_of_retired,
+    )
+
+
+async def _open_of_retired(session: AsyncSession) -> dict[str, int]:
+    query = (
+        select(col(Referral.traeger), func.count())
+        .join(CatalogueTraeger, col(CatalogueTraeger.slug) == col(Referral.traeger))
+        .where(col(CatalogueTraeger.retired).is_(True))
+        .where(col(Referral.status).in_([s.value for s in domain.OPEN_STATUSES]))
+        .group_by(col(Referral.traeger))
+    )
+    return {slug: int(n) for slug, n in (await session.execute(query)).all()}
+
+
+def retired_traeger_query(bezirk: str) -> Any:
+    """A Stadtbezirk's open referrals addressed to a retired Träger, oldest first: they need
+    a person (no new referral goes to that Träger; its Kafka answers are no longer read)."""
+    return (
+        select(Referral)
+        .join(CatalogueTraeger, col(CatalogueTraeger.slug) == col(Referral.traeger))
+        .where(col(CatalogueTraeger.retired).is_(True))
+        .where(col(Referral.bezirk) == bezirk)
+        .where(col(Referral.status).in_([s.value for s in domain.OPEN_STATUSES]))
+        .order_by(col(Referral.requested_at))
+    )

@@ -39,6 +39,9 @@ class Context:
     outbox: Outbox
     clock: Callable[[], datetime] = _utc_now
     """Current time, aware UTC (the runtime's clock; tests control it)."""
+    city_fingerprint: str | None = None
+    """SHA-256 of the city file as the catalogue was last reconciled with it (set at start;
+    the periodic check reconciles when the file's differs)."""
 
     def today(self, now: datetime) -> date:
         return domain.local_date(now, self.city.zone())

@@ -24,6 +24,7 @@ lock from its start (``BEGIN IMMEDIATE``), which serialises all of this anyway.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -65,7 +66,17 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import col
 
 from lotse_referrals import domain
-from lotse_referrals.catalogue import Listing, load_offers, lock_places, update_traeger
+from lotse_referrals.catalogue import (
+    Listing,
+    Reconciled,
+    city_file_text,
+    fingerprint,
+    load_offers,
+    lock_places,
+    reconcile_with_file,
+    retired_traeger_query,
+    update_traeger,
+)
 from lotse_referrals.context import SERVICE, Context
 from lotse_referrals.domain import Actor, ConsentView, Offer, Step
 from lotse_referrals.keyring import (
@@ -1040,6 +1051,41 @@ async def change_catalogue_entry(
     row = listing[0]
     await place_waiting_wishes(ctx, ctx.clock(), modules=list(row.modules))
     return listing
+
+
+async def reconcile_catalogue(ctx: Context, now: datetime, *, force: bool) -> Reconciled:
+    """Reconcile the catalogue with the city file now (``force``, coordination's call) or
+    when it changed (the periodic check); then try the waiting wishes again, as after an
+    API edit: a Träger's new capacity, module or Bezirk may place them."""
+    result = await reconcile_with_file(ctx, now, force=force)
+    if result.applied.changed:
+        await place_waiting_wishes(ctx, now)
+    if result.applied.retired:
+        _log.warning(
+            "Träger retired while running; their open referrals are listed per Bezirk",
+            extra={"retired": list(result.applied.retired), "open": result.open_of_retired},
+        )
+    return result
+
+
+async def check_city_file(ctx: Context, now: datetime) -> Reconciled | None:
+    """The periodic check: reconcile when the city file changed. A file that cannot be
+    applied changes nothing and is reported once (until it changes again)."""
+    try:
+        return await reconcile_catalogue(ctx, now, force=False)
+    except Refusal as exc:  # a Conflict (another city) too
+        with contextlib.suppress(Refusal):  # unreadable: said again at the next look
+            ctx.city_fingerprint = fingerprint(city_file_text(ctx.settings.city)[0])
+        _log.error("city file not applied to the catalogue: %s", exc.reason)
+        return None
+
+
+async def referrals_to_retired_traeger(
+    ctx: Context, caller: Caller, bezirk: str, *, limit: int
+) -> list[Referral]:
+    """A Stadtbezirk's open referrals whose Träger the city file no longer names."""
+    _ensure_bezirk(caller, bezirk)
+    return await _referrals(ctx, retired_traeger_query(bezirk).limit(limit))
 
 
 # --- referrals asked for and followed by people (the HTTP API) ----------------------------

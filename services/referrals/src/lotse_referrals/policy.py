@@ -39,6 +39,7 @@ POLICY = AccessPolicy(
         "GET /catalogue/traeger/{slug}": allow(*PERSON_ROLES),
         "PATCH /catalogue/traeger/{slug}": allow(Role.koordination, Role.traeger),
         "GET /catalogue/suggestions": allow(*PERSON_ROLES),
+        "POST /catalogue/reconcile": allow(Role.koordination),
         "POST /referrals": personal(
             *REQUESTER_ROLES, purpose=PURPOSE, access=Access.change, case_param=None
         ),
@@ -59,6 +60,9 @@ POLICY = AccessPolicy(
             *BEZIRK_ROLES, purpose=PURPOSE, access=Access.read, case_param=None
         ),
         "GET /bezirke/{bezirk}/escalations": personal(
+            *BEZIRK_ROLES, purpose=PURPOSE, access=Access.read, case_param=None
+        ),
+        "GET /bezirke/{bezirk}/retired-traeger/referrals": personal(
             *BEZIRK_ROLES, purpose=PURPOSE, access=Access.read, case_param=None
         ),
         "GET /bezirke/{bezirk}/wishes": personal(

@@ -47,6 +47,12 @@ class ReferralsSettings(ServiceSettings):
         "consent naming a Träger, no free place, module not offered) before it is escalated "
         "to the Bezirksteam of the family's Stadtbezirk (once, event wish-escalated).",
     )
+    catalogue_check_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the city file is looked at; when it changed, the catalogue is "
+        "reconciled with it as at start (POST /catalogue/reconcile does it at once).",
+    )
     placement_interval_s: float = Field(
         default=900.0,
         gt=0,

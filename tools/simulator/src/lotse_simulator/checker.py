@@ -7,6 +7,11 @@
 * Referrals (referrals service, token of the family's Familienbüro): exactly the truth's
   referral, in the status the Träger's answers, withdrawals and erasures imply, first
   contact as confirmed.
+* Every wish ends somewhere (referrals, token of the family's Familienbüro): each handover
+  the simulator made is a wish that became the truth's referral, or is still an open wish
+  listed for the Familienbüro with what it waits for and why (escalated to the Bezirksteam
+  or not yet), or was dropped because the family withdrew its consent or was erased.
+  Anything else fails, naming the family, its wish and its handover.
 * Consents and erasure (intake, ``dpo`` token): each consent given or withdrawn as recorded,
   the family erased exactly when the truth says so.
 * Key figures (reporting, ``analyst`` token): every published count of
@@ -35,6 +40,8 @@ from lotse_simulator.truth import CHECKED_FIGURES, FamilyTruth, Truth, expected_
 class CheckReport:
     families: int = 0
     referrals: int = 0
+    wishes: dict[str, int] = field(default_factory=dict)
+    """Handovers by where they ended: placed, open, escalated, dropped."""
     kpi_cells_compared: int = 0
     kpi_cells_suppressed: int = 0
     family_mismatches: dict[str, list[str]] = field(default_factory=dict)
@@ -54,8 +61,10 @@ class CheckReport:
 
     def summary(self) -> str:
         verdict = "PASS" if self.ok else "FAIL"
+        ends = ", ".join(f"{n} {where}" for where, n in sorted(self.wishes.items()))
         lines = [
             f"{verdict}: {self.families} families, {self.referrals} referrals, "
+            f"wishes: {ends or 'none'}, "
             f"{self.kpi_cells_compared} key-figure cells compared "
             f"({self.kpi_cells_suppressed} suppressed, skipped) in {self.elapsed_s:.1f} s",
         ]
@@ -133,6 +142,55 @@ async def _check_family(api: _Api, family: FamilyTruth) -> list[str]:
     return problems
 
 
+#: A wish as listed for its Familienbüro, by the handover it came from.
+Wishes = dict[str, dict[str, Any]]
+
+
+async def _wishes(api: _Api, truth: Truth) -> Wishes:
+    """Every wish of the Bezirke the truth's handovers are in, in each state."""
+    found: Wishes = {}
+    bezirke = sorted({f.bezirk for f in truth.families if f.referral is not None})
+    for bezirk in bezirke:
+        for state in ("open", "placed", "dropped"):
+            rows = await api.get(
+                f"{api.endpoints.referrals}/bezirke/{bezirk}/wishes?state={state}",
+                "familienbuero",
+                bezirk=bezirk,
+            )
+            found.update({row["source_id"]: row for row in rows})
+    return found
+
+
+def _wish_end(family: FamilyTruth, wishes: Wishes) -> tuple[str | None, str | None]:
+    """Where the family's handover ended (placed, open, escalated, dropped), or why it
+    did not end anywhere acceptable."""
+    referral = family.referral
+    assert referral is not None
+    wish = wishes.get(referral.handover_id)
+    named = f"wish {referral.wish_id or '?'} of handover {referral.handover_id}"
+    if wish is None:
+        return None, f"{named}: no referral, no open-wish entry, no escalation"
+    named = f"wish {wish['wish_id']} of handover {referral.handover_id}"
+    if wish["state"] == "placed":
+        if referral.referral_id is not None and wish["referral_id"] == referral.referral_id:
+            return "placed", None
+        return None, (
+            f"{named}: placed as referral {wish['referral_id']}, expected "
+            f"{referral.referral_id or 'an open wish'}"
+        )
+    if referral.referral_id is not None:
+        return None, f"{named} is {wish['state']}, expected referral {referral.referral_id}"
+    if wish["state"] == "open":
+        if not wish.get("waiting_for") or not wish.get("problem"):
+            return None, f"{named} is open without saying what it waits for"
+        return ("escalated" if wish.get("escalated_at") else "open"), None
+    consent = family.consent("traeger_contact")
+    gone = family.erased_at is not None or (consent is not None and consent.withdrawn_at)
+    if wish["state"] == "dropped" and gone:
+        return "dropped", None
+    return None, f"{named} is {wish['state']} although the family neither withdrew nor was erased"
+
+
 async def _check_kpis(api: _Api, truth: Truth, zone: ZoneInfo, report: CheckReport) -> None:
     expected = expected_kpis(truth, zone)
     figures = {f.value for f in CHECKED_FIGURES}
@@ -202,13 +260,27 @@ async def check(
             results = await asyncio.gather(*(one(f) for f in todo))
             report.family_mismatches = {key: found for key, found in results if found}
             try:
+                wishes = await _wishes(api, truth)
+            except (LookupError, httpx.HTTPError) as exc:
+                report.family_mismatches["wishes"] = [str(exc)]
+            else:
+                report.wishes = {}
+                for family in truth.families:
+                    if family.referral is None:
+                        continue
+                    end, problem = _wish_end(family, wishes)
+                    if problem is not None:
+                        report.family_mismatches.setdefault(family.key, []).append(problem)
+                    elif end is not None:
+                        report.wishes[end] = report.wishes.get(end, 0) + 1
+            try:
                 if kpis:
                     await _check_kpis(api, truth, zone, report)
             except (LookupError, httpx.HTTPError) as exc:
                 report.kpi_mismatches = [f"reporting: {exc}"]
             if report.ok or time.monotonic() - started > timeout_s:
                 break
-            # Only families still differing are asked again; figures are re-read in full.
+            # Only families still differing are asked again; wishes and figures in full.
             todo = [f for f in todo if f.key in report.family_mismatches]
             await asyncio.sleep(1.0)
     report.elapsed_s = time.monotonic() - started

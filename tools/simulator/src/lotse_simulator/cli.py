@@ -6,9 +6,11 @@
   lotse-simulator demo  [--scale 0.1 | --families N]          start a platform on the
                                                               simulated clock and fill it
 
-``run`` and ``check`` talk to the platform at --intake-url ... --reporting-url (default
-127.0.0.1:8001-8004) and Kafka at --bootstrap, and sign their tokens with the development
-issuer's key in --data-dir (default var/, as ``lotse up`` writes it) or with --jwks-key.
+``run`` and ``check`` talk to the platform at --intake-url ... --reporting-url and Kafka at
+--bootstrap (or LOTSE_KAFKA_BOOTSTRAP); left out, where ``lotse up`` says it started them
+(<data-dir>/platform.json), else 127.0.0.1:8001-8004 and 127.0.0.1:9092. They sign their
+tokens with the development issuer's key in --data-dir (default var/, as ``lotse up``
+writes it) or with --jwks-key.
 With --clock-file (a platform started by ``demo`` or :mod:`lotse_simulator.platform`) the
 platform's clock follows the simulated calendar; without it the platform keeps the wall
 clock and visits whose appointment lies in the future stay scheduled.
@@ -27,6 +29,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from lotse_contracts.city import Municipality, load_city
+from lotse_tooling import platform_file
+from lotse_tooling.platform_file import DEFAULT_BOOTSTRAP
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -59,26 +63,46 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _platform_arguments(parser: argparse.ArgumentParser) -> None:
+    found = "default: as <data-dir>/platform.json of `lotse up` says, else "
     defaults = Endpoints()
-    parser.add_argument("--intake-url", default=defaults.intake)
-    parser.add_argument("--visits-url", default=defaults.visits)
-    parser.add_argument("--referrals-url", default=defaults.referrals)
-    parser.add_argument("--reporting-url", default=defaults.reporting)
-    parser.add_argument("--bootstrap", default=defaults.bootstrap, help="Kafka bootstrap")
-    parser.add_argument("--topic-prefix", default="")
+    for name in SERVICE_NAMES:
+        default = getattr(defaults, name)
+        parser.add_argument(f"--{name}-url", default=None, help=found + default)
+    parser.add_argument(
+        "--bootstrap",
+        default=None,
+        help="Kafka bootstrap (default: LOTSE_KAFKA_BOOTSTRAP, else as <data-dir>/platform.json "
+        f"of `lotse up` says, else {DEFAULT_BOOTSTRAP})",
+    )
+    parser.add_argument("--topic-prefix", default=None)
     parser.add_argument("--data-dir", type=Path, default=Path("var"))
     parser.add_argument("--jwks-key", type=Path, help="issuer private key (PEM) to sign with")
 
 
+#: The services the simulator talks to, by their --<name>-url flags.
+SERVICE_NAMES = ("intake", "visits", "referrals", "reporting")
+
+
 def _endpoints(args: argparse.Namespace) -> Endpoints:
-    return Endpoints(
-        intake=args.intake_url.rstrip("/"),
-        visits=args.visits_url.rstrip("/"),
-        referrals=args.referrals_url.rstrip("/"),
-        reporting=args.reporting_url.rstrip("/"),
-        bootstrap=args.bootstrap,
-        topic_prefix=args.topic_prefix,
-    )
+    """Explicit flags win; then (bootstrap) LOTSE_KAFKA_BOOTSTRAP; then the platform file
+    ``lotse up`` wrote into --data-dir; then the usual local addresses."""
+    data_dir: Path = args.data_dir
+    defaults = Endpoints()
+    try:
+        bootstrap, _ = platform_file.resolve_bootstrap(args.bootstrap, data_dir)
+        urls = {
+            name: platform_file.service_url(
+                getattr(args, f"{name}_url"), name, data_dir, getattr(defaults, name)
+            )
+            for name in SERVICE_NAMES
+        }
+        running = platform_file.read(data_dir)
+    except platform_file.PlatformFileError as exc:
+        raise SystemExit(f"lotse-simulator: {exc}") from exc
+    prefix = args.topic_prefix
+    if prefix is None:
+        prefix = running.topic_prefix if running is not None else ""
+    return Endpoints(**urls, bootstrap=bootstrap, topic_prefix=prefix)
 
 
 def _tokens(args: argparse.Namespace) -> Tokens:

@@ -39,7 +39,7 @@ from lotse_contracts.events.referrals import RejectionReason
 
 from lotse_simulator import clock
 from lotse_simulator.endpoints import Endpoints, Tokens
-from lotse_simulator.plan import CityPlan, FamilyPlan, plan_digest, within_day
+from lotse_simulator.plan import CityPlan, FamilyPlan, ReferralPlan, plan_digest, within_day
 from lotse_simulator.truth import (
     AnswerTruth,
     ConsentTruth,
@@ -69,6 +69,19 @@ class _Action:
     family: str = field(compare=False)
     kind: str = field(compare=False)
     data: dict[str, Any] = field(compare=False, default_factory=dict)
+
+
+def _traeger_consent(referral: ReferralPlan, at: datetime) -> dict[str, Any]:
+    """The family's traeger_contact consent for the planned module: naming the Träger, or,
+    when the Familienbüro is to choose, naming none."""
+    consent: dict[str, Any] = {
+        "scope": "traeger_contact",
+        "purpose": referral.module,
+        "given_at": _iso(at),
+    }
+    if referral.traeger_named == "at_consent":
+        consent["traeger"] = referral.traeger
+    return consent
 
 
 def _iso(moment: datetime) -> str:
@@ -258,14 +271,7 @@ class Driver:
             consents.append({"scope": "screening_data_use", "given_at": _iso(at)})
         referral = plan.referral
         if referral is not None and referral.by == "babylotse":
-            consents.append(
-                {
-                    "scope": "traeger_contact",
-                    "traeger": referral.traeger,
-                    "purpose": referral.module,
-                    "given_at": _iso(at),
-                }
-            )
+            consents.append(_traeger_consent(referral, at))
         # The child's age at registration as planned, also when the platform's clock is not
         # the simulated one (the wall clock registers now).
         age = plan.registered_at.astimezone(self.zone).date() - plan.child_birth_date
@@ -470,46 +476,132 @@ class Driver:
             headers = self.tokens.headers("babylotse", clinic=plan.clinic_id)
         else:
             headers = self._office(family)
-            consent = await self._call(
-                "POST",
-                f"{self.endpoints.intake}/cases/{family.case_id}/consents",
-                headers,
-                {
-                    "scope": "traeger_contact",
-                    "traeger": referral.traeger,
-                    "purpose": referral.module,
-                    "given_at": _iso(at),
-                },
-            )
-            family.consents.append(
-                ConsentTruth(
-                    consent_id=consent["consent_id"],
-                    scope="traeger_contact",
-                    traeger=referral.traeger,
-                    purpose=referral.module,
-                    given_at=consent["given_at"],
-                )
-            )
+            await self._give_traeger_consent(family, headers, _traeger_consent(referral, at))
         consent_truth = family.consent("traeger_contact")
         assert consent_truth is not None
+        body: dict[str, Any] = {
+            "module": referral.module,
+            "consent_id": consent_truth.consent_id,
+            "urgent": False,
+        }
+        if referral.traeger_named == "at_consent":
+            body["traeger"] = referral.traeger
         handover = await self._call(
-            "POST",
-            f"{self.endpoints.intake}/cases/{family.case_id}/handovers",
-            headers,
-            {
-                "module": referral.module,
-                "traeger": referral.traeger,
-                "consent_id": consent_truth.consent_id,
-                "urgent": False,
-            },
+            "POST", f"{self.endpoints.intake}/cases/{family.case_id}/handovers", headers, body
         )
         family.referral = ReferralTruth(
             module=referral.module,
             traeger=referral.traeger,
             consent_id=consent_truth.consent_id,
             handover_id=handover["handover_id"],
+            traeger_named=referral.traeger_named,
         )
-        self._later(key, lambda: self._find_referral(family))
+        if referral.traeger_named == "at_consent":
+            self._later(key, lambda: self._find_referral(family))
+        else:
+            self._later(key, lambda: self._find_wish(family, at))
+
+    async def _give_traeger_consent(
+        self, family: FamilyTruth, headers: dict[str, str], body: dict[str, Any]
+    ) -> ConsentTruth:
+        consent = await self._call(
+            "POST", f"{self.endpoints.intake}/cases/{family.case_id}/consents", headers, body
+        )
+        truth = ConsentTruth(
+            consent_id=consent["consent_id"],
+            scope="traeger_contact",
+            traeger=body.get("traeger"),
+            purpose=body.get("purpose"),
+            given_at=consent["given_at"],
+        )
+        family.consents.append(truth)
+        return truth
+
+    async def _wishes(self, family: FamilyTruth, state: str) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self._call(
+            "GET",
+            f"{self.endpoints.referrals}/bezirke/{family.bezirk}/wishes?state={state}",
+            self._office(family),
+        )
+        return [w for w in rows if w["case_id"] == family.case_id]
+
+    async def _find_wish(self, family: FamilyTruth, handed_over: datetime) -> None:
+        """A Träger-less handover: it must wait as an open wish, visibly, with its reason."""
+        referral = family.referral
+        assert referral is not None
+
+        def done(rows: list[dict[str, Any]]) -> bool:
+            return any(w["source_id"] == referral.handover_id for w in rows)
+
+        rows = await self._poll(
+            f"{self.endpoints.referrals}/bezirke/{family.bezirk}/wishes?state=open",
+            self._office(family),
+            done,
+        )
+        if rows is None:
+            self._problem(family, "the Träger-less handover is no open wish")
+            return
+        wish = next(w for w in rows if w["source_id"] == referral.handover_id)
+        referral.wish_id = wish["wish_id"]
+        plan = self.families[family.key].referral
+        assert plan is not None
+        if plan.traeger_named == "by_familienbuero" and plan.choose_after_h is not None:
+            moment = within_day(handed_over + timedelta(hours=plan.choose_after_h), self.zone)
+            self._push(moment, family.key, "choose")
+
+    async def _do_choose(self, key: str, at: datetime) -> None:
+        """The Familienbüro chooses the Träger: the family's consent naming it first (the
+        consent gate), then the wish is placed with it."""
+        family = self._by_key[key]
+        referral = family.referral
+        await self._settle(key)
+        if referral is None or referral.wish_id is None or family.erased_at is not None:
+            return
+        consent = await self._give_traeger_consent(
+            family,
+            self._office(family),
+            {
+                "scope": "traeger_contact",
+                "traeger": referral.traeger,
+                "purpose": referral.module,
+                "given_at": _iso(at),
+            },
+        )
+        referral.consent_id = consent.consent_id
+        self._later(key, lambda: self._place_wish(family))
+
+    async def _place_wish(self, family: FamilyTruth) -> None:
+        """Place the wish with the chosen Träger. The consent reaches referrals as an event,
+        which may place the wish by itself first: either way it ends as a referral."""
+        referral = family.referral
+        assert referral is not None
+        assert referral.wish_id is not None
+        assert self._http is not None
+        deadline = time.monotonic() + LOOKUP_TIMEOUT_S
+        pause, longest = POLL_S
+        while time.monotonic() < deadline:
+            placed = [w for w in await self._wishes(family, "placed") if w["referral_id"]]
+            found = next((w for w in placed if w["wish_id"] == referral.wish_id), None)
+            if found is not None:
+                row = await self._call(
+                    "GET",
+                    f"{self.endpoints.referrals}/referrals/{found['referral_id']}",
+                    self._office(family),
+                )
+                self._follow(family, row)
+                return
+            answer = await self._http.post(
+                f"{self.endpoints.referrals}/wishes/{referral.wish_id}/placement",
+                headers=self._office(family),
+                json={"traeger": referral.traeger},
+            )
+            self.last_seen = f"{answer.status_code} {answer.text[:200]}"
+            if answer.status_code not in (201, 409):
+                break
+            if answer.status_code == 409:  # the consent is not there yet, or placed meanwhile
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, longest)
+        self._problem(family, f"the wish was not placed: {self.last_seen}")
 
     async def _find_referral(self, family: FamilyTruth) -> None:
         referral = family.referral
@@ -526,7 +618,12 @@ class Driver:
         if rows is None:
             self._problem(family, "the handover did not become a referral")
             return
-        row = next(r for r in rows if r["handover_id"] == referral.handover_id)
+        self._follow(family, next(r for r in rows if r["handover_id"] == referral.handover_id))
+
+    def _follow(self, family: FamilyTruth, row: dict[str, Any]) -> None:
+        """The referral exists: record it and plan the Träger's answers and a withdrawal."""
+        referral = family.referral
+        assert referral is not None
         referral.referral_id = row["referral_id"]
         referral.requested_at = row["requested_at"]
         requested = _parse(row["requested_at"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo
@@ -76,6 +76,11 @@ ANSWER_PROFILES: dict[AnswerProfile, float] = {
     "received_only": 0.06,
     "silent": 0.04,
 }
+#: Share of referrals whose consent names no Träger ("the Familienbüro chooses"), and of those
+#: the share the Familienbüro places (recording a consent naming the Träger first); the rest
+#: stay open wishes until the Bezirksteam gets them as an escalation.
+TRAEGERLESS_RATE = 0.15
+TRAEGERLESS_PLACED_RATE = 0.6
 WELCOME_WITHDRAWAL_RATE = 0.02
 TRAEGER_WITHDRAWAL_RATE = 0.05  # of families with a referral
 ERASURE_RATE = 0.015
@@ -113,6 +118,13 @@ class ReferralPlan:
     answers: tuple[AnswerStep, ...]
     withdraw_after_h: float | None = None
     """The family withdraws the Träger-contact consent this long after the request."""
+    traeger_named: Literal["at_consent", "by_familienbuero", "never"] = "at_consent"
+    """Who names the Träger: the family's consent at the handover (``at_consent``); or the
+    consent names none ("the Familienbüro chooses") and the handover waits as an open wish,
+    until the Familienbüro records a consent naming ``traeger`` and places the wish
+    ``choose_after_h`` hours later (``by_familienbuero``), or nobody does and it is
+    escalated to the Bezirksteam (``never``)."""
+    choose_after_h: float | None = None
 
 
 @dataclass(frozen=True)
@@ -239,8 +251,28 @@ def make_plan(
     plans = []
     for index, (channel, registered_at) in enumerate(zip(channels, moments, strict=True)):
         bezirk = rng.choices(bezirke, weights=shares)[0]
-        plans.append(_family(rng, city, zone, index, channel, bezirk, registered_at, capacity_used))
+        family = _family(rng, city, zone, index, channel, bezirk, registered_at, capacity_used)
+        plans.append(_choose_traeger_later(family, seed))
     return CityPlan(city=city.slug, seed=seed, year=year, families=tuple(plans))
+
+
+def _choose_traeger_later(family: FamilyPlan, seed: int) -> FamilyPlan:
+    """Make some handovers Träger-less (see :attr:`ReferralPlan.traeger_named`). A draw of
+    its own per family, so that the rest of the plan is the same as without them."""
+    referral = family.referral
+    if referral is None:
+        return family
+    rng = random.Random(f"{seed}/{family.key}/traeger-named")
+    if rng.random() >= TRAEGERLESS_RATE:
+        return family
+    if rng.random() < TRAEGERLESS_PLACED_RATE:
+        chosen = replace(
+            referral, traeger_named="by_familienbuero", choose_after_h=rng.uniform(2, 72)
+        )
+    else:
+        # No referral ever: no answers, nothing to withdraw from the Träger.
+        chosen = replace(referral, traeger_named="never", answers=(), withdraw_after_h=None)
+    return replace(family, referral=chosen)
 
 
 def _family(

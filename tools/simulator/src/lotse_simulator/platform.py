@@ -103,6 +103,9 @@ class SimulatedPlatform:
             LOTSE_LOG_LEVEL="WARNING",
             # The demo's dashboard is watched in a browser, which has no token to present.
             LOTSE_REPORTING_DASHBOARD_PUBLIC="true",
+            # The simulated clock runs days in seconds: look for what is overdue (unanswered
+            # referrals, wishes nobody placed) often enough to escalate it about on time.
+            LOTSE_REFERRALS_ESCALATION_INTERVAL_S="5",
         )
         # Four processes import the same large dependency tree: let them compile it once, into
         # a cache outside the source tree, instead of at every start.
@@ -113,6 +116,11 @@ class SimulatedPlatform:
         env.update(self.extra_env)
         for name in services:
             service_env = dict(env)
+            # Events name their schema below the address the service really listens on.
+            service_env.setdefault(
+                f"LOTSE_{name.upper()}_CONTRACTS_BASE_URL",
+                f"http://127.0.0.1:{ports[name]}/contracts",
+            )
             if "intake" in ports:
                 service_env.setdefault(
                     f"LOTSE_{name.upper()}_KEYRING_URL", f"http://127.0.0.1:{ports['intake']}"

@@ -89,6 +89,11 @@ class ReferralTruth:
     cancelled_at: str | None = None
     expected_status: str = "requested"
     first_contact: bool = False
+    traeger_named: str = "at_consent"
+    """at_consent, by_familienbuero or never (plan.ReferralPlan.traeger_named); unless
+    at_consent the handover named no Träger and waited as an open wish."""
+    wish_id: str | None = None
+    """The platform's wish for the handover, as the simulator saw it while it waited."""
 
     def apply_answer(self, answer: AnswerTruth) -> None:
         self.answers.append(answer)
