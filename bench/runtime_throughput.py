@@ -46,10 +46,13 @@ RESULTS = Path(__file__).parent / "results" / "runtime_throughput.json"
 
 
 class BenchEffect(SQLModel, table=True):
+    """One row per applied event, keyed by the entity's id like the services' own tables (an
+    autoincrement key would cost a statement per row: SQLite cannot return generated keys of
+    a multi-row INSERT in order)."""
+
     __tablename__ = "bench_effect"
 
-    id: int | None = Field(default=None, primary_key=True)
-    visit_id: str
+    visit_id: str = Field(primary_key=True)
 
 
 def event(n: int) -> VisitScheduled:

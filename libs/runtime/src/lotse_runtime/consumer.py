@@ -488,6 +488,7 @@ class EventConsumer:
         """One transaction of :meth:`_apply_batch`: how many leading records it applied."""
         started = time.perf_counter()
         processed = duplicates = skipped = taken = 0
+        entries: list[dict[str, Any]] = []
         try:
             consumer_name = f"{self.service}.{self.name}"
             async with self.db.transaction() as session:
@@ -513,23 +514,20 @@ class EventConsumer:
                     if data is None:
                         skipped += 1
                         continue
-                    seen[(event.source, event.id)] = inbox.fingerprint(event)
+                    entry = inbox.entry(
+                        consumer_name, event, record.topic, record.partition, record.offset
+                    )
+                    seen[(event.source, event.id)] = entry["data_sha256"]
+                    entries.append(entry)
                     with self._span(record):
-                        inbox.record(
-                            session,
-                            consumer=consumer_name,
-                            event=event,
-                            topic=record.topic,
-                            partition=record.partition,
-                            offset=record.offset,
-                        )
                         await self.handlers[event.type](
                             self._delivery(record, event, data, session)
                         )
-                        # Make this event's rows visible to the next handler's queries, as
-                        # they would be had it run in a transaction of its own.
-                        await session.flush()
-                        processed += 1
+                    processed += 1
+                # One statement for the batch's inbox entries; the handlers' own rows are
+                # flushed with it at commit, or earlier by the session's autoflush when a later
+                # handler's ORM query needs to see them.
+                await inbox.record_all(session, entries)
         except asyncio.CancelledError:
             raise
         except Exception:
