@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 from lotse_contracts.cloudevents import CloudEvent, to_kafka_binary
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.subscriptions import SubscriptionRegistry
-from sqlalchemy import Column, LargeBinary, Text, delete, func, select, text, update
+from sqlalchemy import Column, LargeBinary, Table, Text, delete, func, select, text, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlmodel import Field, SQLModel, col
@@ -55,6 +55,9 @@ class OutboxMessage(SQLModel, table=True):
     event_type: str
     created_at: datetime = Field(default_factory=_utcnow)
     sent_at: datetime | None = Field(default=None, index=True)
+
+
+_OUTBOX: Table = OutboxMessage.__table__  # type: ignore[attr-defined]
 
 
 def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
@@ -271,17 +274,17 @@ class OutboxRelay:
     async def _publish_pending(self) -> int:
         if not await self._is_leader():
             return 0
-        async with self.db.transaction() as session:
-            rows = list(
-                (
-                    await session.execute(
-                        select(OutboxMessage)
-                        .where(col(OutboxMessage.sent_at).is_(None))
-                        .order_by(col(OutboxMessage.id))
-                        .limit(self.batch_size)
-                    )
-                ).scalars()
-            )
+        # A single statement outside a transaction: on SQLite it reads the last committed
+        # state without taking the write lock that requests and consumers queue for.
+        async with self.db.autocommit() as conn:
+            rows = (
+                await conn.execute(
+                    select(_OUTBOX)
+                    .where(_OUTBOX.c.sent_at.is_(None))
+                    .order_by(_OUTBOX.c.id)
+                    .limit(self.batch_size)
+                )
+            ).all()
         if not rows:
             self.backlog = 0
             return 0
@@ -305,7 +308,6 @@ class OutboxRelay:
                 # Rows after the first failure stay unsent and go again, in order, next pass.
                 failure = exc
                 break
-            assert row.id is not None
             delivered.append(row.id)
         if delivered:
             await self._mark_sent(delivered)
@@ -313,17 +315,19 @@ class OutboxRelay:
             if self.telemetry is not None:
                 for row in rows[: len(delivered)]:
                     self.telemetry.count_published(row.topic)
-        await self._update_backlog()
+        if len(rows) < self.batch_size:
+            self.backlog = len(rows) - len(delivered)
+        else:
+            await self._update_backlog()
         if failure is not None:
             raise failure
         return len(delivered)
 
     async def _mark_sent(self, ids: list[int]) -> None:
-        async with self.db.transaction() as session:
-            await session.execute(
-                update(OutboxMessage)
-                .where(col(OutboxMessage.id).in_(ids))
-                .values(sent_at=_utcnow())
+        # One statement, committed on its own: the write lock is held for the UPDATE only.
+        async with self.db.autocommit() as conn:
+            await conn.execute(
+                update(_OUTBOX).where(_OUTBOX.c.id.in_(ids)).values(sent_at=_utcnow())
             )
 
     async def _prune_now_and_then(self) -> None:
@@ -346,11 +350,9 @@ class OutboxRelay:
         return int(getattr(result, "rowcount", 0) or 0)
 
     async def _update_backlog(self) -> None:
-        async with self.db.transaction() as session:
-            count = await session.scalar(
-                select(func.count())
-                .select_from(OutboxMessage)
-                .where(col(OutboxMessage.sent_at).is_(None))
+        async with self.db.autocommit() as conn:
+            count = await conn.scalar(
+                select(func.count()).select_from(_OUTBOX).where(_OUTBOX.c.sent_at.is_(None))
             )
         self.backlog = int(count or 0)
 
