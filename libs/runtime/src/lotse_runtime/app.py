@@ -470,6 +470,9 @@ def _instrument(app: FastAPI, runtime: ServiceRuntime[Any]) -> None:
     """HTTP server spans (continuing an incoming ``traceparent``) and database spans, so a
     trace runs from the request through the database and the outbox to every consumer."""
     telemetry = runtime.telemetry
+    if not telemetry.exporting:
+        # Nobody would see these spans: no middleware and no per-statement hooks.
+        return
     FastAPIInstrumentor.instrument_app(
         app,
         excluded_urls="healthz,readyz",
