@@ -147,7 +147,8 @@ class Stack:
     """Broker, topics and the four services; ``with Stack(...) as stack:``."""
 
     database: str | None = None
-    ready_timeout_s: float = 120.0
+    # Generous: on a machine shared with other work, four services take a while to start.
+    ready_timeout_s: float = 300.0
     # Group joins on the embedded broker are slow with the defaults; shorter sessions join
     # faster but rebalance when a starved machine delays heartbeats (the smoke test's choice).
     session_timeout_ms: int = 6000
