@@ -245,7 +245,6 @@ class Stack:
                 "LOTSE_LOG_LEVEL": "WARNING",
                 "LOTSE_CONSUMER_SESSION_TIMEOUT_MS": str(self.session_timeout_ms),
                 "LOTSE_CONSUMER_HEARTBEAT_INTERVAL_MS": str(self.heartbeat_interval_ms),
-                "LOTSE_RELAY_POLL_INTERVAL_S": "0.05",
                 # A handover whose keyring call timed out waits for this job (default 15 min).
                 "LOTSE_REFERRALS_PLACEMENT_INTERVAL_S": "5",
                 prefix + "DATABASE_URL": self.database_url(name),

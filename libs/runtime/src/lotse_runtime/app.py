@@ -261,6 +261,7 @@ def build_runtime(
         session_timeout_ms=settings.consumer_session_timeout_ms,
         heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
         max_record_bytes=settings.kafka_max_record_bytes,
+        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
         extra=settings.kafka_client_options(),
     )
     if telemetry is None:

@@ -102,6 +102,8 @@ _DLQ_HEADERS = {
 MAX_REASON_CHARS = 1000
 DLQ_MARGIN_BYTES = 512
 """Kept free below the record limit for what the size estimate does not count (batch header)."""
+IDLE_LOOP_MS = 1000
+"""How long one wait for records lasts before the loop goes round (nothing fetched)."""
 DATABASE_RETRY_S = 1.0
 """Pause between tries while the service's database does not answer."""
 
@@ -341,7 +343,11 @@ class EventConsumer:
         try:
             while not self._stopping:
                 try:
-                    batches = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
+                    # Returns as soon as records are fetched; the timeout only paces the
+                    # idle loop (stall bookkeeping, the stop flag).
+                    batches = await consumer.getmany(
+                        timeout_ms=IDLE_LOOP_MS, max_records=self.batch_size
+                    )
                 except RecordTooLargeError as exc:
                     await self._skip_too_large(consumer, exc)
                     continue

@@ -28,6 +28,7 @@ from lotse_contracts.subscriptions import SubscriptionRegistry
 from sqlalchemy import Column, LargeBinary, Table, Text, delete, func, select, text, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel, col
 
 from lotse_runtime.db import Database
@@ -130,17 +131,34 @@ class Outbox:
                     event_type=event.type,
                 )
             )
+        sync_session = session.sync_session
         if self._on_commit is not None:
-            sync_session = session.sync_session
             if not sa_event.contains(sync_session, "after_commit", _wake_once):
                 sa_event.listen(sync_session, "after_commit", _wake_once)
             sync_session.info["lotse_outbox_wake"] = self._on_commit
+        bind = sync_session.bind
+        if bind is not None and bind.dialect.name == "postgresql":
+            # The relay may run in another replica: PostgreSQL tells it on commit.
+            if not sa_event.contains(sync_session, "before_commit", _notify_once):
+                sa_event.listen(sync_session, "before_commit", _notify_once)
+            sync_session.info["lotse_outbox_notify"] = True
+
+
+NOTIFY_CHANNEL = "lotse_outbox"
+"""PostgreSQL channel on which a commit that added outbox rows wakes the relay (whichever
+process holds the relay's lock); each service has a database of its own."""
 
 
 def _wake_once(session: Any) -> None:
     callback = session.info.pop("lotse_outbox_wake", None)
     if callback is not None:
         callback()
+
+
+def _notify_once(session: Session) -> None:
+    # NOTIFY is transactional: delivered when (and only if) this transaction commits.
+    if session.info.pop("lotse_outbox_notify", False):
+        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
 
 class OutboxRelay:
@@ -159,7 +177,7 @@ class OutboxRelay:
         service: str,
         telemetry: Telemetry | None = None,
         batch_size: int = 200,
-        poll_interval_s: float = 0.5,
+        poll_interval_s: float = 5.0,
         retention: timedelta = timedelta(days=7),
     ) -> None:
         self.db = db
@@ -248,21 +266,34 @@ class OutboxRelay:
                 return True
             except Exception:
                 await self._release_leadership()
-        conn = await self.db.engine.connect()
+        # Autocommit: the lock is the session's, and notifications reach a connection only
+        # between transactions.
+        conn = await (await self.db.engine.connect()).execution_options(
+            isolation_level="AUTOCOMMIT"
+        )
         got = (
             await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._lock_key})
         ).scalar()
-        await conn.commit()
-        if got:
-            self._leader = conn
-            return True
-        await conn.close()
-        return False
+        if not got:
+            await conn.close()
+            return False
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        await driver.add_listener(NOTIFY_CHANNEL, self._notified)
+        self._leader = conn
+        return True
+
+    def _notified(self, *_args: Any) -> None:
+        self.wake()
 
     async def _release_leadership(self) -> None:
         if self._leader is not None:
+            # Closed for good, not returned to the pool: ending the database session releases
+            # the advisory lock and the listener with it.
             with contextlib.suppress(Exception):
-                await self._leader.close()  # closing the session releases the lock
+                await self._leader.invalidate()
+            with contextlib.suppress(Exception):
+                await self._leader.close()
             self._leader = None
 
     async def publish_pending(self) -> int:
