@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
-from stack import RESULTS_DIR, Stack, percentiles, run_on_own_stack
+from stack import BROKER, RESULTS_DIR, Stack, percentiles, run_on_own_stack
 from workload import Intake, Stopwatch, plan_families
 
 #: The issue's ceiling for the four services together, in % of one core.
@@ -37,9 +37,6 @@ IDLE_CEILING_PERCENT = 2.0
 def _cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
-
-
-BROKER = "broker (tansu)"
 
 
 async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
@@ -124,6 +121,9 @@ def main() -> int:
         "--database", default=None, help="postgresql, or a PostgreSQL URL (default SQLite)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the data dir (logs, DBs)")
+    parser.add_argument(
+        "--fetch-max-wait-ms", type=int, default=None, help="the services' consumer fetch wait"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "idle.json")
     args = parser.parse_args()
     result = run_on_own_stack("idle", measure, args)

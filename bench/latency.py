@@ -167,6 +167,9 @@ def main() -> int:
         "--database", default=None, help="postgresql, or a PostgreSQL URL (default SQLite)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the data dir (logs, DBs)")
+    parser.add_argument(
+        "--fetch-max-wait-ms", type=int, default=None, help="the services' consumer fetch wait"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latency.json")
     args = parser.parse_args()
     result = run(args)

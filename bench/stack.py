@@ -43,6 +43,8 @@ SERVICES = ("intake", "visits", "referrals", "reporting")
 RESULTS_DIR = Path(__file__).parent / "results"
 #: A Kafka record as the raw baseline sends it: key, value, headers.
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+#: The broker's name among the processes measured (not one of the services).
+BROKER = "broker (tansu)"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -142,6 +144,27 @@ class MemorySampler:
         }
 
 
+class CpuMeter:
+    """CPU time (user + system) each named process used between two snapshots."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self._start = self._now()
+
+    def _now(self) -> dict[str, float]:
+        found = {}
+        for name, process in self.processes.items():
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                found[name] = float(times.user + times.system)
+        return found
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds per process since this meter was made."""
+        now = self._now()
+        return {name: now[name] - self._start[name] for name in now if name in self._start}
+
+
 @dataclass
 class Stack:
     """Broker, topics and the four services; ``with Stack(...) as stack:``."""
@@ -154,6 +177,8 @@ class Stack:
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 500
     keep: bool = False
+    #: The services' consumer fetch wait (None: their default); see consumer_fetch_max_wait_ms.
+    fetch_max_wait_ms: int | None = None
     city: Municipality = field(default_factory=lambda: load_city("dortmund"))
     prefix: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:6]}.")
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lotse-bench-")))
@@ -252,6 +277,8 @@ class Stack:
                 prefix + "HTTP_PORT": str(ports[name]),
             }
         )
+        if self.fetch_max_wait_ms is not None:
+            env["LOTSE_CONSUMER_FETCH_MAX_WAIT_MS"] = str(self.fetch_max_wait_ms)
         log = self.data_dir / f"{name}.log"
         command = [
             sys.executable,
@@ -371,7 +398,7 @@ class Stack:
             for child in psutil.Process().children():
                 with contextlib.suppress(psutil.Error):
                     if "tansu" in child.name():
-                        found["broker (tansu)"] = child.pid
+                        found[BROKER] = child.pid
         return found
 
     def service_logs_tail(self, lines: int = 15) -> dict[str, str]:
@@ -562,13 +589,15 @@ def run_on_own_stack(
     result; service logs are attached when the run did not complete."""
     database = DEFAULT_POSTGRES if args.database == "postgresql" else args.database
     about = machine()
-    with Stack(database=database, keep=args.keep) as stack:
+    fetch_wait = getattr(args, "fetch_max_wait_ms", None)
+    with Stack(database=database, keep=args.keep, fetch_max_wait_ms=fetch_wait) as stack:
         result = asyncio.run(measure(stack, args))
         if not result["complete"]:
             result["service_logs"] = stack.service_logs_tail()
         broker, kind = stack.broker_name, stack.database_kind
     return {
         "benchmark": benchmark,
+        "consumer_fetch_max_wait_ms": fetch_wait or "service default",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": about,
         "broker": broker,
