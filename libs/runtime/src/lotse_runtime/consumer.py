@@ -359,8 +359,15 @@ class EventConsumer:
                         self._fetched[tp] = records[-1].offset + 1
                         if records[0].offset < self._positions.get(tp, records[0].offset + 1):
                             self._positions[tp] = records[0].offset  # first, or redelivered
+                done = {}
                 for tp, records in batches.items():
-                    await self._process_partition(consumer, tp, records)
+                    await self._process_partition(tp, records)
+                    done[tp] = self._positions[tp]
+                if done:
+                    # Effects are committed (or dead-lettered) already; one offset commit for
+                    # the whole fetch saves round trips, and a redelivery after a crash is
+                    # caught by the inbox.
+                    await consumer.commit(done)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -369,10 +376,7 @@ class EventConsumer:
             raise
 
     async def _process_partition(
-        self,
-        consumer: AIOKafkaConsumer,
-        tp: TopicPartition,
-        records: list[ConsumerRecord[Any, Any]],
+        self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]
     ) -> None:
         applied = await self._apply_batch(records)
         if applied:
@@ -388,9 +392,6 @@ class EventConsumer:
                     _log.error("dead-letter topic unavailable", extra={"error": str(exc)})
                     await asyncio.sleep(1.0)
             self._advanced(tp, record.offset + 1)
-        # Effects are committed (or dead-lettered) already; committing the offset once per
-        # batch saves round trips, and a redelivery after a crash is caught by the inbox.
-        await consumer.commit({tp: self._positions[tp]})
 
     async def _skip_too_large(self, consumer: AIOKafkaConsumer, exc: RecordTooLargeError) -> None:
         """The client skipped a record larger than the fetch size (a broker that cuts the
