@@ -179,6 +179,8 @@ class Stack:
     keep: bool = False
     #: The services' consumer fetch wait (None: their default); see consumer_fetch_max_wait_ms.
     fetch_max_wait_ms: int | None = None
+    #: Referrals' placement job; None: the service's default (15 min).
+    placement_interval_s: float | None = 5.0
     city: Municipality = field(default_factory=lambda: load_city("dortmund"))
     prefix: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:6]}.")
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lotse-bench-")))
@@ -270,13 +272,14 @@ class Stack:
                 "LOTSE_LOG_LEVEL": "WARNING",
                 "LOTSE_CONSUMER_SESSION_TIMEOUT_MS": str(self.session_timeout_ms),
                 "LOTSE_CONSUMER_HEARTBEAT_INTERVAL_MS": str(self.heartbeat_interval_ms),
-                # A handover whose keyring call timed out waits for this job (default 15 min).
-                "LOTSE_REFERRALS_PLACEMENT_INTERVAL_S": "5",
                 prefix + "DATABASE_URL": self.database_url(name),
                 prefix + "KEYRING_URL": f"http://127.0.0.1:{ports['intake']}",
                 prefix + "HTTP_PORT": str(ports[name]),
             }
         )
+        if self.placement_interval_s is not None:
+            # A handover whose keyring call timed out waits for this job (default 15 min).
+            env["LOTSE_REFERRALS_PLACEMENT_INTERVAL_S"] = str(self.placement_interval_s)
         if self.fetch_max_wait_ms is not None:
             env["LOTSE_CONSUMER_FETCH_MAX_WAIT_MS"] = str(self.fetch_max_wait_ms)
         log = self.data_dir / f"{name}.log"
@@ -583,6 +586,7 @@ def run_on_own_stack(
     benchmark: str,
     measure: Callable[[Stack, Any], Awaitable[dict[str, Any]]],
     args: Any,
+    stack_options: dict[str, Any] | None = None,
     **labels: Any,
 ) -> dict[str, Any]:
     """Run one benchmark on a stack of its own (``--database``, ``--keep``) and label the
@@ -590,7 +594,8 @@ def run_on_own_stack(
     database = DEFAULT_POSTGRES if args.database == "postgresql" else args.database
     about = machine()
     fetch_wait = getattr(args, "fetch_max_wait_ms", None)
-    with Stack(database=database, keep=args.keep, fetch_max_wait_ms=fetch_wait) as stack:
+    options = {"fetch_max_wait_ms": fetch_wait, **(stack_options or {})}
+    with Stack(database=database, keep=args.keep, **options) as stack:
         result = asyncio.run(measure(stack, args))
         if not result["complete"]:
             result["service_logs"] = stack.service_logs_tail()
