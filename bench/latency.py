@@ -25,9 +25,15 @@ import asyncio
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lotse_contracts import topics as topic_names
+from lotse_contracts.events.intake import FamilyRegistered
+from lotse_contracts.events.visits import VisitScheduled
+from lotse_runtime.db import Database
+from sqlalchemy import text
 from stack import (
     RESULTS_DIR,
     MemorySampler,
@@ -105,7 +111,9 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         if seen is not None:
             to_kpi.append((seen - s.returned) * 1000)
     http = [(s.returned - s.started) * 1000 for s in sent]
+    hops = await hop_breakdown(stack, {s.case_id for s in sent}, watch)
     return {
+        "hops_ms": hops,
         "complete": complete,
         "rate_per_s": args.rate,
         "seconds": args.seconds,
@@ -129,6 +137,76 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _utc(value: Any) -> datetime:
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+async def _rows(stack: Stack, service: str, sql: str, **params: Any) -> list[Any]:
+    db = Database(stack.services[service].database_url)
+    try:
+        async with db.engine.connect() as conn:
+            return list(await conn.execute(text(sql), params))
+    finally:
+        await db.dispose()
+
+
+async def hop_breakdown(stack: Stack, cases: set[str], watch: Stopwatch) -> dict[str, Any]:
+    """Where the time from intake to "visit scheduled" goes, per family, from the services'
+    own timestamps (one machine, one wall clock): intake's outbox row written → published
+    (relay), → visits' inbox entry (broker and consumer fetch), → visits' outbox row
+    (handler), → published (relay), → seen by the stopwatch (its own fetch)."""
+    registered = {
+        key: (event_id, _utc(created), _utc(sent))
+        for key, event_id, created, sent in await _rows(
+            stack,
+            "intake",
+            "SELECT record_key, event_id, created_at, sent_at FROM outbox "
+            "WHERE event_type = :t AND topic = :topic AND sent_at IS NOT NULL",
+            t=FamilyRegistered.event_type,
+            topic=stack.topic(topic_names.INTAKE),
+        )
+        if key in cases
+    }
+    applied = {
+        event_id: _utc(at)
+        for event_id, at in await _rows(
+            stack,
+            "visits",
+            "SELECT event_id, processed_at FROM inbox WHERE event_type = :t",
+            t=FamilyRegistered.event_type,
+        )
+    }
+    scheduled = {
+        key: (_utc(created), _utc(sent))
+        for key, created, sent in await _rows(
+            stack,
+            "visits",
+            "SELECT record_key, created_at, sent_at FROM outbox "
+            "WHERE event_type = :t AND topic = :topic AND sent_at IS NOT NULL",
+            t=VisitScheduled.event_type,
+            topic=stack.topic(topic_names.VISITS),
+        )
+    }
+    # The stopwatch reads the monotonic clock: moved onto the wall clock once.
+    offset = time.time() - time.perf_counter()
+    names = ("intake_relay", "broker_to_visits_handler", "visits_handler", "visits_relay",
+             "broker_to_stopwatch")  # fmt: skip
+    hops: dict[str, list[float]] = {name: [] for name in names}
+    for case_id, (event_id, written, published) in registered.items():
+        if event_id not in applied or case_id not in scheduled:
+            continue
+        handled = applied[event_id]
+        created, sent = scheduled[case_id]
+        marks = [written, published, handled, created, sent]
+        if case_id in watch.visit_scheduled:
+            seen = datetime.fromtimestamp(watch.visit_scheduled[case_id] + offset, UTC)
+            marks.append(seen)
+        for name, start, end in zip(names, marks, marks[1:], strict=False):
+            hops[name].append((end - start).total_seconds() * 1000)
+    return {name: percentiles(values) for name, values in hops.items()}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     return run_on_own_stack("latency", measure, args, stack="own")
 
@@ -144,6 +222,13 @@ def summary(result: dict[str, Any]) -> str:
         else:
             lines.append(
                 f"  {name:<26} p50 {cut['p50']:>8.1f}  p95 {cut['p95']:>8.1f}  "
+                f"p99 {cut['p99']:>8.1f}  max {cut['max']:>8.1f} ms"
+            )
+    lines.append("  hops from intake's outbox row to the stopwatch (services' timestamps):")
+    for name, cut in result.get("hops_ms", {}).items():
+        if cut is not None:
+            lines.append(
+                f"    {name:<24} p50 {cut['p50']:>8.1f}  p95 {cut['p95']:>8.1f}  "
                 f"p99 {cut['p99']:>8.1f}  max {cut['max']:>8.1f} ms"
             )
     return "\n".join(lines)
@@ -167,6 +252,9 @@ def main() -> int:
         "--database", default=None, help="postgresql, or a PostgreSQL URL (default SQLite)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the data dir (logs, DBs)")
+    parser.add_argument(
+        "--fetch-max-wait-ms", type=int, default=None, help="the services' consumer fetch wait"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latency.json")
     args = parser.parse_args()
     result = run(args)

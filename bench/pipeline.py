@@ -40,7 +40,9 @@ from typing import Any
 from lotse_contracts import topics as topic_names
 from lotse_runtime.kafka import TopicSpec, ensure_topics
 from stack import (
+    BROKER,
     RESULTS_DIR,
+    CpuMeter,
     MemorySampler,
     Stack,
     dead_letter_reasons,
@@ -79,6 +81,7 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         with MemorySampler(stack.pids()) as memory:
+            cpu = CpuMeter(stack.pids())
             started = time.perf_counter()
             sent = await asyncio.gather(*(one(f) for f in families))
             http_done = time.perf_counter()
@@ -100,13 +103,14 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
                 referral_targets, set(), timeout_s=args.referral_grace
             )
             referrals_done = time.perf_counter()
+            cpu_seconds = cpu.seconds()
             await partners.wait_answered(n_handovers, timeout_s=10)
     finally:
         await partners.stop()
         await watch.stop()
         await intake.close()
     wall = finished - started
-    # Let the relays drain what the last effects wrote (they poll every 50 ms).
+    # Let the relays drain what the last effects wrote.
     await asyncio.sleep(1.0)
     counts = await stack.table_counts()
     answers = partners.answers_sent
@@ -130,7 +134,13 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     events_window = referrals_done - started
     events_per_s = events / events_window
     raw_rate = raw["messages_per_s"] or 0.0
+    # Service CPU from the first registration until reporting counted every referral (the
+    # events window), per family: what one family costs the platform, broker apart.
+    cpu_ms = {k: round(v * 1000 / n, 2) for k, v in cpu_seconds.items() if k != BROKER}
     return {
+        "cpu_ms_per_family": cpu_ms,
+        "cpu_ms_per_family_total": round(sum(cpu_ms.values()), 2),
+        "broker_cpu_ms_per_family": round(cpu_seconds.get(BROKER, 0.0) * 1000 / n, 2),
         "complete": complete,
         "referrals_complete": referrals_complete,
         "referrals_seconds": round(referrals_done - started, 2),
@@ -179,12 +189,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def summary(result: dict[str, Any]) -> str:
     raw = result["raw_aiokafka"]
     peaks = ", ".join(f"{k} {v:.0f}" for k, v in result["memory"]["peak_rss_mb"].items())
+    cpu = ", ".join(f"{k} {v:.1f}" for k, v in result["cpu_ms_per_family"].items())
     return (
-        f"pipeline ({result['database']}): {result['families']:,} families in "
+        f"pipeline ({result['database']}, load {result['machine']['load_avg_1m_at_start']} at "
+        f"start): {result['families']:,} families in "
         f"{result['seconds']} s = {result['families_per_s']} families/s, "
         f"{result['events_per_s']:,} events/s ({result['events_per_family']} events/family); "
         f"raw aiokafka {raw['messages_per_s']:,} msg/s → ratio {result['ratio_events_to_raw']}"
-        f"; complete={result['complete']}\npeak RSS MB: {peaks}"
+        f"; complete={result['complete']}, referrals_complete={result['referrals_complete']}\n"
+        f"service CPU per family: {result['cpu_ms_per_family_total']} ms ({cpu}); broker "
+        f"{result['broker_cpu_ms_per_family']} ms\n"
+        f"dead letters {result['dead_letters']}, HTTP retries {result['http_retries']}, "
+        f"disclosures opened {result['disclosures_opened']} of {result['handovers']} handovers "
+        f"(unopened: {result['disclosures_unopened'] or 'none'})\npeak RSS MB: {peaks}"
     )
 
 
@@ -205,6 +222,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--database", default=None, help="postgresql, or a PostgreSQL URL (default SQLite)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the data dir (logs, DBs)")
+    parser.add_argument(
+        "--fetch-max-wait-ms", type=int, default=None, help="the services' consumer fetch wait"
+    )
 
 
 def main() -> int:

@@ -43,6 +43,8 @@ SERVICES = ("intake", "visits", "referrals", "reporting")
 RESULTS_DIR = Path(__file__).parent / "results"
 #: A Kafka record as the raw baseline sends it: key, value, headers.
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+#: The broker's name among the processes measured (not one of the services).
+BROKER = "broker (tansu)"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -142,17 +144,43 @@ class MemorySampler:
         }
 
 
+class CpuMeter:
+    """CPU time (user + system) each named process used between two snapshots."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self._start = self._now()
+
+    def _now(self) -> dict[str, float]:
+        found = {}
+        for name, process in self.processes.items():
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                found[name] = float(times.user + times.system)
+        return found
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds per process since this meter was made."""
+        now = self._now()
+        return {name: now[name] - self._start[name] for name in now if name in self._start}
+
+
 @dataclass
 class Stack:
     """Broker, topics and the four services; ``with Stack(...) as stack:``."""
 
     database: str | None = None
-    ready_timeout_s: float = 120.0
+    # Generous: on a machine shared with other work, four services take a while to start.
+    ready_timeout_s: float = 300.0
     # Group joins on the embedded broker are slow with the defaults; shorter sessions join
     # faster but rebalance when a starved machine delays heartbeats (the smoke test's choice).
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 500
     keep: bool = False
+    #: The services' consumer fetch wait (None: their default); see consumer_fetch_max_wait_ms.
+    fetch_max_wait_ms: int | None = None
+    #: Referrals' placement job; None: the service's default (15 min).
+    placement_interval_s: float | None = 5.0
     city: Municipality = field(default_factory=lambda: load_city("dortmund"))
     prefix: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:6]}.")
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lotse-bench-")))
@@ -244,14 +272,16 @@ class Stack:
                 "LOTSE_LOG_LEVEL": "WARNING",
                 "LOTSE_CONSUMER_SESSION_TIMEOUT_MS": str(self.session_timeout_ms),
                 "LOTSE_CONSUMER_HEARTBEAT_INTERVAL_MS": str(self.heartbeat_interval_ms),
-                "LOTSE_RELAY_POLL_INTERVAL_S": "0.05",
-                # A handover whose keyring call timed out waits for this job (default 15 min).
-                "LOTSE_REFERRALS_PLACEMENT_INTERVAL_S": "5",
                 prefix + "DATABASE_URL": self.database_url(name),
                 prefix + "KEYRING_URL": f"http://127.0.0.1:{ports['intake']}",
                 prefix + "HTTP_PORT": str(ports[name]),
             }
         )
+        if self.placement_interval_s is not None:
+            # A handover whose keyring call timed out waits for this job (default 15 min).
+            env["LOTSE_REFERRALS_PLACEMENT_INTERVAL_S"] = str(self.placement_interval_s)
+        if self.fetch_max_wait_ms is not None:
+            env["LOTSE_CONSUMER_FETCH_MAX_WAIT_MS"] = str(self.fetch_max_wait_ms)
         log = self.data_dir / f"{name}.log"
         command = [
             sys.executable,
@@ -371,7 +401,7 @@ class Stack:
             for child in psutil.Process().children():
                 with contextlib.suppress(psutil.Error):
                     if "tansu" in child.name():
-                        found["broker (tansu)"] = child.pid
+                        found[BROKER] = child.pid
         return found
 
     def service_logs_tail(self, lines: int = 15) -> dict[str, str]:
@@ -556,19 +586,23 @@ def run_on_own_stack(
     benchmark: str,
     measure: Callable[[Stack, Any], Awaitable[dict[str, Any]]],
     args: Any,
+    stack_options: dict[str, Any] | None = None,
     **labels: Any,
 ) -> dict[str, Any]:
     """Run one benchmark on a stack of its own (``--database``, ``--keep``) and label the
     result; service logs are attached when the run did not complete."""
     database = DEFAULT_POSTGRES if args.database == "postgresql" else args.database
     about = machine()
-    with Stack(database=database, keep=args.keep) as stack:
+    fetch_wait = getattr(args, "fetch_max_wait_ms", None)
+    options = {"fetch_max_wait_ms": fetch_wait, **(stack_options or {})}
+    with Stack(database=database, keep=args.keep, **options) as stack:
         result = asyncio.run(measure(stack, args))
         if not result["complete"]:
             result["service_logs"] = stack.service_logs_tail()
         broker, kind = stack.broker_name, stack.database_kind
     return {
         "benchmark": benchmark,
+        "consumer_fetch_max_wait_ms": fetch_wait or "service default",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": about,
         "broker": broker,

@@ -266,6 +266,8 @@ class Partners:
         """Run a Träger's client; when it dies (the example lets a timed-out key fetch
         through), start a new one, which resumes at the group's committed offset."""
         headers = self.stack.bearer("traeger", subject=f"tr-{traeger[:12]}", traeger=traeger)
+        # Shared by the restarted clients: a referral they see again gets identical answers.
+        answered_at: dict[str, Any] = {}
         while True:
             client = partner.PartnerClient(
                 bootstrap=self.stack.bootstrap,
@@ -277,6 +279,7 @@ class Partners:
                     "heartbeat_interval_ms": 500,
                     "fetch_max_wait_ms": 50,
                 },
+                answered_at=answered_at,
             )
             self.clients.append(client)
             try:

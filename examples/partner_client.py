@@ -209,8 +209,15 @@ class PartnerClient:
         reject_with: RejectionReason | None = None,
         key_fetcher: KeyFetcher | None = None,
         kafka_options: dict[str, Any] | None = None,
+        answered_at: dict[str, datetime] | None = None,
     ) -> None:
         self.traeger = traeger
+        # When each answer (by answer id) was first sent: a referral delivered again (after a
+        # rebalance, say) is answered with the very same events, which Lotse skips as
+        # redeliveries; a new time under the same id would be refused as a conflicting
+        # duplicate. A real client keeps this in its case system; pass a dict to share it
+        # across restarts.
+        self.answered_at = {} if answered_at is None else answered_at
         self.bootstrap = bootstrap
         self.feed = topic_prefix + topics.partner_referrals(traeger)
         self.answers = topic_prefix + topics.partner_responses(traeger)
@@ -304,7 +311,10 @@ class PartnerClient:
         sent: list[str] = []
         for answer in self.plan:
             reason = self.reject_with if answer is PartnerAnswer.REJECTED else None
-            record = build_answer(event, answer, reason=reason)
+            at = self.answered_at.setdefault(
+                answer_id(event.referral_id, answer), datetime.now(UTC)
+            )
+            record = build_answer(event, answer, reason=reason, at=at)
             await producer.send_and_wait(
                 self.answers, value=record.value, key=record.key, headers=record.headers
             )

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from lotse_contracts.cloudevents import to_kafka_binary, to_structured
+from lotse_contracts.events.visits import VisitScheduled
+from lotse_runtime.consumer import Delivery
 from lotse_runtime.db import Database
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.migrations import create_schema
 from lotse_runtime.telemetry import TelemetryConfig, inject_headers, setup_telemetry
+from sqlmodel import func, select
 
 from tests.runtime.consumer_harness import (
     DLQ,
@@ -324,4 +328,27 @@ async def test_a_long_batch_is_split_so_no_transaction_holds_the_database_long(
     assert len(commits) >= 4
     assert consumer.dead_lettered == 0
     assert consumer.duplicates == 0
+    assert [e.visit_id for e in await harness.effects()] == [e.visit_id for e in events]
+
+
+async def test_a_batch_handler_sees_what_the_handlers_before_it_wrote(harness: Harness) -> None:
+    """A batch shares one transaction and is flushed once, at commit: a handler's query still
+    sees the rows the events before it added (the session flushes before an ORM query), as if
+    each event had had a transaction of its own."""
+    case_id = str(uuid.uuid4())  # one key: one partition, one batch
+    events = [scheduled(case_id=case_id) for _ in range(10)]
+    seen: list[int] = []
+
+    async def count_then_add(delivery: Delivery[Any]) -> None:
+        session = delivery.session
+        seen.append(int(await session.scalar(select(func.count()).select_from(ProbeEffect)) or 0))
+        session.add(ProbeEffect(event_id=delivery.event.id, visit_id=delivery.data.visit_id))
+
+    for event in events:
+        harness.send(event)
+    consumer = harness.consumer(group())
+    consumer.handlers[VisitScheduled.event_type] = count_then_add
+    await consumer.start()  # started after producing, so the first fetch holds them all
+    await eventually(lambda: consumer.processed == 10)
+    assert seen == list(range(10))
     assert [e.visit_id for e in await harness.effects()] == [e.visit_id for e in events]

@@ -14,12 +14,13 @@ from lotse_contracts.subscriptions import RoutingError, load_registry
 from lotse_runtime.db import Database
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.migrations import create_schema
-from lotse_runtime.outbox import Outbox, OutboxMessage, OutboxRelay
+from lotse_runtime.outbox import NOTIFY_CHANNEL, Outbox, OutboxMessage, OutboxRelay
 from lotse_runtime.telemetry import TelemetryConfig, setup_telemetry
 from opentelemetry.sdk.metrics.export import NumberDataPoint
+from sqlalchemy import text
 from sqlmodel import select
 
-from tests.support import read_topic
+from tests.support import eventually, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -222,3 +223,52 @@ async def test_an_event_its_contract_forbids_is_never_stored(db: Database) -> No
         await publish()
     async with db.transaction() as session:
         assert (await session.execute(select(OutboxMessage))).first() is None
+
+
+async def test_a_commit_in_another_process_wakes_the_relay_on_postgresql(
+    postgres_url: str, kafka: KafkaConfig, topics: str
+) -> None:
+    relay_db, writer_db = Database(postgres_url), Database(postgres_url)
+    await create_schema(relay_db, [])
+    # Polling would take ten minutes: only the NOTIFY of the writer's commit can wake it.
+    relay = OutboxRelay(relay_db, kafka, service="visits", poll_interval_s=600)
+    await relay.start()
+    try:
+        await eventually(lambda: relay.published == 0 and relay._leader is not None)
+        outbox = make_outbox(topics)  # another replica's outbox: no in-process wake
+        async with writer_db.transaction() as session:
+            event_id = outbox.add(session, scheduled(str(uuid.uuid4()))).id
+        records = await read_topic(kafka.bootstrap, topics + "lotse.visits", 1)
+        assert [r.header("ce_id") for r in records] == [event_id]
+        await eventually(lambda: relay.backlog == 0 and relay.published == 2)
+    finally:
+        await relay.stop()
+        await relay_db.dispose()
+        await writer_db.dispose()
+
+
+async def test_a_rolled_back_transaction_sends_no_notice(postgres_url: str) -> None:
+    db = Database(postgres_url)
+    await create_schema(db, [])
+    heard: list[str] = []
+    try:
+        async with db.engine.connect() as listener:
+            conn = await listener.execution_options(isolation_level="AUTOCOMMIT")
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.add_listener(NOTIFY_CHANNEL, lambda *args: heard.append(args[2]))
+
+            async def rolled_back() -> None:
+                async with db.transaction() as session:
+                    make_outbox("x.").add(session, scheduled(str(uuid.uuid4())))
+                    raise ValueError("no")
+
+            with pytest.raises(ValueError, match="no"):
+                await rolled_back()
+            async with db.transaction() as session:
+                make_outbox("x.").add(session, scheduled(str(uuid.uuid4())))
+            await eventually(lambda: heard)
+            await conn.execute(text("SELECT 1"))  # a round trip: a second notice would be in
+            assert heard == [NOTIFY_CHANNEL]
+    finally:
+        await db.dispose()

@@ -20,8 +20,9 @@ from lotse_runtime.telemetry import (
 )
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import SpanKind
 
 
@@ -238,3 +239,17 @@ def test_exporters_only_when_asked() -> None:
         # Nothing listens on port 9; shutdown must still return (exporter errors are logged).
         otlp.shutdown()
     plain.shutdown()  # idempotent
+
+
+def test_nothing_exported_means_no_sdk_but_the_trace_passes_through() -> None:
+    quiet = setup_telemetry(TelemetryConfig(service_name="x"))
+    assert not quiet.exporting
+    assert not isinstance(quiet.tracer_provider, TracerProvider)
+    assert not isinstance(quiet.meter_provider, MeterProvider)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    incoming = [("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01".encode())]
+    with quiet.tracer.start_as_current_span("consume", context=extract_context(incoming)):
+        quiet.count_published("lotse.intake")  # a no-op, and no error
+        outgoing = dict(inject_headers())
+    assert trace_id in outgoing["traceparent"].decode()
+    quiet.shutdown()

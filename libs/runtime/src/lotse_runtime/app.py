@@ -384,6 +384,7 @@ def build_runtime(
         session_timeout_ms=settings.consumer_session_timeout_ms,
         heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
         max_record_bytes=settings.kafka_max_record_bytes,
+        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
         extra=settings.kafka_client_options(),
     )
     if telemetry is None:
@@ -644,6 +645,9 @@ def _instrument(app: FastAPI, runtime: ServiceRuntime[Any]) -> None:
     """HTTP server spans (continuing an incoming ``traceparent``) and database spans, so a
     trace runs from the request through the database and the outbox to every consumer."""
     telemetry = runtime.telemetry
+    if not telemetry.exporting:
+        # Nobody would see these spans: no middleware and no per-statement hooks.
+        return
     FastAPIInstrumentor.instrument_app(
         app,
         excluded_urls="healthz,readyz",

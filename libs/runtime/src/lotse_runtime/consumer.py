@@ -102,6 +102,8 @@ _DLQ_HEADERS = {
 MAX_REASON_CHARS = 1000
 DLQ_MARGIN_BYTES = 512
 """Kept free below the record limit for what the size estimate does not count (batch header)."""
+IDLE_LOOP_MS = 1000
+"""How long one wait for records lasts before the loop goes round (nothing fetched)."""
 DATABASE_RETRY_S = 1.0
 """Pause between tries while the service's database does not answer."""
 
@@ -341,7 +343,11 @@ class EventConsumer:
         try:
             while not self._stopping:
                 try:
-                    batches = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
+                    # Returns as soon as records are fetched; the timeout only paces the
+                    # idle loop (stall bookkeeping, the stop flag).
+                    batches = await consumer.getmany(
+                        timeout_ms=IDLE_LOOP_MS, max_records=self.batch_size
+                    )
                 except RecordTooLargeError as exc:
                     await self._skip_too_large(consumer, exc)
                     continue
@@ -353,8 +359,15 @@ class EventConsumer:
                         self._fetched[tp] = records[-1].offset + 1
                         if records[0].offset < self._positions.get(tp, records[0].offset + 1):
                             self._positions[tp] = records[0].offset  # first, or redelivered
+                done = {}
                 for tp, records in batches.items():
-                    await self._process_partition(consumer, tp, records)
+                    await self._process_partition(tp, records)
+                    done[tp] = self._positions[tp]
+                if done:
+                    # Effects are committed (or dead-lettered) already; one offset commit for
+                    # the whole fetch saves round trips, and a redelivery after a crash is
+                    # caught by the inbox.
+                    await consumer.commit(done)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -363,10 +376,7 @@ class EventConsumer:
             raise
 
     async def _process_partition(
-        self,
-        consumer: AIOKafkaConsumer,
-        tp: TopicPartition,
-        records: list[ConsumerRecord[Any, Any]],
+        self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]
     ) -> None:
         applied = await self._apply_batch(records)
         if applied:
@@ -382,9 +392,6 @@ class EventConsumer:
                     _log.error("dead-letter topic unavailable", extra={"error": str(exc)})
                     await asyncio.sleep(1.0)
             self._advanced(tp, record.offset + 1)
-        # Effects are committed (or dead-lettered) already; committing the offset once per
-        # batch saves round trips, and a redelivery after a crash is caught by the inbox.
-        await consumer.commit({tp: self._positions[tp]})
 
     async def _skip_too_large(self, consumer: AIOKafkaConsumer, exc: RecordTooLargeError) -> None:
         """The client skipped a record larger than the fetch size (a broker that cuts the
@@ -488,6 +495,7 @@ class EventConsumer:
         """One transaction of :meth:`_apply_batch`: how many leading records it applied."""
         started = time.perf_counter()
         processed = duplicates = skipped = taken = 0
+        entries: list[dict[str, Any]] = []
         try:
             consumer_name = f"{self.service}.{self.name}"
             async with self.db.transaction() as session:
@@ -513,23 +521,20 @@ class EventConsumer:
                     if data is None:
                         skipped += 1
                         continue
-                    seen[(event.source, event.id)] = inbox.fingerprint(event)
+                    entry = inbox.entry(
+                        consumer_name, event, record.topic, record.partition, record.offset
+                    )
+                    seen[(event.source, event.id)] = entry["data_sha256"]
+                    entries.append(entry)
                     with self._span(record):
-                        inbox.record(
-                            session,
-                            consumer=consumer_name,
-                            event=event,
-                            topic=record.topic,
-                            partition=record.partition,
-                            offset=record.offset,
-                        )
                         await self.handlers[event.type](
                             self._delivery(record, event, data, session)
                         )
-                        # Make this event's rows visible to the next handler's queries, as
-                        # they would be had it run in a transaction of its own.
-                        await session.flush()
-                        processed += 1
+                    processed += 1
+                # One statement for the batch's inbox entries; the handlers' own rows are
+                # flushed with it at commit, or earlier by the session's autoflush when a later
+                # handler's ORM query needs to see them.
+                await inbox.record_all(session, entries)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -147,6 +148,13 @@ class Database:
         async with self._sessions() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A connection outside any transaction: each statement commits on its own. On SQLite
+        a read this way takes no write lock (see :func:`_sqlite_begin`)."""
+        async with self.engine.connect() as conn:
+            yield await conn.execution_options(isolation_level="AUTOCOMMIT")
+
     def forget_after_commit(self, session: AsyncSession) -> None:
         """After `session` commits, drop superseded page images from SQLite's write-ahead log.
 
@@ -167,9 +175,8 @@ class Database:
 
     async def _checkpoint(self) -> None:
         try:
-            async with self.engine.connect() as conn:
-                autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                await autocommit.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            async with self.autocommit() as conn:
+                await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         except Exception:
             _log.warning("WAL checkpoint after erasure failed; the next one will catch up")
 

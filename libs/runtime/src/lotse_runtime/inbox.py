@@ -16,11 +16,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from lotse_contracts.cloudevents import CloudEvent
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import Field, SQLModel, col
 
@@ -135,16 +136,32 @@ def record(
     partition: int,
     offset: int,
 ) -> None:
-    """Add the entry for an event known to be new (after :func:`already_processed`)."""
-    session.add(
-        InboxEntry(
-            consumer=consumer,
-            source=event.source,
-            event_id=event.id,
-            event_type=event.type,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            data_sha256=fingerprint(event),
-        )
-    )
+    """Add the entry for an event known to be new to the session (one event at a time)."""
+    session.add(InboxEntry(**entry(consumer, event, topic, partition, offset)))
+
+
+def entry(
+    consumer: str, event: CloudEvent, topic: str, partition: int, offset: int
+) -> dict[str, Any]:
+    """The column values of an event's entry (see :func:`record_all`)."""
+    return {
+        "consumer": consumer,
+        "source": event.source,
+        "event_id": event.id,
+        "event_type": event.type,
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "processed_at": _utcnow(),
+        "data_sha256": fingerprint(event),
+    }
+
+
+async def record_all(session: AsyncSession, entries: Sequence[Mapping[str, Any]]) -> None:
+    """Insert the entries of a batch of new events in one statement (a Core executemany,
+    in the session's transaction: they commit together with the handlers' effects)."""
+    if entries:
+        await session.execute(_TABLE.insert(), list(entries))
+
+
+_TABLE: Table = InboxEntry.__table__  # type: ignore[attr-defined]

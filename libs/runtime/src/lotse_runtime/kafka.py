@@ -44,6 +44,10 @@ class KafkaConfig:
     heartbeat_interval_ms: int = 3_000
     request_timeout_ms: int = 15_000
     max_record_bytes: int = MAX_RECORD_BYTES
+    fetch_max_wait_ms: int = 100
+    """How long the broker may hold a fetch; a broker may hold it even when data arrives
+    (the embedded one does, for part of the wait): a short wait keeps each consumer hop fast,
+    a long one saves idle fetches."""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def producer(self, **overrides: Any) -> AIOKafkaProducer:
@@ -66,9 +70,7 @@ class KafkaConfig:
             "client_id": self.client_id,
             "group_id": group_id,
             "enable_auto_commit": False,
-            # A broker may hold a fetch for the whole wait even when data arrives (the
-            # embedded one does): a short wait keeps each consumer hop fast.
-            "fetch_max_wait_ms": 100,
+            "fetch_max_wait_ms": self.fetch_max_wait_ms,
             # A record of the limit's size must fit one partition's share of a fetch (Apache
             # Kafka returns a larger first batch anyway; older brokers would cut it off).
             "max_partition_fetch_bytes": self.max_record_bytes,

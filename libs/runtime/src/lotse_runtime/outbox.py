@@ -25,9 +25,10 @@ from aiokafka import AIOKafkaProducer
 from lotse_contracts.cloudevents import CloudEvent, to_kafka_binary
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.subscriptions import SubscriptionRegistry
-from sqlalchemy import Column, LargeBinary, Text, delete, func, select, text, update
+from sqlalchemy import Column, LargeBinary, Table, Text, delete, func, select, text, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel, col
 
 from lotse_runtime.db import Database
@@ -55,6 +56,9 @@ class OutboxMessage(SQLModel, table=True):
     event_type: str
     created_at: datetime = Field(default_factory=_utcnow)
     sent_at: datetime | None = Field(default=None, index=True)
+
+
+_OUTBOX: Table = OutboxMessage.__table__  # type: ignore[attr-defined]
 
 
 def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
@@ -132,17 +136,34 @@ class Outbox:
                     event_type=event.type,
                 )
             )
+        sync_session = session.sync_session
         if self._on_commit is not None:
-            sync_session = session.sync_session
             if not sa_event.contains(sync_session, "after_commit", _wake_once):
                 sa_event.listen(sync_session, "after_commit", _wake_once)
             sync_session.info["lotse_outbox_wake"] = self._on_commit
+        bind = sync_session.bind
+        if bind is not None and bind.dialect.name == "postgresql":
+            # The relay may run in another replica: PostgreSQL tells it on commit.
+            if not sa_event.contains(sync_session, "before_commit", _notify_once):
+                sa_event.listen(sync_session, "before_commit", _notify_once)
+            sync_session.info["lotse_outbox_notify"] = True
+
+
+NOTIFY_CHANNEL = "lotse_outbox"
+"""PostgreSQL channel on which a commit that added outbox rows wakes the relay (whichever
+process holds the relay's lock); each service has a database of its own."""
 
 
 def _wake_once(session: Any) -> None:
     callback = session.info.pop("lotse_outbox_wake", None)
     if callback is not None:
         callback()
+
+
+def _notify_once(session: Session) -> None:
+    # NOTIFY is transactional: delivered when (and only if) this transaction commits.
+    if session.info.pop("lotse_outbox_notify", False):
+        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
 
 class OutboxRelay:
@@ -161,7 +182,7 @@ class OutboxRelay:
         service: str,
         telemetry: Telemetry | None = None,
         batch_size: int = 200,
-        poll_interval_s: float = 0.5,
+        poll_interval_s: float = 5.0,
         retention: timedelta = timedelta(days=7),
     ) -> None:
         self.db = db
@@ -250,21 +271,34 @@ class OutboxRelay:
                 return True
             except Exception:
                 await self._release_leadership()
-        conn = await self.db.engine.connect()
+        # Autocommit: the lock is the session's, and notifications reach a connection only
+        # between transactions.
+        conn = await (await self.db.engine.connect()).execution_options(
+            isolation_level="AUTOCOMMIT"
+        )
         got = (
             await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._lock_key})
         ).scalar()
-        await conn.commit()
-        if got:
-            self._leader = conn
-            return True
-        await conn.close()
-        return False
+        if not got:
+            await conn.close()
+            return False
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        await driver.add_listener(NOTIFY_CHANNEL, self._notified)
+        self._leader = conn
+        return True
+
+    def _notified(self, *_args: Any) -> None:
+        self.wake()
 
     async def _release_leadership(self) -> None:
         if self._leader is not None:
+            # Closed for good, not returned to the pool: ending the database session releases
+            # the advisory lock and the listener with it.
             with contextlib.suppress(Exception):
-                await self._leader.close()  # closing the session releases the lock
+                await self._leader.invalidate()
+            with contextlib.suppress(Exception):
+                await self._leader.close()
             self._leader = None
 
     async def publish_pending(self) -> int:
@@ -276,17 +310,17 @@ class OutboxRelay:
     async def _publish_pending(self) -> int:
         if not await self._is_leader():
             return 0
-        async with self.db.transaction() as session:
-            rows = list(
-                (
-                    await session.execute(
-                        select(OutboxMessage)
-                        .where(col(OutboxMessage.sent_at).is_(None))
-                        .order_by(col(OutboxMessage.id))
-                        .limit(self.batch_size)
-                    )
-                ).scalars()
-            )
+        # A single statement outside a transaction: on SQLite it reads the last committed
+        # state without taking the write lock that requests and consumers queue for.
+        async with self.db.autocommit() as conn:
+            rows = (
+                await conn.execute(
+                    select(_OUTBOX)
+                    .where(_OUTBOX.c.sent_at.is_(None))
+                    .order_by(_OUTBOX.c.id)
+                    .limit(self.batch_size)
+                )
+            ).all()
         if not rows:
             self.backlog = 0
             return 0
@@ -310,7 +344,6 @@ class OutboxRelay:
                 # Rows after the first failure stay unsent and go again, in order, next pass.
                 failure = exc
                 break
-            assert row.id is not None
             delivered.append(row.id)
         if delivered:
             await self._mark_sent(delivered)
@@ -318,17 +351,19 @@ class OutboxRelay:
             if self.telemetry is not None:
                 for row in rows[: len(delivered)]:
                     self.telemetry.count_published(row.topic)
-        await self._update_backlog()
+        if len(rows) < self.batch_size:
+            self.backlog = len(rows) - len(delivered)
+        else:
+            await self._update_backlog()
         if failure is not None:
             raise failure
         return len(delivered)
 
     async def _mark_sent(self, ids: list[int]) -> None:
-        async with self.db.transaction() as session:
-            await session.execute(
-                update(OutboxMessage)
-                .where(col(OutboxMessage.id).in_(ids))
-                .values(sent_at=_utcnow())
+        # One statement, committed on its own: the write lock is held for the UPDATE only.
+        async with self.db.autocommit() as conn:
+            await conn.execute(
+                update(_OUTBOX).where(_OUTBOX.c.id.in_(ids)).values(sent_at=_utcnow())
             )
 
     async def _prune_now_and_then(self) -> None:
@@ -351,11 +386,9 @@ class OutboxRelay:
         return int(getattr(result, "rowcount", 0) or 0)
 
     async def _update_backlog(self) -> None:
-        async with self.db.transaction() as session:
-            count = await session.scalar(
-                select(func.count())
-                .select_from(OutboxMessage)
-                .where(col(OutboxMessage.sent_at).is_(None))
+        async with self.db.autocommit() as conn:
+            count = await conn.scalar(
+                select(func.count()).select_from(_OUTBOX).where(_OUTBOX.c.sent_at.is_(None))
             )
         self.backlog = int(count or 0)
 

@@ -140,8 +140,20 @@ class ServiceSettings(BaseSettings):
     consumer_backoff_s: float = Field(
         default=0.2, gt=0, description="First retry delay; doubles per attempt."
     )
+    consumer_fetch_max_wait_ms: int = Field(
+        default=100,
+        ge=1,
+        le=30_000,
+        description="How long the broker may hold a consumer's fetch when nothing is there. "
+        "Apache Kafka answers as soon as records arrive, so 500 costs no latency and saves "
+        "idle fetches; the embedded broker may hold it longer (about a quarter of the wait "
+        "per hop), so keep it short there.",
+    )
     relay_poll_interval_s: float = Field(
-        default=0.5, gt=0, description="How often the outbox relay looks for rows it missed."
+        default=5.0,
+        gt=0,
+        description="How often the outbox relay looks for rows nobody woke it for (commits "
+        "wake it: in the process directly, across replicas through PostgreSQL NOTIFY).",
     )
     relay_batch_size: int = Field(default=200, ge=1)
     readiness_timeout_s: float = Field(default=2.0, gt=0)

@@ -98,6 +98,11 @@ class TelemetryConfig(BaseModel):
     in_memory: bool = Field(default=False, description="Keep spans and metrics in memory (tests).")
     metric_export_interval_s: float = Field(default=30.0, gt=0)
 
+    @property
+    def exports(self) -> bool:
+        """Whether anything would ever read what is recorded."""
+        return bool(self.otlp_endpoint) or self.console_export or self.in_memory
+
 
 class Telemetry:
     """The tracer, meter and Lotse instruments of one service, with the providers behind them."""
@@ -105,13 +110,15 @@ class Telemetry:
     def __init__(
         self,
         config: TelemetryConfig,
-        tracer_provider: TracerProvider,
-        meter_provider: MeterProvider,
+        tracer_provider: trace.TracerProvider,
+        meter_provider: metrics.MeterProvider,
         *,
         span_exporter: InMemorySpanExporter | None = None,
         metric_reader: InMemoryMetricReader | None = None,
     ) -> None:
         self.config = config
+        self.exporting = config.exports
+        """False when nothing exports: the providers are the API's no-ops (see setup_telemetry)."""
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self.span_exporter = span_exporter
@@ -236,10 +243,12 @@ class Telemetry:
         if self._shut_down:
             return
         self._shut_down = True
-        self.tracer_provider.force_flush()
-        self.tracer_provider.shutdown()
-        self.meter_provider.force_flush()
-        self.meter_provider.shutdown()
+        if isinstance(self.tracer_provider, TracerProvider):
+            self.tracer_provider.force_flush()
+            self.tracer_provider.shutdown()
+        if isinstance(self.meter_provider, MeterProvider):
+            self.meter_provider.force_flush()
+            self.meter_provider.shutdown()
 
 
 def setup_telemetry(config: TelemetryConfig, *, install_global: bool = False) -> Telemetry:
@@ -248,7 +257,13 @@ def setup_telemetry(config: TelemetryConfig, *, install_global: bool = False) ->
     `install_global=True` also makes them the process-wide providers, which third-party
     instrumentation (FastAPI, aiokafka) reads; the OTel API allows that only once per process,
     so only the production entry point should pass it.
+
+    When nothing exports, the providers are the API's no-ops: spans and instruments cost a
+    call each and record nothing, and a consumer's span still carries the incoming trace
+    context on to the events it publishes (a no-op span passes its parent through).
     """
+    if not config.exports:
+        return Telemetry(config, trace.NoOpTracerProvider(), metrics.NoOpMeterProvider())
     resource = Resource.create({SERVICE_NAME: config.service_name})
 
     tracer_provider = TracerProvider(resource=resource)
