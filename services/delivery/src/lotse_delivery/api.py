@@ -40,7 +40,13 @@ REFUSALS: dict[int | str, dict[str, object]] = {
 
 def context(request: Request, runtime: DeliveryRuntimeDep, caller: CallerDep) -> Context:
     route = request.scope.get("route")
-    return Context(runtime=runtime, caller=caller, path=getattr(route, "path", request.url.path))
+    return Context(
+        runtime=runtime,
+        caller=caller,
+        path=getattr(route, "path", request.url.path),
+        box=request.app.state.secret_box,
+        resolver=request.app.state.resolver,
+    )
 
 
 ContextDep = Annotated[Context, Depends(context)]
