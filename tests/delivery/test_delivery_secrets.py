@@ -73,7 +73,7 @@ def test_another_key_cannot_open_and_says_which_key_is_missing() -> None:
 
 def test_bad_keys_are_refused_naming_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="secret_key must decode to 32 bytes"):
-        DeliverySettings(data_dir=tmp_path, secret_key="c2hvcnQ")
+        DeliverySettings(data_dir=tmp_path, secret_key=base64.urlsafe_b64encode(b"short").decode())
     with pytest.raises(ValidationError, match=r"secret_old_keys\.1 must"):
         DeliverySettings(data_dir=tmp_path, secret_old_keys=[new_key(), "!!"])
     with pytest.raises(ValidationError, match="lease_s"):

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from lotse_delivery.sealing import KEY_BYTES, SecretBox, decode_key, encode_key
 
 _log = logging.getLogger(__name__)
-DEV_SECRETS_FILE = "delivery-secrets.json"
+DEV_KEY_FILE = "delivery-key.json"
 
 
 class DeliverySettings(ServiceSettings):
@@ -100,7 +100,7 @@ class DeliverySettings(ServiceSettings):
         default=None,
         description="Key (32 bytes, base64url) sealing the webhook secrets at rest "
         "(AES-256-GCM). Unset and no secret_key_file: a development key is generated in "
-        "data_dir/delivery-secrets.json. Losing it makes every subscription's secret "
+        "data_dir/delivery-key.json. Losing it makes every subscription's secret "
         "unreadable (rotate them); mount it from a Secret in production.",
     )
     secret_key_file: Path | None = Field(
@@ -149,7 +149,7 @@ class DeliverySettings(ServiceSettings):
         return SecretBox(current, older)
 
     def _development_key(self) -> bytes:
-        path = self.data_dir / DEV_SECRETS_FILE
+        path = self.data_dir / DEV_KEY_FILE
         if not path.exists():
             _log.warning(
                 "delivery secret_key not configured: generating a development key",
