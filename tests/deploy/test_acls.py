@@ -203,17 +203,22 @@ def test_referrals_writes_every_traeger_feed_and_reads_every_answer(
                 assert "Write" not in ops, f"{name} may write {topic}"
 
 
-def test_delivery_writes_each_traegers_responses_but_no_feed_and_reads_the_domain(
+def test_delivery_writes_each_traegers_responses_but_no_feed(
     users: dict[str, dict[str, Any]], registry: SubscriptionRegistry
 ) -> None:
     # Answers over HTTP are written where the Träger would have written them; webhooks are
-    # projected from the domain topics, so no audience feed is read or written.
+    # projected from the domain topics; no feed is written.
     rights = _acls(users["service-delivery"])
     expected = {
         ("topic", topic_names.partner_responses(t), "literal", tuple(WRITE))
         for t in registry.city.traeger_slugs
     }
     expected |= {("topic", t, "literal", tuple(READ)) for t in topic_names.DOMAIN_TOPICS}
+    # The Träger feeds, for the refusal notices that are on no domain topic.
+    expected |= {
+        ("topic", topic_names.partner_referrals(t), "literal", tuple(READ))
+        for t in registry.city.traeger_slugs
+    }
     expected.add(("topic", topic_names.dead_letter("delivery"), "literal", tuple(WRITE)))
     expected.add(("group", "lotse-delivery-", "prefix", ("Read",)))
     assert rights == expected

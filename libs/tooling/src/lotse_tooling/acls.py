@@ -300,6 +300,12 @@ def check_audience(audience: Audience, city: Municipality, prefix: str = "") -> 
                 *topic_names.DOMAIN_TOPICS,
                 topic_names.REPORTING_KPIS,
                 *(topic_names.partner_responses(t) for t in city.traeger_slugs),
+                # The refusal notices a Träger answering over HTTP must hear of (delivery).
+                *(
+                    topic_names.partner_referrals(t)
+                    for t in city.traeger_slugs
+                    if service in topic_names.RESPONSE_WRITERS
+                ),
             ]
         )
         may_write = own(
