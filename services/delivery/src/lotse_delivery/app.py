@@ -9,7 +9,7 @@ from functools import partial
 from fastapi import FastAPI
 from lotse_runtime.app import Clock, create_service_app
 
-from lotse_delivery.api import router
+from lotse_delivery.api import document_webhooks, router
 from lotse_delivery.consumers import wire
 from lotse_delivery.pinning import Resolver, system_resolver
 from lotse_delivery.policy import POLICY
@@ -65,6 +65,7 @@ def create_app(
         clock=clock,
         openapi_tags=TAGS,
     )
+    document_webhooks(app)
     app.state.delivery_worker = workers[0]
     app.state.secret_box = box
     app.state.resolver = resolver
