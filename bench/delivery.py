@@ -36,12 +36,14 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer
+from lotse_contracts.city import load_city
 from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.common import EXAMPLE_TRAEGER
 from lotse_contracts.events.referrals import ReferralRequested
+from lotse_contracts.subscriptions import load_registry
 from lotse_runtime.auth import DevelopmentIssuer
 from lotse_runtime.db import Database
-from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics
+from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics, platform_topics
 from lotse_runtime.logging import configure_logging
 from lotse_tooling.embedded import EmbeddedBroker
 
@@ -304,8 +306,9 @@ async def delivery(
 async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
     kafka = KafkaConfig(bootstrap=bootstrap, session_timeout_ms=6000, heartbeat_interval_ms=500)
     prefix = f"bench{uuid.uuid4().hex[:6]}."
-    topics = ["raw", "lotse.intake", "lotse.visits", "lotse.referrals", "lotse.dlq.delivery"]
-    await ensure_topics(kafka, [TopicSpec(prefix + t, partitions=3) for t in topics])
+    # Every topic of the platform (the service checks that those it uses exist), and one more.
+    specs = platform_topics(load_registry(load_city("dortmund")), prefix=prefix)
+    await ensure_topics(kafka, [*specs, TopicSpec(prefix + "raw", partitions=3)])
     url = args.database or f"sqlite+aiosqlite:///{tempfile.mkdtemp(prefix='lotse-bench-')}/d.db"
     consume_s = await raw_consume(kafka, prefix + "raw", args.raw_events)
     port = free_port()
