@@ -204,3 +204,25 @@ async def test_a_round_stops_before_an_attempt_that_could_outlast_its_lease(
             # Released, it is anyone's again.
             await run_both(b, b, lambda: len(receiver.events) >= 1, timeout_s=30)
     assert list(receiver.posts.values()) == [1]
+
+
+async def test_a_round_that_died_leaves_no_lease_its_own_instance_waits_for(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    receiver = Counting()
+    clock = Clock(datetime.now(UTC))
+    async with two_instances(postgres_url, tmp_path, clock=clock, lease_s=60) as (a, b):
+        with receiver_running(receiver) as sink:
+            created = await subscribe(a, sink)
+            receiver.secrets = [created["secret"]]
+            assert await InProcessFeed(a.runtime, "main").send(referral()) == "ok"
+            # A round of a claims and dies (no release: a database error, say).
+            sub, claimed = await a.worker._claim(created["id"])
+            assert sub is not None
+            assert len(claimed) == 1
+            # The other instance respects the lease; a's next round takes it up at once.
+            await b.worker.tick()
+            await b.worker.drain()
+            assert receiver.posts == {}
+            await run_both(a, a, lambda: len(receiver.events) >= 1, timeout_s=30)
+    assert list(receiver.posts.values()) == [1]

@@ -145,6 +145,7 @@ class DeliveryWorker:
                                 or_(
                                     col(DeliveryPending.lease_until).is_(None),
                                     col(DeliveryPending.lease_until) <= now,
+                                    col(DeliveryPending.lease_owner) == self.instance,
                                 ),
                             )
                         ),
@@ -193,6 +194,10 @@ class DeliveryWorker:
                 or_(
                     col(DeliveryPending.lease_until).is_(None),
                     col(DeliveryPending.lease_until) <= now,
+                    # An instance runs one round per subscription at a time: its own lease
+                    # on this subscription's rows is left from a round that died (say, on a
+                    # database error), not held by a round still running.
+                    col(DeliveryPending.lease_owner) == self.instance,
                 ),
             )
             .order_by(col(DeliveryPending.id))
