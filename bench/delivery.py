@@ -158,7 +158,7 @@ async def wait_for_receiver(base: str) -> None:
 
 
 def launch_delivery(
-    bootstrap: str, prefix: str, url: str, data_dir: Path, subscribers: int
+    bootstrap: str, prefix: str, url: str, data_dir: Path, subscribers: int, concurrency: int
 ) -> tuple[subprocess.Popen[bytes], str]:
     """The delivery service as a process of its own, started the way ``lotse up`` does
     (its entry point under uvicorn, configured by its environment)."""
@@ -178,7 +178,7 @@ def launch_delivery(
             "LOTSE_DELIVERY_SINK_POLICY": "development",
             "LOTSE_DELIVERY_VERIFY_SINKS": "false",
             "LOTSE_DELIVERY_DELIVER_INTERVAL_S": "0.02",
-            "LOTSE_DELIVERY_DELIVER_CONCURRENCY": str(subscribers),
+            "LOTSE_DELIVERY_DELIVER_CONCURRENCY": str(concurrency),
             "LOTSE_DELIVERY_DELIVER_BATCH": "200",
             "LOTSE_DELIVERY_MAX_SUBSCRIPTIONS_PER_OWNER": str(subscribers),
         }
@@ -240,7 +240,9 @@ async def delivery(
         role="traeger", subject="bench", traeger=EXAMPLE_TRAEGER, ttl=timedelta(hours=4)
     )
     auth = {"Authorization": f"Bearer {token}"}
-    process, service = launch_delivery(bootstrap, prefix, url, data_dir, subscribers)
+    process, service = launch_delivery(
+        bootstrap, prefix, url, data_dir, subscribers, args.concurrency
+    )
     try:
         await wait_ready(service, process, data_dir / "delivery.log")
         async with httpx.AsyncClient(timeout=60) as client:
@@ -327,6 +329,7 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
         "benchmark": "delivery",
         "events": args.events,
         "subscribers": args.subscribers,
+        "deliver_concurrency": args.concurrency,
         "database": Database(url).dialect,
         "broker": "external" if os.environ.get("LOTSE_KAFKA_BOOTSTRAP") else "embedded tansu",
         "raw_events": args.raw_events,
@@ -343,6 +346,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100, help="events produced")
     parser.add_argument("--subscribers", type=int, default=100, help="webhook subscriptions")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="subscriptions delivered to at once (deliver_concurrency)",
+    )
     parser.add_argument("--database", default=None, help="SQLAlchemy URL (default SQLite file)")
     parser.add_argument(
         "--raw-events", type=int, default=20_000, help="records for the raw aiokafka consume"
