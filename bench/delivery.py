@@ -356,6 +356,7 @@ def main() -> int:
     parser.add_argument(
         "--raw-events", type=int, default=20_000, help="records for the raw aiokafka consume"
     )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait at most")
     args = parser.parse_args()
     args.load = [round(x, 2) for x in os.getloadavg()]
@@ -368,8 +369,8 @@ def main() -> int:
     finally:
         if broker is not None:
             broker.stop()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0
