@@ -11,7 +11,7 @@
 # can change the statements. The image's entrypoint may source this file instead of running
 # it: hence no `set` and no `exit` except on failure.
 
-for lotse_service in ${LOTSE_DB_SERVICES:-intake visits referrals reporting}; do
+for lotse_service in ${LOTSE_DB_SERVICES:-intake visits referrals reporting delivery}; do
     lotse_variable="$(echo "$lotse_service" | tr '[:lower:]' '[:upper:]')_DB_PASSWORD"
     lotse_password="$(printenv "$lotse_variable")"
     if [ -z "$lotse_password" ]; then

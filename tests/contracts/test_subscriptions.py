@@ -120,7 +120,7 @@ def test_packaged_registry_loads(city: str, bezirke: int, traeger: int) -> None:
     assert kinds.count("bezirksteam") == bezirke
     assert kinds.count("traeger") == traeger
     assert kinds.count("dashboard") == 1
-    assert kinds.count("service") == 4
+    assert kinds.count("service") == 5
     # Feed write access is derived per city, so it must expand to that city's members.
     city_feeds = {topics.bezirk_feed(b) for b in load_city(city).bezirk_slugs}
     assert city_feeds <= set(registry.audience("service-visits").write_topics)
@@ -328,12 +328,12 @@ def test_bezirksteam_feed_contents(registry: SubscriptionRegistry) -> None:
 
 def test_audience_names(registry: SubscriptionRegistry, dortmund: Municipality) -> None:
     names = [a.name for a in registry.audiences()]
-    assert len(names) == len(set(names)) == 12 + 8 + 1 + 4
+    assert len(names) == len(set(names)) == 12 + 8 + 1 + 5
     assert "bezirksteam-hoerde" in names
     assert "bezirksteam-luetgendortmund" in names
     assert f"traeger-{MIDWIVES}" in names
     assert {"dashboard", "service-intake", "service-visits"} <= set(names)
-    assert {"service-referrals", "service-reporting"} <= set(names)
+    assert {"service-referrals", "service-reporting", "service-delivery"} <= set(names)
 
 
 def test_bezirksteam_topics(registry: SubscriptionRegistry) -> None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from lotse_contracts.city import load_city
+from lotse_contracts.events.referrals import ReferralRequested
 from lotse_contracts.subscriptions import load_registry
 from lotse_delivery import domain
+from lotse_delivery.app import create_app
+from lotse_delivery.settings import DeliverySettings
 from lotse_delivery.tables import SubscriptionCreate
 from lotse_runtime.refusal import Refusal
 from standardwebhooks.webhooks import Webhook
@@ -149,3 +153,17 @@ def test_the_example_receiver_verifies_the_library_signature_and_rejects_the_res
     # During a rotation both secrets sign; either one verifies.
     both = dict(headers, **{"webhook-signature": headers["webhook-signature"] + " v1,bm9wZQ=="})
     assert verify([SECRET], both, payload) == "evt-1"
+
+
+def test_the_openapi_document_describes_every_header_a_webhook_carries(tmp_path: Path) -> None:
+    app = create_app(DeliverySettings(data_dir=tmp_path, database_url="sqlite+aiosqlite://"))
+    webhook = app.openapi()["webhooks"]["lotse-event"]["post"]
+    documented = {p["name"] for p in webhook["parameters"] if p["in"] == "header"}
+    assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= documented
+    assert {"application/json", "application/cloudevents+json"} == set(
+        webhook["requestBody"]["content"]
+    )
+    # What the worker puts on the wire (binary mode) is all documented.
+    headers, _ = domain.render_http(ReferralRequested.example().to_cloudevent(), "binary")
+    sent = set(headers) - {"content-type"}
+    assert sent <= documented, sent - documented

@@ -203,6 +203,40 @@ def test_referrals_writes_every_traeger_feed_and_reads_every_answer(
                 assert "Write" not in ops, f"{name} may write {topic}"
 
 
+def test_delivery_writes_each_traegers_responses_but_no_feed(
+    users: dict[str, dict[str, Any]], registry: SubscriptionRegistry
+) -> None:
+    # Answers over HTTP are written where the Träger would have written them; webhooks are
+    # projected from the domain topics; no feed is written.
+    rights = _acls(users["service-delivery"])
+    expected = {
+        ("topic", topic_names.partner_responses(t), "literal", tuple(WRITE))
+        for t in registry.city.traeger_slugs
+    }
+    expected |= {("topic", t, "literal", tuple(READ)) for t in topic_names.DOMAIN_TOPICS}
+    # The Träger feeds, for the refusal notices that are on no domain topic.
+    expected |= {
+        ("topic", topic_names.partner_referrals(t), "literal", tuple(READ))
+        for t in registry.city.traeger_slugs
+    }
+    expected.add(("topic", topic_names.dead_letter("delivery"), "literal", tuple(WRITE)))
+    expected.add(("group", "lotse-delivery-", "prefix", ("Read",)))
+    assert rights == expected
+    # No other service may write a Träger's responses.
+    for name, user in users.items():
+        if not name.startswith("service-") or name == "service-delivery":
+            continue
+        for kind, topic, _, ops in _acls(user):
+            if kind == "topic" and topic.endswith(".responses"):
+                assert "Write" not in ops, f"{name} may write {topic}"
+    # And the renderer refuses that right to any other service.
+    referrals = registry.audience("service-referrals")
+    widened = referrals.model_copy(
+        update={"write_topics": [topic_names.partner_responses(registry.city.traeger_slugs[0])]}
+    )
+    assert "outside its scope" in acls.check_audience(widened, registry.city)[0]
+
+
 def test_no_user_gets_more_than_topic_and_group_rights(users: dict[str, dict[str, Any]]) -> None:
     for name, user in users.items():
         for kind, resource, pattern, ops in _acls(user):

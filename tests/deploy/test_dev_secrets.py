@@ -46,10 +46,11 @@ def test_writes_random_secrets_into_private_files_that_git_ignores(
         "VISITS_DB_PASSWORD",
         "REFERRALS_DB_PASSWORD",
         "REPORTING_DB_PASSWORD",
+        "DELIVERY_DB_PASSWORD",
     ):
         assert len(env[name]) >= 32, name
     assert len(set(env.values())) == len(env), "every value drawn on its own"
-    for name in ("INTAKE_KEY_ENCRYPTION_KEY", "INTAKE_MATCH_KEY_SECRET"):
+    for name in ("INTAKE_KEY_ENCRYPTION_KEY", "INTAKE_MATCH_KEY_SECRET", "DELIVERY_SECRET_KEY"):
         raw = base64.urlsafe_b64decode(env[name] + "=" * (-len(env[name]) % 4))
         assert len(raw) == 32, name
 
@@ -59,6 +60,7 @@ def test_writes_random_secrets_into_private_files_that_git_ignores(
         "key-encryption-key": env["INTAKE_KEY_ENCRYPTION_KEY"],
         "match-key-secret": env["INTAKE_MATCH_KEY_SECRET"],
     }
+    assert _k8s(root, "delivery-secrets.env") == {"secret-key": env["DELIVERY_SECRET_KEY"]}
     url = _k8s(root, "visits-db.env")["url"]
     assert url == f"postgresql://visits:{env['VISITS_DB_PASSWORD']}@lotse-postgres:5432/visits"
     assert _k8s(root, "auth.env") == {"AUTH_JWKS": env["DEV_ISSUER_JWKS"]}

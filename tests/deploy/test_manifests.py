@@ -64,6 +64,8 @@ K8S_DIR = ROOT / "deploy" / "k8s"
 COMPOSE_SCHEMA = Path(__file__).parent / "fixtures" / "compose-spec.json"
 DOCKERFILE = ROOT / "Dockerfile"
 SERVICES = topic_names.SERVICES
+#: The service that posts webhooks to subscribers' HTTPS endpoints.
+WEBHOOK_SENDER = "delivery"
 UID = 10001
 HTTP_PORT = 8000
 KAFKA_TLS_PORT = 9093
@@ -1402,6 +1404,9 @@ def _egress_needs(objects: list[Obj]) -> dict[str, list[EgressNeed]]:
                     found.append(EgressNeed(variable, host, port, None))
                 else:
                     found.append(EgressNeed(variable, host, target[1], target[0]))
+        if name == f"lotse-{WEBHOOK_SENDER}":
+            # Not in a setting: the subscribers' sinks, https:// URLs anywhere outside.
+            found.append(EgressNeed("webhook sinks (subscriptions)", "*", 443, None))
         needs[name] = found
     return needs
 
@@ -1503,6 +1508,50 @@ def test_a_policy_that_blocks_a_configured_dependency_fails_naming_file_and_port
     problems = "\n".join(egress_problems(objects))
     assert "LOTSE_REFERRALS_KEYRING_URL -> lotse-intake:8000" in problems
     assert "allows port 8000" in problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_delivery_reaches_webhook_sinks_and_never_internal_addresses(overlay: str) -> None:
+    from lotse_delivery.domain import forbidden_address
+
+    objects = rendered(f"overlays/{overlay}")
+    [policy] = [
+        p
+        for p in of_kind(objects, "NetworkPolicy")
+        if p["metadata"]["name"] == "lotse-delivery-webhooks"
+    ]
+    deployments = _deployments(objects)
+    selected = {
+        name
+        for name, deployment in deployments.items()
+        if selects(
+            policy["spec"]["podSelector"], deployment["spec"]["template"]["metadata"]["labels"]
+        )
+    }
+    assert selected == {f"lotse-{WEBHOOK_SENDER}"}
+    [rule] = policy["spec"]["egress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 443}]
+    blocks = [peer["ipBlock"] for peer in rule["to"]]
+    assert {block["cidr"] for block in blocks} == {"0.0.0.0/0", "::/0"}
+    # Every range cut out is one the service itself refuses too, and the ranges an attacker
+    # would aim at (cluster networks, loopback, cloud metadata) are among them.
+    import ipaddress
+
+    cut = [ipaddress.ip_network(c) for block in blocks for c in block.get("except", [])]
+    for network in cut:
+        assert forbidden_address(str(network.network_address + 1)), network
+    for target in (
+        "10.96.0.1",
+        "172.20.0.5",
+        "192.168.1.1",
+        "127.0.0.1",
+        "169.254.169.254",
+        "fd00::1",
+        "fe80::1",
+    ):
+        address = ipaddress.ip_address(target)
+        assert any(address in network for network in cut), target
+    assert not any(ipaddress.ip_address("93.184.215.14") in network for network in cut)
 
 
 def test_dev_database_is_reachable_only_from_the_services() -> None:
@@ -1652,14 +1701,6 @@ def test_prod_scales_each_consumer_on_kafka_lag(registry: Any) -> None:
             assert secrets["ca"] == ("lotse-cluster-ca-cert", "ca.crt"), target
 
 
-#: Services that must not be scaled on consumer lag, and why.
-NOT_SCALED_ON_LAG = {
-    # Its delivery worker takes pending rows without a lease: one replica until it claims
-    # rows (services/delivery/README.md); it has no deploy manifests yet either.
-    "delivery",
-}
-
-
 def test_every_consumer_a_service_registers_has_a_lag_trigger(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -1686,8 +1727,6 @@ def test_every_consumer_a_service_registers_has_a_lag_trigger(
         app = import_from_string(entry.value)()
         groups = [consumer.group_id for consumer in app.state.runtime.consumers]
         registered[entry.name] = groups
-        if entry.name in NOT_SCALED_ON_LAG:
-            continue
         missing = [group for group in groups if group not in triggers]
         assert not missing, (
             f"{entry.name} consumes as {missing} but components/keda-autoscaling has no "

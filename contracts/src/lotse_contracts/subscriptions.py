@@ -550,6 +550,11 @@ def _scope(
         if t == own or t.startswith(own + ".")
     }
     writes.add(topics.dead_letter(name))
+    if name in topics.RESPONSE_WRITERS:
+        # Answers over HTTP: validated like the Kafka path, then written where the Träger
+        # would have written them; the refusal notices (only on the Träger's feed) read back.
+        writes |= {topics.partner_responses(t) for t in city.traeger_slugs}
+        reads |= {topics.partner_referrals(t) for t in city.traeger_slugs}
     return (
         reads,
         writes,

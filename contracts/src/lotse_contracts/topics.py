@@ -8,7 +8,11 @@ VISITS = "lotse.visits"
 REFERRALS = "lotse.referrals"
 REPORTING_KPIS = "lotse.reporting.kpis"
 DOMAIN_TOPICS = (INTAKE, VISITS, REFERRALS)
-SERVICES = ("intake", "visits", "referrals", "reporting")
+SERVICES = ("intake", "visits", "referrals", "reporting", "delivery")
+#: Services that write the Träger response topics besides the Träger themselves: delivery
+#: takes answers over HTTP from Träger without Kafka and writes them there on their behalf,
+#: and reads the Träger referral feeds for the refusal notices that exist only there.
+RESPONSE_WRITERS = ("delivery",)
 
 
 def dead_letter(service: str) -> str:

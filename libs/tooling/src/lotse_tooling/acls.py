@@ -300,6 +300,12 @@ def check_audience(audience: Audience, city: Municipality, prefix: str = "") -> 
                 *topic_names.DOMAIN_TOPICS,
                 topic_names.REPORTING_KPIS,
                 *(topic_names.partner_responses(t) for t in city.traeger_slugs),
+                # The refusal notices a Träger answering over HTTP must hear of (delivery).
+                *(
+                    topic_names.partner_referrals(t)
+                    for t in city.traeger_slugs
+                    if service in topic_names.RESPONSE_WRITERS
+                ),
             ]
         )
         may_write = own(
@@ -311,6 +317,12 @@ def check_audience(audience: Audience, city: Municipality, prefix: str = "") -> 
             + [topic_names.dead_letter(service)]
             + [topic_names.bezirk_feed(b) for b in city.bezirk_slugs]
             + [topic_names.partner_referrals(t) for t in city.traeger_slugs]
+            # Answers over HTTP go where the Träger would have written them (delivery).
+            + (
+                [topic_names.partner_responses(t) for t in city.traeger_slugs]
+                if service in topic_names.RESPONSE_WRITERS
+                else []
+            )
         )
     for verb, granted, allowed in (
         ("read", audience.read_topics, may_read),

@@ -41,6 +41,7 @@ POSTGRES_PASSWORD = "POSTGRES_PASSWORD"
 KEY_ENCRYPTION_KEY = "INTAKE_KEY_ENCRYPTION_KEY"
 MATCH_KEY_SECRET = "INTAKE_MATCH_KEY_SECRET"
 ISSUER_JWKS = "DEV_ISSUER_JWKS"
+DELIVERY_SECRET_KEY = "DELIVERY_SECRET_KEY"
 
 _ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][\w.-]*)\s*=(.*)$")
 
@@ -65,6 +66,7 @@ def _generators() -> dict[str, str]:
     values.update({database_password_variable(service): _password() for service in SERVICES})
     values[KEY_ENCRYPTION_KEY] = _key()
     values[MATCH_KEY_SECRET] = _key()
+    values[DELIVERY_SECRET_KEY] = _key()
     return values
 
 
@@ -191,6 +193,8 @@ def _k8s_files(values: dict[str, str]) -> dict[str, str]:
             f"key-encryption-key={values[KEY_ENCRYPTION_KEY]}\n"
             f"match-key-secret={values[MATCH_KEY_SECRET]}\n"
         ),
+        # Seals delivery's webhook secrets at rest; mounted as a file (secret_key_file).
+        "delivery-secrets.env": f"secret-key={values[DELIVERY_SECRET_KEY]}\n",
         # Merged into the ConfigMap lotse-config (AUTH_ISSUER is in the kustomization): the
         # services trust the development issuer's key.
         "auth.env": f"AUTH_JWKS={values[ISSUER_JWKS]}\n",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from lotse_runtime.app import ServiceRuntime, runtime_of
 from lotse_runtime.identity import CallerDep
 
@@ -40,7 +40,13 @@ REFUSALS: dict[int | str, dict[str, object]] = {
 
 def context(request: Request, runtime: DeliveryRuntimeDep, caller: CallerDep) -> Context:
     route = request.scope.get("route")
-    return Context(runtime=runtime, caller=caller, path=getattr(route, "path", request.url.path))
+    return Context(
+        runtime=runtime,
+        caller=caller,
+        path=getattr(route, "path", request.url.path),
+        box=request.app.state.secret_box,
+        resolver=request.app.state.resolver,
+    )
 
 
 ContextDep = Annotated[Context, Depends(context)]
@@ -159,3 +165,97 @@ ANSWER_BODY = {
 )
 async def answer(ctx: ContextDep, request: Request, traeger: TraegerSlug) -> AnswerAccepted:
     return await operations.accept_answer(ctx, traeger, dict(request.headers), await request.body())
+
+
+# -- what Lotse sends: the webhook itself (OpenAPI "webhooks", for receivers) -------------------
+
+
+def _header(name: str, description: str, *, required: bool = True) -> dict[str, object]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": required,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+WEBHOOK_HEADERS = [
+    _header(
+        "webhook-id",
+        "The CloudEvent id; the same on every retry and redelivery: deduplicate by it.",
+    ),
+    _header("webhook-timestamp", "Seconds since the epoch when this attempt was signed."),
+    _header(
+        "webhook-signature",
+        "Standard Webhooks: 'v1,' and base64 HMAC-SHA256 of '<webhook-id>.<webhook-timestamp>."
+        "<body>' under the secret after 'whsec_' (base64); during a rotation's grace period "
+        "two, separated by a space: one must match.",
+    ),
+    _header(
+        "ce-specversion",
+        "1.0 (binary mode only; structured mode has it in the body).",
+        required=False,
+    ),
+    _header("ce-id", "CloudEvent id (binary mode).", required=False),
+    _header("ce-source", "/lotse/<service> (binary mode).", required=False),
+    _header(
+        "ce-type", "e.g. de.lotse.referrals.referral-requested.v1 (binary mode).", required=False
+    ),
+    _header("ce-subject", "The pseudonymous case id: the order key (binary mode).", required=False),
+    _header("ce-time", "When it happened, RFC 3339 (binary mode).", required=False),
+    _header(
+        "ce-dataschema",
+        "The type's JSON Schema, where the projection keeps every field it requires (binary mode).",
+        required=False,
+    ),
+    _header(
+        "ce-bezirk", "Stadtbezirk slug, where the event has one (binary mode).", required=False
+    ),
+    _header("ce-traeger", "Träger slug, where the event has one (binary mode).", required=False),
+]
+
+WEBHOOK = {
+    "parameters": WEBHOOK_HEADERS,
+    "requestBody": {
+        "required": True,
+        "description": "One event of your subscription, projected by the subscription registry "
+        "for your audience (only the fields it allows; the type's full JSON Schema is "
+        "contracts/schemas/<type>.json, fields beyond your projection absent).",
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "description": "Binary mode: the event's data."}
+            },
+            "application/cloudevents+json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["specversion", "id", "source", "type", "data"],
+                    "description": "Structured mode: the whole CloudEvent (attributes and "
+                    "data) in one JSON document.",
+                }
+            },
+        },
+    },
+    "responses": {
+        "2XX": {"description": "Stored: delivered. Answer only after you stored the event."},
+        "default": {
+            "description": "Anything else, or no answer within 10 s: tried again later with "
+            "exponential backoff and jitter (Retry-After honoured), in the same order; after "
+            "the failure budget the subscription is paused."
+        },
+    },
+}
+
+
+def document_webhooks(app: FastAPI) -> None:
+    """Describe in the OpenAPI document what the delivery service posts to a sink."""
+
+    @app.webhooks.post(
+        "lotse-event",
+        summary="An event of your subscription (signed CloudEvent over HTTP)",
+        openapi_extra=WEBHOOK,
+        tags=["subscriptions"],
+    )
+    def lotse_event() -> None:
+        """Posted to your subscription's sink for every event, in order per case, at least
+        once: deduplicate by ``webhook-id``. Verify the signature first."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from lotse_runtime.app import Clock, create_service_app
 
-from lotse_delivery.api import router
+from lotse_delivery.api import document_webhooks, router
 from lotse_delivery.consumers import wire
+from lotse_delivery.pinning import Resolver, system_resolver
 from lotse_delivery.policy import POLICY
 from lotse_delivery.settings import DeliveryRuntime, DeliverySettings
 from lotse_delivery.tables import TABLES
@@ -33,20 +35,31 @@ TAGS = [
 ]
 
 
-def create_app(settings: DeliverySettings | None = None, *, clock: Clock | None = None) -> FastAPI:
-    """Build the app; settings come from the environment unless given (tests)."""
+def create_app(
+    settings: DeliverySettings | None = None,
+    *,
+    clock: Clock | None = None,
+    resolver: Resolver = system_resolver,
+) -> FastAPI:
+    """Build the app; settings come from the environment unless given (tests), as may the
+    clock and the resolver of sink host names (tests answer with names they control)."""
+    settings = settings or DeliverySettings()
+    box = settings.secret_box()
     workers: list[DeliveryWorker] = []
 
     def _wire(runtime: DeliveryRuntime) -> None:
         wire(runtime)
-        worker = DeliveryWorker(runtime)
+        worker = DeliveryWorker(runtime, box, resolver=resolver)
         workers.append(worker)
-        # One replica delivers at a time: rounds take pending rows without claiming them.
-        runtime.add_job("deliver", runtime.settings.deliver_interval_s, worker.tick, once=True)
-        runtime.add_job("purge", runtime.settings.retention_interval_s, purge, once=True)
+        # Every replica delivers: rounds claim rows with leases (worker.py), so replicas
+        # share the load instead of one standing by.
+        runtime.add_job("deliver", runtime.settings.deliver_interval_s, worker.tick)
+        runtime.add_job(
+            "purge", runtime.settings.retention_interval_s, partial(purge, box=box), once=True
+        )
 
     app = create_service_app(
-        settings or DeliverySettings(),
+        settings,
         title="Lotse delivery",
         description=DESCRIPTION,
         tables=TABLES,
@@ -56,7 +69,10 @@ def create_app(settings: DeliverySettings | None = None, *, clock: Clock | None 
         clock=clock,
         openapi_tags=TAGS,
     )
+    document_webhooks(app)
     app.state.delivery_worker = workers[0]
+    app.state.secret_box = box
+    app.state.resolver = resolver
     inner = app.router.lifespan_context
 
     @asynccontextmanager

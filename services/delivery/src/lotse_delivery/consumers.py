@@ -3,6 +3,10 @@ the subscription registry routes to some audience. Each handler stores the regis
 projection for every matching subscription (operations.enqueue) inside the transaction the
 runtime's consumer opened for it, with the inbox claim: the webhook path's outbox.
 
+One kind of event is not on any domain topic: a Träger's refused answer
+(``answer-refused``) goes to that Träger's feed only; a second consumer reads the Träger
+feeds for it alone.
+
 Why the domain topics and not the audience topics: the audience copies are projections
 that often drop fields the published schema requires (their ``dataschema`` is removed), so
 the runtime's consumer, which validates every event against its model, would refuse them;
@@ -17,6 +21,7 @@ from functools import partial
 
 from lotse_contracts import topics
 from lotse_contracts.events.base import CATALOGUE, EventModel
+from lotse_contracts.events.referrals import AnswerRefused
 from lotse_runtime.consumer import Delivery
 from lotse_runtime.handlers import Handlers
 
@@ -39,5 +44,17 @@ def feed_handlers(runtime: DeliveryRuntime) -> Handlers:
     return handlers
 
 
+def notice_handlers(runtime: DeliveryRuntime) -> Handlers:
+    """Notices that exist on audience feeds only (no fact of the domain, so not on a domain
+    topic): a Träger's refused answer (``answer-refused``), on that Träger's feed. Every
+    other type on the feeds is a copy of a domain event and has no handler here (skipped)."""
+    handlers = Handlers()
+    handlers.on(AnswerRefused)(partial(routed_event, runtime))
+    return handlers
+
+
 def wire(runtime: DeliveryRuntime) -> None:
     runtime.add_consumer("main", SOURCES, feed_handlers(runtime))
+    # A Träger answering over HTTP hears of a refused answer like one answering on Kafka.
+    feeds = [topics.partner_referrals(slug) for slug in runtime.city.traeger_slugs]
+    runtime.add_consumer("notices", feeds, notice_handlers(runtime))

@@ -186,6 +186,14 @@ def parse_sink(url: str) -> Sink:
     return Sink(url=url, scheme=parts.scheme, host=parts.hostname.lower(), port=port or default)
 
 
+def ip_literal(host: str) -> str | None:
+    """The address if the sink's host is an IP literal (nothing to resolve), else None."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True

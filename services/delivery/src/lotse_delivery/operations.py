@@ -4,11 +4,9 @@ consumers.py); the delivery worker (worker.py) posts what :func:`enqueue` stored
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import secrets
-import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from lotse_delivery import domain
+from lotse_delivery.pinning import Resolver, pinned, pinned_client, system_resolver
+from lotse_delivery.sealing import SecretBox
 from lotse_delivery.settings import DeliveryRuntime
 from lotse_delivery.tables import (
     AnswerAccepted,
@@ -59,6 +59,8 @@ class Context:
     runtime: DeliveryRuntime
     caller: Caller
     path: str
+    box: SecretBox
+    resolver: Resolver = system_resolver
 
 
 def new_secret() -> str:
@@ -66,31 +68,28 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-async def resolve(host: str, port: int) -> list[str]:
-    """The addresses a host name resolves to (empty if it does not)."""
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return []
-    return sorted({str(info[4][0]) for info in infos})
-
-
-async def check_sink(runtime: DeliveryRuntime, url: str) -> domain.Sink:
-    """Parse, resolve and judge a sink by the deployment's sink policy (Refusal if not)."""
+async def check_sink(
+    runtime: DeliveryRuntime, url: str, resolver: Resolver = system_resolver
+) -> tuple[domain.Sink, list[str]]:
+    """Parse, resolve (once) and judge a sink by the deployment's sink policy (Refusal if
+    not); returns it with the addresses that were judged, for the connection to pin."""
     sink = domain.parse_sink(url)
-    addresses = await resolve(sink.host, sink.port)
+    literal = domain.ip_literal(sink.host)
+    addresses = [literal] if literal is not None else await resolver(sink.host, sink.port)
     domain.check_sink(sink, runtime.settings.sink_policy, addresses)
-    return sink
+    return sink, addresses
 
 
-async def validate_sink(runtime: DeliveryRuntime, sink: domain.Sink) -> None:
+async def validate_sink(runtime: DeliveryRuntime, sink: domain.Sink, addresses: list[str]) -> None:
     """The CloudEvents webhook validation handshake (abuse protection): OPTIONS with
-    ``WebHook-Request-Origin``; the sink must answer 2xx with ``WebHook-Allowed-Origin``."""
+    ``WebHook-Request-Origin``; the sink must answer 2xx with ``WebHook-Allowed-Origin``.
+    Sent to the address just checked (pinned), like every delivery."""
     settings = runtime.settings
     origin = settings.webhook_origin
     try:
-        async with httpx.AsyncClient(timeout=settings.deliver_timeout_s) as client:
-            answer = await client.options(sink.url, headers={"WebHook-Request-Origin": origin})
+        async with pinned_client(settings.deliver_timeout_s) as client:
+            with pinned(sink.host, addresses[0]):
+                answer = await client.options(sink.url, headers={"WebHook-Request-Origin": origin})
     except httpx.HTTPError as exc:
         raise Refusal("sink", f"validation request failed: {type(exc).__name__}") from None
     if not 200 <= answer.status_code < 300:
@@ -163,9 +162,9 @@ async def create_subscription(ctx: Context, body: SubscriptionCreate) -> Subscri
     runtime = ctx.runtime
     owner = domain.owner_of(ctx.caller)
     domain.check_within_ceiling(runtime.registry, owner, body)
-    sink = await check_sink(runtime, body.sink)
+    sink, addresses = await check_sink(runtime, body.sink, ctx.resolver)
     if runtime.settings.verify_sinks:
-        await validate_sink(runtime, sink)
+        await validate_sink(runtime, sink, addresses)
     now = runtime.clock()
     secret = new_secret()
     async with runtime.db.transaction() as session:
@@ -182,8 +181,9 @@ async def create_subscription(ctx: Context, body: SubscriptionCreate) -> Subscri
                 "subscriptions",
                 f"{owner.audience} holds {held} subscriptions, the most allowed; delete one",
             )
+        subscription_id = str(uuid.uuid4())
         sub = DeliverySubscription(
-            id=str(uuid.uuid4()),
+            id=subscription_id,
             owner_kind=owner.kind,
             owner=owner.member,
             sink=sink.url,
@@ -193,7 +193,7 @@ async def create_subscription(ctx: Context, body: SubscriptionCreate) -> Subscri
             fields=None if body.fields is None else list(body.fields),
             description=body.description,
             status="active",
-            secret=secret,
+            secret=ctx.box.seal(secret, subscription_id=subscription_id, column="secret"),
             created_by=ctx.caller.subject,
             created_at=now,
             updated_at=now,
@@ -262,8 +262,12 @@ async def rotate_secret(ctx: Context, subscription_id: str) -> SecretRotated:
     secret = new_secret()
     async with ctx.runtime.db.transaction() as session:
         sub = await _own(session, ctx, subscription_id)
-        sub.previous_secret, sub.previous_secret_until = sub.secret, until
-        sub.secret, sub.updated_at = secret, now
+        # Sealed per column: the old secret is opened and sealed again as the previous one.
+        old = ctx.box.open(sub.secret, subscription_id=sub.id, column="secret")
+        sub.previous_secret = ctx.box.seal(old, subscription_id=sub.id, column="previous_secret")
+        sub.previous_secret_until = until
+        sub.secret = ctx.box.seal(secret, subscription_id=sub.id, column="secret")
+        sub.updated_at = now
         session.add(sub)
         _audit(ctx, session, audit.AuditAction.change, f"{sub.id} secret rotated")
     return SecretRotated(id=subscription_id, secret=secret, previous_valid_until=until)
@@ -295,7 +299,9 @@ async def redeliver(ctx: Context, subscription_id: str, since: datetime) -> Rede
                 col(DeliveryPending.state) == "delivered",
                 col(DeliveryPending.event_time) >= since,
             )
-            .values(state="pending", attempts=0, delivered_at=None)
+            .values(
+                state="pending", attempts=0, delivered_at=None, lease_until=None, lease_owner=None
+            )
         )
         requeued = int(getattr(result, "rowcount", 0) or 0)
         _audit(ctx, session, audit.AuditAction.change, f"{sub.id} redelivery requested")

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.settings import ServiceSettings
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from lotse_delivery.sealing import KEY_BYTES, SecretBox, decode_key, encode_key
+
+_log = logging.getLogger(__name__)
+DEV_KEY_FILE = "delivery-key.json"
 
 
 class DeliverySettings(ServiceSettings):
@@ -45,6 +55,14 @@ class DeliverySettings(ServiceSettings):
     deliver_batch: int = Field(
         default=50, ge=1, description="Events one subscription's task takes per round."
     )
+    lease_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long a claimed event is reserved for the instance that claimed it "
+        "(row lease: several replicas never post the same event at once). An attempt starts "
+        "only if it can end (deliver_timeout_s) before the lease does; an instance that dies "
+        "holding a lease delays that case's events by at most this long.",
+    )
     retry_base_s: float = Field(
         default=2.0, gt=0, description="First retry delay; doubles per attempt, with jitter."
     )
@@ -78,6 +96,83 @@ class DeliverySettings(ServiceSettings):
     max_subscriptions_per_owner: int = Field(
         default=20, ge=1, description="Subscriptions one Träger or Bezirksteam may hold."
     )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Key (32 bytes, base64url) sealing the webhook secrets at rest "
+        "(AES-256-GCM). Unset and no secret_key_file: a development key is generated in "
+        "data_dir/delivery-key.json. Losing it makes every subscription's secret "
+        "unreadable (rotate them); mount it from a Secret in production.",
+    )
+    secret_key_file: Path | None = Field(
+        default=None,
+        description="File holding secret_key (base64url), e.g. a mounted Kubernetes Secret; "
+        "used when secret_key is unset.",
+    )
+    secret_old_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Earlier secret keys (base64url): still opened, and housekeeping seals "
+        "every secret again under secret_key; drop them once that ran.",
+    )
+
+    @field_validator("secret_key")
+    @classmethod
+    def _key_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            decode_key(value.get_secret_value(), "secret_key")
+        return value
+
+    @field_validator("secret_old_keys")
+    @classmethod
+    def _old_keys_well_formed(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for i, key in enumerate(value):
+            decode_key(key.get_secret_value(), f"secret_old_keys.{i}")
+        return value
+
+    def secret_box(self) -> SecretBox:
+        """What seals and opens the webhook secrets, from the configured keys."""
+        older = [
+            decode_key(k.get_secret_value(), f"secret_old_keys.{i}")
+            for i, k in enumerate(self.secret_old_keys)
+        ]
+        if self.secret_key is not None:
+            current = decode_key(self.secret_key.get_secret_value(), "secret_key")
+        elif self.secret_key_file is not None:
+            try:
+                text = self.secret_key_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(
+                    f"secret_key_file {self.secret_key_file}: {exc.strerror}"
+                ) from None
+            current = decode_key(text, f"secret_key_file {self.secret_key_file}")
+        else:
+            current = self._development_key()
+        return SecretBox(current, older)
+
+    def _development_key(self) -> bytes:
+        path = self.data_dir / DEV_KEY_FILE
+        if not path.exists():
+            _log.warning(
+                "delivery secret_key not configured: generating a development key",
+                extra={"path": str(path)},
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process of this deployment was faster: use its key
+            else:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump({"secret_key": encode_key(secrets.token_bytes(KEY_BYTES))}, handle)
+        return decode_key(json.loads(path.read_text())["secret_key"], str(path))
+
+    @model_validator(mode="after")
+    def _lease_outlasts_an_attempt(self) -> DeliverySettings:
+        if self.lease_s <= self.deliver_timeout_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s}) must be longer than deliver_timeout_s "
+                f"({self.deliver_timeout_s}): a lease must outlast one attempt"
+            )
+        return self
 
 
 #: The runtime of the delivery service, typed by its settings.

@@ -38,8 +38,14 @@ class DeliverySubscription(SQLModel, table=True):
     status: str = TableField(max_length=16, description="active or paused.")
     paused_reason: str | None = TableField(default=None, sa_column=Column(Text, nullable=True))
     paused_at: datetime | None = None
-    secret: str = TableField(max_length=128, description="Standard Webhooks secret (whsec_…).")
-    previous_secret: str | None = TableField(default=None, max_length=128)
+    secret: str = TableField(
+        max_length=256,
+        description="Standard Webhooks secret (whsec_…), sealed with the secrets key "
+        "(sealing.py); never stored in the clear.",
+    )
+    previous_secret: str | None = TableField(
+        default=None, max_length=256, description="The secret before a rotation, sealed too."
+    )
     previous_secret_until: datetime | None = None
     failing_since: datetime | None = None
     consecutive_failures: int = 0
@@ -72,6 +78,14 @@ class DeliveryPending(SQLModel, table=True):
     attempts: int = 0
     created_at: datetime
     delivered_at: datetime | None = None
+    lease_until: datetime | None = TableField(
+        default=None,
+        description="Claimed by lease_owner until then (row lease across replicas); "
+        "a lapsed lease may be claimed again.",
+    )
+    lease_owner: str | None = TableField(
+        default=None, max_length=64, description="The worker instance holding the lease."
+    )
 
 
 class DeliveryAttempt(SQLModel, table=True):
