@@ -1174,7 +1174,12 @@ def test_services_settings_are_valid_settings(
         # to a development issuer of its own, whose tokens nobody can get.
         assert settings.auth_jwks, f"{name}: no AUTH_JWKS"
         assert settings.auth_issuer, f"{name}: no AUTH_ISSUER"
+        # Partners resolve each event's dataschema below this URL: unset, a service bound to
+        # 0.0.0.0 would name its own loopback address.
+        assert settings.contracts_base_url, f"{name}: no CONTRACTS_BASE_URL"
+        assert urlsplit(settings.contracts_base_url).hostname not in ("127.0.0.1", "localhost")
         if overlay == "prod":
+            assert settings.contracts_base_url.startswith("https://"), "the public address"
             assert settings.auth_issuer.startswith("https://"), "the city's identity provider"
             assert settings.auth_jwks.startswith("https://"), "its published keys"
         else:
@@ -1375,6 +1380,10 @@ def _in_cluster(objects: list[Obj], host: str, port: int) -> tuple[dict[str, str
     return dict(pod["metadata"]["labels"]), int(target)
 
 
+# URL settings a service names to others but never calls itself (no egress needed).
+PUBLISHED_URLS = {"LOTSE_CONTRACTS_BASE_URL"}
+
+
 def _egress_needs(objects: list[Obj]) -> dict[str, list[EgressNeed]]:
     """For each service Deployment, every destination its settings name: any URL-valued
     variable (AUTH_JWKS, OTLP_ENDPOINT, the keyring URL, the database URL, from a ConfigMap, the
@@ -1394,6 +1403,8 @@ def _egress_needs(objects: list[Obj]) -> dict[str, list[EgressNeed]]:
                 else:
                     # Made by ops (prod): the documented form, e.g. postgresql://…@host:5432/….
                     value = _secret_placeholder(variable) or ""
+            if variable in PUBLISHED_URLS:
+                continue
             if not (
                 variable.endswith("KAFKA_BOOTSTRAP") or re.match(r"^[a-z][a-z0-9+.-]*://", value)
             ):
