@@ -53,12 +53,24 @@ from lotse_contracts.events.referrals import (
     ReferralRequested,
     ReferralStatus,
 )
-from lotse_contracts.events.reporting import CITY_TOTAL, FIGURE_UNITS, KpiFigure, KpiUnit
 from lotse_contracts.events.visits import (
     VisitCompleted,
     VisitDeclined,
     VisitMissed,
     VisitScheduled,
+)
+from lotse_contracts.figures import (
+    CITY_TOTAL,
+    DEFINITIONS,
+    FIGURE_UNITS,
+    FIGURES,
+    Accumulation,
+    DimensionKind,
+    KpiFigure,
+    KpiUnit,
+    Suppression,
+    figures_accumulating,
+    figures_suppressed_as,
 )
 
 STADT = CITY_TOTAL
@@ -674,18 +686,8 @@ CONSENT_DIMENSIONS = {
 }
 """consent_rate without a dimension is the welcome-visit consent (as the contract says)."""
 
-_FLOW_COUNTS = (
-    KpiFigure.FAMILIES_REGISTERED,
-    KpiFigure.FAMILIES_REGISTERED_CLINIC,
-    KpiFigure.FAMILIES_REGISTERED_MOVE_IN,
-    KpiFigure.VISITS_OFFERED,
-    KpiFigure.VISITS_COMPLETED,
-    KpiFigure.VISITS_DECLINED,
-    KpiFigure.VISITS_MISSED,
-    KpiFigure.REFERRALS_REQUESTED,
-    KpiFigure.REFERRALS_ACCEPTED,
-)
-_STOCK_COUNTS = (KpiFigure.OPEN_ESCALATIONS,)
+_FLOW_COUNTS = figures_accumulating(Accumulation.COUNT)
+_STOCK_COUNTS = figures_accumulating(Accumulation.STOCK)
 _ACTIVITY_COUNT = {
     FactKind.OFFERED: KpiFigure.VISITS_OFFERED,
     FactKind.COMPLETED: KpiFigure.VISITS_COMPLETED,
@@ -695,29 +697,30 @@ _ACTIVITY_COUNT = {
     FactKind.ACCEPTED: KpiFigure.REFERRALS_ACCEPTED,
 }
 #: Ratios whose base is the cohort count: published only where that count is.
-_COHORT_RATIOS = (
-    KpiFigure.CONSENT_RATE,
-    KpiFigure.REACH_RATE,
-    KpiFigure.CONTACTS_PER_FAMILY,
-)
+_COHORT_RATIOS = figures_suppressed_as(Suppression.COHORT_RATIO)
+
+
+def _dimension_values(kind: DimensionKind, modules: Iterable[str]) -> list[str]:
+    match kind:
+        case DimensionKind.MODULE:
+            return [f"module:{m}" for m in modules]
+        case DimensionKind.STATUS:
+            return [f"status:{s}" for s in STATUSES]
+        case DimensionKind.SCOPE:
+            return [d for d in CONSENT_DIMENSIONS if d is not None]
+
+
+def figure_dimensions(figure: KpiFigure, modules: Iterable[str]) -> list[str | None]:
+    """The breakdowns a figure is published with (None: the figure itself), as declared."""
+    found: list[str | None] = [None]
+    for kind in DEFINITIONS[figure].dimensions:
+        found += _dimension_values(kind, modules)
+    return found
 
 
 def count_dimensions(figure: KpiFigure, modules: Iterable[str]) -> list[str | None]:
     """The breakdowns a count figure is published with (None: the figure itself)."""
-    if figure is KpiFigure.REFERRALS_REQUESTED:
-        return [
-            None,
-            *(f"module:{m}" for m in modules),
-            *(f"status:{s}" for s in STATUSES),
-        ]
-    return [None]
-
-
-def figure_dimensions(figure: KpiFigure, modules: Iterable[str]) -> list[str | None]:
-    """The breakdowns any figure is published with (None: the figure itself)."""
-    if figure is KpiFigure.CONSENT_RATE:
-        return list(CONSENT_DIMENSIONS)
-    return count_dimensions(figure, modules)
+    return figure_dimensions(figure, modules)
 
 
 @dataclass
@@ -938,25 +941,31 @@ def groups_of_year(layout: Layout, months: list[str], year: str) -> list[Group]:
                     tuple((area, m, figure.value, dim) for m in parts),
                 )
             )
-    requested = KpiFigure.REFERRALS_REQUESTED.value
+    wholes = {
+        whole: tuple(d.figure.value for d in FIGURES if d.part_of is whole)
+        for whole in dict.fromkeys(d.part_of for d in FIGURES if d.part_of is not None)
+    }
     for area in layout.areas:
         for period in periods:
-            groups.append(
-                Group(
-                    (area, period, KpiFigure.FAMILIES_REGISTERED.value, ""),
-                    (
-                        (area, period, KpiFigure.FAMILIES_REGISTERED_CLINIC.value, ""),
-                        (area, period, KpiFigure.FAMILIES_REGISTERED_MOVE_IN.value, ""),
-                    ),
-                )
-            )
-            for kind, values in (("module", layout.modules), ("status", STATUSES)):
+            for whole, part_figures in wholes.items():
                 groups.append(
                     Group(
-                        (area, period, requested, ""),
-                        tuple((area, period, requested, f"{kind}:{v}") for v in values),
+                        (area, period, whole.value, ""),
+                        tuple((area, period, part, "") for part in part_figures),
                     )
                 )
+            # A count is the sum of its breakdowns of one kind (scope breakdowns are rates).
+            for figure in _FLOW_COUNTS:
+                for kind in DEFINITIONS[figure].dimensions:
+                    groups.append(
+                        Group(
+                            (area, period, figure.value, ""),
+                            tuple(
+                                (area, period, figure.value, d)
+                                for d in _dimension_values(kind, layout.modules)
+                            ),
+                        )
+                    )
     return groups
 
 

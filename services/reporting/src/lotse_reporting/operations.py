@@ -24,7 +24,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from lotse_contracts.events.base import EventModel
-from lotse_contracts.events.reporting import FIGURE_UNITS, KpiFigure, KpiUpdated
+from lotse_contracts.events.reporting import KpiUpdated
+from lotse_contracts.figures import FIGURES
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.db import Database
 from lotse_runtime.refusal import Refusal
@@ -229,20 +230,24 @@ async def list_kpis(reporting: Reporting, wanted: KpiFilter) -> list[KpiPublic]:
 
 
 def figures(reporting: Reporting) -> list[FigurePublic]:
-    """What every key figure means, and its breakdowns in this city."""
+    """The figures' declaration (:mod:`lotse_contracts.figures`), with their breakdowns in
+    this city."""
     return [
         FigurePublic(
-            figure=figure,
-            unit=FIGURE_UNITS[figure],
-            label=report.label(figure),
-            description=report.FIGURE_LABELS[figure][1],
+            figure=definition.figure,
+            unit=definition.unit,
+            label=definition.label,
+            description=definition.description,
+            accumulates=definition.accumulates,
+            attribution=definition.attribution,
+            suppression=definition.suppression,
             dimensions=[
                 d
-                for d in domain.figure_dimensions(figure, reporting.layout.modules)
+                for d in domain.figure_dimensions(definition.figure, reporting.layout.modules)
                 if d is not None
             ],
         )
-        for figure in KpiFigure
+        for definition in FIGURES
     ]
 
 
@@ -322,12 +327,13 @@ async def dashboard_data(reporting: Reporting, year: int | None) -> dict[str, An
         "areas": [a.model_dump() for a in areas(reporting)],
         "modules": {m.slug: m.name for m in city.modules},
         "figures": {
-            figure.value: {
-                "label": report.label(figure),
-                "description": report.FIGURE_LABELS[figure][1],
-                "unit": FIGURE_UNITS[figure].value,
+            definition.figure.value: {
+                "label": definition.label,
+                "description": definition.description,
+                "unit": definition.unit.value,
+                "accumulates": definition.accumulates.value,
             }
-            for figure in KpiFigure
+            for definition in FIGURES
         },
         "years": sorted({*years, *([chosen] if chosen is not None else [])}),
         "year": chosen,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from lotse_contracts.events.reporting import KpiFigure, KpiUnit
+from lotse_contracts.figures import Accumulation, Attribution, KpiFigure, KpiUnit, Suppression
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Column
 from sqlmodel import Field, SQLModel, UTCDateTime
@@ -169,12 +169,16 @@ class KpiPublic(BaseModel):
 
 
 class FigurePublic(BaseModel):
-    """What a key figure means."""
+    """What a key figure means: its declaration (``lotse_contracts.figures``) and its
+    breakdowns in this city."""
 
     figure: KpiFigure
     unit: KpiUnit
     label: str
     description: str
+    accumulates: Accumulation
+    attribution: Attribution
+    suppression: Suppression
     dimensions: list[str]
 
 
