@@ -108,9 +108,11 @@ class Reporting:
 async def apply_event(session: AsyncSession, event: EventModel, rules: Rules) -> None:
     """One event, in the delivery's transaction (the inbox entry is in the same one).
     Raises :class:`domain.ImpossibleEvent` before anything is stored."""
-    snapshot = await store.load_snapshot(session, domain.needs_of(event))
+    needs = domain.needs_of(event)
+    snapshot = await store.load_snapshot(session, needs)
+    before = domain.shares_of(snapshot, needs.families, rules.zone)
     domain.apply(event, snapshot, rules)
-    await store.save_snapshot(session, snapshot)
+    await _store_changes(session, snapshot, before, rules)
 
 
 async def replay_events(
@@ -121,8 +123,9 @@ async def replay_events(
     needs = domain.Needs()
     for event in events:
         needs.merge(domain.needs_of(event))
-    needs.fact_years_of.clear()  # every year is recomputed after a replay anyway
+    needs.fact_years_of.clear()  # dirty years follow from the changed cells
     snapshot = await store.load_snapshot(session, needs)
+    before = domain.shares_of(snapshot, needs.families, rules.zone)
     outcomes: list[str | None] = []
     for event in events:
         try:
@@ -131,8 +134,28 @@ async def replay_events(
             outcomes.append(exc.reason)
         else:
             outcomes.append(None)
-    await store.save_snapshot(session, snapshot)
+    await _store_changes(session, snapshot, before, rules)
     return outcomes
+
+
+async def _store_changes(
+    session: AsyncSession,
+    snapshot: domain.Snapshot,
+    before: dict[str, domain.Shares],
+    rules: Rules,
+) -> None:
+    """Store the touched rows, add the difference of the families' shares to the cells and
+    mark the years whose cells changed, all in the caller's transaction."""
+    touched = {c for c in snapshot.touched_cases}
+    touched |= {case_id for case_id, _ in snapshot.touched_consents}
+    touched |= {snapshot.facts[key].case_id for key in snapshot.touched_facts}
+    touched |= {snapshot.referrals[key].case_id for key in snapshot.touched_referrals}
+    touched &= set(before)
+    after = domain.shares_of(snapshot, touched, rules.zone)
+    deltas = domain.cell_deltas({c: before[c] for c in touched}, after)
+    await store.save_snapshot(session, snapshot)
+    await store.add_to_cells(session, deltas)
+    await store.mark_dirty(session, {domain.year_of(key[1]) for key in deltas})
 
 
 # --- publishing the figures ------------------------------------------------------------------
@@ -182,9 +205,12 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
         if runtime.db.is_postgres:
             # Replicas take turns; the second then finds nothing changed.
             await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
-        inputs = await store.load_year(session, year, newest)
-        # Pure and CPU-bound: off the event loop, so consumers and streams keep going.
-        cells = await asyncio.to_thread(domain.compute_year, inputs, reporting.layout)
+        accumulated, stock = await store.year_cells(session, year)
+        # Pure and CPU-bound (the year's cells, however many families): off the event loop,
+        # so consumers and streams keep going.
+        cells = await asyncio.to_thread(
+            domain.year_cells, year, newest, reporting.layout, accumulated, stock
+        )
         before = await store.published_cells(session, year)
         changed = cells if republish else domain.changed_cells(cells, before)
         if not changed:

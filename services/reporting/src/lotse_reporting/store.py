@@ -17,8 +17,11 @@ from sqlmodel import SQLModel, col
 
 from lotse_reporting import domain
 from lotse_reporting.domain import (
+    STOCK_DELTA,
+    Accumulated,
     CaseFacts,
     Cell,
+    CellDelta,
     CellKey,
     ConsentFacts,
     Fact,
@@ -31,6 +34,8 @@ from lotse_reporting.domain import (
 from lotse_reporting.tables import (
     FACT_TABLES,
     ReportingCase,
+    ReportingCell,
+    ReportingCellNumber,
     ReportingConsent,
     ReportingDirtyYear,
     ReportingFact,
@@ -85,6 +90,8 @@ CONSENTS = _table(ReportingConsent)
 FACTS = _table(ReportingFact)
 REFERRALS = _table(ReportingReferral)
 KPIS = _table(ReportingKpi)
+CELLS = _table(ReportingCell)
+NUMBERS = _table(ReportingCellNumber)
 
 # --- rows <-> facts (ORM objects or plain rows: both have the columns as attributes) ---
 
@@ -132,6 +139,21 @@ async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
     for ids in chunks(needs.case_ids):
         for case_row in await session.execute(select(CASES).where(CASES.c.case_id.in_(ids))):
             snapshot.cases[case_row.case_id] = _case(case_row)
+    # A family's share is computed from all of its rows.
+    for ids in chunks(needs.families):
+        for consent_row in await session.execute(
+            select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
+        ):
+            consent = _consent(consent_row)
+            snapshot.consents[(consent.case_id, consent.consent_id)] = consent
+        for referral_row in await session.execute(
+            select(REFERRALS).where(REFERRALS.c.case_id.in_(ids))
+        ):
+            referral = _referral(referral_row)
+            snapshot.referrals[referral.referral_id] = referral
+        for fact_row in await session.execute(select(FACTS).where(FACTS.c.case_id.in_(ids))):
+            fact = _fact(fact_row)
+            snapshot.facts[fact.key] = fact
     for ids in chunks(needs.consent_case_ids):
         for consent_row in await session.execute(
             select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
@@ -160,20 +182,15 @@ async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
             ):
                 fact = _fact(fact_row)
                 snapshot.facts[fact.key] = fact
-    for ids in chunks(needs.fact_years_of):
-        year = func.substr(ReportingFact.month, 1, 4)
-        rows = await session.execute(
-            select(col(ReportingFact.case_id), year)
-            .where(col(ReportingFact.case_id).in_(ids))
-            .group_by(ReportingFact.case_id, year)
-        )
-        for case_id, found in rows:
-            snapshot.fact_years.setdefault(case_id, set()).add(int(found))
+    # The years a family has facts in follow from its rows, all loaded above.
+    for fact in snapshot.facts.values():
+        if fact.case_id in needs.fact_years_of:
+            snapshot.fact_years.setdefault(fact.case_id, set()).add(domain.year_of(fact.month))
     return snapshot
 
 
 async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
-    """Store the rows ``apply`` touched and mark the years it made dirty."""
+    """Store the rows ``apply`` touched."""
     cases = [_row(snapshot.cases[k]) for k in sorted(snapshot.touched_cases)]
     await upsert(session, ReportingCase, cases)
     consents = [_row(snapshot.consents[k]) for k in sorted(snapshot.touched_consents)]
@@ -182,7 +199,6 @@ async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
     await upsert(session, ReportingFact, facts)
     referrals = [_row(snapshot.referrals[k]) for k in sorted(snapshot.touched_referrals)]
     await upsert(session, ReportingReferral, referrals)
-    await mark_dirty(session, snapshot.dirty_years)
 
 
 async def mark_dirty(session: AsyncSession, years: Iterable[int]) -> None:
@@ -221,6 +237,93 @@ async def drop_facts(session: AsyncSession) -> None:
     models: list[type[SQLModel]] = [*FACT_TABLES, ReportingDirtyYear]
     for model in models:
         await session.execute(delete(model))
+
+
+# --- the cells: sums kept up to date by every event ------------------------------------------
+
+
+async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta]) -> None:
+    """Add to the cells (and their histograms) in the database itself: replicas applying
+    events at the same time each add their part, none overwrites another's. Rows go in key
+    order, so two transactions lock shared cells in the same order."""
+    if not deltas:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    rows = [
+        {
+            "bezirk": key[0],
+            "period": key[1],
+            "figure": key[2],
+            "dimension": key[3],
+            "families": delta.families,
+            "value": delta.value,
+            "hits": delta.hits,
+            "weight": delta.weight,
+        }
+        for key, delta in sorted(deltas.items())
+    ]
+    stmt = insert(CELLS)
+    statement = stmt.on_conflict_do_update(
+        index_elements=["bezirk", "period", "figure", "dimension"],
+        set_={
+            name: CELLS.c[name] + stmt.excluded[name]
+            for name in ("families", "value", "hits", "weight")
+        },
+    )
+    for chunk in chunks(rows, 1000):
+        await session.execute(statement, chunk)
+    numbers = [
+        {
+            "bezirk": key[0],
+            "period": key[1],
+            "figure": key[2],
+            "dimension": key[3],
+            "number": number,
+            "count": count,
+        }
+        for key, delta in sorted(deltas.items())
+        for number, count in sorted(delta.numbers.items())
+    ]
+    if numbers:
+        stmt = insert(NUMBERS)
+        statement = stmt.on_conflict_do_update(
+            index_elements=["bezirk", "period", "figure", "dimension", "number"],
+            set_={"count": NUMBERS.c["count"] + stmt.excluded["count"]},
+        )
+        for chunk in chunks(numbers, 1000):
+            await session.execute(statement, chunk)
+
+
+async def year_cells(
+    session: AsyncSession, year: int
+) -> tuple[dict[CellKey, Accumulated], dict[tuple[str, str], Accumulated]]:
+    """The cells of ``year``'s periods, and the open-escalation deltas of every month up to
+    the year's end (the stock carries over from earlier years)."""
+    cells: dict[CellKey, Accumulated] = {}
+    in_year = CELLS.c.period.like(f"{year}%")
+    for row in await session.execute(select(CELLS).where(in_year, CELLS.c.figure != STOCK_DELTA)):
+        cells[(row.bezirk, row.period, row.figure, row.dimension)] = Accumulated(
+            families=row.families, value=row.value, hits=row.hits, weight=row.weight
+        )
+    for bezirk, period, figure, dimension, number, count in await session.execute(
+        select(
+            NUMBERS.c.bezirk,
+            NUMBERS.c.period,
+            NUMBERS.c.figure,
+            NUMBERS.c.dimension,
+            NUMBERS.c.number,
+            NUMBERS.c["count"],
+        ).where(NUMBERS.c.period.like(f"{year}%"), NUMBERS.c["count"] != 0)
+    ):
+        found = cells.setdefault((bezirk, period, figure, dimension), Accumulated())
+        found.numbers[number] = count
+    stock: dict[tuple[str, str], Accumulated] = {}
+    for row in await session.execute(
+        select(CELLS).where(CELLS.c.figure == STOCK_DELTA, CELLS.c.period <= f"{year}-12")
+    ):
+        stock[(row.bezirk, row.period)] = Accumulated(families=row.families, value=row.value)
+    return cells, stock
 
 
 # --- state values ----------------------------------------------------------------------------
