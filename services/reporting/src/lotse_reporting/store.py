@@ -154,24 +154,28 @@ async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
         for fact_row in await session.execute(select(FACTS).where(FACTS.c.case_id.in_(ids))):
             fact = _fact(fact_row)
             snapshot.facts[fact.key] = fact
-    for ids in chunks(needs.consent_case_ids):
+    # Ids are pseudonymous UUIDs: the consents, referrals and facts an event names belong to
+    # its family, whose rows are all loaded above; only rows of other cases need a query.
+    for ids in chunks(needs.consent_case_ids - needs.families):
         for consent_row in await session.execute(
             select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
         ):
             consent = _consent(consent_row)
             snapshot.consents[(consent.case_id, consent.consent_id)] = consent
-    for ids in chunks(needs.referral_ids):
+    for ids in chunks(() if needs.families else needs.referral_ids):
         for referral_row in await session.execute(
             select(REFERRALS).where(REFERRALS.c.referral_id.in_(ids))
         ):
             referral = _referral(referral_row)
             snapshot.referrals[referral.referral_id] = referral
-    fact_keys = set(needs.fact_keys)
-    fact_keys |= {
-        (FactKind.ESCALATED.value, r.open_escalation)
-        for r in snapshot.referrals.values()
-        if r.open_escalation is not None
-    }
+    fact_keys: set[tuple[str, str]] = set()
+    if not needs.families:
+        fact_keys = {(str(kind), ref) for kind, ref in needs.fact_keys}
+        fact_keys |= {
+            (FactKind.ESCALATED.value, r.open_escalation)
+            for r in snapshot.referrals.values()
+            if r.open_escalation is not None
+        }
     by_kind: dict[str, set[str]] = {}
     for kind, ref in fact_keys:
         by_kind.setdefault(str(kind), set()).add(ref)
