@@ -13,6 +13,7 @@ from lotse_contracts.figures import (
     figures_accumulating,
 )
 from lotse_reporting import domain, report
+from lotse_reporting.operations import PublishTrigger
 from lotse_simulator.truth import CHECKED_FIGURES
 
 
@@ -37,3 +38,24 @@ def test_readers_take_the_declaration() -> None:
     assert requested[:2] == [None, "module:elternschule"]
     assert "status:accepted" in requested
     assert domain.figure_dimensions(KpiFigure.CONSENT_RATE, ()) == list(domain.CONSENT_DIMENSIONS)
+
+
+def test_the_publisher_runs_soon_after_a_change_and_not_at_all_in_between() -> None:
+    now = [100.0]
+    trigger = PublishTrigger(interval_s=1.0, debounce_s=0.15, clock=lambda: now[0])
+    started = trigger.due()  # the first tick after start looks once
+    assert started is not None
+    trigger.passed(started)
+    now[0] += 0.5
+    assert trigger.due() is None  # nothing changed: no pass
+    trigger.changed()
+    now[0] += 0.1
+    assert trigger.due() is None  # still within the debounce
+    now[0] += 0.06
+    started = trigger.due()
+    assert started is not None
+    trigger.passed(started)
+    now[0] += 0.2
+    assert trigger.due() is None
+    now[0] += 1.0
+    assert trigger.due() is not None  # other replicas' changes: picked up every interval

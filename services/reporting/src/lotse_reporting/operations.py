@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -61,6 +62,43 @@ class Changes:
             await asyncio.wait_for(self._event.wait(), timeout_s)
 
 
+class PublishTrigger:
+    """When the publisher runs: soon after this process applied an event (a short debounce,
+    so the delivery's transaction has committed and a burst goes into one pass), otherwise
+    every ``interval_s`` to pick up what other replicas applied. A tick in between does
+    nothing at all, so the service is idle when the city is."""
+
+    def __init__(
+        self, interval_s: float, debounce_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval_s = interval_s
+        self.debounce_s = debounce_s
+        self._clock = clock
+        self._pending_since: float | None = None
+        self._last_pass = -interval_s
+
+    def changed(self) -> None:
+        """An event was applied here (its transaction commits right after)."""
+        if self._pending_since is None:
+            self._pending_since = self._clock()
+
+    def due(self) -> float | None:
+        """The start time of a pass to run now, or None."""
+        now = self._clock()
+        pending = self._pending_since
+        if pending is not None and now - pending >= self.debounce_s:
+            return now
+        if now - self._last_pass >= self.interval_s:
+            return now
+        return None
+
+    def passed(self, started: float) -> None:
+        """A pass that began at ``started`` saw every change applied before it."""
+        self._last_pass = started
+        if self._pending_since is not None and self._pending_since + self.debounce_s <= started:
+            self._pending_since = None
+
+
 @dataclass
 class Reporting:
     """The reporting service's own parts next to its runtime (kept on ``app.state``): the
@@ -70,6 +108,7 @@ class Reporting:
     rules: Rules
     layout: Layout
     changes: Changes = field(default_factory=Changes)
+    trigger: PublishTrigger = field(default_factory=lambda: PublishTrigger(1.0, 0.15))
     published: int = 0
     """Cells published by this process."""
     passes: int = 0
@@ -90,7 +129,8 @@ class Reporting:
             k=settings.k_anonymity,
             zone=city.zone(),
         )
-        return cls(runtime=runtime, rules=rules, layout=layout)
+        trigger = PublishTrigger(settings.publish_interval_s, settings.publish_debounce_s)
+        return cls(runtime=runtime, rules=rules, layout=layout, trigger=trigger)
 
     @property
     def settings(self) -> ReportingSettings:
@@ -163,6 +203,16 @@ async def _store_changes(
 
 
 # --- publishing the figures ------------------------------------------------------------------
+
+
+async def publish_when_due(reporting: Reporting) -> int:
+    """One tick of the publication job: a pass if :class:`PublishTrigger` says so."""
+    started = reporting.trigger.due()
+    if started is None:
+        return 0
+    published = await publish_figures(reporting)
+    reporting.trigger.passed(started)
+    return published
 
 
 async def publish_figures(
