@@ -10,7 +10,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lotse_contracts.events.reporting import KpiFigure
-from sqlalchemy import Table, and_, delete, false, func, or_, select
+from sqlalchemy import (
+    Float,
+    Integer,
+    Table,
+    and_,
+    cast,
+    delete,
+    false,
+    func,
+    null,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import SQLModel, col
@@ -303,30 +316,54 @@ async def year_cells(
     session: AsyncSession, year: int
 ) -> tuple[dict[CellKey, Accumulated], dict[tuple[str, str], Accumulated]]:
     """The cells of ``year``'s periods, and the open-escalation deltas of every month up to
-    the year's end (the stock carries over from earlier years)."""
-    cells: dict[CellKey, Accumulated] = {}
-    in_year = CELLS.c.period.like(f"{year}%")
-    for row in await session.execute(select(CELLS).where(in_year, CELLS.c.figure != STOCK_DELTA)):
-        cells[(row.bezirk, row.period, row.figure, row.dimension)] = Accumulated(
-            families=row.families, value=row.value, hits=row.hits, weight=row.weight
+    the year's end (the stock carries over from earlier years).
+
+    One statement, so one snapshot of the database: a replica applying events meanwhile
+    commits whole events, and the publisher sees each of them entirely or not at all (with
+    separate statements, a median could come from a later state than its count)."""
+    # Typed NULLs, so both backends agree on the union's column types.
+    no_int, no_float = cast(null(), Integer), cast(null(), Float)
+    sums = select(
+        CELLS.c.bezirk,
+        CELLS.c.period,
+        CELLS.c.figure,
+        CELLS.c.dimension,
+        CELLS.c.families,
+        CELLS.c.value,
+        CELLS.c.hits,
+        CELLS.c.weight,
+        no_float.label("number"),
+        no_int.label("count"),
+    ).where(
+        or_(
+            and_(CELLS.c.period.like(f"{year}%"), CELLS.c.figure != STOCK_DELTA),
+            and_(CELLS.c.figure == STOCK_DELTA, CELLS.c.period <= f"{year}-12"),
         )
-    for bezirk, period, figure, dimension, number, count in await session.execute(
-        select(
-            NUMBERS.c.bezirk,
-            NUMBERS.c.period,
-            NUMBERS.c.figure,
-            NUMBERS.c.dimension,
-            NUMBERS.c.number,
-            NUMBERS.c["count"],
-        ).where(NUMBERS.c.period.like(f"{year}%"), NUMBERS.c["count"] != 0)
-    ):
-        found = cells.setdefault((bezirk, period, figure, dimension), Accumulated())
-        found.numbers[number] = count
+    )
+    histograms = select(
+        NUMBERS.c.bezirk,
+        NUMBERS.c.period,
+        NUMBERS.c.figure,
+        NUMBERS.c.dimension,
+        no_int,
+        no_float,
+        no_int,
+        no_float,
+        NUMBERS.c.number,
+        NUMBERS.c["count"],
+    ).where(NUMBERS.c.period.like(f"{year}%"), NUMBERS.c["count"] != 0)
+    cells: dict[CellKey, Accumulated] = {}
     stock: dict[tuple[str, str], Accumulated] = {}
-    for row in await session.execute(
-        select(CELLS).where(CELLS.c.figure == STOCK_DELTA, CELLS.c.period <= f"{year}-12")
-    ):
-        stock[(row.bezirk, row.period)] = Accumulated(families=row.families, value=row.value)
+    for row in await session.execute(union_all(sums, histograms)):
+        bezirk, period, figure, dimension, families, value, hits, weight, number, count = row
+        if figure == STOCK_DELTA:
+            stock[(bezirk, period)] = Accumulated(families=families, value=value)
+            continue
+        found = cells.setdefault((bezirk, period, figure, dimension), Accumulated())
+        if number is None:
+            found.families, found.value, found.hits, found.weight = families, value, hits, weight
+        else:
+            found.numbers[number] = count
     return cells, stock
 
 
