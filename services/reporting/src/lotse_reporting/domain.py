@@ -4,8 +4,12 @@ which cells must be suppressed so that no family can be singled out.
 
 Nothing here does I/O. Callers load the rows an event needs into a :class:`Snapshot`,
 :func:`apply` changes them in place (or raises :class:`ImpossibleEvent` before changing
-anything), and callers store what was touched. Figures are computed a year at a time by
-:func:`compute_year` from :class:`YearInputs` and protected by :func:`protect`.
+anything), and callers store what was touched. The figures are incremental: a family's share
+of every cell follows from its own rows (:func:`family_shares`), so callers add the
+difference of the touched families' shares before and after (:func:`cell_deltas`) to the
+stored cells, and a year's published cells follow from those sums alone (:func:`year_cells`,
+protected by :func:`protect`). :func:`compute_year` recomputes a year from all facts: the
+reference the tests hold the incremental cells to.
 
 Two properties make "rebuild by replay gives identical results" hold:
 
@@ -13,8 +17,9 @@ Two properties make "rebuild by replay gives identical results" hold:
   fields of its own facts, so the end state does not depend on the order in which the three
   domain topics are interleaved; within one topic a family's events keep their order (the
   Kafka key is the case id), which is all that the checks rely on.
-* Figures are recomputed from the facts, never incremented, so a value depends on the set of
-  facts only, not on when or in which batches they arrived.
+* A family's share is derived from its facts, never incremented by an event, and a cell is
+  the sum of the shares, so a value depends on the set of facts only, not on when or in which
+  batches they arrived.
 
 Attribution: figures about what happened (visits, referrals) count in the month the event
 happened, in the city's time zone; rates about families (consent, reach, contacts per family)
