@@ -1,11 +1,13 @@
 """The use cases of reporting, one function each, in the shape load → decide → save (+ outbox).
 
 - :func:`apply_event` (the live consumer) and :func:`replay_events` (the replay): load the
-  rows the events need (``store``), let :func:`lotse_reporting.domain.apply` decide, store
-  what changed and mark the years to recompute.
-- :func:`publish_figures` (the periodic job, and the replay at its end): load the facts of
-  each dirty year, compute its cells (``domain.compute_year``), record the changed ones in
-  ``reporting_kpi`` and publish each as ``kpi-updated`` through the outbox, in one transaction.
+  rows of the families the events name (``store``), let :func:`lotse_reporting.domain.apply`
+  decide, store what changed, add the difference of those families' shares to the cells and
+  mark the years whose cells changed.
+- :func:`publish_figures` (the publication job, run by :class:`PublishTrigger`, and the
+  replay at its end): read each dirty year's cells, derive and protect its figures
+  (``domain.year_cells``), record the changed ones in ``reporting_kpi`` and write them as
+  ``kpi-updated`` to the outbox in one insert, in one transaction.
 - The reads of the API and the dashboard (:func:`list_kpis`, :func:`annual_report`,
   :func:`dashboard_data`, ...): published cells only, never a fact.
 
