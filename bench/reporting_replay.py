@@ -6,12 +6,16 @@ One run, one broker, the same records:
                  personal data sealed per family) of Dortmund-shaped families onto
                  lotse.intake / lotse.visits / lotse.referrals (3 partitions each, keyed by case)
   raw consume    aiokafka, partitions assigned and read from the beginning until all N are in:
-                 the ceiling for any consumer of these topics
+                 the ceiling for any consumer of these topics; and the same with confluent-kafka
+  plain peer     bench/reporting_peer.py: confluent-kafka + json + a dict of counts + one
+                 SQLite transaction (the hand-written reference)
   replay         ``python -m lotse_reporting.replay`` in a child process against a fresh
-                 database: envelope + schema validation, inbox, facts, every year's figures
-                 recomputed, protected and published through the outbox
+                 database: envelope + schema validation, inbox, facts, each family's share
+                 added to the cells, then every year's cells protected and published through
+                 the outbox
 
-The ratio replay/raw is the figure that matters; peak RSS is the replay process's own
+The ratios of the replay *end to end* (consume and publish) to raw aiokafka and to the plain
+peer are the figures that matter; peak RSS is the replay process's own
 (``getrusage(RUSAGE_CHILDREN)``), the bench process's is reported alongside.
 
 Usage:  uv run --frozen python bench/reporting_replay.py [--events N] [--database URL]
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import reporting_peer
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from lotse_contracts import topics as topic_names
 from lotse_contracts.city import load_city
@@ -549,10 +554,18 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
         ],
     )
     n = args.events
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     print(f"producing {n:,} domain events …", file=sys.stderr)
     produced = await produce(kafka, prefix, n, args.seed)
     print("raw aiokafka consume …", file=sys.stderr)
     raw_s = await raw_consume(kafka, names, n)
+    print("raw confluent-kafka consume …", file=sys.stderr)
+    confluent_s = await asyncio.to_thread(reporting_peer.raw_confluent, bootstrap, names, n)
+    print("plain peer aggregation …", file=sys.stderr)
+    peer_db = Path(tempfile.mkdtemp(prefix="lotse-peer-")) / "peer.db"
+    peer_s = await asyncio.to_thread(
+        reporting_peer.plain_aggregation, bootstrap, names, n, str(peer_db)
+    )
     database = (
         args.database
         or f"sqlite+aiosqlite:///{tempfile.mkdtemp(prefix='lotse-bench-')}/reporting.db"
@@ -561,7 +574,9 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
     replayed = replay_child(bootstrap, prefix, database, args.batch_size)
     assert replayed["records"] == n, replayed
     raw_rate = n / raw_s
-    replay_rate = replayed["events_per_s"]
+    # End to end: reading and applying every record, then publishing every changed cell.
+    replay_rate = n / (replayed["consume_s"] + replayed["publish_s"])
+    peer_rate = n / peer_s
     return {
         "benchmark": "reporting_replay",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -577,8 +592,17 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
         "events": n,
         "produce": produced,
         "raw_consume": {"seconds": round(raw_s, 2), "events_per_s": round(raw_rate)},
+        "raw_confluent_consume": {
+            "seconds": round(confluent_s, 2),
+            "events_per_s": round(n / confluent_s),
+        },
+        "plain_peer": {"seconds": round(peer_s, 2), "events_per_s": round(peer_rate)},
         "replay": replayed,
+        "replay_end_to_end_events_per_s": round(replay_rate, 1),
         "ratio_replay_to_raw": round(replay_rate / raw_rate, 4),
+        "ratio_replay_to_raw_confluent": round(replay_rate * confluent_s / n, 4),
+        "ratio_replay_to_plain_peer": round(replay_rate / peer_rate, 4),
+        "load_average_at_start": load_at_start,
         "bench_process_peak_rss_mb": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
         ),
@@ -611,8 +635,12 @@ def main() -> None:
     replay = result["replay"]
     print(
         f"\nraw aiokafka: {result['raw_consume']['events_per_s']:,} events/s · "
-        f"replay into projections: {replay['events_per_s']:,.0f} events/s · "
-        f"ratio {result['ratio_replay_to_raw']:.1%} · replay peak RSS {replay['peak_rss_mb']} MB",
+        f"raw confluent-kafka: {result['raw_confluent_consume']['events_per_s']:,} events/s · "
+        f"plain peer: {result['plain_peer']['events_per_s']:,} events/s · "
+        f"replay end to end: {result['replay_end_to_end_events_per_s']:,.0f} events/s · "
+        f"ratio to aiokafka {result['ratio_replay_to_raw']:.1%}, "
+        f"to the plain peer {result['ratio_replay_to_plain_peer']:.1%} · "
+        f"replay peak RSS {replay['peak_rss_mb']} MB",
         file=sys.stderr,
     )
 

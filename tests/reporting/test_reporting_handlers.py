@@ -48,6 +48,7 @@ async def service(database_url: str) -> AsyncIterator[Service]:
         kafka_bootstrap="127.0.0.1:1",  # nothing listens: no broker is needed
         consumer_backoff_s=0.01,
         publish_interval_s=3600,  # the tests publish themselves
+        publish_debounce_s=10,
     )
     app = create_app(settings)
     async with without_broker(app) as runtime:

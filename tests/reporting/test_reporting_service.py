@@ -278,6 +278,13 @@ def test_the_api_filters_and_refuses_bad_filters(scenario: Scenario) -> None:
     assert bad.json()["errors"][0]["field"] == "query.figure"
     figures = c.get("/kpis/figures", headers=ANALYST).json()
     assert {f["figure"] for f in figures} >= {"reach_rate", "open_escalations"}
+    # The API serves the declaration itself (lotse_contracts.figures), as the dashboard reads it.
+    reach = next(f for f in figures if f["figure"] == "reach_rate")
+    assert (reach["accumulates"], reach["attribution"], reach["suppression"]) == (
+        "rate",
+        "cohort",
+        "cohort_ratio",
+    )
     assert len(c.get("/kpis/bezirke", headers=ANALYST).json()) == 13
 
 

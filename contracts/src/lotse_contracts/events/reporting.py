@@ -6,12 +6,14 @@ computed from fewer than k families (default 5) is published as ``suppressed`` w
 value. The CloudEvents ``subject`` (and Kafka key) is the cell,
 ``<bezirk>/<period>/<figure>[/<dimension>]``, so compaction keeps the latest value of
 each cell.
+
+The figures themselves (names, units, labels, how they accumulate and are suppressed) are
+declared once in :mod:`lotse_contracts.figures`.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import ClassVar
 
 from pydantic import AwareDatetime, ConfigDict, Field, model_validator
@@ -20,68 +22,11 @@ from lotse_contracts import topics
 from lotse_contracts.cloudevents import CloudEvent
 from lotse_contracts.events.base import CATALOGUE, EventModel
 from lotse_contracts.events.common import DOCUMENTED, Slug, utc
+from lotse_contracts.figures import CITY_TOTAL, FIGURE_UNITS, KpiFigure, KpiUnit
 
 SOURCE = "/lotse/reporting"
-#: The ``bezirk`` value of figures for the whole city.
-CITY_TOTAL = "stadt"
 
-
-class KpiFigure(StrEnum):
-    """The key figures Lotse publishes.
-
-    Counts: ``families_registered`` (all channels), ``families_registered_clinic``,
-    ``families_registered_move_in``, ``visits_offered``, ``visits_completed``,
-    ``visits_declined``, ``visits_missed``, ``referrals_requested``, ``referrals_accepted``,
-    ``open_escalations``. Percentages: ``consent_rate`` (families with a welcome-visit
-    consent), ``reach_rate`` (registered families with a completed visit),
-    ``acceptance_rate`` (accepted of answered referrals). Medians in days:
-    ``median_days_birth_to_visit``, ``median_days_to_warm_handover`` (request to confirmed
-    first contact). ``contacts_per_family``: visits and referral contacts per family.
-    """
-
-    FAMILIES_REGISTERED = "families_registered"
-    FAMILIES_REGISTERED_CLINIC = "families_registered_clinic"
-    FAMILIES_REGISTERED_MOVE_IN = "families_registered_move_in"
-    CONSENT_RATE = "consent_rate"
-    VISITS_OFFERED = "visits_offered"
-    VISITS_COMPLETED = "visits_completed"
-    VISITS_DECLINED = "visits_declined"
-    VISITS_MISSED = "visits_missed"
-    REACH_RATE = "reach_rate"
-    MEDIAN_DAYS_BIRTH_TO_VISIT = "median_days_birth_to_visit"
-    REFERRALS_REQUESTED = "referrals_requested"
-    REFERRALS_ACCEPTED = "referrals_accepted"
-    ACCEPTANCE_RATE = "acceptance_rate"
-    MEDIAN_DAYS_TO_WARM_HANDOVER = "median_days_to_warm_handover"
-    OPEN_ESCALATIONS = "open_escalations"
-    CONTACTS_PER_FAMILY = "contacts_per_family"
-
-
-class KpiUnit(StrEnum):
-    """Unit of a figure's value."""
-
-    COUNT = "count"
-    PERCENT = "percent"
-    DAYS = "days"
-    PER_FAMILY = "per_family"
-
-
-_PERCENT = {KpiFigure.CONSENT_RATE, KpiFigure.REACH_RATE, KpiFigure.ACCEPTANCE_RATE}
-_DAYS = {KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT, KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER}
-
-#: The unit each figure is published in.
-FIGURE_UNITS: dict[KpiFigure, KpiUnit] = {
-    figure: (
-        KpiUnit.PERCENT
-        if figure in _PERCENT
-        else KpiUnit.DAYS
-        if figure in _DAYS
-        else KpiUnit.PER_FAMILY
-        if figure is KpiFigure.CONTACTS_PER_FAMILY
-        else KpiUnit.COUNT
-    )
-    for figure in KpiFigure
-}
+__all__ = ["CITY_TOTAL", "FIGURE_UNITS", "SOURCE", "KpiFigure", "KpiUnit", "KpiUpdated"]
 
 
 @CATALOGUE.register

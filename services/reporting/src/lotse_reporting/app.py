@@ -36,13 +36,18 @@ def wire(runtime: ServiceRuntime[ReportingSettings]) -> Reporting:
     retention job. Returns the reporting parts the routes use."""
     reporting = Reporting.of(runtime)
     runtime.add_consumer(
-        consumers.CONSUMER, topics.DOMAIN_TOPICS, consumers.handlers(reporting.rules)
+        consumers.CONSUMER,
+        topics.DOMAIN_TOPICS,
+        consumers.handlers(reporting.rules, on_applied=reporting.trigger.changed),
     )
 
     async def publish(_runtime: ServiceRuntime[ReportingSettings]) -> None:
-        await operations.publish_figures(reporting)
+        await operations.publish_when_due(reporting)
 
-    runtime.add_job("kpis", runtime.settings.publish_interval_s, publish)
+    # Ticks are cheap (a clock comparison); passes run when the trigger says so.
+    settings = runtime.settings
+    tick = min(settings.publish_debounce_s, settings.publish_interval_s) / 2
+    runtime.add_job("kpis", tick, publish)
     retention.install(runtime)
     return reporting
 

@@ -6,6 +6,8 @@ one). An impossible event is rejected, so the consumer dead-letters it with its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from lotse_contracts.events.base import EventModel
 from lotse_runtime.consumer import Delivery, EventRejected
 from lotse_runtime.handlers import Handlers
@@ -26,12 +28,15 @@ async def project(delivery: Delivery[EventModel], rules: Rules) -> None:
         raise EventRejected(exc.reason) from exc
 
 
-def handlers(rules: Rules) -> Handlers:
-    """One typed registration for every event type in :data:`domain.HANDLED`."""
+def handlers(rules: Rules, on_applied: Callable[[], None] | None = None) -> Handlers:
+    """One typed registration for every event type in :data:`domain.HANDLED`;
+    ``on_applied`` is told of every applied event (the publisher's trigger)."""
     table = Handlers()
 
     async def with_rules(delivery: Delivery[EventModel]) -> None:
         await project(delivery, rules)
+        if on_applied is not None:
+            on_applied()
 
     for model in domain.HANDLED:
         table.on(model)(with_rules)

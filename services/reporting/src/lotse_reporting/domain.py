@@ -4,8 +4,12 @@ which cells must be suppressed so that no family can be singled out.
 
 Nothing here does I/O. Callers load the rows an event needs into a :class:`Snapshot`,
 :func:`apply` changes them in place (or raises :class:`ImpossibleEvent` before changing
-anything), and callers store what was touched. Figures are computed a year at a time by
-:func:`compute_year` from :class:`YearInputs` and protected by :func:`protect`.
+anything), and callers store what was touched. The figures are incremental: a family's share
+of every cell follows from its own rows (:func:`family_shares`), so callers add the
+difference of the touched families' shares before and after (:func:`cell_deltas`) to the
+stored cells, and a year's published cells follow from those sums alone (:func:`year_cells`,
+protected by :func:`protect`). :func:`compute_year` recomputes a year from all facts: the
+reference the tests hold the incremental cells to.
 
 Two properties make "rebuild by replay gives identical results" hold:
 
@@ -13,8 +17,9 @@ Two properties make "rebuild by replay gives identical results" hold:
   fields of its own facts, so the end state does not depend on the order in which the three
   domain topics are interleaved; within one topic a family's events keep their order (the
   Kafka key is the case id), which is all that the checks rely on.
-* Figures are recomputed from the facts, never incremented, so a value depends on the set of
-  facts only, not on when or in which batches they arrived.
+* A family's share is derived from its facts, never incremented by an event, and a cell is
+  the sum of the shares, so a value depends on the set of facts only, not on when or in which
+  batches they arrived.
 
 Attribution: figures about what happened (visits, referrals) count in the month the event
 happened, in the city's time zone; rates about families (consent, reach, contacts per family)
@@ -24,7 +29,6 @@ families registered in that month, 85 % have had a completed welcome visit by no
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,12 +57,25 @@ from lotse_contracts.events.referrals import (
     ReferralRequested,
     ReferralStatus,
 )
-from lotse_contracts.events.reporting import CITY_TOTAL, FIGURE_UNITS, KpiFigure, KpiUnit
 from lotse_contracts.events.visits import (
     VisitCompleted,
     VisitDeclined,
     VisitMissed,
     VisitScheduled,
+)
+from lotse_contracts.figures import (
+    CITY_TOTAL,
+    DEFINITIONS,
+    FIGURE_UNITS,
+    FIGURES,
+    Accumulation,
+    Attribution,
+    DimensionKind,
+    KpiFigure,
+    KpiUnit,
+    Suppression,
+    figures_accumulating,
+    figures_suppressed_as,
 )
 
 STADT = CITY_TOTAL
@@ -199,8 +216,11 @@ class Needs:
     referral_ids: set[str] = field(default_factory=set)
     fact_years_of: set[str] = field(default_factory=set)
     """Cases whose fact years are needed to tell which years a change affects."""
+    families: set[str] = field(default_factory=set)
+    """Cases whose every row is needed: their shares of the cells are recomputed."""
 
     def merge(self, other: Needs) -> None:
+        self.families |= other.families
         self.case_ids |= other.case_ids
         self.consent_case_ids |= other.consent_case_ids
         self.fact_keys |= other.fact_keys
@@ -293,7 +313,7 @@ def months_of_year(year: int, horizon: str) -> list[str]:
 
 def needs_of(event: EventModel) -> Needs:
     """The rows :func:`apply` reads for this event."""
-    needs = Needs()
+    needs = Needs(families=families_of(event))
     case_id = getattr(event, "case_id", None)
     if isinstance(case_id, str):
         needs.case_ids.add(case_id)
@@ -674,18 +694,8 @@ CONSENT_DIMENSIONS = {
 }
 """consent_rate without a dimension is the welcome-visit consent (as the contract says)."""
 
-_FLOW_COUNTS = (
-    KpiFigure.FAMILIES_REGISTERED,
-    KpiFigure.FAMILIES_REGISTERED_CLINIC,
-    KpiFigure.FAMILIES_REGISTERED_MOVE_IN,
-    KpiFigure.VISITS_OFFERED,
-    KpiFigure.VISITS_COMPLETED,
-    KpiFigure.VISITS_DECLINED,
-    KpiFigure.VISITS_MISSED,
-    KpiFigure.REFERRALS_REQUESTED,
-    KpiFigure.REFERRALS_ACCEPTED,
-)
-_STOCK_COUNTS = (KpiFigure.OPEN_ESCALATIONS,)
+_FLOW_COUNTS = figures_accumulating(Accumulation.COUNT)
+_STOCK_COUNTS = figures_accumulating(Accumulation.STOCK)
 _ACTIVITY_COUNT = {
     FactKind.OFFERED: KpiFigure.VISITS_OFFERED,
     FactKind.COMPLETED: KpiFigure.VISITS_COMPLETED,
@@ -695,29 +705,30 @@ _ACTIVITY_COUNT = {
     FactKind.ACCEPTED: KpiFigure.REFERRALS_ACCEPTED,
 }
 #: Ratios whose base is the cohort count: published only where that count is.
-_COHORT_RATIOS = (
-    KpiFigure.CONSENT_RATE,
-    KpiFigure.REACH_RATE,
-    KpiFigure.CONTACTS_PER_FAMILY,
-)
+_COHORT_RATIOS = figures_suppressed_as(Suppression.COHORT_RATIO)
+
+
+def _dimension_values(kind: DimensionKind, modules: Iterable[str]) -> list[str]:
+    match kind:
+        case DimensionKind.MODULE:
+            return [f"module:{m}" for m in modules]
+        case DimensionKind.STATUS:
+            return [f"status:{s}" for s in STATUSES]
+        case DimensionKind.SCOPE:
+            return [d for d in CONSENT_DIMENSIONS if d is not None]
+
+
+def figure_dimensions(figure: KpiFigure, modules: Iterable[str]) -> list[str | None]:
+    """The breakdowns a figure is published with (None: the figure itself), as declared."""
+    found: list[str | None] = [None]
+    for kind in DEFINITIONS[figure].dimensions:
+        found += _dimension_values(kind, modules)
+    return found
 
 
 def count_dimensions(figure: KpiFigure, modules: Iterable[str]) -> list[str | None]:
     """The breakdowns a count figure is published with (None: the figure itself)."""
-    if figure is KpiFigure.REFERRALS_REQUESTED:
-        return [
-            None,
-            *(f"module:{m}" for m in modules),
-            *(f"status:{s}" for s in STATUSES),
-        ]
-    return [None]
-
-
-def figure_dimensions(figure: KpiFigure, modules: Iterable[str]) -> list[str | None]:
-    """The breakdowns any figure is published with (None: the figure itself)."""
-    if figure is KpiFigure.CONSENT_RATE:
-        return list(CONSENT_DIMENSIONS)
-    return count_dimensions(figure, modules)
+    return figure_dimensions(figure, modules)
 
 
 @dataclass
@@ -859,48 +870,27 @@ def compute_year(inputs: YearInputs, layout: Layout) -> list[Cell]:
                     acc.families.add(episode.case_id)
 
     cells = _to_cells(table, layout, periods)
-    families = {key: acc.families for key, acc in table.cells.items()}
-    return protect(cells, groups_of_year(layout, months, year), layout.k, families)
+    sizes = {key: len(acc.families) for key, acc in table.cells.items()}
+    return protect(cells, groups_of_year(layout, months, year), layout.k, sizes=sizes)
 
 
 def _to_cells(table: _Table, layout: Layout, periods: list[str]) -> dict[CellKey, Cell]:
     cells: dict[CellKey, Cell] = {}
-    for (area, period, figure_name, dimension), acc in table.cells.items():
-        if area not in layout.areas or period not in periods:
+    for key, acc in table.cells.items():
+        if key[0] not in layout.areas or key[1] not in periods:
             continue
-        figure = KpiFigure(figure_name)
-        n = len(acc.families)
-        value: float | None
-        if figure in (*_FLOW_COUNTS, *_STOCK_COUNTS):
-            value = acc.value
-            # A zero describes no family; 1 … k-1 families could be singled out.
-            suppressed = 0 < n < layout.k
-        else:
-            value = _ratio_value(figure, acc)
-            suppressed = n < layout.k or value is None
-        cells[(area, period, figure_name, dimension)] = Cell(
-            bezirk=area,
-            period=period,
-            figure=figure,
-            dimension=dimension or None,
-            value=None if suppressed else value,
-            suppressed=suppressed,
+        histogram: dict[float, int] = defaultdict(int)
+        for number in acc.numbers.values():
+            histogram[number] += 1
+        summed = Accumulated(
+            families=len(acc.families),
+            value=acc.value,
+            hits=len(acc.hits),
+            weight=acc.weight,
+            numbers=dict(histogram),
         )
+        cells[key] = _cell(key, KpiFigure(key[2]), summed, layout.k)
     return cells
-
-
-def _ratio_value(figure: KpiFigure, acc: _Acc) -> float | None:
-    n = len(acc.families)
-    match figure:
-        case KpiFigure.CONSENT_RATE | KpiFigure.REACH_RATE:
-            return round(100.0 * len(acc.hits) / n, 1) if n else None
-        case KpiFigure.CONTACTS_PER_FAMILY:
-            return round(acc.value / n, 2) if n else None
-        case KpiFigure.ACCEPTANCE_RATE:
-            return round(100.0 * acc.value / acc.weight, 1) if acc.weight else None
-        case KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT | KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER:
-            return round(float(statistics.median(acc.numbers.values())), 1) if acc.numbers else None
-    raise ValueError(f"{figure} is not a ratio")  # pragma: no cover - all figures handled
 
 
 @dataclass(frozen=True)
@@ -910,6 +900,9 @@ class Group:
 
     total: CellKey
     parts: tuple[CellKey, ...]
+    disjoint: bool = False
+    """No family can be behind two parts (a family has one Bezirk, registration month and
+    channel), so the families behind hidden parts add up."""
 
 
 def groups_of_year(layout: Layout, months: list[str], year: str) -> list[Group]:
@@ -923,11 +916,13 @@ def groups_of_year(layout: Layout, months: list[str], year: str) -> list[Group]:
     ]
     for figure, dimension in counts:
         dim = dimension or ""
+        cohort = DEFINITIONS[figure].attribution is Attribution.COHORT
         for period in periods:  # the city is the sum of its Bezirke
             groups.append(
                 Group(
                     (STADT, period, figure.value, dim),
                     tuple((b, period, figure.value, dim) for b in layout.bezirke),
+                    disjoint=cohort,
                 )
             )
         for area in layout.areas:  # a year is the sum of its months; a stock is its last month
@@ -936,27 +931,35 @@ def groups_of_year(layout: Layout, months: list[str], year: str) -> list[Group]:
                 Group(
                     (area, year, figure.value, dim),
                     tuple((area, m, figure.value, dim) for m in parts),
+                    disjoint=cohort,
                 )
             )
-    requested = KpiFigure.REFERRALS_REQUESTED.value
+    wholes = {
+        whole: tuple(d.figure.value for d in FIGURES if d.part_of is whole)
+        for whole in dict.fromkeys(d.part_of for d in FIGURES if d.part_of is not None)
+    }
     for area in layout.areas:
         for period in periods:
-            groups.append(
-                Group(
-                    (area, period, KpiFigure.FAMILIES_REGISTERED.value, ""),
-                    (
-                        (area, period, KpiFigure.FAMILIES_REGISTERED_CLINIC.value, ""),
-                        (area, period, KpiFigure.FAMILIES_REGISTERED_MOVE_IN.value, ""),
-                    ),
-                )
-            )
-            for kind, values in (("module", layout.modules), ("status", STATUSES)):
+            for whole, part_figures in wholes.items():
                 groups.append(
                     Group(
-                        (area, period, requested, ""),
-                        tuple((area, period, requested, f"{kind}:{v}") for v in values),
+                        (area, period, whole.value, ""),
+                        tuple((area, period, part, "") for part in part_figures),
+                        disjoint=True,
                     )
                 )
+            # A count is the sum of its breakdowns of one kind (scope breakdowns are rates).
+            for figure in _FLOW_COUNTS:
+                for kind in DEFINITIONS[figure].dimensions:
+                    groups.append(
+                        Group(
+                            (area, period, figure.value, ""),
+                            tuple(
+                                (area, period, figure.value, d)
+                                for d in _dimension_values(kind, layout.modules)
+                            ),
+                        )
+                    )
     return groups
 
 
@@ -967,6 +970,8 @@ def protect(
     groups: Sequence[Group],
     k: int,
     families: Mapping[CellKey, set[str]] | None = None,
+    *,
+    sizes: Mapping[CellKey, int] | None = None,
 ) -> list[Cell]:
     """Complementary suppression: make sure no suppressed cell can be computed back.
 
@@ -978,7 +983,11 @@ def protect(
     suppressed parts covering at least k families: an aggregate that could have been
     published itself.
 
-    ``families`` gives the (pseudonymous) families behind each cell; without it, a count's
+    ``families`` gives the (pseudonymous) families behind each cell, so the families behind
+    hidden parts are their union. ``sizes`` gives only their number (what the incremental
+    cells keep): hidden parts then stand for as many families as the biggest of them, or,
+    where the group's parts cannot share a family (``Group.disjoint``), for their sum; this
+    is never more than the union, so it hides at least as much. With neither, a count's
     value is taken as its number of families.
 
     Ratios (consent, reach, contacts per family) are published only where their base count,
@@ -990,12 +999,16 @@ def protect(
     for key, cell in cells.items():
         if families is not None:
             size[key] = float(len(families.get(key, ())))
+        elif sizes is not None:
+            size[key] = float(sizes.get(key, 0))
         elif cell.value is not None:
             size[key] = cell.value
     true_value = {key: size.get(key, 0.0) for key in cells}
 
-    def behind(hidden: list[CellKey]) -> int:
+    def behind(group: Group, hidden: list[CellKey]) -> int:
         if families is None:
+            if sizes is not None and not group.disjoint:
+                return int(max(true_value[p] for p in hidden))
             return int(sum(true_value[p] for p in hidden))
         union: set[str] = set()
         for part in hidden:
@@ -1009,7 +1022,7 @@ def protect(
             if group.total not in cells or group.total in suppressed:
                 continue
             hidden = [p for p in group.parts if p in suppressed]
-            if not hidden or (len(hidden) >= 2 and behind(hidden) >= k):
+            if not hidden or (len(hidden) >= 2 and behind(group, hidden) >= k):
                 continue
             candidates = [
                 p for p in group.parts if p in cells and p not in suppressed and true_value[p] > 0
@@ -1036,3 +1049,389 @@ def changed_cells(
 ) -> list[Cell]:
     """The cells whose value or suppression differs from what was published."""
     return [cell for cell in cells if published.get(cell.key) != (cell.value, cell.suppressed)]
+
+
+# --- incremental figures ---------------------------------------------------------------------
+#
+# A family's share of the figures is a pure function of its own facts (its case row, consents,
+# facts and referrals). Applying events therefore means: compute the shares of the families
+# the events touch before and after, and add the difference to the cells. A cell holds sums
+# only (families, value, hits, weight and a histogram of the numbers its median needs), so
+# publishing reads a year's cells, never a fact, and no cost grows with the history.
+
+STOCK_DELTA = "open_escalations~delta"
+"""Internal cell figure of the open-escalations stock: per area and month, how the number of
+open episodes (``value``) and of families with one (``families``) changes at that month's
+end. The stock of a month is the sum of the deltas up to it."""
+
+_BIRTH_TO_VISIT = KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT.value
+_MEDIANS = figures_accumulating(Accumulation.MEDIAN)
+
+
+@dataclass(slots=True)
+class Share:
+    """One family's part of one cell."""
+
+    families: int = 1
+    value: float = 0.0
+    hits: int = 0
+    weight: float = 0.0
+    numbers: tuple[float, ...] = ()
+
+
+Shares = dict[CellKey, Share]
+
+
+@dataclass(slots=True)
+class CellDelta:
+    """What to add to one cell (and to its histogram)."""
+
+    families: int = 0
+    value: float = 0.0
+    hits: int = 0
+    weight: float = 0.0
+    numbers: dict[float, int] = field(default_factory=dict)
+
+    def is_zero(self) -> bool:
+        return (
+            not self.families
+            and not self.value
+            and not self.hits
+            and not self.weight
+            and not any(self.numbers.values())
+        )
+
+
+class _ShareBook:
+    def __init__(self) -> None:
+        self.shares: Shares = {}
+
+    def add(
+        self,
+        bezirk: str,
+        month: str,
+        figure: str,
+        dimension: str = "",
+        *,
+        value: float = 0.0,
+        hits: int = 0,
+        weight: float = 0.0,
+        number: float | None = None,
+        smallest: bool = False,
+    ) -> None:
+        """Count the family in the four cells of a Bezirk and month (and city, and year)."""
+        for area in (bezirk, STADT):
+            for period in (month, month[:4]):
+                share = self.shares.get((area, period, figure, dimension))
+                if share is None:
+                    share = self.shares[(area, period, figure, dimension)] = Share()
+                share.value += value
+                share.hits = max(share.hits, hits)
+                share.weight += weight
+                if number is not None:
+                    if smallest:  # one value per family and cell: its first visit
+                        share.numbers = (min((number, *share.numbers)),)
+                    else:
+                        share.numbers = (*share.numbers, number)
+
+
+def family_shares(
+    case_id: str,
+    case: CaseFacts | None,
+    consents: Iterable[ConsentFacts],
+    facts: Iterable[Fact],
+    referrals: Mapping[str, ReferralFacts],
+    zone: ZoneInfo,
+) -> Shares:
+    """The family's share of every cell, by the same rules as :func:`compute_year`."""
+    if case is not None and case.excluded:
+        return {}  # a duplicate counts nowhere: the surviving case counts the family
+    book = _ShareBook()
+    facts = list(facts)
+    if case is not None and case.bezirk is not None and case.registered_month is not None:
+        _cohort_shares(book, case, consents, facts)
+    channel = case.channel if case is not None else None
+    for fact in facts:
+        _activity_shares(book, fact, channel, referrals)
+    shares = book.shares
+    shares.update(_stock_shares((f for f in facts if f.kind == FactKind.ESCALATED), zone))
+    return shares
+
+
+def _cohort_shares(
+    book: _ShareBook, case: CaseFacts, consents: Iterable[ConsentFacts], facts: Sequence[Fact]
+) -> None:
+    assert case.bezirk is not None
+    assert case.registered_month is not None
+    bezirk, month = case.bezirk, case.registered_month
+    book.add(bezirk, month, KpiFigure.FAMILIES_REGISTERED.value, value=1)
+    if case.channel == "clinic":
+        book.add(bezirk, month, KpiFigure.FAMILIES_REGISTERED_CLINIC.value, value=1)
+    elif case.channel == "move_in":
+        book.add(bezirk, month, KpiFigure.FAMILIES_REGISTERED_MOVE_IN.value, value=1)
+    given = {c.scope for c in consents if c.given}
+    for dimension, scope in CONSENT_DIMENSIONS.items():
+        book.add(
+            bezirk, month, KpiFigure.CONSENT_RATE.value, dimension or "", hits=int(scope in given)
+        )
+    contacts = [f for f in facts if f.kind in (FactKind.COMPLETED, FactKind.FIRST_CONTACT)]
+    visited = any(f.kind == FactKind.COMPLETED for f in contacts)
+    book.add(bezirk, month, KpiFigure.REACH_RATE.value, hits=int(visited))
+    book.add(bezirk, month, KpiFigure.CONTACTS_PER_FAMILY.value, value=len(contacts))
+
+
+def _activity_shares(
+    book: _ShareBook, fact: Fact, channel: str | None, referrals: Mapping[str, ReferralFacts]
+) -> None:
+    if fact.kind == FactKind.ESCALATED:
+        return
+    count_figure = _ACTIVITY_COUNT.get(FactKind(fact.kind))
+    if count_figure is not None:
+        book.add(fact.bezirk, fact.month, count_figure.value, value=1)
+        if fact.kind == FactKind.REQUESTED:
+            referral = referrals.get(fact.ref)
+            status = referral.status if referral is not None else ReferralStatus.REQUESTED.value
+            for dimension in (f"module:{fact.dimension}", f"status:{status}"):
+                book.add(fact.bezirk, fact.month, count_figure.value, dimension, value=1)
+    if fact.kind == FactKind.COMPLETED and channel == "clinic":
+        days = fact.number if fact.number is not None else 0.0
+        book.add(fact.bezirk, fact.month, _BIRTH_TO_VISIT, number=days, smallest=True)
+    if fact.kind in (FactKind.ACCEPTED, FactKind.REJECTED):
+        accepted = 1 if fact.kind == FactKind.ACCEPTED else 0
+        book.add(fact.bezirk, fact.month, KpiFigure.ACCEPTANCE_RATE.value, value=accepted, weight=1)
+    if fact.kind == FactKind.FIRST_CONTACT:
+        days = fact.number if fact.number is not None else 0.0
+        book.add(fact.bezirk, fact.month, KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER.value, number=days)
+
+
+def _stock_shares(episodes: Iterable[Fact], zone: ZoneInfo) -> Shares:
+    """Month-end deltas of open escalations. An episode is open at the end of month m when it
+    began in m or earlier and ends in a later month (or not at all)."""
+    changes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    spans: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+    for episode in episodes:
+        if episode.at is None:
+            continue
+        start = episode.month
+        end = None if episode.until is None else month_of(episode.until, zone)
+        if end is not None and end <= start:
+            continue  # closed within its month: never open at a month end
+        for area in (episode.bezirk, STADT):
+            spans[area].append((start, end))
+            changes[(area, start)][0] += 1
+            if end is not None:
+                changes[(area, end)][0] -= 1
+    # Families: +1 where the first of its open episodes begins, -1 where the last one ends.
+    for area, intervals in spans.items():
+        points = sorted({s for s, _ in intervals} | {e for _, e in intervals if e is not None})
+        was_open = False
+        for point in points:
+            open_now = any(s <= point and (e is None or point < e) for s, e in intervals)
+            if open_now != was_open:
+                changes[(area, point)][1] += 1 if open_now else -1
+                was_open = open_now
+    return {
+        (area, month, STOCK_DELTA, ""): Share(families=fams, value=float(value))
+        for (area, month), (value, fams) in changes.items()
+        if value or fams
+    }
+
+
+def cell_deltas(
+    before: Mapping[str, Shares], after: Mapping[str, Shares]
+) -> dict[CellKey, CellDelta]:
+    """What changes in the cells when families' shares go from ``before`` to ``after``."""
+    deltas: dict[CellKey, CellDelta] = {}
+
+    def put(shares: Shares, sign: int) -> None:
+        for key, share in shares.items():
+            delta = deltas.get(key)
+            if delta is None:
+                delta = deltas[key] = CellDelta()
+            delta.families += sign * share.families
+            delta.value += sign * share.value
+            delta.hits += sign * share.hits
+            delta.weight += sign * share.weight
+            for number in share.numbers:
+                delta.numbers[number] = delta.numbers.get(number, 0) + sign
+
+    for case_id in set(before) | set(after):
+        old, new = before.get(case_id, {}), after.get(case_id, {})
+        if old == new:
+            continue
+        put(old, -1)
+        put(new, +1)
+    for delta in deltas.values():
+        delta.numbers = {n: c for n, c in delta.numbers.items() if c}
+    return {key: delta for key, delta in deltas.items() if not delta.is_zero()}
+
+
+@dataclass(slots=True)
+class Accumulated:
+    """A cell's sums over every family's share (as stored)."""
+
+    families: int = 0
+    value: float = 0.0
+    hits: int = 0
+    weight: float = 0.0
+    numbers: dict[float, int] = field(default_factory=dict)
+
+    def add(self, delta: CellDelta) -> None:
+        self.families += delta.families
+        self.value += delta.value
+        self.hits += delta.hits
+        self.weight += delta.weight
+        for number, count in delta.numbers.items():
+            self.numbers[number] = self.numbers.get(number, 0) + count
+
+
+def accumulate(shares: Mapping[str, Shares]) -> dict[CellKey, Accumulated]:
+    """The cells of all families' shares (what the stored cells hold after applying them)."""
+    cells: dict[CellKey, Accumulated] = {}
+    for key, delta in cell_deltas({}, shares).items():
+        cells.setdefault(key, Accumulated()).add(delta)
+    return cells
+
+
+def median_of(histogram: Mapping[float, int]) -> float | None:
+    """The median of a multiset given as value → count."""
+    items = sorted((n, c) for n, c in histogram.items() if c > 0)
+    total = sum(c for _, c in items)
+    if not total:
+        return None
+    wanted = ((total - 1) // 2, total // 2)
+    found: list[float] = []
+    seen = 0
+    for number, count in items:
+        while len(found) < 2 and seen <= wanted[len(found)] < seen + count:
+            found.append(number)
+        seen += count
+    return (found[0] + found[1]) / 2
+
+
+def year_cells(
+    year: int,
+    horizon: str,
+    layout: Layout,
+    cells: Mapping[CellKey, Accumulated],
+    stock_deltas: Mapping[tuple[str, str], Accumulated],
+) -> list[Cell]:
+    """All cells of one year from the accumulated cells (its months and the year), the
+    open-escalation stock from its month-end deltas (all months up to the year's end), then
+    protected (:func:`protect`). Costs the number of cells, never the number of families."""
+    months = months_of_year(year, horizon)
+    if not months:
+        return []
+    year_text = str(year)
+    periods = [*months, year_text]
+    # Stock: running sums of the deltas up to each month's end.
+    running: dict[str, Accumulated] = defaultdict(Accumulated)
+    stock: dict[tuple[str, str], Accumulated] = {}
+    by_month = sorted(stock_deltas.items(), key=lambda item: item[0][1])
+    position = 0
+    for month in months:
+        while position < len(by_month) and by_month[position][0][1] <= month:
+            (area, _), delta = by_month[position]
+            total = running[area]
+            total.families += delta.families
+            total.value += delta.value
+            position += 1
+        for area in layout.areas:
+            now = running.get(area, Accumulated())
+            stock[(area, month)] = Accumulated(families=now.families, value=now.value)
+    for area in layout.areas:
+        stock[(area, year_text)] = stock[(area, months[-1])]
+    result: dict[CellKey, Cell] = {}
+    sizes: dict[CellKey, int] = {}
+    empty = Accumulated()
+    for area in layout.areas:
+        for period in periods:
+            for figure in KpiFigure:
+                for dimension in figure_dimensions(figure, layout.modules):
+                    key = (area, period, figure.value, dimension or "")
+                    acc = stock[area, period] if figure in _STOCK_COUNTS else cells.get(key, empty)
+                    result[key] = _cell(key, figure, acc, layout.k)
+                    sizes[key] = acc.families
+    return protect(result, groups_of_year(layout, months, year_text), layout.k, sizes=sizes)
+
+
+def _cell(key: CellKey, figure: KpiFigure, acc: Accumulated, k: int) -> Cell:
+    n = acc.families
+    value: float | None
+    definition = DEFINITIONS[figure]
+    if definition.suppression is Suppression.COUNT:
+        value = acc.value
+        # A zero describes no family; 1 … k-1 families could be singled out.
+        suppressed = 0 < n < k
+    else:
+        value = _accumulated_value(figure, acc)
+        suppressed = n < k or value is None
+        if definition.accumulates is Accumulation.RATE:
+            # A rate from a small numerator or denominator tells about single families.
+            numerator, denominator = _rate_terms(figure, acc)
+            suppressed = suppressed or numerator < k or denominator < k
+    return Cell(
+        bezirk=key[0],
+        period=key[1],
+        figure=figure,
+        dimension=key[3] or None,
+        value=None if suppressed else value,
+        suppressed=suppressed,
+    )
+
+
+def _rate_terms(figure: KpiFigure, acc: Accumulated) -> tuple[float, float]:
+    if figure is KpiFigure.ACCEPTANCE_RATE:
+        return acc.value, acc.weight
+    return float(acc.hits), float(acc.families)
+
+
+def _accumulated_value(figure: KpiFigure, acc: Accumulated) -> float | None:
+    n = acc.families
+    accumulates = DEFINITIONS[figure].accumulates
+    if accumulates is Accumulation.MEDIAN:
+        found = median_of(acc.numbers)
+        return None if found is None else round(float(found), 1)
+    if accumulates is Accumulation.PER_FAMILY:
+        return round(acc.value / n, 2) if n else None
+    numerator, denominator = _rate_terms(figure, acc)
+    return round(100.0 * numerator / denominator, 1) if denominator else None
+
+
+def shares_of(snapshot: Snapshot, case_ids: Iterable[str], zone: ZoneInfo) -> dict[str, Shares]:
+    """The shares of these families from the rows in ``snapshot`` (which must hold all of
+    each family's rows: see :attr:`Needs.families`)."""
+    wanted = set(case_ids)
+    facts: dict[str, list[Fact]] = defaultdict(list)
+    for fact in snapshot.facts.values():
+        if fact.case_id in wanted:
+            facts[fact.case_id].append(fact)
+    consents: dict[str, list[ConsentFacts]] = defaultdict(list)
+    for consent in snapshot.consents.values():
+        if consent.case_id in wanted:
+            consents[consent.case_id].append(consent)
+    referrals: dict[str, dict[str, ReferralFacts]] = defaultdict(dict)
+    for referral in snapshot.referrals.values():
+        if referral.case_id in wanted:
+            referrals[referral.case_id][referral.referral_id] = referral
+    return {
+        case_id: family_shares(
+            case_id,
+            snapshot.cases.get(case_id),
+            consents.get(case_id, ()),
+            facts.get(case_id, ()),
+            referrals.get(case_id, {}),
+            zone,
+        )
+        for case_id in wanted
+    }
+
+
+def families_of(event: EventModel) -> set[str]:
+    """The families whose shares an event can change."""
+    found: set[str] = set()
+    for name in ("case_id", "merged_case_id"):
+        value = getattr(event, name, None)
+        if isinstance(value, str):
+            found.add(value)
+    return found

@@ -1,11 +1,13 @@
 """The use cases of reporting, one function each, in the shape load → decide → save (+ outbox).
 
 - :func:`apply_event` (the live consumer) and :func:`replay_events` (the replay): load the
-  rows the events need (``store``), let :func:`lotse_reporting.domain.apply` decide, store
-  what changed and mark the years to recompute.
-- :func:`publish_figures` (the periodic job, and the replay at its end): load the facts of
-  each dirty year, compute its cells (``domain.compute_year``), record the changed ones in
-  ``reporting_kpi`` and publish each as ``kpi-updated`` through the outbox, in one transaction.
+  rows of the families the events name (``store``), let :func:`lotse_reporting.domain.apply`
+  decide, store what changed, add the difference of those families' shares to the cells and
+  mark the years whose cells changed.
+- :func:`publish_figures` (the publication job, run by :class:`PublishTrigger`, and the
+  replay at its end): read each dirty year's cells, derive and protect its figures
+  (``domain.year_cells``), record the changed ones in ``reporting_kpi`` and write them as
+  ``kpi-updated`` to the outbox in one insert, in one transaction.
 - The reads of the API and the dashboard (:func:`list_kpis`, :func:`annual_report`,
   :func:`dashboard_data`, ...): published cells only, never a fact.
 
@@ -17,18 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.base import EventModel
-from lotse_contracts.events.reporting import FIGURE_UNITS, KpiFigure, KpiUpdated
+from lotse_contracts.events.reporting import KpiUpdated
+from lotse_contracts.figures import FIGURES
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.db import Database
+from lotse_runtime.outbox import OutboxMessage
 from lotse_runtime.refusal import Refusal
-from sqlalchemy import text
+from lotse_runtime.telemetry import inject_headers
+from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lotse_reporting import domain, report, store
@@ -56,6 +64,43 @@ class Changes:
             await asyncio.wait_for(self._event.wait(), timeout_s)
 
 
+class PublishTrigger:
+    """When the publisher runs: soon after this process applied an event (a short debounce,
+    so the delivery's transaction has committed and a burst goes into one pass), otherwise
+    every ``interval_s`` to pick up what other replicas applied. A tick in between does
+    nothing at all, so the service is idle when the city is."""
+
+    def __init__(
+        self, interval_s: float, debounce_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval_s = interval_s
+        self.debounce_s = debounce_s
+        self._clock = clock
+        self._pending_since: float | None = None
+        self._last_pass = -interval_s
+
+    def changed(self) -> None:
+        """An event was applied here (its transaction commits right after)."""
+        if self._pending_since is None:
+            self._pending_since = self._clock()
+
+    def due(self) -> float | None:
+        """The start time of a pass to run now, or None."""
+        now = self._clock()
+        pending = self._pending_since
+        if pending is not None and now - pending >= self.debounce_s:
+            return now
+        if now - self._last_pass >= self.interval_s:
+            return now
+        return None
+
+    def passed(self, started: float) -> None:
+        """A pass that began at ``started`` saw every change applied before it."""
+        self._last_pass = started
+        if self._pending_since is not None and self._pending_since + self.debounce_s <= started:
+            self._pending_since = None
+
+
 @dataclass
 class Reporting:
     """The reporting service's own parts next to its runtime (kept on ``app.state``): the
@@ -65,6 +110,7 @@ class Reporting:
     rules: Rules
     layout: Layout
     changes: Changes = field(default_factory=Changes)
+    trigger: PublishTrigger = field(default_factory=lambda: PublishTrigger(1.0, 0.15))
     published: int = 0
     """Cells published by this process."""
     passes: int = 0
@@ -85,7 +131,8 @@ class Reporting:
             k=settings.k_anonymity,
             zone=city.zone(),
         )
-        return cls(runtime=runtime, rules=rules, layout=layout)
+        trigger = PublishTrigger(settings.publish_interval_s, settings.publish_debounce_s)
+        return cls(runtime=runtime, rules=rules, layout=layout, trigger=trigger)
 
     @property
     def settings(self) -> ReportingSettings:
@@ -107,9 +154,11 @@ class Reporting:
 async def apply_event(session: AsyncSession, event: EventModel, rules: Rules) -> None:
     """One event, in the delivery's transaction (the inbox entry is in the same one).
     Raises :class:`domain.ImpossibleEvent` before anything is stored."""
-    snapshot = await store.load_snapshot(session, domain.needs_of(event))
+    needs = domain.needs_of(event)
+    snapshot = await store.load_snapshot(session, needs)
+    before = domain.shares_of(snapshot, needs.families, rules.zone)
     domain.apply(event, snapshot, rules)
-    await store.save_snapshot(session, snapshot)
+    await _store_changes(session, snapshot, before, rules)
 
 
 async def replay_events(
@@ -120,8 +169,9 @@ async def replay_events(
     needs = domain.Needs()
     for event in events:
         needs.merge(domain.needs_of(event))
-    needs.fact_years_of.clear()  # every year is recomputed after a replay anyway
+    needs.fact_years_of.clear()  # dirty years follow from the changed cells
     snapshot = await store.load_snapshot(session, needs)
+    before = domain.shares_of(snapshot, needs.families, rules.zone)
     outcomes: list[str | None] = []
     for event in events:
         try:
@@ -130,11 +180,41 @@ async def replay_events(
             outcomes.append(exc.reason)
         else:
             outcomes.append(None)
-    await store.save_snapshot(session, snapshot)
+    await _store_changes(session, snapshot, before, rules)
     return outcomes
 
 
+async def _store_changes(
+    session: AsyncSession,
+    snapshot: domain.Snapshot,
+    before: dict[str, domain.Shares],
+    rules: Rules,
+) -> None:
+    """Store the touched rows, add the difference of the families' shares to the cells and
+    mark the years whose cells changed, all in the caller's transaction."""
+    touched = {c for c in snapshot.touched_cases}
+    touched |= {case_id for case_id, _ in snapshot.touched_consents}
+    touched |= {snapshot.facts[key].case_id for key in snapshot.touched_facts}
+    touched |= {snapshot.referrals[key].case_id for key in snapshot.touched_referrals}
+    touched &= set(before)
+    after = domain.shares_of(snapshot, touched, rules.zone)
+    deltas = domain.cell_deltas({c: before[c] for c in touched}, after)
+    await store.save_snapshot(session, snapshot)
+    await store.add_to_cells(session, deltas)
+    await store.mark_dirty(session, {domain.year_of(key[1]) for key in deltas})
+
+
 # --- publishing the figures ------------------------------------------------------------------
+
+
+async def publish_when_due(reporting: Reporting) -> int:
+    """One tick of the publication job: a pass if :class:`PublishTrigger` says so."""
+    started = reporting.trigger.due()
+    if started is None:
+        return 0
+    published = await publish_figures(reporting)
+    reporting.trigger.passed(started)
+    return published
 
 
 async def publish_figures(
@@ -181,18 +261,56 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
         if runtime.db.is_postgres:
             # Replicas take turns; the second then finds nothing changed.
             await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
-        inputs = await store.load_year(session, year, newest)
-        # Pure and CPU-bound: off the event loop, so consumers and streams keep going.
-        cells = await asyncio.to_thread(domain.compute_year, inputs, reporting.layout)
+        accumulated, stock = await store.year_cells(session, year)
+        # Pure and CPU-bound (the year's cells, however many families): off the event loop,
+        # so consumers and streams keep going.
+        cells = await asyncio.to_thread(
+            domain.year_cells, year, newest, reporting.layout, accumulated, stock
+        )
         before = await store.published_cells(session, year)
         changed = cells if republish else domain.changed_cells(cells, before)
         if not changed:
             return 0
         now = runtime.clock().astimezone(UTC)
         await store.save_cells(session, changed, now, await store.revision(session) + 1)
-        for cell in changed:
-            runtime.outbox.add(session, _kpi_updated(cell, now))
-        return len(changed)
+        await session.execute(insert(OutboxMessage), _outbox_rows(runtime, changed, now))
+    # Rows inserted directly (not through Outbox.add) do not wake the relay on commit.
+    runtime.relay.wake()
+    return len(changed)
+
+
+def _outbox_rows(
+    runtime: ServiceRuntime[ReportingSettings], cells: Sequence[Cell], now: datetime
+) -> list[dict[str, Any]]:
+    """The outbox rows of ``kpi-updated`` events for ``cells``, for one batched insert.
+
+    What ``Outbox.add`` does per event (validated model, CloudEvent, binary Kafka record with
+    the trace headers, copies for any audience feed), without an ORM object per row: a pass
+    publishing tens of thousands of cells spent most of its time building those objects."""
+    outbox = runtime.outbox
+    trace = inject_headers()
+    rows: list[dict[str, Any]] = []
+    for cell in cells:
+        event = _kpi_updated(cell, now)
+        cloudevent = event.to_cloudevent(source=outbox.source)
+        copies = [(KpiUpdated.topic, cloudevent)]
+        if outbox.registry is not None:
+            copies.extend(outbox.registry.route(cloudevent))
+        for target, copy in copies:
+            record = to_kafka_binary(copy, extra_headers=trace)
+            rows.append(
+                {
+                    "topic": outbox.topic_prefix + target,
+                    "record_key": None if record.key is None else record.key.decode(),
+                    "value": record.value,
+                    # The outbox's header format: JSON [[name, value], ...].
+                    "headers": json.dumps([[k, v.decode("utf-8")] for k, v in record.headers]),
+                    "event_id": cloudevent.id,
+                    "event_type": cloudevent.type,
+                    "created_at": now,
+                }
+            )
+    return rows
 
 
 def _kpi_updated(cell: Cell, now: datetime) -> KpiUpdated:
@@ -229,20 +347,24 @@ async def list_kpis(reporting: Reporting, wanted: KpiFilter) -> list[KpiPublic]:
 
 
 def figures(reporting: Reporting) -> list[FigurePublic]:
-    """What every key figure means, and its breakdowns in this city."""
+    """The figures' declaration (:mod:`lotse_contracts.figures`), with their breakdowns in
+    this city."""
     return [
         FigurePublic(
-            figure=figure,
-            unit=FIGURE_UNITS[figure],
-            label=report.label(figure),
-            description=report.FIGURE_LABELS[figure][1],
+            figure=definition.figure,
+            unit=definition.unit,
+            label=definition.label,
+            description=definition.description,
+            accumulates=definition.accumulates,
+            attribution=definition.attribution,
+            suppression=definition.suppression,
             dimensions=[
                 d
-                for d in domain.figure_dimensions(figure, reporting.layout.modules)
+                for d in domain.figure_dimensions(definition.figure, reporting.layout.modules)
                 if d is not None
             ],
         )
-        for figure in KpiFigure
+        for definition in FIGURES
     ]
 
 
@@ -322,12 +444,13 @@ async def dashboard_data(reporting: Reporting, year: int | None) -> dict[str, An
         "areas": [a.model_dump() for a in areas(reporting)],
         "modules": {m.slug: m.name for m in city.modules},
         "figures": {
-            figure.value: {
-                "label": report.label(figure),
-                "description": report.FIGURE_LABELS[figure][1],
-                "unit": FIGURE_UNITS[figure].value,
+            definition.figure.value: {
+                "label": definition.label,
+                "description": definition.description,
+                "unit": definition.unit.value,
+                "accumulates": definition.accumulates.value,
             }
-            for figure in KpiFigure
+            for definition in FIGURES
         },
         "years": sorted({*years, *([chosen] if chosen is not None else [])}),
         "year": chosen,

@@ -1,6 +1,7 @@
 """The annual report a committee receives: CSV of every cell of a year and a Stadtbezirk, and a
 self-contained HTML document with tables and SVG charts (printable, no scripts, no external
-files). Also the German labels of the figures, shared with the dashboard.
+files). Labels and descriptions come from the figures' declaration
+(:mod:`lotse_contracts.figures`), as the dashboard's do.
 
 Pure functions over published cells: the report can never show more than the reporting
 stream does, suppressed cells included.
@@ -17,78 +18,11 @@ from datetime import datetime
 from html import escape
 
 from lotse_contracts.events.referrals import ReferralStatus
-from lotse_contracts.events.reporting import FIGURE_UNITS, KpiFigure, KpiUnit
+from lotse_contracts.figures import DEFINITIONS, FIGURE_UNITS, FIGURES, KpiFigure, KpiUnit
 
 from lotse_reporting.tables import KpiPublic
 
 SUPPRESSED_MARK = "•"
-
-FIGURE_LABELS: dict[KpiFigure, tuple[str, str]] = {
-    KpiFigure.FAMILIES_REGISTERED: (
-        "Registrierte Familien",
-        "Neu registrierte Familien, im Monat ihrer Registrierung.",
-    ),
-    KpiFigure.FAMILIES_REGISTERED_CLINIC: (
-        "davon über Geburtskliniken",
-        "Registriert von Babylotsen in den Geburtskliniken.",
-    ),
-    KpiFigure.FAMILIES_REGISTERED_MOVE_IN: (
-        "davon Zuzüge",
-        "Zugezogene Familien mit Kindern unter sechs Jahren (Meldung des Bürgerdienstes).",
-    ),
-    KpiFigure.CONSENT_RATE: (
-        "Einwilligungsquote",
-        "Anteil der registrierten Familien mit Einwilligung in den Willkommensbesuch.",
-    ),
-    KpiFigure.VISITS_OFFERED: (
-        "Willkommensbesuche angeboten",
-        "Vereinbarte Willkommensbesuche, im Monat der Terminvereinbarung.",
-    ),
-    KpiFigure.VISITS_COMPLETED: (
-        "Willkommensbesuche durchgeführt",
-        "Durchgeführte Willkommensbesuche, im Monat des Besuchs.",
-    ),
-    KpiFigure.VISITS_DECLINED: (
-        "Willkommensbesuche abgelehnt",
-        "Familien, die den Besuch abgelehnt haben (ohne Angabe von Gründen).",
-    ),
-    KpiFigure.VISITS_MISSED: (
-        "Nicht angetroffen",
-        "Termine, zu denen die Familie nicht angetroffen wurde.",
-    ),
-    KpiFigure.REACH_RATE: (
-        "Erreichungsquote",
-        "Anteil der im Monat registrierten Familien, die bis heute besucht wurden.",
-    ),
-    KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT: (
-        "Median Tage Geburt bis Besuch",
-        "Median der Tage von der Geburt bis zum Willkommensbesuch (Familien aus Geburtskliniken).",
-    ),
-    KpiFigure.REFERRALS_REQUESTED: (
-        "Vermittlungen",
-        "Vermittlungen an Träger, im Monat der Anfrage; nach Modul und heutigem Status.",
-    ),
-    KpiFigure.REFERRALS_ACCEPTED: (
-        "Vermittlungen angenommen",
-        "Von Trägern angenommene Vermittlungen, im Monat der Annahme.",
-    ),
-    KpiFigure.ACCEPTANCE_RATE: (
-        "Annahmequote",
-        "Angenommene Vermittlungen unter allen beantworteten (angenommen oder abgelehnt).",
-    ),
-    KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER: (
-        "Median Tage bis zur warmen Übergabe",
-        "Median der Tage von der Vermittlung bis zum bestätigten Erstkontakt des Trägers.",
-    ),
-    KpiFigure.OPEN_ESCALATIONS: (
-        "Offene Eskalationen",
-        "An das Bezirksteam eskalierte, noch unbeantwortete Vermittlungen am Monatsende.",
-    ),
-    KpiFigure.CONTACTS_PER_FAMILY: (
-        "Kontakte je Familie",
-        "Willkommensbesuche und Erstkontakte von Trägern je registrierter Familie.",
-    ),
-}
 
 STATUS_LABELS: dict[str, str] = {
     ReferralStatus.REQUESTED.value: "angefragt",
@@ -107,25 +41,8 @@ CONSENT_LABELS = {
 
 MONTH_NAMES = ("Jan", "Feb", "Mär", "Apr", "Mai", "Jun", "Jul", "Aug", "Sep", "Okt", "Nov", "Dez")
 
-#: The figures of the report's summary table, in this order.
-SUMMARY = (
-    KpiFigure.FAMILIES_REGISTERED,
-    KpiFigure.FAMILIES_REGISTERED_CLINIC,
-    KpiFigure.FAMILIES_REGISTERED_MOVE_IN,
-    KpiFigure.CONSENT_RATE,
-    KpiFigure.VISITS_OFFERED,
-    KpiFigure.VISITS_COMPLETED,
-    KpiFigure.VISITS_DECLINED,
-    KpiFigure.VISITS_MISSED,
-    KpiFigure.REACH_RATE,
-    KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT,
-    KpiFigure.REFERRALS_REQUESTED,
-    KpiFigure.REFERRALS_ACCEPTED,
-    KpiFigure.ACCEPTANCE_RATE,
-    KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER,
-    KpiFigure.OPEN_ESCALATIONS,
-    KpiFigure.CONTACTS_PER_FAMILY,
-)
+#: The figures of the report's summary table: all, in the order they are declared.
+SUMMARY = tuple(definition.figure for definition in FIGURES)
 MONTHLY = (
     KpiFigure.FAMILIES_REGISTERED,
     KpiFigure.VISITS_COMPLETED,
@@ -138,7 +55,7 @@ MONTHLY = (
 
 def label(figure: KpiFigure, dimension: str | None = None) -> str:
     """German label of a figure (and breakdown)."""
-    base = FIGURE_LABELS[figure][0]
+    base = DEFINITIONS[figure].label
     if dimension is None:
         return base
     if dimension in CONSENT_LABELS:
@@ -269,7 +186,7 @@ def annual_html(
     ]
     for figure in SUMMARY:
         parts.append(
-            f"<tr><th scope='row' title='{escape(FIGURE_LABELS[figure][1])}'>"
+            f"<tr><th scope='row' title='{escape(DEFINITIONS[figure].description)}'>"
             f"{escape(label(figure))}</th>"
             f"<td data-cell='{escape(context.area)}/{year}/{figure.value}'>"
             f"{_shown(mine, year, figure)}</td>"
@@ -341,7 +258,9 @@ def annual_html(
 
     parts.append("<section class='method'><h2>Methodik und Datenschutz</h2><dl>")
     for figure in SUMMARY:
-        parts.append(f"<dt>{escape(label(figure))}</dt><dd>{escape(FIGURE_LABELS[figure][1])}</dd>")
+        parts.append(
+            f"<dt>{escape(label(figure))}</dt><dd>{escape(DEFINITIONS[figure].description)}</dd>"
+        )
     parts.append(
         "</dl><p>Alle Zahlen sind anonymisierte Summen. Ein Feld, hinter dem weniger Familien "
         f"stehen als die Mindestfallzahl, wird mit „{SUPPRESSED_MARK}“ ausgewiesen; ebenso "

@@ -24,7 +24,20 @@ class ReportingSettings(ServiceSettings):
     publish_interval_s: float = Field(
         default=1.0,
         gt=0,
-        description="How often changed figures are recomputed and published (seconds).",
+        description=(
+            "How often the publisher looks for changed cells without being told (changes "
+            "applied by another replica); this process's own changes are published sooner."
+        ),
+    )
+    publish_debounce_s: float = Field(
+        default=0.15,
+        gt=0,
+        le=10,
+        description=(
+            "How long after this process applied an event the changed cells are published "
+            "(events arriving meanwhile go into the same pass). Between changes a pass is not "
+            "even started."
+        ),
     )
     completion_grace_minutes: int = Field(
         default=60,

@@ -10,15 +10,31 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lotse_contracts.events.reporting import KpiFigure
-from sqlalchemy import Table, and_, delete, false, func, or_, select
+from sqlalchemy import (
+    Float,
+    Integer,
+    Table,
+    and_,
+    cast,
+    delete,
+    false,
+    func,
+    null,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import SQLModel, col
 
 from lotse_reporting import domain
 from lotse_reporting.domain import (
+    STOCK_DELTA,
+    Accumulated,
     CaseFacts,
     Cell,
+    CellDelta,
     CellKey,
     ConsentFacts,
     Fact,
@@ -31,6 +47,8 @@ from lotse_reporting.domain import (
 from lotse_reporting.tables import (
     FACT_TABLES,
     ReportingCase,
+    ReportingCell,
+    ReportingCellNumber,
     ReportingConsent,
     ReportingDirtyYear,
     ReportingFact,
@@ -85,6 +103,8 @@ CONSENTS = _table(ReportingConsent)
 FACTS = _table(ReportingFact)
 REFERRALS = _table(ReportingReferral)
 KPIS = _table(ReportingKpi)
+CELLS = _table(ReportingCell)
+NUMBERS = _table(ReportingCellNumber)
 
 # --- rows <-> facts (ORM objects or plain rows: both have the columns as attributes) ---
 
@@ -132,24 +152,43 @@ async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
     for ids in chunks(needs.case_ids):
         for case_row in await session.execute(select(CASES).where(CASES.c.case_id.in_(ids))):
             snapshot.cases[case_row.case_id] = _case(case_row)
-    for ids in chunks(needs.consent_case_ids):
+    # A family's share is computed from all of its rows.
+    for ids in chunks(needs.families):
         for consent_row in await session.execute(
             select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
         ):
             consent = _consent(consent_row)
             snapshot.consents[(consent.case_id, consent.consent_id)] = consent
-    for ids in chunks(needs.referral_ids):
+        for referral_row in await session.execute(
+            select(REFERRALS).where(REFERRALS.c.case_id.in_(ids))
+        ):
+            referral = _referral(referral_row)
+            snapshot.referrals[referral.referral_id] = referral
+        for fact_row in await session.execute(select(FACTS).where(FACTS.c.case_id.in_(ids))):
+            fact = _fact(fact_row)
+            snapshot.facts[fact.key] = fact
+    # Ids are pseudonymous UUIDs: the consents, referrals and facts an event names belong to
+    # its family, whose rows are all loaded above; only rows of other cases need a query.
+    for ids in chunks(needs.consent_case_ids - needs.families):
+        for consent_row in await session.execute(
+            select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
+        ):
+            consent = _consent(consent_row)
+            snapshot.consents[(consent.case_id, consent.consent_id)] = consent
+    for ids in chunks(() if needs.families else needs.referral_ids):
         for referral_row in await session.execute(
             select(REFERRALS).where(REFERRALS.c.referral_id.in_(ids))
         ):
             referral = _referral(referral_row)
             snapshot.referrals[referral.referral_id] = referral
-    fact_keys = set(needs.fact_keys)
-    fact_keys |= {
-        (FactKind.ESCALATED.value, r.open_escalation)
-        for r in snapshot.referrals.values()
-        if r.open_escalation is not None
-    }
+    fact_keys: set[tuple[str, str]] = set()
+    if not needs.families:
+        fact_keys = {(str(kind), ref) for kind, ref in needs.fact_keys}
+        fact_keys |= {
+            (FactKind.ESCALATED.value, r.open_escalation)
+            for r in snapshot.referrals.values()
+            if r.open_escalation is not None
+        }
     by_kind: dict[str, set[str]] = {}
     for kind, ref in fact_keys:
         by_kind.setdefault(str(kind), set()).add(ref)
@@ -160,20 +199,15 @@ async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
             ):
                 fact = _fact(fact_row)
                 snapshot.facts[fact.key] = fact
-    for ids in chunks(needs.fact_years_of):
-        year = func.substr(ReportingFact.month, 1, 4)
-        rows = await session.execute(
-            select(col(ReportingFact.case_id), year)
-            .where(col(ReportingFact.case_id).in_(ids))
-            .group_by(ReportingFact.case_id, year)
-        )
-        for case_id, found in rows:
-            snapshot.fact_years.setdefault(case_id, set()).add(int(found))
+    # The years a family has facts in follow from its rows, all loaded above.
+    for fact in snapshot.facts.values():
+        if fact.case_id in needs.fact_years_of:
+            snapshot.fact_years.setdefault(fact.case_id, set()).add(domain.year_of(fact.month))
     return snapshot
 
 
 async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
-    """Store the rows ``apply`` touched and mark the years it made dirty."""
+    """Store the rows ``apply`` touched."""
     cases = [_row(snapshot.cases[k]) for k in sorted(snapshot.touched_cases)]
     await upsert(session, ReportingCase, cases)
     consents = [_row(snapshot.consents[k]) for k in sorted(snapshot.touched_consents)]
@@ -182,7 +216,6 @@ async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
     await upsert(session, ReportingFact, facts)
     referrals = [_row(snapshot.referrals[k]) for k in sorted(snapshot.touched_referrals)]
     await upsert(session, ReportingReferral, referrals)
-    await mark_dirty(session, snapshot.dirty_years)
 
 
 async def mark_dirty(session: AsyncSession, years: Iterable[int]) -> None:
@@ -221,6 +254,117 @@ async def drop_facts(session: AsyncSession) -> None:
     models: list[type[SQLModel]] = [*FACT_TABLES, ReportingDirtyYear]
     for model in models:
         await session.execute(delete(model))
+
+
+# --- the cells: sums kept up to date by every event ------------------------------------------
+
+
+async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta]) -> None:
+    """Add to the cells (and their histograms) in the database itself: replicas applying
+    events at the same time each add their part, none overwrites another's. Rows go in key
+    order, so two transactions lock shared cells in the same order."""
+    if not deltas:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    rows = [
+        {
+            "bezirk": key[0],
+            "period": key[1],
+            "figure": key[2],
+            "dimension": key[3],
+            "families": delta.families,
+            "value": delta.value,
+            "hits": delta.hits,
+            "weight": delta.weight,
+        }
+        for key, delta in sorted(deltas.items())
+    ]
+    stmt = insert(CELLS)
+    statement = stmt.on_conflict_do_update(
+        index_elements=["bezirk", "period", "figure", "dimension"],
+        set_={
+            name: CELLS.c[name] + stmt.excluded[name]
+            for name in ("families", "value", "hits", "weight")
+        },
+    )
+    for chunk in chunks(rows, 1000):
+        await session.execute(statement, chunk)
+    numbers = [
+        {
+            "bezirk": key[0],
+            "period": key[1],
+            "figure": key[2],
+            "dimension": key[3],
+            "number": number,
+            "count": count,
+        }
+        for key, delta in sorted(deltas.items())
+        for number, count in sorted(delta.numbers.items())
+    ]
+    if numbers:
+        stmt = insert(NUMBERS)
+        statement = stmt.on_conflict_do_update(
+            index_elements=["bezirk", "period", "figure", "dimension", "number"],
+            set_={"count": NUMBERS.c["count"] + stmt.excluded["count"]},
+        )
+        for chunk in chunks(numbers, 1000):
+            await session.execute(statement, chunk)
+
+
+async def year_cells(
+    session: AsyncSession, year: int
+) -> tuple[dict[CellKey, Accumulated], dict[tuple[str, str], Accumulated]]:
+    """The cells of ``year``'s periods, and the open-escalation deltas of every month up to
+    the year's end (the stock carries over from earlier years).
+
+    One statement, so one snapshot of the database: a replica applying events meanwhile
+    commits whole events, and the publisher sees each of them entirely or not at all (with
+    separate statements, a median could come from a later state than its count)."""
+    # Typed NULLs, so both backends agree on the union's column types.
+    no_int, no_float = cast(null(), Integer), cast(null(), Float)
+    sums = select(
+        CELLS.c.bezirk,
+        CELLS.c.period,
+        CELLS.c.figure,
+        CELLS.c.dimension,
+        CELLS.c.families,
+        CELLS.c.value,
+        CELLS.c.hits,
+        CELLS.c.weight,
+        no_float.label("number"),
+        no_int.label("count"),
+    ).where(
+        or_(
+            and_(CELLS.c.period.like(f"{year}%"), CELLS.c.figure != STOCK_DELTA),
+            and_(CELLS.c.figure == STOCK_DELTA, CELLS.c.period <= f"{year}-12"),
+        )
+    )
+    histograms = select(
+        NUMBERS.c.bezirk,
+        NUMBERS.c.period,
+        NUMBERS.c.figure,
+        NUMBERS.c.dimension,
+        no_int,
+        no_float,
+        no_int,
+        no_float,
+        NUMBERS.c.number,
+        NUMBERS.c["count"],
+    ).where(NUMBERS.c.period.like(f"{year}%"), NUMBERS.c["count"] != 0)
+    cells: dict[CellKey, Accumulated] = {}
+    stock: dict[tuple[str, str], Accumulated] = {}
+    for row in await session.execute(union_all(sums, histograms)):
+        bezirk, period, figure, dimension, families, value, hits, weight, number, count = row
+        if figure == STOCK_DELTA:
+            stock[(bezirk, period)] = Accumulated(families=families, value=value)
+            continue
+        found = cells.setdefault((bezirk, period, figure, dimension), Accumulated())
+        if number is None:
+            found.families, found.value, found.hits, found.weight = families, value, hits, weight
+        else:
+            found.numbers[number] = count
+    return cells, stock
 
 
 # --- state values ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from lotse_contracts.events.reporting import KpiFigure, KpiUnit
+from lotse_contracts.figures import Accumulation, Attribution, KpiFigure, KpiUnit, Suppression
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Column
 from sqlmodel import Field, SQLModel, UTCDateTime
@@ -78,6 +78,35 @@ class ReportingReferral(SQLModel, table=True):
     open_escalation: str | None = Field(default=None, max_length=96)
 
 
+class ReportingCell(SQLModel, table=True):
+    """The sums behind one key-figure cell over every family's share, kept up to date by
+    each event (see ``domain.family_shares``); figures are published from these alone."""
+
+    __tablename__ = "reporting_cell"
+
+    bezirk: str = Field(primary_key=True, max_length=64)
+    period: str = Field(primary_key=True, max_length=7)
+    figure: str = Field(primary_key=True, max_length=40)
+    dimension: str = Field(primary_key=True, max_length=64, description='"" for none.')
+    families: int = 0
+    value: float = 0.0
+    hits: int = 0
+    weight: float = 0.0
+
+
+class ReportingCellNumber(SQLModel, table=True):
+    """Histogram of the values a median cell is taken from: how often each value occurs."""
+
+    __tablename__ = "reporting_cell_number"
+
+    bezirk: str = Field(primary_key=True, max_length=64)
+    period: str = Field(primary_key=True, max_length=7)
+    figure: str = Field(primary_key=True, max_length=40)
+    dimension: str = Field(primary_key=True, max_length=64, description='"" for none.')
+    number: float = Field(primary_key=True)
+    count: int = 0
+
+
 class ReportingKpi(SQLModel, table=True):
     """One key-figure cell as last published on the reporting stream."""
 
@@ -118,6 +147,8 @@ FACT_TABLES: list[type[SQLModel]] = [
     ReportingConsent,
     ReportingFact,
     ReportingReferral,
+    ReportingCell,
+    ReportingCellNumber,
 ]
 TABLES: list[type[SQLModel]] = [
     *FACT_TABLES,
@@ -169,12 +200,16 @@ class KpiPublic(BaseModel):
 
 
 class FigurePublic(BaseModel):
-    """What a key figure means."""
+    """What a key figure means: its declaration (``lotse_contracts.figures``) and its
+    breakdowns in this city."""
 
     figure: KpiFigure
     unit: KpiUnit
     label: str
     description: str
+    accumulates: Accumulation
+    attribution: Attribution
+    suppression: Suppression
     dimensions: list[str]
 
 

@@ -20,20 +20,10 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from lotse_contracts.events.reporting import CITY_TOTAL, KpiFigure
+from lotse_contracts.figures import CITY_TOTAL, Accumulation, KpiFigure, figures_accumulating
 
-#: Count figures the checker compares with the published ones.
-CHECKED_FIGURES = (
-    KpiFigure.FAMILIES_REGISTERED,
-    KpiFigure.FAMILIES_REGISTERED_CLINIC,
-    KpiFigure.FAMILIES_REGISTERED_MOVE_IN,
-    KpiFigure.VISITS_OFFERED,
-    KpiFigure.VISITS_COMPLETED,
-    KpiFigure.VISITS_DECLINED,
-    KpiFigure.VISITS_MISSED,
-    KpiFigure.REFERRALS_REQUESTED,
-    KpiFigure.REFERRALS_ACCEPTED,
-)
+#: Count figures the checker compares with the published ones: the flows, as declared.
+CHECKED_FIGURES = figures_accumulating(Accumulation.COUNT)
 
 OPEN_REFERRAL = frozenset({"requested", "received", "accepted", "in-progress"})
 #: The referral status a Träger's answer leads to (first contact keeps the status).
