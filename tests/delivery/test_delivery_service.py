@@ -3,9 +3,13 @@ example receiver), the real database (SQLite and PostgreSQL), and the broker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +98,13 @@ async def test_an_event_for_a_traeger_is_stored_projected_and_delivered_signed(
 # -- through the broker, with a receiver in trouble ----------------------------------------------
 
 
-@pytest.fixture
-def service(broker: Broker, topics: str, sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:
+@contextmanager
+def running_service(
+    broker: Broker, topics: str, database_url: str, tmp_path: Path, **overrides: Any
+) -> Iterator[TestClient]:
     app = create_app(
         settings(
-            sqlite_url,
+            database_url,
             tmp_path,
             kafka_bootstrap=broker.bootstrap,
             topic_prefix=topics,
@@ -106,6 +112,7 @@ def service(broker: Broker, topics: str, sqlite_url: str, tmp_path: Path) -> Ite
             consumer_heartbeat_interval_ms=300,
             relay_poll_interval_s=0.05,
             failure_budget_attempts=5,
+            **overrides,
         )
     )
     with TestClient(app) as client:
@@ -114,6 +121,12 @@ def service(broker: Broker, topics: str, sqlite_url: str, tmp_path: Path) -> Ite
             assert time.monotonic() < deadline, client.get("/readyz").json()
             time.sleep(0.05)
         client.portal.call(app.state.runtime.consumers[0].wait_assigned)  # type: ignore[union-attr]
+        yield client
+
+
+@pytest.fixture
+def service(broker: Broker, topics: str, sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    with running_service(broker, topics, sqlite_url, tmp_path) as client:
         yield client
 
 
@@ -311,3 +324,98 @@ def test_answers_over_http_reach_the_responses_topic_and_only_the_own(
     )
     assert [r.header("ce_id") for r in records] == [event.id, structured.id]
     assert all(r.header("ce_source") == f"/partner/{TRAEGER}" for r in records)
+
+
+@contextmanager
+def misbehaving_sink(kind: str) -> Iterator[str]:
+    """A loopback sink that never answers ("hanging") or answers 200 with an endless body
+    ("flooding"): neither may hold up another subscriber's deliveries."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(0.2)
+            with contextlib.suppress(OSError):
+                if conn.recv(65536).startswith(b"OPTIONS"):
+                    # Passes the validation handshake; only its deliveries misbehave.
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nWebHook-Allowed-Origin: *\r\n"
+                        b"content-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                    return
+                if kind == "flooding":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n")
+                    chunk = b"x" * 65536
+                    while not stop.is_set():
+                        conn.sendall(chunk)  # until the sender hangs up
+                stop.wait(30)
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        server.close()
+        thread.join(5)
+
+
+def test_slow_and_oversized_receivers_hold_up_no_other_subscriber(
+    broker: Broker, topics: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    auth = bearer("traeger", traeger=TRAEGER)
+    healthy = Scripted([])
+    with (
+        # An attempt may take 20 s here: the healthy subscriber must not wait for them.
+        running_service(broker, topics, sqlite_url, tmp_path, deliver_timeout_s=20) as service,
+        misbehaving_sink("hanging") as hanging_sink,
+        misbehaving_sink("flooding") as flooding_sink,
+        receiver_running(healthy) as healthy_sink,
+    ):
+        # The broken ones first, so that a sender serving subscriptions one after the other
+        # would meet them before the healthy one.
+        hanging = subscribe(service, hanging_sink)
+        flooding = subscribe(service, flooding_sink)
+        created = subscribe(service, healthy_sink)
+        healthy.secrets = [created["secret"]]
+        sent = [referral() for _ in range(4)]
+        for event in sent:
+            record = to_kafka_binary(event.to_cloudevent())
+            produce(
+                broker.bootstrap,
+                topics + topic_names.REFERRALS,
+                record.value,
+                record.headers,
+                record.key,
+            )
+        deadline = time.monotonic() + 30
+        while len(healthy.events) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = [e["data"]["referral_id"] for e in healthy.events]
+        assert got == [e.referral_id for e in sent]  # all, in order, once
+        # ... while the hanging sink's first attempt has not even ended: nothing of it is
+        # logged, nothing lost, nothing counted as delivered.
+        state = service.get(f"/subscriptions/{hanging['id']}", headers=auth).json()
+        assert state["pending"] == len(sent), state
+        log = service.get(f"/subscriptions/{hanging['id']}/deliveries", headers=auth).json()
+        assert log == []
+        # The endless body is not read: its 200 counts, and the sender hangs up.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = service.get(f"/subscriptions/{flooding['id']}", headers=auth).json()
+            if state["pending"] == 0:
+                break
+            time.sleep(0.1)
+        assert state["pending"] == 0, state
