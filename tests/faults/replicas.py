@@ -208,13 +208,18 @@ class TracingReceiver(Receiver):
     that sent it: the process owning the request's source port (``senders``: replica → pid;
     the replicas are processes of this machine, so the kernel's socket table tells). It takes
     ``delay_s`` per request, as a receiver storing the event does, so that the replicas'
-    rounds overlap."""
+    rounds overlap; it answers its first ``unavailable`` POSTs 503 (a receiver briefly
+    down), so that events pile up behind the backoff and the replicas then share a backlog
+    in which a case has several events waiting."""
 
-    def __init__(self, senders: Mapping[str, int], delay_s: float = 0.0) -> None:
+    def __init__(
+        self, senders: Mapping[str, int], delay_s: float = 0.0, unavailable: int = 0
+    ) -> None:
         self.events: list[dict[str, Any]] = []
         super().__init__([], self.events.append)
         self.senders = dict(senders)
         self.delay_s = delay_s
+        self.unavailable = unavailable
         self.posts: Counter[str] = Counter()
         self.posted_by: Counter[str] = Counter()
         self._server: ThreadingHTTPServer | None = None
@@ -235,8 +240,10 @@ class TracingReceiver(Receiver):
         with self.lock:
             self.posts[msg_id] += 1
             self.posted_by[sender] += 1
+            down = self.unavailable > 0
+            self.unavailable -= down
         time.sleep(self.delay_s)
-        return self.handle(headers, body)
+        return 503 if down else self.handle(headers, body)
 
     def server(self, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
         server = super().server(host, port)
