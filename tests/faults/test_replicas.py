@@ -131,6 +131,9 @@ def replica_processes(
         # for all replicas (as the prod overlay mounts one Secret into every pod).
         LOTSE_DELIVERY_SINK_POLICY="development",
         LOTSE_DELIVERY_DELIVER_INTERVAL_S="0.2",
+        # Small rounds, so that the replicas split a backlog between them (and a case's
+        # later event could overtake its earlier one if only heads were not claimable).
+        LOTSE_DELIVERY_DELIVER_BATCH="2",
         # Backoff after the receivers' 503s: long enough for a backlog, short for the test.
         LOTSE_DELIVERY_RETRY_BASE_S="1.0",
         LOTSE_DELIVERY_RETRY_MAX_S="2.0",
