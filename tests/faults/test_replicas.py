@@ -501,11 +501,14 @@ async def check_webhooks(
     # (two "delivered" entries; leases last 120 s, attempts end within 10 s: none expected).
     again = await fetch(delivery_url, "SELECT event_id FROM delivery_pending WHERE attempts > 1")
     reattempted = {str(r["event_id"]) for r in again}
-    lapsed = await fetch(
-        delivery_url,
-        "SELECT event_id FROM delivery_attempt WHERE outcome = 'delivered'"
-        " GROUP BY subscription_id, event_id HAVING count(*) > 1",
-    )
+    lapsed = [
+        str(r["event_id"])
+        for r in await fetch(
+            delivery_url,
+            "SELECT event_id FROM delivery_attempt WHERE outcome = 'delivered'"
+            " GROUP BY subscription_id, event_id HAVING count(*) > 1",
+        )
+    ]
     retried = await fetch(
         delivery_url, "SELECT DISTINCT event_id FROM delivery_attempt WHERE outcome <> 'delivered'"
     )
