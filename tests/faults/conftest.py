@@ -39,6 +39,17 @@ async def service_databases(
 
 
 @pytest.fixture
+async def delivery_database(postgres_server: PostgresServer | None) -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for the delivery service (the fifth consuming service),
+    dropped afterwards."""
+    if postgres_server is None:
+        pytest.skip("no PostgreSQL: set DATABASE_URL or run one on 127.0.0.1:5432")
+    databases = await create_databases(postgres_server.admin_url, ["delivery"])
+    yield databases["delivery"]
+    await drop_databases(postgres_server.admin_url, databases.values())
+
+
+@pytest.fixture
 def fault_seed() -> int:
     configured = os.environ.get("LOTSE_FAULT_SEED")
     seed = int(configured) if configured else random.SystemRandom().randrange(2**32)

@@ -2,22 +2,31 @@
 prod overlay, a round-robin front per service (what a Kubernetes Service does: each new
 connection to the next pod), and the checks of what replicas must never do: book a staff
 member twice, give a family two open welcome visits, exceed a Träger's places, run a
-run-once job on two replicas, publish an event twice or not at all."""
+run-once job on two replicas, publish an event twice or not at all; and a webhook receiver
+that knows which delivery replica posted each request, for the checks of what the delivery
+replicas must never do: lose an event, post one twice, overtake a case's earlier event."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
-from collections import defaultdict
-from collections.abc import Mapping
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
 import yaml
 from lotse_tooling.embedded import free_port
 
+from examples.webhook_receiver import Receiver
 from tests.faults.processes import fetch
+from tests.support import Record
 
 ROOT = Path(__file__).resolve().parents[2]
 PROD_OVERLAY = ROOT / "deploy" / "k8s" / "overlays" / "prod" / "kustomization.yaml"
@@ -188,3 +197,138 @@ def job_findings(views: Mapping[str, list[dict[str, Any]]]) -> list[str]:
 
 def describe_views(views: Mapping[str, Mapping[str, list[dict[str, Any]]]]) -> str:
     return json.dumps(views, indent=1, default=str)[:6000]
+
+
+# -- webhooks posted by the delivery replicas ----------------------------------------------------
+
+
+class TracingReceiver(Receiver):
+    """The partner kit's example receiver (signature, timestamp, dedup by webhook-id), also
+    counting every POST per webhook-id (duplicates included) and naming the delivery replica
+    that sent it: the process owning the request's source port (``senders``: replica → pid;
+    the replicas are processes of this machine, so the kernel's socket table tells). It takes
+    ``delay_s`` per request, as a receiver storing the event does, so that the replicas'
+    rounds overlap; it answers its first ``unavailable`` POSTs 503 (a receiver briefly
+    down), so that events pile up behind the backoff and the replicas then share a backlog
+    in which a case has several events waiting."""
+
+    def __init__(
+        self, senders: Mapping[str, int], delay_s: float = 0.0, unavailable: int = 0
+    ) -> None:
+        self.events: list[dict[str, Any]] = []
+        super().__init__([], self.events.append)
+        self.senders = dict(senders)
+        self.delay_s = delay_s
+        self.unavailable = unavailable
+        self.posts: Counter[str] = Counter()
+        self.posted_by: Counter[str] = Counter()
+        self._server: ThreadingHTTPServer | None = None
+
+    def sender(self, port: int) -> str:
+        for replica, pid in self.senders.items():
+            try:
+                connections = psutil.Process(pid).net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            if any(c.laddr and c.laddr.port == port for c in connections):
+                return replica
+        return "unknown"
+
+    def handle_from(self, port: int, headers: dict[str, str], body: bytes) -> int:
+        msg_id = {k.lower(): v for k, v in headers.items()}.get("webhook-id", "")
+        sender = self.sender(port)
+        with self.lock:
+            self.posts[msg_id] += 1
+            self.posted_by[sender] += 1
+            down = self.unavailable > 0
+            self.unavailable -= down
+        time.sleep(self.delay_s)
+        return 503 if down else self.handle(headers, body)
+
+    def server(self, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+        server = super().server(host, port)
+        receiver = self
+        base: Any = server.RequestHandlerClass
+
+        class Tracing(base):  # type: ignore[misc]
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                status = receiver.handle_from(
+                    self.client_address[1], dict(self.headers.items()), body
+                )
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        server.RequestHandlerClass = Tracing
+        return server
+
+    def start(self) -> str:
+        """Serve on a free loopback port (a thread); returns the sink URL."""
+        self._server = self.server("127.0.0.1", 0)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+@dataclass
+class WebhookView:
+    """What one subscriber should have received and what its receiver saw."""
+
+    owner: str
+    expected: list[str]
+    """Event ids of the subscribed types on the subscriber's feed topic."""
+    received: list[dict[str, Any]]
+    """The events its receiver accepted, in arrival order (each once: it deduplicates)."""
+    posts: Mapping[str, int]
+    """POSTs per webhook-id, duplicates included."""
+    reattempted: set[str] = field(default_factory=set)
+    """Event ids delivery attempted more than once (a lapsed lease or a failed attempt: the
+    documented ways a webhook-id may be posted again)."""
+
+
+def topic_order(records: Iterable[Record]) -> dict[str, tuple[str, int, int]]:
+    """Event id → (topic, partition, offset) of its first record on the domain topics."""
+    order: dict[str, tuple[str, int, int]] = {}
+    for record in records:
+        event_id = record.header("ce_id")
+        if event_id is not None and event_id not in order:
+            order[event_id] = (record.topic, record.partition, record.offset)
+    return order
+
+
+def webhook_findings(view: WebhookView, order: Mapping[str, tuple[str, int, int]]) -> list[str]:
+    """Every expected event arrived, nothing else did, no webhook-id was posted twice unless
+    delivery documents a second attempt of it, and each case's events from one domain topic
+    arrived in that topic's order (events of one case on two topics have no order between
+    them: they come from different services)."""
+    problems: list[str] = []
+    got = [e.get("id") for e in view.received]
+    missing = [i for i in view.expected if i not in set(got)]
+    unexpected = sorted({str(i) for i in got} - set(view.expected))
+    if missing:
+        problems.append(f"{view.owner}: {len(missing)} events never arrived: {missing[:5]}")
+    if unexpected:
+        problems.append(f"{view.owner}: {len(unexpected)} events not on its feed: {unexpected[:5]}")
+    twice = {i: n for i, n in view.posts.items() if n > 1 and i not in view.reattempted}
+    if twice:
+        problems.append(f"{view.owner}: posted more than once without a second attempt: {twice}")
+    by_case: dict[tuple[str, str], list[tuple[int, int, str]]] = defaultdict(list)
+    for event in view.received:
+        event_id = str(event.get("id"))
+        if event_id not in order:
+            problems.append(f"{view.owner}: {event_id} is on no domain topic")
+            continue
+        topic, partition, offset = order[event_id]
+        by_case[(str(event.get("subject")), topic)].append((partition, offset, event_id))
+    for (case, topic), seen in sorted(by_case.items()):
+        if seen != sorted(seen):
+            problems.append(
+                f"{view.owner}: case {case} out of {topic} order: {[s[2] for s in seen]}"
+            )
+    return problems

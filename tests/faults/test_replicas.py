@@ -12,14 +12,21 @@ simulated clock, so that visits fall overdue and referrals stall while it runs; 
   one replica only, on every tick of it, and the others stood by (``GET /jobs``); each
   overdue visit and each escalation was raised exactly once, none that was due is missing;
 * every event was published once by the outbox relays (none left unsent, none twice);
+* delivery (the fifth consuming service, on the wall clock: webhook timestamps and row
+  leases are real time) posted to real loopback receivers, subscribed through its API by the
+  two Träger with the most referrals and the Bezirksteams of the three Stadtbezirke with
+  the most families, every event of their feed topics, no webhook-id twice, each case in
+  topic order; ``deliver`` ran on every replica, ``purge`` on one; both replicas posted;
 * when each service's lease holder is killed, the other replica takes its jobs over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import secrets
 import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
@@ -33,6 +40,7 @@ from lotse_contracts.city import load_city
 from lotse_contracts.events.intake import FamilyRegistered
 from lotse_contracts.events.referrals import ReferralEscalated
 from lotse_contracts.events.visits import VisitOverdue
+from lotse_contracts.subscriptions import load_registry
 from lotse_runtime.auth import DevelopmentIssuer
 from lotse_simulator import clock
 from lotse_simulator.checker import check
@@ -47,13 +55,17 @@ from tests.faults.families import read_everything
 from tests.faults.processes import SERVICES, Launcher, ServiceProcess, fetch
 from tests.faults.replicas import (
     Balancer,
+    TracingReceiver,
+    WebhookView,
     describe_views,
     double_bookings,
     families_with_two_open_visits,
     job_findings,
     places_beyond_capacity,
     prod_replicas,
+    topic_order,
     unsent_outbox_rows,
+    webhook_findings,
 )
 from tests.support import Record, eventually
 
@@ -66,6 +78,10 @@ YEAR = 2025
 JOB_INTERVAL_S = "0.5"
 #: Days from birth (or move-in) to a welcome visit's target: short, so that some fall overdue.
 TARGET_DAYS = "3"
+#: POSTs each webhook receiver answers 503 before it takes events (a backlog for delivery).
+UNAVAILABLE = 2
+#: The consuming services run as replicas: the four of tests/faults and delivery.
+CONSUMING = (*SERVICES, "delivery")
 
 
 def _env(base: dict[str, str], **extra: str) -> dict[str, str]:
@@ -111,9 +127,20 @@ def replica_processes(
         LOTSE_REFERRALS_PLACEMENT_INTERVAL_S=JOB_INTERVAL_S,
         LOTSE_INTAKE_HOUSEKEEPING_INTERVAL_S=JOB_INTERVAL_S,
         LOTSE_RETENTION_INTERVAL_S=JOB_INTERVAL_S,
+        # Delivery: loopback sinks (the test's receivers), frequent rounds, one secrets key
+        # for all replicas (as the prod overlay mounts one Secret into every pod).
+        LOTSE_DELIVERY_SINK_POLICY="development",
+        LOTSE_DELIVERY_DELIVER_INTERVAL_S="0.2",
+        # Small rounds, so that the replicas split a backlog between them (and a case's
+        # later event could overtake its earlier one if only heads were not claimable).
+        LOTSE_DELIVERY_DELIVER_BATCH="2",
+        # Backoff after the receivers' 503s: long enough for a backlog, short for the test.
+        LOTSE_DELIVERY_RETRY_BASE_S="1.0",
+        LOTSE_DELIVERY_RETRY_MAX_S="2.0",
+        LOTSE_DELIVERY_SECRET_KEY=base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
     )
     found: dict[str, list[ServiceProcess]] = {}
-    for service in SERVICES:
+    for service in CONSUMING:
         found[service] = [
             ServiceProcess(
                 name=service,
@@ -125,7 +152,10 @@ def replica_processes(
                 ),
                 log=data_dir / f"{service}-{index}.log",
                 launcher=launcher,
-                clock_file=clock_file,
+                # Delivery runs on the wall clock: its webhook timestamps are checked by the
+                # receiver against real time, and its row leases must not lapse because the
+                # simulator jumps its clock a day ahead.
+                clock_file=None if service == "delivery" else clock_file,
             )
             for index in range(replicas)
         ]
@@ -210,8 +240,10 @@ async def test_replicas_keep_a_simulated_city_correct(
     broker: Broker,
     topics: str,
     service_databases: dict[str, str],
+    delivery_database: str,
     tmp_path: Path,
 ) -> None:
+    service_databases = {**service_databases, "delivery": delivery_database}
     replicas = prod_replicas()
     assert replicas >= 2, "production runs several replicas; this test is about them"
     city = load_city("dortmund")
@@ -236,6 +268,7 @@ async def test_replicas_keep_a_simulated_city_correct(
     for process in processes["referrals"]:
         process.env["LOTSE_REFERRALS_KEYRING_URL"] = fronts["intake"].url
     everyone = [p for ps in processes.values() for p in ps]
+    receivers: dict[tuple[str, str], tuple[TracingReceiver, list[str]]] = {}
     started = time.monotonic()
     try:
         # A rolling start: the first replica of each service migrates and seeds, then the rest
@@ -247,6 +280,24 @@ async def test_replicas_keep_a_simulated_city_correct(
             await asyncio.gather(*(p.wait_ready(90) for p in batch))
         up = time.monotonic()
         print(f"{len(everyone)} replicas ready after {up - started:.1f} s")
+        tokens = Tokens(issuer_key)
+        # Webhook subscribers, subscribed before the city starts: every event of their feeds
+        # happens after their subscription exists.
+        senders = {p.env["LOTSE_REPLICA"]: p.pid or 0 for p in processes["delivery"]}
+        registry = load_registry(city)
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            for kind, member in webhook_subscribers(plan):
+                receiver = TracingReceiver(senders, delay_s=0.02, unavailable=UNAVAILABLE)
+                types = registry.audience(f"{kind}-{member}").event_types
+                scope = {"traeger": member} if kind == "traeger" else {"bezirk": member}
+                answer = await client.post(
+                    f"{fronts['delivery'].url}/subscriptions",
+                    json={"sink": receiver.start(), "types": types},
+                    headers=tokens.headers(kind, **scope),
+                )
+                receivers[(kind, member)] = (receiver, types)
+                assert answer.status_code == 201, answer.text
+                receiver.secrets = [answer.json()["secret"]]
 
         endpoints = Endpoints(
             intake=fronts["intake"].url,
@@ -256,7 +307,6 @@ async def test_replicas_keep_a_simulated_city_correct(
             bootstrap=broker.bootstrap,
             topic_prefix=topics,
         )
-        tokens = Tokens(issuer_key)
         driver = Driver(plan, city, endpoints, tokens, clock_file=clock_file, settle_days=7)
         truth = await asyncio.wait_for(driver.run(), timeout=150)
         driven = time.monotonic()
@@ -349,6 +399,14 @@ async def test_replicas_keep_a_simulated_city_correct(
         assert problems == [], problems[:20]
         assert compared > 20
 
+        await check_webhooks(
+            receivers,
+            broker.bootstrap,
+            prefix,
+            service_databases["delivery"],
+            topic_order([*intake, *visits, *referrals]),
+        )
+
         views = await job_views(processes)
         for service, seen in views.items():
             assert job_findings(seen) == [], describe_views({service: seen})
@@ -390,6 +448,108 @@ async def test_replicas_keep_a_simulated_city_correct(
             await asyncio.to_thread(process.kill)
         for front in fronts.values():
             await front.stop()
+        for receiver, _types in receivers.values():
+            receiver.stop()
+
+
+def webhook_subscribers(plan: Any) -> list[tuple[str, str]]:
+    """The two Träger the year refers most families to and the three Stadtbezirke with the
+    most families (their Bezirksteams): subscribers with events to receive."""
+    traeger = Counter(f.referral.traeger for f in plan.families if f.referral is not None)
+    bezirke = Counter(f.bezirk for f in plan.families)
+    return [("traeger", slug) for slug, _n in traeger.most_common(2)] + [
+        ("bezirksteam", bezirk) for bezirk, _n in bezirke.most_common(3)
+    ]
+
+
+async def check_webhooks(
+    receivers: dict[tuple[str, str], tuple[TracingReceiver, list[str]]],
+    bootstrap: str,
+    prefix: str,
+    delivery_url: str,
+    order: dict[str, tuple[str, int, int]],
+) -> None:
+    """Every event of the subscribed types on each subscriber's feed topic reached its
+    receiver once, each case in topic order, and both delivery replicas posted."""
+    expected: dict[tuple[str, str], list[str]] = {}
+    for (kind, member), (_receiver, types) in receivers.items():
+        feed = (
+            platform_topics.partner_referrals(member)
+            if kind == "traeger"
+            else platform_topics.bezirk_feed(member)
+        )
+        records = await asyncio.to_thread(_records, bootstrap, prefix + feed)
+        expected[(kind, member)] = list(
+            dict.fromkeys(str(r.header("ce_id")) for r in records if r.header("ce_type") in types)
+        )
+
+    async def undelivered() -> list[str]:
+        pending = await fetch(
+            delivery_url, "SELECT count(*) AS n FROM delivery_pending WHERE state = 'pending'"
+        )
+        late = [
+            f"{key}: {len(set(ids) - {e.get('id') for e in receivers[key][0].events})} missing"
+            for key, ids in expected.items()
+            if not set(ids) <= {e.get("id") for e in receivers[key][0].events}
+        ]
+        return late + ([f"{pending[0]['n']} pending"] if pending[0]["n"] else [])
+
+    await eventually_empty(undelivered)
+    # A second attempt of an event is the documented way its webhook-id may reach a
+    # receiver twice: after a failed attempt (a "retry" entry in the delivery log: the
+    # receivers' scripted 503s) or after a lease lapsed while its holder was still posting
+    # (two "delivered" entries; leases last 120 s, attempts end within 10 s: none expected).
+    again = await fetch(delivery_url, "SELECT event_id FROM delivery_pending WHERE attempts > 1")
+    reattempted = {str(r["event_id"]) for r in again}
+    lapsed = [
+        str(r["event_id"])
+        for r in await fetch(
+            delivery_url,
+            "SELECT event_id FROM delivery_attempt WHERE outcome = 'delivered'"
+            " GROUP BY subscription_id, event_id HAVING count(*) > 1",
+        )
+    ]
+    retried = await fetch(
+        delivery_url, "SELECT DISTINCT event_id FROM delivery_attempt WHERE outcome <> 'delivered'"
+    )
+    posted_by: Counter[str] = Counter()
+    problems: list[str] = []
+    for key, (receiver, _types) in receivers.items():
+        view = WebhookView(
+            owner="-".join(key),
+            expected=expected[key],
+            received=list(receiver.events),
+            posts=dict(receiver.posts),
+            reattempted=reattempted,
+        )
+        problems += webhook_findings(view, order)
+        posted_by.update(receiver.posted_by)
+        print(
+            f"webhooks {view.owner}: {len(view.received)} events of {len(view.expected)} "
+            f"on its feed, {sum(view.posts.values())} posts, {receiver.duplicates} duplicates"
+        )
+    print(
+        f"webhooks posted by {dict(posted_by)}; {len(reattempted)} events attempted twice:"
+        f" {len(lapsed)} delivered twice (a lease lapsed), {len(retried)} retried after a failure"
+    )
+    assert problems == [], problems[:20]
+    assert lapsed == [], f"leases lapsed: {lapsed}"
+    failed = {str(r["event_id"]) for r in retried}
+    assert reattempted <= failed, f"second attempts without a failure: {reattempted - failed}"
+    assert len(failed) <= UNAVAILABLE * len(receivers), failed
+    total = sum(len(ids) for ids in expected.values())
+    assert total > 0, "the subscribers' feeds carried no event: delivery was not exercised"
+    assert "unknown" not in posted_by, posted_by
+    # Two replicas at 0.2 s rounds share a few dozen events (the seeded year gives about
+    # 30); with very few, the leases may legitimately leave all of them to one replica.
+    if total >= 10:
+        assert all(posted_by[r] > 0 for r in receivers_senders(receivers)), posted_by
+
+
+def receivers_senders(
+    receivers: dict[tuple[str, str], tuple[TracingReceiver, list[str]]],
+) -> set[str]:
+    return {name for receiver, _types in receivers.values() for name in receiver.senders}
 
 
 async def _unsent(databases: dict[str, str]) -> list[str]:
@@ -445,3 +605,46 @@ def test_the_job_check_finds_a_doubled_or_skipped_job() -> None:
         "visits-1": [_job("overdue", once=True, holder="", runs=0, standby=20)],
     }
     assert any("ran on []" in p for p in job_findings(nobody))
+
+
+def _seen(event_id: str, case: str) -> dict[str, Any]:
+    return {"id": event_id, "subject": case}
+
+
+def test_the_webhook_check_finds_lost_doubled_and_overtaking_events() -> None:
+    order = {"a1": ("referrals", 0, 1), "a2": ("referrals", 0, 5), "b1": ("visits", 1, 2)}
+    fine = WebhookView(
+        owner="traeger-x",
+        expected=["a1", "a2", "b1"],
+        # b1 comes from another topic: no order against a1 and a2.
+        received=[_seen("b1", "A"), _seen("a1", "A"), _seen("a2", "A")],
+        posts={"a1": 1, "a2": 1, "b1": 1},
+    )
+    assert webhook_findings(fine, order) == []
+    lost = WebhookView("traeger-x", ["a1", "a2"], [_seen("a1", "A")], {"a1": 1})
+    assert any("never arrived: ['a2']" in p for p in webhook_findings(lost, order))
+    foreign = WebhookView("traeger-x", ["a1"], [_seen("a1", "A"), _seen("b1", "A")], {})
+    assert any("not on its feed: ['b1']" in p for p in webhook_findings(foreign, order))
+    doubled = WebhookView("traeger-x", ["a1"], [_seen("a1", "A")], {"a1": 2})
+    assert any("without a second attempt" in p for p in webhook_findings(doubled, order))
+    # A second attempt recorded by delivery (a lapsed lease) explains a second post.
+    doubled.reattempted = {"a1"}
+    assert webhook_findings(doubled, order) == []
+    overtaken = WebhookView(
+        "traeger-x", ["a1", "a2"], [_seen("a2", "A"), _seen("a1", "A")], {"a1": 1, "a2": 1}
+    )
+    assert any("out of referrals order" in p for p in webhook_findings(overtaken, order))
+
+
+def test_the_receiver_names_the_process_that_posted() -> None:
+    receiver = TracingReceiver({"this-test": os.getpid()})
+    receiver.secrets = ["whsec_" + base64.b64encode(b"k" * 32).decode()]
+    sink = receiver.start()
+    try:
+        answer = httpx.post(sink, content=b"{}", headers={"webhook-id": "m1"})
+    finally:
+        receiver.stop()
+    assert answer.status_code == 401  # unsigned: refused, but counted and attributed
+    assert receiver.posts == Counter({"m1": 1})
+    assert receiver.posted_by == Counter({"this-test": 1})
+    assert receiver.rejected == 1
