@@ -11,6 +11,7 @@ from lotse_contracts.city import load_city
 from lotse_contracts.cloudevents import from_kafka
 from lotse_contracts.events.visits import VisitScheduled
 from lotse_contracts.subscriptions import RoutingError, load_registry
+from lotse_runtime import audit
 from lotse_runtime.db import Database
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.migrations import create_schema
@@ -18,7 +19,8 @@ from lotse_runtime.outbox import NOTIFY_CHANNEL, Outbox, OutboxMessage, OutboxRe
 from lotse_runtime.telemetry import TelemetryConfig, setup_telemetry
 from opentelemetry.sdk.metrics.export import NumberDataPoint
 from sqlalchemy import text
-from sqlmodel import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col, select
 
 from tests.support import eventually, read_topic
 
@@ -94,6 +96,62 @@ async def test_rolled_back_transaction_leaves_no_event(db: Database, kafka: Kafk
         await failing_change()
     async with db.transaction() as session:
         assert (await session.execute(select(OutboxMessage))).first() is None
+
+
+async def test_rows_of_a_rolled_back_savepoint_are_not_stored(db: Database) -> None:
+    # Outbox and audit rows go in at commit, one statement per table: the savepoints between
+    # must still decide which of them exist, and the ids keep the order they were added in.
+    outbox = make_outbox("")
+    case_id = str(uuid.uuid4())
+    added: dict[str, str] = {}
+
+    def add(name: str, session: AsyncSession) -> None:
+        added[name] = outbox.add(session, scheduled(case_id)).id
+        audit.record(
+            session,
+            service="visits",
+            caller=None,
+            action=audit.AuditAction.change,
+            case_id=case_id,
+            purpose=name,
+        )
+
+    async def refused_step(session: AsyncSession, name: str, inner: str | None = None) -> None:
+        async with session.begin_nested():
+            add(name, session)
+            if inner is not None:
+                async with session.begin_nested():
+                    add(inner, session)
+            raise RuntimeError("step refused")
+
+    async with db.transaction() as session:
+        add("before", session)
+        async with session.begin_nested():
+            add("released", session)
+            with pytest.raises(RuntimeError):
+                await refused_step(session, "inner rolled back")
+            add("released after inner", session)
+        with pytest.raises(RuntimeError):
+            await refused_step(session, "rolled back", "released inside rolled back")
+        add("after", session)
+    kept = ["before", "released", "released after inner", "after"]
+    async with db.transaction() as session:
+        stored = (
+            await session.execute(
+                select(OutboxMessage.event_id, OutboxMessage.topic).order_by(col(OutboxMessage.id))
+            )
+        ).all()
+        purposes = (
+            await session.execute(
+                select(audit.AuditEntry.purpose).order_by(col(audit.AuditEntry.id))
+            )
+        ).scalars()
+        assert [event_id for event_id, topic in stored if topic == "lotse.visits"] == [
+            added[name] for name in kept
+        ]
+        assert list(purposes) == kept
+        # The audience copies (feeds) of the dropped events went with them.
+        assert {event_id for event_id, _ in stored} == {added[name] for name in kept}
 
 
 async def test_unroutable_event_fails_the_transaction(db: Database) -> None:

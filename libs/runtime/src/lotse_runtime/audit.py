@@ -15,9 +15,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from opentelemetry import trace
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import Field, SQLModel
 
+from lotse_runtime.db import insert_at_commit
 from lotse_runtime.identity import Caller, current_access_observer
 
 
@@ -56,6 +58,9 @@ class AuditEntry(SQLModel, table=True):
     trace_id: str | None = Field(default=None, description="Trace of the request.")
 
 
+_AUDIT: Table = AuditEntry.__table__  # type: ignore[attr-defined]
+
+
 def _trace_id() -> str | None:
     context = trace.get_current_span().get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else None
@@ -71,7 +76,8 @@ def record(
     purpose: str,
     path: str | None = None,
 ) -> AuditEntry:
-    """Add an entry to the caller's transaction (it commits with the access it records).
+    """Add an entry to the caller's transaction (it commits with the access it records; it
+    is inserted at commit, with the transaction's other entries in one statement).
 
     Inside a request this also tells the policy layer that the route audited the access
     itself, so the runtime adds no second entry for it (see policy.py)."""
@@ -85,7 +91,7 @@ def record(
         path=path,
         trace_id=_trace_id(),
     )
-    session.add(entry)
+    insert_at_commit(session, _AUDIT, entry.model_dump(exclude={"id"}))
     observer = current_access_observer()
     if observer is not None:
         observer.recorded(case_id)

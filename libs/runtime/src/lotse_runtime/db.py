@@ -9,13 +9,21 @@ tables. This module imports nothing of the migrations (they build on it, not the
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+import aiosqlite
+from sqlalchemy import Table, event, insert, text
+from sqlalchemy.dialects.sqlite.aiosqlite import (
+    AsyncAdapt_aiosqlite_connection,
+    AsyncAdapt_aiosqlite_cursor,
+    AsyncAdapt_aiosqlite_dbapi,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -26,6 +34,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.util import immutabledict
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +58,108 @@ def async_url(url: str) -> str:
             "only postgresql and sqlite are supported"
         )
     return parsed.render_as_string(hide_password=False)
+
+
+class _StatementResult:
+    """What SQLAlchemy reads of a cursor after a statement, taken in the driver's thread."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self.description = cursor.description
+        self.rowcount = cursor.rowcount
+        self.lastrowid = cursor.lastrowid
+        self.arraysize = cursor.arraysize
+
+
+class _OneHandOffCursor(AsyncAdapt_aiosqlite_cursor):
+    """A statement in one hand-off to the connection's thread.
+
+    aiosqlite hands each cursor call to its thread on its own: open, execute, fetch and close
+    are four round trips through the event loop per SELECT. Here the thread runs them as one
+    call and returns the rows with what SQLAlchemy reads of the cursor afterwards.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:
+        self._adapt_connection = adapt_connection
+        self._connection = adapt_connection._connection
+        # The slots SQLAlchemy's cursor adapter declares, holding plain values here: the
+        # last statement's _StatementResult instead of a driver cursor.
+        self._cursor = None  # type: ignore[assignment]
+        self._soft_closed_memoized = immutabledict()
+        self._rows = collections.deque()
+
+    @property
+    def description(self) -> Any:
+        return None if self._cursor is None else self._cursor.description
+
+    @property
+    def rowcount(self) -> int:
+        return -1 if self._cursor is None else self._cursor.rowcount
+
+    @property
+    def lastrowid(self) -> Any:
+        return None if self._cursor is None else self._cursor.lastrowid
+
+    async def _async_soft_close(self) -> None:
+        return None  # nothing stays open in the thread
+
+    def close(self) -> None:
+        self._rows.clear()
+
+    async def _execute_async(self, operation: Any, parameters: Any) -> Any:
+        async with self._adapt_connection._execute_mutex:
+            result, rows = await self._in_thread(_run_statement, operation, parameters)
+            self._cursor = result  # type: ignore[assignment]
+            self._rows = collections.deque(rows)
+            return None
+
+    async def _executemany_async(self, operation: Any, seq_of_parameters: Any) -> Any:
+        async with self._adapt_connection._execute_mutex:
+            result, _ = await self._in_thread(_run_statements, operation, seq_of_parameters)
+            self._cursor = result  # type: ignore[assignment]
+            return None
+
+    async def _in_thread(self, fn: Any, *args: Any) -> tuple[_StatementResult, list[Any]]:
+        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        # aiosqlite's own queue to its thread (the sqlite3 connection is bound to that thread).
+        return await connection._execute(fn, connection._conn, *args)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _run_statement(
+    connection: sqlite3.Connection, operation: str, parameters: Sequence[Any] | None
+) -> tuple[_StatementResult, list[Any]]:
+    cursor = connection.cursor()
+    try:
+        cursor.execute(operation, () if parameters is None else parameters)
+        rows = cursor.fetchall() if cursor.description else []
+        return _StatementResult(cursor), rows
+    finally:
+        cursor.close()
+
+
+def _run_statements(
+    connection: sqlite3.Connection, operation: str, seq_of_parameters: Sequence[Any]
+) -> tuple[_StatementResult, list[Any]]:
+    cursor = connection.cursor()
+    try:
+        cursor.executemany(operation, seq_of_parameters)
+        return _StatementResult(cursor), []
+    finally:
+        cursor.close()
+
+
+class _OneHandOffConnection(AsyncAdapt_aiosqlite_connection):
+    __slots__ = ()
+    _cursor_cls = _OneHandOffCursor  # type: ignore[assignment]
+
+
+class _OneHandOffDbapi(AsyncAdapt_aiosqlite_dbapi):
+    """aiosqlite as SQLAlchemy adapts it, with statements in one hand-off each."""
+
+    def connect(self, *arg: Any, **kw: Any) -> AsyncAdapt_aiosqlite_connection:
+        adapted = super().connect(*arg, **kw)
+        return _OneHandOffConnection(self, adapted._connection)
 
 
 #: How long a SQLite transaction waits for the write lock before it fails as busy.
@@ -82,6 +194,64 @@ def _sqlite_begin(conn: Any) -> None:
     if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
         return
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_DEFERRED_ROWS = "lotse_deferred_rows"
+
+#: A deferred row: its table, its values, and the savepoint it was added in (None: outside any).
+_Deferred = tuple[Table, dict[str, Any], SessionTransaction | None]
+
+
+def insert_at_commit(session: AsyncSession, table: Table, row: dict[str, Any]) -> None:
+    """Add ``row`` to ``table`` when ``session``'s transaction commits, in one INSERT per
+    table with every other row so added (ids in the order the rows were added).
+
+    For append-only rows nobody reads back in the same transaction (outbox, audit). The ORM
+    inserts rows with an autoincrement key one statement at a time on SQLite, as it must
+    learn each key; these rows need no key back. Rows added inside a savepoint that rolls
+    back are dropped with it; a rolled-back transaction inserts none.
+    """
+    sync_session = session.sync_session
+    if not event.contains(sync_session, "before_commit", _insert_deferred):
+        event.listen(sync_session, "before_commit", _insert_deferred)
+        event.listen(sync_session, "after_soft_rollback", _drop_rolled_back)
+        event.listen(sync_session, "after_transaction_end", _forget_at_end)
+    rows: list[_Deferred] = sync_session.info.setdefault(_DEFERRED_ROWS, [])
+    rows.append((table, row, sync_session.get_nested_transaction()))
+
+
+def _insert_deferred(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint released: its rows go with the enclosing transaction
+    rows: list[_Deferred] = session.info.pop(_DEFERRED_ROWS, [])
+    by_table: dict[Table, list[dict[str, Any]]] = {}
+    for table, row, _savepoint in rows:
+        by_table.setdefault(table, []).append(row)
+    for table, values in by_table.items():
+        session.execute(insert(table), values)
+
+
+def _drop_rolled_back(session: Session, transaction: SessionTransaction) -> None:
+    if not transaction.nested:
+        return  # the transaction's end forgets them
+    rows: list[_Deferred] = session.info.get(_DEFERRED_ROWS, [])
+    rows[:] = [entry for entry in rows if not _inside(entry[2], transaction)]
+
+
+def _forget_at_end(session: Session, transaction: SessionTransaction) -> None:
+    # Committed (then already inserted), rolled back or closed: nothing carries over to the
+    # session's next transaction.
+    if transaction.parent is None:
+        session.info.pop(_DEFERRED_ROWS, None)
+
+
+def _inside(savepoint: SessionTransaction | None, transaction: SessionTransaction) -> bool:
+    """Whether ``savepoint`` is ``transaction`` or was opened within it."""
+    while savepoint is not None:
+        if savepoint is transaction:
+            return True
+        savepoint = savepoint.parent
+    return False
 
 
 # SQLite's words for lock contention (SQLITE_BUSY, SQLITE_LOCKED); other OperationalErrors such
@@ -125,6 +295,7 @@ class Database:
             database = parsed.database
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["module"] = _OneHandOffDbapi(aiosqlite, sqlite3)
         else:
             kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)

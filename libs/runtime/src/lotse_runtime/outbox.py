@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel, col
 
-from lotse_runtime.db import Database
+from lotse_runtime.db import Database, insert_at_commit
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.telemetry import Telemetry, inject_headers
 
@@ -126,15 +126,19 @@ class Outbox:
             copies.extend(self.registry.route(event))
         for target, copy in copies:
             record = to_kafka_binary(copy, extra_headers=trace)
-            session.add(
-                OutboxMessage(
-                    topic=self.topic_prefix + target,
-                    record_key=record.key.decode() if record.key is not None else None,
-                    value=record.value,
-                    headers=_encode_headers(record.headers),
-                    event_id=event.id,
-                    event_type=event.type,
-                )
+            insert_at_commit(
+                session,
+                _OUTBOX,
+                {
+                    "topic": self.topic_prefix + target,
+                    "record_key": record.key.decode() if record.key is not None else None,
+                    "value": record.value,
+                    "headers": _encode_headers(record.headers),
+                    "event_id": event.id,
+                    "event_type": event.type,
+                    "created_at": _utcnow(),
+                    "sent_at": None,
+                },
             )
         sync_session = session.sync_session
         if self._on_commit is not None:
