@@ -210,6 +210,9 @@ def build_platform(
             "LOTSE_READINESS_TIMEOUT_S": "1.0",
             "LOTSE_REPORTING_PUBLISH_INTERVAL_S": "0.3",
             "LOTSE_LOG_LEVEL": "WARNING",
+            # Ten replicas share the test server's max_connections with the other tests.
+            "LOTSE_DATABASE_POOL_SIZE": "3",
+            "LOTSE_DATABASE_MAX_OVERFLOW": "4",
             **(extra_env or {}),
         }
     )

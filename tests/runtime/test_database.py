@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from lotse_runtime.db import Database, transient_error
 from lotse_runtime.migrations import create_schema
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Field, SQLModel, func, select
@@ -105,5 +106,24 @@ async def test_the_wal_checkpoint_after_an_erasure_empties_the_log(
         # The pool's connections are still open, so the log file stays, emptied.
         assert await asyncio.to_thread(os.path.getsize, wal) == 0
         assert "WAL checkpoint after erasure failed" not in caplog.text
+    finally:
+        await db.dispose()
+
+
+async def test_the_pool_holds_no_more_connections_than_configured(postgres_url: str) -> None:
+    """Replicas x (pool size + overflow) must fit the server's max_connections: a transaction
+    beyond the limit waits for a connection instead of opening another."""
+    db = Database(postgres_url, pool_size=2, max_overflow=1)
+    try:
+        backends = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+
+        async def hold(seconds: float) -> int:
+            async with db.transaction() as session:
+                await asyncio.sleep(seconds)
+                return int((await session.execute(text(backends))).scalar_one())
+
+        counts = await asyncio.gather(*(hold(0.3) for _ in range(6)))
+        assert max(counts) <= 3
+        assert db.engine.pool.size() == 2  # type: ignore[attr-defined]
     finally:
         await db.dispose()

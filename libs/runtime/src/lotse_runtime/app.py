@@ -377,7 +377,11 @@ def build_runtime(
     """Construct (but do not start) the parts of one service."""
     city = load_city(settings.city)
     registry = load_registry(city, settings.subscriptions_file)
-    db = Database(settings.resolved_database_url())
+    db = Database(
+        settings.resolved_database_url(),
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+    )
     kafka = KafkaConfig(
         bootstrap=settings.kafka_bootstrap,
         client_id=f"lotse-{settings.service_name}",

@@ -286,7 +286,9 @@ def transient_error(exc: BaseException) -> bool:
 class Database:
     """Engine and sessions of one service database."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(
+        self, url: str, *, echo: bool = False, pool_size: int = 10, max_overflow: int = 10
+    ) -> None:
         self.url = async_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
@@ -297,7 +299,7 @@ class Database:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["module"] = _OneHandOffDbapi(aiosqlite, sqlite3)
         else:
-            kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
+            kwargs.update(pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)

@@ -95,6 +95,16 @@ class ServiceSettings(BaseSettings):
         default="",
         description="SQLAlchemy URL; empty means the embedded SQLite file var/<service>.db.",
     )
+    database_pool_size: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description="PostgreSQL: connections a replica keeps open. Replicas x (pool size + "
+        "max overflow) + leases must stay below the server's max_connections.",
+    )
+    database_max_overflow: int = Field(
+        default=10, ge=0, le=100, description="PostgreSQL: extra connections under load."
+    )
     data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Where embedded files live.")
     city: str = Field(default="dortmund", description="City configuration (name or TOML path).")
     subscriptions_file: str | None = Field(
