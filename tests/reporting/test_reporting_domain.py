@@ -374,13 +374,14 @@ def test_referrals_by_module_status_acceptance_and_handover() -> None:
     assert value(cells, *m, KpiFigure.ACCEPTANCE_RATE) == 75.0
     assert value(cells, *m, KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER) == 6.5
     # 2 + 3 families behind the small modules: both hidden. A family may have referrals to
-    # several modules, and the cells keep how many families are behind them, not which, so
-    # two hidden parts count as their bigger one (3 < k): the next smallest goes as well.
-    assert cells[(*m, "referrals_requested", "module:elternschule")].suppressed
+    # several modules and the cells keep how many families are behind them, not which; but
+    # every one of the 11 families is behind some module, and the shown one holds 6, so the
+    # hidden two stand for at least 5 (= k) together: nothing more needs to go.
+    assert value(cells, *m, KpiFigure.REFERRALS_REQUESTED, "module:elternschule") == 6
     assert cells[(*m, "referrals_requested", "module:familienhebamme")].suppressed
     assert cells[(*m, "referrals_requested", "module:aufsuchende-elternberatung")].suppressed
     assert value(cells, *m, KpiFigure.REFERRALS_REQUESTED, "module:fit-fuers-baby") == 0
-    assert cells[(*m, "referrals_requested", "status:accepted")].suppressed  # as the modules
+    assert value(cells, *m, KpiFigure.REFERRALS_REQUESTED, "status:accepted") == 6
     assert cells[(*m, "referrals_requested", "status:rejected")].suppressed
     assert cells[(*m, "referrals_requested", "status:requested")].suppressed
     assert value(cells, *m, KpiFigure.CONTACTS_PER_FAMILY) == 0.55
@@ -490,3 +491,20 @@ def test_changed_cells_are_those_that_differ_from_what_was_published() -> None:
     b = Cell("hoerde", "2025-03", KpiFigure.VISITS_DECLINED, None, None, True)
     published = {a.key: (7.0, False), b.key: (6.0, False)}
     assert changed_cells([a, b], published) == [b]
+
+
+def test_a_city_total_stays_published_when_each_bezirk_is_hidden() -> None:
+    # 8 referrals over five Bezirke, none with k families: each Bezirk is hidden, but the
+    # city's 8 families are all behind hidden Bezirke, so together they stand for k or more.
+    events: list[EventModel] = []
+    for bezirk, count in {"eving": 1, "hoerde": 2, "huckarde": 1, "mengede": 1}.items():
+        for family in families(bezirk, count):
+            referral = family.referral(new_id(), "familienhebamme")
+            events += [family.registered(at("2025-03-02")), referral.requested(at("2025-03-03"))]
+    for family in families("innenstadt-nord", 3):
+        referral = family.referral(new_id(), "familienhebamme")
+        events += [family.registered(at("2025-03-02")), referral.requested(at("2025-03-03"))]
+    cells = figures(run(events))
+    assert value(cells, STADT, "2025", KpiFigure.REFERRALS_REQUESTED) == 8
+    assert value(cells, STADT, "2025-03", KpiFigure.REFERRALS_REQUESTED) == 8
+    assert cells[("hoerde", "2025-03", "referrals_requested", "")].suppressed

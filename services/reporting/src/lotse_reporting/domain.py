@@ -985,9 +985,11 @@ def protect(
 
     ``families`` gives the (pseudonymous) families behind each cell, so the families behind
     hidden parts are their union. ``sizes`` gives only their number (what the incremental
-    cells keep): hidden parts then stand for as many families as the biggest of them, or,
-    where the group's parts cannot share a family (``Group.disjoint``), for their sum; this
-    is never more than the union, so it hides at least as much. With neither, a count's
+    cells keep): hidden parts then stand for as many families as the biggest of them or as
+    the total's families that the shown parts cannot account for, whichever is more (every
+    family behind a total is behind one of its parts), or, where the group's parts cannot
+    share a family (``Group.disjoint``), for their sum; each is never more than the union,
+    so it hides at least as much. With neither, a count's
     value is taken as its number of families.
 
     Ratios (consent, reach, contacts per family) are published only where their base count,
@@ -1008,7 +1010,11 @@ def protect(
     def behind(group: Group, hidden: list[CellKey]) -> int:
         if families is None:
             if sizes is not None and not group.disjoint:
-                return int(max(true_value[p] for p in hidden))
+                # Every family behind the total is behind some part, so the hidden parts
+                # stand for at least those the shown parts cannot account for.
+                shown = sum(true_value.get(p, 0.0) for p in group.parts if p not in hidden)
+                unaccounted = true_value.get(group.total, 0.0) - shown
+                return int(max(unaccounted, *(true_value[p] for p in hidden)))
             return int(sum(true_value[p] for p in hidden))
         union: set[str] = set()
         for part in hidden:
