@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -27,16 +26,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.reporting import KpiUpdated
 from lotse_contracts.figures import FIGURES
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.db import Database
-from lotse_runtime.outbox import OutboxMessage
 from lotse_runtime.refusal import Refusal
-from lotse_runtime.telemetry import inject_headers
-from sqlalchemy import insert, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lotse_reporting import domain, report, store
@@ -273,44 +269,26 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
             return 0
         now = runtime.clock().astimezone(UTC)
         await store.save_cells(session, changed, now, await store.revision(session) + 1)
-        await session.execute(insert(OutboxMessage), _outbox_rows(runtime, changed, now))
-    # Rows inserted directly (not through Outbox.add) do not wake the relay on commit.
-    runtime.relay.wake()
+        _add_to_outbox(runtime, session, changed, now)
     return len(changed)
 
 
-def _outbox_rows(
-    runtime: ServiceRuntime[ReportingSettings], cells: Sequence[Cell], now: datetime
-) -> list[dict[str, Any]]:
-    """The outbox rows of ``kpi-updated`` events for ``cells``, for one batched insert.
-
-    What ``Outbox.add`` does per event (validated model, CloudEvent, binary Kafka record with
-    the trace headers, copies for any audience feed), without an ORM object per row: a pass
-    publishing tens of thousands of cells spent most of its time building those objects."""
+def _add_to_outbox(
+    runtime: ServiceRuntime[ReportingSettings],
+    session: AsyncSession,
+    cells: Sequence[Cell],
+    now: datetime,
+) -> None:
+    """The ``kpi-updated`` events of ``cells`` through the outbox's CloudEvent path (audience
+    copies, trace headers, one INSERT at commit, the relay woken on commit and, on
+    PostgreSQL, in the other replicas). Not ``Outbox.add``: it validates each model once more,
+    which a pass publishing tens of thousands of freshly built cells cannot afford."""
     outbox = runtime.outbox
-    trace = inject_headers()
-    rows: list[dict[str, Any]] = []
     for cell in cells:
-        event = _kpi_updated(cell, now)
-        cloudevent = event.to_cloudevent(source=outbox.source)
-        copies = [(KpiUpdated.topic, cloudevent)]
-        if outbox.registry is not None:
-            copies.extend(outbox.registry.route(cloudevent))
-        for target, copy in copies:
-            record = to_kafka_binary(copy, extra_headers=trace)
-            rows.append(
-                {
-                    "topic": outbox.topic_prefix + target,
-                    "record_key": None if record.key is None else record.key.decode(),
-                    "value": record.value,
-                    # The outbox's header format: JSON [[name, value], ...].
-                    "headers": json.dumps([[k, v.decode("utf-8")] for k, v in record.headers]),
-                    "event_id": cloudevent.id,
-                    "event_type": cloudevent.type,
-                    "created_at": now,
-                }
-            )
-    return rows
+        cloudevent = _kpi_updated(cell, now).to_cloudevent(
+            source=outbox.source, schema_base=outbox.schema_base
+        )
+        outbox.add_cloudevent(session, cloudevent, KpiUpdated.topic)
 
 
 def _kpi_updated(cell: Cell, now: datetime) -> KpiUpdated:
