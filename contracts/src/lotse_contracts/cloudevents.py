@@ -37,6 +37,9 @@ _CORE_ATTRIBUTES = frozenset(
 #: Lotse's own extension attributes, lifted to typed fields.
 _LOTSE_EXTENSIONS = frozenset({"bezirk", "traeger"})
 _REQUIRED = ("specversion", "id", "source", "type")
+#: Attributes that are fields of :class:`CloudEvent`; any other is a further extension.
+_DEFINED = _CORE_ATTRIBUTES | _LOTSE_EXTENSIONS
+_PREFIX_LENGTH = len(HEADER_PREFIX)
 
 
 class InvalidCloudEvent(ValueError):
@@ -145,25 +148,28 @@ def _parse_time(raw: str) -> datetime:
 
 def _from_attributes(attrs: dict[str, str], data: Any, *, prefix: str = "") -> CloudEvent:
     # prefix names the attribute as the sender wrote it: "ce_type" in binary mode.
-    missing = [prefix + name for name in _REQUIRED if not attrs.get(name)]
-    if missing:
-        raise InvalidCloudEvent(f"required attribute(s) missing: {', '.join(missing)}")
+    for name in _REQUIRED:
+        if not attrs.get(name):
+            missing = [prefix + name for name in _REQUIRED if not attrs.get(name)]
+            raise InvalidCloudEvent(f"required attribute(s) missing: {', '.join(missing)}")
     if attrs["specversion"] != SPEC_VERSION:
         raise InvalidCloudEvent(
             f"unsupported specversion {attrs['specversion']!r}, expected {SPEC_VERSION!r}"
         )
-    fields: dict[str, Any] = {
-        k: v for k, v in attrs.items() if k in _CORE_ATTRIBUTES or k in _LOTSE_EXTENSIONS
-    }
+    # Binary mode: an absent datacontenttype means the record carried no declaration.
+    fields: dict[str, Any] = {"datacontenttype": None}
+    extensions: dict[str, str] = {}
+    for name, text in attrs.items():
+        if name in _DEFINED:
+            fields[name] = text
+        else:
+            extensions[name] = text
     if "time" in fields:
         fields["time"] = _parse_time(fields["time"])
-    extensions = {
-        k: v for k, v in attrs.items() if k not in _CORE_ATTRIBUTES and k not in _LOTSE_EXTENSIONS
-    }
-    # Binary mode: an absent datacontenttype means the record carried no declaration.
-    fields.setdefault("datacontenttype", None)
+    fields["extensions"] = extensions
+    fields["data"] = data
     try:
-        return CloudEvent(**fields, extensions=extensions, data=data)
+        return CloudEvent(**fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "event"
@@ -209,23 +215,27 @@ def from_kafka(
     Raises :class:`InvalidCloudEvent` with a human-readable reason for anything that is
     not a valid CloudEvent: too large, undecodable headers, bad JSON, missing attributes.
     """
-    size = len(value or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+    size = len(value) if value else 0
+    for name, raw in headers:
+        size += len(name) + (len(raw) if raw else 0)
     if size > max_bytes:
         raise InvalidCloudEvent(f"message of {size} bytes exceeds the limit of {max_bytes} bytes")
-    decoded: dict[str, str] = {}
+    # One pass over the headers (the consumer reads every record through here): header names
+    # are case-insensitive, and a repeated one counts with its last value.
+    attrs: dict[str, str] = {}
+    content_type = ""
     for name, raw in headers:
         try:
-            decoded[name.lower()] = (raw or b"").decode("utf-8")
+            text = raw.decode("utf-8") if raw else ""
         except UnicodeDecodeError as exc:
             raise InvalidCloudEvent(f"header {name!r} is not valid UTF-8") from exc
-    content_type = decoded.get(CONTENT_TYPE_HEADER, "")
-    if content_type.split(";")[0].strip() == STRUCTURED_CONTENT_TYPE:
+        lower = name.lower()
+        if lower.startswith(HEADER_PREFIX):
+            attrs[lower[_PREFIX_LENGTH:]] = text
+        elif lower == CONTENT_TYPE_HEADER:
+            content_type = text
+    if content_type and content_type.split(";")[0].strip() == STRUCTURED_CONTENT_TYPE:
         return _from_structured(value)
-    attrs = {
-        name[len(HEADER_PREFIX) :]: text
-        for name, text in decoded.items()
-        if name.startswith(HEADER_PREFIX)
-    }
     if not attrs:
         raise InvalidCloudEvent(
             "no ce_* headers and no content-type application/cloudevents+json: not a CloudEvent"

@@ -71,14 +71,14 @@ def fingerprint(event: CloudEvent) -> str:
     Canonical, so that the same event read in binary or structured mode, or re-serialised
     with other whitespace or key order, has the same fingerprint.
     """
-    canonical = json.dumps(
-        [event.type, event.subject, event.data],
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        default=str,
-    )
+    canonical = _CANONICAL.encode([event.type, event.subject, event.data])
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+)
+"""The fingerprint's JSON encoding (one encoder: json.dumps would build one per event)."""
 
 
 def judge(stored: str | None, event: CloudEvent) -> Claim:
