@@ -352,3 +352,23 @@ async def test_a_batch_handler_sees_what_the_handlers_before_it_wrote(harness: H
     await eventually(lambda: consumer.processed == 10)
     assert seen == list(range(10))
     assert [e.visit_id for e in await harness.effects()] == [e.visit_id for e in events]
+
+
+async def test_a_quiet_consumer_fetches_with_the_idle_wait_and_wakes_on_records(
+    harness: Harness,
+) -> None:
+    """Nothing for a while: the fetches wait longer (fewer of them); the next event is applied
+    and the short wait is back."""
+    consumer = harness.consumer(group())
+    consumer.quiet_after_s = 0.5
+    await consumer.start()
+    fetcher = consumer._consumer._fetcher  # type: ignore[union-attr]
+    assert fetcher._fetch_max_wait_ms == harness.kafka.fetch_max_wait_ms
+    await eventually(lambda: consumer.quiet)
+    assert fetcher._fetch_max_wait_ms == harness.kafka.fetch_max_wait_idle_ms
+    event = scheduled()
+    harness.send(event)
+    await eventually(lambda: consumer.processed == 1)
+    assert not consumer.quiet
+    assert fetcher._fetch_max_wait_ms == harness.kafka.fetch_max_wait_ms
+    assert [e.visit_id for e in await harness.effects()] == [event.visit_id]

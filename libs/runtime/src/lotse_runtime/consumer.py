@@ -104,6 +104,9 @@ DLQ_MARGIN_BYTES = 512
 """Kept free below the record limit for what the size estimate does not count (batch header)."""
 IDLE_LOOP_MS = 1000
 """How long one wait for records lasts before the loop goes round (nothing fetched)."""
+QUIET_AFTER_S = 5.0
+"""Without records for this long, a consumer fetches with the longer idle wait
+(``KafkaConfig.fetch_max_wait_idle_ms``) until records come again."""
 DATABASE_RETRY_S = 1.0
 """Pause between tries while the service's database does not answer."""
 
@@ -236,6 +239,9 @@ class EventConsumer:
         self._moved_at: dict[TopicPartition, float] = {}
         self._stopping = False
         self.failed: BaseException | None = None
+        self.quiet_after_s = QUIET_AFTER_S
+        self._last_records = time.monotonic()
+        self._quiet = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -331,6 +337,32 @@ class EventConsumer:
                 if position is None or high is None or high <= position:
                     self._moved_at[tp] = now
 
+    @property
+    def quiet(self) -> bool:
+        """Whether the consumer fetches with the idle wait (nothing came for a while)."""
+        return self._quiet
+
+    def _pace_fetches(self, consumer: AIOKafkaConsumer, fetched: bool) -> None:
+        """Fetch with the short wait while records come, with the idle wait once nothing has
+        come for ``quiet_after_s``: an idle service then sends a few fetches a second instead
+        of ten per consumer group."""
+        now = time.monotonic()
+        if fetched:
+            self._last_records = now
+        quiet = not fetched and now - self._last_records > self.quiet_after_s
+        if quiet == self._quiet:
+            return
+        wait = self.kafka.fetch_max_wait_ms
+        if quiet:
+            wait = max(wait, self.kafka.fetch_max_wait_idle_ms)
+        # aiokafka reads the wait from its fetcher for each request it builds; it offers no
+        # public setter (the consumer's option only sets this at start).
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is None or not hasattr(fetcher, "_fetch_max_wait_ms"):
+            return
+        fetcher._fetch_max_wait_ms = wait
+        self._quiet = quiet
+
     def _advanced(self, tp: TopicPartition, position: int) -> None:
         self._positions[tp] = position
         self._moved_at[tp] = time.monotonic()
@@ -354,6 +386,7 @@ class EventConsumer:
                 if consumer.assignment():
                     self._assigned.set()
                 self._note_idle(consumer)
+                self._pace_fetches(consumer, bool(batches))
                 for tp, records in batches.items():
                     if records:
                         self._fetched[tp] = records[-1].offset + 1
