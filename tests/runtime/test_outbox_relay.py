@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
 
 import pytest
 from lotse_contracts.city import load_city
@@ -332,46 +330,3 @@ async def test_a_rolled_back_transaction_sends_no_notice(postgres_url: str) -> N
             assert heard == [NOTIFY_CHANNEL]
     finally:
         await db.dispose()
-
-
-async def test_the_relay_publishes_on_while_a_pass_waits_to_mark_its_rows_sent(
-    db: Database, kafka: KafkaConfig, topics: str
-) -> None:
-    """The "sent" mark needs the write lock (on SQLite the one requests and consumers hold in
-    turn); an event committed while it waits is published without waiting for it, and the
-    rows already published are not published again meanwhile."""
-    relay = OutboxRelay(db, kafka, service="visits", poll_interval_s=600)
-    # The domain topic only (no audience copies): one row per event.
-    outbox = Outbox(source="/lotse/visits", topic_prefix=topics, on_commit=relay.wake)
-    write_lock_free = asyncio.Event()
-    marking = relay._mark_sent
-
-    async def waiting_for_the_lock(ids: list[int], at: datetime | None = None) -> None:
-        await write_lock_free.wait()
-        await marking(ids, at)
-
-    relay._mark_sent = waiting_for_the_lock  # type: ignore[method-assign]
-    await relay.start()
-    try:
-        ids: list[str] = []
-
-        def published_all() -> bool:
-            return relay.published == len(ids)
-
-        for n in range(2):
-            async with db.transaction() as session:
-                ids.append(outbox.add(session, scheduled(str(uuid.uuid4()), n)).id)
-            await eventually(published_all)
-        records = await read_topic(kafka.bootstrap, topics + "lotse.visits", 2, settle_s=1.0)
-        # Each once (two cases: two partitions, read in no particular order).
-        assert sorted(str(r.header("ce_id")) for r in records) == sorted(ids)
-        write_lock_free.set()
-
-        async def all_marked() -> bool:
-            async with db.transaction() as session:
-                rows = (await session.execute(select(OutboxMessage))).scalars().all()
-            return len(rows) == 2 and all(row.sent_at is not None for row in rows)
-
-        await eventually(all_marked)
-    finally:
-        await relay.stop()

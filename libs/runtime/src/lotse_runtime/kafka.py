@@ -62,9 +62,7 @@ class KafkaConfig:
             "client_id": self.client_id,
             "acks": "all",
             "enable_idempotence": False,
-            # Nothing to gain from waiting: the relay sends a pass's rows before awaiting any,
-            # so they share batches anyway, and a lone event would wait the whole linger.
-            "linger_ms": 0,
+            "linger_ms": 2,
             "max_request_size": self.max_record_bytes,
             "request_timeout_ms": self.request_timeout_ms,
             **self.extra,

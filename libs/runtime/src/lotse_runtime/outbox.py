@@ -203,10 +203,6 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        # Rows the loop published whose "sent" mark is still to be written (by _marker): the
-        # next pass skips them instead of waiting for the mark (see _run).
-        self._unmarked: dict[int, datetime] = {}
-        self._marker: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._leader: AsyncConnection | None = None
         self._lock_key = zlib.crc32(f"lotse-outbox-{service}".encode())
@@ -226,14 +222,6 @@ class OutboxRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        # Published rows left unmarked would only be published again after a restart.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._marks_written(), timeout=5.0)
-        if self._marker is not None:
-            self._marker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._marker
-            self._marker = None
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
@@ -241,18 +229,10 @@ class OutboxRelay:
         await self._release_leadership()
 
     async def _run(self) -> None:
-        """Publish on every wake-up (a commit that added rows), and every ``poll_interval_s``
-        as a safety net. The loop does not wait for a pass's "sent" mark: that UPDATE needs
-        SQLite's write lock, which requests and consumers hold in turn, and an event committed
-        meanwhile would wait for it. The mark is written in the background; until it is, the
-        next passes skip those rows (a crash before it publishes them again, as before)."""
         delay = self.poll_interval_s
         while True:
             try:
-                if len(self._unmarked) >= self.batch_size:
-                    await self._marks_written()  # bounded: a pass reads past the unmarked
-                async with self._pass_lock:
-                    sent = await self._publish_pending(mark_now=False)
+                sent = await self.publish_pending()
                 await self._prune_now_and_then()
                 self.last_error = None
                 delay = self.poll_interval_s
@@ -326,29 +306,25 @@ class OutboxRelay:
             self._leader = None
 
     async def publish_pending(self) -> int:
-        """One pass: publish up to ``batch_size`` unsent rows in order and mark them sent;
-        returns how many. Marks the loop left to the background are written first."""
-        await self._marks_written()
+        """One pass: publish up to ``batch_size`` unsent rows in order; returns how many."""
         # The loop and a drain (shutdown, tests) must not publish the same rows side by side.
         async with self._pass_lock:
-            return await self._publish_pending(mark_now=True)
+            return await self._publish_pending()
 
-    async def _publish_pending(self, *, mark_now: bool) -> int:
+    async def _publish_pending(self) -> int:
         if not await self._is_leader():
             return 0
-        skip = set(self._unmarked)
         # A single statement outside a transaction: on SQLite it reads the last committed
         # state without taking the write lock that requests and consumers queue for.
         async with self.db.autocommit() as conn:
-            found = (
+            rows = (
                 await conn.execute(
                     select(_OUTBOX)
                     .where(_OUTBOX.c.sent_at.is_(None))
                     .order_by(_OUTBOX.c.id)
-                    .limit(self.batch_size + len(skip))
+                    .limit(self.batch_size)
                 )
             ).all()
-        rows = [row for row in found if row.id not in skip][: self.batch_size]
         if not rows:
             self.backlog = 0
             return 0
@@ -374,10 +350,7 @@ class OutboxRelay:
                 break
             delivered.append(row.id)
         if delivered:
-            if mark_now:
-                await self._mark_sent(delivered)
-            else:
-                self._mark_later(delivered, _utcnow())
+            await self._mark_sent(delivered)
             self.published += len(delivered)
             if self.telemetry is not None:
                 for row in rows[: len(delivered)]:
@@ -390,43 +363,11 @@ class OutboxRelay:
             raise failure
         return len(delivered)
 
-    def _mark_later(self, ids: list[int], at: datetime) -> None:
-        # The time of publication, not of the mark: what sent_at has always said.
-        self._unmarked.update(dict.fromkeys(ids, at))
-        if self._marker is None or self._marker.done():
-            self._marker = asyncio.create_task(
-                self._write_marks(), name=f"outbox-marks-{self.service}"
-            )
-
-    async def _write_marks(self) -> None:
-        delay = 0.1
-        while self._unmarked:
-            at = next(iter(self._unmarked.values()))
-            ids = [i for i, when in self._unmarked.items() if when == at]
-            try:
-                await self._mark_sent(ids, at)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # The rows stay skipped while this process lives; a restart publishes them
-                # again (consumers' inboxes drop the copies).
-                _log.warning("marking outbox rows sent failed", extra={"error": str(exc)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            for i in ids:
-                del self._unmarked[i]
-
-    async def _marks_written(self) -> None:
-        """Wait until the background marks are written (or their writer gave up)."""
-        while self._unmarked and self._marker is not None and not self._marker.done():
-            await asyncio.shield(self._marker)
-
-    async def _mark_sent(self, ids: list[int], at: datetime | None = None) -> None:
+    async def _mark_sent(self, ids: list[int]) -> None:
         # One statement, committed on its own: the write lock is held for the UPDATE only.
         async with self.db.autocommit() as conn:
             await conn.execute(
-                update(_OUTBOX).where(_OUTBOX.c.id.in_(ids)).values(sent_at=at or _utcnow())
+                update(_OUTBOX).where(_OUTBOX.c.id.in_(ids)).values(sent_at=_utcnow())
             )
 
     async def _prune_now_and_then(self) -> None:
@@ -453,7 +394,7 @@ class OutboxRelay:
             count = await conn.scalar(
                 select(func.count()).select_from(_OUTBOX).where(_OUTBOX.c.sent_at.is_(None))
             )
-        self.backlog = max(0, int(count or 0) - len(self._unmarked))
+        self.backlog = int(count or 0)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Publish until nothing is pending (tests and shutdown)."""
