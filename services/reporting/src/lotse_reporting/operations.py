@@ -61,10 +61,11 @@ class Changes:
 
 
 class PublishTrigger:
-    """When the publisher runs: soon after this process applied an event (a short debounce,
-    so the delivery's transaction has committed and a burst goes into one pass), otherwise
-    every ``interval_s`` to pick up what other replicas applied. A tick in between does
-    nothing at all, so the service is idle when the city is."""
+    """When the publisher runs: soon after an event applied here has committed (a short
+    debounce, so a burst goes into one pass), once at start (what a stopped replica left
+    dirty), and otherwise only every ``interval_s`` as a safety net (marks left by a replica
+    that stopped before its pass). The job waits for :meth:`wait` in between, so an idle
+    service neither ticks nor queries."""
 
     def __init__(
         self, interval_s: float, debounce_s: float, clock: Callable[[], float] = time.monotonic
@@ -73,28 +74,50 @@ class PublishTrigger:
         self.debounce_s = debounce_s
         self._clock = clock
         self._pending_since: float | None = None
+        self._last_change = -interval_s
         self._last_pass = -interval_s
+        self._wake = asyncio.Event()
 
     def changed(self) -> None:
-        """An event was applied here (its transaction commits right after)."""
+        """An event applied here has committed."""
+        self._last_change = self._clock()
         if self._pending_since is None:
-            self._pending_since = self._clock()
+            self._pending_since = self._last_change
+        self._wake.set()
 
     def due(self) -> float | None:
         """The start time of a pass to run now, or None."""
+        if self._wait_s() is not None:
+            return None
+        return self._clock()
+
+    def _wait_s(self) -> float | None:
+        """How long until a pass is due (None: due now)."""
         now = self._clock()
         pending = self._pending_since
-        if pending is not None and now - pending >= self.debounce_s:
-            return now
-        if now - self._last_pass >= self.interval_s:
-            return now
-        return None
+        if pending is not None:
+            left = pending + self.debounce_s - now
+        else:
+            left = self._last_pass + self.interval_s - now
+        return None if left <= 0 else left
+
+    async def wait(self) -> float:
+        """Sleep until a pass is due; its start time. Woken early by :meth:`changed`."""
+        while (left := self._wait_s()) is not None:
+            if self._pending_since is not None:
+                await asyncio.sleep(left)  # the debounce: a burst goes into one pass
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+        return self._clock()
 
     def passed(self, started: float) -> None:
-        """A pass that began at ``started`` saw every change applied before it."""
+        """A pass that began at ``started`` saw every change committed before it."""
         self._last_pass = started
-        if self._pending_since is not None and self._pending_since + self.debounce_s <= started:
-            self._pending_since = None
+        if self._pending_since is not None and self._pending_since <= started:
+            # A change committed while the pass ran is published by the next one.
+            self._pending_since = self._last_change if self._last_change > started else None
 
 
 @dataclass
@@ -197,17 +220,18 @@ async def _store_changes(
     deltas = domain.cell_deltas({c: before[c] for c in touched}, after)
     await store.save_snapshot(session, snapshot)
     await store.add_to_cells(session, deltas)
-    await store.mark_dirty(session, {domain.year_of(key[1]) for key in deltas})
+    years = {domain.year_of(key[1]) for key in deltas}
+    carrying = {domain.year_of(key[1]) for key in deltas if key[2] == domain.STOCK_DELTA}
+    await store.mark_dirty(session, years, carrying)
 
 
 # --- publishing the figures ------------------------------------------------------------------
 
 
 async def publish_when_due(reporting: Reporting) -> int:
-    """One tick of the publication job: a pass if :class:`PublishTrigger` says so."""
-    started = reporting.trigger.due()
-    if started is None:
-        return 0
+    """One run of the publication job: wait until :class:`PublishTrigger` says a pass is due,
+    then run it."""
+    started = await reporting.trigger.wait()
     published = await publish_figures(reporting)
     reporting.trigger.passed(started)
     return published
@@ -220,26 +244,31 @@ async def publish_figures(
     cells were published."""
     db = reporting.db
     async with db.transaction() as session:
-        dirty = await store.dirty_years(session)
+        marks = await store.dirty_marks(session)
         newest = await store.horizon(session)
         known = await store.get_state(session, store.HORIZON)
         oldest = await store.oldest_year(session)
+    dirty = {year: version for year, (version, _) in marks.items()}
     if newest is None or oldest is None:
         if dirty:
             async with db.transaction() as session:
                 await store.clear_dirty(session, dirty)
         return 0
-    starts = list(dirty)
+    years = set(dirty)
+    # Only the open-escalation stock carries over into later years.
+    carried = [year for year, (_, carries) in marks.items() if carries]
     if all_years:
-        starts.append(oldest)
+        carried.append(oldest)
     if known != newest:
         # New months appear at the horizon (and a year may have been left incomplete).
-        starts.append(domain.year_of(known) if known else oldest)
-    if not starts:
+        carried.append(domain.year_of(known) if known else oldest)
+    last = domain.year_of(newest)
+    if carried:
+        years |= set(range(max(min(carried), oldest), last + 1))
+    if not years:
         return 0
     published = 0
-    # Later years follow too: an escalation's state carries over into them.
-    for year in range(max(min(starts), oldest), domain.year_of(newest) + 1):
+    for year in sorted(y for y in years if oldest <= y <= last):
         published += await _publish_year(reporting, year, newest, republish=republish)
     async with db.transaction() as session:
         await store.clear_dirty(session, dirty)

@@ -4,6 +4,7 @@ event per transaction) and by the replay (a batch of events per transaction)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -13,8 +14,10 @@ from lotse_contracts.events.reporting import KpiFigure
 from sqlalchemy import (
     Float,
     Integer,
+    Select,
     Table,
     and_,
+    bindparam,
     cast,
     delete,
     false,
@@ -26,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.dml import Insert
 from sqlmodel import SQLModel, col
 
 from lotse_reporting import domain
@@ -78,23 +82,30 @@ def _utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else moment.astimezone(UTC)
 
 
+@functools.cache
+def _upsert_statement(table: Table, dialect: str) -> Insert:
+    """Insert, or update where the primary key exists; built once per table and backend
+    (building it costs more than running it for one row)."""
+    keys = [c.name for c in table.primary_key.columns]
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    if update:
+        return stmt.on_conflict_do_update(index_elements=keys, set_=update)
+    return stmt.on_conflict_do_nothing(index_elements=keys)
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
 async def upsert(
     session: AsyncSession, model: type[SQLModel], rows: Sequence[Mapping[str, Any]]
 ) -> None:
     """Insert rows, or update them where the primary key exists (one statement per batch)."""
     if not rows:
         return
-    table = _table(model)
-    keys = [c.name for c in table.primary_key.columns]
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = _upsert_statement(_table(model), _dialect(session))
     for chunk in chunks(rows, 1000):
-        stmt = insert(table)
-        update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-        if update:
-            statement = stmt.on_conflict_do_update(index_elements=keys, set_=update)
-        else:
-            statement = stmt.on_conflict_do_nothing(index_elements=keys)
         await session.execute(statement, chunk)
 
 
@@ -146,41 +157,50 @@ def _row(facts: CaseFacts | ConsentFacts | Fact | ReferralFacts) -> dict[str, An
 # --- loading and storing what events touch ---------------------------------------------------
 
 
+@functools.cache
+def _where_in(table: Table, column: str) -> Select[Any]:
+    """The rows whose ``column`` is in the list bound as ``ids``; built once."""
+    return select(table).where(table.c[column].in_(bindparam("ids", expanding=True)))
+
+
+@functools.cache
+def _facts_of_kind() -> Select[Any]:
+    return select(FACTS).where(
+        FACTS.c.kind == bindparam("kind"), FACTS.c.ref.in_(bindparam("ids", expanding=True))
+    )
+
+
+async def _rows_in(
+    session: AsyncSession, table: Table, column: str, values: Iterable[str]
+) -> list[Any]:
+    rows: list[Any] = []
+    for ids in chunks(values):
+        rows.extend(await session.execute(_where_in(table, column), {"ids": ids}))
+    return rows
+
+
 async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
     """The rows ``needs`` names (those that exist)."""
     snapshot = Snapshot()
-    for ids in chunks(needs.case_ids):
-        for case_row in await session.execute(select(CASES).where(CASES.c.case_id.in_(ids))):
-            snapshot.cases[case_row.case_id] = _case(case_row)
-    # A family's share is computed from all of its rows.
-    for ids in chunks(needs.families):
-        for consent_row in await session.execute(
-            select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
-        ):
-            consent = _consent(consent_row)
-            snapshot.consents[(consent.case_id, consent.consent_id)] = consent
-        for referral_row in await session.execute(
-            select(REFERRALS).where(REFERRALS.c.case_id.in_(ids))
-        ):
-            referral = _referral(referral_row)
-            snapshot.referrals[referral.referral_id] = referral
-        for fact_row in await session.execute(select(FACTS).where(FACTS.c.case_id.in_(ids))):
-            fact = _fact(fact_row)
-            snapshot.facts[fact.key] = fact
-    # Ids are pseudonymous UUIDs: the consents, referrals and facts an event names belong to
-    # its family, whose rows are all loaded above; only rows of other cases need a query.
-    for ids in chunks(needs.consent_case_ids - needs.families):
-        for consent_row in await session.execute(
-            select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
-        ):
-            consent = _consent(consent_row)
-            snapshot.consents[(consent.case_id, consent.consent_id)] = consent
-    for ids in chunks(() if needs.families else needs.referral_ids):
-        for referral_row in await session.execute(
-            select(REFERRALS).where(REFERRALS.c.referral_id.in_(ids))
-        ):
-            referral = _referral(referral_row)
-            snapshot.referrals[referral.referral_id] = referral
+    for case_row in await _rows_in(session, CASES, "case_id", needs.case_ids):
+        snapshot.cases[case_row.case_id] = _case(case_row)
+    # A family's share is computed from all of its rows. Ids are pseudonymous UUIDs: the
+    # consents, referrals and facts an event names belong to its family, whose rows are all
+    # loaded here; only rows of other cases need a query of their own.
+    consent_cases = needs.families | needs.consent_case_ids
+    for consent_row in await _rows_in(session, CONSENTS, "case_id", consent_cases):
+        consent = _consent(consent_row)
+        snapshot.consents[(consent.case_id, consent.consent_id)] = consent
+    if needs.families:
+        referral_rows = await _rows_in(session, REFERRALS, "case_id", needs.families)
+    else:
+        referral_rows = await _rows_in(session, REFERRALS, "referral_id", needs.referral_ids)
+    for referral_row in referral_rows:
+        referral = _referral(referral_row)
+        snapshot.referrals[referral.referral_id] = referral
+    for fact_row in await _rows_in(session, FACTS, "case_id", needs.families):
+        fact = _fact(fact_row)
+        snapshot.facts[fact.key] = fact
     fact_keys: set[tuple[str, str]] = set()
     if not needs.families:
         fact_keys = {(str(kind), ref) for kind, ref in needs.fact_keys}
@@ -194,9 +214,7 @@ async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
         by_kind.setdefault(str(kind), set()).add(ref)
     for kind, refs in by_kind.items():
         for chunk in chunks(refs):
-            for fact_row in await session.execute(
-                select(FACTS).where(FACTS.c.kind == kind, FACTS.c.ref.in_(chunk))
-            ):
+            for fact_row in await session.execute(_facts_of_kind(), {"kind": kind, "ids": chunk}):
                 fact = _fact(fact_row)
                 snapshot.facts[fact.key] = fact
     # The years a family has facts in follow from its rows, all loaded above.
@@ -218,25 +236,44 @@ async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
     await upsert(session, ReportingReferral, referrals)
 
 
-async def mark_dirty(session: AsyncSession, years: Iterable[int]) -> None:
-    """Ask the publisher to recompute these years."""
-    wanted = sorted(set(years))
+async def mark_dirty(
+    session: AsyncSession, years: Iterable[int], carrying: Iterable[int] = ()
+) -> None:
+    """Ask the publisher to recompute these years; in ``carrying`` the open-escalation stock
+    changed, so every later year follows."""
+    carries = set(carrying)
+    wanted = sorted(set(years) | carries)
     if not wanted:
         return
-    table = _table(ReportingDirtyYear)
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["year"], set_={"version": table.c.version + 1}
+    statement = _mark_dirty_statement(_dialect(session))
+    await session.execute(
+        statement, [{"year": y, "version": 1, "carries": y in carries} for y in wanted]
     )
-    await session.execute(stmt, [{"year": y, "version": 1} for y in wanted])
+
+
+@functools.cache
+def _mark_dirty_statement(dialect: str) -> Insert:
+    table = _table(ReportingDirtyYear)
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    return stmt.on_conflict_do_update(
+        index_elements=["year"],
+        set_={
+            "version": table.c.version + 1,
+            "carries": or_(table.c.carries, stmt.excluded.carries),
+        },
+    )
 
 
 async def dirty_years(session: AsyncSession) -> dict[int, int]:
     """Years to recompute, with the version of their mark."""
-    rows = await session.scalars(select(ReportingDirtyYear))
-    return {row.year: row.version for row in rows}
+    return {year: version for year, (version, _) in (await dirty_marks(session)).items()}
+
+
+async def dirty_marks(session: AsyncSession) -> dict[int, tuple[int, bool]]:
+    """Years to recompute: the version of their mark, and whether later years follow."""
+    table = _table(ReportingDirtyYear)
+    rows = await session.execute(select(table.c.year, table.c.version, table.c.carries))
+    return {year: (version, bool(carries)) for year, version, carries in rows}
 
 
 async def clear_dirty(session: AsyncSession, seen: Mapping[int, int]) -> None:
@@ -265,8 +302,7 @@ async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta
     order, so two transactions lock shared cells in the same order."""
     if not deltas:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    adding, adding_numbers = _add_statements(_dialect(session))
     rows = [
         {
             "bezirk": key[0],
@@ -280,16 +316,8 @@ async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta
         }
         for key, delta in sorted(deltas.items())
     ]
-    stmt = insert(CELLS)
-    statement = stmt.on_conflict_do_update(
-        index_elements=["bezirk", "period", "figure", "dimension"],
-        set_={
-            name: CELLS.c[name] + stmt.excluded[name]
-            for name in ("families", "value", "hits", "weight")
-        },
-    )
     for chunk in chunks(rows, 1000):
-        await session.execute(statement, chunk)
+        await session.execute(adding, chunk)
     numbers = [
         {
             "bezirk": key[0],
@@ -302,14 +330,29 @@ async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta
         for key, delta in sorted(deltas.items())
         for number, count in sorted(delta.numbers.items())
     ]
-    if numbers:
-        stmt = insert(NUMBERS)
-        statement = stmt.on_conflict_do_update(
+    for chunk in chunks(numbers, 1000):
+        await session.execute(adding_numbers, chunk)
+
+
+@functools.cache
+def _add_statements(dialect: str) -> tuple[Insert, Insert]:
+    """Upserts that add to a cell's sums and to its histogram; built once per backend."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    cells = insert(CELLS)
+    numbers = insert(NUMBERS)
+    return (
+        cells.on_conflict_do_update(
+            index_elements=["bezirk", "period", "figure", "dimension"],
+            set_={
+                name: CELLS.c[name] + cells.excluded[name]
+                for name in ("families", "value", "hits", "weight")
+            },
+        ),
+        numbers.on_conflict_do_update(
             index_elements=["bezirk", "period", "figure", "dimension", "number"],
-            set_={"count": NUMBERS.c["count"] + stmt.excluded["count"]},
-        )
-        for chunk in chunks(numbers, 1000):
-            await session.execute(statement, chunk)
+            set_={"count": NUMBERS.c["count"] + numbers.excluded["count"]},
+        ),
+    )
 
 
 async def year_cells(
