@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from lotse_contracts.events.base import EventModel
-from lotse_contracts.events.reporting import KpiUpdated
+from lotse_contracts.events.reporting import KpiFigure, KpiUpdated
 from lotse_contracts.figures import FIGURES
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.db import Database
@@ -36,7 +36,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lotse_reporting import domain, report, store
-from lotse_reporting.domain import STADT, Cell, Layout, Rules
+from lotse_reporting.domain import STADT, Cell, CellKey, Layout, Rules
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.store import KpiFilter
 from lotse_reporting.tables import BezirkPublic, FigurePublic, KpiPublic, ReportingKpi
@@ -132,6 +132,9 @@ class Reporting:
     trigger: PublishTrigger = field(default_factory=lambda: PublishTrigger(1.0, 0.15))
     published: int = 0
     """Cells published by this process."""
+    seen: dict[int, YearSeen] = field(default_factory=dict)
+    """Per year, the sums the last pass computed from: the next pass recomputes only the
+    clusters of figures whose sums changed since."""
     passes: int = 0
     """Publication passes that found something to recompute."""
 
@@ -280,6 +283,15 @@ async def publish_figures(
     return published
 
 
+@dataclass
+class YearSeen:
+    """A year's sums as the last committed pass of this process computed its cells from."""
+
+    horizon: str
+    cells: dict[CellKey, domain.Accumulated]
+    stock: dict[tuple[str, str], domain.Accumulated]
+
+
 async def _publish_year(reporting: Reporting, year: int, newest: str, *, republish: bool) -> int:
     runtime = reporting.runtime
     async with runtime.db.transaction() as session:
@@ -287,19 +299,30 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
             # Replicas take turns; the second then finds nothing changed.
             await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
         accumulated, stock = await store.year_cells(session, year)
-        # Pure and CPU-bound (the year's cells, however many families): off the event loop,
-        # so consumers and streams keep going.
-        cells = await asyncio.to_thread(
-            domain.year_cells, year, newest, reporting.layout, accumulated, stock
-        )
-        before = await store.published_cells(session, year)
-        changed = cells if republish else domain.changed_cells(cells, before)
-        if not changed:
-            return 0
-        now = runtime.clock().astimezone(UTC)
-        await store.save_cells(session, changed, now, await store.revision(session) + 1)
-        _add_to_outbox(runtime, session, changed, now)
-    return len(changed)
+        seen = reporting.seen.get(year)
+        figures: frozenset[KpiFigure] | None = None
+        if seen is not None and seen.horizon == newest and not republish:
+            # Only clusters whose sums changed (here or in another replica) can change.
+            changed = domain.changed_figures(seen.cells, accumulated)
+            if seen.stock != stock:
+                changed.add(domain.STOCK_DELTA)
+            figures = domain.clusters_of(changed, reporting.layout)
+        published = 0
+        if figures is None or figures:
+            # Pure and CPU-bound: off the event loop, so consumers and streams keep going.
+            cells = await asyncio.to_thread(
+                domain.year_cells, year, newest, reporting.layout, accumulated, stock, figures
+            )
+            before = await store.published_cells(session, year, figures)
+            changed_cells = cells if republish else domain.changed_cells(cells, before)
+            if changed_cells:
+                now = runtime.clock().astimezone(UTC)
+                revision = await store.revision(session) + 1
+                await store.save_cells(session, changed_cells, now, revision)
+                _add_to_outbox(runtime, session, changed_cells, now)
+                published = len(changed_cells)
+    reporting.seen[year] = YearSeen(newest, accumulated, stock)
+    return published
 
 
 def _add_to_outbox(
