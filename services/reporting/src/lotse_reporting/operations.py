@@ -108,8 +108,11 @@ class PublishTrigger:
                 await asyncio.sleep(left)  # the debounce: a burst goes into one pass
                 continue
             self._wake.clear()
+            # asyncio.timeout, not wait_for: wait_for may swallow a cancellation that
+            # coincides with the wake-up, and the job would outlive the app's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
         return self._clock()
 
     def passed(self, started: float) -> None:
@@ -135,6 +138,9 @@ class Reporting:
     seen: dict[int, YearSeen] = field(default_factory=dict)
     """Per year, the sums the last pass computed from: the next pass recomputes only the
     clusters of figures whose sums changed since."""
+    revision_seen: int = -1
+    """The publication revision after this process's last pass (``seen`` holds while no
+    other process published)."""
     passes: int = 0
     """Publication passes that found something to recompute."""
 
@@ -299,6 +305,11 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
             # Replicas take turns; the second then finds nothing changed.
             await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
         accumulated, stock = await store.year_cells(session, year)
+        revision = await store.revision(session)
+        if revision != reporting.revision_seen:
+            # Another process published since this one's last pass: what is published may
+            # stem from sums this process never saw, so every year is computed in full.
+            reporting.seen.clear()
         seen = reporting.seen.get(year)
         figures: frozenset[KpiFigure] | None = None
         if seen is not None and seen.horizon == newest and not republish:
@@ -317,11 +328,12 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
             changed_cells = cells if republish else domain.changed_cells(cells, before)
             if changed_cells:
                 now = runtime.clock().astimezone(UTC)
-                revision = await store.revision(session) + 1
+                revision += 1
                 await store.save_cells(session, changed_cells, now, revision)
                 _add_to_outbox(runtime, session, changed_cells, now)
                 published = len(changed_cells)
     reporting.seen[year] = YearSeen(newest, accumulated, stock)
+    reporting.revision_seen = revision
     return published
 
 
