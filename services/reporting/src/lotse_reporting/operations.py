@@ -186,7 +186,7 @@ async def apply_event(session: AsyncSession, event: EventModel, rules: Rules) ->
     snapshot = await store.load_snapshot(session, needs)
     before = domain.shares_of(snapshot, needs.families, rules.zone)
     domain.apply(event, snapshot, rules)
-    await _store_changes(session, snapshot, before, rules)
+    await _store_changes(session, snapshot, before, rules, at_commit=True)
 
 
 async def replay_events(
@@ -217,9 +217,12 @@ async def _store_changes(
     snapshot: domain.Snapshot,
     before: dict[str, domain.Shares],
     rules: Rules,
+    *,
+    at_commit: bool = False,
 ) -> None:
     """Store the touched rows, add the difference of the families' shares to the cells and
-    mark the years whose cells changed, all in the caller's transaction."""
+    mark the years whose cells changed, all in the caller's transaction (the cells and marks
+    ``at_commit``: once for all events of the transaction)."""
     touched = {c for c in snapshot.touched_cases}
     touched |= {case_id for case_id, _ in snapshot.touched_consents}
     touched |= {snapshot.facts[key].case_id for key in snapshot.touched_facts}
@@ -228,9 +231,12 @@ async def _store_changes(
     after = domain.shares_of(snapshot, touched, rules.zone)
     deltas = domain.cell_deltas({c: before[c] for c in touched}, after)
     await store.save_snapshot(session, snapshot)
-    await store.add_to_cells(session, deltas)
     years = {domain.year_of(key[1]) for key in deltas}
     carrying = {domain.year_of(key[1]) for key in deltas if key[2] == domain.STOCK_DELTA}
+    if at_commit:
+        store.add_to_cells_at_commit(session, deltas, years, carrying)
+        return
+    await store.add_to_cells(session, deltas)
     await store.mark_dirty(session, years, carrying)
 
 
