@@ -8,9 +8,11 @@ For each start, in one process, against a fresh database (SQLite file by default
   measure   --events further events (new families, same months), each in its own
             transaction as the live consumer applies it (``operations.apply_event``), then
             one publication pass (``operations.publish_figures``)
+  live      --live-events more, a publication pass after every --per-pass of them (as the
+            service publishes a burst after its debounce): CPU per pass
 
-Prints CPU seconds (``time.process_time``) per applied event and per published cell for
-both starts side by side, and writes bench/results/reporting_incremental.json.
+Prints CPU seconds (``time.process_time``) per applied event, per published cell and per
+live pass for both starts side by side, and writes bench/results/reporting_incremental.json.
 
 Usage:  uv run --frozen python bench/reporting_incremental.py [--history N] [--events N]
 No broker: the events go straight into the projections; the outbox rows are written, not sent.
@@ -46,7 +48,12 @@ def handled(events: list[EventModel]) -> list[EventModel]:
     return [e for e in events if isinstance(e, domain.HANDLED)]
 
 
-async def one_start(history: list[EventModel], measured: list[EventModel]) -> dict[str, Any]:
+async def one_start(
+    history: list[EventModel],
+    measured: list[EventModel],
+    live: list[EventModel],
+    per_pass: int,
+) -> dict[str, Any]:
     folder = tempfile.mkdtemp(prefix="lotse-incremental-")
     settings = ReportingSettings(
         database_url=f"sqlite+aiosqlite:///{folder}/reporting.db",
@@ -78,6 +85,18 @@ async def one_start(history: list[EventModel], measured: list[EventModel]) -> di
         idle_cpu = time.process_time()
         again = await operations.publish_figures(reporting)
         idle_cpu = time.process_time() - idle_cpu
+        live_apply = live_publish = 0.0
+        passes = live_cells = 0
+        for start in range(0, len(live), per_pass):
+            cpu = time.process_time()
+            for event in live[start : start + per_pass]:
+                async with runtime.db.transaction() as session:
+                    await operations.apply_event(session, event, reporting.rules)
+            live_apply += time.process_time() - cpu
+            cpu = time.process_time()
+            live_cells += await operations.publish_figures(reporting)
+            live_publish += time.process_time() - cpu
+            passes += 1
         return {
             "history_events": len(history),
             "measured_events": len(measured),
@@ -89,6 +108,11 @@ async def one_start(history: list[EventModel], measured: list[EventModel]) -> di
             "cpu_ms_per_published_cell": round(1000 * publish_cpu / max(published, 1), 4),
             "idle_pass_cells": again,
             "idle_pass_cpu_ms": round(1000 * idle_cpu, 2),
+            "live_events": len(live),
+            "live_cpu_ms_per_event": round(1000 * live_apply / max(len(live), 1), 4),
+            "live_passes": passes,
+            "live_cells_published": live_cells,
+            "live_cpu_ms_per_pass": round(1000 * live_publish / max(passes, 1), 2),
         }
     finally:
         await runtime.db.dispose()
@@ -101,17 +125,20 @@ def main() -> None:
     )
     parser.add_argument("--history", type=int, default=500_000)
     parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--live-events", type=int, default=1000)
+    parser.add_argument("--per-pass", type=int, default=5)
     parser.add_argument("--seed", type=int, default=2025)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     load = [round(x, 2) for x in os.getloadavg()]
-    stream = reporting_replay.events(args.history + args.events, args.seed)
+    stream = reporting_replay.events(args.history + args.events + args.live_events, args.seed)
     history = handled(list(itertools.islice(stream, args.history)))
-    measured = handled(list(stream))
+    measured = handled(list(itertools.islice(stream, args.events)))
+    live = handled(list(stream))
     print(f"empty year: {len(measured):,} events …", file=sys.stderr)
-    empty = asyncio.run(one_start([], measured))
+    empty = asyncio.run(one_start([], measured, live, args.per_pass))
     print(f"full year: {len(history):,} events of history, then the same …", file=sys.stderr)
-    full = asyncio.run(one_start(history, measured))
+    full = asyncio.run(one_start(history, measured, live, args.per_pass))
     result = {
         "benchmark": "reporting_incremental",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -131,7 +158,9 @@ def main() -> None:
         f"after {args.history:,} events {full['cpu_ms_per_event']} ms\n"
         f"CPU per published cell: empty {empty['cpu_ms_per_published_cell']} ms "
         f"({empty['cells_published']} cells) · full {full['cpu_ms_per_published_cell']} ms "
-        f"({full['cells_published']} cells)",
+        f"({full['cells_published']} cells)\n"
+        f"CPU per live pass (every {args.per_pass} events): empty "
+        f"{empty['live_cpu_ms_per_pass']} ms · full {full['live_cpu_ms_per_pass']} ms",
         file=sys.stderr,
     )
 

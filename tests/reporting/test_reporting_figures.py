@@ -3,6 +3,8 @@ declaration: the domain's figure groups, the report's labels and the simulator's
 
 from __future__ import annotations
 
+import asyncio
+
 from lotse_contracts.events.reporting import FIGURE_UNITS as WIRE_UNITS
 from lotse_contracts.figures import (
     DEFINITIONS,
@@ -58,4 +60,35 @@ def test_the_publisher_runs_soon_after_a_change_and_not_at_all_in_between() -> N
     now[0] += 0.2
     assert trigger.due() is None
     now[0] += 1.0
-    assert trigger.due() is not None  # other replicas' changes: picked up every interval
+    assert trigger.due() is not None  # the safety net: a look every interval
+
+
+def test_a_change_committed_during_a_pass_gets_a_pass_of_its_own() -> None:
+    now = [10.0]
+    trigger = PublishTrigger(interval_s=3600.0, debounce_s=0.15, clock=lambda: now[0])
+    trigger.passed(10.0)
+    trigger.changed()
+    now[0] += 0.2
+    started = trigger.due()
+    assert started is not None
+    now[0] += 0.05
+    trigger.changed()  # committed after the pass began: the pass may have missed it
+    trigger.passed(started)
+    assert trigger.due() is None  # its own debounce first
+    now[0] += 0.15
+    assert trigger.due() is not None
+
+
+def test_an_idle_publisher_sleeps_until_told() -> None:
+    async def scenario() -> None:
+        trigger = PublishTrigger(interval_s=3600.0, debounce_s=0.01)
+        trigger.passed(await trigger.wait())  # the pass at start
+        waiting = asyncio.create_task(trigger.wait())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # nothing changed: nothing due for an hour
+        trigger.changed()
+        started = await asyncio.wait_for(waiting, 30)
+        trigger.passed(started)
+        assert trigger.due() is None
+
+    asyncio.run(scenario())

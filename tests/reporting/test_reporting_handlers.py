@@ -189,3 +189,47 @@ async def test_impossible_and_malformed_events_are_dead_lettered(service: Servic
     assert await service.rows("SELECT count(*) FROM reporting_fact") == [(0,)]
     # The next good event goes through as if nothing had happened.
     assert await service.feed.send(family.declined(day)) == "ok"
+
+
+async def test_a_batch_in_one_transaction_adds_to_the_cells_once_at_commit(
+    service: Service,
+) -> None:
+    """The consumer applies a batch per transaction; the cells and dirty marks are written
+    at its commit, summed over the batch, and equal those of one transaction per event."""
+    story = _story()
+    cells_sql = (
+        "SELECT bezirk, period, figure, dimension, families, value, hits, weight "
+        "FROM reporting_cell WHERE families != 0 OR value != 0 OR hits != 0 OR weight != 0 "
+        "ORDER BY 1, 2, 3, 4"
+    )
+    numbers_sql = "SELECT * FROM reporting_cell_number WHERE count != 0 ORDER BY 1, 2, 3, 4, 5"
+    rules = service.reporting.rules
+    db = service.runtime.db
+
+    async def apply_and_fail() -> None:
+        async with db.transaction() as session:
+            for event in story:
+                await operations.apply_event(session, event, rules)
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        await apply_and_fail()
+    assert await service.rows("SELECT count(*) FROM reporting_cell") == [(0,)]
+    assert await service.rows("SELECT count(*) FROM reporting_dirty_year") == [(0,)]
+    async with db.transaction() as session:
+        for event in story:
+            await operations.apply_event(session, event, rules)
+    batched = (await service.rows(cells_sql), await service.rows(numbers_sql))
+    assert batched[0]
+    assert await service.rows("SELECT year FROM reporting_dirty_year") == [(2025,)]
+    async with db.transaction() as session:
+        await session.execute(text("DELETE FROM reporting_cell"))
+        await session.execute(text("DELETE FROM reporting_cell_number"))
+        await session.execute(text("DELETE FROM reporting_case"))
+        await session.execute(text("DELETE FROM reporting_consent"))
+        await session.execute(text("DELETE FROM reporting_fact"))
+        await session.execute(text("DELETE FROM reporting_referral"))
+    for event in story:
+        async with db.transaction() as session:
+            await operations.apply_event(session, event, rules)
+    assert (await service.rows(cells_sql), await service.rows(numbers_sql)) == batched

@@ -23,6 +23,8 @@ from lotse_reporting.domain import (
     accumulate,
     apply,
     cell_deltas,
+    changed_figures,
+    clusters_of,
     families_of,
     median_of,
     shares_of,
@@ -148,3 +150,39 @@ def test_medians_come_from_histograms() -> None:
     assert median_of({1.0: 1, 4.0: 1}) == 2.5
     assert median_of({1.0: 2, 9.0: 1}) == 1.0
     assert median_of({1.0: 2, 5.0: 0, 9.0: 2}) == 5.0
+
+
+def test_a_cluster_of_figures_comes_out_as_in_the_whole_year() -> None:
+    """A pass recomputes only the clusters whose sums changed; their cells, complementary
+    suppression included, must be exactly those of the whole year's computation."""
+    rng = random.Random(5)
+    events = random_city(
+        rng, 120, ["hoerde", "eving", "brackel", "mengede"], at("2025-01-02").date()
+    )
+    snapshot, cells = incremental(events)
+    whole = published(snapshot, cells)
+    stock = {(k[0], k[1]): acc for k, acc in cells.items() if k[2] == STOCK_DELTA}
+    flows = {k: acc for k, acc in cells.items() if k[2] != STOCK_DELTA}
+    horizon = max(k[1] for k in flows if len(k[1]) == 7)
+    hidden_by_complement = 0
+    for name in {k[2] for k in cells} | {STOCK_DELTA}:
+        cluster = clusters_of([name], LAYOUT)
+        assert cluster  # every figure belongs to one
+        part = year_cells(2025, horizon, LAYOUT, flows, stock, cluster)
+        assert {c.figure for c in part} == set(cluster)
+        assert {c.key: c for c in part} == {k: c for k, c in whole.items() if c.figure in cluster}
+        hidden_by_complement += sum(1 for c in part if c.suppressed)
+    assert hidden_by_complement  # the sample exercises suppression
+    # Reach rate follows its base, the families registered: one cluster.
+    assert KpiFigure.FAMILIES_REGISTERED in clusters_of(["reach_rate"], LAYOUT)
+    assert clusters_of([STOCK_DELTA], LAYOUT) == {KpiFigure.OPEN_ESCALATIONS}
+
+
+def test_changed_figures_name_the_figures_whose_sums_moved() -> None:
+    key = ("hoerde", "2025-03", "visits_offered", "")
+    other = ("eving", "2025-03", "referrals_requested", "module:elternschule")
+    before = {key: Accumulated(families=3, value=3.0), other: Accumulated(families=1)}
+    after = {key: Accumulated(families=3, value=3.0), other: Accumulated(families=2)}
+    assert changed_figures(before, after) == {"referrals_requested"}
+    assert changed_figures(before, {key: before[key]}) == {"referrals_requested"}
+    assert changed_figures(before, dict(before)) == set()

@@ -44,10 +44,9 @@ def wire(runtime: ServiceRuntime[ReportingSettings]) -> Reporting:
     async def publish(_runtime: ServiceRuntime[ReportingSettings]) -> None:
         await operations.publish_when_due(reporting)
 
-    # Ticks are cheap (a clock comparison); passes run when the trigger says so.
-    settings = runtime.settings
-    tick = min(settings.publish_debounce_s, settings.publish_interval_s) / 2
-    runtime.add_job("kpis", tick, publish)
+    # The run waits for the trigger (no ticks while idle); the interval after each pass
+    # gathers the next burst and spaces retries when a pass fails.
+    runtime.add_job("kpis", runtime.settings.publish_debounce_s, publish)
     retention.install(runtime)
     return reporting
 

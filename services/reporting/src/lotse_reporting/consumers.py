@@ -11,6 +11,7 @@ from collections.abc import Callable
 from lotse_contracts.events.base import EventModel
 from lotse_runtime.consumer import Delivery, EventRejected
 from lotse_runtime.handlers import Handlers
+from sqlalchemy import event
 
 from lotse_reporting import domain, operations
 from lotse_reporting.domain import Rules
@@ -30,13 +31,17 @@ async def project(delivery: Delivery[EventModel], rules: Rules) -> None:
 
 def handlers(rules: Rules, on_applied: Callable[[], None] | None = None) -> Handlers:
     """One typed registration for every event type in :data:`domain.HANDLED`;
-    ``on_applied`` is told of every applied event (the publisher's trigger)."""
+    ``on_applied`` is told of every applied event once its transaction has committed (the
+    publisher's trigger)."""
     table = Handlers()
 
     async def with_rules(delivery: Delivery[EventModel]) -> None:
         await project(delivery, rules)
         if on_applied is not None:
-            on_applied()
+            # Told after the commit, so the publisher's pass sees the event.
+            event.listen(
+                delivery.session.sync_session, "after_commit", lambda _s: on_applied(), once=True
+            )
 
     for model in domain.HANDLED:
         table.on(model)(with_rules)

@@ -29,8 +29,9 @@ families registered in that month, 85 % have had a completed welcome visit by no
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -1321,10 +1322,14 @@ def year_cells(
     layout: Layout,
     cells: Mapping[CellKey, Accumulated],
     stock_deltas: Mapping[tuple[str, str], Accumulated],
+    figures: Collection[KpiFigure] | None = None,
 ) -> list[Cell]:
     """All cells of one year from the accumulated cells (its months and the year), the
     open-escalation stock from its month-end deltas (all months up to the year's end), then
-    protected (:func:`protect`). Costs the number of cells, never the number of families."""
+    protected (:func:`protect`). Costs the number of cells, never the number of families.
+
+    ``figures``: only the cells of these figures, which must be whole clusters
+    (:func:`clusters_of`); they come out exactly as in the cells of every figure."""
     months = months_of_year(year, horizon)
     if not months:
         return []
@@ -1347,18 +1352,79 @@ def year_cells(
             stock[(area, month)] = Accumulated(families=now.families, value=now.value)
     for area in layout.areas:
         stock[(area, year_text)] = stock[(area, months[-1])]
+    wanted = tuple(KpiFigure) if figures is None else tuple(f for f in KpiFigure if f in figures)
     result: dict[CellKey, Cell] = {}
     sizes: dict[CellKey, int] = {}
     empty = Accumulated()
     for area in layout.areas:
         for period in periods:
-            for figure in KpiFigure:
+            for figure in wanted:
                 for dimension in figure_dimensions(figure, layout.modules):
                     key = (area, period, figure.value, dimension or "")
                     acc = stock[area, period] if figure in _STOCK_COUNTS else cells.get(key, empty)
                     result[key] = _cell(key, figure, acc, layout.k)
                     sizes[key] = acc.families
-    return protect(result, groups_of_year(layout, months, year_text), layout.k, sizes=sizes)
+    groups = _groups_of_year(layout, tuple(months), year_text)
+    if figures is not None:
+        # No group spans two clusters, and protect() settles each group in the same order
+        # as among all groups: the clusters' cells come out as in the whole year.
+        names = {figure.value for figure in wanted}
+        groups = [group for group in groups if group.total[2] in names]
+    return protect(result, groups, layout.k, sizes=sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _groups_of_year(layout: Layout, months: tuple[str, ...], year: str) -> list[Group]:
+    # The same for every pass over a year until its months grow: built once.
+    return groups_of_year(layout, list(months), year)
+
+
+@functools.lru_cache(maxsize=16)
+def _clusters(layout: Layout) -> dict[str, frozenset[KpiFigure]]:
+    """Each figure's cluster: the figures its cells' suppression can depend on, i.e. joined
+    by an additive group (:func:`groups_of_year`) or by a cohort ratio's base."""
+    parent = {figure.value: figure.value for figure in KpiFigure}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    def join(one: str, other: str) -> None:
+        parent[root(one)] = root(other)
+
+    months = months_of_year(2000, "2000-12")
+    for group in groups_of_year(layout, months, "2000"):
+        for part in group.parts:
+            join(part[2], group.total[2])
+    for ratio in _COHORT_RATIOS:
+        join(ratio.value, KpiFigure.FAMILIES_REGISTERED.value)
+    members: dict[str, set[KpiFigure]] = defaultdict(set)
+    for figure in KpiFigure:
+        members[root(figure.value)].add(figure)
+    return {figure.value: frozenset(members[root(figure.value)]) for figure in KpiFigure}
+
+
+def clusters_of(figures: Iterable[str], layout: Layout) -> frozenset[KpiFigure]:
+    """The figures whose cells must be recomputed when the cells of ``figures`` changed:
+    their whole clusters (``STOCK_DELTA`` stands for the open-escalation stock)."""
+    clusters = _clusters(layout)
+    found: set[KpiFigure] = set()
+    for name in figures:
+        found |= clusters[KpiFigure.OPEN_ESCALATIONS.value if name == STOCK_DELTA else name]
+    return frozenset(found)
+
+
+def changed_figures(
+    before: Mapping[CellKey, Accumulated], after: Mapping[CellKey, Accumulated]
+) -> set[str]:
+    """The figures with a cell whose sums differ between ``before`` and ``after``."""
+    empty = Accumulated()
+    return {
+        key[2]
+        for key in before.keys() | after.keys()
+        if before.get(key, empty) != after.get(key, empty)
+    }
 
 
 def _cell(key: CellKey, figure: KpiFigure, acc: Accumulated, k: int) -> Cell:

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from lotse_contracts.events.base import EventModel
-from lotse_contracts.events.reporting import KpiUpdated
+from lotse_contracts.events.reporting import KpiFigure, KpiUpdated
 from lotse_contracts.figures import FIGURES
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.db import Database
@@ -36,7 +36,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lotse_reporting import domain, report, store
-from lotse_reporting.domain import STADT, Cell, Layout, Rules
+from lotse_reporting.domain import STADT, Cell, CellKey, Layout, Rules
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.store import KpiFilter
 from lotse_reporting.tables import BezirkPublic, FigurePublic, KpiPublic, ReportingKpi
@@ -61,10 +61,11 @@ class Changes:
 
 
 class PublishTrigger:
-    """When the publisher runs: soon after this process applied an event (a short debounce,
-    so the delivery's transaction has committed and a burst goes into one pass), otherwise
-    every ``interval_s`` to pick up what other replicas applied. A tick in between does
-    nothing at all, so the service is idle when the city is."""
+    """When the publisher runs: soon after an event applied here has committed (a short
+    debounce, so a burst goes into one pass), once at start (what a stopped replica left
+    dirty), and otherwise only every ``interval_s`` as a safety net (marks left by a replica
+    that stopped before its pass). The job waits for :meth:`wait` in between, so an idle
+    service neither ticks nor queries."""
 
     def __init__(
         self, interval_s: float, debounce_s: float, clock: Callable[[], float] = time.monotonic
@@ -73,28 +74,53 @@ class PublishTrigger:
         self.debounce_s = debounce_s
         self._clock = clock
         self._pending_since: float | None = None
+        self._last_change = -interval_s
         self._last_pass = -interval_s
+        self._wake = asyncio.Event()
 
     def changed(self) -> None:
-        """An event was applied here (its transaction commits right after)."""
+        """An event applied here has committed."""
+        self._last_change = self._clock()
         if self._pending_since is None:
-            self._pending_since = self._clock()
+            self._pending_since = self._last_change
+        self._wake.set()
 
     def due(self) -> float | None:
         """The start time of a pass to run now, or None."""
+        if self._wait_s() is not None:
+            return None
+        return self._clock()
+
+    def _wait_s(self) -> float | None:
+        """How long until a pass is due (None: due now)."""
         now = self._clock()
         pending = self._pending_since
-        if pending is not None and now - pending >= self.debounce_s:
-            return now
-        if now - self._last_pass >= self.interval_s:
-            return now
-        return None
+        if pending is not None:
+            left = pending + self.debounce_s - now
+        else:
+            left = self._last_pass + self.interval_s - now
+        return None if left <= 0 else left
+
+    async def wait(self) -> float:
+        """Sleep until a pass is due; its start time. Woken early by :meth:`changed`."""
+        while (left := self._wait_s()) is not None:
+            if self._pending_since is not None:
+                await asyncio.sleep(left)  # the debounce: a burst goes into one pass
+                continue
+            self._wake.clear()
+            # asyncio.timeout, not wait_for: wait_for may swallow a cancellation that
+            # coincides with the wake-up, and the job would outlive the app's shutdown.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
+        return self._clock()
 
     def passed(self, started: float) -> None:
-        """A pass that began at ``started`` saw every change applied before it."""
+        """A pass that began at ``started`` saw every change committed before it."""
         self._last_pass = started
-        if self._pending_since is not None and self._pending_since + self.debounce_s <= started:
-            self._pending_since = None
+        if self._pending_since is not None and self._pending_since <= started:
+            # A change committed while the pass ran is published by the next one.
+            self._pending_since = self._last_change if self._last_change > started else None
 
 
 @dataclass
@@ -109,6 +135,12 @@ class Reporting:
     trigger: PublishTrigger = field(default_factory=lambda: PublishTrigger(1.0, 0.15))
     published: int = 0
     """Cells published by this process."""
+    seen: dict[int, YearSeen] = field(default_factory=dict)
+    """Per year, the sums the last pass computed from: the next pass recomputes only the
+    clusters of figures whose sums changed since."""
+    revision_seen: int = -1
+    """The publication revision after this process's last pass (``seen`` holds while no
+    other process published)."""
     passes: int = 0
     """Publication passes that found something to recompute."""
 
@@ -154,7 +186,7 @@ async def apply_event(session: AsyncSession, event: EventModel, rules: Rules) ->
     snapshot = await store.load_snapshot(session, needs)
     before = domain.shares_of(snapshot, needs.families, rules.zone)
     domain.apply(event, snapshot, rules)
-    await _store_changes(session, snapshot, before, rules)
+    await _store_changes(session, snapshot, before, rules, at_commit=True)
 
 
 async def replay_events(
@@ -185,9 +217,12 @@ async def _store_changes(
     snapshot: domain.Snapshot,
     before: dict[str, domain.Shares],
     rules: Rules,
+    *,
+    at_commit: bool = False,
 ) -> None:
     """Store the touched rows, add the difference of the families' shares to the cells and
-    mark the years whose cells changed, all in the caller's transaction."""
+    mark the years whose cells changed, all in the caller's transaction (the cells and marks
+    ``at_commit``: once for all events of the transaction)."""
     touched = {c for c in snapshot.touched_cases}
     touched |= {case_id for case_id, _ in snapshot.touched_consents}
     touched |= {snapshot.facts[key].case_id for key in snapshot.touched_facts}
@@ -196,18 +231,22 @@ async def _store_changes(
     after = domain.shares_of(snapshot, touched, rules.zone)
     deltas = domain.cell_deltas({c: before[c] for c in touched}, after)
     await store.save_snapshot(session, snapshot)
+    years = {domain.year_of(key[1]) for key in deltas}
+    carrying = {domain.year_of(key[1]) for key in deltas if key[2] == domain.STOCK_DELTA}
+    if at_commit:
+        store.add_to_cells_at_commit(session, deltas, years, carrying)
+        return
     await store.add_to_cells(session, deltas)
-    await store.mark_dirty(session, {domain.year_of(key[1]) for key in deltas})
+    await store.mark_dirty(session, years, carrying)
 
 
 # --- publishing the figures ------------------------------------------------------------------
 
 
 async def publish_when_due(reporting: Reporting) -> int:
-    """One tick of the publication job: a pass if :class:`PublishTrigger` says so."""
-    started = reporting.trigger.due()
-    if started is None:
-        return 0
+    """One run of the publication job: wait until :class:`PublishTrigger` says a pass is due,
+    then run it."""
+    started = await reporting.trigger.wait()
     published = await publish_figures(reporting)
     reporting.trigger.passed(started)
     return published
@@ -220,26 +259,31 @@ async def publish_figures(
     cells were published."""
     db = reporting.db
     async with db.transaction() as session:
-        dirty = await store.dirty_years(session)
+        marks = await store.dirty_marks(session)
         newest = await store.horizon(session)
         known = await store.get_state(session, store.HORIZON)
         oldest = await store.oldest_year(session)
+    dirty = {year: version for year, (version, _) in marks.items()}
     if newest is None or oldest is None:
         if dirty:
             async with db.transaction() as session:
                 await store.clear_dirty(session, dirty)
         return 0
-    starts = list(dirty)
+    years = set(dirty)
+    # Only the open-escalation stock carries over into later years.
+    carried = [year for year, (_, carries) in marks.items() if carries]
     if all_years:
-        starts.append(oldest)
+        carried.append(oldest)
     if known != newest:
         # New months appear at the horizon (and a year may have been left incomplete).
-        starts.append(domain.year_of(known) if known else oldest)
-    if not starts:
+        carried.append(domain.year_of(known) if known else oldest)
+    last = domain.year_of(newest)
+    if carried:
+        years |= set(range(max(min(carried), oldest), last + 1))
+    if not years:
         return 0
     published = 0
-    # Later years follow too: an escalation's state carries over into them.
-    for year in range(max(min(starts), oldest), domain.year_of(newest) + 1):
+    for year in sorted(y for y in years if oldest <= y <= last):
         published += await _publish_year(reporting, year, newest, republish=republish)
     async with db.transaction() as session:
         await store.clear_dirty(session, dirty)
@@ -251,6 +295,15 @@ async def publish_figures(
     return published
 
 
+@dataclass
+class YearSeen:
+    """A year's sums as the last committed pass of this process computed its cells from."""
+
+    horizon: str
+    cells: dict[CellKey, domain.Accumulated]
+    stock: dict[tuple[str, str], domain.Accumulated]
+
+
 async def _publish_year(reporting: Reporting, year: int, newest: str, *, republish: bool) -> int:
     runtime = reporting.runtime
     async with runtime.db.transaction() as session:
@@ -258,19 +311,36 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
             # Replicas take turns; the second then finds nothing changed.
             await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
         accumulated, stock = await store.year_cells(session, year)
-        # Pure and CPU-bound (the year's cells, however many families): off the event loop,
-        # so consumers and streams keep going.
-        cells = await asyncio.to_thread(
-            domain.year_cells, year, newest, reporting.layout, accumulated, stock
-        )
-        before = await store.published_cells(session, year)
-        changed = cells if republish else domain.changed_cells(cells, before)
-        if not changed:
-            return 0
-        now = runtime.clock().astimezone(UTC)
-        await store.save_cells(session, changed, now, await store.revision(session) + 1)
-        _add_to_outbox(runtime, session, changed, now)
-    return len(changed)
+        revision = await store.revision(session)
+        if revision != reporting.revision_seen:
+            # Another process published since this one's last pass: what is published may
+            # stem from sums this process never saw, so every year is computed in full.
+            reporting.seen.clear()
+        seen = reporting.seen.get(year)
+        figures: frozenset[KpiFigure] | None = None
+        if seen is not None and seen.horizon == newest and not republish:
+            # Only clusters whose sums changed (here or in another replica) can change.
+            changed = domain.changed_figures(seen.cells, accumulated)
+            if seen.stock != stock:
+                changed.add(domain.STOCK_DELTA)
+            figures = domain.clusters_of(changed, reporting.layout)
+        published = 0
+        if figures is None or figures:
+            # Pure and CPU-bound: off the event loop, so consumers and streams keep going.
+            cells = await asyncio.to_thread(
+                domain.year_cells, year, newest, reporting.layout, accumulated, stock, figures
+            )
+            before = await store.published_cells(session, year, figures)
+            changed_cells = cells if republish else domain.changed_cells(cells, before)
+            if changed_cells:
+                now = runtime.clock().astimezone(UTC)
+                revision += 1
+                await store.save_cells(session, changed_cells, now, revision)
+                _add_to_outbox(runtime, session, changed_cells, now)
+                published = len(changed_cells)
+    reporting.seen[year] = YearSeen(newest, accumulated, stock)
+    reporting.revision_seen = revision
+    return published
 
 
 def _add_to_outbox(

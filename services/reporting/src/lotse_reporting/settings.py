@@ -22,11 +22,13 @@ class ReportingSettings(ServiceSettings):
         ),
     )
     publish_interval_s: float = Field(
-        default=1.0,
+        default=60.0,
         gt=0,
         description=(
-            "How often the publisher looks for changed cells without being told (changes "
-            "applied by another replica); this process's own changes are published sooner."
+            "How often the publisher looks for changed cells without being told: a safety net "
+            "for changes a replica applied but stopped before publishing. Each replica "
+            "publishes its own changes right after they commit (publish_debounce_s), so an "
+            "idle service does nothing in between."
         ),
     )
     publish_debounce_s: float = Field(
@@ -34,9 +36,9 @@ class ReportingSettings(ServiceSettings):
         gt=0,
         le=10,
         description=(
-            "How long after this process applied an event the changed cells are published "
-            "(events arriving meanwhile go into the same pass). Between changes a pass is not "
-            "even started."
+            "How long after an event applied by this process committed the changed cells are "
+            "published (events arriving meanwhile go into the same pass); also the least time "
+            "between two passes. Between changes a pass is not even started."
         ),
     )
     completion_grace_minutes: int = Field(

@@ -4,28 +4,40 @@ event per transaction) and by the replay (a batch of events per transaction)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lotse_contracts.events.reporting import KpiFigure
 from sqlalchemy import (
+    Boolean,
+    CompoundSelect,
     Float,
     Integer,
+    Select,
+    String,
     Table,
     and_,
+    bindparam,
     cast,
     delete,
+    event,
     false,
     func,
+    literal,
     null,
     or_,
     select,
+    type_coerce,
     union_all,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.types import TypeEngine
 from sqlmodel import SQLModel, col
 
 from lotse_reporting import domain
@@ -78,23 +90,30 @@ def _utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else moment.astimezone(UTC)
 
 
+@functools.cache
+def _upsert_statement(table: Table, dialect: str) -> Insert:
+    """Insert, or update where the primary key exists; built once per table and backend
+    (building it costs more than running it for one row)."""
+    keys = [c.name for c in table.primary_key.columns]
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    if update:
+        return stmt.on_conflict_do_update(index_elements=keys, set_=update)
+    return stmt.on_conflict_do_nothing(index_elements=keys)
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
 async def upsert(
     session: AsyncSession, model: type[SQLModel], rows: Sequence[Mapping[str, Any]]
 ) -> None:
     """Insert rows, or update them where the primary key exists (one statement per batch)."""
     if not rows:
         return
-    table = _table(model)
-    keys = [c.name for c in table.primary_key.columns]
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = _upsert_statement(_table(model), _dialect(session))
     for chunk in chunks(rows, 1000):
-        stmt = insert(table)
-        update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-        if update:
-            statement = stmt.on_conflict_do_update(index_elements=keys, set_=update)
-        else:
-            statement = stmt.on_conflict_do_nothing(index_elements=keys)
         await session.execute(statement, chunk)
 
 
@@ -146,41 +165,147 @@ def _row(facts: CaseFacts | ConsentFacts | Fact | ReferralFacts) -> dict[str, An
 # --- loading and storing what events touch ---------------------------------------------------
 
 
+@functools.cache
+def _where_in(table: Table, column: str) -> Select[Any]:
+    """The rows whose ``column`` is in the list bound as ``ids``; built once."""
+    return select(table).where(table.c[column].in_(bindparam("ids", expanding=True)))
+
+
+@functools.cache
+def _facts_of_kind() -> Select[Any]:
+    return select(FACTS).where(
+        FACTS.c.kind == bindparam("kind"), FACTS.c.ref.in_(bindparam("ids", expanding=True))
+    )
+
+
+async def _rows_in(
+    session: AsyncSession, table: Table, column: str, values: Iterable[str]
+) -> list[Any]:
+    rows: list[Any] = []
+    for ids in chunks(values):
+        rows.extend(await session.execute(_where_in(table, column), {"ids": ids}))
+    return rows
+
+
+_CASE, _CONSENT, _FACT, _REFERRAL = range(4)
+#: The union's columns: a tag saying which table a row comes from, then a slot per column.
+_SLOTS = ("s0", "s1", "s2", "s3", "s4", "s5", "n", "b0", "b1", "d0", "d1")
+_ROW_SLOTS: dict[int, tuple[tuple[str, str], ...]] = {
+    _CASE: (
+        ("case_id", "s0"),
+        ("bezirk", "s1"),
+        ("channel", "s2"),
+        ("registered_month", "s3"),
+        ("erased", "b0"),
+        ("excluded", "b1"),
+    ),
+    _CONSENT: (
+        ("case_id", "s0"),
+        ("consent_id", "s1"),
+        ("scope", "s2"),
+        ("given", "b0"),
+        ("at", "d0"),
+    ),
+    _FACT: (
+        ("kind", "s0"),
+        ("ref", "s1"),
+        ("case_id", "s2"),
+        ("bezirk", "s3"),
+        ("month", "s4"),
+        ("dimension", "s5"),
+        ("number", "n"),
+        ("at", "d0"),
+        ("until", "d1"),
+    ),
+    _REFERRAL: (
+        ("referral_id", "s0"),
+        ("case_id", "s1"),
+        ("bezirk", "s2"),
+        ("module", "s3"),
+        ("status", "s4"),
+        ("open_escalation", "s5"),
+    ),
+}
+
+
+@functools.cache
+def _family_rows() -> CompoundSelect[Any]:
+    """Every row of the families bound as ``ids`` from the four tables in one statement (one
+    round trip instead of four). The fact select comes first: its columns give the union's
+    types (times as UTC, booleans typed explicitly)."""
+    tables = {_CASE: CASES, _CONSENT: CONSENTS, _FACT: FACTS, _REFERRAL: REFERRALS}
+    typed: dict[str, TypeEngine[Any]] = {
+        "s0": String(),
+        "n": Float(),
+        "b0": Boolean(),
+        "b1": Boolean(),
+        "d0": FACTS.c.at.type,
+        "d1": FACTS.c.until.type,
+    }
+    selects = []
+    for tag in (_FACT, _CASE, _CONSENT, _REFERRAL):
+        table = tables[tag]
+        filled = {slot: table.c[name] for name, slot in _ROW_SLOTS[tag]}
+        columns = [literal(tag, Integer()).label("tag")]
+        for slot in _SLOTS:
+            column = filled.get(slot)
+            kind = typed.get(slot, String())
+            # A typed NULL: PostgreSQL matches the union's column types by them.
+            filler = cast(null(), kind) if column is None else type_coerce(column, kind)
+            columns.append(filler.label(slot))
+        selects.append(
+            select(*columns).where(table.c.case_id.in_(bindparam("ids", expanding=True)))
+        )
+    return union_all(*selects)
+
+
+async def _load_families(session: AsyncSession, snapshot: Snapshot, ids: Iterable[str]) -> None:
+    """Every row of these families into ``snapshot``."""
+    for chunk in chunks(ids, CHUNK // 4):
+        for row in await session.execute(_family_rows(), {"ids": chunk}):
+            mapping = row._mapping
+            values = {name: mapping[slot] for name, slot in _ROW_SLOTS[mapping["tag"]]}
+            if mapping["tag"] == _FACT:
+                fact = Fact(**values)
+                snapshot.facts[fact.key] = fact
+            elif mapping["tag"] == _CASE:
+                snapshot.cases[values["case_id"]] = CaseFacts(**values)
+            elif mapping["tag"] == _CONSENT:
+                consent = ConsentFacts(**values)
+                snapshot.consents[(consent.case_id, consent.consent_id)] = consent
+            else:
+                referral = ReferralFacts(**values)
+                snapshot.referrals[referral.referral_id] = referral
+
+
 async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
     """The rows ``needs`` names (those that exist)."""
     snapshot = Snapshot()
-    for ids in chunks(needs.case_ids):
-        for case_row in await session.execute(select(CASES).where(CASES.c.case_id.in_(ids))):
-            snapshot.cases[case_row.case_id] = _case(case_row)
-    # A family's share is computed from all of its rows.
-    for ids in chunks(needs.families):
-        for consent_row in await session.execute(
-            select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
-        ):
-            consent = _consent(consent_row)
-            snapshot.consents[(consent.case_id, consent.consent_id)] = consent
-        for referral_row in await session.execute(
-            select(REFERRALS).where(REFERRALS.c.case_id.in_(ids))
-        ):
-            referral = _referral(referral_row)
-            snapshot.referrals[referral.referral_id] = referral
-        for fact_row in await session.execute(select(FACTS).where(FACTS.c.case_id.in_(ids))):
-            fact = _fact(fact_row)
-            snapshot.facts[fact.key] = fact
-    # Ids are pseudonymous UUIDs: the consents, referrals and facts an event names belong to
-    # its family, whose rows are all loaded above; only rows of other cases need a query.
-    for ids in chunks(needs.consent_case_ids - needs.families):
-        for consent_row in await session.execute(
-            select(CONSENTS).where(CONSENTS.c.case_id.in_(ids))
-        ):
-            consent = _consent(consent_row)
-            snapshot.consents[(consent.case_id, consent.consent_id)] = consent
-    for ids in chunks(() if needs.families else needs.referral_ids):
-        for referral_row in await session.execute(
-            select(REFERRALS).where(REFERRALS.c.referral_id.in_(ids))
-        ):
-            referral = _referral(referral_row)
-            snapshot.referrals[referral.referral_id] = referral
+    families = needs.families
+    if families and needs.case_ids <= families and needs.consent_case_ids <= families:
+        # The live consumer's event: its families' rows are all it needs.
+        await _load_families(session, snapshot, families)
+        _note_fact_years(snapshot, needs)
+        return snapshot
+    for case_row in await _rows_in(session, CASES, "case_id", needs.case_ids):
+        snapshot.cases[case_row.case_id] = _case(case_row)
+    # A family's share is computed from all of its rows. Ids are pseudonymous UUIDs: the
+    # consents, referrals and facts an event names belong to its family, whose rows are all
+    # loaded here; only rows of other cases need a query of their own.
+    consent_cases = needs.families | needs.consent_case_ids
+    for consent_row in await _rows_in(session, CONSENTS, "case_id", consent_cases):
+        consent = _consent(consent_row)
+        snapshot.consents[(consent.case_id, consent.consent_id)] = consent
+    if needs.families:
+        referral_rows = await _rows_in(session, REFERRALS, "case_id", needs.families)
+    else:
+        referral_rows = await _rows_in(session, REFERRALS, "referral_id", needs.referral_ids)
+    for referral_row in referral_rows:
+        referral = _referral(referral_row)
+        snapshot.referrals[referral.referral_id] = referral
+    for fact_row in await _rows_in(session, FACTS, "case_id", needs.families):
+        fact = _fact(fact_row)
+        snapshot.facts[fact.key] = fact
     fact_keys: set[tuple[str, str]] = set()
     if not needs.families:
         fact_keys = {(str(kind), ref) for kind, ref in needs.fact_keys}
@@ -194,16 +319,18 @@ async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
         by_kind.setdefault(str(kind), set()).add(ref)
     for kind, refs in by_kind.items():
         for chunk in chunks(refs):
-            for fact_row in await session.execute(
-                select(FACTS).where(FACTS.c.kind == kind, FACTS.c.ref.in_(chunk))
-            ):
+            for fact_row in await session.execute(_facts_of_kind(), {"kind": kind, "ids": chunk}):
                 fact = _fact(fact_row)
                 snapshot.facts[fact.key] = fact
-    # The years a family has facts in follow from its rows, all loaded above.
+    _note_fact_years(snapshot, needs)
+    return snapshot
+
+
+def _note_fact_years(snapshot: Snapshot, needs: Needs) -> None:
+    # The years a family has facts in follow from its rows, all loaded.
     for fact in snapshot.facts.values():
         if fact.case_id in needs.fact_years_of:
             snapshot.fact_years.setdefault(fact.case_id, set()).add(domain.year_of(fact.month))
-    return snapshot
 
 
 async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
@@ -218,25 +345,46 @@ async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
     await upsert(session, ReportingReferral, referrals)
 
 
-async def mark_dirty(session: AsyncSession, years: Iterable[int]) -> None:
-    """Ask the publisher to recompute these years."""
-    wanted = sorted(set(years))
-    if not wanted:
-        return
+async def mark_dirty(
+    session: AsyncSession, years: Iterable[int], carrying: Iterable[int] = ()
+) -> None:
+    """Ask the publisher to recompute these years; in ``carrying`` the open-escalation stock
+    changed, so every later year follows."""
+    rows = _dirty_rows(years, carrying)
+    if rows:
+        await session.execute(_mark_dirty_statement(_dialect(session)), rows)
+
+
+def _dirty_rows(years: Iterable[int], carrying: Iterable[int]) -> list[dict[str, Any]]:
+    carries = set(carrying)
+    return [
+        {"year": y, "version": 1, "carries": y in carries} for y in sorted(set(years) | carries)
+    ]
+
+
+@functools.cache
+def _mark_dirty_statement(dialect: str) -> Insert:
     table = _table(ReportingDirtyYear)
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["year"], set_={"version": table.c.version + 1}
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    return stmt.on_conflict_do_update(
+        index_elements=["year"],
+        set_={
+            "version": table.c.version + 1,
+            "carries": or_(table.c.carries, stmt.excluded.carries),
+        },
     )
-    await session.execute(stmt, [{"year": y, "version": 1} for y in wanted])
 
 
 async def dirty_years(session: AsyncSession) -> dict[int, int]:
     """Years to recompute, with the version of their mark."""
-    rows = await session.scalars(select(ReportingDirtyYear))
-    return {row.year: row.version for row in rows}
+    return {year: version for year, (version, _) in (await dirty_marks(session)).items()}
+
+
+async def dirty_marks(session: AsyncSession) -> dict[int, tuple[int, bool]]:
+    """Years to recompute: the version of their mark, and whether later years follow."""
+    table = _table(ReportingDirtyYear)
+    rows = await session.execute(select(table.c.year, table.c.version, table.c.carries))
+    return {year: (version, bool(carries)) for year, version, carries in rows}
 
 
 async def clear_dirty(session: AsyncSession, seen: Mapping[int, int]) -> None:
@@ -263,11 +411,15 @@ async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta
     """Add to the cells (and their histograms) in the database itself: replicas applying
     events at the same time each add their part, none overwrites another's. Rows go in key
     order, so two transactions lock shared cells in the same order."""
-    if not deltas:
-        return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    rows = [
+    adding, adding_numbers = _add_statements(_dialect(session))
+    for chunk in chunks(_cell_rows(deltas), 1000):
+        await session.execute(adding, chunk)
+    for chunk in chunks(_number_rows(deltas), 1000):
+        await session.execute(adding_numbers, chunk)
+
+
+def _cell_rows(deltas: Mapping[CellKey, CellDelta]) -> list[dict[str, Any]]:
+    return [
         {
             "bezirk": key[0],
             "period": key[1],
@@ -280,17 +432,10 @@ async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta
         }
         for key, delta in sorted(deltas.items())
     ]
-    stmt = insert(CELLS)
-    statement = stmt.on_conflict_do_update(
-        index_elements=["bezirk", "period", "figure", "dimension"],
-        set_={
-            name: CELLS.c[name] + stmt.excluded[name]
-            for name in ("families", "value", "hits", "weight")
-        },
-    )
-    for chunk in chunks(rows, 1000):
-        await session.execute(statement, chunk)
-    numbers = [
+
+
+def _number_rows(deltas: Mapping[CellKey, CellDelta]) -> list[dict[str, Any]]:
+    return [
         {
             "bezirk": key[0],
             "period": key[1],
@@ -302,14 +447,95 @@ async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta
         for key, delta in sorted(deltas.items())
         for number, count in sorted(delta.numbers.items())
     ]
-    if numbers:
-        stmt = insert(NUMBERS)
-        statement = stmt.on_conflict_do_update(
+
+
+_AT_COMMIT = "lotse_reporting_cells_at_commit"
+
+
+@dataclass
+class _CellsAtCommit:
+    deltas: dict[CellKey, CellDelta] = field(default_factory=dict)
+    years: set[int] = field(default_factory=set)
+    carrying: set[int] = field(default_factory=set)
+
+
+def add_to_cells_at_commit(
+    session: AsyncSession,
+    deltas: Mapping[CellKey, CellDelta],
+    years: Iterable[int],
+    carrying: Iterable[int],
+) -> None:
+    """:func:`add_to_cells` and :func:`mark_dirty` when the transaction commits, summed over
+    every event applied in it (the consumer applies a batch per transaction): one statement
+    per table instead of three per event, and every transaction takes the cell locks in key
+    order and the dirty marks last, so two replicas' batches cannot deadlock on them. Nothing
+    reads the cells inside an applying transaction, and reporting's handlers open no
+    savepoints; a rollback drops what was gathered."""
+    sync = session.sync_session
+    pending = sync.info.get(_AT_COMMIT)
+    if pending is None:
+        pending = sync.info[_AT_COMMIT] = _CellsAtCommit()
+        if not event.contains(sync, "before_commit", _flush_cells):
+            event.listen(sync, "before_commit", _flush_cells)
+            event.listen(sync, "after_transaction_end", _forget_cells)
+    for key, delta in deltas.items():
+        found = pending.deltas.get(key)
+        if found is None:
+            found = pending.deltas[key] = CellDelta()
+        found.families += delta.families
+        found.value += delta.value
+        found.hits += delta.hits
+        found.weight += delta.weight
+        for number, count in delta.numbers.items():
+            found.numbers[number] = found.numbers.get(number, 0) + count
+    pending.years.update(years)
+    pending.carrying.update(carrying)
+
+
+def _flush_cells(session: Session) -> None:
+    pending: _CellsAtCommit | None = session.info.pop(_AT_COMMIT, None)
+    if pending is None:
+        return
+    deltas = {}
+    for key, delta in pending.deltas.items():
+        delta.numbers = {n: c for n, c in delta.numbers.items() if c}
+        if not delta.is_zero():
+            deltas[key] = delta
+    dialect = session.get_bind().dialect.name
+    adding, adding_numbers = _add_statements(dialect)
+    for chunk in chunks(_cell_rows(deltas), 1000):
+        session.execute(adding, chunk)
+    for chunk in chunks(_number_rows(deltas), 1000):
+        session.execute(adding_numbers, chunk)
+    rows = _dirty_rows(pending.years, pending.carrying)
+    if rows:
+        session.execute(_mark_dirty_statement(dialect), rows)
+
+
+def _forget_cells(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_AT_COMMIT, None)
+
+
+@functools.cache
+def _add_statements(dialect: str) -> tuple[Insert, Insert]:
+    """Upserts that add to a cell's sums and to its histogram; built once per backend."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    cells = insert(CELLS)
+    numbers = insert(NUMBERS)
+    return (
+        cells.on_conflict_do_update(
+            index_elements=["bezirk", "period", "figure", "dimension"],
+            set_={
+                name: CELLS.c[name] + cells.excluded[name]
+                for name in ("families", "value", "hits", "weight")
+            },
+        ),
+        numbers.on_conflict_do_update(
             index_elements=["bezirk", "period", "figure", "dimension", "number"],
-            set_={"count": NUMBERS.c["count"] + stmt.excluded["count"]},
-        )
-        for chunk in chunks(numbers, 1000):
-            await session.execute(statement, chunk)
+            set_={"count": NUMBERS.c["count"] + numbers.excluded["count"]},
+        ),
+    )
 
 
 async def year_cells(
@@ -493,19 +719,20 @@ async def load_year(session: AsyncSession, year: int, newest: str) -> YearInputs
 
 
 async def published_cells(
-    session: AsyncSession, year: int
+    session: AsyncSession, year: int, figures: Iterable[KpiFigure] | None = None
 ) -> dict[CellKey, tuple[float | None, bool]]:
-    """What the reporting stream says for the periods of ``year``."""
-    rows = await session.execute(
-        select(
-            KPIS.c.bezirk,
-            KPIS.c.period,
-            KPIS.c.figure,
-            KPIS.c.dimension,
-            KPIS.c.value,
-            KPIS.c.suppressed,
-        ).where(KPIS.c.period.like(f"{year}%"))
-    )
+    """What the reporting stream says for the periods of ``year`` (of ``figures`` only)."""
+    statement = select(
+        KPIS.c.bezirk,
+        KPIS.c.period,
+        KPIS.c.figure,
+        KPIS.c.dimension,
+        KPIS.c.value,
+        KPIS.c.suppressed,
+    ).where(KPIS.c.period.like(f"{year}%"))
+    if figures is not None:
+        statement = statement.where(KPIS.c.figure.in_(sorted(f.value for f in figures)))
+    rows = await session.execute(statement)
     return {(b, p, f, d): (v, bool(s)) for b, p, f, d, v, s in rows}
 
 

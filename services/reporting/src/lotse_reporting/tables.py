@@ -17,6 +17,7 @@ from datetime import datetime
 from lotse_contracts.figures import Accumulation, Attribution, KpiFigure, KpiUnit, Suppression
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Column
+from sqlalchemy import true as sa_true
 from sqlmodel import Field, SQLModel, UTCDateTime
 
 
@@ -131,6 +132,11 @@ class ReportingDirtyYear(SQLModel, table=True):
 
     year: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     version: int = 0
+    carries: bool = Field(
+        default=True,
+        sa_column_kwargs={"server_default": sa_true()},
+        description="The open-escalation stock changed: every later year follows.",
+    )
 
 
 class ReportingState(SQLModel, table=True):
