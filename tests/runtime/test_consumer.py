@@ -3,6 +3,7 @@ commit after effect, retries, dead letters for every kind of bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -372,3 +373,24 @@ async def test_a_quiet_consumer_fetches_with_the_idle_wait_and_wakes_on_records(
     assert not consumer.quiet
     assert fetcher._fetch_max_wait_ms == harness.kafka.fetch_max_wait_ms
     assert [e.visit_id for e in await harness.effects()] == [event.visit_id]
+
+
+async def test_stop_closes_a_consumer_whose_loop_already_failed(harness: Harness) -> None:
+    """A loop that ended on an error (aiokafka raises IllegalStateError when a rebalance meets
+    shutdown) is reported as `failed`; stopping must not raise it again, and closes the
+    clients all the same."""
+    consumer = harness.consumer(group())
+    await consumer.start()
+    loop_task = consumer._task
+    assert loop_task is not None
+    loop_task.cancel()
+
+    async def failed_loop() -> None:
+        raise RuntimeError("partition not assigned")
+
+    consumer._task = asyncio.create_task(failed_loop())
+    await asyncio.sleep(0)
+    await consumer.stop()
+    assert consumer._consumer is None
+    assert consumer._producer is None
+    assert not consumer.running

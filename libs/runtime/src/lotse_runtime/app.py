@@ -389,6 +389,7 @@ def build_runtime(
         heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
         max_record_bytes=settings.kafka_max_record_bytes,
         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
+        fetch_max_wait_idle_ms=settings.consumer_fetch_max_wait_idle_ms,
         extra=settings.kafka_client_options(),
     )
     if telemetry is None:

@@ -267,8 +267,15 @@ class EventConsumer:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._task), grace_s)
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                # The loop already ended on this error (a rebalance during shutdown raises
+                # IllegalStateError in aiokafka); it was reported as `failed` then, and
+                # stopping must still close the clients.
+                _log.debug("consumer %s ended with an error before stop", self.name, exc_info=True)
             self._task = None
         for client in (self._consumer, self._producer):
             if client is not None:
