@@ -61,6 +61,7 @@ from lotse_reporting.consumers import CONSUMER
 from lotse_reporting.operations import Reporting
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.replay_rebuild import Rebuild, publish, write_cells
+from lotse_reporting.replay_send import can_send, send_unsent
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import TABLES
 
@@ -384,6 +385,8 @@ async def replay(
                 republish_all,
             )
         started = time.perf_counter()
+        if can_send(runtime.kafka):
+            await send_unsent(db, runtime.kafka)
         await runtime.relay.drain(timeout_s=600)
         stats = ReplayStats.of(counts)
         stats.consume_s = timings["consume"]

@@ -111,7 +111,7 @@ class Decoder:
 
     def decode(self, value: bytes | None, headers: Headers) -> Outcome:
         """The live consumer's verdict on one record, by the short cut where it applies."""
-        fast = self._fast(value, headers)
+        fast = self.shortcut(value, headers)
         return fast if fast is not None else self.decode_full(value, headers)
 
     def decode_full(self, value: bytes | None, headers: Headers) -> Outcome:
@@ -136,7 +136,7 @@ class Decoder:
 
     # Over 40 lines: the envelope's checks in from_kafka's order, each a way out to the
     # full path; split, the order that makes them equivalent would no longer read at once.
-    def _fast(self, value: bytes | None, headers: Headers) -> Outcome | None:
+    def shortcut(self, value: bytes | None, headers: Headers) -> Outcome | None:
         """The verdict where it is certain without the full path, else None."""
         if not value:
             return None  # no data: the full path says what that means for the type

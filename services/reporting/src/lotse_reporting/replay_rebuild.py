@@ -16,23 +16,23 @@ published, so the relay publishes exactly what the table says, as the live publi
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _text
 from typing import Any
 
 from aiokafka import ConsumerRecord
-from lotse_contracts.cloudevents import CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE, SPEC_VERSION
 from lotse_contracts.events.reporting import KpiUpdated
+from lotse_contracts.figures import FIGURE_UNITS, KpiFigure
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.outbox import OutboxMessage
 from sqlalchemy import Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import SQLModel, col
 
 from lotse_reporting import domain, store
 from lotse_reporting.domain import (
@@ -49,12 +49,14 @@ from lotse_reporting.domain import (
 from lotse_reporting.replay_cells import sum_families, year_inputs
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.settings import ReportingSettings
+from lotse_reporting.tables import ReportingKpi
 
 #: Rows per INSERT statement (executemany): large, so the database sees few round trips.
 ROWS_PER_INSERT = 5000
 
 _INBOX: Table = InboxEntry.__table__  # type: ignore[attr-defined]
 _OUTBOX: Table = OutboxMessage.__table__  # type: ignore[attr-defined]
+_MODELS: dict[str, type[SQLModel]] = {"reporting_kpi": ReportingKpi}
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -123,8 +125,7 @@ class Rebuild:
         # the end, and the sets would only grow.
         snapshot.reset_touched()
         snapshot.fact_years.clear()
-        for chunk in _chunks(entries):
-            await session.execute(insert(_INBOX), chunk)
+        await _insert(session, _INBOX, entries)
 
     async def _in_inbox(self, session: AsyncSession, key: tuple[str, str]) -> bool:
         found = await session.scalar(
@@ -168,25 +169,75 @@ def _row(facts: CaseFacts | ConsentFacts | Fact | ReferralFacts) -> dict[str, An
     return row
 
 
-def _chunks(rows: Sequence[dict[str, Any]]) -> Iterator[Sequence[dict[str, Any]]]:
-    for start in range(0, len(rows), ROWS_PER_INSERT):
-        yield rows[start : start + ROWS_PER_INSERT]
+def _sqlite_rows(table: Table, names: list[str], chunk: list[dict[str, Any]]) -> list[Any]:
+    """The rows' values as SQLAlchemy's SQLite dialect stores them (times: UTC text without
+    an offset; the rest as they are)."""
+    times = [i for i, name in enumerate(names) if table.c[name].type.python_type is datetime]
+    if not times:
+        return [tuple(row.values()) for row in chunk]
+    values: list[Any] = []
+    for row in chunk:
+        plain = list(row.values())
+        for i in times:
+            moment = plain[i]
+            if moment is not None:
+                plain[i] = f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}"
+        values.append(plain)
+    return values
 
 
-async def _insert(session: AsyncSession, table: Table, rows: Any) -> int:
-    """Insert rows from an iterable in statements of ROWS_PER_INSERT; returns how many."""
-    chunk: list[dict[str, Any]] = []
+async def _insert(
+    session: AsyncSession,
+    table: Table,
+    rows: Iterable[dict[str, Any]],
+    *,
+    replace_on: Sequence[str] = (),
+) -> int:
+    """Insert rows (all with the same keys) in statements of ROWS_PER_INSERT (``replace_on``:
+    update the row with that key instead); returns how many. On SQLite straight through the
+    driver's ``executemany``: SQLAlchemy's per-value bind processing would cost more than
+    everything else a replay does per row."""
+    connection = await session.connection()
+    sqlite = connection.dialect.name == "sqlite"
     written = 0
+    for chunk in _batched(rows):
+        if sqlite:
+            names = list(chunk[0])
+            statement = "INSERT INTO {} ({}) VALUES ({})".format(
+                table.name,
+                ", ".join(f'"{name}"' for name in names),
+                ", ".join("?" for _ in names),
+            )
+            if replace_on:
+                statement += " ON CONFLICT ({}) DO UPDATE SET {}".format(
+                    ", ".join(f'"{name}"' for name in replace_on),
+                    ", ".join(
+                        f'"{name}" = excluded."{name}"' for name in names if name not in replace_on
+                    ),
+                )
+            values = _sqlite_rows(table, names, chunk)
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            cursor = await driver.executemany(statement, values)
+            await cursor.close()
+        elif replace_on:
+            await store.upsert(session, _MODELS[table.name], chunk)
+        else:
+            await connection.execute(insert(table), list(chunk))
+        written += len(chunk)
+    return written
+
+
+def _batched(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
     for row in rows:
         chunk.append(row)
         if len(chunk) >= ROWS_PER_INSERT:
-            await session.execute(insert(table), chunk)
-            written += len(chunk)
+            yield chunk
             chunk = []
     if chunk:
-        await session.execute(insert(table), chunk)
-        written += len(chunk)
-    return written
+        yield chunk
 
 
 async def write_cells(session: AsyncSession, cells: dict[CellKey, Accumulated]) -> None:
@@ -253,7 +304,27 @@ async def publish(
     if not changed:
         return 0
     now = runtime.clock().astimezone(UTC)
-    await store.save_cells(session, changed, now, await store.revision(session) + 1)
+    revision = await store.revision(session) + 1
+    await _insert(
+        session,
+        store.KPIS,
+        (
+            {
+                "bezirk": cell.bezirk,
+                "period": cell.period,
+                "figure": cell.figure.value,
+                "dimension": cell.dimension or "",
+                "value": cell.value,
+                "suppressed": cell.suppressed,
+                "unit": cell.unit.value,
+                "computed_at": now,
+                "revision": revision,
+            }
+            for cell in changed
+        ),
+        replace_on=("bezirk", "period", "figure", "dimension"),
+    )
+    await store.set_state(session, store.REVISION, str(revision))
     outbox = runtime.outbox
     if KpiUpdated.event_type in runtime.registry.routed_types():
         # Audience copies are the outbox's business: let it route each event.
@@ -263,9 +334,9 @@ async def publish(
             )
             outbox.add_cloudevent(session, event, KpiUpdated.topic)
         return len(changed)
-    writer = KpiRecords(source=outbox.source, schema_base=outbox.schema_base)
+    writer = KpiRecords(source=outbox.source, schema_base=outbox.schema_base, now=now)
     topic = outbox.topic_prefix + KpiUpdated.topic
-    await _insert(session, _OUTBOX, (writer.outbox_row(cell, now, topic) for cell in changed))
+    await _insert(session, _OUTBOX, (writer.outbox_row(cell, topic) for cell in changed))
     return len(changed)
 
 
@@ -286,56 +357,58 @@ def kpi_updated(cell: Cell, now: datetime) -> KpiUpdated:
 class KpiRecords:
     """The Kafka record of a cell's ``kpi-updated`` event, built from plain values: the same
     bytes and headers as ``KpiUpdated.to_cloudevent`` and ``to_kafka_binary`` give (held to
-    them by ``tests/reporting/test_reporting_replay_output.py``), without a model per cell."""
+    them by ``tests/reporting/test_reporting_replay_output.py``), without a model per cell.
+    Strings are JSON-encoded as ``json.dumps`` encodes them (ASCII, escaped)."""
 
-    def __init__(self, *, source: str, schema_base: str | None) -> None:
-        self.source = source
-        self.dataschema = KpiUpdated.schema_uri(schema_base)
+    def __init__(self, *, source: str, schema_base: str | None, now: datetime) -> None:
+        self.stamp = now.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        self._now = now
+        # The headers' JSON (as the outbox stores it) around the four values that vary.
+        self._headers = (
+            '[["ce_specversion", "1.0"], ["ce_id", {}], '
+            f'["ce_source", {_text(source)}], ["ce_type", {_text(KpiUpdated.event_type)}], '
+            '["ce_subject", {}], '
+            f'["ce_time", {_text(self.stamp)}], ["ce_datacontenttype", "application/json"], '
+            f'["ce_dataschema", {_text(KpiUpdated.schema_uri(schema_base))}], '
+            '["ce_bezirk", {}], ["content-type", "application/json"]]'
+        )
+        self._tail = f',"computed_at":{_text(self.stamp)}}}'
 
-    def record(
-        self, cell: Cell, now: datetime, event_id: str
-    ) -> tuple[str, bytes, list[tuple[str, bytes]]]:
-        """(key, value, headers) of the cell's event."""
-        stamp = now.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        data: dict[str, Any] = {
-            "bezirk": cell.bezirk,
-            "period": cell.period,
-            "figure": cell.figure.value,
-        }
-        subject = f"{cell.bezirk}/{cell.period}/{cell.figure.value}"
-        if cell.dimension is not None:
-            data["dimension"] = cell.dimension
-            subject = f"{subject}/{cell.dimension}"
-        if cell.value is not None:
-            data["value"] = float(cell.value)
-        data["suppressed"] = cell.suppressed
-        data["unit"] = cell.unit.value
-        data["computed_at"] = stamp
-        headers = [
-            ("ce_specversion", SPEC_VERSION.encode()),
-            ("ce_id", event_id.encode()),
-            ("ce_source", self.source.encode()),
-            ("ce_type", KpiUpdated.event_type.encode()),
-            ("ce_subject", subject.encode()),
-            ("ce_time", stamp.encode()),
-            ("ce_datacontenttype", JSON_CONTENT_TYPE.encode()),
-            ("ce_dataschema", self.dataschema.encode()),
-            ("ce_bezirk", cell.bezirk.encode()),
-            (CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE.encode()),
+    def headers(self, subject: str, bezirk: str, event_id: str) -> str:
+        """The headers as the outbox stores them (JSON ``[[name, value], ...]``)."""
+        return self._headers.format(_text(event_id), _text(subject), _text(bezirk))
+
+    def value(self, cell: Cell) -> tuple[str, bytes]:
+        """(subject, data as JSON) of the cell's event."""
+        figure, unit = _NAMES[cell.figure]
+        subject = f"{cell.bezirk}/{cell.period}/{figure}"
+        parts = [
+            f'{{"bezirk":{_text(cell.bezirk)},"period":{_text(cell.period)},'
+            f'"figure":{_text(figure)}'
         ]
-        value = json.dumps(data, separators=(",", ":")).encode()
-        return subject, value, headers
+        if cell.dimension is not None:
+            subject = f"{subject}/{cell.dimension}"
+            parts.append(f',"dimension":{_text(cell.dimension)}')
+        if cell.value is not None:
+            parts.append(f',"value":{float(cell.value)!r}')
+        parts.append(',"suppressed":true' if cell.suppressed else ',"suppressed":false')
+        parts.append(f',"unit":{_text(unit)}')
+        parts.append(self._tail)
+        return subject, "".join(parts).encode()
 
-    def outbox_row(self, cell: Cell, now: datetime, topic: str) -> dict[str, Any]:
+    def outbox_row(self, cell: Cell, topic: str) -> dict[str, Any]:
         event_id = str(uuid.uuid4())
-        key, value, headers = self.record(cell, now, event_id)
+        subject, value = self.value(cell)
         return {
             "topic": topic,
-            "record_key": key,
+            "record_key": subject,
             "value": value,
-            "headers": json.dumps([[name, raw.decode()] for name, raw in headers]),
+            "headers": self.headers(subject, cell.bezirk, event_id),
             "event_id": event_id,
             "event_type": KpiUpdated.event_type,
-            "created_at": datetime.now(UTC),
+            "created_at": self._now,
             "sent_at": None,
         }
+
+
+_NAMES = {figure: (figure.value, FIGURE_UNITS[figure].value) for figure in KpiFigure}
