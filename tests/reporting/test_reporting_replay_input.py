@@ -25,7 +25,8 @@ def _odd_records() -> list[tuple[bytes | None, Headers]]:
     """Envelopes the short cut must hand to the full path, or judge as it would."""
     event = VisitCompleted.example().to_cloudevent()
     record = to_kafka_binary(event)
-    value, headers = record.value, list(record.headers)
+    value = record.value
+    headers: Headers = list(record.headers)
     data = json.loads(value or b"{}")
 
     def replaced(name: str, new: bytes | None) -> Headers:
