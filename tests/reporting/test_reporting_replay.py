@@ -12,15 +12,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from fastapi.testclient import TestClient
+from lotse_contracts.cloudevents import from_kafka
 from lotse_contracts.events.base import EventModel
+from lotse_contracts.events.reporting import KpiUpdated
 from lotse_reporting.app import create_app
 from lotse_reporting.replay import replay
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import FACT_TABLES, ReportingKpi
 from lotse_runtime.db import Database
 from lotse_runtime.inbox import InboxEntry
+from lotse_runtime.outbox import OutboxMessage
 from sqlalchemy import func, select
 from sqlmodel import SQLModel, col
 
@@ -167,6 +173,64 @@ def test_the_replay_cli_rebuilds_a_lost_database(
     fresh_cells, fresh_facts, _ = asyncio.run(snapshot(fresh_url))
     assert fresh_cells == live_cells
     assert fresh_facts == live_facts
+
+    # What the replay published went through its outbox, all of it sent, and arrived as
+    # contract records on the partition the live relay's producer would have chosen.
+    sent, unsent = asyncio.run(outbox_ids(fresh_url))
+    assert len(sent) == summary["cells_published"]
+    assert not unsent
+    arrived = asyncio.run(kpi_records(broker.bootstrap, topics + KpiUpdated.topic))
+    replayed = [r for r in arrived if dict(r.headers)["ce_id"].decode() in sent]
+    assert len(replayed) == len(sent)
+    partitioner = DefaultPartitioner()
+    validator = jsonschema.Draft202012Validator(json.loads(KPI_SCHEMA.read_text()))
+    for record in arrived:
+        partitions = list(range(2))
+        assert record.partition == partitioner(record.key, partitions, partitions)
+    for record in replayed[::5]:
+        validator.validate(json.loads(record.value))
+        event = from_kafka(record.value, list(record.headers))
+        assert KpiUpdated.model_validate(event.data).cell() == event.subject == record.key.decode()
+
+
+KPI_SCHEMA = (
+    Path(__file__).resolve().parents[2] / "contracts" / "schemas" / f"{KpiUpdated.event_type}.json"
+)
+
+
+async def outbox_ids(url: str) -> tuple[set[str], set[str]]:
+    """The event ids of the outbox rows, sent and unsent."""
+    db = Database(url)
+    try:
+        async with db.transaction() as session:
+            rows = await session.execute(
+                select(col(OutboxMessage.event_id), col(OutboxMessage.sent_at))
+            )
+            pairs = rows.all()
+        return {i for i, at in pairs if at is not None}, {i for i, at in pairs if at is None}
+    finally:
+        await db.dispose()
+
+
+async def kpi_records(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of the topic (read until nothing more comes)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(2)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        found: list[ConsumerRecord[bytes, bytes]] = []
+        while True:
+            batch = await consumer.getmany(timeout_ms=2000, max_records=10_000)
+            if not batch:
+                return found
+            for records in batch.values():
+                found.extend(records)
+    finally:
+        await consumer.stop()
 
 
 def test_replay_of_empty_topics_publishes_nothing(
