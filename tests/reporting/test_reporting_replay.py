@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from fastapi.testclient import TestClient
 from lotse_contracts.cloudevents import from_kafka
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.reporting import KpiUpdated
+from lotse_contracts.topics import DOMAIN_TOPICS
 from lotse_reporting.app import create_app
 from lotse_reporting.replay import replay
 from lotse_reporting.settings import ReportingSettings
@@ -31,12 +33,29 @@ from sqlalchemy import func, select
 from sqlmodel import SQLModel, col
 
 from tests.conftest import Broker
+from tests.hardening.test_poison import poison_for
 from tests.reporting.builders import Family, Published, at, new_id, publish, random_city, to_records
 from tests.reporting.conftest import reporting_of, runtime_of, settings_for, settle, wait_ready
 
 pytestmark = pytest.mark.integration
 
 BEZIRKE = ["hoerde", "eving", "brackel", "innenstadt-nord", "mengede"]
+
+
+def poison(prefix: str, seed: int) -> tuple[list[Published], Counter[str]]:
+    """Malformed records of the hardening tests' corpus on every domain topic (not the
+    oversized ones: this service's limit is higher), and the verdict kinds they deserve."""
+    rng = random.Random(seed)
+    records: list[Published] = []
+    kinds: Counter[str] = Counter()
+    for topic in DOMAIN_TOPICS:
+        for bad in poison_for(topic, 18, rng):
+            if bad.kind == "oversized":
+                continue
+            records.append(Published(prefix + topic, bad.key, bad.value, bad.headers))
+            (stage,) = bad.stages
+            kinds[stage] += 1
+    return records, kinds
 
 
 def dataset(prefix: str, seed: int = 11) -> tuple[list[Published], int, int]:
@@ -108,6 +127,8 @@ def test_replay_rebuilds_identical_figures_and_facts(
     broker: Broker, topics: str, database_url: str
 ) -> None:
     records, redelivered, impossible = dataset(topics)
+    malformed, invalid = poison(topics, 23)
+    records = records[:200] + malformed + records[200:]
     settings = settings_for(broker, topics, database_url)
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
@@ -115,7 +136,7 @@ def test_replay_rebuilds_identical_figures_and_facts(
         settle(client, len(records))
         consumer = runtime_of(client).consumers[0]
         assert consumer.duplicates == redelivered
-        assert consumer.dead_lettered == impossible
+        assert consumer.dead_lettered == impossible + len(malformed)
         applied_live = consumer.processed
         assert reporting_of(client).published > 0
     cells, facts, inbox = asyncio.run(snapshot(database_url))
@@ -128,6 +149,7 @@ def test_replay_rebuilds_identical_figures_and_facts(
     assert stats.duplicates == redelivered
     assert sum(stats.rejected.values()) == impossible
     assert stats.rejected == {"bezirk": 1, "visit-completed": 1}
+    assert stats.invalid == invalid  # by verdict kind, none dead-lettered again
     assert stats.cells_published == 0  # nothing differs from what the stream says
     assert asyncio.run(snapshot(database_url)) == (cells, facts, inbox)
 
