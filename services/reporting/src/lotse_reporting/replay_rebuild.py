@@ -151,7 +151,10 @@ class Rebuild:
         await _insert(session, _INBOX, entries)
         # The projections only grow during a replay and hold no cyclic garbage: taking what
         # exists now out of the collector's view keeps its passes from walking every family
-        # again and again (they cost more than the events). ``replay`` unfreezes at the end.
+        # again and again (they cost more than the events). The young generations are
+        # collected first, so no cyclic garbage of this batch is frozen with them.
+        # ``replay`` unfreezes at the end.
+        gc.collect(1)
         gc.freeze()
 
     async def _in_inbox(self, session: AsyncSession, key: tuple[str, str]) -> bool:
