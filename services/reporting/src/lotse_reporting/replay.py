@@ -11,15 +11,23 @@ What it does:
    second pass over the topics then changes nothing, which shows the exactly-once effects).
 2. Reads every partition of ``lotse.intake``, ``lotse.visits`` and ``lotse.referrals`` from
    the beginning with its own assignment (no consumer group, so the service's committed
-   offsets are untouched) until it has caught up, applying batches of events in one
-   transaction each: the same rules as the live consumer, inbox entries under the live
-   consumer's name, so redelivered copies of an event are applied once and the service, once
-   restarted, skips what the replay already applied.
-3. Recomputes every year and publishes the cells whose value differs from what the reporting
-   stream says (``--republish-all``: every cell), through the outbox.
+   offsets are untouched) until it has caught up. Each record gets the live consumer's
+   verdict (:mod:`lotse_reporting.replay_input`: a short cut that only accepts, the live
+   consumer's own calls for everything else) and each event the live consumer's rules
+   (``domain.apply``); inbox entries are written under the live consumer's name, so
+   redelivered copies are applied once and the service, once restarted, skips what the
+   replay applied.
+   From empty projections (the default) everything stays in memory and goes to the database
+   in one transaction (:mod:`lotse_reporting.replay_rebuild`): the inbox entries of each
+   fetch, then the rows, the cells (:mod:`lotse_reporting.replay_cells`), the changed
+   figures and their outbox rows. With ``--keep`` each fetch is applied in a transaction of
+   its own against the stored rows, as before.
+3. Publishes the cells whose value differs from what the reporting stream says
+   (``--republish-all``: every cell) through the outbox, and sends the outbox rows
+   (:mod:`lotse_reporting.replay_send`).
 
-Events the live consumer dead-lettered are rejected again by the same rules and counted, not
-dead-lettered a second time.
+Events the live consumer dead-lettered are rejected again by the same rules and counted by
+verdict kind or reason, not dead-lettered a second time.
 """
 
 from __future__ import annotations
