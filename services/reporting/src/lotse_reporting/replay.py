@@ -11,21 +11,30 @@ What it does:
    second pass over the topics then changes nothing, which shows the exactly-once effects).
 2. Reads every partition of ``lotse.intake``, ``lotse.visits`` and ``lotse.referrals`` from
    the beginning with its own assignment (no consumer group, so the service's committed
-   offsets are untouched) until it has caught up, applying batches of events in one
-   transaction each: the same rules as the live consumer, inbox entries under the live
-   consumer's name, so redelivered copies of an event are applied once and the service, once
-   restarted, skips what the replay already applied.
-3. Recomputes every year and publishes the cells whose value differs from what the reporting
-   stream says (``--republish-all``: every cell), through the outbox.
+   offsets are untouched) until it has caught up. Each record gets the live consumer's
+   verdict (:mod:`lotse_reporting.replay_input`: a short cut that only accepts, the live
+   consumer's own calls for everything else) and each event the live consumer's rules
+   (``domain.apply``); inbox entries are written under the live consumer's name, so
+   redelivered copies are applied once and the service, once restarted, skips what the
+   replay applied.
+   From empty projections (the default) everything stays in memory and goes to the database
+   in one transaction (:mod:`lotse_reporting.replay_rebuild`): the inbox entries of each
+   fetch, then the rows, the cells (:mod:`lotse_reporting.replay_cells`), the changed
+   figures and their outbox rows. With ``--keep`` each fetch is applied in a transaction of
+   its own against the stored rows, as before.
+3. Publishes the cells whose value differs from what the reporting stream says
+   (``--republish-all``: every cell) through the outbox, and sends the outbox rows
+   (:mod:`lotse_reporting.replay_send`).
 
-Events the live consumer dead-lettered are rejected again by the same rules and counted, not
-dead-lettered a second time.
+Events the live consumer dead-lettered are rejected again by the same rules and counted by
+verdict kind or reason, not dead-lettered a second time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -38,15 +47,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from lotse_contracts import topics
-from lotse_contracts.cloudevents import CloudEvent, InvalidCloudEvent, from_kafka
-from lotse_contracts.events.base import (
-    CATALOGUE,
-    EventDataInvalid,
-    EventModel,
-    UnknownEventType,
-    UnknownEventVersion,
-)
-from lotse_runtime.app import build_runtime
+from lotse_runtime.app import ServiceRuntime, build_runtime
 from lotse_runtime.db import Database
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.kafka import KafkaConfig
@@ -67,6 +68,9 @@ from sqlmodel import col
 from lotse_reporting import domain, operations, store
 from lotse_reporting.consumers import CONSUMER
 from lotse_reporting.operations import Reporting
+from lotse_reporting.replay_input import Decoded, Decoder, Skipped
+from lotse_reporting.replay_rebuild import Rebuild, publish, write_cells
+from lotse_reporting.replay_send import can_send, send_unsent
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import TABLES
 
@@ -85,104 +89,148 @@ class ReplayStats:
     duplicates: int = 0
     skipped: int = 0
     """Known events the projections do not use."""
-    invalid: int = 0
-    """Malformed envelopes, unknown types, schema violations."""
+    invalid: Counter[str] = field(default_factory=Counter)
+    """Records the live consumer dead-letters as invalid, by its verdict kind (envelope,
+    type, schema)."""
     rejected: Counter[str] = field(default_factory=Counter)
     """Impossible events by reason."""
     consume_s: float = 0.0
+    """Reading, checking and applying every record (and writing the inbox entries)."""
+    build_s: float = 0.0
+    """Writing the projections' rows and the cells (a replay into empty projections)."""
     publish_s: float = 0.0
+    """Deriving, recording and publishing the changed figures, until the relay sent them."""
     cells_published: int = 0
+    consume_cpu_s: float = 0.0
+    """CPU seconds of the replay process (all its threads) per phase: unlike the wall-clock
+    times, they hardly change with what else the machine runs."""
+    build_cpu_s: float = 0.0
+    publish_cpu_s: float = 0.0
+
+    @classmethod
+    def of(cls, counts: Counter[str]) -> ReplayStats:
+        stats = cls(
+            records=counts["records"],
+            applied=counts["applied"],
+            duplicates=counts["duplicates"],
+            skipped=counts["skipped"],
+        )
+        for key, count in counts.items():
+            kind, _, reason = key.partition(":")
+            if kind == "invalid":
+                stats.invalid[reason] += count
+            elif kind == "rejected":
+                stats.rejected[reason] += count
+        return stats
+
+    @property
+    def total_s(self) -> float:
+        return self.consume_s + self.build_s + self.publish_s
 
     @property
     def events_per_s(self) -> float:
         return self.records / self.consume_s if self.consume_s else 0.0
 
     def summary(self) -> dict[str, Any]:
+        total = self.total_s
         return {
             "records": self.records,
             "applied": self.applied,
             "duplicates": self.duplicates,
             "skipped": self.skipped,
-            "invalid": self.invalid,
+            "invalid": sum(self.invalid.values()),
+            "invalid_by_kind": dict(self.invalid.most_common()),
             "rejected": sum(self.rejected.values()),
             "rejected_by_reason": dict(self.rejected.most_common(20)),
             "consume_s": round(self.consume_s, 3),
             "events_per_s": round(self.events_per_s, 1),
+            "build_s": round(self.build_s, 3),
             "publish_s": round(self.publish_s, 3),
             "cells_published": self.cells_published,
+            "total_s": round(total, 3),
+            "consume_cpu_s": round(self.consume_cpu_s, 3),
+            "build_cpu_s": round(self.build_cpu_s, 3),
+            "publish_cpu_s": round(self.publish_cpu_s, 3),
+            "cpu_us_per_record": round(
+                1e6 * (self.consume_cpu_s + self.build_cpu_s + self.publish_cpu_s) / self.records,
+                1,
+            )
+            if self.records
+            else 0.0,
+            "end_to_end_events_per_s": round(self.records / total, 1) if total else 0.0,
         }
 
 
-_HANDLED = {model.event_type for model in domain.HANDLED}
 _INBOX_CONSUMER = f"reporting.{CONSUMER}"
 
 
+@dataclass
+class _Lap:
+    """Wall-clock and CPU time since it was made."""
+
+    wall: float = field(default_factory=time.perf_counter)
+    cpu: float = field(default_factory=time.process_time)
+
+    def since(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 class Replayer:
-    """Applies batches of Kafka records to the projections, as the live consumer would."""
+    """Applies batches of Kafka records to projections that already hold rows (``--keep``),
+    as the live consumer would: per batch, the rows the events need are loaded, and the
+    inbox says which events were applied before."""
 
-    def __init__(self, db: Database, settings: ReportingSettings, rules: domain.Rules) -> None:
+    def __init__(
+        self, db: Database, decoder: Decoder, rules: domain.Rules, counts: Counter[str]
+    ) -> None:
         self.db = db
-        self.settings = settings
+        self.decoder = decoder
         self.rules = rules
-        self.stats = ReplayStats()
+        self.counts = counts
 
-    def _parse(self, record: ConsumerRecord[Any, Any]) -> tuple[CloudEvent, EventModel] | None:
-        try:
-            event = from_kafka(
-                record.value, list(record.headers or ()), max_bytes=self.settings.max_event_bytes
-            )
-        except InvalidCloudEvent:
-            self.stats.invalid += 1
-            return None
-        if event.type not in _HANDLED:
-            try:
-                CATALOGUE.model_for(event.type)
-            except (UnknownEventType, UnknownEventVersion):
-                self.stats.invalid += 1
-            else:
-                self.stats.skipped += 1
-            return None
-        try:
-            return event, CATALOGUE.parse(event)
-        except (EventDataInvalid, UnknownEventType, UnknownEventVersion):
-            self.stats.invalid += 1
-            return None
+    def _parse(self, record: ConsumerRecord[Any, Any]) -> Decoded | None:
+        outcome = self.decoder.decode(record.value, record.headers or ())
+        if isinstance(outcome, Decoded):
+            return outcome
+        if outcome is Skipped.SKIPPED:
+            self.counts["skipped"] += 1
+        else:
+            self.counts[f"invalid:{outcome.value}"] += 1
+        return None
 
     async def apply_batch(self, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
         """Apply records (in partition order) in one transaction, inbox entries included."""
-        self.stats.records += len(records)
+        self.counts["records"] += len(records)
         parsed = [
-            (record, *found) for record in records if (found := self._parse(record)) is not None
+            (record, found) for record in records if (found := self._parse(record)) is not None
         ]
         if not parsed:
             return
         async with self.db.transaction() as session:
-            seen = await _already_applied(session, [event for _, event, _ in parsed])
+            seen = await _already_applied(session, [event for _, event in parsed])
             fresh = []
-            for record, event, data in parsed:
+            for record, event in parsed:
                 if event.dedup_key in seen:
-                    self.stats.duplicates += 1
+                    self.counts["duplicates"] += 1
                     continue
                 seen.add(event.dedup_key)
-                fresh.append((record, event, data))
+                fresh.append((record, event))
             outcomes = await operations.replay_events(
-                session, [data for _, _, data in fresh], self.rules
+                session, [event.data for _, event in fresh], self.rules
             )
             now = datetime.now(UTC)
             inbox: list[dict[str, Any]] = []
-            for (record, event, _), rejected in zip(fresh, outcomes, strict=True):
+            for (record, event), rejected in zip(fresh, outcomes, strict=True):
                 if rejected is not None:
-                    self.stats.rejected[_reason_kind(rejected)] += 1
+                    self.counts[f"rejected:{_reason_kind(rejected)}"] += 1
                     continue
-                self.stats.applied += 1
+                self.counts["applied"] += 1
                 inbox.append(_inbox_entry(record, event, now))
             if inbox:
                 await session.execute(insert(InboxEntry), inbox)
 
 
-def _inbox_entry(
-    record: ConsumerRecord[Any, Any], event: CloudEvent, now: datetime
-) -> dict[str, Any]:
+def _inbox_entry(record: ConsumerRecord[Any, Any], event: Decoded, now: datetime) -> dict[str, Any]:
     """The live consumer's inbox entry for an applied event."""
     return {
         "consumer": _INBOX_CONSUMER,
@@ -202,7 +250,7 @@ def _reason_kind(reason: str) -> str:
 
 
 async def _already_applied(
-    session: AsyncSession, events: Sequence[CloudEvent]
+    session: AsyncSession, events: Sequence[Decoded]
 ) -> set[tuple[str, str]]:
     """The (source, id) pairs of these events that the inbox already holds."""
     by_source: dict[str, set[str]] = {}
@@ -332,38 +380,140 @@ async def replay(
     clock: Callable[[], datetime] | None = None,
 ) -> ReplayStats:
     """Rebuild the projections from the domain topics and publish what changed."""
-    # The service's own runtime (one relay batch per 500 rows: a replay publishes a lot),
-    # without its consumer and jobs: the replay reads the topics itself.
-    runtime = build_runtime(settings.model_copy(update={"relay_batch_size": 500}), clock=clock)
+    # The service's own runtime (large relay batches: a replay publishes a lot), without its
+    # consumer and jobs: the replay reads the topics itself.
+    runtime = build_runtime(settings.model_copy(update={"relay_batch_size": 5000}), clock=clock)
     db = runtime.db
     try:
         await create_schema(db, TABLES, service=settings.service_name)
-        if not keep:
-            await drop(db)
         reporting = Reporting.of(runtime)
-        replayer = Replayer(db, settings, reporting.rules)
-        started = time.perf_counter()
-        await read_from_start(
-            runtime.kafka,
-            [settings.topic(t) for t in topics.DOMAIN_TOPICS],
-            replayer.apply_batch,
-            batch_size=batch_size or settings.replay_batch_size,
-            idle_timeout_s=idle_timeout_s,
-            progress=progress,
-        )
-        stats = replayer.stats
-        stats.consume_s = time.perf_counter() - started
-        started = time.perf_counter()
-        stats.cells_published = await operations.publish_figures(
-            reporting, all_years=True, republish=republish_all
-        )
+        decoder = Decoder(domain.HANDLED, max_bytes=settings.max_event_bytes)
+        topic_names = [settings.topic(t) for t in topics.DOMAIN_TOPICS]
+        size = batch_size or settings.replay_batch_size
+        counts: Counter[str] = Counter()
+        timings: dict[str, tuple[float, float]] = {}
+        if keep:
+            published = await _replay_kept(
+                runtime,
+                reporting,
+                decoder,
+                counts,
+                timings,
+                topic_names,
+                size,
+                idle_timeout_s,
+                progress,
+                republish_all,
+            )
+        else:
+            published = await _rebuild(
+                runtime,
+                reporting,
+                decoder,
+                counts,
+                timings,
+                topic_names,
+                size,
+                idle_timeout_s,
+                progress,
+                republish_all,
+            )
+        lap = _Lap()
+        if can_send(runtime.kafka):
+            await send_unsent(db, runtime.kafka)
         await runtime.relay.drain(timeout_s=600)
-        stats.publish_s = time.perf_counter() - started
+        sending = lap.since()
+        stats = ReplayStats.of(counts)
+        stats.consume_s, stats.consume_cpu_s = timings["consume"]
+        stats.build_s, stats.build_cpu_s = timings.get("build", (0.0, 0.0))
+        stats.publish_s = timings["publish"][0] + sending[0]
+        stats.publish_cpu_s = timings["publish"][1] + sending[1]
+        stats.cells_published = published
         return stats
     finally:
+        gc.unfreeze()
         await runtime.relay.stop()
         await db.dispose()
         runtime.telemetry.shutdown()
+
+
+async def _rebuild(
+    runtime: ServiceRuntime[ReportingSettings],
+    reporting: Reporting,
+    decoder: Decoder,
+    counts: Counter[str],
+    timings: dict[str, tuple[float, float]],
+    topic_names: list[str],
+    batch_size: int,
+    idle_timeout_s: float,
+    progress: Progress | None,
+    republish_all: bool,
+) -> int:
+    """From empty projections, in memory and in one transaction (:mod:`replay_rebuild`)."""
+    db = runtime.db
+    await drop(db)
+    rebuild = Rebuild(decoder, reporting.rules, inbox_consumer=_INBOX_CONSUMER, counts=counts)
+    lap = _Lap()
+    async with db.transaction() as session:
+
+        async def handle(records: list[ConsumerRecord[Any, Any]]) -> None:
+            await rebuild.apply_batch(session, records)
+
+        await read_from_start(
+            runtime.kafka,
+            topic_names,
+            handle,
+            batch_size=batch_size,
+            idle_timeout_s=idle_timeout_s,
+            progress=progress,
+        )
+        timings["consume"] = lap.since()
+        lap = _Lap()
+        await rebuild.write_rows(session)
+        cells = rebuild.cells()
+        await write_cells(session, cells)
+        timings["build"] = lap.since()
+        lap = _Lap()
+        published = await publish(
+            runtime,
+            session,
+            reporting.layout,
+            cells,
+            rebuild.horizon(),
+            republish=republish_all,
+        )
+    timings["publish"] = lap.since()
+    return published
+
+
+async def _replay_kept(
+    runtime: ServiceRuntime[ReportingSettings],
+    reporting: Reporting,
+    decoder: Decoder,
+    counts: Counter[str],
+    timings: dict[str, tuple[float, float]],
+    topic_names: list[str],
+    batch_size: int,
+    idle_timeout_s: float,
+    progress: Progress | None,
+    republish_all: bool,
+) -> int:
+    """Over projections that keep their rows: batch by batch, as the live consumer."""
+    replayer = Replayer(runtime.db, decoder, reporting.rules, counts)
+    lap = _Lap()
+    await read_from_start(
+        runtime.kafka,
+        topic_names,
+        replayer.apply_batch,
+        batch_size=batch_size,
+        idle_timeout_s=idle_timeout_s,
+        progress=progress,
+    )
+    timings["consume"] = lap.since()
+    lap = _Lap()
+    published = await operations.publish_figures(reporting, all_years=True, republish=republish_all)
+    timings["publish"] = lap.since()
+    return published
 
 
 def main(argv: Sequence[str] | None = None) -> int:

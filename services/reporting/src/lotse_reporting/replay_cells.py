@@ -1,0 +1,269 @@
+"""The cells of every family at once, for a replay into empty projections.
+
+The live path adds, per event, the difference of the touched families' shares
+(:func:`lotse_reporting.domain.family_shares`, :func:`~lotse_reporting.domain.cell_deltas`).
+A replay from empty cells knows every "before" (nothing), so it only needs the sum of all
+families' shares once, at the end. Building a ``Share`` object per family and cell and then
+a ``CellDelta`` per cell costs more than everything else in a replay, so :class:`CellSums`
+adds each family's contributions straight into the cells by the same rules, and counts a
+family once per cell by remembering the last family that touched it (families are added one
+after the other). Families with escalation episodes (a few per cent) go through
+``domain.family_shares`` itself: their month-end stock needs the episodes together.
+
+``tests/reporting/test_reporting_replay_cells.py`` holds the result equal to
+``domain.accumulate(domain.shares_of(...))`` on the benchmark's families and the test city.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from zoneinfo import ZoneInfo
+
+from lotse_contracts.events.referrals import ReferralStatus
+from lotse_contracts.figures import KpiFigure
+
+from lotse_reporting import domain
+from lotse_reporting.domain import (
+    CONSENT_DIMENSIONS,
+    STADT,
+    STOCK_DELTA,
+    Accumulated,
+    CaseFacts,
+    CellKey,
+    ConsentFacts,
+    Fact,
+    FactKind,
+    ReferralFacts,
+    Snapshot,
+)
+
+_ACTIVITY_COUNT: dict[str, str] = {
+    FactKind.OFFERED.value: KpiFigure.VISITS_OFFERED.value,
+    FactKind.COMPLETED.value: KpiFigure.VISITS_COMPLETED.value,
+    FactKind.DECLINED.value: KpiFigure.VISITS_DECLINED.value,
+    FactKind.MISSED.value: KpiFigure.VISITS_MISSED.value,
+    FactKind.REQUESTED.value: KpiFigure.REFERRALS_REQUESTED.value,
+    FactKind.ACCEPTED.value: KpiFigure.REFERRALS_ACCEPTED.value,
+}
+_REGISTERED = KpiFigure.FAMILIES_REGISTERED.value
+_BY_CHANNEL = {
+    "clinic": KpiFigure.FAMILIES_REGISTERED_CLINIC.value,
+    "move_in": KpiFigure.FAMILIES_REGISTERED_MOVE_IN.value,
+}
+_CONSENT = KpiFigure.CONSENT_RATE.value
+_REACH = KpiFigure.REACH_RATE.value
+_CONTACTS = KpiFigure.CONTACTS_PER_FAMILY.value
+_BIRTH_TO_VISIT = KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT.value
+_ACCEPTANCE = KpiFigure.ACCEPTANCE_RATE.value
+_HANDOVER_DAYS = KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER.value
+_COMPLETED = FactKind.COMPLETED.value
+_FIRST_CONTACT = FactKind.FIRST_CONTACT.value
+_REQUESTED = FactKind.REQUESTED.value
+_ACCEPTED = FactKind.ACCEPTED.value
+_REJECTED = FactKind.REJECTED.value
+_ESCALATED = FactKind.ESCALATED.value
+_REQUESTED_STATUS = ReferralStatus.REQUESTED.value
+
+
+class _Sum:
+    """One cell's sums, and which family touched it last (to count each family once)."""
+
+    __slots__ = ("families", "hit_last", "hits", "last", "min_value", "numbers", "value", "weight")
+
+    def __init__(self) -> None:
+        self.families = 0
+        self.value = 0.0
+        self.hits = 0
+        self.weight = 0.0
+        self.numbers: dict[float, int] = {}
+        self.last = -1
+        self.hit_last = -1
+        self.min_value: float | None = None
+
+
+class CellSums:
+    """Every cell's sums over the families added so far (as the stored cells hold them)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[CellKey, _Sum] = {}
+        self._family = 0
+
+    # Over 40 lines: one family's contributions in the order of domain.family_shares, so
+    # the two read side by side.
+    def add_family(
+        self,
+        case: CaseFacts | None,
+        consents: Iterable[ConsentFacts],
+        facts: list[Fact],
+        referrals: Mapping[str, ReferralFacts],
+    ) -> None:
+        """Add one family's share of every cell (families without escalations)."""
+        if case is not None and case.excluded:
+            return
+        self._family += 1
+        add = self._add
+        if case is not None and case.bezirk is not None and case.registered_month is not None:
+            bezirk, month = case.bezirk, case.registered_month
+            add(bezirk, month, _REGISTERED, "", 1.0)
+            by_channel = _BY_CHANNEL.get(case.channel or "")
+            if by_channel is not None:
+                add(bezirk, month, by_channel, "", 1.0)
+            given = {c.scope for c in consents if c.given}
+            for dimension, scope in CONSENT_DIMENSIONS.items():
+                add(bezirk, month, _CONSENT, dimension or "", hits=scope in given)
+            contacts = visited = 0
+            for fact in facts:
+                if fact.kind == _COMPLETED:
+                    contacts += 1
+                    visited = 1
+                elif fact.kind == _FIRST_CONTACT:
+                    contacts += 1
+            add(bezirk, month, _REACH, "", hits=bool(visited))
+            add(bezirk, month, _CONTACTS, "", float(contacts))
+        channel = case.channel if case is not None else None
+        for fact in facts:
+            kind, bezirk, month = fact.kind, fact.bezirk, fact.month
+            count_figure = _ACTIVITY_COUNT.get(kind)
+            if count_figure is not None:
+                add(bezirk, month, count_figure, "", 1.0)
+                if kind == _REQUESTED:
+                    referral = referrals.get(fact.ref)
+                    status = referral.status if referral is not None else _REQUESTED_STATUS
+                    add(bezirk, month, count_figure, f"module:{fact.dimension}", 1.0)
+                    add(bezirk, month, count_figure, f"status:{status}", 1.0)
+            if kind == _COMPLETED and channel == "clinic":
+                days = fact.number if fact.number is not None else 0.0
+                self._add_smallest(bezirk, month, _BIRTH_TO_VISIT, days)
+            elif kind in (_ACCEPTED, _REJECTED):
+                accepted = 1.0 if kind == _ACCEPTED else 0.0
+                add(bezirk, month, _ACCEPTANCE, "", accepted, weight=1.0)
+            elif kind == _FIRST_CONTACT:
+                days = fact.number if fact.number is not None else 0.0
+                add(bezirk, month, _HANDOVER_DAYS, "", number=days)
+
+    def add_shares(self, shares: domain.Shares) -> None:
+        """Add a family's shares as ``domain.family_shares`` computed them."""
+        sums = self._sums
+        for key, share in shares.items():
+            found = sums.get(key)
+            if found is None:
+                found = sums[key] = _Sum()
+            found.families += share.families
+            found.value += share.value
+            found.hits += share.hits
+            found.weight += share.weight
+            for number in share.numbers:
+                found.numbers[number] = found.numbers.get(number, 0) + 1
+
+    def _add(
+        self,
+        bezirk: str,
+        month: str,
+        figure: str,
+        dimension: str,
+        value: float = 0.0,
+        *,
+        hits: bool = False,
+        weight: float = 0.0,
+        number: float | None = None,
+    ) -> None:
+        family, sums = self._family, self._sums
+        for area in (bezirk, STADT):
+            for period in (month, month[:4]):
+                key = (area, period, figure, dimension)
+                found = sums.get(key)
+                if found is None:
+                    found = sums[key] = _Sum()
+                if found.last != family:
+                    found.last = family
+                    found.families += 1
+                found.value += value
+                found.weight += weight
+                if hits and found.hit_last != family:
+                    found.hit_last = family
+                    found.hits += 1
+                if number is not None:
+                    found.numbers[number] = found.numbers.get(number, 0) + 1
+
+    def _add_smallest(self, bezirk: str, month: str, figure: str, number: float) -> None:
+        """A number of which each family counts once per cell: its smallest (first visit)."""
+        family, sums = self._family, self._sums
+        for area in (bezirk, STADT):
+            for period in (month, month[:4]):
+                key = (area, period, figure, "")
+                found = sums.get(key)
+                if found is None:
+                    found = sums[key] = _Sum()
+                numbers = found.numbers
+                if found.last != family:
+                    found.last = family
+                    found.families += 1
+                    found.min_value = number
+                    numbers[number] = numbers.get(number, 0) + 1
+                elif found.min_value is not None and number < found.min_value:
+                    numbers[found.min_value] -= 1
+                    found.min_value = number
+                    numbers[number] = numbers.get(number, 0) + 1
+
+    def cells(self) -> dict[CellKey, Accumulated]:
+        """The cells with anything in them (as ``domain.accumulate`` leaves them)."""
+        result: dict[CellKey, Accumulated] = {}
+        for key, found in self._sums.items():
+            numbers = {n: c for n, c in found.numbers.items() if c}
+            if not (found.families or found.value or found.hits or found.weight or numbers):
+                continue
+            result[key] = Accumulated(
+                families=found.families,
+                value=found.value,
+                hits=found.hits,
+                weight=found.weight,
+                numbers=numbers,
+            )
+        return result
+
+
+def sum_families(snapshot: Snapshot, zone: ZoneInfo) -> dict[CellKey, Accumulated]:
+    """Every family's share of every cell, summed: what the cells hold after a replay of the
+    events whose rows ``snapshot`` holds (all of each family's rows)."""
+    facts: dict[str, list[Fact]] = {}
+    for fact in snapshot.facts.values():
+        facts.setdefault(fact.case_id, []).append(fact)
+    consents: dict[str, list[ConsentFacts]] = {}
+    for consent in snapshot.consents.values():
+        consents.setdefault(consent.case_id, []).append(consent)
+    referrals: dict[str, dict[str, ReferralFacts]] = {}
+    for referral in snapshot.referrals.values():
+        referrals.setdefault(referral.case_id, {})[referral.referral_id] = referral
+    sums = CellSums()
+    for case_id in {*snapshot.cases, *facts, *consents, *referrals}:
+        case = snapshot.cases.get(case_id)
+        family_facts = facts.get(case_id, [])
+        family_consents = consents.get(case_id, ())
+        family_referrals = referrals.get(case_id, {})
+        if any(f.kind == _ESCALATED for f in family_facts):
+            sums.add_shares(
+                domain.family_shares(
+                    case_id, case, family_consents, family_facts, family_referrals, zone
+                )
+            )
+        else:
+            sums.add_family(case, family_consents, family_facts, family_referrals)
+    return sums.cells()
+
+
+def year_inputs(
+    cells: Mapping[CellKey, Accumulated], year: int
+) -> tuple[dict[CellKey, Accumulated], dict[tuple[str, str], Accumulated]]:
+    """What ``store.year_cells`` would read for ``year`` from these cells: the year's cells,
+    and the open-escalation deltas of every month up to its end."""
+    prefix, last = str(year), f"{year}-12"
+    in_year: dict[CellKey, Accumulated] = {}
+    stock: dict[tuple[str, str], Accumulated] = {}
+    for key, acc in cells.items():
+        area, period, figure, _ = key
+        if figure == STOCK_DELTA:
+            if period <= last:
+                stock[(area, period)] = Accumulated(families=acc.families, value=acc.value)
+        elif period.startswith(prefix):
+            in_year[key] = acc
+    return in_year, stock

@@ -1,0 +1,477 @@
+"""A replay into empty projections, in memory, written once.
+
+After ``replay`` dropped the facts and the live consumer's inbox entries, nothing needs to be
+read back from the database: every row an event's checks look at was made by an earlier
+event of the same replay. So :class:`Rebuild` keeps the projections' rows in one
+:class:`~lotse_reporting.domain.Snapshot` and applies each event with the live consumer's own
+rules (:func:`lotse_reporting.domain.apply`, the same verdicts on impossible events), writes
+the inbox entries of each fetch with one ``executemany``, and at the end writes the rows, the
+cells (:mod:`lotse_reporting.replay_cells`) and the published figures with their outbox rows.
+
+All of it is one database transaction: the inbox entries commit together with the effects
+they stand for (a replay that fails leaves the dropped, empty projections behind and is run
+again), and the outbox rows commit with the ``reporting_kpi`` rows that record them as
+published, so the relay publishes exactly what the table says, as the live publisher does.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import fields
+from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _text
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from lotse_contracts.events.reporting import KpiUpdated
+from lotse_contracts.figures import FIGURE_UNITS, KpiFigure
+from lotse_runtime.app import ServiceRuntime
+from lotse_runtime.inbox import InboxEntry
+from lotse_runtime.outbox import OutboxMessage
+from sqlalchemy import Table, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import SQLModel, col
+
+from lotse_reporting import domain, store
+from lotse_reporting.domain import (
+    Accumulated,
+    CaseFacts,
+    Cell,
+    CellKey,
+    ConsentFacts,
+    Fact,
+    Layout,
+    ReferralFacts,
+    Rules,
+)
+from lotse_reporting.replay_cells import sum_families, year_inputs
+from lotse_reporting.replay_input import Decoded, Decoder, Skipped
+from lotse_reporting.settings import ReportingSettings
+from lotse_reporting.tables import ReportingKpi
+
+#: Rows per INSERT statement (executemany): large, so the database sees few round trips.
+ROWS_PER_INSERT = 5000
+
+_INBOX: Table = InboxEntry.__table__  # type: ignore[attr-defined]
+_OUTBOX: Table = OutboxMessage.__table__  # type: ignore[attr-defined]
+_MODELS: dict[str, type[SQLModel]] = {"reporting_kpi": ReportingKpi}
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.astimezone(UTC)
+
+
+class SeenFilter:
+    """Which events may have been applied already: a Bloom filter (two bits per event in a
+    fixed bitmap of 16 MiB) over their (source, id). It never misses an applied event; a hit
+    may be wrong (about 1 in 5,000 at a million events) and is confirmed against the inbox
+    rows, so duplicates are found exactly while the memory stays the same for any number of
+    events (a set of a million keys would take 60 MB and more)."""
+
+    def __init__(self, bits: int = 1 << 27) -> None:
+        self._bits = bytearray(bits // 8)
+        self._mask = bits - 1
+
+    def _positions(self, key: tuple[str, str]) -> tuple[int, int]:
+        hashed = hash(key)
+        return hashed & self._mask, (hashed >> 32) & self._mask
+
+    def add(self, key: tuple[str, str]) -> None:
+        for position in self._positions(key):
+            self._bits[position >> 3] |= 1 << (position & 7)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return all(self._bits[p >> 3] & (1 << (p & 7)) for p in self._positions(key))
+
+
+class Rebuild:
+    """Applies fetched records to in-memory projections, as the live consumer would."""
+
+    def __init__(
+        self, decoder: Decoder, rules: Rules, *, inbox_consumer: str, counts: Counter[str]
+    ) -> None:
+        self.decoder = decoder
+        self.rules = rules
+        self.inbox_consumer = inbox_consumer
+        self.snapshot = domain.Snapshot()
+        self.counts = counts
+        """records, applied, duplicates, skipped, invalid:<kind>, rejected:<reason kind>."""
+        self._applied = SeenFilter()
+
+    async def apply_batch(
+        self, session: AsyncSession, records: Sequence[ConsumerRecord[Any, Any]]
+    ) -> None:
+        """Apply records in partition order; their inbox entries go in with one statement."""
+        counts, snapshot, rules = self.counts, self.snapshot, self.rules
+        counts["records"] += len(records)
+        entries: list[dict[str, Any]] = []
+        pending: set[tuple[str, str]] = set()
+        now = datetime.now(UTC)
+        for record in records:
+            outcome = self.decoder.decode(record.value, record.headers or ())
+            if not isinstance(outcome, Decoded):
+                if outcome is Skipped.SKIPPED:
+                    counts["skipped"] += 1
+                else:
+                    counts[f"invalid:{outcome.value}"] += 1
+                continue
+            key = outcome.dedup_key
+            if key in self._applied and (key in pending or await self._in_inbox(session, key)):
+                counts["duplicates"] += 1
+                continue
+            try:
+                domain.apply(outcome.data, snapshot, rules)
+            except domain.ImpossibleEvent as exc:
+                counts[f"rejected:{exc.reason.split(':', 1)[0]}"] += 1
+                continue
+            counts["applied"] += 1
+            self._applied.add(key)
+            pending.add(key)
+            entries.append(
+                {
+                    "consumer": self.inbox_consumer,
+                    "source": outcome.source,
+                    "event_id": outcome.id,
+                    "event_type": outcome.type,
+                    "topic": record.topic,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                    "processed_at": now,
+                }
+            )
+        _share_strings(snapshot)
+        # What apply marks for the live publisher means nothing here: cells are summed at
+        # the end, and the sets would only grow.
+        snapshot.reset_touched()
+        snapshot.fact_years.clear()
+        await _insert(session, _INBOX, entries)
+        # The projections only grow during a replay and hold no cyclic garbage: taking what
+        # exists now out of the collector's view keeps its passes from walking every family
+        # again and again (they cost more than the events). The young generations are
+        # collected first, so no cyclic garbage of this batch is frozen with them.
+        # ``replay`` unfreezes at the end.
+        gc.collect(1)
+        gc.freeze()
+
+    async def _in_inbox(self, session: AsyncSession, key: tuple[str, str]) -> bool:
+        found = await session.scalar(
+            select(col(InboxEntry.event_id)).where(
+                col(InboxEntry.consumer) == self.inbox_consumer,
+                col(InboxEntry.source) == key[0],
+                col(InboxEntry.event_id) == key[1],
+            )
+        )
+        return found is not None
+
+    async def write_rows(self, session: AsyncSession) -> None:
+        """Store the projections' rows (the tables are empty: plain inserts)."""
+        snapshot = self.snapshot
+        await _insert(session, store.CASES, (_row(c) for c in snapshot.cases.values()))
+        await _insert(session, store.CONSENTS, (_row(c) for c in snapshot.consents.values()))
+        await _insert(session, store.FACTS, (_row(f) for f in snapshot.facts.values()))
+        await _insert(session, store.REFERRALS, (_row(r) for r in snapshot.referrals.values()))
+
+    def cells(self) -> dict[CellKey, Accumulated]:
+        return sum_families(self.snapshot, self.rules.zone)
+
+    def horizon(self) -> tuple[str, str] | None:
+        """(oldest month, newest month) with any fact or registration, None without."""
+        months = {f.month for f in self.snapshot.facts.values()}
+        months |= {c.registered_month for c in self.snapshot.cases.values() if c.registered_month}
+        return (min(months), max(months)) if months else None
+
+
+def _share_strings(snapshot: domain.Snapshot) -> None:
+    """Make the rows touched in this batch share one string object per case id, Bezirk,
+    month, scope, module and status: each event brings its own copies, and a replay keeps
+    every family's rows (at a million events, a hundred MB of duplicate strings)."""
+    share = sys.intern
+    for case_id in snapshot.touched_cases:
+        case = snapshot.cases[case_id]
+        case.case_id = share(case.case_id)
+        if case.bezirk is not None:
+            case.bezirk = share(case.bezirk)
+        if case.registered_month is not None:
+            case.registered_month = share(case.registered_month)
+        if case.channel is not None:
+            case.channel = share(case.channel)
+    for key in snapshot.touched_facts:
+        fact = snapshot.facts[key]
+        fact.case_id = share(fact.case_id)
+        fact.bezirk = share(fact.bezirk)
+        fact.month = share(fact.month)
+        if fact.dimension is not None:
+            fact.dimension = share(fact.dimension)
+    for pair in snapshot.touched_consents:
+        consent = snapshot.consents[pair]
+        consent.case_id = share(consent.case_id)
+        consent.scope = share(consent.scope)
+    for referral_id in snapshot.touched_referrals:
+        referral = snapshot.referrals[referral_id]
+        referral.case_id = share(referral.case_id)
+        referral.bezirk = share(referral.bezirk)
+        referral.module = share(referral.module)
+        referral.status = share(referral.status)
+
+
+_COLUMNS: dict[type[Any], tuple[str, ...]] = {
+    kind: tuple(f.name for f in fields(kind))
+    for kind in (CaseFacts, ConsentFacts, Fact, ReferralFacts)
+}
+
+
+def _row(facts: CaseFacts | ConsentFacts | Fact | ReferralFacts) -> dict[str, Any]:
+    row = {name: getattr(facts, name) for name in _COLUMNS[type(facts)]}
+    for name in ("at", "until"):
+        if name in row:
+            row[name] = _utc(row[name])
+    return row
+
+
+def _sqlite_rows(table: Table, names: list[str], chunk: list[dict[str, Any]]) -> list[Any]:
+    """The rows' values as SQLAlchemy's SQLite dialect stores them (times: UTC text without
+    an offset; the rest as they are)."""
+    times = [i for i, name in enumerate(names) if table.c[name].type.python_type is datetime]
+    if not times:
+        return [tuple(row.values()) for row in chunk]
+    values: list[Any] = []
+    for row in chunk:
+        plain = list(row.values())
+        for i in times:
+            moment = plain[i]
+            if moment is not None:
+                plain[i] = f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}"
+        values.append(plain)
+    return values
+
+
+async def _insert(
+    session: AsyncSession,
+    table: Table,
+    rows: Iterable[dict[str, Any]],
+    *,
+    replace_on: Sequence[str] = (),
+) -> int:
+    """Insert rows (all with the same keys) in statements of ROWS_PER_INSERT (``replace_on``:
+    update the row with that key instead); returns how many. On SQLite straight through the
+    driver's ``executemany``: SQLAlchemy's per-value bind processing would cost more than
+    everything else a replay does per row."""
+    connection = await session.connection()
+    sqlite = connection.dialect.name == "sqlite"
+    written = 0
+    for chunk in _batched(rows):
+        if sqlite:
+            names = list(chunk[0])
+            statement = "INSERT INTO {} ({}) VALUES ({})".format(
+                table.name,
+                ", ".join(f'"{name}"' for name in names),
+                ", ".join("?" for _ in names),
+            )
+            if replace_on:
+                statement += " ON CONFLICT ({}) DO UPDATE SET {}".format(
+                    ", ".join(f'"{name}"' for name in replace_on),
+                    ", ".join(
+                        f'"{name}" = excluded."{name}"' for name in names if name not in replace_on
+                    ),
+                )
+            values = _sqlite_rows(table, names, chunk)
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            cursor = await driver.executemany(statement, values)
+            await cursor.close()
+        elif replace_on:
+            await store.upsert(session, _MODELS[table.name], chunk)
+        else:
+            await connection.execute(insert(table), list(chunk))
+        written += len(chunk)
+    return written
+
+
+def _batched(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= ROWS_PER_INSERT:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+async def write_cells(session: AsyncSession, cells: dict[CellKey, Accumulated]) -> None:
+    """Store the cells' sums and median histograms (empty tables: plain inserts)."""
+    await _insert(
+        session,
+        store.CELLS,
+        (
+            {
+                "bezirk": key[0],
+                "period": key[1],
+                "figure": key[2],
+                "dimension": key[3],
+                "families": acc.families,
+                "value": acc.value,
+                "hits": acc.hits,
+                "weight": acc.weight,
+            }
+            for key, acc in sorted(cells.items())
+        ),
+    )
+    await _insert(
+        session,
+        store.NUMBERS,
+        (
+            {
+                "bezirk": key[0],
+                "period": key[1],
+                "figure": key[2],
+                "dimension": key[3],
+                "number": number,
+                "count": count,
+            }
+            for key, acc in sorted(cells.items())
+            for number, count in sorted(acc.numbers.items())
+        ),
+    )
+
+
+async def publish(
+    runtime: ServiceRuntime[ReportingSettings],
+    session: AsyncSession,
+    layout: Layout,
+    cells: dict[CellKey, Accumulated],
+    span: tuple[str, str] | None,
+    *,
+    republish: bool,
+) -> int:
+    """Derive and protect every year's cells, record the changed ones as published and add
+    their ``kpi-updated`` events to the outbox, all in ``session``; returns how many."""
+    if span is None:
+        return 0
+    oldest, newest = span
+    changed: list[Cell] = []
+    for year in range(domain.year_of(oldest), domain.year_of(newest) + 1):
+        in_year, stock = year_inputs(cells, year)
+        derived = domain.year_cells(year, newest, layout, in_year, stock)
+        if republish:
+            changed.extend(derived)
+        else:
+            before = await store.published_cells(session, year)
+            changed.extend(domain.changed_cells(derived, before))
+    await store.set_state(session, store.HORIZON, newest)
+    if not changed:
+        return 0
+    now = runtime.clock().astimezone(UTC)
+    revision = await store.revision(session) + 1
+    await _insert(
+        session,
+        store.KPIS,
+        (
+            {
+                "bezirk": cell.bezirk,
+                "period": cell.period,
+                "figure": cell.figure.value,
+                "dimension": cell.dimension or "",
+                "value": cell.value,
+                "suppressed": cell.suppressed,
+                "unit": cell.unit.value,
+                "computed_at": now,
+                "revision": revision,
+            }
+            for cell in changed
+        ),
+        replace_on=("bezirk", "period", "figure", "dimension"),
+    )
+    await store.set_state(session, store.REVISION, str(revision))
+    outbox = runtime.outbox
+    if KpiUpdated.event_type in runtime.registry.routed_types():
+        # Audience copies are the outbox's business: let it route each event.
+        for cell in changed:
+            event = kpi_updated(cell, now).to_cloudevent(
+                source=outbox.source, schema_base=outbox.schema_base
+            )
+            outbox.add_cloudevent(session, event, KpiUpdated.topic)
+        return len(changed)
+    writer = KpiRecords(source=outbox.source, schema_base=outbox.schema_base, now=now)
+    topic = outbox.topic_prefix + KpiUpdated.topic
+    await _insert(session, _OUTBOX, (writer.outbox_row(cell, topic) for cell in changed))
+    return len(changed)
+
+
+def kpi_updated(cell: Cell, now: datetime) -> KpiUpdated:
+    """The contract model of a cell (the reference :class:`KpiRecords` is held to)."""
+    return KpiUpdated(
+        bezirk=cell.bezirk,
+        period=cell.period,
+        figure=cell.figure,
+        dimension=cell.dimension,
+        value=cell.value,
+        suppressed=cell.suppressed,
+        unit=cell.unit,
+        computed_at=now,
+    )
+
+
+class KpiRecords:
+    """The Kafka record of a cell's ``kpi-updated`` event, built from plain values: the same
+    bytes and headers as ``KpiUpdated.to_cloudevent`` and ``to_kafka_binary`` give (held to
+    them by ``tests/reporting/test_reporting_replay_output.py``), without a model per cell.
+    Strings are JSON-encoded as ``json.dumps`` encodes them (ASCII, escaped)."""
+
+    def __init__(self, *, source: str, schema_base: str | None, now: datetime) -> None:
+        self.stamp = now.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        self._now = now
+        # The headers' JSON (as the outbox stores it) around the four values that vary.
+        self._headers = (
+            '[["ce_specversion", "1.0"], ["ce_id", {}], '
+            f'["ce_source", {_text(source)}], ["ce_type", {_text(KpiUpdated.event_type)}], '
+            '["ce_subject", {}], '
+            f'["ce_time", {_text(self.stamp)}], ["ce_datacontenttype", "application/json"], '
+            f'["ce_dataschema", {_text(KpiUpdated.schema_uri(schema_base))}], '
+            '["ce_bezirk", {}], ["content-type", "application/json"]]'
+        )
+        self._tail = f',"computed_at":{_text(self.stamp)}}}'
+
+    def headers(self, subject: str, bezirk: str, event_id: str) -> str:
+        """The headers as the outbox stores them (JSON ``[[name, value], ...]``)."""
+        return self._headers.format(_text(event_id), _text(subject), _text(bezirk))
+
+    def value(self, cell: Cell) -> tuple[str, bytes]:
+        """(subject, data as JSON) of the cell's event."""
+        figure, unit = _NAMES[cell.figure]
+        subject = f"{cell.bezirk}/{cell.period}/{figure}"
+        parts = [
+            f'{{"bezirk":{_text(cell.bezirk)},"period":{_text(cell.period)},'
+            f'"figure":{_text(figure)}'
+        ]
+        if cell.dimension is not None:
+            subject = f"{subject}/{cell.dimension}"
+            parts.append(f',"dimension":{_text(cell.dimension)}')
+        if cell.value is not None:
+            parts.append(f',"value":{float(cell.value)!r}')
+        parts.append(',"suppressed":true' if cell.suppressed else ',"suppressed":false')
+        parts.append(f',"unit":{_text(unit)}')
+        parts.append(self._tail)
+        return subject, "".join(parts).encode()
+
+    def outbox_row(self, cell: Cell, topic: str) -> dict[str, Any]:
+        event_id = str(uuid.uuid4())
+        subject, value = self.value(cell)
+        return {
+            "topic": topic,
+            "record_key": subject,
+            "value": value,
+            "headers": self.headers(subject, cell.bezirk, event_id),
+            "event_id": event_id,
+            "event_type": KpiUpdated.event_type,
+            "created_at": self._now,
+            "sent_at": None,
+        }
+
+
+_NAMES = {figure: (figure.value, FIGURE_UNITS[figure].value) for figure in KpiFigure}
