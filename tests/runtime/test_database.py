@@ -144,7 +144,7 @@ async def test_statements_inside_a_sqlite_transaction_take_no_thread_hand_off(
 
         async def counting(self: aiosqlite.Connection, fn: object, *args: object) -> object:
             handed_off.append(getattr(fn, "__name__", repr(fn)))
-            return await original(self, fn, *args)  # type: ignore[arg-type]
+            return await original(self, fn, *args)  # type: ignore[no-untyped-call]
 
         monkeypatch.setattr(aiosqlite.Connection, "_execute", counting)
         async with db.transaction() as session:
