@@ -205,6 +205,21 @@ class _OneHandOffConnection(AsyncAdapt_aiosqlite_connection):
     __slots__ = ()
     _cursor_cls = _OneHandOffCursor  # type: ignore[assignment]
 
+    @property
+    def isolation_level(self) -> str | None:
+        return self._connection.isolation_level  # type: ignore[no-any-return]
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        # Set around every autocommit use (the outbox relay's passes). Outside a transaction
+        # setting it does nothing that could wait, so no hand-off; inside one it commits,
+        # which stays in the connection's thread.
+        sqlite: sqlite3.Connection | None = self._connection._connection
+        if sqlite is not None and not sqlite.in_transaction:
+            sqlite.isolation_level = value  # type: ignore[assignment]
+            return
+        AsyncAdapt_aiosqlite_connection.isolation_level.fset(self, value)  # type: ignore[attr-defined]
+
     def rollback(self) -> None:
         # The pool rolls back every connection it gets back, mostly after a commit: with no
         # transaction open there is nothing to roll back, and no reason for a hand-off.
@@ -272,7 +287,10 @@ def insert_at_commit(session: AsyncSession, table: Table, row: dict[str, Any]) -
     back are dropped with it; a rolled-back transaction inserts none.
     """
     sync_session = session.sync_session
-    if not event.contains(sync_session, "before_commit", _insert_deferred):
+    if not isinstance(sync_session, _DeferringSession) and not event.contains(
+        sync_session, "before_commit", _insert_deferred
+    ):
+        # A session from elsewhere than Database.session: the hooks on this one only.
         event.listen(sync_session, "before_commit", _insert_deferred)
         event.listen(sync_session, "after_soft_rollback", _drop_rolled_back)
         event.listen(sync_session, "after_transaction_end", _forget_at_end)
@@ -303,6 +321,16 @@ def _forget_at_end(session: Session, transaction: SessionTransaction) -> None:
     # session's next transaction.
     if transaction.parent is None:
         session.info.pop(_DEFERRED_ROWS, None)
+
+
+class _DeferringSession(Session):
+    """The sessions of :class:`Database`, with :func:`insert_at_commit`'s hooks on the class:
+    registering them on each session cost more than the rows' one INSERT saved."""
+
+
+event.listen(_DeferringSession, "before_commit", _insert_deferred)
+event.listen(_DeferringSession, "after_soft_rollback", _drop_rolled_back)
+event.listen(_DeferringSession, "after_transaction_end", _forget_at_end)
 
 
 def _inside(savepoint: SessionTransaction | None, transaction: SessionTransaction) -> bool:
@@ -359,7 +387,9 @@ class Database:
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
-        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = async_sessionmaker(
+            self.engine, expire_on_commit=False, sync_session_class=_DeferringSession
+        )
         self._background: set[asyncio.Task[None]] = set()
 
     @property
