@@ -250,3 +250,69 @@ def test_a_rotated_key_is_fetched_when_a_token_names_it(tmp_path: Path) -> None:
         assert asyncio.run(source.key_for(new.token(role="analyst", subject="a"))).key_id == new.kid
     finally:
         server.stop()
+
+
+class _CountingKeys(JwksSource):
+    """The issuer's keys, counting how often a signature needed one (a full verification)."""
+
+    def __init__(self, jwks: dict[str, object]) -> None:
+        super().__init__(jwks)
+        self.lookups = 0
+
+    async def key_for(self, token: str) -> object:  # type: ignore[override]
+        self.lookups += 1
+        return await super().key_for(token)
+
+
+def _request(token: str) -> object:
+    from starlette.requests import Request
+
+    scope = {
+        "type": "http",
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
+        "method": "GET",
+        "path": "/",
+    }
+    return Request(scope)
+
+
+def test_a_verified_token_is_remembered_until_it_expires(issuer: DevelopmentIssuer) -> None:
+    import asyncio
+    import time
+
+    from lotse_runtime.auth import VERIFIED_FOR_S
+    from lotse_runtime.identity import NotAuthenticated
+
+    now = [time.time()]
+    keys = _CountingKeys(issuer.jwks())
+    resolver = JwtCallerResolver(
+        keys=keys, issuer=issuer.issuer, audience=issuer.audience, clock=lambda: now[0]
+    )
+    token = issuer.token(
+        role="familienbuero", subject="fb", bezirk="hoerde", ttl=timedelta(hours=1)
+    )
+
+    async def resolve(token: str) -> str:
+        caller = await resolver.resolve(_request(token))  # type: ignore[arg-type]
+        return caller.subject
+
+    assert asyncio.run(resolve(token)) == "fb"
+    assert asyncio.run(resolve(token)) == "fb"
+    assert keys.lookups == 1  # the second request was answered without verifying again
+
+    # Another signature over the same claims is another string: verified, and refused.
+    head, body, signature = token.split(".")
+    tampered = f"{head}.{body}.{signature[:-4]}AAAA"
+    with pytest.raises(NotAuthenticated):
+        asyncio.run(resolve(tampered))
+    assert keys.lookups == 2
+
+    # After VERIFIED_FOR_S the signature is verified again (a withdrawn key stops it).
+    now[0] += VERIFIED_FOR_S + 1
+    assert asyncio.run(resolve(token)) == "fb"
+    assert keys.lookups == 3
+
+    # Past its expiry (and the leeway) a remembered token is refused like any expired one.
+    now[0] += 3600 + resolver.leeway_s
+    with pytest.raises(NotAuthenticated, match="token expired"):
+        asyncio.run(resolve(token))

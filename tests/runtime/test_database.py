@@ -127,3 +127,64 @@ async def test_the_pool_holds_no_more_connections_than_configured(postgres_url: 
         assert db.engine.pool.size() == 2  # type: ignore[attr-defined]
     finally:
         await db.dispose()
+
+
+async def test_statements_inside_a_sqlite_transaction_take_no_thread_hand_off(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a transaction (begun IMMEDIATE, so holding the write lock) statements run in the
+    event loop's thread; only what may wait goes to the connection's thread (COMMIT here)."""
+    import aiosqlite
+
+    db = Database(sqlite_url)
+    try:
+        await create_schema(db, [Tally])
+        handed_off: list[str] = []
+        original = aiosqlite.Connection._execute
+
+        async def counting(self: aiosqlite.Connection, fn: object, *args: object) -> object:
+            handed_off.append(getattr(fn, "__name__", repr(fn)))
+            return await original(self, fn, *args)  # type: ignore[no-untyped-call]
+
+        monkeypatch.setattr(aiosqlite.Connection, "_execute", counting)
+        async with db.transaction() as session:
+            for seen in range(3):
+                session.add(Tally(seen_before=seen))
+                await session.flush()
+            rows = (await session.execute(select(func.count()).select_from(Tally))).scalar_one()
+        assert rows == 3
+        assert handed_off == ["commit"]
+    finally:
+        await db.dispose()
+
+
+async def test_a_transaction_waiting_for_the_sqlite_write_lock_leaves_the_event_loop_free(
+    sqlite_url: str,
+) -> None:
+    """BEGIN IMMEDIATE runs in the event loop's thread only when the lock is free at once;
+    held by another connection, it waits in the connection's thread (busy_timeout)."""
+    db = Database(sqlite_url)
+    path = sqlite_url.removeprefix("sqlite+aiosqlite:///")
+    try:
+        await create_schema(db, [Tally])
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+
+        async def write() -> None:
+            async with db.transaction() as session:
+                session.add(Tally(seen_before=0))
+
+        writer = asyncio.create_task(write())
+        ticks = 0
+        while ticks < 20:  # the loop keeps turning while the writer waits
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not writer.done()
+        holder.execute("COMMIT")
+        holder.close()
+        await writer
+        async with db.transaction() as session:
+            count = (await session.execute(select(func.count()).select_from(Tally))).scalar_one()
+        assert count == 1
+    finally:
+        await db.dispose()

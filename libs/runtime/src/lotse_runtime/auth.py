@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -85,8 +87,21 @@ class JwksSource:
         raise jwt.InvalidTokenError("no key with this kid")
 
 
+#: How many verified tokens a resolver remembers, and for how long at most (a key the issuer
+#: withdrew stops a remembered token within this time, as the URL source refetches its keys
+#: after as long).
+VERIFIED_TOKENS = 1024
+VERIFIED_FOR_S = 300.0
+
+
 class JwtCallerResolver:
-    """Resolves the caller from an `Authorization: Bearer <JWT>` header."""
+    """Resolves the caller from an `Authorization: Bearer <JWT>` header.
+
+    A token seen and verified before (the same string, byte for byte) is answered from memory
+    for :data:`VERIFIED_FOR_S`, and refused once it expired: a client sends one token with many
+    requests, and verifying its signature again each time is most of what authentication
+    costs. Only verified tokens are remembered, so a token with another signature or other
+    claims is a different string and verified in full."""
 
     def __init__(
         self,
@@ -95,11 +110,15 @@ class JwtCallerResolver:
         issuer: str,
         audience: str = DEFAULT_AUDIENCE,
         leeway_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.keys = keys
         self.issuer = issuer
         self.audience = audience
         self.leeway_s = leeway_s
+        self._clock = clock
+        # token -> (caller, when it expires, when its signature is to be verified again)
+        self._verified: dict[str, tuple[Caller, float, float]] = {}
 
     async def resolve(self, request: Request) -> Caller:
         header = request.headers.get("authorization", "")
@@ -107,6 +126,25 @@ class JwtCallerResolver:
         if scheme.lower() != "bearer" or not token.strip():
             raise NotAuthenticated("missing bearer token")
         token = token.strip()
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            caller, expires, verify_again = remembered
+            now = self._clock()
+            if now > expires:
+                del self._verified[token]
+                raise NotAuthenticated("token expired")
+            if now <= verify_again:
+                return caller
+            del self._verified[token]
+        caller, claims = await self._verify(token)
+        # exp is required and was checked: past exp + leeway PyJWT calls a token expired.
+        expires = float(claims["exp"]) + self.leeway_s
+        if len(self._verified) >= VERIFIED_TOKENS:
+            del self._verified[next(iter(self._verified))]  # the oldest remembered
+        self._verified[token] = (caller, expires, self._clock() + VERIFIED_FOR_S)
+        return caller
+
+    async def _verify(self, token: str) -> tuple[Caller, dict[str, Any]]:
         try:
             key = await self.keys.key_for(token)
             claims: dict[str, Any] = jwt.decode(
@@ -129,13 +167,14 @@ class JwtCallerResolver:
         except (jwt.PyJWTError, ValueError):
             raise NotAuthenticated("invalid token") from None
         try:
-            return Caller(
+            caller = Caller(
                 subject=claims["sub"],
                 role=claims.get("lotse_role"),
                 bezirk=claims.get("lotse_bezirk"),
                 traeger=claims.get("lotse_traeger"),
                 clinic=claims.get("lotse_clinic"),
             )
+            return caller, claims
         except ValidationError:
             raise NotAuthenticated("token lacks a valid Lotse role or scope") from None
 

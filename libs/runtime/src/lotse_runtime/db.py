@@ -60,6 +60,16 @@ def async_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: How long a SQLite transaction waits for the write lock before it fails as busy.
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+
+_BEGIN = "BEGIN IMMEDIATE"
+
+# SQLite's words for lock contention (SQLITE_BUSY, SQLITE_LOCKED); other OperationalErrors such
+# as "no such table" or "too many SQL variables" would fail again the same way.
+_SQLITE_BUSY_WORDS = ("database is locked", "database table is locked", "database is busy")
+
+
 class _StatementResult:
     """What SQLAlchemy reads of a cursor after a statement, taken in the driver's thread."""
 
@@ -104,19 +114,61 @@ class _OneHandOffCursor(AsyncAdapt_aiosqlite_cursor):
     async def _async_soft_close(self) -> None:
         return None  # nothing stays open in the thread
 
+    def _inline_connection(self) -> sqlite3.Connection | None:
+        """The sqlite3 connection, when a statement can run right here in the event loop's
+        thread instead of being handed to the connection's own thread.
+
+        That is inside a transaction: every Lotse transaction on SQLite begins IMMEDIATE
+        (:func:`_sqlite_begin`), so it already holds the write lock and none of its statements
+        can wait for a lock (in WAL mode readers never wait either). What may wait stays in
+        the thread: BEGIN (the write lock, up to busy_timeout), COMMIT (its fsync), and
+        statements outside a transaction. A hand-off costs more CPU than a typical statement
+        of a service (a few tens of microseconds in SQLite), two thread switches and a trip
+        through the event loop.
+        """
+        sqlite: sqlite3.Connection | None = self._connection._connection
+        return sqlite if sqlite is not None and sqlite.in_transaction else None
+
+    def _begin_if_free(self) -> _StatementResult | None:
+        """BEGIN IMMEDIATE right here if the write lock is free now, else None (then the
+        connection's thread waits for it, up to busy_timeout, while the event loop runs on)."""
+        sqlite: sqlite3.Connection | None = self._connection._connection
+        if sqlite is None:
+            return None
+        sqlite.execute("PRAGMA busy_timeout=0")
+        try:
+            result, _ = _run_statement(sqlite, _BEGIN, None)
+        except sqlite3.OperationalError as exc:
+            if not any(word in str(exc).lower() for word in _SQLITE_BUSY_WORDS):
+                raise
+            return None
+        finally:
+            sqlite.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        return result
+
     def close(self) -> None:
         self._rows.clear()
 
     async def _execute_async(self, operation: Any, parameters: Any) -> Any:
         async with self._adapt_connection._execute_mutex:
-            result, rows = await self._in_thread(_run_statement, operation, parameters)
+            sqlite = self._inline_connection()
+            if sqlite is not None:
+                result, rows = _run_statement(sqlite, operation, parameters)
+            elif operation == _BEGIN and (began := self._begin_if_free()) is not None:
+                result, rows = began, []
+            else:
+                result, rows = await self._in_thread(_run_statement, operation, parameters)
             self._cursor = result  # type: ignore[assignment]
             self._rows = collections.deque(rows)
             return None
 
     async def _executemany_async(self, operation: Any, seq_of_parameters: Any) -> Any:
         async with self._adapt_connection._execute_mutex:
-            result, _ = await self._in_thread(_run_statements, operation, seq_of_parameters)
+            sqlite = self._inline_connection()
+            if sqlite is not None:
+                result, _ = _run_statements(sqlite, operation, seq_of_parameters)
+            else:
+                result, _ = await self._in_thread(_run_statements, operation, seq_of_parameters)
             self._cursor = result  # type: ignore[assignment]
             return None
 
@@ -153,17 +205,40 @@ class _OneHandOffConnection(AsyncAdapt_aiosqlite_connection):
     __slots__ = ()
     _cursor_cls = _OneHandOffCursor  # type: ignore[assignment]
 
+    @property
+    def isolation_level(self) -> str | None:
+        return self._connection.isolation_level  # type: ignore[no-any-return]
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        # Set around every autocommit use (the outbox relay's passes). Outside a transaction
+        # setting it does nothing that could wait, so no hand-off; inside one it commits,
+        # which stays in the connection's thread.
+        sqlite: sqlite3.Connection | None = self._connection._connection
+        if sqlite is not None and not sqlite.in_transaction:
+            sqlite.isolation_level = value  # type: ignore[assignment]
+            return
+        AsyncAdapt_aiosqlite_connection.isolation_level.fset(self, value)  # type: ignore[attr-defined]
+
+    def rollback(self) -> None:
+        # The pool rolls back every connection it gets back, mostly after a commit: with no
+        # transaction open there is nothing to roll back, and no reason for a hand-off.
+        sqlite: sqlite3.Connection | None = self._connection._connection
+        if sqlite is not None and not sqlite.in_transaction:
+            return
+        super().rollback()
+
 
 class _OneHandOffDbapi(AsyncAdapt_aiosqlite_dbapi):
     """aiosqlite as SQLAlchemy adapts it, with statements in one hand-off each."""
 
     def connect(self, *arg: Any, **kw: Any) -> AsyncAdapt_aiosqlite_connection:
+        # The connection's thread opens it; statements inside a transaction run in the event
+        # loop's thread (see _OneHandOffCursor._inline_connection), never both at once: one
+        # session uses a connection at a time and awaits each call.
+        kw["check_same_thread"] = False
         adapted = super().connect(*arg, **kw)
         return _OneHandOffConnection(self, adapted._connection)
-
-
-#: How long a SQLite transaction waits for the write lock before it fails as busy.
-SQLITE_BUSY_TIMEOUT_MS = 15_000
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -193,7 +268,7 @@ def _sqlite_begin(conn: Any) -> None:
     """
     if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
         return
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    conn.exec_driver_sql(_BEGIN)
 
 
 _DEFERRED_ROWS = "lotse_deferred_rows"
@@ -212,7 +287,10 @@ def insert_at_commit(session: AsyncSession, table: Table, row: dict[str, Any]) -
     back are dropped with it; a rolled-back transaction inserts none.
     """
     sync_session = session.sync_session
-    if not event.contains(sync_session, "before_commit", _insert_deferred):
+    if not isinstance(sync_session, _DeferringSession) and not event.contains(
+        sync_session, "before_commit", _insert_deferred
+    ):
+        # A session from elsewhere than Database.session: the hooks on this one only.
         event.listen(sync_session, "before_commit", _insert_deferred)
         event.listen(sync_session, "after_soft_rollback", _drop_rolled_back)
         event.listen(sync_session, "after_transaction_end", _forget_at_end)
@@ -245,6 +323,16 @@ def _forget_at_end(session: Session, transaction: SessionTransaction) -> None:
         session.info.pop(_DEFERRED_ROWS, None)
 
 
+class _DeferringSession(Session):
+    """The sessions of :class:`Database`, with :func:`insert_at_commit`'s hooks on the class:
+    registering them on each session cost more than the rows' one INSERT saved."""
+
+
+event.listen(_DeferringSession, "before_commit", _insert_deferred)
+event.listen(_DeferringSession, "after_soft_rollback", _drop_rolled_back)
+event.listen(_DeferringSession, "after_transaction_end", _forget_at_end)
+
+
 def _inside(savepoint: SessionTransaction | None, transaction: SessionTransaction) -> bool:
     """Whether ``savepoint`` is ``transaction`` or was opened within it."""
     while savepoint is not None:
@@ -252,11 +340,6 @@ def _inside(savepoint: SessionTransaction | None, transaction: SessionTransactio
             return True
         savepoint = savepoint.parent
     return False
-
-
-# SQLite's words for lock contention (SQLITE_BUSY, SQLITE_LOCKED); other OperationalErrors such
-# as "no such table" or "too many SQL variables" would fail again the same way.
-_SQLITE_BUSY_WORDS = ("database is locked", "database table is locked", "database is busy")
 
 
 def transient_error(exc: BaseException) -> bool:
@@ -304,7 +387,9 @@ class Database:
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
-        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = async_sessionmaker(
+            self.engine, expire_on_commit=False, sync_session_class=_DeferringSession
+        )
         self._background: set[asyncio.Task[None]] = set()
 
     @property

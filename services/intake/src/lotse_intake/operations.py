@@ -13,7 +13,7 @@ their own.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -293,6 +293,14 @@ async def consents_public(session: AsyncSession, case_id: str) -> list[ConsentPu
             .order_by(col(IntakeConsentChange.id))
         )
     ).scalars()
+    return _consents_public(await consent_rows(session, case_id), changes)
+
+
+def _consents_public(
+    rows: Iterable[IntakeConsent], changes: Iterable[IntakeConsentChange]
+) -> list[ConsentPublic]:
+    """Consents in the order given (``rows``), each with its history (``changes``, in the
+    order recorded)."""
     history: dict[str, list[ConsentChangePublic]] = {}
     for change in changes:
         history.setdefault(change.consent_id, []).append(
@@ -314,7 +322,7 @@ async def consents_public(session: AsyncSession, case_id: str) -> list[ConsentPu
             withdrawn_at=row.withdrawn_at,
             history=history.get(row.consent_id, []),
         )
-        for row in await consent_rows(session, case_id)
+        for row in rows
     ]
 
 
@@ -324,6 +332,12 @@ async def consent_public(session: AsyncSession, case_id: str, consent_id: str) -
 
 async def case_public(
     session: AsyncSession, case: IntakeCase, *, duplicate: bool = False
+) -> CasePublic:
+    return _case_public(case, await consents_public(session, case.case_id), duplicate=duplicate)
+
+
+def _case_public(
+    case: IntakeCase, consents: list[ConsentPublic], *, duplicate: bool = False
 ) -> CasePublic:
     return CasePublic(
         case_id=case.case_id,
@@ -335,7 +349,7 @@ async def case_public(
         visit_target_date=case.visit_target_date,
         children_count=case.children_count,
         preferred_language=case.preferred_language,
-        consents=await consents_public(session, case.case_id),
+        consents=consents,
         erased=case.erased_at is not None,
         duplicate=duplicate,
     )
@@ -553,8 +567,11 @@ def _registration_consents(
     body: RegistrationCreate,
     recorded_by: EventRole,
     now: datetime,
-) -> list[Consent]:
-    """Store the consents given at registration; their event form for family-registered."""
+) -> tuple[list[ConsentPublic], list[Consent]]:
+    """Store the consents given at registration; their answer form (as a later read lists
+    them) and their event form for family-registered."""
+    rows: list[IntakeConsent] = []
+    changes: list[IntakeConsentChange] = []
     consents: list[Consent] = []
     for position, given in enumerate(body.consents):
         row = IntakeConsent(
@@ -568,7 +585,10 @@ def _registration_consents(
             position=position,
         )
         session.add(row)
-        record_consent_change(session, call, row, ConsentState.GIVEN, row.given_at, recorded_by)
+        rows.append(row)
+        changes.append(
+            record_consent_change(session, call, row, ConsentState.GIVEN, row.given_at, recorded_by)
+        )
         consents.append(
             Consent(
                 consent_id=row.consent_id,
@@ -579,7 +599,10 @@ def _registration_consents(
                 at=row.given_at,
             )
         )
-    return consents
+    # consent_rows' order (stored moments are UTC, so aware datetimes sort alike); the
+    # positions differ, so consent_id never decides.
+    rows.sort(key=lambda row: (row.given_at, row.position))
+    return _consents_public(rows, changes), consents
 
 
 async def register_family(session: AsyncSession, call: Call, body: RegistrationCreate) -> Outcome:
@@ -617,7 +640,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
     )
     session.add(case)
     session.add_all(IntakeMatchKey(match_key=k, case_id=case_id) for k in match_keys)
-    consents = _registration_consents(session, call, case_id, body, recorded_by, now)
+    answered, consents = _registration_consents(session, call, case_id, body, recorded_by, now)
     call.runtime.outbox.add(
         session,
         FamilyRegistered(
@@ -640,7 +663,8 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
     call.audit(session, AuditAction.create, case_id, "register family")
     await flag_possible_duplicates(session, call, case_id, elsewhere)
     await session.flush()
-    return Outcome(201, await case_public(session, case), case_id)
+    # Answered from the rows just written: reading them back cost two SELECTs per family.
+    return Outcome(201, _case_public(case, answered), case_id)
 
 
 def record_consent_change(
@@ -650,19 +674,19 @@ def record_consent_change(
     state: ConsentState,
     at: datetime,
     role: EventRole,
-) -> None:
+) -> IntakeConsentChange:
     """One entry of a consent's history (given or withdrawn, when, by which role)."""
-    session.add(
-        IntakeConsentChange(
-            consent_id=consent.consent_id,
-            case_id=consent.case_id,
-            state=state.value,
-            at=at,
-            recorded_at=call.now(),
-            recorded_by_role=role.value,
-            recorded_by_subject=call.caller.subject,
-        )
+    change = IntakeConsentChange(
+        consent_id=consent.consent_id,
+        case_id=consent.case_id,
+        state=state.value,
+        at=at,
+        recorded_at=call.now(),
+        recorded_by_role=role.value,
+        recorded_by_subject=call.caller.subject,
     )
+    session.add(change)
+    return change
 
 
 def consent_changed(

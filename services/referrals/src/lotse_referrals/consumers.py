@@ -87,6 +87,7 @@ async def family_registered(ctx: Context, delivery: Delivery[FamilyRegistered]) 
     # The sealed personal block is not kept: intake seals each disclosure itself, so
     # this service needs no copy of the family's data, not even encrypted.
     session.add(case)
+    stored = await ops.stored_consents(session, {c.consent_id for c in data.consents})
     for consent in data.consents:
         await ops.record_consent(
             session,
@@ -97,6 +98,7 @@ async def family_registered(ctx: Context, delivery: Delivery[FamilyRegistered]) 
             purpose=consent.purpose,
             state=consent.state,
             at=consent.at,
+            stored=stored,
         )
     # Intake and visits are separate topics: a visit's wish may have come first.
     await ops.place_open_wishes(session, ctx, ctx.clock(), case_id=data.case_id)

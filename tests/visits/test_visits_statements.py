@@ -1,0 +1,52 @@
+"""Statements a handled event sends to the database (issue 20: ORM work per event).
+
+Counted, not timed. A registration whose case an earlier consent change filed under
+another office locks both offices; on SQLite the first lock already holds the database's
+only write lock, so the case is read once."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from lotse_contracts.events.common import ConsentState
+from sqlalchemy import event
+
+from tests.visits.harness import START, consent_changed, registered
+from tests.visits.test_visits_handlers import fed
+
+
+async def test_a_case_filed_elsewhere_is_read_once_per_lock_needed(database_url: str) -> None:
+    async with fed(database_url) as service:
+        consent_id = str(uuid.uuid4())
+        case_id = str(uuid.uuid4())
+        early = consent_changed(
+            case_id, ConsentState.GIVEN, START, bezirk="eving", consent_id=consent_id
+        )
+        assert await service.feed.send(early) == "ok"
+        engine = service.runtime.db.engine.sync_engine
+        seen: list[str] = []
+
+        def record(*args: Any) -> None:
+            seen.append(" ".join(str(args[2]).split()))
+
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            outcome = await service.feed.send(
+                registered(case_id, bezirk="hoerde", consent_id=consent_id)
+            )
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        assert outcome == "ok"
+        case_reads = [
+            s
+            for s in seen
+            if s.startswith("SELECT visits_case.") and "WHERE visits_case.case_id =" in s
+        ]
+        # PostgreSQL reads again after the second lock: its holder may have changed the case.
+        assert len(case_reads) == (1 if database_url.startswith("sqlite") else 2), case_reads
+        case = await service.case(case_id)
+        assert case is not None
+        assert (case.bezirk, case.state) == ("hoerde", "active")
+        [visit] = await service.visits(case_id)
+        assert (visit.bezirk, visit.status) == ("hoerde", "scheduled")
