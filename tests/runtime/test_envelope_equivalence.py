@@ -109,8 +109,18 @@ def _verdict(reader: Any, value: bytes | None, headers: Headers) -> tuple[str, A
         event = reader(value, headers, max_bytes=MAX_EVENT_BYTES)
     except InvalidCloudEvent as exc:
         return ("invalid", exc.reason)
-    # The attributes in order: a republished event's headers come out in this order.
-    return ("event", (event, list(event.attributes().items())))
+    # The attributes in order: a republished event's headers come out in this order; the set
+    # fields and the dump too (the reader may build the event without validating it again).
+    return (
+        "event",
+        (
+            event,
+            list(event.attributes().items()),
+            event.model_fields_set,
+            event.model_dump(mode="json", exclude_unset=True),
+            event.model_dump_json(),
+        ),
+    )
 
 
 def _assert_same(value: bytes | None, headers: Headers) -> str:
@@ -187,6 +197,16 @@ EDGE_CASES: list[tuple[bytes | None, Headers]] = [
         b'{"specversion":"1.0","id":"1","source":"/x","type":"t","bad name":"x"}',
         [("Content-Type", b" application/cloudevents+json ")],
     ),
+    (
+        b'{"specversion":"1.0","id":"1","source":"/x","type":"t","time":"2026-01-02T03:04:05Z",'
+        b'"subject":"c","bezirk":"b","tenant":"d","data":null}',
+        [("content-type", b"application/cloudevents+json")],
+    ),
+    (
+        b'{"specversion":"1.0","id":"1","source":"/x","type":"t","traeger":"x","Tenant":"d"}',
+        [("content-type", b"application/cloudevents+json")],
+    ),
+    (b"[1]", [*_headers(**BASE), ("ce_time", b"2026-01-02T03:04:05.5-02:30"), ("ce_t1", b"")]),
     (None, []),
     (b"", _headers(**BASE)),
 ]

@@ -574,7 +574,7 @@ class EventConsumer:
         """One transaction of :meth:`_apply_batch`: how many leading records it applied."""
         started = time.perf_counter()
         processed = duplicates = skipped = taken = 0
-        entries: list[dict[str, Any]] = []
+        entries: list[inbox.Row] = []
         try:
             consumer_name = f"{self.service}.{self.name}"
             async with self.db.transaction() as session:
@@ -600,10 +600,10 @@ class EventConsumer:
                     if data is None:
                         skipped += 1
                         continue
-                    entry = inbox.entry(
+                    entry = inbox.row(
                         consumer_name, event, record.topic, record.partition, record.offset
                     )
-                    seen[(event.source, event.id)] = entry["data_sha256"]
+                    seen[(event.source, event.id)] = entry[7]
                     entries.append(entry)
                     with self._span(record):
                         await self.handlers[event.type](
@@ -613,7 +613,7 @@ class EventConsumer:
                 # One statement for the batch's inbox entries; the handlers' own rows are
                 # flushed with it at commit, or earlier by the session's autoflush when a later
                 # handler's ORM query needs to see them.
-                await inbox.record_all(session, entries)
+                await inbox.record_rows(session, entries)
         except asyncio.CancelledError:
             raise
         except Exception:

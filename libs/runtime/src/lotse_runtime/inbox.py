@@ -14,14 +14,15 @@ writer that does not fill it, have no fingerprint and count as redeliveries.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from lotse_contracts.cloudevents import CloudEvent
-from sqlalchemy import Table, select
+from sqlalchemy import Dialect, Table, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import Field, SQLModel, col
 
@@ -164,4 +165,62 @@ async def record_all(session: AsyncSession, entries: Sequence[Mapping[str, Any]]
         await session.execute(_TABLE.insert(), list(entries))
 
 
+Row = tuple[str, str, str, str, str, int, int, str]
+"""An entry as the consumer's batch path collects it: consumer, source, event id, type, topic,
+partition, offset, fingerprint (see :func:`row`; the time is added by :func:`record_rows`)."""
+
+
+def row(consumer: str, event: CloudEvent, topic: str, partition: int, offset: int) -> Row:
+    """An event's entry as a plain tuple for :func:`record_rows`."""
+    return (
+        consumer,
+        event.source,
+        event.id,
+        event.type,
+        topic,
+        partition,
+        offset,
+        fingerprint(event),
+    )
+
+
+async def record_rows(session: AsyncSession, rows: Sequence[Row]) -> None:
+    """Insert a batch's entries in the session's transaction through the driver's executemany.
+
+    The rows go as plain tuples into the statement compiled once per dialect: the consumer's
+    batch path writes one entry per event, and SQLAlchemy's per-row parameter processing
+    (a dict and a bind processor per row) cost more than the insert. All rows of a batch carry
+    one processed_at (they commit in one transaction), converted once by the column's own
+    bind processor, so the stored value is what an ORM entry would hold.
+    """
+    if not rows:
+        return
+    connection = await session.connection()
+    prepared = _insert_rows(connection.dialect)
+    if prepared is None:  # a driver with named parameters: SQLAlchemy's own executemany
+        now = _utcnow()
+        await session.execute(
+            _TABLE.insert(), [dict(zip(_ROW_ORDER, (*r[:7], now, r[7]), strict=True)) for r in rows]
+        )
+        return
+    sql, stamp = prepared
+    processed_at = stamp(_utcnow())
+    await connection.exec_driver_sql(sql, [(*r[:7], processed_at, r[7]) for r in rows])
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_rows(dialect: Dialect) -> tuple[str, Callable[[datetime], Any]] | None:
+    """The positional INSERT of the inbox for a dialect, and processed_at's bind processor
+    (None: the dialect binds by name, or in another order)."""
+    compiled = _TABLE.insert().compile(dialect=dialect)
+    if compiled.positiontup != _ROW_ORDER:
+        return None
+    process = _TABLE.c.processed_at.type._cached_bind_processor(dialect)
+    return str(compiled), process if process is not None else (lambda value: value)
+
+
 _TABLE: Table = InboxEntry.__table__  # type: ignore[attr-defined]
+_ROW_ORDER = [
+    "consumer", "source", "event_id", "event_type", "topic", "partition", "offset",
+    "processed_at", "data_sha256",
+]  # fmt: skip
