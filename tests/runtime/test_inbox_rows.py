@@ -13,7 +13,7 @@ from lotse_runtime.db import Database
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.migrations import create_schema
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import col, select
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ async def test_batch_rows_store_what_an_orm_entry_holds(db: Database) -> None:
         )
     async with db.transaction() as session:
         stored = (
-            (await session.execute(select(InboxEntry).order_by(InboxEntry.offset))).scalars().all()
+            (await session.execute(select(InboxEntry).order_by(col(InboxEntry.offset)))).scalars().all()
         )
         seen = await inbox.already_processed(session, consumer="visits.c", events=events)
     assert [
