@@ -43,7 +43,9 @@ async def test_batch_rows_store_what_an_orm_entry_holds(db: Database) -> None:
         )
     async with db.transaction() as session:
         stored = (
-            (await session.execute(select(InboxEntry).order_by(col(InboxEntry.offset)))).scalars().all()
+            (await session.execute(select(InboxEntry).order_by(col(InboxEntry.offset))))
+            .scalars()
+            .all()
         )
         seen = await inbox.already_processed(session, consumer="visits.c", events=events)
     assert [
