@@ -537,7 +537,12 @@ def replay_child(bootstrap: str, prefix: str, database: str, batch_size: int) ->
         raise RuntimeError(f"replay failed:\n{done.stderr[-3000:]}")
     summary: dict[str, Any] = json.loads(done.stdout)
     summary["wall_s"] = round(wall, 2)
-    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    # The replay's own peak (VmHWM): RUSAGE_CHILDREN's ru_maxrss would also count this
+    # process's peak (the generated events), which the child's exec replaced.
+    summary["peak_rss_mb"] = summary["rss_mb"]["peak"]
+    summary["peak_rss_children_ru_maxrss_mb"] = round(
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
+    )
     return summary
 
 

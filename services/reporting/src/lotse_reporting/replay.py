@@ -106,6 +106,8 @@ class ReplayStats:
     times, they hardly change with what else the machine runs."""
     build_cpu_s: float = 0.0
     publish_cpu_s: float = 0.0
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    """Resident memory of the replay process when each phase began and its peak (``peak``)."""
 
     @classmethod
     def of(cls, counts: Counter[str]) -> ReplayStats:
@@ -158,10 +160,35 @@ class ReplayStats:
             if self.records
             else 0.0,
             "end_to_end_events_per_s": round(self.records / total, 1) if total else 0.0,
+            "rss_mb": dict(self.rss_mb),
         }
 
 
 _INBOX_CONSUMER = f"reporting.{CONSUMER}"
+
+#: The replay consumer's fetch sizes (per partition, per fetch).
+REPLAY_PARTITION_FETCH_BYTES = 1024 * 1024
+REPLAY_FETCH_BYTES = 4 * 1024 * 1024
+
+
+def resident_mb() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in MB. From ``/proc/self/status``:
+    ``ru_maxrss`` would also count the parent's peak when it started this process (the
+    address space it replaced on exec), so a bench holding a million events would inflate it."""
+    found: dict[str, float] = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    found["now" if name == "VmRSS" else "peak"] = round(
+                        int(value.split()[0]) / 1024, 1
+                    )
+    except OSError:
+        import resource
+
+        found["peak"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return found
 
 
 @dataclass
@@ -286,8 +313,12 @@ def replay_consumer(kafka: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
         "group_id": None,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
-        "max_partition_fetch_bytes": 8 * 1024 * 1024,
-        "fetch_max_bytes": 64 * 1024 * 1024,
+        # Small fetches: what aiokafka has fetched ahead sits in memory next to the
+        # projections (64 MB buffers cost about as much resident memory as 100k families),
+        # and a fetch of a few MB still brings thousands of records per round trip. A
+        # partition's fetch holds at least the largest record allowed.
+        "max_partition_fetch_bytes": max(kafka.max_record_bytes, REPLAY_PARTITION_FETCH_BYTES),
+        "fetch_max_bytes": max(kafka.max_record_bytes, REPLAY_FETCH_BYTES),
         "request_timeout_ms": kafka.request_timeout_ms,
         **kafka.extra,
         **overrides,
@@ -392,6 +423,7 @@ async def replay(
         size = batch_size or settings.replay_batch_size
         counts: Counter[str] = Counter()
         timings: dict[str, tuple[float, float]] = {}
+        rss: dict[str, float] = {"consume": resident_mb()["now"]}
         if keep:
             published = await _replay_kept(
                 runtime,
@@ -417,6 +449,7 @@ async def replay(
                 idle_timeout_s,
                 progress,
                 republish_all,
+                rss,
             )
         lap = _Lap()
         if can_send(runtime.kafka):
@@ -429,6 +462,7 @@ async def replay(
         stats.publish_s = timings["publish"][0] + sending[0]
         stats.publish_cpu_s = timings["publish"][1] + sending[1]
         stats.cells_published = published
+        stats.rss_mb = {**rss, "end": resident_mb()["now"], "peak": resident_mb()["peak"]}
         return stats
     finally:
         gc.unfreeze()
@@ -448,6 +482,7 @@ async def _rebuild(
     idle_timeout_s: float,
     progress: Progress | None,
     republish_all: bool,
+    rss: dict[str, float],
 ) -> int:
     """From empty projections, in memory and in one transaction (:mod:`replay_rebuild`)."""
     db = runtime.db
@@ -468,18 +503,24 @@ async def _rebuild(
             progress=progress,
         )
         timings["consume"] = lap.since()
+        rss["build"] = resident_mb()["now"]
         lap = _Lap()
         await rebuild.write_rows(session)
         cells = rebuild.cells()
         await write_cells(session, cells)
+        span = rebuild.horizon()
+        # The rows are written and summed: publishing needs only the cells, so the rows'
+        # memory is given back (reused) before the figures and outbox rows are built.
+        rebuild.release()
         timings["build"] = lap.since()
+        rss["publish"] = resident_mb()["now"]
         lap = _Lap()
         published = await publish(
             runtime,
             session,
             reporting.layout,
             cells,
-            rebuild.horizon(),
+            span,
             republish=republish_all,
         )
     timings["publish"] = lap.since()

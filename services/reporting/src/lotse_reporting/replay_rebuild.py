@@ -175,6 +175,12 @@ class Rebuild:
         await _insert(session, store.FACTS, (_row(f) for f in snapshot.facts.values()))
         await _insert(session, store.REFERRALS, (_row(r) for r in snapshot.referrals.values()))
 
+    def release(self) -> None:
+        """Drop the in-memory projections (after they were written and summed)."""
+        self.snapshot = domain.Snapshot()
+        gc.unfreeze()
+        gc.collect()
+
     def cells(self) -> dict[CellKey, Accumulated]:
         return sum_families(self.snapshot, self.rules.zone)
 
