@@ -129,6 +129,38 @@ def test_months_are_counted_in_dortmund_time() -> None:
     assert month_end("2025-12", ZONE) == datetime(2025, 12, 31, 23, 0, tzinfo=UTC)
 
 
+@pytest.mark.parametrize(
+    "zone_name",
+    # Summer time at midnight (Sao Paulo until 2019), half-hour and quarter-hour offsets,
+    # a day skipped at the date line (Apia, end of 2011), UTC itself.
+    [
+        "Europe/Berlin",
+        "America/Sao_Paulo",
+        "Asia/Kathmandu",
+        "America/St_Johns",
+        "Pacific/Apia",
+        "UTC",
+    ],
+)
+def test_month_of_is_the_local_calendar_month(zone_name: str) -> None:
+    zone = ZoneInfo(zone_name)
+    rng = random.Random(zone_name)
+    moments = [
+        datetime(year, month, 1, tzinfo=UTC) + timedelta(minutes=minutes)
+        for year in (2011, 2012, 2018, 2025)
+        for month in range(1, 13)
+        for minutes in range(-15 * 60, 15 * 60, 15)
+    ]
+    moments += [
+        datetime(2000, 1, 1, tzinfo=UTC) + timedelta(seconds=rng.randrange(40 * 365 * 86400))
+        for _ in range(2_000)
+    ]
+    # Events may carry any offset, not only UTC.
+    moments += [m.astimezone(ZoneInfo("America/New_York")) for m in moments[:500]]
+    for moment in moments:
+        assert month_of(moment, zone) == moment.astimezone(zone).strftime("%Y-%m"), moment
+
+
 def test_months_are_published_up_to_the_newest_month_with_data() -> None:
     assert months_of_year(2025, "2025-03") == ["2025-01", "2025-02", "2025-03"]
     assert len(months_of_year(2024, "2025-03")) == 12
