@@ -13,8 +13,9 @@ import jsonschema
 from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.reporting import KpiUpdated
 from lotse_reporting import domain
+from lotse_reporting.operations import kpi_updated
 from lotse_reporting.replay_cells import sum_families, year_inputs
-from lotse_reporting.replay_rebuild import KpiRecords, kpi_updated
+from lotse_reporting.replay_rebuild import KpiRecords
 
 from tests.reporting.replay_data import dortmund_rules, mixed_events
 

@@ -355,13 +355,14 @@ def _add_to_outbox(
     which a pass publishing tens of thousands of freshly built cells cannot afford."""
     outbox = runtime.outbox
     for cell in cells:
-        cloudevent = _kpi_updated(cell, now).to_cloudevent(
+        cloudevent = kpi_updated(cell, now).to_cloudevent(
             source=outbox.source, schema_base=outbox.schema_base
         )
         outbox.add_cloudevent(session, cloudevent, KpiUpdated.topic)
 
 
-def _kpi_updated(cell: Cell, now: datetime) -> KpiUpdated:
+def kpi_updated(cell: Cell, now: datetime) -> KpiUpdated:
+    """The contract model of a published cell (the replay's plain-value records are held to it)."""
     return KpiUpdated(
         bezirk=cell.bezirk,
         period=cell.period,

@@ -48,6 +48,9 @@ from lotse_reporting.domain import (
     ReferralFacts,
     Rules,
 )
+
+# The contract model of a cell, the reference KpiRecords is held to.
+from lotse_reporting.operations import kpi_updated
 from lotse_reporting.replay_cells import sum_families, year_inputs
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.settings import ReportingSettings
@@ -407,20 +410,6 @@ async def publish(
     topic = outbox.topic_prefix + KpiUpdated.topic
     await _insert(session, _OUTBOX, (writer.outbox_row(cell, topic) for cell in changed))
     return len(changed)
-
-
-def kpi_updated(cell: Cell, now: datetime) -> KpiUpdated:
-    """The contract model of a cell (the reference :class:`KpiRecords` is held to)."""
-    return KpiUpdated(
-        bezirk=cell.bezirk,
-        period=cell.period,
-        figure=cell.figure,
-        dimension=cell.dimension,
-        value=cell.value,
-        suppressed=cell.suppressed,
-        unit=cell.unit,
-        computed_at=now,
-    )
 
 
 class KpiRecords:
