@@ -20,7 +20,7 @@ import gc
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _text
@@ -272,7 +272,7 @@ async def _insert(
     connection = await session.connection()
     sqlite = connection.dialect.name == "sqlite"
     written = 0
-    for chunk in _batched(rows):
+    for chunk in store.chunks(rows, ROWS_PER_INSERT):
         if sqlite:
             names = list(chunk[0])
             statement = "INSERT INTO {} ({}) VALUES ({})".format(
@@ -301,52 +301,10 @@ async def _insert(
     return written
 
 
-def _batched(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) >= ROWS_PER_INSERT:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 async def write_cells(session: AsyncSession, cells: dict[CellKey, Accumulated]) -> None:
     """Store the cells' sums and median histograms (empty tables: plain inserts)."""
-    await _insert(
-        session,
-        store.CELLS,
-        (
-            {
-                "bezirk": key[0],
-                "period": key[1],
-                "figure": key[2],
-                "dimension": key[3],
-                "families": acc.families,
-                "value": acc.value,
-                "hits": acc.hits,
-                "weight": acc.weight,
-            }
-            for key, acc in sorted(cells.items())
-        ),
-    )
-    await _insert(
-        session,
-        store.NUMBERS,
-        (
-            {
-                "bezirk": key[0],
-                "period": key[1],
-                "figure": key[2],
-                "dimension": key[3],
-                "number": number,
-                "count": count,
-            }
-            for key, acc in sorted(cells.items())
-            for number, count in sorted(acc.numbers.items())
-        ),
-    )
+    await _insert(session, store.CELLS, store.cell_rows(cells))
+    await _insert(session, store.NUMBERS, store.number_rows(cells))
 
 
 async def publish(

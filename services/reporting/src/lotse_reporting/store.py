@@ -74,9 +74,15 @@ CHUNK = 2000
 
 
 def chunks(values: Iterable[Any], size: int = CHUNK) -> Iterator[list[Any]]:
-    items = list(values)
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+    """``values`` in lists of ``size``, read as they come (the replay streams millions)."""
+    chunk: list[Any] = []
+    for value in values:
+        chunk.append(value)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _table(model: type[SQLModel]) -> Table:
@@ -412,13 +418,16 @@ async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta
     events at the same time each add their part, none overwrites another's. Rows go in key
     order, so two transactions lock shared cells in the same order."""
     adding, adding_numbers = _add_statements(_dialect(session))
-    for chunk in chunks(_cell_rows(deltas), 1000):
+    for chunk in chunks(cell_rows(deltas), 1000):
         await session.execute(adding, chunk)
-    for chunk in chunks(_number_rows(deltas), 1000):
+    for chunk in chunks(number_rows(deltas), 1000):
         await session.execute(adding_numbers, chunk)
 
 
-def _cell_rows(deltas: Mapping[CellKey, CellDelta]) -> list[dict[str, Any]]:
+def cell_rows(
+    deltas: Mapping[CellKey, CellDelta | Accumulated],
+) -> list[dict[str, Any]]:
+    """Rows of the cells table: what to add to each cell, or (replay) its whole sums."""
     return [
         {
             "bezirk": key[0],
@@ -434,7 +443,10 @@ def _cell_rows(deltas: Mapping[CellKey, CellDelta]) -> list[dict[str, Any]]:
     ]
 
 
-def _number_rows(deltas: Mapping[CellKey, CellDelta]) -> list[dict[str, Any]]:
+def number_rows(
+    deltas: Mapping[CellKey, CellDelta | Accumulated],
+) -> list[dict[str, Any]]:
+    """Rows of the histogram table, in the cells' key order."""
     return [
         {
             "bezirk": key[0],
@@ -503,9 +515,9 @@ def _flush_cells(session: Session) -> None:
             deltas[key] = delta
     dialect = session.get_bind().dialect.name
     adding, adding_numbers = _add_statements(dialect)
-    for chunk in chunks(_cell_rows(deltas), 1000):
+    for chunk in chunks(cell_rows(deltas), 1000):
         session.execute(adding, chunk)
-    for chunk in chunks(_number_rows(deltas), 1000):
+    for chunk in chunks(number_rows(deltas), 1000):
         session.execute(adding_numbers, chunk)
     rows = _dirty_rows(pending.years, pending.carrying)
     if rows:
