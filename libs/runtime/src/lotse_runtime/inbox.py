@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lotse_contracts.cloudevents import CloudEvent
-from sqlalchemy import Dialect, Table, select
+from sqlalchemy import Dialect, Select, Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import Field, SQLModel, col
 
@@ -116,16 +116,35 @@ async def already_processed(
     session: AsyncSession, *, consumer: str, events: Sequence[CloudEvent]
 ) -> dict[tuple[str, str], str | None]:
     """(source, id) of those ``events`` the consumer has applied, with their fingerprints:
-    one query for a batch."""
+    one query for a batch.
+
+    The query names the sources as well as the ids: the primary key leads with consumer and
+    source, so without the sources SQLite walks every entry of the consumer (a cost that
+    grows with the inbox, per batch); with them it looks each key up. An entry of another
+    source that happens to share an id may come back too; callers look up (source, id)."""
     if not events:
         return {}
     rows = await session.execute(
-        select(col(InboxEntry.source), col(InboxEntry.event_id), col(InboxEntry.data_sha256)).where(
-            col(InboxEntry.consumer) == consumer,
-            col(InboxEntry.event_id).in_({e.id for e in events}),
-        )
+        _already_processed_query(),
+        {
+            "consumer": consumer,
+            "sources": list({e.source for e in events}),
+            "ids": list({e.id for e in events}),
+        },
     )
     return {(source, event_id): digest for source, event_id, digest in rows.all()}
+
+
+@functools.cache
+def _already_processed_query() -> Select[str, str, str | None]:
+    """Built once: the expanding parameters take each batch's sources and ids."""
+    return select(
+        col(InboxEntry.source), col(InboxEntry.event_id), col(InboxEntry.data_sha256)
+    ).where(
+        col(InboxEntry.consumer) == bindparam("consumer"),
+        col(InboxEntry.source).in_(bindparam("sources", expanding=True)),
+        col(InboxEntry.event_id).in_(bindparam("ids", expanding=True)),
+    )
 
 
 def record(
