@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import from_json
 
 SPEC_VERSION = "1.0"
 JSON_CONTENT_TYPE = "application/json"
@@ -177,13 +178,33 @@ def _from_attributes(attrs: dict[str, str], data: Any, *, prefix: str = "") -> C
         # non-empty strings, specversion is 1.0, time is parsed and aware, every value is a
         # string and every extension name is allowed. Validating again would cost the consumer
         # ~10 us per event for the same verdict (tests/runtime/test_envelope_equivalence.py).
-        return CloudEvent.model_construct(**fields)
+        return _construct(fields)
     try:
         return CloudEvent(**fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "event"
         raise InvalidCloudEvent(f"attribute {where!r}: {first['msg']}") from exc
+
+
+def _construct(fields: dict[str, Any]) -> CloudEvent:
+    """What ``CloudEvent.model_construct(**fields)`` builds, for fields that are all declared
+    ones: the instance's dict holds every field in declaration order (the unset ones at their
+    default, None for all that can be unset here) and the set fields are those given.
+    model_construct finds that by walking every field's aliases and defaults, which costs the
+    consumer ~5 us per event; here it is one dict merge."""
+    event = CloudEvent.__new__(CloudEvent)
+    object.__setattr__(event, "__dict__", {**_UNSET, **fields})
+    object.__setattr__(event, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(event, "__pydantic_extra__", None)
+    object.__setattr__(event, "__pydantic_private__", None)
+    return event
+
+
+#: Every field of CloudEvent at the value it has when not given, for :func:`_construct`: None
+#: for the optional attributes; the rest (specversion, id, source, type, datacontenttype,
+#: extensions, data) are always given by the reader.
+_UNSET: dict[str, Any] = dict.fromkeys(CloudEvent.model_fields)
 
 
 def to_kafka_binary(
@@ -261,6 +282,14 @@ def _decode_json(value: bytes | None, content_type: str | None) -> Any:
         return None
     if content_type and not _is_json(content_type):
         raise InvalidCloudEvent(f"datacontenttype {content_type!r} is not JSON")
+    try:
+        # pydantic's parser reads a consumer's event in a third of json.loads' time; what it
+        # accepts, json.loads reads to the same value (tests/runtime/test_envelope_equivalence.py),
+        # and for anything it refuses json.loads decides, so that the same documents pass with
+        # the same verdicts and reasons as before (UTF-16, a BOM, lone surrogates, deep nesting).
+        return from_json(value)
+    except ValueError:
+        pass
     try:
         return json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
