@@ -311,3 +311,16 @@ def test_the_data_reads_as_json_loads_reads_it() -> None:
         if value == b"":
             continue  # no data: None before either parser is asked
         assert _decode(value) == _reference_decode(value), value
+
+
+def test_inbox_fingerprints_are_the_same_without_the_c_encoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events = [from_kafka(value, headers) for value, headers in _valid_records()]
+    expected = [_reference_fingerprint(event) for event in events]
+    monkeypatch.setattr(json.encoder, "c_make_encoder", None)
+    inbox._canonical_json.cache_clear()
+    try:
+        assert [inbox.fingerprint(event) for event in events] == expected
+    finally:
+        inbox._canonical_json.cache_clear()
