@@ -266,7 +266,8 @@ class EventConsumer:
         # What the process holds by now (modules, models, the service's app and clients) lives
         # as long as it does. Frozen, the collector stops walking it on each full collection:
         # under a backlog one came every few thousand events and cost the wrapper ~5 us per
-        # event (a tenth of its CPU). stop() unfreezes, so that what has died since is freed.
+        # event. stop() unfreezes, so that what has died since is freed (a consumer of the
+        # same process still running then collects as before: slower, never wrong).
         gc.freeze()
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.service}-{self.name}")
