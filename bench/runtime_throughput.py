@@ -12,9 +12,11 @@ CloudEvents of a real contract event, ~700 bytes):
 
 Usage:  uv run --frozen python bench/runtime_throughput.py [--events N] [--database URL]
 Starts the embedded broker unless LOTSE_KAFKA_BOOTSTRAP is set; SQLite file by default.
-Prints a JSON document and writes it to bench/results/runtime_throughput.json. Rates follow
-the machine's load; the CPU time per event of raw consume and of the wrapper (this process,
-in the same run) much less: ``consumer_wrapper_per_cpu_s`` is the rate with a core to itself.
+Prints a JSON document and writes it to bench/results/runtime_throughput.json (``--output``
+elsewhere). Rates follow the machine's load; the CPU time per event of raw consume and of the
+wrapper (this process, in the same run) much less: ``consumer_wrapper_per_cpu_s`` is the rate
+with a core to itself. Raw consume and the wrapper are timed alike: the same fetch size, the
+clock started once the first batch is in, and only the records after it counted.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.visits import VisitScheduled
-from lotse_runtime.consumer import Delivery, EventConsumer
+from lotse_runtime.consumer import BATCH_SIZE, Delivery, EventConsumer
 from lotse_runtime.db import Database, insert_at_commit
 from lotse_runtime.kafka import KafkaConfig, TopicSpec, ensure_topics
 from lotse_runtime.logging import configure_logging
@@ -87,20 +89,23 @@ async def raw_produce(kafka: KafkaConfig, topic: str, n: int) -> tuple[float, in
         await producer.stop()
 
 
-async def raw_consume(kafka: KafkaConfig, topic: str, n: int) -> tuple[float, float]:
+async def raw_consume(kafka: KafkaConfig, topic: str, n: int) -> tuple[float, float, int]:
+    """Seconds, CPU seconds and records counted from the first fetch to the last record, as
+    the wrapper is measured: same fetch size, clock started once the first batch is in."""
     consumer: AIOKafkaConsumer = kafka.consumer(topic, group_id=f"bench-raw-{uuid.uuid4().hex}")
     await consumer.start()
     try:
-        seen = 0
+        seen = first = 0
         started: float | None = None
         cpu = 0.0
         while seen < n:
-            batch = await consumer.getmany(timeout_ms=1000, max_records=1000)
+            batch = await consumer.getmany(timeout_ms=1000, max_records=BATCH_SIZE)
+            seen += sum(len(records) for records in batch.values())
             if batch and started is None:
                 started, cpu = time.perf_counter(), time.process_time()
-            seen += sum(len(records) for records in batch.values())
+                first = seen
         assert started is not None
-        return time.perf_counter() - started, time.process_time() - cpu
+        return time.perf_counter() - started, time.process_time() - cpu, n - first
     finally:
         await consumer.stop()
 
@@ -122,9 +127,11 @@ async def outbox_relay(db: Database, kafka: KafkaConfig, topic_prefix: str, n: i
 
 async def consumer_wrapper(
     db: Database, kafka: KafkaConfig, topic: str, dlq: str, n: int, *, orm_effect: bool = False
-) -> tuple[float, float]:
-    """Seconds from the first applied event to the last, and this process's CPU seconds in
-    that time (the wrapper, its Kafka client and the SQLite thread: nothing else runs).
+) -> tuple[float, float, int]:
+    """Seconds from the first applied batch to the last event, this process's CPU seconds in
+    that time (the wrapper, its Kafka client and the SQLite thread: nothing else runs), and
+    how many events were applied in it: the first batch's are not, as the clock starts once
+    it is in (as raw consume's starts once its first batch is in).
 
     The effect row goes in as the runtime's append-only rows do (one INSERT per transaction
     at commit); with ``orm_effect`` the handler adds an ORM object instead, to show what that
@@ -153,12 +160,14 @@ async def consumer_wrapper(
     try:
         started: float | None = None
         cpu = 0.0
+        first = 0
         while consumer.processed < n:
             if started is None and consumer.processed > 0:
                 started, cpu = time.perf_counter(), time.process_time()
+                first = consumer.processed
             await asyncio.sleep(0.005)
         assert started is not None
-        return time.perf_counter() - started, time.process_time() - cpu
+        return time.perf_counter() - started, time.process_time() - cpu, n - first
     finally:
         await consumer.stop()
 
@@ -176,9 +185,9 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
     load_at_start = round(os.getloadavg()[0], 2)
     try:
         produce_s, record_bytes = await raw_produce(kafka, raw_topic, n)
-        consume_s, consume_cpu_s = await raw_consume(kafka, raw_topic, n)
+        consume_s, consume_cpu_s, consume_n = await raw_consume(kafka, raw_topic, n)
         relay_s = await outbox_relay(db, kafka, prefix, n)
-        wrapper_s, wrapper_cpu_s = await consumer_wrapper(
+        wrapper_s, wrapper_cpu_s, wrapper_n = await consumer_wrapper(
             db, kafka, domain, dlq, n, orm_effect=args.orm_effect
         )
     finally:
@@ -194,17 +203,19 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
         "database": Database(url).dialect,
         "broker": "external" if os.environ.get("LOTSE_KAFKA_BOOTSTRAP") else "embedded tansu",
         "raw_produce_per_s": rate(produce_s),
-        "raw_consume_per_s": rate(consume_s),
+        "raw_consume_per_s": round(consume_n / consume_s, 1),
         "outbox_relay_per_s": rate(relay_s),
-        "consumer_wrapper_per_s": rate(wrapper_s),
+        "consumer_wrapper_per_s": round(wrapper_n / wrapper_s, 1),
         "effect_row": "orm object" if args.orm_effect else "insert at commit",
         "relay_vs_raw_produce": round(produce_s / relay_s, 3),
-        "wrapper_vs_raw_consume": round(consume_s / wrapper_s, 3),
+        "wrapper_vs_raw_consume": round(wrapper_n / wrapper_s / (consume_n / consume_s), 3),
         # On a machine shared with other work the rates above follow the load; CPU time per
         # event does much less: what the wrapper would do with one core to itself.
-        "raw_consume_cpu_us_per_event": round(consume_cpu_s * 1e6 / n, 1),
-        "consumer_wrapper_cpu_us_per_event": round(wrapper_cpu_s * 1e6 / n, 1),
-        "consumer_wrapper_per_cpu_s": round(n / wrapper_cpu_s, 1) if wrapper_cpu_s else None,
+        "raw_consume_cpu_us_per_event": round(consume_cpu_s * 1e6 / consume_n, 1),
+        "consumer_wrapper_cpu_us_per_event": round(wrapper_cpu_s * 1e6 / wrapper_n, 1),
+        "consumer_wrapper_per_cpu_s": round(wrapper_n / wrapper_cpu_s, 1)
+        if wrapper_cpu_s
+        else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "machine": {
             "cpus": os.cpu_count(),
@@ -221,6 +232,9 @@ def main() -> int:
     parser.add_argument(
         "--orm-effect", action="store_true", help="the handler adds its row as an ORM object"
     )
+    parser.add_argument(
+        "--output", default=str(RESULTS), help=f"where to write (default {RESULTS})"
+    )
     args = parser.parse_args()
     configure_logging("bench", "WARNING", stream=sys.stderr)
     external = os.environ.get("LOTSE_KAFKA_BOOTSTRAP")
@@ -231,8 +245,9 @@ def main() -> int:
     finally:
         if broker is not None:
             broker.stop()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0

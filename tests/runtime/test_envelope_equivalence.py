@@ -252,3 +252,75 @@ def test_inbox_fingerprints_stay_what_stored_entries_hold() -> None:
             '"n":[1,2.5,1e+16,null,true],"z":{"a":[{}],"b":1},"ü":"Straße 👶"}]'.encode()
         ).hexdigest()
     )
+
+
+# -- the data's JSON ------------------------------------------------------------------------------
+
+
+def _reference_decode(value: bytes) -> tuple[str, str]:
+    try:
+        return ("data", repr(json.loads(value)))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return ("invalid", f"data is not valid JSON: {exc}")
+    except ValueError as exc:  # more digits than int() takes: neither reader catches it
+        return ("error", str(exc))
+
+
+def _decode(value: bytes) -> tuple[str, str]:
+    try:
+        return ("data", repr(cloudevents._decode_json(value, "application/json")))
+    except InvalidCloudEvent as exc:
+        return ("invalid", exc.reason)
+    except ValueError as exc:
+        return ("error", str(exc))
+
+
+def _documents(rng: random.Random) -> list[bytes]:
+    """Numbers near the limits of float and int, text with escapes, surrogates and every
+    kind of white space, repeated keys, nesting, and broken documents of each kind."""
+    numbers = [
+        repr(rng.uniform(-1e6, 1e6)),
+        f"{rng.random():.{rng.randint(15, 40)}f}",
+        f"{rng.randint(1, 9)}.{rng.randint(0, 10**20)}e{rng.randint(-330, 310)}",
+        str(rng.randint(-(10**40), 10**40)),
+        "1e400", "-1e400", "5e-324", "2.4e-324", "-0", "-0.0", "1E2", "1e-7",
+        "NaN", "Infinity", "-Infinity", "nan", "1.", ".5", "+1", "01", "1" * 4301,
+    ]  # fmt: skip
+    texts = [
+        '"\\ud800"', '"\\udc00x\\ud83d\\ude00"', '"\\uD834\\uDD1E"', '"Stra\\u00dfe \\u00e9"',
+        '"\x7f"', '"a\nb"', '"a\x01"', '"\\x"', '"\\u12"', '"\\/\\b\\f\\n\\r\\t"',
+    ]  # fmt: skip
+    documents = [n.encode() for n in numbers] + [t.encode() for t in texts]
+    documents += [
+        '"Straße 👶"'.encode(), b'"\xff"', b'"\xed\xa0\x80"', b"\xef\xbb\xbf{}",
+        '{"a":1}'.encode("utf-16-le"), b'{"a":1,"b":2,"a":3}', b'{"a":1,}', b"[1,]",
+        b" \t\n\r[1, 2 ,3 ] ", b"\x0c{}", b'{"a":[]}\x00', b"tru", b"[" * 300 + b"]" * 300,
+        b"[" * 150 + b"]" * 150, b'{"\\u0000":1}', b"",
+    ]  # fmt: skip
+    for _ in range(200):
+        doc = {
+            rng.choice("abcxyzüß"): rng.choice([*numbers[:4], *texts[:4], "null", "true", "[]"])
+            for _ in range(rng.randint(0, 6))
+        }
+        documents.append(("{" + ",".join(f'"{k}":{v}' for k, v in doc.items()) + "}").encode())
+    return documents
+
+
+def test_the_data_reads_as_json_loads_reads_it() -> None:
+    for value in _documents(random.Random(20)):
+        if value == b"":
+            continue  # no data: None before either parser is asked
+        assert _decode(value) == _reference_decode(value), value
+
+
+def test_inbox_fingerprints_are_the_same_without_the_c_encoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events = [from_kafka(value, headers) for value, headers in _valid_records()]
+    expected = [_reference_fingerprint(event) for event in events]
+    monkeypatch.setattr(json.encoder, "c_make_encoder", None)
+    inbox._canonical_json.cache_clear()
+    try:
+        assert [inbox.fingerprint(event) for event in events] == expected
+    finally:
+        inbox._canonical_json.cache_clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from lotse_contracts.events.visits import VisitScheduled
@@ -12,6 +13,7 @@ from lotse_runtime import inbox
 from lotse_runtime.db import Database
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.migrations import create_schema
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -73,3 +75,54 @@ async def test_a_batch_row_keeps_the_primary_key(db: Database) -> None:
         await inbox.record_rows(session, [])
         entries = (await session.execute(select(InboxEntry))).scalars().all()
     assert [(e.offset, e.data_sha256) for e in entries] == [(1, inbox.fingerprint(event))]
+
+
+async def test_the_batch_lookup_finds_entries_of_every_source_and_only_those(db: Database) -> None:
+    first, second = (e.to_cloudevent() for e in _events(2))
+    other = first.model_copy(update={"source": "/lotse/intake", "id": second.id})
+    async with db.transaction() as session:
+        await inbox.record_rows(
+            session,
+            [inbox.row("visits.c", first, "t", 0, 1), inbox.row("visits.c", other, "t", 0, 2)],
+        )
+        inbox.record(
+            session, consumer="visits.other", event=second, topic="t", partition=0, offset=3
+        )
+    async with db.transaction() as session:
+        seen = await inbox.already_processed(
+            session, consumer="visits.c", events=[first, second, other]
+        )
+    # (visits, second.id) shares its id with the intake entry but was never applied here.
+    assert seen == {
+        (first.source, first.id): inbox.fingerprint(first),
+        (other.source, other.id): inbox.fingerprint(other),
+    }
+
+
+async def test_the_batch_lookup_seeks_each_key_instead_of_walking_the_consumers_entries(
+    sqlite_url: str,
+) -> None:
+    # Without the sources in the query SQLite can use only the key's first column: every batch
+    # then reads each entry the consumer ever wrote.
+    database = Database(sqlite_url)
+    await create_schema(database, [])
+    lookups: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM inbox" in statement:
+            lookups.append((statement, parameters))
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        async with database.transaction() as session:
+            events = [e.to_cloudevent() for e in _events(3)]
+            await inbox.already_processed(session, consumer="visits.c", events=events)
+            [(statement, parameters)] = lookups
+            connection = await session.connection()
+            plan = await connection.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + statement, tuple(parameters)
+            )
+            details = [str(row[-1]) for row in plan.all()]
+    finally:
+        await database.dispose()
+    assert any("consumer=? AND source=? AND event_id=?" in d for d in details), details
