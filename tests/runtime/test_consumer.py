@@ -394,3 +394,42 @@ async def test_stop_closes_a_consumer_whose_loop_already_failed(harness: Harness
     assert consumer._consumer is None
     assert consumer._producer is None
     assert not consumer.running
+
+
+async def test_a_rebalance_during_a_batch_does_not_stop_the_consumer(harness: Harness) -> None:
+    """A second instance joins the group while the first is still applying a fetch from both
+    partitions: one partition moves before the first can commit its offset. The first must
+    commit what it still owns and go on (the new owner reads the moved partition from the last
+    committed offset, and the inbox drops what was applied already), not stop on aiokafka's
+    "partition is not assigned"."""
+    name = group()
+    first = harness.consumer(name)
+    await first.start()
+    await first.wait_assigned()
+    harness.slow_s = 0.4
+    events = [scheduled() for _ in range(12)]
+    for event in events:
+        harness.send(event)
+    # The first has fetched and is inside its (slow) handlers when the second joins.
+    await eventually(lambda: len(first._fetched) == 2, timeout_s=20.0)
+    second = harness.consumer(name)
+    await second.start()
+    harness.slow_s = 0.0
+    await eventually(lambda: first.processed + second.processed >= len(events), timeout_s=60.0)
+    assert first.failed is None
+    assert first.running
+    # The moved partition was read again by its new owner: what the first had applied came
+    # as duplicates (the first's commit left it out), the rest was applied there.
+    await eventually(lambda: second.processed + second.duplicates > 0, timeout_s=30.0)
+    assert sorted(e.visit_id for e in await harness.effects()) == sorted(e.visit_id for e in events)
+    # Both still consume: a later event on either partition is applied once.
+    later = [scheduled() for _ in range(6)]
+    for event in later:
+        harness.send(event)
+    await eventually(lambda: _count_is(harness, len(events) + len(later)), timeout_s=30.0)
+    assert first.failed is None
+    assert second.failed is None
+
+
+async def _count_is(harness: Harness, expected: int) -> bool:
+    return await harness.count() == expected

@@ -46,7 +46,12 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from lotse_contracts.cloudevents import CloudEvent, InvalidCloudEvent, from_kafka
 from lotse_contracts.events.base import (
@@ -422,7 +427,7 @@ class EventConsumer:
                     # Effects are committed (or dead-lettered) already; one offset commit for
                     # the whole fetch saves round trips, and a redelivery after a crash is
                     # caught by the inbox.
-                    await consumer.commit(done)
+                    await self._commit(consumer, done)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -502,7 +507,36 @@ class EventConsumer:
                 _log.error("dead-letter topic unavailable", extra={"error": str(failure)})
                 await asyncio.sleep(1.0)
         self._advanced(tp, offset + 1)
-        await consumer.commit({tp: offset + 1})
+        await self._commit(consumer, {tp: offset + 1})
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """Commit the offsets of the partitions this instance still owns. A rebalance while a
+        fetch was applied may have moved some (another replica joined or left): their effects
+        are committed already, their new owner reads them again from the last committed offset
+        and its inbox drops what was applied here. Committing them would fail the whole commit
+        (and used to stop the consumer for good)."""
+        owned = consumer.assignment()
+        kept = {tp: offset for tp, offset in offsets.items() if tp in owned}
+        if len(kept) < len(offsets):
+            _log.info(
+                "offsets of moved partitions not committed: the group rebalanced",
+                extra={
+                    "consumer": self.name,
+                    "moved": sorted(str(tp) for tp in offsets.keys() - kept.keys()),
+                },
+            )
+        if not kept:
+            return
+        try:
+            await consumer.commit(kept)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group rebalanced between the check and the commit: this generation may
+            # commit nothing. The next owner of each partition starts from the last committed
+            # offset; the inbox makes the repeat harmless.
+            _log.warning(
+                "offsets not committed: the group rebalanced",
+                extra={"consumer": self.name, "error": str(exc)},
+            )
 
     def _delivery(
         self,
