@@ -127,6 +127,12 @@ class FactKind(StrEnum):
     """A referral escalated to the Bezirksteam; open from ``at`` until ``until``."""
 
 
+CHECKED_KINDS = frozenset({FactKind.OFFERED, FactKind.REQUESTED, FactKind.ESCALATED})
+"""The only facts :func:`apply` reads back (an appointment's time, a referral's request, an
+open escalation); facts of the other kinds are only ever written and summed, so a caller
+holding every family's rows may store them and let them go."""
+
+
 class ImpossibleEvent(ValueError):
     """A well-formed event whose values cannot be true; it is never counted."""
 

@@ -16,13 +16,17 @@ after the other). Families with escalation episodes (a few per cent) go through
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from lotse_contracts.events.referrals import ReferralStatus
 from lotse_contracts.figures import KpiFigure
+from sqlalchemy import Table, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from lotse_reporting import domain
+from lotse_reporting import domain, store
 from lotse_reporting.domain import (
     CONSENT_DIMENSIONS,
     STADT,
@@ -222,6 +226,22 @@ class CellSums:
         return result
 
 
+def _add(
+    sums: CellSums,
+    case_id: str,
+    case: CaseFacts | None,
+    consents: Sequence[ConsentFacts],
+    facts: list[Fact],
+    referrals: Mapping[str, ReferralFacts],
+    zone: ZoneInfo,
+) -> None:
+    """One family's shares: straight into the sums, or (escalations) through the domain."""
+    if any(f.kind == _ESCALATED for f in facts):
+        sums.add_shares(domain.family_shares(case_id, case, consents, facts, referrals, zone))
+    else:
+        sums.add_family(case, consents, facts, referrals)
+
+
 def sum_families(snapshot: Snapshot, zone: ZoneInfo) -> dict[CellKey, Accumulated]:
     """Every family's share of every cell, summed: what the cells hold after a replay of the
     events whose rows ``snapshot`` holds (all of each family's rows)."""
@@ -236,18 +256,140 @@ def sum_families(snapshot: Snapshot, zone: ZoneInfo) -> dict[CellKey, Accumulate
         referrals.setdefault(referral.case_id, {})[referral.referral_id] = referral
     sums = CellSums()
     for case_id in {*snapshot.cases, *facts, *consents, *referrals}:
-        case = snapshot.cases.get(case_id)
-        family_facts = facts.get(case_id, [])
-        family_consents = consents.get(case_id, ())
-        family_referrals = referrals.get(case_id, {})
-        if any(f.kind == _ESCALATED for f in family_facts):
-            sums.add_shares(
-                domain.family_shares(
-                    case_id, case, family_consents, family_facts, family_referrals, zone
-                )
-            )
-        else:
-            sums.add_family(case, family_consents, family_facts, family_referrals)
+        _add(
+            sums,
+            case_id,
+            snapshot.cases.get(case_id),
+            consents.get(case_id, []),
+            facts.get(case_id, []),
+            referrals.get(case_id, {}),
+            zone,
+        )
+    return sums.cells()
+
+
+# --- the same sums from the stored rows ------------------------------------------------------
+
+#: Rows per fetch when reading the stored rows back.
+FETCH_ROWS = 5000
+
+_CASE_COLUMNS = ("case_id", "bezirk", "channel", "registered_month", "erased", "excluded")
+_CONSENT_COLUMNS = ("case_id", "consent_id", "scope", "given", "at")
+_FACT_COLUMNS = ("case_id", "kind", "ref", "bezirk", "month", "dimension", "number", "at", "until")
+_REFERRAL_COLUMNS = ("case_id", "referral_id", "bezirk", "module", "status", "open_escalation")
+
+
+def _sqlite_time(text: str | None) -> datetime | None:
+    # How SQLAlchemy's SQLite dialect stores the UTC times (text without an offset).
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+async def _by_case(
+    session: AsyncSession, table: Table, columns: Sequence[str]
+) -> AsyncIterator[tuple[str, list[Any]]]:
+    """The table's rows (``columns``, ``case_id`` first) in groups of one family each, in
+    case-id order (bytewise, as Python compares the ids). Datetimes come back aware (UTC)
+    and booleans as bool on both backends."""
+    connection = await session.connection()
+    group: list[Any] = []
+    current: str | None = None
+    if connection.dialect.name == "sqlite":
+        # Straight from the driver: SQLAlchemy's per-row processing would cost more than
+        # the sums; the case-id index gives the order without a sort.
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        names = ", ".join(f'"{name}"' for name in columns)
+        cursor = await driver.execute(f'SELECT {names} FROM {table.name} ORDER BY "case_id"')
+        times = [i for i, name in enumerate(columns) if name in ("at", "until")]
+        flags = [i for i, name in enumerate(columns) if name in ("given", "erased", "excluded")]
+        try:
+            while rows := await cursor.fetchmany(FETCH_ROWS):
+                for found in rows:
+                    row = list(found)
+                    for i in times:
+                        row[i] = _sqlite_time(row[i])
+                    for i in flags:
+                        row[i] = bool(row[i])
+                    if row[0] != current:
+                        if group:
+                            assert current is not None
+                            yield current, group
+                        current, group = row[0], []
+                    group.append(row)
+        finally:
+            await cursor.close()
+    else:
+        # The "C" collation: bytewise, the order Python's comparison of the ids agrees with.
+        statement = select(*(table.c[name] for name in columns)).order_by(
+            table.c.case_id.collate("C")
+        )
+        result = await connection.stream(statement)
+        async for partition in result.partitions(FETCH_ROWS):
+            for found in partition:
+                row = list(found)
+                if row[0] != current:
+                    if group:
+                        assert current is not None
+                        yield current, group
+                    current, group = row[0], []
+                group.append(row)
+    if group:
+        assert current is not None
+        yield current, group
+
+
+class _Heads:
+    """The next family's group of one table's case-ordered rows."""
+
+    def __init__(self, groups: AsyncIterator[tuple[str, list[Any]]]) -> None:
+        self._groups = groups
+        self.case_id: str | None = None
+        self.rows: list[Any] = []
+
+    async def advance(self) -> None:
+        found = await anext(self._groups, None)
+        self.case_id, self.rows = found if found is not None else (None, [])
+
+    def take(self, case_id: str) -> list[Any]:
+        return self.rows if self.case_id == case_id else []
+
+
+async def sum_stored(session: AsyncSession, zone: ZoneInfo) -> dict[CellKey, Accumulated]:
+    """:func:`sum_families` over the stored rows: the four tables read once each in case-id
+    order, one family at a time, so only one family's rows are in memory."""
+    heads = [
+        _Heads(_by_case(session, table, columns))
+        for table, columns in (
+            (store.CASES, _CASE_COLUMNS),
+            (store.CONSENTS, _CONSENT_COLUMNS),
+            (store.FACTS, _FACT_COLUMNS),
+            (store.REFERRALS, _REFERRAL_COLUMNS),
+        )
+    ]
+    for head in heads:
+        await head.advance()
+    cases, consents, facts, referrals = heads
+    sums = CellSums()
+    while True:
+        waiting = [head.case_id for head in heads if head.case_id is not None]
+        if not waiting:
+            break
+        case_id = min(waiting)
+        case_rows = cases.take(case_id)
+        family_referrals = [ReferralFacts(r[1], r[0], *r[2:]) for r in referrals.take(case_id)]
+        _add(
+            sums,
+            case_id,
+            CaseFacts(*case_rows[0]) if case_rows else None,
+            [ConsentFacts(*row) for row in consents.take(case_id)],
+            [Fact(r[1], r[2], r[0], *r[3:]) for r in facts.take(case_id)],
+            {r.referral_id: r for r in family_referrals},
+            zone,
+        )
+        for head in heads:
+            if head.case_id == case_id:
+                await head.advance()
     return sums.cells()
 
 

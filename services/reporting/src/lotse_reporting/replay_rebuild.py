@@ -32,7 +32,7 @@ from lotse_contracts.figures import FIGURE_UNITS, KpiFigure
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.outbox import OutboxMessage
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import SQLModel, col
 
@@ -51,17 +51,20 @@ from lotse_reporting.domain import (
 
 # The contract model of a cell, the reference KpiRecords is held to.
 from lotse_reporting.operations import kpi_updated
-from lotse_reporting.replay_cells import sum_families, year_inputs
+from lotse_reporting.replay_cells import sum_stored, year_inputs
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.settings import ReportingSettings
-from lotse_reporting.tables import ReportingKpi
+from lotse_reporting.tables import ReportingFact, ReportingKpi
 
 #: Rows per INSERT statement (executemany): large, so the database sees few round trips.
 ROWS_PER_INSERT = 5000
 
 _INBOX: Table = InboxEntry.__table__  # type: ignore[attr-defined]
 _OUTBOX: Table = OutboxMessage.__table__  # type: ignore[attr-defined]
-_MODELS: dict[str, type[SQLModel]] = {"reporting_kpi": ReportingKpi}
+_MODELS: dict[str, type[SQLModel]] = {
+    "reporting_kpi": ReportingKpi,
+    "reporting_fact": ReportingFact,
+}
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -146,6 +149,7 @@ class Rebuild:
                     "processed_at": now,
                 }
             )
+        await self._store_unchecked(session)
         _share_strings(snapshot)
         # What apply marks for the live publisher means nothing here: cells are summed at
         # the end, and the sets would only grow.
@@ -159,6 +163,24 @@ class Rebuild:
         # ``replay`` unfreezes at the end.
         gc.collect(1)
         gc.freeze()
+
+    async def _store_unchecked(self, session: AsyncSession) -> None:
+        """Write this batch's facts that no check reads back and let them go: they are most
+        of a family's rows, and at a million events holding them until the end took the
+        replay over 500 MB. A later event may replace one (same kind and ref): the row is
+        then updated, as the in-memory fact would have been."""
+        snapshot = self.snapshot
+        unchecked = [key for key in snapshot.touched_facts if key[0] not in domain.CHECKED_KINDS]
+        if not unchecked:
+            return
+        facts = snapshot.facts
+        await _insert(
+            session,
+            store.FACTS,
+            (_row(facts.pop(key)) for key in unchecked),
+            replace_on=("kind", "ref"),
+        )
+        snapshot.touched_facts.difference_update(unchecked)
 
     async def _in_inbox(self, session: AsyncSession, key: tuple[str, str]) -> bool:
         found = await session.scalar(
@@ -184,14 +206,19 @@ class Rebuild:
         gc.unfreeze()
         gc.collect()
 
-    def cells(self) -> dict[CellKey, Accumulated]:
-        return sum_families(self.snapshot, self.rules.zone)
+    async def cells(self, session: AsyncSession) -> dict[CellKey, Accumulated]:
+        """Every family's share of every cell, summed from the stored rows (after
+        :meth:`write_rows`; the in-memory rows no longer hold every fact)."""
+        return await sum_stored(session, self.rules.zone)
 
-    def horizon(self) -> tuple[str, str] | None:
-        """(oldest month, newest month) with any fact or registration, None without."""
-        months = {f.month for f in self.snapshot.facts.values()}
-        months |= {c.registered_month for c in self.snapshot.cases.values() if c.registered_month}
-        return (min(months), max(months)) if months else None
+
+async def horizon(session: AsyncSession) -> tuple[str, str] | None:
+    """(oldest month, newest month) with any stored fact or registration, None without."""
+    months: list[str] = []
+    for column in (store.FACTS.c.month, store.CASES.c.registered_month):
+        low, high = (await session.execute(select(func.min(column), func.max(column)))).one()
+        months += [m for m in (low, high) if m is not None]
+    return (min(months), max(months)) if months else None
 
 
 def _share_strings(snapshot: domain.Snapshot) -> None:
