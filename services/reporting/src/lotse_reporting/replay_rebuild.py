@@ -33,6 +33,7 @@ from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.outbox import OutboxMessage
 from sqlalchemy import Table, func, insert, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import SQLModel, col
 
@@ -171,16 +172,26 @@ class Rebuild:
         then updated, as the in-memory fact would have been."""
         snapshot = self.snapshot
         unchecked = [key for key in snapshot.touched_facts if key[0] not in domain.CHECKED_KINDS]
-        if not unchecked:
-            return
-        facts = snapshot.facts
+        if unchecked:
+            facts = snapshot.facts
+            await _insert(
+                session,
+                store.FACTS,
+                (_row(facts.pop(key)) for key in unchecked),
+                replace_on=("kind", "ref"),
+            )
+            snapshot.touched_facts.difference_update(unchecked)
+        # Consents too: the only check on them (an older statement never overrides a newer
+        # one) is then the stored row's, in the upsert's condition.
+        consents = snapshot.consents
         await _insert(
             session,
-            store.FACTS,
-            (_row(facts.pop(key)) for key in unchecked),
-            replace_on=("kind", "ref"),
+            store.CONSENTS,
+            (_row(consents.pop(key)) for key in snapshot.touched_consents),
+            replace_on=("case_id", "consent_id"),
+            unless_newer="at",
         )
-        snapshot.touched_facts.difference_update(unchecked)
+        snapshot.touched_consents.clear()
 
     async def _in_inbox(self, session: AsyncSession, key: tuple[str, str]) -> bool:
         found = await session.scalar(
@@ -291,9 +302,11 @@ async def _insert(
     rows: Iterable[dict[str, Any]],
     *,
     replace_on: Sequence[str] = (),
+    unless_newer: str | None = None,
 ) -> int:
     """Insert rows (all with the same keys) in statements of ROWS_PER_INSERT (``replace_on``:
-    update the row with that key instead); returns how many. On SQLite straight through the
+    update the row with that key instead, unless its ``unless_newer`` column is later than
+    the new row's); returns how many. On SQLite straight through the
     driver's ``executemany``: SQLAlchemy's per-value bind processing would cost more than
     everything else a replay does per row."""
     connection = await session.connection()
@@ -314,12 +327,27 @@ async def _insert(
                         f'"{name}" = excluded."{name}"' for name in names if name not in replace_on
                     ),
                 )
+                if unless_newer is not None:
+                    # UTC text of one format on SQLite: ordered as the times are.
+                    statement += (
+                        f' WHERE NOT ("{table.name}"."{unless_newer}" > excluded."{unless_newer}")'
+                    )
             values = _sqlite_rows(table, names, chunk)
             raw = await connection.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None
             cursor = await driver.executemany(statement, values)
             await cursor.close()
+        elif unless_newer is not None:
+            upsert = postgresql.insert(table)
+            await connection.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=list(replace_on),
+                    set_={n: upsert.excluded[n] for n in chunk[0] if n not in replace_on},
+                    where=~(table.c[unless_newer] > upsert.excluded[unless_newer]),
+                ),
+                chunk,
+            )
         elif replace_on:
             await store.upsert(session, _MODELS[table.name], chunk)
         else:
