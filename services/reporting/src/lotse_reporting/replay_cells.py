@@ -16,7 +16,7 @@ after the other). Families with escalation episodes (a few per cent) go through
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -91,6 +91,24 @@ class CellSums:
     def __init__(self) -> None:
         self._sums: dict[CellKey, _Sum] = {}
         self._family = 0
+        self._fours: dict[CellKey, tuple[_Sum, ...]] = {}
+
+    def _four(self, bezirk: str, month: str, figure: str, dimension: str) -> tuple[_Sum, ...]:
+        """The sums of the four cells a family's part in a Bezirk and month goes to (the
+        Bezirk and the city, the month and the year); looked up once per (Bezirk, month,
+        figure, dimension): a family adds to some forty cells, and building and looking up
+        four keys for each was most of the summing."""
+        base = (bezirk, month, figure, dimension)
+        found = self._fours.get(base)
+        if found is None:
+            sums = self._sums
+            keys = [
+                (area, period, figure, dimension)
+                for area in (bezirk, STADT)
+                for period in (month, month[:4])
+            ]
+            found = self._fours[base] = tuple(sums.setdefault(key, _Sum()) for key in keys)
+        return found
 
     # Over 40 lines: one family's contributions in the order of domain.family_shares, so
     # the two read side by side.
@@ -171,43 +189,33 @@ class CellSums:
         weight: float = 0.0,
         number: float | None = None,
     ) -> None:
-        family, sums = self._family, self._sums
-        for area in (bezirk, STADT):
-            for period in (month, month[:4]):
-                key = (area, period, figure, dimension)
-                found = sums.get(key)
-                if found is None:
-                    found = sums[key] = _Sum()
-                if found.last != family:
-                    found.last = family
-                    found.families += 1
-                found.value += value
-                found.weight += weight
-                if hits and found.hit_last != family:
-                    found.hit_last = family
-                    found.hits += 1
-                if number is not None:
-                    found.numbers[number] = found.numbers.get(number, 0) + 1
+        family = self._family
+        for found in self._four(bezirk, month, figure, dimension):
+            if found.last != family:
+                found.last = family
+                found.families += 1
+            found.value += value
+            found.weight += weight
+            if hits and found.hit_last != family:
+                found.hit_last = family
+                found.hits += 1
+            if number is not None:
+                found.numbers[number] = found.numbers.get(number, 0) + 1
 
     def _add_smallest(self, bezirk: str, month: str, figure: str, number: float) -> None:
         """A number of which each family counts once per cell: its smallest (first visit)."""
-        family, sums = self._family, self._sums
-        for area in (bezirk, STADT):
-            for period in (month, month[:4]):
-                key = (area, period, figure, "")
-                found = sums.get(key)
-                if found is None:
-                    found = sums[key] = _Sum()
-                numbers = found.numbers
-                if found.last != family:
-                    found.last = family
-                    found.families += 1
-                    found.min_value = number
-                    numbers[number] = numbers.get(number, 0) + 1
-                elif found.min_value is not None and number < found.min_value:
-                    numbers[found.min_value] -= 1
-                    found.min_value = number
-                    numbers[number] = numbers.get(number, 0) + 1
+        family = self._family
+        for found in self._four(bezirk, month, figure, ""):
+            numbers = found.numbers
+            if found.last != family:
+                found.last = family
+                found.families += 1
+                found.min_value = number
+                numbers[number] = numbers.get(number, 0) + 1
+            elif found.min_value is not None and number < found.min_value:
+                numbers[found.min_value] -= 1
+                found.min_value = number
+                numbers[number] = numbers.get(number, 0) + 1
 
     def cells(self) -> dict[CellKey, Accumulated]:
         """The cells with anything in them (as ``domain.accumulate`` leaves them)."""
@@ -284,112 +292,127 @@ def _sqlite_time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
-async def _by_case(
-    session: AsyncSession, table: Table, columns: Sequence[str]
-) -> AsyncIterator[tuple[str, list[Any]]]:
-    """The table's rows (``columns``, ``case_id`` first) in groups of one family each, in
-    case-id order (bytewise, as Python compares the ids). Datetimes come back aware (UTC)
-    and booleans as bool on both backends."""
-    connection = await session.connection()
-    group: list[Any] = []
-    current: str | None = None
-    if connection.dialect.name == "sqlite":
-        # Straight from the driver: SQLAlchemy's per-row processing would cost more than
-        # the sums; the case-id index gives the order without a sort.
-        raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None
-        names = ", ".join(f'"{name}"' for name in columns)
-        cursor = await driver.execute(f'SELECT {names} FROM {table.name} ORDER BY "case_id"')
-        times = [i for i, name in enumerate(columns) if name in ("at", "until")]
-        flags = [i for i, name in enumerate(columns) if name in ("given", "erased", "excluded")]
-        try:
-            while rows := await cursor.fetchmany(FETCH_ROWS):
-                for found in rows:
-                    row = list(found)
+class _Rows:
+    """One table's rows (``columns``, ``case_id`` first) in case-id order, bytewise (as
+    Python compares the ids), fetched a chunk at a time; datetimes come back aware (UTC)
+    and booleans as bool on both backends. Taking a family's rows is a plain loop over the
+    chunk: only a new chunk needs the database."""
+
+    def __init__(self, table: Table, columns: Sequence[str]) -> None:
+        self.table = table
+        self.columns = columns
+        self.rows: list[list[Any]] = []
+        self.at = 0
+        self.done = False
+        self._fetch: Callable[[], Awaitable[list[list[Any]]]] | None = None
+        self._close: Callable[[], Awaitable[None]] | None = None
+
+    async def open(self, session: AsyncSession) -> None:
+        connection = await session.connection()
+        if connection.dialect.name == "sqlite":
+            # Straight from the driver: SQLAlchemy's per-row processing would cost more
+            # than the sums; the case-id index gives the order without a sort.
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            names = ", ".join(f'"{name}"' for name in self.columns)
+            cursor = await driver.execute(
+                f'SELECT {names} FROM {self.table.name} ORDER BY "case_id"'
+            )
+            times = [i for i, name in enumerate(self.columns) if name in ("at", "until")]
+            flags = [
+                i for i, name in enumerate(self.columns) if name in ("given", "erased", "excluded")
+            ]
+
+            async def fetch() -> list[list[Any]]:
+                chunk = [list(row) for row in await cursor.fetchmany(FETCH_ROWS)]
+                for row in chunk:
                     for i in times:
                         row[i] = _sqlite_time(row[i])
                     for i in flags:
                         row[i] = bool(row[i])
-                    if row[0] != current:
-                        if group:
-                            assert current is not None
-                            yield current, group
-                        current, group = row[0], []
-                    group.append(row)
-        finally:
-            await cursor.close()
-    else:
-        # The "C" collation: bytewise, the order Python's comparison of the ids agrees with.
-        statement = select(*(table.c[name] for name in columns)).order_by(
-            table.c.case_id.collate("C")
-        )
-        result = await connection.stream(statement)
-        async for partition in result.partitions(FETCH_ROWS):
-            for found in partition:
-                row = list(found)
-                if row[0] != current:
-                    if group:
-                        assert current is not None
-                        yield current, group
-                    current, group = row[0], []
-                group.append(row)
-    if group:
-        assert current is not None
-        yield current, group
+                return chunk
 
+            self._fetch, self._close = fetch, cursor.close
+        else:
+            # The "C" collation: bytewise, the order Python's comparison of the ids agrees
+            # with.
+            statement = select(*(self.table.c[name] for name in self.columns)).order_by(
+                self.table.c.case_id.collate("C")
+            )
+            result = await connection.stream(statement)
+            partitions = result.partitions(FETCH_ROWS).__aiter__()
 
-class _Heads:
-    """The next family's group of one table's case-ordered rows."""
+            async def fetch() -> list[list[Any]]:
+                found = await anext(partitions, None)
+                return [] if found is None else [list(row) for row in found]
 
-    def __init__(self, groups: AsyncIterator[tuple[str, list[Any]]]) -> None:
-        self._groups = groups
-        self.case_id: str | None = None
-        self.rows: list[Any] = []
+            self._fetch, self._close = fetch, result.close
+        await self._refill()
 
-    async def advance(self) -> None:
-        found = await anext(self._groups, None)
-        self.case_id, self.rows = found if found is not None else (None, [])
+    async def _refill(self) -> None:
+        assert self._fetch is not None
+        self.rows, self.at = await self._fetch(), 0
+        self.done = not self.rows
 
-    def take(self, case_id: str) -> list[Any]:
-        return self.rows if self.case_id == case_id else []
+    def head(self) -> str | None:
+        """The case id of the next row (None: no rows left)."""
+        return None if self.done else str(self.rows[self.at][0])
+
+    async def take(self, case_id: str) -> list[list[Any]]:
+        """The next rows if they are this family's (it may continue in the next chunk)."""
+        found: list[list[Any]] = []
+        while not self.done:
+            rows, at = self.rows, self.at
+            start, count = at, len(rows)
+            while at < count and rows[at][0] == case_id:
+                at += 1
+            found += rows[start:at]
+            self.at = at
+            if at < count:
+                break
+            await self._refill()
+        return found
+
+    async def close(self) -> None:
+        if self._close is not None:
+            await self._close()
 
 
 async def sum_stored(session: AsyncSession, zone: ZoneInfo) -> dict[CellKey, Accumulated]:
     """:func:`sum_families` over the stored rows: the four tables read once each in case-id
-    order, one family at a time, so only one family's rows are in memory."""
-    heads = [
-        _Heads(_by_case(session, table, columns))
-        for table, columns in (
-            (store.CASES, _CASE_COLUMNS),
-            (store.CONSENTS, _CONSENT_COLUMNS),
-            (store.FACTS, _FACT_COLUMNS),
-            (store.REFERRALS, _REFERRAL_COLUMNS),
-        )
-    ]
-    for head in heads:
-        await head.advance()
-    cases, consents, facts, referrals = heads
+    order, one family at a time, so only one family's rows (and a chunk of each table) are
+    in memory."""
+    cases = _Rows(store.CASES, _CASE_COLUMNS)
+    consents = _Rows(store.CONSENTS, _CONSENT_COLUMNS)
+    facts = _Rows(store.FACTS, _FACT_COLUMNS)
+    referrals = _Rows(store.REFERRALS, _REFERRAL_COLUMNS)
+    tables = (cases, consents, facts, referrals)
     sums = CellSums()
-    while True:
-        waiting = [head.case_id for head in heads if head.case_id is not None]
-        if not waiting:
-            break
-        case_id = min(waiting)
-        case_rows = cases.take(case_id)
-        family_referrals = [ReferralFacts(r[1], r[0], *r[2:]) for r in referrals.take(case_id)]
-        _add(
-            sums,
-            case_id,
-            CaseFacts(*case_rows[0]) if case_rows else None,
-            [ConsentFacts(*row) for row in consents.take(case_id)],
-            [Fact(r[1], r[2], r[0], *r[3:]) for r in facts.take(case_id)],
-            {r.referral_id: r for r in family_referrals},
-            zone,
-        )
-        for head in heads:
-            if head.case_id == case_id:
-                await head.advance()
+    try:
+        for table in tables:
+            await table.open(session)
+        while True:
+            waiting = [found for table in tables if (found := table.head()) is not None]
+            if not waiting:
+                break
+            case_id = min(waiting)
+            case_rows = await cases.take(case_id)
+            family_referrals = [
+                ReferralFacts(r[1], r[0], *r[2:]) for r in await referrals.take(case_id)
+            ]
+            _add(
+                sums,
+                case_id,
+                CaseFacts(*case_rows[0]) if case_rows else None,
+                [ConsentFacts(*row) for row in await consents.take(case_id)],
+                [Fact(r[1], r[2], r[0], *r[3:]) for r in await facts.take(case_id)],
+                {r.referral_id: r for r in family_referrals},
+                zone,
+            )
+    finally:
+        for table in tables:
+            await table.close()
     return sums.cells()
 
 
