@@ -5,10 +5,11 @@ The live path adds, per event, the difference of the touched families' shares
 A replay from empty cells knows every "before" (nothing), so it only needs the sum of all
 families' shares once, at the end. Building a ``Share`` object per family and cell and then
 a ``CellDelta`` per cell costs more than everything else in a replay, so :class:`CellSums`
-adds each family's contributions straight into the cells by the same rules, and counts a
-family once per cell by remembering the last family that touched it (families are added one
-after the other). Families with escalation episodes (a few per cent) go through
-``domain.family_shares`` itself: their month-end stock needs the episodes together.
+adds each family's parts (:func:`lotse_reporting.domain.family_parts`, the rules both
+paths read) straight into the cells, and counts a family once per cell by remembering the
+last family that touched it (families are added one after the other). Families with
+escalation episodes (a few per cent) go through ``domain.family_shares`` itself: their
+month-end stock needs the episodes together.
 
 ``tests/reporting/test_reporting_replay_cells.py`` holds the result equal to
 ``domain.accumulate(domain.shares_of(...))`` on the benchmark's families and the test city.
@@ -21,14 +22,11 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from lotse_contracts.events.referrals import ReferralStatus
-from lotse_contracts.figures import KpiFigure
 from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lotse_reporting import domain, store
 from lotse_reporting.domain import (
-    CONSENT_DIMENSIONS,
     STADT,
     STOCK_DELTA,
     Accumulated,
@@ -41,32 +39,7 @@ from lotse_reporting.domain import (
     Snapshot,
 )
 
-_ACTIVITY_COUNT: dict[str, str] = {
-    FactKind.OFFERED.value: KpiFigure.VISITS_OFFERED.value,
-    FactKind.COMPLETED.value: KpiFigure.VISITS_COMPLETED.value,
-    FactKind.DECLINED.value: KpiFigure.VISITS_DECLINED.value,
-    FactKind.MISSED.value: KpiFigure.VISITS_MISSED.value,
-    FactKind.REQUESTED.value: KpiFigure.REFERRALS_REQUESTED.value,
-    FactKind.ACCEPTED.value: KpiFigure.REFERRALS_ACCEPTED.value,
-}
-_REGISTERED = KpiFigure.FAMILIES_REGISTERED.value
-_BY_CHANNEL = {
-    "clinic": KpiFigure.FAMILIES_REGISTERED_CLINIC.value,
-    "move_in": KpiFigure.FAMILIES_REGISTERED_MOVE_IN.value,
-}
-_CONSENT = KpiFigure.CONSENT_RATE.value
-_REACH = KpiFigure.REACH_RATE.value
-_CONTACTS = KpiFigure.CONTACTS_PER_FAMILY.value
-_BIRTH_TO_VISIT = KpiFigure.MEDIAN_DAYS_BIRTH_TO_VISIT.value
-_ACCEPTANCE = KpiFigure.ACCEPTANCE_RATE.value
-_HANDOVER_DAYS = KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER.value
-_COMPLETED = FactKind.COMPLETED.value
-_FIRST_CONTACT = FactKind.FIRST_CONTACT.value
-_REQUESTED = FactKind.REQUESTED.value
-_ACCEPTED = FactKind.ACCEPTED.value
-_REJECTED = FactKind.REJECTED.value
 _ESCALATED = FactKind.ESCALATED.value
-_REQUESTED_STATUS = ReferralStatus.REQUESTED.value
 
 
 class _Sum:
@@ -110,8 +83,6 @@ class CellSums:
             found = self._fours[base] = tuple(sums.setdefault(key, _Sum()) for key in keys)
         return found
 
-    # Over 40 lines: one family's contributions in the order of domain.family_shares, so
-    # the two read side by side.
     def add_family(
         self,
         case: CaseFacts | None,
@@ -119,49 +90,29 @@ class CellSums:
         facts: list[Fact],
         referrals: Mapping[str, ReferralFacts],
     ) -> None:
-        """Add one family's share of every cell (families without escalations)."""
+        """Add one family's share of every cell (families without escalations): the parts
+        ``domain.family_parts`` states, as ``domain.family_shares`` adds them up."""
         if case is not None and case.excluded:
             return
         self._family += 1
-        add = self._add
-        if case is not None and case.bezirk is not None and case.registered_month is not None:
-            bezirk, month = case.bezirk, case.registered_month
-            add(bezirk, month, _REGISTERED, "", 1.0)
-            by_channel = _BY_CHANNEL.get(case.channel or "")
-            if by_channel is not None:
-                add(bezirk, month, by_channel, "", 1.0)
-            given = {c.scope for c in consents if c.given}
-            for dimension, scope in CONSENT_DIMENSIONS.items():
-                add(bezirk, month, _CONSENT, dimension or "", hits=scope in given)
-            contacts = visited = 0
-            for fact in facts:
-                if fact.kind == _COMPLETED:
-                    contacts += 1
-                    visited = 1
-                elif fact.kind == _FIRST_CONTACT:
-                    contacts += 1
-            add(bezirk, month, _REACH, "", hits=bool(visited))
-            add(bezirk, month, _CONTACTS, "", float(contacts))
-        channel = case.channel if case is not None else None
-        for fact in facts:
-            kind, bezirk, month = fact.kind, fact.bezirk, fact.month
-            count_figure = _ACTIVITY_COUNT.get(kind)
-            if count_figure is not None:
-                add(bezirk, month, count_figure, "", 1.0)
-                if kind == _REQUESTED:
-                    referral = referrals.get(fact.ref)
-                    status = referral.status if referral is not None else _REQUESTED_STATUS
-                    add(bezirk, month, count_figure, f"module:{fact.dimension}", 1.0)
-                    add(bezirk, month, count_figure, f"status:{status}", 1.0)
-            if kind == _COMPLETED and channel == "clinic":
-                days = fact.number if fact.number is not None else 0.0
-                self._add_smallest(bezirk, month, _BIRTH_TO_VISIT, days)
-            elif kind in (_ACCEPTED, _REJECTED):
-                accepted = 1.0 if kind == _ACCEPTED else 0.0
-                add(bezirk, month, _ACCEPTANCE, "", accepted, weight=1.0)
-            elif kind == _FIRST_CONTACT:
-                days = fact.number if fact.number is not None else 0.0
-                add(bezirk, month, _HANDOVER_DAYS, "", number=days)
+        for (
+            bezirk,
+            month,
+            figure,
+            dimension,
+            value,
+            hits,
+            weight,
+            number,
+            smallest,
+        ) in domain.family_parts(case, consents, facts, referrals):
+            if smallest:
+                assert number is not None
+                self._add_smallest(bezirk, month, figure, number)
+            else:
+                self._add(
+                    bezirk, month, figure, dimension, value, hits=hits, weight=weight, number=number
+                )
 
     def add_shares(self, shares: domain.Shares) -> None:
         """Add a family's shares as ``domain.family_shares`` computed them."""
@@ -185,7 +136,7 @@ class CellSums:
         dimension: str,
         value: float = 0.0,
         *,
-        hits: bool = False,
+        hits: int = 0,
         weight: float = 0.0,
         number: float | None = None,
     ) -> None:
