@@ -26,8 +26,11 @@ from lotse_runtime.db import Database
 from lotse_runtime.migrations import create_schema
 from sqlalchemy import Table, select
 
-from tests.reporting.builders import Family, at, new_id
-from tests.reporting.replay_data import dortmund_rules, mixed_events
+from tests.reporting.builders import Family, at, new_id, random_city
+from tests.reporting.replay_data import bench_events, dortmund_rules, odd_families
+
+#: Records per fetch of the rebuild.
+FETCH = 150
 
 
 def _rewrites(rng: random.Random) -> list[EventModel]:
@@ -56,10 +59,15 @@ def _rewrites(rng: random.Random) -> list[EventModel]:
 
 def _events() -> list[EventModel]:
     rewrites = _rewrites(random.Random(11))
-    events = mixed_events()
+    rng = random.Random(3)
+    events = [
+        *bench_events(1200, 3),
+        *random_city(rng, 40, ["hoerde", "eving", "mengede"], at("2024-11-04").date()),
+        *odd_families(rng),
+    ]
     # Spread over the fetches: each rewrite comes in a later fetch than the row it rewrites.
     for n, event in enumerate(rewrites):
-        events.insert(400 * (n + 1), event)
+        events.insert(FETCH * (n + 1), event)
     return events
 
 
@@ -112,8 +120,8 @@ async def _rebuild(url: str, events: list[EventModel]) -> tuple[Rows, Any, Any]:
         )
         records = [_record(event, offset) for offset, event in enumerate(events)]
         async with db.transaction() as session:
-            for start in range(0, len(records), 400):
-                await rebuild.apply_batch(session, records[start : start + 400])
+            for start in range(0, len(records), FETCH):
+                await rebuild.apply_batch(session, records[start : start + FETCH])
             await rebuild.write_rows(session)
             rebuild.release()
             cells = await rebuild.cells(session)
