@@ -47,9 +47,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message
-from confluent_kafka import TopicPartition as ConfluentPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from lotse_contracts import topics
 from lotse_runtime.app import ServiceRuntime, build_runtime
 from lotse_runtime.db import Database
@@ -72,7 +70,7 @@ from sqlmodel import col
 from lotse_reporting import domain, operations, store
 from lotse_reporting.consumers import CONSUMER
 from lotse_reporting.operations import Reporting
-from lotse_reporting.replay_input import Decoded, Decoder, KafkaRecord, Skipped
+from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.replay_rebuild import Rebuild, horizon, publish, write_cells
 from lotse_reporting.replay_send import can_send, send_unsent
 from lotse_reporting.settings import ReportingSettings
@@ -219,7 +217,7 @@ class Replayer:
         self.rules = rules
         self.counts = counts
 
-    def _parse(self, record: KafkaRecord) -> Decoded | None:
+    def _parse(self, record: ConsumerRecord[Any, Any]) -> Decoded | None:
         outcome = self.decoder.decode(record.value, record.headers or ())
         if isinstance(outcome, Decoded):
             return outcome
@@ -229,7 +227,7 @@ class Replayer:
             self.counts[f"invalid:{outcome.value}"] += 1
         return None
 
-    async def apply_batch(self, records: Sequence[KafkaRecord]) -> None:
+    async def apply_batch(self, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
         """Apply records (in partition order) in one transaction, inbox entries included."""
         self.counts["records"] += len(records)
         parsed = [
@@ -261,7 +259,7 @@ class Replayer:
                 await session.execute(insert(InboxEntry), inbox)
 
 
-def _inbox_entry(record: KafkaRecord, event: Decoded, now: datetime) -> dict[str, Any]:
+def _inbox_entry(record: ConsumerRecord[Any, Any], event: Decoded, now: datetime) -> dict[str, Any]:
     """The live consumer's inbox entry for an applied event."""
     return {
         "consumer": _INBOX_CONSUMER,
@@ -333,32 +331,19 @@ def replay_consumer(kafka: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
 async def read_from_start(
     kafka: KafkaConfig,
     topic_names: Sequence[str],
-    handle: Callable[[list[Any]], Any],
+    handle: Callable[[list[ConsumerRecord[Any, Any]]], Any],
     *,
     batch_size: int,
     idle_timeout_s: float = 3.0,
     progress: Progress | None = None,
-    confluent: bool | None = None,
 ) -> int:
     """Read every partition of the topics from the beginning until caught up; ``handle`` gets
-    the records of each fetch (:class:`~lotse_reporting.replay_input.KafkaRecord`, in
-    partition order). Returns how many records were read.
+    the records of each fetch in partition order. Returns how many records were read.
 
     Caught up means: a fetch came back empty and every partition's position has reached its
     high watermark (end offsets are not trusted: the embedded broker reports them wrongly),
     or nothing arrived for ``idle_timeout_s``.
-
-    With ``confluent`` (the default where the settings carry no aiokafka client options, see
-    :func:`~lotse_reporting.replay_send.can_send`) the records are read with confluent-kafka,
-    whose C client fetches and decodes them for a fraction of aiokafka's CPU; the replay
-    commits no offsets either way.
     """
-    if confluent is None:
-        confluent = can_send(kafka)
-    if confluent:
-        return await _read_confluent(
-            kafka, topic_names, handle, batch_size, idle_timeout_s, progress
-        )
     consumer = replay_consumer(kafka)
     await consumer.start()
     try:
@@ -401,112 +386,6 @@ async def read_from_start(
                 return read
     finally:
         await consumer.stop()
-
-
-class _Fetched:
-    """A record read with confluent-kafka, with the attributes the replay reads of aiokafka's
-    ``ConsumerRecord``."""
-
-    __slots__ = ("headers", "offset", "partition", "topic", "value")
-
-    def __init__(self, message: Message) -> None:
-        self.topic = message.topic()
-        self.partition = message.partition()
-        self.offset = message.offset()
-        self.value = message.value()
-        self.headers = message.headers() or []
-
-
-def replay_confluent_consumer(kafka: KafkaConfig) -> Consumer:
-    """A confluent-kafka consumer that assigns partitions itself and commits nothing."""
-    fetch_bytes = max(kafka.max_record_bytes, REPLAY_FETCH_BYTES)
-    return Consumer(
-        {
-            "bootstrap.servers": kafka.bootstrap,
-            "client.id": f"{kafka.client_id}-replay",
-            # Required by the client; the consumer never joins it (partitions are assigned)
-            # and stores or commits no offset.
-            "group.id": f"{kafka.client_id}-replay",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            # Tells when a partition's end (its high watermark) is reached.
-            "enable.partition.eof": True,
-            # Small fetches and a bounded prefetch queue, as for aiokafka: what is fetched
-            # ahead sits in memory next to the projections.
-            "max.partition.fetch.bytes": max(kafka.max_record_bytes, REPLAY_PARTITION_FETCH_BYTES),
-            "fetch.max.bytes": fetch_bytes,
-            "queued.max.messages.kbytes": 2 * fetch_bytes // 1024,
-            "socket.timeout.ms": kafka.request_timeout_ms,
-        }
-    )
-
-
-async def _read_confluent(
-    kafka: KafkaConfig,
-    topic_names: Sequence[str],
-    handle: Callable[[list[Any]], Any],
-    batch_size: int,
-    idle_timeout_s: float,
-    progress: Progress | None,
-) -> int:
-    """:func:`read_from_start` with confluent-kafka. Its calls block, so they run in a thread
-    (one hand-off per fetch of thousands of records)."""
-    consumer = replay_confluent_consumer(kafka)
-    try:
-        metadata = await asyncio.to_thread(consumer.list_topics, timeout=10)
-        partitions = [
-            ConfluentPartition(topic, p, OFFSET_BEGINNING)
-            for topic in topic_names
-            if topic in metadata.topics
-            for p in sorted(metadata.topics[topic].partitions)
-        ]
-        if not partitions:
-            return 0
-        consumer.assign(partitions)
-        at_end: set[tuple[str, int]] = set()
-        read = 0
-        last_data = time.monotonic()
-        while True:
-            messages = await asyncio.to_thread(consumer.consume, batch_size, 0.25)
-            records: list[_Fetched] = []
-            for message in messages:
-                error = message.error()
-                if error is None:
-                    record = _Fetched(message)
-                    records.append(record)
-                    # In message order: an end reported before this record no longer holds.
-                    at_end.discard((record.topic, record.partition))
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    at_end.add((str(message.topic()), int(message.partition() or 0)))
-                else:
-                    raise KafkaException(error)
-            if records:
-                # One partition's records keep their order (a stable sort by partition).
-                records.sort(key=lambda r: (r.topic, r.partition))
-                result = handle(records)
-                if asyncio.iscoroutine(result):
-                    await result
-                read += len(records)
-                last_data = time.monotonic()
-            if progress is not None:
-                progress(read, _expected_confluent(consumer, partitions))
-            if records:
-                continue
-            if len(at_end) == len(partitions) or time.monotonic() - last_data > idle_timeout_s:
-                return read
-    finally:
-        await asyncio.to_thread(consumer.close)
-
-
-def _expected_confluent(consumer: Consumer, partitions: Sequence[ConfluentPartition]) -> int | None:
-    total = 0
-    for tp in partitions:
-        low, high = consumer.get_watermark_offsets(tp, cached=True)
-        if low < 0 or high < 0:
-            return None
-        total += high - low
-    return total
 
 
 def _expected(
@@ -614,7 +493,7 @@ async def _rebuild(
     lap = _Lap()
     async with db.transaction() as session:
 
-        async def handle(records: list[KafkaRecord]) -> None:
+        async def handle(records: list[ConsumerRecord[Any, Any]]) -> None:
             await rebuild.apply_batch(session, records)
 
         await read_from_start(

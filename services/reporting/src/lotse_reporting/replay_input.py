@@ -28,7 +28,6 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
 
 from lotse_contracts.cloudevents import (
     CONTENT_TYPE_HEADER,
@@ -84,23 +83,6 @@ class Decoded:
 
 
 Outcome = Decoded | Skipped | Rejection
-
-
-class KafkaRecord(Protocol):
-    """What the replay reads of a record (aiokafka's ``ConsumerRecord`` has these, and so
-    has the replay's wrapper of a confluent-kafka message)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def headers(self) -> Headers: ...
-
 
 # Attributes the short cut understands; any other ``ce_`` header (an extension attribute)
 # goes the full way, which checks its name.

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _text
 from typing import Any
 
+from aiokafka import ConsumerRecord
 from lotse_contracts.events.reporting import KpiUpdated
 from lotse_contracts.figures import FIGURE_UNITS, KpiFigure
 from lotse_runtime.app import ServiceRuntime
@@ -52,7 +53,7 @@ from lotse_reporting.domain import (
 # The contract model of a cell, the reference KpiRecords is held to.
 from lotse_reporting.operations import kpi_updated
 from lotse_reporting.replay_cells import sum_stored, year_inputs
-from lotse_reporting.replay_input import Decoded, Decoder, KafkaRecord, Skipped
+from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import ReportingFact, ReportingKpi
 
@@ -108,7 +109,9 @@ class Rebuild:
         """records, applied, duplicates, skipped, invalid:<kind>, rejected:<reason kind>."""
         self._applied = SeenFilter()
 
-    async def apply_batch(self, session: AsyncSession, records: Sequence[KafkaRecord]) -> None:
+    async def apply_batch(
+        self, session: AsyncSession, records: Sequence[ConsumerRecord[Any, Any]]
+    ) -> None:
         """Apply records in partition order; their inbox entries go in with one statement."""
         counts, snapshot, rules = self.counts, self.snapshot, self.rules
         counts["records"] += len(records)
