@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -125,6 +125,12 @@ class FactKind(StrEnum):
     """Warm handover done; ``number`` is days from request to first contact."""
     ESCALATED = "escalated"
     """A referral escalated to the Bezirksteam; open from ``at`` until ``until``."""
+
+
+CHECKED_KINDS = frozenset({FactKind.OFFERED, FactKind.REQUESTED, FactKind.ESCALATED})
+"""The only facts :func:`apply` reads back (an appointment's time, a referral's request, an
+open escalation); facts of the other kinds are only ever written and summed, so a caller
+holding every family's rows may store them and let them go."""
 
 
 class ImpossibleEvent(ValueError):
@@ -1134,37 +1140,100 @@ class CellDelta:
         )
 
 
-class _ShareBook:
-    def __init__(self) -> None:
-        self.shares: Shares = {}
+Part = tuple[str, str, str, str, float, int, float, float | None, bool]
+"""One part of a family's share: (Bezirk, month, figure, dimension or "", value, hits,
+weight, number or None, smallest). It counts the family in the four cells of that Bezirk
+and month (and the city, and the year): ``value`` and ``weight`` add up, ``hits`` counts
+the family once where it is 1, a ``number`` goes to the cell's median histogram, where
+``smallest`` only the family's smallest number per cell (its first visit)."""
 
-    def add(
-        self,
-        bezirk: str,
-        month: str,
-        figure: str,
-        dimension: str = "",
-        *,
-        value: float = 0.0,
-        hits: int = 0,
-        weight: float = 0.0,
-        number: float | None = None,
-        smallest: bool = False,
-    ) -> None:
-        """Count the family in the four cells of a Bezirk and month (and city, and year)."""
-        for area in (bezirk, STADT):
-            for period in (month, month[:4]):
-                share = self.shares.get((area, period, figure, dimension))
-                if share is None:
-                    share = self.shares[(area, period, figure, dimension)] = Share()
-                share.value += value
-                share.hits = max(share.hits, hits)
-                share.weight += weight
-                if number is not None:
-                    if smallest:  # one value per family and cell: its first visit
-                        share.numbers = (min((number, *share.numbers)),)
-                    else:
-                        share.numbers = (*share.numbers, number)
+
+def family_parts(
+    case: CaseFacts | None,
+    consents: Iterable[ConsentFacts],
+    facts: Sequence[Fact],
+    referrals: Mapping[str, ReferralFacts],
+) -> Iterator[Part]:
+    """The parts of a family's share, escalations aside (:func:`_stock_shares`), by the same
+    rules as :func:`compute_year`: the one statement of them that the live shares
+    (:func:`family_shares`) and the replay's sums (``replay_cells``) both add up."""
+    if case is not None and case.bezirk is not None and case.registered_month is not None:
+        yield from _cohort_parts(case.bezirk, case.registered_month, case, consents, facts)
+    channel = case.channel if case is not None else None
+    for fact in facts:
+        yield from _activity_parts(fact, channel, referrals)
+
+
+def _cohort_parts(
+    bezirk: str,
+    month: str,
+    case: CaseFacts,
+    consents: Iterable[ConsentFacts],
+    facts: Sequence[Fact],
+) -> Iterator[Part]:
+    yield (bezirk, month, _REGISTERED, "", 1.0, 0, 0.0, None, False)
+    by_channel = _BY_CHANNEL.get(case.channel or "")
+    if by_channel is not None:
+        yield (bezirk, month, by_channel, "", 1.0, 0, 0.0, None, False)
+    given = {c.scope for c in consents if c.given}
+    for dimension, scope in CONSENT_DIMENSIONS.items():
+        yield (bezirk, month, _CONSENT, dimension or "", 0.0, int(scope in given), 0.0, None, False)
+    contacts = visited = 0
+    for fact in facts:
+        if fact.kind == FactKind.COMPLETED:
+            contacts += 1
+            visited = 1
+        elif fact.kind == FactKind.FIRST_CONTACT:
+            contacts += 1
+    yield (bezirk, month, _REACH, "", 0.0, visited, 0.0, None, False)
+    yield (bezirk, month, _CONTACTS, "", float(contacts), 0, 0.0, None, False)
+
+
+def _activity_parts(
+    fact: Fact, channel: str | None, referrals: Mapping[str, ReferralFacts]
+) -> Iterator[Part]:
+    kind, bezirk, month = fact.kind, fact.bezirk, fact.month
+    if kind == FactKind.ESCALATED:
+        return
+    count_figure = _COUNTED.get(kind)
+    if count_figure is not None:
+        yield (bezirk, month, count_figure, "", 1.0, 0, 0.0, None, False)
+        if kind == FactKind.REQUESTED:
+            referral = referrals.get(fact.ref)
+            status = referral.status if referral is not None else ReferralStatus.REQUESTED.value
+            yield (
+                bezirk,
+                month,
+                count_figure,
+                f"module:{fact.dimension}",
+                1.0,
+                0,
+                0.0,
+                None,
+                False,
+            )
+            yield (bezirk, month, count_figure, f"status:{status}", 1.0, 0, 0.0, None, False)
+    days = fact.number if fact.number is not None else 0.0
+    if kind == FactKind.COMPLETED and channel == "clinic":
+        yield (bezirk, month, _BIRTH_TO_VISIT, "", 0.0, 0, 0.0, days, True)
+    elif kind in (FactKind.ACCEPTED, FactKind.REJECTED):
+        accepted = 1.0 if kind == FactKind.ACCEPTED else 0.0
+        yield (bezirk, month, _ACCEPTANCE, "", accepted, 0, 1.0, None, False)
+    elif kind == FactKind.FIRST_CONTACT:
+        yield (bezirk, month, _HANDOVER_DAYS, "", 0.0, 0, 0.0, days, False)
+
+
+_REGISTERED = KpiFigure.FAMILIES_REGISTERED.value
+_BY_CHANNEL = {
+    "clinic": KpiFigure.FAMILIES_REGISTERED_CLINIC.value,
+    "move_in": KpiFigure.FAMILIES_REGISTERED_MOVE_IN.value,
+}
+_CONSENT = KpiFigure.CONSENT_RATE.value
+_REACH = KpiFigure.REACH_RATE.value
+_CONTACTS = KpiFigure.CONTACTS_PER_FAMILY.value
+_ACCEPTANCE = KpiFigure.ACCEPTANCE_RATE.value
+_HANDOVER_DAYS = KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER.value
+_COUNTED = {kind.value: figure.value for kind, figure in _ACTIVITY_COUNT.items()}
 
 
 def family_shares(
@@ -1178,62 +1247,26 @@ def family_shares(
     """The family's share of every cell, by the same rules as :func:`compute_year`."""
     if case is not None and case.excluded:
         return {}  # a duplicate counts nowhere: the surviving case counts the family
-    book = _ShareBook()
     facts = list(facts)
-    if case is not None and case.bezirk is not None and case.registered_month is not None:
-        _cohort_shares(book, case, consents, facts)
-    channel = case.channel if case is not None else None
-    for fact in facts:
-        _activity_shares(book, fact, channel, referrals)
-    shares = book.shares
+    shares: Shares = {}
+    for bezirk, month, figure, dimension, value, hits, weight, number, smallest in family_parts(
+        case, consents, facts, referrals
+    ):
+        for area in (bezirk, STADT):
+            for period in (month, month[:4]):
+                share = shares.get((area, period, figure, dimension))
+                if share is None:
+                    share = shares[(area, period, figure, dimension)] = Share()
+                share.value += value
+                share.hits = max(share.hits, hits)
+                share.weight += weight
+                if number is not None:
+                    if smallest:  # one value per family and cell: its first visit
+                        share.numbers = (min((number, *share.numbers)),)
+                    else:
+                        share.numbers = (*share.numbers, number)
     shares.update(_stock_shares((f for f in facts if f.kind == FactKind.ESCALATED), zone))
     return shares
-
-
-def _cohort_shares(
-    book: _ShareBook, case: CaseFacts, consents: Iterable[ConsentFacts], facts: Sequence[Fact]
-) -> None:
-    assert case.bezirk is not None
-    assert case.registered_month is not None
-    bezirk, month = case.bezirk, case.registered_month
-    book.add(bezirk, month, KpiFigure.FAMILIES_REGISTERED.value, value=1)
-    if case.channel == "clinic":
-        book.add(bezirk, month, KpiFigure.FAMILIES_REGISTERED_CLINIC.value, value=1)
-    elif case.channel == "move_in":
-        book.add(bezirk, month, KpiFigure.FAMILIES_REGISTERED_MOVE_IN.value, value=1)
-    given = {c.scope for c in consents if c.given}
-    for dimension, scope in CONSENT_DIMENSIONS.items():
-        book.add(
-            bezirk, month, KpiFigure.CONSENT_RATE.value, dimension or "", hits=int(scope in given)
-        )
-    contacts = [f for f in facts if f.kind in (FactKind.COMPLETED, FactKind.FIRST_CONTACT)]
-    visited = any(f.kind == FactKind.COMPLETED for f in contacts)
-    book.add(bezirk, month, KpiFigure.REACH_RATE.value, hits=int(visited))
-    book.add(bezirk, month, KpiFigure.CONTACTS_PER_FAMILY.value, value=len(contacts))
-
-
-def _activity_shares(
-    book: _ShareBook, fact: Fact, channel: str | None, referrals: Mapping[str, ReferralFacts]
-) -> None:
-    if fact.kind == FactKind.ESCALATED:
-        return
-    count_figure = _ACTIVITY_COUNT.get(FactKind(fact.kind))
-    if count_figure is not None:
-        book.add(fact.bezirk, fact.month, count_figure.value, value=1)
-        if fact.kind == FactKind.REQUESTED:
-            referral = referrals.get(fact.ref)
-            status = referral.status if referral is not None else ReferralStatus.REQUESTED.value
-            for dimension in (f"module:{fact.dimension}", f"status:{status}"):
-                book.add(fact.bezirk, fact.month, count_figure.value, dimension, value=1)
-    if fact.kind == FactKind.COMPLETED and channel == "clinic":
-        days = fact.number if fact.number is not None else 0.0
-        book.add(fact.bezirk, fact.month, _BIRTH_TO_VISIT, number=days, smallest=True)
-    if fact.kind in (FactKind.ACCEPTED, FactKind.REJECTED):
-        accepted = 1 if fact.kind == FactKind.ACCEPTED else 0
-        book.add(fact.bezirk, fact.month, KpiFigure.ACCEPTANCE_RATE.value, value=accepted, weight=1)
-    if fact.kind == FactKind.FIRST_CONTACT:
-        days = fact.number if fact.number is not None else 0.0
-        book.add(fact.bezirk, fact.month, KpiFigure.MEDIAN_DAYS_TO_WARM_HANDOVER.value, number=days)
 
 
 def _stock_shares(episodes: Iterable[Fact], zone: ZoneInfo) -> Shares:

@@ -17,11 +17,13 @@ What it does:
    (``domain.apply``); inbox entries are written under the live consumer's name, so
    redelivered copies are applied once and the service, once restarted, skips what the
    replay applied.
-   From empty projections (the default) everything stays in memory and goes to the database
-   in one transaction (:mod:`lotse_reporting.replay_rebuild`): the inbox entries of each
-   fetch, then the rows, the cells (:mod:`lotse_reporting.replay_cells`), the changed
-   figures and their outbox rows. With ``--keep`` each fetch is applied in a transaction of
-   its own against the stored rows, as before.
+   From empty projections (the default) the rows the checks read back stay in memory and
+   everything goes to the database in one transaction
+   (:mod:`lotse_reporting.replay_rebuild`): the inbox entries and the facts no check reads
+   of each fetch, then the other rows, the cells summed from the stored rows
+   (:mod:`lotse_reporting.replay_cells`), the changed figures and their outbox rows. With
+   ``--keep`` each fetch is applied in a transaction of its own against the stored rows, as
+   before.
 3. Publishes the cells whose value differs from what the reporting stream says
    (``--republish-all``: every cell) through the outbox, and sends the outbox rows
    (:mod:`lotse_reporting.replay_send`).
@@ -69,7 +71,7 @@ from lotse_reporting import domain, operations, store
 from lotse_reporting.consumers import CONSUMER
 from lotse_reporting.operations import Reporting
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
-from lotse_reporting.replay_rebuild import Rebuild, publish, write_cells
+from lotse_reporting.replay_rebuild import Rebuild, horizon, publish, write_cells
 from lotse_reporting.replay_send import can_send, send_unsent
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import TABLES
@@ -506,12 +508,12 @@ async def _rebuild(
         rss["build"] = resident_mb()["now"]
         lap = _Lap()
         await rebuild.write_rows(session)
-        cells = rebuild.cells()
-        await write_cells(session, cells)
-        span = rebuild.horizon()
-        # The rows are written and summed: publishing needs only the cells, so the rows'
-        # memory is given back (reused) before the figures and outbox rows are built.
+        # Every row is stored: the cells are summed from the tables, one family at a time,
+        # so the rows' memory is given back (and reused) first.
         rebuild.release()
+        cells = await rebuild.cells(session)
+        await write_cells(session, cells)
+        span = await horizon(session)
         timings["build"] = lap.since()
         rss["publish"] = resident_mb()["now"]
         lap = _Lap()

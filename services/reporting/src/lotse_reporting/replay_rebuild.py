@@ -32,7 +32,8 @@ from lotse_contracts.figures import FIGURE_UNITS, KpiFigure
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.outbox import OutboxMessage
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, func, insert, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import SQLModel, col
 
@@ -51,17 +52,20 @@ from lotse_reporting.domain import (
 
 # The contract model of a cell, the reference KpiRecords is held to.
 from lotse_reporting.operations import kpi_updated
-from lotse_reporting.replay_cells import sum_families, year_inputs
+from lotse_reporting.replay_cells import sum_stored, year_inputs
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.settings import ReportingSettings
-from lotse_reporting.tables import ReportingKpi
+from lotse_reporting.tables import ReportingFact, ReportingKpi
 
 #: Rows per INSERT statement (executemany): large, so the database sees few round trips.
 ROWS_PER_INSERT = 5000
 
 _INBOX: Table = InboxEntry.__table__  # type: ignore[attr-defined]
 _OUTBOX: Table = OutboxMessage.__table__  # type: ignore[attr-defined]
-_MODELS: dict[str, type[SQLModel]] = {"reporting_kpi": ReportingKpi}
+_MODELS: dict[str, type[SQLModel]] = {
+    "reporting_kpi": ReportingKpi,
+    "reporting_fact": ReportingFact,
+}
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -146,6 +150,7 @@ class Rebuild:
                     "processed_at": now,
                 }
             )
+        await self._store_unchecked(session)
         _share_strings(snapshot)
         # What apply marks for the live publisher means nothing here: cells are summed at
         # the end, and the sets would only grow.
@@ -159,6 +164,34 @@ class Rebuild:
         # ``replay`` unfreezes at the end.
         gc.collect(1)
         gc.freeze()
+
+    async def _store_unchecked(self, session: AsyncSession) -> None:
+        """Write this batch's facts that no check reads back and let them go: they are most
+        of a family's rows, and at a million events holding them until the end took the
+        replay over 500 MB. A later event may replace one (same kind and ref): the row is
+        then updated, as the in-memory fact would have been."""
+        snapshot = self.snapshot
+        unchecked = [key for key in snapshot.touched_facts if key[0] not in domain.CHECKED_KINDS]
+        if unchecked:
+            facts = snapshot.facts
+            await _insert(
+                session,
+                store.FACTS,
+                (_row(facts.pop(key)) for key in unchecked),
+                replace_on=("kind", "ref"),
+            )
+            snapshot.touched_facts.difference_update(unchecked)
+        # Consents too: the only check on them (an older statement never overrides a newer
+        # one) is then the stored row's, in the upsert's condition.
+        consents = snapshot.consents
+        await _insert(
+            session,
+            store.CONSENTS,
+            (_row(consents.pop(key)) for key in snapshot.touched_consents),
+            replace_on=("case_id", "consent_id"),
+            unless_newer="at",
+        )
+        snapshot.touched_consents.clear()
 
     async def _in_inbox(self, session: AsyncSession, key: tuple[str, str]) -> bool:
         found = await session.scalar(
@@ -184,14 +217,19 @@ class Rebuild:
         gc.unfreeze()
         gc.collect()
 
-    def cells(self) -> dict[CellKey, Accumulated]:
-        return sum_families(self.snapshot, self.rules.zone)
+    async def cells(self, session: AsyncSession) -> dict[CellKey, Accumulated]:
+        """Every family's share of every cell, summed from the stored rows (after
+        :meth:`write_rows`; the in-memory rows no longer hold every fact)."""
+        return await sum_stored(session, self.rules.zone)
 
-    def horizon(self) -> tuple[str, str] | None:
-        """(oldest month, newest month) with any fact or registration, None without."""
-        months = {f.month for f in self.snapshot.facts.values()}
-        months |= {c.registered_month for c in self.snapshot.cases.values() if c.registered_month}
-        return (min(months), max(months)) if months else None
+
+async def horizon(session: AsyncSession) -> tuple[str, str] | None:
+    """(oldest month, newest month) with any stored fact or registration, None without."""
+    months: list[str] = []
+    for column in (store.FACTS.c.month, store.CASES.c.registered_month):
+        low, high = (await session.execute(select(func.min(column), func.max(column)))).one()
+        months += [m for m in (low, high) if m is not None]
+    return (min(months), max(months)) if months else None
 
 
 def _share_strings(snapshot: domain.Snapshot) -> None:
@@ -264,9 +302,11 @@ async def _insert(
     rows: Iterable[dict[str, Any]],
     *,
     replace_on: Sequence[str] = (),
+    unless_newer: str | None = None,
 ) -> int:
     """Insert rows (all with the same keys) in statements of ROWS_PER_INSERT (``replace_on``:
-    update the row with that key instead); returns how many. On SQLite straight through the
+    update the row with that key instead, unless its ``unless_newer`` column is later than
+    the new row's); returns how many. On SQLite straight through the
     driver's ``executemany``: SQLAlchemy's per-value bind processing would cost more than
     everything else a replay does per row."""
     connection = await session.connection()
@@ -287,12 +327,27 @@ async def _insert(
                         f'"{name}" = excluded."{name}"' for name in names if name not in replace_on
                     ),
                 )
+                if unless_newer is not None:
+                    # UTC text of one format on SQLite: ordered as the times are.
+                    statement += (
+                        f' WHERE NOT ("{table.name}"."{unless_newer}" > excluded."{unless_newer}")'
+                    )
             values = _sqlite_rows(table, names, chunk)
             raw = await connection.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None
             cursor = await driver.executemany(statement, values)
             await cursor.close()
+        elif unless_newer is not None:
+            upsert = postgresql.insert(table)
+            await connection.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=list(replace_on),
+                    set_={n: upsert.excluded[n] for n in chunk[0] if n not in replace_on},
+                    where=~(table.c[unless_newer] > upsert.excluded[unless_newer]),
+                ),
+                chunk,
+            )
         elif replace_on:
             await store.upsert(session, _MODELS[table.name], chunk)
         else:
