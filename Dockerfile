@@ -123,4 +123,4 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
 
 # The factory comes from the `lotse.services` entry points the services register, chosen by
 # LOTSE_SERVICE. Access logs are off (as in `lotse up`): paths can carry case ids.
-CMD ["python", "-c", "import os, sys, uvicorn; from importlib.metadata import entry_points; name = os.environ.get('LOTSE_SERVICE', ''); apps = {ep.name: ep.value for ep in entry_points(group='lotse.services')}; name in apps or sys.exit(f'LOTSE_SERVICE={name!r} is not one of {sorted(apps)}'); uvicorn.run(apps[name], factory=True, host='0.0.0.0', port=8000, access_log=False)"]
+CMD ["python", "-c", "import os, sys; from importlib.metadata import entry_points; from lotse_runtime.serve import serve; name = os.environ.get('LOTSE_SERVICE', ''); apps = {ep.name: ep.value for ep in entry_points(group='lotse.services')}; name in apps or sys.exit(f'LOTSE_SERVICE={name!r} is not one of {sorted(apps)}'); serve(apps[name], host='0.0.0.0', port=8000, access_log=False)"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
-from stack import BROKER, RESULTS_DIR, Stack, percentiles, run_on_own_stack
+from stack import BROKER, RESULTS_DIR, Stack, add_settings_option, percentiles, run_on_own_stack
 from workload import Intake, Stopwatch, plan_families
 
 #: Idle is measured as deployed: the services' own consumer session, heartbeat and job
@@ -132,6 +132,7 @@ def main() -> int:
     parser.add_argument(
         "--fetch-max-wait-ms", type=int, default=None, help="the services' consumer fetch wait"
     )
+    add_settings_option(parser)
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "idle.json")
     args = parser.parse_args()
     result = run_on_own_stack("idle", measure, args, stack_options=PRODUCTION_DEFAULTS)

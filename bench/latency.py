@@ -38,6 +38,7 @@ from stack import (
     RESULTS_DIR,
     MemorySampler,
     Stack,
+    add_settings_option,
     percentiles,
     run_on_own_stack,
 )
@@ -255,6 +256,7 @@ def main() -> int:
     parser.add_argument(
         "--fetch-max-wait-ms", type=int, default=None, help="the services' consumer fetch wait"
     )
+    add_settings_option(parser)
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latency.json")
     args = parser.parse_args()
     result = run(args)

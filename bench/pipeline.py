@@ -45,6 +45,7 @@ from stack import (
     CpuMeter,
     MemorySampler,
     Stack,
+    add_settings_option,
     dead_letter_reasons,
     raw_produce_consume,
     run_on_own_stack,
@@ -225,6 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fetch-max-wait-ms", type=int, default=None, help="the services' consumer fetch wait"
     )
+    add_settings_option(parser)
 
 
 def main() -> int:

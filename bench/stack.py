@@ -7,6 +7,7 @@ Used by ``pipeline.py`` and ``latency.py``; not a benchmark by itself.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -181,6 +182,10 @@ class Stack:
     fetch_max_wait_ms: int | None = None
     #: Referrals' placement job; None: the service's default (15 min).
     placement_interval_s: float | None = 5.0
+    #: More of the services' settings, as environment variables (``LOTSE_...`` names, shared
+    #: or one service's own), applied last: to try other values than the stack's or the
+    #: services' defaults (``--set`` of the benchmarks).
+    service_env: dict[str, str] = field(default_factory=dict)
     city: Municipality = field(default_factory=lambda: load_city("dortmund"))
     prefix: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:6]}.")
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lotse-bench-")))
@@ -282,12 +287,12 @@ class Stack:
             env["LOTSE_REFERRALS_PLACEMENT_INTERVAL_S"] = str(self.placement_interval_s)
         if self.fetch_max_wait_ms is not None:
             env["LOTSE_CONSUMER_FETCH_MAX_WAIT_MS"] = str(self.fetch_max_wait_ms)
+        env.update(self.service_env)
         log = self.data_dir / f"{name}.log"
         command = [
             sys.executable,
             "-m",
-            "uvicorn",
-            "--factory",
+            "lotse_runtime.serve",
             target,
             "--host",
             "127.0.0.1",
@@ -582,6 +587,32 @@ async def raw_produce_consume(
     }
 
 
+def add_settings_option(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' ``--set NAME=VALUE`` (repeatable): a setting for the services."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the services, e.g. CONSUMER_FETCH_MAX_WAIT_IDLE_MS=1000 or "
+        "REFERRALS_RELAY_POLL_INTERVAL_S=30 (LOTSE_ is added; repeatable; the stack "
+        "otherwise passes none of the caller's LOTSE_ variables on)",
+    )
+
+
+def service_settings(pairs: Iterable[str]) -> dict[str, str]:
+    """``--set`` values (``NAME=VALUE``; ``LOTSE_`` is added where missing) as the services'
+    environment variables."""
+    found = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--set wants NAME=VALUE, got {pair!r}")
+        name = name.strip().upper()
+        found[name if name.startswith("LOTSE_") else "LOTSE_" + name] = value
+    return found
+
+
 def run_on_own_stack(
     benchmark: str,
     measure: Callable[[Stack, Any], Awaitable[dict[str, Any]]],
@@ -594,7 +625,8 @@ def run_on_own_stack(
     database = DEFAULT_POSTGRES if args.database == "postgresql" else args.database
     about = machine()
     fetch_wait = getattr(args, "fetch_max_wait_ms", None)
-    options = {"fetch_max_wait_ms": fetch_wait, **(stack_options or {})}
+    settings = service_settings(getattr(args, "set", None) or ())
+    options = {"fetch_max_wait_ms": fetch_wait, "service_env": settings, **(stack_options or {})}
     with Stack(database=database, keep=args.keep, **options) as stack:
         result = asyncio.run(measure(stack, args))
         if not result["complete"]:
@@ -603,6 +635,7 @@ def run_on_own_stack(
     return {
         "benchmark": benchmark,
         "consumer_fetch_max_wait_ms": fetch_wait or "service default",
+        "service_settings": settings,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": about,
         "broker": broker,

@@ -210,10 +210,10 @@ def _dockerfile_command() -> list[str]:
 def test_dockerfile_command_runs_the_factory_named_by_lotse_service(service: str) -> None:
     command = _dockerfile_command()
     assert command[:2] == ["python", "-c"], "the launcher is a python one-liner"
-    # Run the image's launcher here, with uvicorn.run replaced by a recorder.
+    # Run the image's launcher here, with the runtime's serve() replaced by a recorder.
     probe = (
-        "import json, uvicorn\n"
-        "uvicorn.run = lambda app, **kw: print(json.dumps({'app': app, **kw}))\n"
+        "import json, lotse_runtime.serve\n"
+        "lotse_runtime.serve.serve = lambda app, **kw: print(json.dumps({'app': app, **kw}))\n"
         f"exec(compile({command[2]!r}, '<CMD>', 'exec'))\n"
     )
     env = {**os.environ, "LOTSE_SERVICE": service}
@@ -223,7 +223,6 @@ def test_dockerfile_command_runs_the_factory_named_by_lotse_service(service: str
     assert result.returncode == 0, result.stderr
     call = json.loads(result.stdout.strip().splitlines()[-1])
     assert call["app"] == f"lotse_{service}.app:create_app"
-    assert call["factory"] is True
     assert call["host"] == "0.0.0.0"
     assert call["port"] == HTTP_PORT
 

@@ -122,12 +122,14 @@ async def fed(database_url: str, prefix: str) -> AsyncIterator[Fed]:
     # Nothing listens on the bootstrap address: the test must not need a broker.
     app = create_app(settings("127.0.0.1:1", database_url, prefix), clock=clock, keyring=keyring)
     async with without_broker(app) as runtime:
+        # One consumer group reads the domain topics and the Träger's answers alike.
+        feed = InProcessFeed(runtime, "main")
         yield Fed(
             runtime,
             keyring,
             clock,
-            InProcessFeed(runtime, "main"),
-            InProcessFeed(runtime, "partners"),
+            feed,
+            feed,
         )
 
 
@@ -147,6 +149,34 @@ async def test_family_registered_records_the_case_and_its_consents(
         # Not the catalogue's consumer: a record that is no CloudEvent is dead-lettered.
         assert await service.main.send_raw(b"{}", [("ce_type", b"nonsense")]) == "dead_lettered"
         assert service.main.dead_letters[-1].stage == "envelope"
+
+
+async def test_domain_events_count_only_from_their_own_topics(
+    database_url: str, topic_prefix: str
+) -> None:
+    """One consumer group reads the domain topics and the Träger's answer topics: a family's
+    registration written onto a Träger's answer topic is refused there and keeps nothing, not
+    even its event id, which the real registration from intake then takes."""
+    async with fed(database_url, topic_prefix) as service:
+        family = Family()
+        event = family.registered()
+        answers = service.runtime.settings.topic(topics.partner_responses(TRAEGER))
+        assert await service.main.send(event, event_id="reg-7", topic=answers) == "dead_lettered"
+        assert service.main.dead_letters[-1].stage == "rejected"
+        assert "is not read from topic" in service.main.dead_letters[-1].reason
+        assert await service.rows(Case, case_id=family.case_id) == []
+        service.keyring.families[family.case_id] = family.in_keyring()
+        assert await service.main.send(event, event_id="reg-7") == "ok"
+        assert len(await service.rows(Case, case_id=family.case_id)) == 1
+        # And an answer on a domain topic is refused the same way.
+        await service.handover(family)
+        referral = await service.referral(family.case_id)
+        accepted = answer(referral, PartnerAnswer.ACCEPTED).to_cloudevent(
+            source=f"/partner/{TRAEGER}"
+        )
+        intake = service.runtime.settings.topic(topics.INTAKE)
+        assert await service.partners.send(accepted, topic=intake) == "dead_lettered"
+        assert (await service.referral(family.case_id)).status == "requested"
 
 
 async def test_a_handover_becomes_a_referral_once(database_url: str, topic_prefix: str) -> None:

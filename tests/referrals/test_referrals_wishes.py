@@ -114,6 +114,8 @@ async def service(database_url: str, prefix: str, **extra: Any) -> AsyncIterator
         settings("127.0.0.1:1", database_url, prefix, **extra), clock=clock, keyring=keyring
     )
     async with without_broker(app) as runtime:
+        # One consumer group reads the domain topics and the Träger's answers alike.
+        feed = InProcessFeed(runtime, "main")
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             yield Service(
@@ -121,8 +123,8 @@ async def service(database_url: str, prefix: str, **extra: Any) -> AsyncIterator
                 http,
                 clock,
                 keyring,
-                InProcessFeed(runtime, "main"),
-                InProcessFeed(runtime, "partners"),
+                feed,
+                feed,
             )
 
 

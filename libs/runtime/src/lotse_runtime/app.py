@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
+from aiokafka.admin import AIOKafkaAdminClient
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -231,6 +232,8 @@ class ServiceRuntime(Generic[S]):
     with_broker: bool = True
     """False runs the service without Kafka (``lotse_runtime.testing``): no topics, no
     consumer loop, no relay; events are fed to the consumers' handlers in process."""
+    _broker_admin: AIOKafkaAdminClient | None = field(default=None, init=False, repr=False)
+    _broker_check_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     @property
     def service(self) -> str:
@@ -338,12 +341,30 @@ class ServiceRuntime(Generic[S]):
     async def check_broker(self) -> None:
         if not self.kafka_started.is_set():
             raise RuntimeError("not connected to Kafka yet")
-        admin = self.kafka.admin()
-        await admin.start()
-        try:
-            await admin.list_topics()
-        finally:
-            await admin.close()
+        # One admin client for every probe, dropped when a probe fails (the next one starts
+        # afresh): a client per probe (connect, metadata, close) every 5 s cost an idle
+        # service more CPU than all else it did between two probes.
+        async with self._broker_check_lock:
+            admin = self._broker_admin
+            try:
+                if admin is None:
+                    admin = self.kafka.admin()
+                    await admin.start()
+                    self._broker_admin = admin
+                await admin.list_topics()
+            except BaseException:
+                self._broker_admin = None
+                if admin is not None:
+                    with contextlib.suppress(Exception):
+                        await admin.close()
+                raise
+
+    async def close_broker_check(self) -> None:
+        """Close the readiness probe's admin client (at shutdown)."""
+        admin, self._broker_admin = self._broker_admin, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
 
     async def check_consumers(self) -> None:
         stopped = [c.name for c in self.consumers if not c.running]
@@ -560,6 +581,7 @@ def create_service_app(
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(runtime.relay.publish_pending(), timeout=2.0)
                 await runtime.relay.stop()
+            await runtime.close_broker_check()
             await runtime.db.dispose()
             if telemetry is None:
                 runtime.telemetry.shutdown()

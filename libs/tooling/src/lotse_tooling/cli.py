@@ -205,8 +205,7 @@ def _up(args: argparse.Namespace) -> int:
             command = [
                 sys.executable,
                 "-m",
-                "uvicorn",
-                "--factory",
+                "lotse_runtime.serve",
                 target,
                 "--host",
                 os.environ.get("LOTSE_HTTP_HOST", "127.0.0.1"),

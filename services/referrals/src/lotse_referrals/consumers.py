@@ -1,8 +1,8 @@
 """Event handlers: what intake and visits tell the service, and the Träger's answers.
 
-``main`` reads ``lotse.intake`` and ``lotse.visits``: families and their consents, handover
-requests, referral wishes from welcome visits, erasures. ``partners`` reads every Träger's
-``lotse.partner.<traeger>.responses`` topic. An answer that is not the sender's to give or
+One consumer group, ``main``, reads ``lotse.intake`` and ``lotse.visits`` (families and their
+consents, handover requests, referral wishes from welcome visits, erasures) and every
+Träger's ``lotse.partner.<traeger>.responses`` topic. An answer that is not the sender's to give or
 does not follow the lifecycle is refused (dead-lettered with the reason) and changes
 nothing.
 """
@@ -10,11 +10,13 @@ nothing.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from lotse_contracts import topics
+from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_contracts.events.common import Role as EventRole
 from lotse_contracts.events.intake import (
@@ -49,25 +51,55 @@ from lotse_referrals.operations import StepDetails
 from lotse_referrals.settings import ReferralsSettings
 from lotse_referrals.tables import Case, ConsentRecord, Referral, Wish
 
+M = TypeVar("M", bound=EventModel)
+
 
 def wire_consumers(runtime: ServiceRuntime[ReferralsSettings], ctx: Context) -> None:
-    """Register both consumer groups of the service, each handler typed by its event."""
-    main = Handlers()
-    main.on(FamilyRegistered)(partial(family_registered, ctx))
-    main.on(ConsentChanged)(partial(consent_changed, ctx))
-    main.on(HandoverRequested)(partial(handover_requested, ctx))
-    main.on(FamilyErased)(partial(family_erased, ctx))
-    main.on(CasesMerged)(partial(cases_merged, ctx))
-    main.on(VisitCompleted)(partial(visit_completed, ctx))
-    runtime.add_consumer("main", [topics.INTAKE, topics.VISITS], main)
-    partners = Handlers()
-    partners.on(PartnerReferralAnswer)(partial(partner_answer, ctx))
+    """Register the service's consumer group, each handler typed by its event.
+
+    One group reads intake, visits and every Träger's answers: an idle consumer group fetches
+    and heartbeats several times a second, so a second group for the answers doubled what the
+    idle service cost. Each handler still takes its events only from the topics it took them
+    from as a group of its own (see ``_only_from``)."""
+    settings = runtime.settings
+    domain_topics = [topics.INTAKE, topics.VISITS]
+    answer_topics = [topics.partner_responses(t) for t in runtime.city.traeger_slugs]
+    from_domain = partial(_only_from, {settings.topic(t) for t in domain_topics})
+    from_partners = partial(_only_from, {settings.topic(t) for t in answer_topics})
+    handlers = Handlers()
+    handlers.on(FamilyRegistered)(from_domain(partial(family_registered, ctx)))
+    handlers.on(ConsentChanged)(from_domain(partial(consent_changed, ctx)))
+    handlers.on(HandoverRequested)(from_domain(partial(handover_requested, ctx)))
+    handlers.on(FamilyErased)(from_domain(partial(family_erased, ctx)))
+    handlers.on(CasesMerged)(from_domain(partial(cases_merged, ctx)))
+    handlers.on(VisitCompleted)(from_domain(partial(visit_completed, ctx)))
+    handlers.on(PartnerReferralAnswer)(from_partners(partial(partner_answer, ctx)))
     runtime.add_consumer(
-        "partners",
-        [topics.partner_responses(t) for t in runtime.city.traeger_slugs],
-        partners,
+        "main",
+        [*domain_topics, *answer_topics],
+        handlers,
         on_refused=partial(answer_refused, ctx),
     )
+
+
+def _only_from(
+    accepted: set[str], handler: Callable[[Delivery[M]], Awaitable[None]]
+) -> Callable[[Delivery[M]], Awaitable[None]]:
+    """``handler`` for events from the ``accepted`` topics; from any other the event is
+    refused before anything of it is kept (a Träger writing a family's registration onto its
+    answer topic, say): the transaction rolls back, its inbox entry with it, so the event's id
+    stays free for the service that really owns it."""
+
+    async def checked(delivery: Delivery[M]) -> None:
+        if delivery.topic not in accepted:
+            raise EventRejected(
+                f"{delivery.event.type} is not read from topic {delivery.topic}",
+                code=AnswerRefusedCode.NOT_APPLIED.value,
+                public_reason=f"{delivery.event.type} is not accepted on this topic",
+            )
+        await handler(delivery)
+
+    return checked
 
 
 # --- intake ----------------------------------------------------------------------------
