@@ -82,6 +82,11 @@ class KafkaConfig:
             "max_partition_fetch_bytes": self.max_record_bytes,
             "fetch_max_bytes": max(FETCH_MAX_BYTES, self.max_record_bytes),
             "auto_offset_reset": "earliest",
+            # aiokafka's fetch routine also wakes when this runs out with nothing to do; it is
+            # woken anyway by fetch answers, consumption, assignment changes and metadata, so
+            # the default 200 ms only cost an idle group five wake-ups a second (idle.py: the
+            # four services 1.13 -> 0.80 % of one core, first-event probes unchanged).
+            "consumer_timeout_ms": 2000,
             "session_timeout_ms": self.session_timeout_ms,
             "heartbeat_interval_ms": self.heartbeat_interval_ms,
             "request_timeout_ms": max(self.request_timeout_ms, self.session_timeout_ms + 5000),
