@@ -5,17 +5,27 @@ the reporting stream ends, per cell, at the figure computed from all facts at on
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from lotse_contracts.events.base import EventModel
+from lotse_contracts.events.reporting import KpiFigure
+from lotse_reporting import operations, store
 from lotse_reporting.app import create_app
+from lotse_reporting.operations import Reporting
+from lotse_reporting.settings import ReportingSettings
+from lotse_reporting.store import KpiFilter
+from lotse_runtime.testing import without_broker
 
 from tests.conftest import Broker
-from tests.reporting.builders import at, publish, random_city, to_records
+from tests.reporting.builders import Family, at, publish, random_city, to_records
 from tests.reporting.conftest import (
     handled,
     reporting_of,
@@ -73,3 +83,82 @@ def test_two_replicas_publish_every_change_once_and_end_at_the_truth(
     }
     assert latest == expected
     assert sum(1 for value, hidden in latest.values() if value and not hidden) > 20
+
+
+# --- two replicas' passes interleaved step by step, on one database --------------------------
+
+
+@pytest.fixture
+async def replicas(database_url: str) -> AsyncIterator[tuple[Reporting, Reporting]]:
+    """Two reporting instances on one database, without a broker; their publication jobs
+    have run their pass at start (on nothing) and wait, so the test drives every pass."""
+    settings = ReportingSettings(
+        database_url=database_url,
+        kafka_bootstrap="127.0.0.1:1",  # nothing listens: no broker is needed
+        publish_interval_s=3600,
+        publish_debounce_s=10,
+    )
+    async with AsyncExitStack() as stack:
+        found: list[Reporting] = []
+        for _ in range(2):
+            app = create_app(settings)
+            runtime = await stack.enter_async_context(without_broker(app))
+            job = next(job for job in runtime.jobs if job.name == "kpis")
+            for _ in range(200):
+                if job.runs:
+                    break
+                await asyncio.sleep(0.05)
+            assert job.runs, "the publication job's first pass did not run"
+            found.append(app.state.reporting)
+        yield found[0], found[1]
+
+
+async def _apply(reporting: Reporting, events: Sequence[EventModel]) -> None:
+    """Apply ``events`` in one transaction, as the live consumer applies a batch."""
+    async with reporting.db.transaction() as session:
+        for event in events:
+            await operations.apply_event(session, event, reporting.rules)
+
+
+async def _registered(reporting: Reporting, bezirk: str, period: str) -> float | None:
+    async with reporting.db.transaction() as session:
+        rows = await store.query_kpis(
+            session,
+            KpiFilter(
+                bezirk=bezirk,
+                period=period,
+                figure=KpiFigure.FAMILIES_REGISTERED,
+                breakdowns=False,
+            ),
+        )
+    assert len(rows) == 1, rows
+    return rows[0].value
+
+
+async def test_a_change_after_another_replicas_pass_is_not_cleared_by_an_older_read(
+    replicas: tuple[Reporting, Reporting],
+) -> None:
+    """A pass clears only the dirty marks it read. Replica A reads the mark of 2025, replica
+    B reads it too, publishes and clears it; then a sixth family is applied (a new mark of
+    2025), and only then A clears what it read. The sixth family's mark must survive A's
+    clear, so the next pass publishes it: when a cleared mark was deleted, the new one
+    started again at the version A had read, A deleted it, and the cell stayed at 5 for good
+    (the stale cells of issue 19's CI run)."""
+    one, two = replicas
+    day = at("2025-03-03")
+    await _apply(one, [Family(bezirk="hoerde").registered(day) for _ in range(5)])
+    seen_by_one = await operations.plan_pass(one)
+    seen_by_two = await operations.plan_pass(two)
+    assert seen_by_one.years == seen_by_two.years == [2025]
+    published = await operations.publish_planned(two, seen_by_two)
+    assert published > 0
+    assert await operations.publish_planned(one, seen_by_one) == 0  # two published it all
+    await operations.finish_pass(two, seen_by_two, published)
+    assert await _registered(one, "hoerde", "2025-03") == 5
+    await _apply(two, [Family(bezirk="hoerde").registered(day)])
+    await operations.finish_pass(one, seen_by_one, 0)
+    # The next pass (the trigger of the replica that applied it) publishes the sixth family.
+    await operations.publish_figures(two)
+    assert await _registered(one, "hoerde", "2025-03") == 6
+    async with one.db.transaction() as session:
+        assert await store.dirty_years(session) == {}

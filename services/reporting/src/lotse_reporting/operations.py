@@ -257,18 +257,32 @@ async def publish_figures(
 ) -> int:
     """Recompute what is dirty (or every year) and publish the changes; returns how many
     cells were published."""
-    db = reporting.db
-    async with db.transaction() as session:
+    plan = await plan_pass(reporting, all_years=all_years)
+    published = await publish_planned(reporting, plan, republish=republish)
+    await finish_pass(reporting, plan, published)
+    return published
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What a publication pass read before it publishes: the dirty marks it may clear when
+    it is done (year → version), the years it recomputes and the newest month."""
+
+    marks: dict[int, int]
+    years: list[int]
+    newest: str | None
+
+
+async def plan_pass(reporting: Reporting, *, all_years: bool = False) -> PassPlan:
+    """The first step of :func:`publish_figures`: read the dirty marks and the horizon."""
+    async with reporting.db.transaction() as session:
         marks = await store.dirty_marks(session)
         newest = await store.horizon(session)
         known = await store.get_state(session, store.HORIZON)
         oldest = await store.oldest_year(session)
     dirty = {year: version for year, (version, _) in marks.items()}
     if newest is None or oldest is None:
-        if dirty:
-            async with db.transaction() as session:
-                await store.clear_dirty(session, dirty)
-        return 0
+        return PassPlan(dirty, [], None)
     years = set(dirty)
     # Only the open-escalation stock carries over into later years.
     carried = [year for year, (_, carries) in marks.items() if carries]
@@ -280,19 +294,35 @@ async def publish_figures(
     last = domain.year_of(newest)
     if carried:
         years |= set(range(max(min(carried), oldest), last + 1))
-    if not years:
+    return PassPlan(dirty, sorted(y for y in years if oldest <= y <= last), newest)
+
+
+async def publish_planned(reporting: Reporting, plan: PassPlan, *, republish: bool = False) -> int:
+    """The second step: recompute and publish the planned years, each in a transaction of
+    its own under the replicas' lock."""
+    if plan.newest is None:
         return 0
     published = 0
-    for year in sorted(y for y in years if oldest <= y <= last):
-        published += await _publish_year(reporting, year, newest, republish=republish)
-    async with db.transaction() as session:
-        await store.clear_dirty(session, dirty)
-        await store.set_state(session, store.HORIZON, newest)
+    for year in plan.years:
+        published += await _publish_year(reporting, year, plan.newest, republish=republish)
+    return published
+
+
+async def finish_pass(reporting: Reporting, plan: PassPlan, published: int) -> None:
+    """The last step: clear the marks the plan read (those changed since stay) and record the
+    horizon the figures now reach."""
+    if not plan.marks and not plan.years:
+        return
+    async with reporting.db.transaction() as session:
+        await store.clear_dirty(session, plan.marks)
+        if plan.newest is not None:
+            await store.set_state(session, store.HORIZON, plan.newest)
+    if plan.newest is None:
+        return
     reporting.passes += 1
     reporting.published += published
     if published:
         reporting.changes.notify()
-    return published
 
 
 @dataclass

@@ -32,11 +32,12 @@ from sqlalchemy import (
     select,
     type_coerce,
     union_all,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.types import TypeEngine
 from sqlmodel import SQLModel, col
 
@@ -389,18 +390,30 @@ async def dirty_years(session: AsyncSession) -> dict[int, int]:
 async def dirty_marks(session: AsyncSession) -> dict[int, tuple[int, bool]]:
     """Years to recompute: the version of their mark, and whether later years follow."""
     table = _table(ReportingDirtyYear)
-    rows = await session.execute(select(table.c.year, table.c.version, table.c.carries))
+    rows = await session.execute(
+        select(table.c.year, table.c.version, table.c.carries).where(
+            table.c.version != table.c.cleared
+        )
+    )
     return {year: (version, bool(carries)) for year, version, carries in rows}
 
 
+@functools.cache
+def _clear_statement() -> Update:
+    table = _table(ReportingDirtyYear)
+    return (
+        update(table)
+        .where(table.c.year == bindparam("y"), table.c.version == bindparam("v"))
+        .values(cleared=table.c.version, carries=false())
+    )
+
+
 async def clear_dirty(session: AsyncSession, seen: Mapping[int, int]) -> None:
-    """Clear the marks as read; a mark changed since then stays for the next pass."""
-    for year, version in seen.items():
-        await session.execute(
-            delete(ReportingDirtyYear).where(
-                col(ReportingDirtyYear.year) == year, col(ReportingDirtyYear.version) == version
-            )
-        )
+    """Clear the marks as read; a mark changed since then stays for the next pass. The row
+    stays too, so its version never starts again at one (see :class:`ReportingDirtyYear`)."""
+    if seen:
+        rows = [{"y": year, "v": version} for year, version in sorted(seen.items())]
+        await session.execute(_clear_statement(), rows)
 
 
 async def drop_facts(session: AsyncSession) -> None:
