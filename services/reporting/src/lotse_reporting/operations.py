@@ -138,9 +138,13 @@ class Reporting:
     seen: dict[int, YearSeen] = field(default_factory=dict)
     """Per year, the sums the last pass computed from: the next pass recomputes only the
     clusters of figures whose sums changed since."""
+    on_stream: dict[int, dict[CellKey, tuple[float | None, bool]]] = field(default_factory=dict)
+    """Per year, every cell's published value and suppression as this process last read or
+    published them: a pass compares its cells with these instead of reading the year's
+    published cells again."""
     revision_seen: int = -1
-    """The publication revision after this process's last pass (``seen`` holds while no
-    other process published)."""
+    """The publication revision after this process's last pass (``seen`` and ``on_stream``
+    hold while no other process published)."""
     passes: int = 0
     """Publication passes that found something to recompute."""
 
@@ -277,9 +281,7 @@ async def plan_pass(reporting: Reporting, *, all_years: bool = False) -> PassPla
     """The first step of :func:`publish_figures`: read the dirty marks and the horizon."""
     async with reporting.db.transaction() as session:
         marks = await store.dirty_marks(session)
-        newest = await store.horizon(session)
-        known = await store.get_state(session, store.HORIZON)
-        oldest = await store.oldest_year(session)
+        newest, oldest, known = await store.bounds(session)
     dirty = {year: version for year, (version, _) in marks.items()}
     if newest is None or oldest is None:
         return PassPlan(dirty, [], None)
@@ -344,8 +346,10 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
         revision = await store.revision(session)
         if revision != reporting.revision_seen:
             # Another process published since this one's last pass: what is published may
-            # stem from sums this process never saw, so every year is computed in full.
+            # stem from sums this process never saw, so every year is computed in full and
+            # compared with the published cells as they are now.
             reporting.seen.clear()
+            reporting.on_stream.clear()
         seen = reporting.seen.get(year)
         figures: frozenset[KpiFigure] | None = None
         if seen is not None and seen.horizon == newest and not republish:
@@ -354,23 +358,30 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
             if seen.stock != stock:
                 changed.add(domain.STOCK_DELTA)
             figures = domain.clusters_of(changed, reporting.layout)
-        published = 0
+        changed_cells: list[Cell] = []
+        before = reporting.on_stream.get(year)
         if figures is None or figures:
             # Pure and CPU-bound: off the event loop, so consumers and streams keep going.
             cells = await asyncio.to_thread(
                 domain.year_cells, year, newest, reporting.layout, accumulated, stock, figures
             )
-            before = await store.published_cells(session, year, figures)
+            if before is None:
+                # Every figure, though this pass may compute a few: the next passes compare
+                # with this copy (each reading thousands of rows costs more than computing).
+                before = await store.published_cells(session, year)
             changed_cells = cells if republish else domain.changed_cells(cells, before)
             if changed_cells:
                 now = runtime.clock().astimezone(UTC)
                 revision += 1
                 await store.save_cells(session, changed_cells, now, revision)
                 _add_to_outbox(runtime, session, changed_cells, now)
-                published = len(changed_cells)
+    # Committed: what this pass computed from and published is what the next one builds on.
+    if before is not None:
+        before.update({cell.key: (cell.value, cell.suppressed) for cell in changed_cells})
+        reporting.on_stream[year] = before
     reporting.seen[year] = YearSeen(newest, accumulated, stock)
     reporting.revision_seen = revision
-    return published
+    return len(changed_cells)
 
 
 def _add_to_outbox(

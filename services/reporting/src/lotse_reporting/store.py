@@ -626,9 +626,18 @@ HORIZON = "horizon"
 """State key: the newest month the published figures reach."""
 
 
+STATE = _table(ReportingState)
+
+
+@functools.cache
+def _state_value() -> Select[Any]:
+    return select(STATE.c.value).where(STATE.c.key == bindparam("key"))
+
+
 async def get_state(session: AsyncSession, key: str) -> str | None:
-    row = await session.get(ReportingState, key)
-    return None if row is None else row.value
+    # A Core select, not Session.get: no ORM object to build and track for one value.
+    value: str | None = await session.scalar(_state_value(), {"key": key})
+    return value
 
 
 async def set_state(session: AsyncSession, key: str, value: str) -> None:
@@ -649,6 +658,32 @@ async def horizon(session: AsyncSession) -> str | None:
     newest_case = await session.scalar(select(func.max(ReportingCase.registered_month)))
     found = [m for m in (newest_fact, newest_case) if m]
     return max(found) if found else None
+
+
+@functools.cache
+def _bounds() -> Select[Any]:
+    return select(
+        select(func.max(FACTS.c.month)).scalar_subquery(),
+        select(func.max(CASES.c.registered_month)).scalar_subquery(),
+        select(func.min(FACTS.c.month)).scalar_subquery(),
+        select(func.min(CASES.c.registered_month)).scalar_subquery(),
+        select(STATE.c.value).where(STATE.c.key == HORIZON).scalar_subquery(),
+    )
+
+
+async def bounds(session: AsyncSession) -> tuple[str | None, int | None, str | None]:
+    """:func:`horizon`, :func:`oldest_year` and the ``HORIZON`` state (the month the
+    published figures reach) in one statement: a publication pass starts with them."""
+    newest_fact, newest_case, oldest_fact, oldest_case, known = (
+        await session.execute(_bounds())
+    ).one()
+    newest = [m for m in (newest_fact, newest_case) if m]
+    oldest = [m for m in (oldest_fact, oldest_case) if m]
+    return (
+        max(newest) if newest else None,
+        domain.year_of(min(oldest)) if oldest else None,
+        known,
+    )
 
 
 async def oldest_year(session: AsyncSession) -> int | None:
