@@ -15,7 +15,10 @@ Prints CPU seconds (``time.process_time``) per applied event, per published cell
 live pass for both starts side by side, and writes bench/results/reporting_incremental.json.
 
 Usage:  uv run --frozen python bench/reporting_incremental.py [--history N] [--events N]
-No broker: the events go straight into the projections; the outbox rows are written, not sent.
+        [--database postgresql | --database postgresql://USER@HOST:PORT/ADMIN_DB]
+With --database each start gets a fresh PostgreSQL database of its own, dropped afterwards
+(the server's own CPU is not counted, as in bench/pipeline.py). No broker: the events go
+straight into the projections; the outbox rows are written, not sent.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import reporting_replay
+import stack
 from lotse_contracts.events.base import EventModel
 from lotse_reporting import domain, operations  # noqa: TID251 - a bench of reporting itself
 from lotse_reporting.operations import Reporting  # noqa: TID251
@@ -40,6 +44,8 @@ from lotse_reporting.settings import ReportingSettings  # noqa: TID251
 from lotse_reporting.tables import TABLES  # noqa: TID251
 from lotse_runtime.app import build_runtime
 from lotse_runtime.migrations import create_schema
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 RESULTS = Path(__file__).parent / "results" / "reporting_incremental.json"
 
@@ -48,15 +54,34 @@ def handled(events: list[EventModel]) -> list[EventModel]:
     return [e for e in events if isinstance(e, domain.HANDLED)]
 
 
+async def _admin(server: str, statement: str) -> None:
+    engine = create_async_engine(
+        server.replace("postgresql://", "postgresql+asyncpg://", 1), isolation_level="AUTOCOMMIT"
+    )
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
 async def one_start(
     history: list[EventModel],
     measured: list[EventModel],
     live: list[EventModel],
     per_pass: int,
+    server: str | None = None,
 ) -> dict[str, Any]:
-    folder = tempfile.mkdtemp(prefix="lotse-incremental-")
+    if server is None:
+        folder = tempfile.mkdtemp(prefix="lotse-incremental-")
+        url = f"sqlite+aiosqlite:///{folder}/reporting.db"
+    else:
+        name = f"lotse_incremental_{os.getpid()}_{len(history)}"
+        await _admin(server, f'DROP DATABASE IF EXISTS "{name}"')
+        await _admin(server, f'CREATE DATABASE "{name}"')
+        url = f"{server.rsplit('/', 1)[0]}/{name}"
     settings = ReportingSettings(
-        database_url=f"sqlite+aiosqlite:///{folder}/reporting.db",
+        database_url=url,
         kafka_bootstrap="127.0.0.1:9",  # never contacted: nothing is sent
     )
     runtime = build_runtime(settings)
@@ -117,6 +142,8 @@ async def one_start(
     finally:
         await runtime.db.dispose()
         runtime.telemetry.shutdown()
+        if server is not None:
+            await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main() -> None:
@@ -128,21 +155,27 @@ def main() -> None:
     parser.add_argument("--live-events", type=int, default=1000)
     parser.add_argument("--per-pass", type=int, default=5)
     parser.add_argument("--seed", type=int, default=2025)
+    parser.add_argument(
+        "--database", default=None, help="postgresql, or a PostgreSQL URL (default SQLite)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    server = None
+    if args.database:
+        server = stack.DEFAULT_POSTGRES if args.database == "postgresql" else args.database
     load = [round(x, 2) for x in os.getloadavg()]
     stream = reporting_replay.events(args.history + args.events + args.live_events, args.seed)
     history = handled(list(itertools.islice(stream, args.history)))
     measured = handled(list(itertools.islice(stream, args.events)))
     live = handled(list(stream))
     print(f"empty year: {len(measured):,} events …", file=sys.stderr)
-    empty = asyncio.run(one_start([], measured, live, args.per_pass))
+    empty = asyncio.run(one_start([], measured, live, args.per_pass, server))
     print(f"full year: {len(history):,} events of history, then the same …", file=sys.stderr)
-    full = asyncio.run(one_start(history, measured, live, args.per_pass))
+    full = asyncio.run(one_start(history, measured, live, args.per_pass, server))
     result = {
         "benchmark": "reporting_incremental",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "database": "sqlite",
+        "database": "sqlite" if server is None else "postgresql",
         "load_average_at_start": load,
         "empty_year": empty,
         "full_year": full,

@@ -12,6 +12,7 @@ from lotse_contracts.events.base import EventModel
 from lotse_runtime.consumer import Delivery, EventRejected
 from lotse_runtime.handlers import Handlers
 from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from lotse_reporting import domain, operations
 from lotse_reporting.domain import Rules
@@ -19,6 +20,8 @@ from lotse_reporting.domain import Rules
 CONSUMER = "main"
 """Name of the live consumer; the replay writes inbox entries under the same name, so the
 live consumer finds what a replay already applied."""
+
+_TELLS = "lotse_reporting_tells_publisher"
 
 
 async def project(delivery: Delivery[EventModel], rules: Rules) -> None:
@@ -35,13 +38,19 @@ def handlers(rules: Rules, on_applied: Callable[[], None] | None = None) -> Hand
     publisher's trigger)."""
     table = Handlers()
 
+    def tell(session: Session) -> None:
+        session.info.pop(_TELLS, None)
+        if on_applied is not None:
+            on_applied()
+
     async def with_rules(delivery: Delivery[EventModel]) -> None:
         await project(delivery, rules)
-        if on_applied is not None:
-            # Told after the commit, so the publisher's pass sees the event.
-            event.listen(
-                delivery.session.sync_session, "after_commit", lambda _s: on_applied(), once=True
-            )
+        sync = delivery.session.sync_session
+        if on_applied is not None and _TELLS not in sync.info:
+            # Told after the commit, so the publisher's pass sees the event; once per
+            # transaction, not per event of a batch (each listen costs more than the call).
+            sync.info[_TELLS] = True
+            event.listen(sync, "after_commit", tell, once=True)
 
     for model in domain.HANDLED:
         table.on(model)(with_rules)

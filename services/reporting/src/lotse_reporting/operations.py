@@ -138,9 +138,13 @@ class Reporting:
     seen: dict[int, YearSeen] = field(default_factory=dict)
     """Per year, the sums the last pass computed from: the next pass recomputes only the
     clusters of figures whose sums changed since."""
+    on_stream: dict[int, dict[CellKey, tuple[float | None, bool]]] = field(default_factory=dict)
+    """Per year, every cell's published value and suppression as this process last read or
+    published them: a pass compares its cells with these instead of reading the year's
+    published cells again."""
     revision_seen: int = -1
-    """The publication revision after this process's last pass (``seen`` holds while no
-    other process published)."""
+    """The publication revision after this process's last pass (``seen`` and ``on_stream``
+    hold while no other process published)."""
     passes: int = 0
     """Publication passes that found something to recompute."""
 
@@ -257,18 +261,30 @@ async def publish_figures(
 ) -> int:
     """Recompute what is dirty (or every year) and publish the changes; returns how many
     cells were published."""
-    db = reporting.db
-    async with db.transaction() as session:
+    plan = await plan_pass(reporting, all_years=all_years)
+    published = await publish_planned(reporting, plan, republish=republish)
+    await finish_pass(reporting, plan, published)
+    return published
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What a publication pass read before it publishes: the dirty marks it may clear when
+    it is done (year → version), the years it recomputes and the newest month."""
+
+    marks: dict[int, int]
+    years: list[int]
+    newest: str | None
+
+
+async def plan_pass(reporting: Reporting, *, all_years: bool = False) -> PassPlan:
+    """The first step of :func:`publish_figures`: read the dirty marks and the horizon."""
+    async with reporting.db.transaction() as session:
         marks = await store.dirty_marks(session)
-        newest = await store.horizon(session)
-        known = await store.get_state(session, store.HORIZON)
-        oldest = await store.oldest_year(session)
+        newest, oldest, known = await store.bounds(session)
     dirty = {year: version for year, (version, _) in marks.items()}
     if newest is None or oldest is None:
-        if dirty:
-            async with db.transaction() as session:
-                await store.clear_dirty(session, dirty)
-        return 0
+        return PassPlan(dirty, [], None)
     years = set(dirty)
     # Only the open-escalation stock carries over into later years.
     carried = [year for year, (_, carries) in marks.items() if carries]
@@ -280,19 +296,35 @@ async def publish_figures(
     last = domain.year_of(newest)
     if carried:
         years |= set(range(max(min(carried), oldest), last + 1))
-    if not years:
+    return PassPlan(dirty, sorted(y for y in years if oldest <= y <= last), newest)
+
+
+async def publish_planned(reporting: Reporting, plan: PassPlan, *, republish: bool = False) -> int:
+    """The second step: recompute and publish the planned years, each in a transaction of
+    its own under the replicas' lock."""
+    if plan.newest is None:
         return 0
     published = 0
-    for year in sorted(y for y in years if oldest <= y <= last):
-        published += await _publish_year(reporting, year, newest, republish=republish)
-    async with db.transaction() as session:
-        await store.clear_dirty(session, dirty)
-        await store.set_state(session, store.HORIZON, newest)
+    for year in plan.years:
+        published += await _publish_year(reporting, year, plan.newest, republish=republish)
+    return published
+
+
+async def finish_pass(reporting: Reporting, plan: PassPlan, published: int) -> None:
+    """The last step: clear the marks the plan read (those changed since stay) and record the
+    horizon the figures now reach."""
+    if not plan.marks and not plan.years:
+        return
+    async with reporting.db.transaction() as session:
+        await store.clear_dirty(session, plan.marks)
+        if plan.newest is not None:
+            await store.set_state(session, store.HORIZON, plan.newest)
+    if plan.newest is None:
+        return
     reporting.passes += 1
     reporting.published += published
     if published:
         reporting.changes.notify()
-    return published
 
 
 @dataclass
@@ -314,8 +346,10 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
         revision = await store.revision(session)
         if revision != reporting.revision_seen:
             # Another process published since this one's last pass: what is published may
-            # stem from sums this process never saw, so every year is computed in full.
+            # stem from sums this process never saw, so every year is computed in full and
+            # compared with the published cells as they are now.
             reporting.seen.clear()
+            reporting.on_stream.clear()
         seen = reporting.seen.get(year)
         figures: frozenset[KpiFigure] | None = None
         if seen is not None and seen.horizon == newest and not republish:
@@ -324,23 +358,30 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
             if seen.stock != stock:
                 changed.add(domain.STOCK_DELTA)
             figures = domain.clusters_of(changed, reporting.layout)
-        published = 0
+        changed_cells: list[Cell] = []
+        before = reporting.on_stream.get(year)
         if figures is None or figures:
             # Pure and CPU-bound: off the event loop, so consumers and streams keep going.
             cells = await asyncio.to_thread(
                 domain.year_cells, year, newest, reporting.layout, accumulated, stock, figures
             )
-            before = await store.published_cells(session, year, figures)
+            if before is None:
+                # Every figure, though this pass may compute a few: the next passes compare
+                # with this copy (each reading thousands of rows costs more than computing).
+                before = await store.published_cells(session, year)
             changed_cells = cells if republish else domain.changed_cells(cells, before)
             if changed_cells:
                 now = runtime.clock().astimezone(UTC)
                 revision += 1
                 await store.save_cells(session, changed_cells, now, revision)
                 _add_to_outbox(runtime, session, changed_cells, now)
-                published = len(changed_cells)
+    # Committed: what this pass computed from and published is what the next one builds on.
+    if before is not None:
+        before.update({cell.key: (cell.value, cell.suppressed) for cell in changed_cells})
+        reporting.on_stream[year] = before
     reporting.seen[year] = YearSeen(newest, accumulated, stock)
     reporting.revision_seen = revision
-    return published
+    return len(changed_cells)
 
 
 def _add_to_outbox(

@@ -32,11 +32,12 @@ from sqlalchemy import (
     select,
     type_coerce,
     union_all,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.types import TypeEngine
 from sqlmodel import SQLModel, col
 
@@ -389,18 +390,30 @@ async def dirty_years(session: AsyncSession) -> dict[int, int]:
 async def dirty_marks(session: AsyncSession) -> dict[int, tuple[int, bool]]:
     """Years to recompute: the version of their mark, and whether later years follow."""
     table = _table(ReportingDirtyYear)
-    rows = await session.execute(select(table.c.year, table.c.version, table.c.carries))
+    rows = await session.execute(
+        select(table.c.year, table.c.version, table.c.carries).where(
+            table.c.version != table.c.cleared
+        )
+    )
     return {year: (version, bool(carries)) for year, version, carries in rows}
 
 
+@functools.cache
+def _clear_statement() -> Update:
+    table = _table(ReportingDirtyYear)
+    return (
+        update(table)
+        .where(table.c.year == bindparam("y"), table.c.version == bindparam("v"))
+        .values(cleared=table.c.version, carries=false())
+    )
+
+
 async def clear_dirty(session: AsyncSession, seen: Mapping[int, int]) -> None:
-    """Clear the marks as read; a mark changed since then stays for the next pass."""
-    for year, version in seen.items():
-        await session.execute(
-            delete(ReportingDirtyYear).where(
-                col(ReportingDirtyYear.year) == year, col(ReportingDirtyYear.version) == version
-            )
-        )
+    """Clear the marks as read; a mark changed since then stays for the next pass. The row
+    stays too, so its version never starts again at one (see :class:`ReportingDirtyYear`)."""
+    if seen:
+        rows = [{"y": year, "v": version} for year, version in sorted(seen.items())]
+        await session.execute(_clear_statement(), rows)
 
 
 async def drop_facts(session: AsyncSession) -> None:
@@ -613,9 +626,18 @@ HORIZON = "horizon"
 """State key: the newest month the published figures reach."""
 
 
+STATE = _table(ReportingState)
+
+
+@functools.cache
+def _state_value() -> Select[Any]:
+    return select(STATE.c.value).where(STATE.c.key == bindparam("key"))
+
+
 async def get_state(session: AsyncSession, key: str) -> str | None:
-    row = await session.get(ReportingState, key)
-    return None if row is None else row.value
+    # A Core select, not Session.get: no ORM object to build and track for one value.
+    value: str | None = await session.scalar(_state_value(), {"key": key})
+    return value
 
 
 async def set_state(session: AsyncSession, key: str, value: str) -> None:
@@ -636,6 +658,32 @@ async def horizon(session: AsyncSession) -> str | None:
     newest_case = await session.scalar(select(func.max(ReportingCase.registered_month)))
     found = [m for m in (newest_fact, newest_case) if m]
     return max(found) if found else None
+
+
+@functools.cache
+def _bounds() -> Select[Any]:
+    return select(
+        select(func.max(FACTS.c.month)).scalar_subquery(),
+        select(func.max(CASES.c.registered_month)).scalar_subquery(),
+        select(func.min(FACTS.c.month)).scalar_subquery(),
+        select(func.min(CASES.c.registered_month)).scalar_subquery(),
+        select(STATE.c.value).where(STATE.c.key == HORIZON).scalar_subquery(),
+    )
+
+
+async def bounds(session: AsyncSession) -> tuple[str | None, int | None, str | None]:
+    """:func:`horizon`, :func:`oldest_year` and the ``HORIZON`` state (the month the
+    published figures reach) in one statement: a publication pass starts with them."""
+    newest_fact, newest_case, oldest_fact, oldest_case, known = (
+        await session.execute(_bounds())
+    ).one()
+    newest = [m for m in (newest_fact, newest_case) if m]
+    oldest = [m for m in (oldest_fact, oldest_case) if m]
+    return (
+        max(newest) if newest else None,
+        domain.year_of(min(oldest)) if oldest else None,
+        known,
+    )
 
 
 async def oldest_year(session: AsyncSession) -> int | None:

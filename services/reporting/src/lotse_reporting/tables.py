@@ -125,13 +125,20 @@ class ReportingKpi(SQLModel, table=True):
 
 
 class ReportingDirtyYear(SQLModel, table=True):
-    """A year whose figures must be recomputed; ``version`` counts the changes, so that the
-    publisher only clears the mark if nothing arrived while it computed."""
+    """A year's changes for the publisher: dirty while ``version`` (counting the changes) is
+    ahead of ``cleared``. The row stays once clean and its version only grows: a publisher
+    clears only the version it read, so a change made after another replica's pass cleared
+    the year can never carry a version an older read still holds."""
 
     __tablename__ = "reporting_dirty_year"
 
     year: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     version: int = 0
+    cleared: int = Field(
+        default=0,
+        sa_column_kwargs={"server_default": "0"},
+        description="The version the last pass that recomputed the year had read.",
+    )
     carries: bool = Field(
         default=True,
         sa_column_kwargs={"server_default": sa_true()},
