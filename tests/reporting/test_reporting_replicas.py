@@ -203,3 +203,41 @@ async def test_a_cell_moved_and_moved_back_by_the_other_replica_is_not_left_stal
     await _apply(one, [merged])
     assert await operations.publish_figures(one) > 0
     assert await _registered(one, "hoerde", "2025-03") == 5
+
+
+async def test_a_pass_planned_before_a_new_month_publishes_with_the_newest_month(
+    replicas: tuple[Reporting, Reporting],
+) -> None:
+    """Replica A plans its pass over 2025 while March is the newest month; two families of
+    April are applied, replica B plans, publishes 2025 up to April (April suppressed, and
+    March with it, so April cannot be worked out from the year's total) and records April as
+    the horizon. Only then A publishes its plan: it must compute with the newest month as it
+    is under the replicas' lock. With the month it read before it would put March back on
+    the stream unsuppressed after B's figures (telling April from the total), and nothing
+    would mark 2025 dirty again."""
+    one, two = replicas
+    await _apply(one, [Family(bezirk="hoerde").registered(at("2025-03-03")) for _ in range(5)])
+    assert await operations.publish_figures(one) > 0
+    await _apply(one, [Family(bezirk="hoerde").registered(at("2025-03-04"))])
+    seen_by_one = await operations.plan_pass(one)
+    assert (seen_by_one.years, seen_by_one.newest) == ([2025], "2025-03")
+    # Two families in April: below k, so April is suppressed and, to keep it from being
+    # worked out from the year's total, another month of the year with it.
+    await _apply(two, [Family(bezirk="hoerde").registered(at("2025-04-07")) for _ in range(2)])
+    seen_by_two = await operations.plan_pass(two)
+    assert seen_by_two.newest == "2025-04"
+    published = await operations.publish_planned(two, seen_by_two)
+    assert published > 0
+    await operations.finish_pass(two, seen_by_two, published)
+    stream_after_two = await _published(one)
+    assert await operations.publish_planned(one, seen_by_one) == 0
+    await operations.finish_pass(one, seen_by_one, 0)
+    assert await _published(one) == stream_after_two
+    # Nothing is left for a later pass: what B published is the truth up to April.
+    assert await operations.publish_figures(one) == 0
+
+
+async def _published(reporting: Reporting) -> dict[tuple[str, str, str, str], Any]:
+    async with reporting.db.transaction() as session:
+        rows = await store.query_kpis(session, KpiFilter(breakdowns=True))
+    return {(r.bezirk, r.period, r.figure, r.dimension): (r.value, r.suppressed) for r in rows}

@@ -267,10 +267,11 @@ async def publish_figures(
     return published
 
 
-@dataclass(frozen=True)
+@dataclass
 class PassPlan:
     """What a publication pass read before it publishes: the dirty marks it may clear when
-    it is done (year → version), the years it recomputes and the newest month."""
+    it is done (year → version), the years it recomputes and the newest month; ``newest``
+    moves on when a year's transaction finds a newer month under the replicas' lock."""
 
     marks: dict[int, int]
     years: list[int]
@@ -306,7 +307,8 @@ async def publish_planned(reporting: Reporting, plan: PassPlan, *, republish: bo
         return 0
     published = 0
     for year in plan.years:
-        published += await _publish_year(reporting, year, plan.newest, republish=republish)
+        count, plan.newest = await _publish_year(reporting, year, plan.newest, republish=republish)
+        published += count
     return published
 
 
@@ -336,12 +338,20 @@ class YearSeen:
     stock: dict[tuple[str, str], domain.Accumulated]
 
 
-async def _publish_year(reporting: Reporting, year: int, newest: str, *, republish: bool) -> int:
+async def _publish_year(
+    reporting: Reporting, year: int, newest: str, *, republish: bool
+) -> tuple[int, str]:
+    """Recompute and publish ``year``; returns how many cells were published and the newest
+    month the figures were computed up to."""
     runtime = reporting.runtime
     async with runtime.db.transaction() as session:
         if runtime.db.is_postgres:
             # Replicas take turns; the second then finds nothing changed.
             await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+        # The newest month as it is now, under the lock: another replica may have published
+        # with a newer one since this pass read it, and figures cut off at the older month
+        # would replace its figures (a month it suppressed to protect a newer one included).
+        newest = max(newest, await store.horizon(session) or newest)
         accumulated, stock = await store.year_cells(session, year)
         revision = await store.revision(session)
         if revision != reporting.revision_seen:
@@ -381,7 +391,7 @@ async def _publish_year(reporting: Reporting, year: int, newest: str, *, republi
         reporting.on_stream[year] = before
     reporting.seen[year] = YearSeen(newest, accumulated, stock)
     reporting.revision_seen = revision
-    return len(changed_cells)
+    return len(changed_cells), newest
 
 
 def _add_to_outbox(
