@@ -9,7 +9,9 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from aiokafka import ConsumerRecord
 from lotse_contracts.city import load_city
+from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.intake import Channel, ErasureReason
 from lotse_reporting.domain import Rules
@@ -17,6 +19,24 @@ from lotse_reporting.domain import Rules
 from tests.reporting.builders import Family, at, new_id, random_city
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def consumer_record(event: EventModel, offset: int) -> ConsumerRecord[bytes, bytes]:
+    """``event`` as the replay reads it from its topic: partition 0, at ``offset``."""
+    record = to_kafka_binary(event.to_cloudevent())
+    return ConsumerRecord(
+        type(event).topic,
+        0,
+        offset,
+        0,
+        0,
+        record.key,
+        record.value,
+        None,
+        len(record.key or b""),
+        len(record.value or b""),
+        record.headers,
+    )
 
 
 def bench_events(n: int, seed: int) -> list[EventModel]:

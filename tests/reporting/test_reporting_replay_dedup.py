@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 from aiokafka import ConsumerRecord
-from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_reporting import domain
 from lotse_reporting.replay_input import Decoder
 from lotse_reporting.replay_rebuild import Rebuild, SeenFilter
@@ -17,30 +16,13 @@ from lotse_reporting.tables import TABLES
 from lotse_runtime.db import Database
 from lotse_runtime.migrations import create_schema
 
-from tests.reporting.replay_data import bench_events, dortmund_rules
+from tests.reporting.replay_data import bench_events, consumer_record, dortmund_rules
 
 
 def _records() -> tuple[list[ConsumerRecord[bytes, bytes]], int]:
     """Bench records in 3 batches with some redelivered; how many redeliveries are handled
     events (the rest are skipped types)."""
-    records = []
-    for offset, event in enumerate(bench_events(900, 5)):
-        record = to_kafka_binary(event.to_cloudevent())
-        records.append(
-            ConsumerRecord(
-                type(event).topic,
-                0,
-                offset,
-                0,
-                0,
-                record.key,
-                record.value,
-                None,
-                len(record.key or b""),
-                len(record.value or b""),
-                record.headers,
-            )
-        )
+    records = [consumer_record(event, offset) for offset, event in enumerate(bench_events(900, 5))]
     again = random.Random(5).sample(records, 60)
     handled = {m.event_type for m in domain.HANDLED}
     redelivered = sum(1 for r in again if dict(r.headers)["ce_type"].decode() in handled)

@@ -13,8 +13,6 @@ from dataclasses import fields
 from datetime import timedelta
 from typing import Any
 
-from aiokafka import ConsumerRecord
-from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_reporting import domain, store
@@ -27,7 +25,12 @@ from lotse_runtime.migrations import create_schema
 from sqlalchemy import Table, select
 
 from tests.reporting.builders import Family, at, new_id, random_city
-from tests.reporting.replay_data import bench_events, dortmund_rules, odd_families
+from tests.reporting.replay_data import (
+    bench_events,
+    consumer_record,
+    dortmund_rules,
+    odd_families,
+)
 
 #: Records per fetch of the rebuild.
 FETCH = 150
@@ -71,23 +74,6 @@ def _events() -> list[EventModel]:
     return events
 
 
-def _record(event: EventModel, offset: int) -> ConsumerRecord[bytes, bytes]:
-    record = to_kafka_binary(event.to_cloudevent())
-    return ConsumerRecord(
-        type(event).topic,
-        0,
-        offset,
-        0,
-        0,
-        record.key,
-        record.value,
-        None,
-        len(record.key or b""),
-        len(record.value or b""),
-        record.headers,
-    )
-
-
 def _expected(events: list[EventModel]) -> domain.Snapshot:
     snapshot = domain.Snapshot()
     for event in events:
@@ -118,7 +104,7 @@ async def _rebuild(url: str, events: list[EventModel]) -> tuple[Rows, Any, Any]:
             inbox_consumer="reporting.main",
             counts=Counter(),
         )
-        records = [_record(event, offset) for offset, event in enumerate(events)]
+        records = [consumer_record(event, offset) for offset, event in enumerate(events)]
         async with db.transaction() as session:
             for start in range(0, len(records), FETCH):
                 await rebuild.apply_batch(session, records[start : start + FETCH])
