@@ -396,7 +396,8 @@ async def _wish(
         created_at=now,
         updated_at=now,
     )
-    session.add(wish)
+    # Added by ``place`` once it knows the outcome, placed or waiting: one INSERT with the
+    # final state, not an INSERT before the referral's savepoint and an UPDATE at commit.
     await ops.place(session, ctx, wish, now)
 
 
