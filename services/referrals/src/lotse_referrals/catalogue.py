@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lotse_contracts.city import CityConfigError, Municipality, Traeger, parse_city
 from lotse_contracts.events.referrals import ReferralStatus
 from lotse_runtime.identity import AccessDenied, Caller, Role
 from lotse_runtime.refusal import Conflict, Refusal
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -56,7 +57,33 @@ async def usage_this_month(session: AsyncSession, ctx: Context, now: datetime) -
     return {slug: int(n) for slug, n in (await session.execute(query)).all()}
 
 
-def offer_of(row: CatalogueTraeger, used: int) -> Offer:
+class OfferFields(Protocol):
+    """What an offer is made of: a catalogue row, or just its columns read with Core."""
+
+    slug: str
+    name: str
+    modules: list[str]
+    bezirke: list[str]
+    capacity_per_month: int
+    active: bool
+    retired: bool
+
+
+def _offer_columns() -> Select[str, str, list[str], list[str], int, bool, bool]:
+    """The columns of the catalogue an offer needs, read as plain rows: creating a referral
+    reads every Träger, and ORM objects (refreshed in place) cost more than the rows."""
+    return select(
+        col(CatalogueTraeger.slug),
+        col(CatalogueTraeger.name),
+        col(CatalogueTraeger.modules),
+        col(CatalogueTraeger.bezirke),
+        col(CatalogueTraeger.capacity_per_month),
+        col(CatalogueTraeger.active),
+        col(CatalogueTraeger.retired),
+    )
+
+
+def offer_of(row: OfferFields, used: int) -> Offer:
     return Offer(
         traeger=row.slug,
         name=row.name,
@@ -71,9 +98,7 @@ def offer_of(row: CatalogueTraeger, used: int) -> Offer:
 
 async def load_offers(session: AsyncSession, ctx: Context, now: datetime) -> dict[str, Offer]:
     used = await usage_this_month(session, ctx, now)
-    rows = (
-        await session.execute(select(CatalogueTraeger).execution_options(populate_existing=True))
-    ).scalars()
+    rows: Sequence[OfferFields] = (await session.execute(_offer_columns())).all()
     return {r.slug: offer_of(r, used.get(r.slug, 0)) for r in rows}
 
 
@@ -325,10 +350,12 @@ async def lock_places(
     second counts the first's referral (PostgreSQL, ``SELECT ... FOR UPDATE``; a statement
     after the lock sees everything committed before it). SQLite's transactions hold the
     database's write lock from their start, so nothing is needed there."""
+    if session.get_bind().dialect.name == "sqlite":
+        return []  # a statement that locks nothing: the transaction holds the write lock
     if traeger is not None:
         slugs = [traeger]
     else:
-        rows = (await session.execute(select(CatalogueTraeger))).scalars()
+        rows: Sequence[OfferFields] = (await session.execute(_offer_columns())).all()
         slugs = sorted(
             r.slug for r in rows if offer_of(r, 0).offers(module) and offer_of(r, 0).serves(bezirk)
         )

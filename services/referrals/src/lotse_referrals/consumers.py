@@ -396,7 +396,8 @@ async def _wish(
         created_at=now,
         updated_at=now,
     )
-    session.add(wish)
+    # Added by ``place`` once it knows the outcome, placed or waiting: one INSERT with the
+    # final state, not an INSERT before the referral's savepoint and an UPDATE at commit.
     await ops.place(session, ctx, wish, now)
 
 
@@ -420,7 +421,11 @@ async def partner_answer(ctx: Context, delivery: Delivery[PartnerReferralAnswer]
         )
         raise _refused(AnswerRefusedCode.WRONG_SOURCE, reason)
     session = delivery.session
-    referral = await session.get(Referral, data.referral_id)
+    # Locked as it is read (PostgreSQL; SQLite's transaction holds the write lock from its
+    # start): no concurrent step (HTTP or another answer) can come between judging the
+    # answer and writing it, so it needs no savepoint and retry; one that committed first
+    # is what this answer is judged against.
+    referral = await session.get(Referral, data.referral_id, with_for_update=True)
     # Whether the referral exists, or is another Träger's, the sender is told alike.
     unknown = (
         f"no referral {data.referral_id} of case {data.case_id} is addressed to "
@@ -453,9 +458,8 @@ async def partner_answer(ctx: Context, delivery: Delivery[PartnerReferralAnswer]
             AnswerRefusedCode.IMPLAUSIBLE_TIME, "occurred_at lies before the referral was requested"
         )
     try:
-        # Conditional on the referral's version: an answer that lost against a
-        # concurrent step (HTTP or another answer) is refused like any illegal one.
-        await ops.take_step_now(
+        # Still written conditional on the referral's version (the ORM's version column).
+        ops.take_step(
             session,
             ctx,
             referral,

@@ -794,7 +794,7 @@ def _wish_referral(wish: Wish, consent_ref: str | None, **changes: Any) -> NewRe
 
 async def place(session: AsyncSession, ctx: Context, wish: Wish, now: datetime) -> bool:
     """Try to turn an open wish into a referral; records why not (and what it waits for)
-    when it cannot (yet)."""
+    when it cannot (yet). A new wish not yet in the session is added with that outcome."""
     new = _wish_referral(wish, await _named_consent(session, wish))
     try:
         # create_referral checks everything before it writes, so a refusal leaves no trace.
