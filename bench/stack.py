@@ -152,18 +152,29 @@ class CpuMeter:
         self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
         self._start = self._now()
 
-    def _now(self) -> dict[str, float]:
+    def _now(self) -> dict[str, tuple[float, float]]:
         found = {}
         for name, process in self.processes.items():
             with contextlib.suppress(psutil.Error):
                 times = process.cpu_times()
-                found[name] = float(times.user + times.system)
+                found[name] = (float(times.user), float(times.system))
         return found
+
+    def _since(self) -> dict[str, tuple[float, float]]:
+        now = self._now()
+        return {
+            name: (now[name][0] - self._start[name][0], now[name][1] - self._start[name][1])
+            for name in now
+            if name in self._start
+        }
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds per process since this meter was made."""
-        now = self._now()
-        return {name: now[name] - self._start[name] for name in now if name in self._start}
+        return {name: user + system for name, (user, system) in self._since().items()}
+
+    def system_seconds(self) -> dict[str, float]:
+        """Of those, the seconds in the kernel (system calls: sockets, files, waking others)."""
+        return {name: system for name, (_user, system) in self._since().items()}
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 from lotse_runtime.db import Database, transient_error
 from lotse_runtime.migrations import create_schema
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Field, SQLModel, func, select
 
@@ -186,5 +186,70 @@ async def test_a_transaction_waiting_for_the_sqlite_write_lock_leaves_the_event_
         async with db.transaction() as session:
             count = (await session.execute(select(func.count()).select_from(Tally))).scalar_one()
         assert count == 1
+    finally:
+        await db.dispose()
+
+
+async def _end_pooled_sessions(db: Database, postgres_url: str) -> int:
+    """What a database restart does to a pool: every session it holds is gone."""
+    admin = Database(postgres_url)
+    try:
+        async with admin.autocommit() as conn:
+            ended = await conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+            return len(ended.scalars().all())
+    finally:
+        await admin.dispose()
+
+
+async def _count(db: Database) -> int:
+    async with db.transaction() as session:
+        return int((await session.execute(select(func.count()).select_from(Tally))).scalar_one())
+
+
+async def test_a_connection_idle_past_the_ping_age_is_pinged_and_replaced(
+    postgres_url: str,
+) -> None:
+    db = Database(postgres_url, ping_after_idle_s=0.2)
+    try:
+        await create_schema(db, [Tally])
+        assert await _count(db) == 0  # a connection now waits in the pool
+        assert await _end_pooled_sessions(db, postgres_url) >= 1
+        await asyncio.sleep(0.3)
+        # Pinged at checkout, found dead, replaced: the transaction never sees it.
+        assert await _count(db) == 0
+    finally:
+        await db.dispose()
+
+
+async def test_a_connection_broken_before_its_ping_age_fails_one_transaction_as_transient(
+    postgres_url: str,
+) -> None:
+    """No ping under load: the first transaction on a broken connection fails as transient
+    (retried by consumers, 503 with Retry-After over HTTP), and the whole pool is renewed, so
+    the next transaction works and nothing was written by the failed one."""
+    db = Database(postgres_url, ping_after_idle_s=3600)
+    try:
+        await create_schema(db, [Tally])
+
+        async def four_at_once() -> None:
+            async def hold() -> None:
+                async with db.transaction() as session:
+                    await session.execute(text("SELECT pg_sleep(0.05)"))
+
+            await asyncio.gather(*(hold() for _ in range(4)))
+
+        await four_at_once()  # four connections wait in the pool
+        assert await _end_pooled_sessions(db, postgres_url) >= 4
+        with pytest.raises(DBAPIError) as failed:
+            async with db.transaction() as session:
+                session.add(Tally(seen_before=1))
+        assert transient_error(failed.value)
+        await four_at_once()  # every connection of the pool was replaced, none fails
+        assert await _count(db) == 0
     finally:
         await db.dispose()

@@ -402,6 +402,7 @@ def build_runtime(
         settings.resolved_database_url(),
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
+        ping_after_idle_s=settings.database_ping_after_idle_s,
     )
     kafka = KafkaConfig(
         bootstrap=settings.kafka_bootstrap,

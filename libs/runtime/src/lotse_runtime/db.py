@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_dbapi,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -35,6 +36,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import immutabledict
 
 _log = logging.getLogger(__name__)
@@ -366,11 +368,57 @@ def transient_error(exc: BaseException) -> bool:
     return False
 
 
+#: PostgreSQL: a pooled connection unused for this long is pinged before it is handed out.
+DEFAULT_PING_AFTER_IDLE_S = 10.0
+
+_IDLE_SINCE = "lotse_idle_since"
+
+
+class _PingWhenIdle:
+    """Pool events: ping a PostgreSQL connection only when it sat in the pool for a while.
+
+    SQLAlchemy's ``pool_pre_ping`` pings at every checkout, and its asyncpg ping is three
+    round trips (BEGIN, a query, ROLLBACK). Under load connections come back within
+    milliseconds, and a connection that a restart or failover broke in between fails its
+    first statement as a disconnect: SQLAlchemy then replaces every connection of the pool,
+    and that one transaction fails as a transient error (a consumer retries its batch, HTTP
+    answers 503 with Retry-After). A connection that waited longer than ``after_s`` (the
+    quiet hours, when a restart is most likely to pass unnoticed) is pinged as before.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+
+    def connected(self, _dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    def checked_in(self, _dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    def checked_out(
+        self, dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection
+    ) -> None:
+        idle_since = record.info.get(_IDLE_SINCE, 0.0)
+        if time.monotonic() - idle_since < self.after_s:
+            return
+        try:
+            dbapi_connection.ping()
+        except Exception as exc:
+            # The pool discards this connection and checks out another (or connects anew).
+            raise DisconnectionError("pooled connection did not answer its ping") from exc
+
+
 class Database:
     """Engine and sessions of one service database."""
 
     def __init__(
-        self, url: str, *, echo: bool = False, pool_size: int = 10, max_overflow: int = 10
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+        ping_after_idle_s: float = DEFAULT_PING_AFTER_IDLE_S,
     ) -> None:
         self.url = async_url(url)
         parsed = make_url(self.url)
@@ -382,11 +430,17 @@ class Database:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["module"] = _OneHandOffDbapi(aiosqlite, sqlite3)
         else:
-            kwargs.update(pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow)
+            kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
+        else:
+            ping = _PingWhenIdle(ping_after_idle_s)
+            pool = self.engine.sync_engine.pool
+            event.listen(pool, "connect", ping.connected)
+            event.listen(pool, "checkin", ping.checked_in)
+            event.listen(pool, "checkout", ping.checked_out)
         self._sessions = async_sessionmaker(
             self.engine, expire_on_commit=False, sync_session_class=_DeferringSession
         )

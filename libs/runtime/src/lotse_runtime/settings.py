@@ -105,6 +105,14 @@ class ServiceSettings(BaseSettings):
     database_max_overflow: int = Field(
         default=10, ge=0, le=100, description="PostgreSQL: extra connections under load."
     )
+    database_ping_after_idle_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="PostgreSQL: a pooled connection idle this long is pinged before use (0: "
+        "at every use). A connection broken sooner fails one transaction as transient "
+        "(consumers retry, HTTP answers 503 with Retry-After) and the pool is renewed.",
+    )
     data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Where embedded files live.")
     city: str = Field(default="dortmund", description="City configuration (name or TOML path).")
     subscriptions_file: str | None = Field(
