@@ -6,6 +6,11 @@ header once a second. On a virtual machine every wake-up of an idle process cost
 of CPU, so the tick alone was 0.14 % of a core per service, a quarter of what the idle
 platform used (``bench/idle.py``). Here the server wakes once a second (the Date header
 still changes every second), and a stop signal wakes it at once.
+
+It runs on uvloop with httptools' HTTP parser, named here rather than left to uvicorn's
+"auto" so a missing wheel fails the start instead of silently falling back. Measured in
+``bench/pipeline.py``: asyncio's pure-Python loop and h11's parser were the largest shares of
+a service's CPU after the database (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ def serve(
     config = uvicorn.Config(
         factory,
         factory=True,
+        loop="uvloop",
+        http="httptools",
         host=host,
         port=port,
         access_log=access_log,
