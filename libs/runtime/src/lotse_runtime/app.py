@@ -744,11 +744,20 @@ def resolver_from_settings(settings: ServiceSettings) -> CallerResolver:
 
 
 def runtime_of(request: Request) -> ServiceRuntime[Any]:
-    """FastAPI dependency: the runtime of the app serving this request."""
+    """The runtime of the app serving this request."""
     runtime: ServiceRuntime[Any] = request.app.state.runtime
     return runtime
 
 
+async def current_runtime(request: Request) -> ServiceRuntime[Any]:
+    """FastAPI dependency: :func:`runtime_of`.
+
+    A coroutine though it awaits nothing, as every Lotse dependency is: FastAPI runs a plain
+    ``def`` dependency in its thread pool, a thread hand-off per dependency and request
+    (``tests/runtime/test_dependencies.py``)."""
+    return runtime_of(request)
+
+
 #: A route's runtime, typed by any service (routes that need their own settings type
-#: declare ``Annotated[ServiceRuntime[MySettings], Depends(runtime_of)]``).
-RuntimeDep = Annotated[ServiceRuntime[Any], Depends(runtime_of)]
+#: declare ``Annotated[ServiceRuntime[MySettings], Depends(current_runtime)]``).
+RuntimeDep = Annotated[ServiceRuntime[Any], Depends(current_runtime)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
-from lotse_runtime.app import ServiceRuntime, runtime_of
+from lotse_runtime.app import ServiceRuntime, current_runtime
 from lotse_runtime.identity import CallerDep
 
 from lotse_delivery import operations
@@ -30,7 +30,7 @@ SubscriptionId = Annotated[str, Path(max_length=36, description="Id of the subsc
 TraegerSlug = Annotated[
     str, Path(max_length=64, pattern=r"^[a-z0-9]+(?:-[a-z0-9]+)*$", description="Your slug.")
 ]
-DeliveryRuntimeDep = Annotated[ServiceRuntime[DeliverySettings], Depends(runtime_of)]
+DeliveryRuntimeDep = Annotated[ServiceRuntime[DeliverySettings], Depends(current_runtime)]
 
 REFUSALS: dict[int | str, dict[str, object]] = {
     403: {"description": "Not permitted (also for unknown ids)."},
@@ -38,7 +38,7 @@ REFUSALS: dict[int | str, dict[str, object]] = {
 }
 
 
-def context(request: Request, runtime: DeliveryRuntimeDep, caller: CallerDep) -> Context:
+async def context(request: Request, runtime: DeliveryRuntimeDep, caller: CallerDep) -> Context:
     route = request.scope.get("route")
     return Context(
         runtime=runtime,

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import Response
 from lotse_contracts.personal import KeyPurpose
-from lotse_runtime.app import ServiceRuntime, runtime_of
+from lotse_runtime.app import ServiceRuntime, current_runtime
 from lotse_runtime.identity import CallerDep, ensure_role
 
 from lotse_intake import domain, duplicates, releases
@@ -82,10 +82,10 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
 
 
 #: The intake runtime, typed by intake's settings.
-IntakeRuntimeDep = Annotated[ServiceRuntime[IntakeSettings], Depends(runtime_of)]
+IntakeRuntimeDep = Annotated[ServiceRuntime[IntakeSettings], Depends(current_runtime)]
 
 
-def intake_of(request: Request) -> ops.IntakeContext:
+async def intake_of(request: Request) -> ops.IntakeContext:
     """FastAPI dependency: what intake works with beyond the runtime (app factory)."""
     context: ops.IntakeContext = request.app.state.intake
     return context
@@ -94,7 +94,7 @@ def intake_of(request: Request) -> ops.IntakeContext:
 IntakeDep = Annotated[ops.IntakeContext, Depends(intake_of)]
 
 
-def call_of(
+async def call_of(
     request: Request, runtime: IntakeRuntimeDep, intake: IntakeDep, caller: CallerDep
 ) -> ops.Call:
     """FastAPI dependency: the request as intake's use cases see it."""

@@ -44,7 +44,7 @@ Slug = Annotated[str, Field(pattern=_SLUG, max_length=64)]
 Uuid = Annotated[str, Field(pattern=_UUID)]
 
 
-def context_of(request: Request) -> Context:
+async def context_of(request: Request) -> Context:
     """FastAPI dependency: the referrals context of the app serving this request."""
     ctx: Context = request.app.state.referrals
     return ctx

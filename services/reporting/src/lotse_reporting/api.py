@@ -35,7 +35,7 @@ KEEP_ALIVE_S = 15.0
 MAX_REVISION = 2**62
 
 
-def reporting_of(request: Request) -> Reporting:
+async def reporting_of(request: Request) -> Reporting:
     """FastAPI dependency: the reporting parts of the app serving this request."""
     reporting: Reporting = request.app.state.reporting
     return reporting

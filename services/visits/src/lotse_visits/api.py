@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from lotse_runtime.app import ServiceRuntime, runtime_of
+from lotse_runtime.app import ServiceRuntime, current_runtime
 from lotse_runtime.identity import CallerDep
 from lotse_runtime.inputs import CALENDAR_DAY, CalendarDay
 
@@ -50,10 +50,10 @@ NO_OFFICE: dict[int | str, dict[str, object]] = {
     404: {"description": "No such Stadtbezirk."},
 }
 
-VisitsRuntimeDep = Annotated[ServiceRuntime[VisitsSettings], Depends(runtime_of)]
+VisitsRuntimeDep = Annotated[ServiceRuntime[VisitsSettings], Depends(current_runtime)]
 
 
-def context(request: Request, runtime: VisitsRuntimeDep, caller: CallerDep) -> Context:
+async def context(request: Request, runtime: VisitsRuntimeDep, caller: CallerDep) -> Context:
     """The use cases' context: runtime, caller, and the route audit entries name."""
     route = request.scope.get("route")
     return Context(runtime=runtime, caller=caller, path=getattr(route, "path", request.url.path))
