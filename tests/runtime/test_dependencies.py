@@ -55,7 +55,7 @@ def test_no_route_or_dependency_runs_in_the_thread_pool(
     routes = list(_api_routes(app.router.routes))
     assert len(routes) > 3  # the walk found the service's own routes, not only the probes
     threaded = [
-        f"{sorted(route.methods)} {route.path}: {where}"
+        f"{sorted(route.methods or ())} {route.path}: {where}"
         for route, included in routes
         for where, call in [
             *_calls(route.dependant, route.name),
