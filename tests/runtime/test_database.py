@@ -4,18 +4,19 @@ concurrent writers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from lotse_runtime.db import Database, transient_error
+from lotse_runtime.db import Database, add_at_commit, transient_error
 from lotse_runtime.migrations import create_schema
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlmodel import Field, SQLModel, func, select
+from sqlmodel import Field, SQLModel, col, func, select
 
 
 class Tally(SQLModel, table=True):
@@ -253,3 +254,24 @@ async def test_a_connection_broken_before_its_ping_age_fails_one_transaction_as_
         assert await _count(db) == 0
     finally:
         await db.dispose()
+
+
+async def test_rows_added_at_commit_get_generated_keys_and_go_with_a_rolled_back_savepoint(
+    db: Database,
+) -> None:
+    class Undone(Exception):
+        pass
+
+    async with db.transaction() as session:
+        add_at_commit(session, Tally(seen_before=1), Tally(seen_before=2))
+        with contextlib.suppress(Undone):
+            async with session.begin_nested():
+                add_at_commit(session, Tally(seen_before=3))
+                raise Undone
+        # Not flushed: nothing of them is in the database before the commit.
+        assert await session.scalar(select(func.count()).select_from(Tally)) == 0
+    async with db.transaction() as session:
+        rows = list((await session.execute(select(Tally).order_by(col(Tally.id)))).scalars())
+    assert [row.seen_before for row in rows] == [1, 2]
+    assert all(row.id is not None for row in rows)
+    assert len({row.id for row in rows}) == 2

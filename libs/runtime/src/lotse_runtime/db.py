@@ -300,6 +300,20 @@ def insert_at_commit(session: AsyncSession, table: Table, row: dict[str, Any]) -
     rows.append((table, row, sync_session.get_nested_transaction()))
 
 
+def add_at_commit(session: AsyncSession, *rows: Any) -> None:
+    """:func:`insert_at_commit` for rows built as table models (SQLModel ``table=True``): their
+    column values, a generated key left to the database. The models stay outside the session
+    (nothing in the transaction may read the rows back); the ORM's unit of work would cost
+    more than the INSERT, per row."""
+    for row in rows:
+        table: Table = type(row).__table__
+        generated = table.autoincrement_column
+        values = {column.key: getattr(row, column.key) for column in table.columns}
+        if generated is not None and values.get(generated.key) is None:
+            del values[generated.key]
+        insert_at_commit(session, table, values)
+
+
 def _insert_deferred(session: Session) -> None:
     if session.in_nested_transaction():
         return  # a savepoint released: its rows go with the enclosing transaction

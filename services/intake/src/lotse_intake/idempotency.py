@@ -27,8 +27,8 @@ from typing import Annotated
 
 from fastapi import Header
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, Response
-from lotse_runtime.db import Database
+from fastapi.responses import Response
+from lotse_runtime.db import Database, add_at_commit
 from lotse_runtime.identity import Caller, scope_checked_earlier
 from lotse_runtime.refusal import Refusal
 from pydantic import BaseModel
@@ -59,6 +59,8 @@ IdempotencyKey = Annotated[
     ),
 ]
 
+
+JSON = "application/json"
 
 #: A use case bound to its arguments: given the transaction's session, it does its work.
 UseCase = Callable[[AsyncSession], Awaitable[Outcome]]
@@ -129,20 +131,24 @@ async def respond(
                     if stored is not None:
                         return _replay(stored, request_print)
                 outcome = await use_case(session)
-                content = jsonable_encoder(outcome.body)
+                # Encoded once: the answer sent now and the one a repeat gets are the same bytes.
+                answer = json.dumps(
+                    jsonable_encoder(outcome.body), ensure_ascii=False, separators=(",", ":")
+                )
                 if key is not None:
-                    session.add(
+                    add_at_commit(
+                        session,
                         IntakeIdempotency(
                             subject=caller.subject,
                             idempotency_key=key,
                             fingerprint=request_print,
                             status_code=outcome.status_code,
-                            response=json.dumps(content, separators=(",", ":")),
+                            response=answer,
                             case_id=outcome.case_id,
                             created_at=now(),
-                        )
+                        ),
                     )
-            return JSONResponse(content, status_code=outcome.status_code)
+            return Response(answer, status_code=outcome.status_code, media_type=JSON)
         except IntegrityError:
             # A concurrent request won a unique key (same Idempotency-Key, or the same family
             # registered at the same moment); on the next attempt we see its result.
@@ -167,7 +173,7 @@ def _replay(stored: IntakeIdempotency, request_print: str) -> Response:
     return Response(
         content=stored.response,
         status_code=stored.status_code,
-        media_type="application/json",
+        media_type=JSON,
         headers={REPLAY_HEADER: "true"},
     )
 

@@ -33,6 +33,7 @@ from lotse_contracts.personal import (
     purpose_kid,
     seal,
 )
+from lotse_runtime.db import add_at_commit
 from pydantic import BaseModel
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -117,13 +118,15 @@ class Keyring:
         return decode_data_key(open_block(block, key=self._kek, case_id=case_id)["k"])
 
     def create(self, session: AsyncSession, case_id: str, now: datetime) -> FamilyKeys:
-        """A fresh secret for a new family."""
+        """A fresh secret for a new family, stored when the transaction commits (a new
+        family's key is not looked up in the transaction that registers it)."""
         kid = f"fk-{uuid.uuid4().hex}"
         secret = new_data_key()
-        session.add(
+        add_at_commit(
+            session,
             IntakeDataKey(
                 case_id=case_id, kid=kid, wrapped_key=self._wrap(secret, case_id), created_at=now
-            )
+            ),
         )
         return FamilyKeys(case_id=case_id, kid=kid, secret=secret)
 

@@ -41,6 +41,7 @@ from lotse_contracts.personal import (
 from lotse_runtime import audit
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.audit import AuditAction
+from lotse_runtime.db import add_at_commit
 from lotse_runtime.identity import (
     AccessDenied,
     Caller,
@@ -573,6 +574,7 @@ def _registration_consents(
     rows: list[IntakeConsent] = []
     changes: list[IntakeConsentChange] = []
     consents: list[Consent] = []
+    recorded_at = call.now()
     for position, given in enumerate(body.consents):
         row = IntakeConsent(
             consent_id=str(uuid.uuid4()),
@@ -584,10 +586,17 @@ def _registration_consents(
             given_at=given.given_at or now,
             position=position,
         )
-        session.add(row)
         rows.append(row)
         changes.append(
-            record_consent_change(session, call, row, ConsentState.GIVEN, row.given_at, recorded_by)
+            IntakeConsentChange(
+                consent_id=row.consent_id,
+                case_id=case_id,
+                state=ConsentState.GIVEN.value,
+                at=row.given_at,
+                recorded_at=recorded_at,
+                recorded_by_role=recorded_by.value,
+                recorded_by_subject=call.caller.subject,
+            )
         )
         consents.append(
             Consent(
@@ -599,6 +608,7 @@ def _registration_consents(
                 at=row.given_at,
             )
         )
+    add_at_commit(session, *rows, *changes)
     # consent_rows' order (stored moments are UTC, so aware datetimes sort alike); the
     # positions differ, so consent_id never decides.
     rows.sort(key=lambda row: (row.given_at, row.position))
@@ -638,8 +648,9 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         personal=block.model_dump_json(),
         children=None if children_block is None else children_block.model_dump_json(),
     )
-    session.add(case)
-    session.add_all(IntakeMatchKey(match_key=k, case_id=case_id) for k in match_keys)
+    # At commit: a match key another registration took fails it, and run_once retries.
+    taken = [IntakeMatchKey(match_key=k, case_id=case_id) for k in match_keys]
+    add_at_commit(session, case, *taken)
     answered, consents = _registration_consents(session, call, case_id, body, recorded_by, now)
     call.runtime.outbox.add(
         session,
@@ -662,8 +673,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
     )
     call.audit(session, AuditAction.create, case_id, "register family")
     await flag_possible_duplicates(session, call, case_id, elsewhere)
-    await session.flush()
-    # Answered from the rows just written: reading them back cost two SELECTs per family.
+    # Answered from the rows just built: reading them back cost two SELECTs per family.
     return Outcome(201, _case_public(case, answered), case_id)
 
 
