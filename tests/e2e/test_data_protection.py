@@ -9,8 +9,9 @@ APIs and the Träger's topics.
   it; after it the sealed blocks that are still on the topics cannot be opened any more,
   since no service can obtain the family's key.
 
-All services share one event loop, so referrals reaches intake's keyring over HTTP through
-an in-process ASGI transport, exactly as it would over the network.
+All services share one event loop; the tests call their APIs through in-process ASGI
+transports, and referrals reaches intake's keyring over real HTTP (intake served by uvicorn
+on a port of this host, in the same loop), as it does over the network.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fastapi import FastAPI
 from lotse_contracts import topics as topic_names
@@ -55,6 +57,7 @@ from lotse_referrals.settings import ReferralsSettings
 from lotse_reporting.app import create_app as create_reporting
 from lotse_reporting.settings import ReportingSettings
 from lotse_runtime.app import ServiceRuntime
+from lotse_tooling.embedded import free_port
 from lotse_visits.app import create_app as create_visits
 from lotse_visits.settings import VisitsSettings
 from sqlalchemy import inspect, text
@@ -231,10 +234,27 @@ def _common(broker: Broker, prefix: str, database_url: str) -> dict[str, Any]:
 
 
 @asynccontextmanager
+async def served(app: FastAPI, port: int) -> AsyncIterator[None]:
+    """``app`` over HTTP on ``port`` of this host, in this event loop (its lifespan is run by
+    the platform, not by the server)."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started, timeout_s=10)
+        yield
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@asynccontextmanager
 async def platform(
     broker: Broker, prefix: str, databases: dict[str, str]
 ) -> AsyncIterator[Platform]:
     clock = Clock()
+    keyring_port = free_port()
     intake = create_intake(
         IntakeSettings(
             **_common(broker, prefix, databases["intake"]),
@@ -243,9 +263,7 @@ async def platform(
         ),
         clock=clock,
     )
-    keyring = HttpKeyring(
-        "http://intake", headers=KEYRING_CLIENT, transport=httpx.ASGITransport(app=intake)
-    )
+    keyring = HttpKeyring(f"http://127.0.0.1:{keyring_port}", headers=KEYRING_CLIENT)
     apps: dict[str, FastAPI] = {
         "intake": intake,
         "visits": create_visits(
@@ -271,8 +289,10 @@ async def platform(
     }
     async with AsyncExitStack() as stack:
         clients: dict[str, httpx.AsyncClient] = {}
-        for name, app in apps.items():
+        for app in apps.values():
             await stack.enter_async_context(app.router.lifespan_context(app))
+        await stack.enter_async_context(served(intake, keyring_port))
+        for name, app in apps.items():
             clients[name] = await stack.enter_async_context(
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{name}")
             )

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from lotse_contracts.events.referrals import PersonalField
 from lotse_contracts.personal import encode_data_key, new_data_key
 from lotse_referrals.keyring import (
@@ -16,6 +21,7 @@ from lotse_referrals.keyring import (
     KeyringUnavailable,
     service_headers,
 )
+from lotse_tooling.embedded import free_port
 
 CASE = "3f6c1a9e-8b2d-4c71-9e55-2a7d0f4b8c13"
 REFERRAL = "8d1f0c7e-2b4a-4e63-9f10-5a6b7c8d9e0f"
@@ -23,53 +29,74 @@ CONSENT = "0a9b8c7d-6e5f-4a3b-8c2d-1e0f9a8b7c6d"
 WHICH = DisclosureFor(CASE, REFERRAL, "hebammenzentrum-dortmund", CONSENT)
 
 
-def keyring(handler: httpx.MockTransport) -> HttpKeyring:
-    return HttpKeyring(
-        "http://intake:8001/", headers={"Authorization": "Bearer t"}, transport=handler
-    )
+@dataclass
+class Seen:
+    """A request as the keyring server received it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    authorization: str | None
+    body: bytes
+
+
+Answer = Callable[[web.Request], web.StreamResponse]
+
+
+@asynccontextmanager
+async def keyring(answer: Answer) -> AsyncIterator[tuple[HttpKeyring, list[Seen]]]:
+    """The client against a real HTTP server on this host answering with ``answer``."""
+    seen: list[Seen] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append(
+            Seen(
+                request.method,
+                request.path,
+                dict(request.query),
+                request.headers.get("Authorization"),
+                await request.read(),
+            )
+        )
+        return answer(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    async with TestServer(app) as server:
+        client = HttpKeyring(
+            str(server.make_url("/")), headers={"Authorization": "Bearer t"}, timeout_s=2
+        )
+        try:
+            yield client, seen
+        finally:
+            await client.aclose()
+
+
+def reply(status: int, body: object) -> Answer:
+    return lambda _request: web.json_response(body, status=status)
 
 
 async def test_a_released_disclosure_key_names_referral_traeger_and_consent() -> None:
     key = new_data_key()
-    seen: list[httpx.Request] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        kid = f"fk-1/disclosure/{REFERRAL}"
-        return httpx.Response(
-            200,
-            json={
-                "case_id": CASE,
-                "kid": kid,
-                "purpose": "disclosure",
-                "key": encode_data_key(key),
-            },
-        )
-
-    assert await keyring(httpx.MockTransport(answer)).disclosure_key(WHICH) == (
-        f"fk-1/disclosure/{REFERRAL}",
-        key,
-    )
-    assert seen[0].url.path == f"/keyring/cases/{CASE}/disclosures/{REFERRAL}/key"
-    assert seen[0].url.params["traeger"] == "hebammenzentrum-dortmund"
-    assert seen[0].url.params["consent_id"] == CONSENT
-    assert seen[0].headers["Authorization"] == "Bearer t"
+    kid = f"fk-1/disclosure/{REFERRAL}"
+    answer = {"case_id": CASE, "kid": kid, "purpose": "disclosure", "key": encode_data_key(key)}
+    async with keyring(reply(200, answer)) as (client, seen):
+        assert await client.disclosure_key(WHICH) == (kid, key)
+    assert seen[0].method == "GET"
+    assert seen[0].path == f"/keyring/cases/{CASE}/disclosures/{REFERRAL}/key"
+    assert seen[0].query == {"traeger": "hebammenzentrum-dortmund", "consent_id": CONSENT}
+    assert seen[0].authorization == "Bearer t"
 
 
 async def test_a_disclosure_is_sealed_by_intake_and_only_the_fields_are_sent() -> None:
-    seen: list[httpx.Request] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"kid": None, "disclosed_fields": []})
-
-    sealed = await keyring(httpx.MockTransport(answer)).seal_disclosure(
-        WHICH, [PersonalField.FAMILY_NAME, PersonalField.PHONE]
-    )
+    async with keyring(reply(200, {"kid": None, "disclosed_fields": []})) as (client, seen):
+        sealed = await client.seal_disclosure(
+            WHICH, [PersonalField.FAMILY_NAME, PersonalField.PHONE]
+        )
     assert sealed.disclosure is None
     assert seen[0].method == "POST"
-    assert seen[0].url.path == f"/keyring/cases/{CASE}/disclosures"
-    assert json.loads(seen[0].content) == {
+    assert seen[0].path == f"/keyring/cases/{CASE}/disclosures"
+    assert json.loads(seen[0].body) == {
         "referral_id": REFERRAL,
         "traeger": "hebammenzentrum-dortmund",
         "consent_id": CONSENT,
@@ -79,39 +106,56 @@ async def test_a_disclosure_is_sealed_by_intake_and_only_the_fields_are_sent() -
 
 @pytest.mark.parametrize("status", [404, 410])
 async def test_no_key_means_gone(status: int) -> None:
-    transport = httpx.MockTransport(lambda _r: httpx.Response(status, json={"detail": "erased"}))
-    with pytest.raises(KeyGone):
-        await keyring(transport).disclosure_key(WHICH)
+    async with keyring(reply(status, {"detail": "erased"})) as (client, _seen):
+        with pytest.raises(KeyGone):
+            await client.disclosure_key(WHICH)
 
 
 async def test_a_consent_that_does_not_cover_the_traeger_is_a_refusal() -> None:
-    transport = httpx.MockTransport(
-        lambda _r: httpx.Response(409, json={"detail": "the consent was withdrawn"})
-    )
-    with pytest.raises(KeyRefused, match="withdrawn"):
-        await keyring(transport).disclosure_key(WHICH)
+    async with keyring(reply(409, {"detail": "the consent was withdrawn"})) as (client, _seen):
+        with pytest.raises(KeyRefused, match="withdrawn"):
+            await client.disclosure_key(WHICH)
 
 
 @pytest.mark.parametrize(
-    "response",
+    "answer",
     [
-        httpx.Response(503, json={"detail": "down"}),
-        httpx.Response(403, json={"detail": "not permitted"}),
-        httpx.Response(200, json={"kid": "fk-1", "key": "too-short"}),
-        httpx.Response(200, text="not json"),
+        reply(503, {"detail": "down"}),
+        reply(403, {"detail": "not permitted"}),
+        reply(200, {"kid": "fk-1", "key": "too-short"}),
+        lambda _request: web.Response(text="not json"),
     ],
+    ids=["503", "403", "short key", "not json"],
 )
-async def test_unusable_answers_mean_try_again(response: httpx.Response) -> None:
-    with pytest.raises(KeyringUnavailable):
-        await keyring(httpx.MockTransport(lambda _r: response)).disclosure_key(WHICH)
+async def test_unusable_answers_mean_try_again(answer: Answer) -> None:
+    async with keyring(answer) as (client, _seen):
+        with pytest.raises(KeyringUnavailable):
+            await client.disclosure_key(WHICH)
 
 
 async def test_an_unreachable_keyring_means_try_again() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+    client = HttpKeyring(f"http://127.0.0.1:{free_port()}", headers={}, timeout_s=2)
+    try:
+        with pytest.raises(KeyringUnavailable, match="not reachable"):
+            await client.disclosure_key(WHICH)
+    finally:
+        await client.aclose()
 
-    with pytest.raises(KeyringUnavailable, match="not reachable"):
-        await keyring(httpx.MockTransport(refuse)).disclosure_key(WHICH)
+
+async def test_a_keyring_that_does_not_answer_in_time_means_try_again() -> None:
+    async def slow(_request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    async with TestServer(app) as server:
+        client = HttpKeyring(str(server.make_url("/")), headers={}, timeout_s=0.2)
+        try:
+            with pytest.raises(KeyringUnavailable, match=r"not reachable: .*Timeout"):
+                await client.disclosure_key(WHICH)
+        finally:
+            await client.aclose()
 
 
 def test_the_service_identifies_itself_as_intake_expects(tmp_path: object) -> None:
