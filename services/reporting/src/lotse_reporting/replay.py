@@ -71,7 +71,7 @@ from lotse_reporting import domain, operations, store
 from lotse_reporting.consumers import CONSUMER
 from lotse_reporting.operations import Reporting
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
-from lotse_reporting.replay_rebuild import Rebuild, horizon, publish, write_cells
+from lotse_reporting.replay_rebuild import Rebuild, horizon, publish, sqlite_cache, write_cells
 from lotse_reporting.replay_send import can_send, send_unsent
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import TABLES
@@ -491,7 +491,7 @@ async def _rebuild(
     await drop(db)
     rebuild = Rebuild(decoder, reporting.rules, inbox_consumer=_INBOX_CONSUMER, counts=counts)
     lap = _Lap()
-    async with db.transaction() as session:
+    async with db.transaction() as session, sqlite_cache(session):
 
         async def handle(records: list[ConsumerRecord[Any, Any]]) -> None:
             await rebuild.apply_batch(session, records)
