@@ -53,7 +53,7 @@ from lotse_reporting.domain import (
 
 # The contract model of a cell, the reference KpiRecords is held to.
 from lotse_reporting.operations import kpi_updated
-from lotse_reporting.replay_cells import sum_stored, year_inputs
+from lotse_reporting.replay_cells import CellsByYear, sum_stored
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import ReportingFact, ReportingKpi
@@ -433,8 +433,9 @@ async def publish(
         return 0
     oldest, newest = span
     changed: list[Cell] = []
+    inputs = CellsByYear(cells)
     for year in range(domain.year_of(oldest), domain.year_of(newest) + 1):
-        in_year, stock = year_inputs(cells, year)
+        in_year, stock = inputs.of(year)
         derived = domain.year_cells(year, newest, layout, in_year, stock)
         if republish:
             changed.extend(derived)
