@@ -5,19 +5,16 @@ must not outlive it."""
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from datetime import datetime, timedelta, timezone
 
-from lotse_reporting import domain
-from lotse_reporting.replay_input import Decoder
-from lotse_reporting.replay_rebuild import Rebuild, sqlite_cache
+from lotse_reporting.replay_rebuild import sqlite_cache
 from lotse_reporting.tables import TABLES
 from lotse_runtime.db import Database
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.migrations import create_schema
 from sqlalchemy import insert, text
 
-from tests.reporting.replay_data import bench_events, consumer_record, dortmund_rules
+from tests.reporting.replay_data import bench_events, consumer_record, new_rebuild
 
 
 async def _stored_times(url: str) -> tuple[set[str], set[str], str]:
@@ -26,12 +23,7 @@ async def _stored_times(url: str) -> tuple[set[str], set[str], str]:
     db = Database(url)
     try:
         await create_schema(db, TABLES, service="reporting")
-        rebuild = Rebuild(
-            Decoder(domain.HANDLED, max_bytes=256 * 1024),
-            dortmund_rules(),
-            inbox_consumer="reporting.main",
-            counts=Counter(),
-        )
+        rebuild = new_rebuild()
         records = [consumer_record(e, offset) for offset, e in enumerate(bench_events(300, 5))]
         async with db.transaction() as session:
             await rebuild.apply_batch(session, records)

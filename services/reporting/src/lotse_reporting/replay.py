@@ -436,34 +436,23 @@ async def replay(
         # A rebuild, its publication included, runs without the collector's own passes
         # (:func:`replay_rebuild.collector_off`).
         with contextlib.ExitStack() as paused:
+            given = (
+                runtime,
+                reporting,
+                decoder,
+                counts,
+                timings,
+                topic_names,
+                size,
+                idle_timeout_s,
+                progress,
+                republish_all,
+            )
             if keep:
-                published = await _replay_kept(
-                    runtime,
-                    reporting,
-                    decoder,
-                    counts,
-                    timings,
-                    topic_names,
-                    size,
-                    idle_timeout_s,
-                    progress,
-                    republish_all,
-                )
+                published = await _replay_kept(*given)
             else:
                 paused.enter_context(collector_off())
-                published = await _rebuild(
-                    runtime,
-                    reporting,
-                    decoder,
-                    counts,
-                    timings,
-                    topic_names,
-                    size,
-                    idle_timeout_s,
-                    progress,
-                    republish_all,
-                    rss,
-                )
+                published = await _rebuild(*given, rss)
             lap = _Lap()
             if can_send(runtime.kafka):
                 await send_unsent(db, runtime.kafka)
