@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import random
 import sys
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,11 +15,24 @@ from lotse_contracts.city import load_city
 from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.intake import Channel, ErasureReason
+from lotse_reporting import domain
 from lotse_reporting.domain import Rules
+from lotse_reporting.replay_input import Decoder
+from lotse_reporting.replay_rebuild import Rebuild
 
 from tests.reporting.builders import Family, at, new_id, random_city
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def new_rebuild(counts: Counter[str] | None = None) -> Rebuild:
+    """A rebuild of the test city's projections under the live consumer's inbox name."""
+    return Rebuild(
+        Decoder(domain.HANDLED, max_bytes=256 * 1024),
+        dortmund_rules(),
+        inbox_consumer="reporting.main",
+        counts=Counter() if counts is None else counts,
+    )
 
 
 def consumer_record(event: EventModel, offset: int) -> ConsumerRecord[bytes, bytes]:

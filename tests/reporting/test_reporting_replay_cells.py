@@ -4,7 +4,7 @@ the live path's shares add up to (``domain.family_shares`` → ``domain.accumula
 from __future__ import annotations
 
 from lotse_reporting import domain
-from lotse_reporting.replay_cells import sum_families, year_inputs
+from lotse_reporting.replay_cells import CellsByYear, sum_families
 
 from tests.reporting.replay_data import dortmund_rules, mixed_events
 
@@ -45,10 +45,18 @@ def test_a_years_inputs_are_what_the_store_reads_for_it() -> None:
         ("hoerde", "2025-12", domain.STOCK_DELTA, ""): domain.Accumulated(families=-1, value=-1),
         ("hoerde", "2026-01", domain.STOCK_DELTA, ""): domain.Accumulated(families=1, value=1),
     }
-    in_year, stock = year_inputs(cells, 2025)
+    by_year = CellsByYear(cells)
+    in_year, stock = by_year.of(2025)
     assert set(in_year) == {
         ("hoerde", "2025", "visits_offered", ""),
         ("hoerde", "2025-02", "visits_offered", ""),
     }
     assert set(stock) == {("hoerde", "2024-11"), ("hoerde", "2025-12")}
     assert stock[("hoerde", "2025-12")] == domain.Accumulated(families=-1, value=-1)
+    # The same split serves every year: an earlier one, and a later one without cells.
+    in_year, stock = by_year.of(2024)
+    assert set(in_year) == {("hoerde", "2024-05", "visits_offered", "")}
+    assert set(stock) == {("hoerde", "2024-11")}
+    in_year, stock = by_year.of(2027)
+    assert in_year == {}
+    assert set(stock) == {("hoerde", "2024-11"), ("hoerde", "2025-12"), ("hoerde", "2026-01")}

@@ -10,13 +10,12 @@ from pathlib import Path
 
 from aiokafka import ConsumerRecord
 from lotse_reporting import domain
-from lotse_reporting.replay_input import Decoder
-from lotse_reporting.replay_rebuild import Rebuild, SeenFilter
+from lotse_reporting.replay_rebuild import SeenFilter
 from lotse_reporting.tables import TABLES
 from lotse_runtime.db import Database
 from lotse_runtime.migrations import create_schema
 
-from tests.reporting.replay_data import bench_events, consumer_record, dortmund_rules
+from tests.reporting.replay_data import bench_events, consumer_record, new_rebuild
 
 
 def _records() -> tuple[list[ConsumerRecord[bytes, bytes]], int]:
@@ -34,12 +33,7 @@ async def _replay(tmp: Path, seen: SeenFilter) -> tuple[Counter[str], domain.Sna
     try:
         await create_schema(db, TABLES, service="reporting")
         counts: Counter[str] = Counter()
-        rebuild = Rebuild(
-            Decoder(domain.HANDLED, max_bytes=256 * 1024),
-            dortmund_rules(),
-            inbox_consumer="reporting.main",
-            counts=counts,
-        )
+        rebuild = new_rebuild(counts)
         rebuild._applied = seen
         records, _ = _records()
         async with db.transaction() as session:

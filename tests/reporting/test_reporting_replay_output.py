@@ -14,7 +14,7 @@ from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.reporting import KpiUpdated
 from lotse_reporting import domain
 from lotse_reporting.operations import kpi_updated
-from lotse_reporting.replay_cells import sum_families, year_inputs
+from lotse_reporting.replay_cells import CellsByYear, sum_families
 from lotse_reporting.replay_rebuild import KpiRecords
 
 from tests.reporting.replay_data import dortmund_rules, mixed_events
@@ -37,7 +37,7 @@ def _cells() -> list[domain.Cell]:
         k=5,
         zone=rules.zone,
     )
-    in_year, stock = year_inputs(summed, 2025)
+    in_year, stock = CellsByYear(summed).of(2025)
     return domain.year_cells(2025, "2025-06", layout, in_year, stock)
 
 

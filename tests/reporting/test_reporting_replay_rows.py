@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections import Counter
 from dataclasses import fields
 from datetime import timedelta
 from typing import Any
@@ -17,8 +16,7 @@ from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.common import ConsentScope, ConsentState
 from lotse_reporting import domain, store
 from lotse_reporting.replay_cells import sum_families
-from lotse_reporting.replay_input import Decoder
-from lotse_reporting.replay_rebuild import Rebuild, horizon
+from lotse_reporting.replay_rebuild import horizon
 from lotse_reporting.tables import TABLES
 from lotse_runtime.db import Database
 from lotse_runtime.migrations import create_schema
@@ -29,6 +27,7 @@ from tests.reporting.replay_data import (
     bench_events,
     consumer_record,
     dortmund_rules,
+    new_rebuild,
     odd_families,
 )
 
@@ -98,12 +97,7 @@ async def _rebuild(url: str, events: list[EventModel]) -> tuple[Rows, Any, Any]:
     db = Database(url)
     try:
         await create_schema(db, TABLES, service="reporting")
-        rebuild = Rebuild(
-            Decoder(domain.HANDLED, max_bytes=256 * 1024),
-            dortmund_rules(),
-            inbox_consumer="reporting.main",
-            counts=Counter(),
-        )
+        rebuild = new_rebuild()
         records = [consumer_record(event, offset) for offset, event in enumerate(events)]
         async with db.transaction() as session:
             for start in range(0, len(records), FETCH):

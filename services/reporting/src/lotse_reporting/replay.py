@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
+import contextlib
 import json
 import logging
 import sys
@@ -71,7 +71,14 @@ from lotse_reporting import domain, operations, store
 from lotse_reporting.consumers import CONSUMER
 from lotse_reporting.operations import Reporting
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
-from lotse_reporting.replay_rebuild import Rebuild, horizon, publish, write_cells
+from lotse_reporting.replay_rebuild import (
+    Rebuild,
+    collector_off,
+    horizon,
+    publish,
+    sqlite_cache,
+    write_cells,
+)
 from lotse_reporting.replay_send import can_send, send_unsent
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.tables import TABLES
@@ -426,8 +433,10 @@ async def replay(
         counts: Counter[str] = Counter()
         timings: dict[str, tuple[float, float]] = {}
         rss: dict[str, float] = {"consume": resident_mb()["now"]}
-        if keep:
-            published = await _replay_kept(
+        # A rebuild, its publication included, runs without the collector's own passes
+        # (:func:`replay_rebuild.collector_off`).
+        with contextlib.ExitStack() as paused:
+            given = (
                 runtime,
                 reporting,
                 decoder,
@@ -439,25 +448,16 @@ async def replay(
                 progress,
                 republish_all,
             )
-        else:
-            published = await _rebuild(
-                runtime,
-                reporting,
-                decoder,
-                counts,
-                timings,
-                topic_names,
-                size,
-                idle_timeout_s,
-                progress,
-                republish_all,
-                rss,
-            )
-        lap = _Lap()
-        if can_send(runtime.kafka):
-            await send_unsent(db, runtime.kafka)
-        await runtime.relay.drain(timeout_s=600)
-        sending = lap.since()
+            if keep:
+                published = await _replay_kept(*given)
+            else:
+                paused.enter_context(collector_off())
+                published = await _rebuild(*given, rss)
+            lap = _Lap()
+            if can_send(runtime.kafka):
+                await send_unsent(db, runtime.kafka)
+            await runtime.relay.drain(timeout_s=600)
+            sending = lap.since()
         stats = ReplayStats.of(counts)
         stats.consume_s, stats.consume_cpu_s = timings["consume"]
         stats.build_s, stats.build_cpu_s = timings.get("build", (0.0, 0.0))
@@ -467,7 +467,6 @@ async def replay(
         stats.rss_mb = {**rss, "end": resident_mb()["now"], "peak": resident_mb()["peak"]}
         return stats
     finally:
-        gc.unfreeze()
         await runtime.relay.stop()
         await db.dispose()
         runtime.telemetry.shutdown()
@@ -491,7 +490,7 @@ async def _rebuild(
     await drop(db)
     rebuild = Rebuild(decoder, reporting.rules, inbox_consumer=_INBOX_CONSUMER, counts=counts)
     lap = _Lap()
-    async with db.transaction() as session:
+    async with db.transaction() as session, sqlite_cache(session):
 
         async def handle(records: list[ConsumerRecord[Any, Any]]) -> None:
             await rebuild.apply_batch(session, records)

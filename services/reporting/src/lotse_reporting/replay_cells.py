@@ -367,19 +367,29 @@ async def sum_stored(session: AsyncSession, zone: ZoneInfo) -> dict[CellKey, Acc
     return sums.cells()
 
 
-def year_inputs(
-    cells: Mapping[CellKey, Accumulated], year: int
-) -> tuple[dict[CellKey, Accumulated], dict[tuple[str, str], Accumulated]]:
-    """What ``store.year_cells`` would read for ``year`` from these cells: the year's cells,
-    and the open-escalation deltas of every month up to its end."""
-    prefix, last = str(year), f"{year}-12"
-    in_year: dict[CellKey, Accumulated] = {}
-    stock: dict[tuple[str, str], Accumulated] = {}
-    for key, acc in cells.items():
-        area, period, figure, _ = key
-        if figure == STOCK_DELTA:
-            if period <= last:
-                stock[(area, period)] = Accumulated(families=acc.families, value=acc.value)
-        elif period.startswith(prefix):
-            in_year[key] = acc
-    return in_year, stock
+class CellsByYear:
+    """What ``store.year_cells`` would read for each year from these cells: the year's
+    cells, and the open-escalation deltas of every month up to its end. The cells are split
+    by year in one pass (a replay publishes every year of its horizon, and a pass over all
+    cells per year cost a replay of a decade more than the split)."""
+
+    def __init__(self, cells: Mapping[CellKey, Accumulated]) -> None:
+        self._by_year: dict[str, dict[CellKey, Accumulated]] = {}
+        self._deltas: list[tuple[str, str, Accumulated]] = []
+        for key, acc in cells.items():
+            area, period, figure, _ = key
+            if figure == STOCK_DELTA:
+                self._deltas.append((area, period, acc))
+            else:
+                self._by_year.setdefault(period[:4], {})[key] = acc
+
+    def of(
+        self, year: int
+    ) -> tuple[dict[CellKey, Accumulated], dict[tuple[str, str], Accumulated]]:
+        last = f"{year}-12"
+        stock = {
+            (area, period): Accumulated(families=acc.families, value=acc.value)
+            for area, period, acc in self._deltas
+            if period <= last
+        }
+        return self._by_year.get(str(year), {}), stock

@@ -110,7 +110,8 @@ def _produce(kafka: KafkaConfig, records: list[Row]) -> int:
                     topic,
                     value=value,
                     key=key.encode() if key is not None else None,
-                    headers=[(name, text.encode()) for name, text in json.loads(headers)],
+                    # librdkafka writes a str value as its UTF-8 bytes itself.
+                    headers=[tuple(pair) for pair in json.loads(headers)],
                     on_delivery=done(position),
                 )
                 break
