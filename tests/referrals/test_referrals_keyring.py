@@ -133,6 +133,20 @@ async def test_unusable_answers_mean_try_again(answer: Answer) -> None:
             await client.disclosure_key(WHICH)
 
 
+async def test_a_redirect_is_not_followed_with_the_services_token() -> None:
+    def redirect(request: web.Request) -> web.StreamResponse:
+        if request.path == "/elsewhere":
+            return web.json_response({"kid": "fk-1", "key": encode_data_key(new_data_key())})
+        raise web.HTTPFound("/elsewhere")
+
+    async with keyring(redirect) as (client, seen):
+        with pytest.raises(KeyringUnavailable, match="HTTP 302"):
+            await client.disclosure_key(WHICH)
+    assert [request.path for request in seen] == [
+        f"/keyring/cases/{CASE}/disclosures/{REFERRAL}/key"
+    ]
+
+
 async def test_an_unreachable_keyring_means_try_again() -> None:
     client = HttpKeyring(f"http://127.0.0.1:{free_port()}", headers={}, timeout_s=2)
     try:

@@ -113,8 +113,10 @@ class HttpKeyring:
     ) -> bytes:
         """The body of a 200 answer; every other outcome as the exception it means."""
         try:
+            # No redirects (aiohttp would follow them with the service's token): the keyring
+            # answers itself or not at all.
             async with self._client().request(
-                method, self.base_url + path, params=params, json=payload
+                method, self.base_url + path, params=params, json=payload, allow_redirects=False
             ) as response:
                 status, body = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
