@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
+import uvicorn
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from lotse_contracts.events.referrals import PersonalField
 from lotse_contracts.personal import encode_data_key, new_data_key
+from lotse_referrals import keyring as keyring_module
 from lotse_referrals.keyring import (
     DisclosureFor,
     HttpKeyring,
@@ -145,6 +147,32 @@ async def test_a_redirect_is_not_followed_with_the_services_token() -> None:
     assert [request.path for request in seen] == [
         f"/keyring/cases/{CASE}/disclosures/{REFERRAL}/key"
     ]
+
+
+async def test_an_idle_connection_is_dropped_before_the_server_would_close_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two calls in a row share a connection; after the keep-alive, the next one opens its own
+    (intake's uvicorn closes idle connections after 5 s: reusing one it is closing fails)."""
+    # Below the keep-alive of the server intake runs under (the launcher's uvicorn).
+    assert (
+        keyring_module.KEEPALIVE_S
+        < uvicorn.Config("lotse_intake.app:create_app").timeout_keep_alive
+    )
+    monkeypatch.setattr(keyring_module, "KEEPALIVE_S", 0.2)
+    ports: list[int] = []
+
+    def answer(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        ports.append(request.transport.get_extra_info("peername")[1])
+        return web.json_response({"kid": "fk-1", "key": encode_data_key(new_data_key())})
+
+    async with keyring(answer) as (client, _seen):
+        await client.disclosure_key(WHICH)
+        await client.disclosure_key(WHICH)
+        await asyncio.sleep(0.6)
+        await client.disclosure_key(WHICH)
+    assert ports[0] == ports[1] != ports[2]
 
 
 async def test_an_unreachable_keyring_means_try_again() -> None:

@@ -78,6 +78,10 @@ class Keyring(Protocol):
         ...
 
 
+#: How long an idle connection to the keyring is kept for the next call.
+KEEPALIVE_S = 4.0
+
+
 class HttpKeyring:
     """The intake keyring over HTTP (``/keyring/cases/{case_id}/disclosures``): 404 (no such
     case) or 410 (erased) mean gone, 409 a consent that does not cover the Träger.
@@ -96,7 +100,12 @@ class HttpKeyring:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            # Idle connections are dropped before intake's server would close them (uvicorn:
+            # after 5 s), so a request is never sent on a connection being closed.
+            connector = aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_S)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, timeout=self._timeout
+            )
         return self._session
 
     async def aclose(self) -> None:
