@@ -156,8 +156,8 @@ async def test_an_idle_connection_is_dropped_before_the_server_would_close_it(
     (intake's uvicorn closes idle connections after 5 s: reusing one it is closing fails)."""
     # Below the keep-alive of the server intake runs under (the launcher's uvicorn).
     assert (
-        keyring_module.KEEPALIVE_S
-        < uvicorn.Config("lotse_intake.app:create_app").timeout_keep_alive
+        uvicorn.Config("lotse_intake.app:create_app").timeout_keep_alive
+        > keyring_module.KEEPALIVE_S
     )
     monkeypatch.setattr(keyring_module, "KEEPALIVE_S", 0.2)
     ports: list[int] = []
