@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 from lotse_contracts.city import load_city
-from lotse_contracts.cloudevents import from_kafka
+from lotse_contracts.cloudevents import from_kafka, to_kafka_binary
 from lotse_contracts.events.visits import VisitScheduled
 from lotse_contracts.subscriptions import RoutingError, load_registry
 from lotse_runtime import audit
@@ -330,3 +331,38 @@ async def test_a_rolled_back_transaction_sends_no_notice(postgres_url: str) -> N
             assert heard == [NOTIFY_CHANNEL]
     finally:
         await db.dispose()
+
+
+async def test_rows_built_by_the_caller_are_sent_and_a_routed_type_is_refused(
+    db: Database, kafka: KafkaConfig, topics: str, broker: object
+) -> None:
+    """``add_records``: rows a service built itself (reporting's ``kpi-updated`` records)
+    go out like any event; a type with audience copies must go through ``add_cloudevent``."""
+    relay = OutboxRelay(db, kafka, service="visits")
+    outbox = make_outbox(topics, relay)
+    event = scheduled(str(uuid.uuid4()))
+    routed = to_kafka_binary(event.to_cloudevent(source=outbox.source))
+    row = {
+        "topic": topics + "lotse.visits",
+        "record_key": routed.key.decode() if routed.key else None,
+        "value": routed.value,
+        "headers": json.dumps([[k, v.decode()] for k, v in routed.headers]),
+        "event_id": "e-1",
+        "event_type": VisitScheduled.event_type,
+        "created_at": datetime.now(UTC),
+        "sent_at": None,
+    }
+    async with db.transaction() as session:
+        with pytest.raises(ValueError, match="audience copies"):
+            outbox.add_records(session, [row])
+    unrouted = {**row, "event_type": "de.lotse.test.unrouted.v1"}
+    async with db.transaction() as session:
+        outbox.add_records(session, [unrouted])
+    try:
+        await relay.drain()
+        assert relay.published == 1
+        [record] = await read_topic(kafka.bootstrap, topics + "lotse.visits", 1)
+        assert record.value == routed.value
+        assert record.key == routed.key
+    finally:
+        await relay.stop()

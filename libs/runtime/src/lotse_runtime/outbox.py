@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import zlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -140,6 +140,21 @@ class Outbox:
                     "sent_at": None,
                 },
             )
+        self._wake_after_commit(session)
+
+    def add_records(self, session: AsyncSession, rows: Iterable[dict[str, Any]]) -> None:
+        """Add outbox rows built by the caller (``kpi-updated`` records from plain values,
+        say) for their topics: each row names its topic (with the prefix), key, value, headers
+        (as the outbox stores them), event id and type. No audience copies are made, so an
+        event type the registry routes is refused (:meth:`add_cloudevent` routes it)."""
+        routed = set(self.registry.routed_types()) if self.registry is not None else set()
+        for row in rows:
+            if row["event_type"] in routed:
+                raise ValueError(f"{row['event_type']} has audience copies: add it as an event")
+            insert_at_commit(session, _OUTBOX, row)
+        self._wake_after_commit(session)
+
+    def _wake_after_commit(self, session: AsyncSession) -> None:
         sync_session = session.sync_session
         if self._on_commit is not None:
             if not sa_event.contains(sync_session, "after_commit", _wake_once):

@@ -32,11 +32,13 @@ from lotse_contracts.figures import FIGURES
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.db import Database
 from lotse_runtime.refusal import Refusal
+from lotse_runtime.telemetry import inject_headers
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lotse_reporting import domain, report, store
 from lotse_reporting.domain import STADT, Cell, CellKey, Layout, Rules
+from lotse_reporting.records import KpiRecords
 from lotse_reporting.settings import ReportingSettings
 from lotse_reporting.store import KpiFilter
 from lotse_reporting.tables import BezirkPublic, FigurePublic, KpiPublic, ReportingKpi
@@ -400,16 +402,28 @@ def _add_to_outbox(
     cells: Sequence[Cell],
     now: datetime,
 ) -> None:
-    """The ``kpi-updated`` events of ``cells`` through the outbox's CloudEvent path (audience
-    copies, trace headers, one INSERT at commit, the relay woken on commit and, on
-    PostgreSQL, in the other replicas). Not ``Outbox.add``: it validates each model once more,
-    which a pass publishing tens of thousands of freshly built cells cannot afford."""
+    """The ``kpi-updated`` events of ``cells`` through the outbox (one INSERT at commit, the
+    relay woken on commit and, on PostgreSQL, in the other replicas), with the trace context
+    of this pass. Built from plain values (:class:`~lotse_reporting.records.KpiRecords`, the
+    contract's bytes): a model, CloudEvent and record per cell cost more than the pass's
+    computing. Where the registry routes audience copies of them, each goes the event's way
+    (``Outbox.add_cloudevent``), so the outbox makes the copies."""
     outbox = runtime.outbox
-    for cell in cells:
-        cloudevent = kpi_updated(cell, now).to_cloudevent(
-            source=outbox.source, schema_base=outbox.schema_base
-        )
-        outbox.add_cloudevent(session, cloudevent, KpiUpdated.topic)
+    if KpiUpdated.event_type in runtime.registry.routed_types():
+        for cell in cells:
+            cloudevent = kpi_updated(cell, now).to_cloudevent(
+                source=outbox.source, schema_base=outbox.schema_base
+            )
+            outbox.add_cloudevent(session, cloudevent, KpiUpdated.topic)
+        return
+    records = KpiRecords(
+        source=outbox.source,
+        schema_base=outbox.schema_base,
+        now=now,
+        extra_headers=inject_headers(),
+    )
+    topic = outbox.topic_prefix + KpiUpdated.topic
+    outbox.add_records(session, (records.outbox_row(cell, topic) for cell in cells))
 
 
 def kpi_updated(cell: Cell, now: datetime) -> KpiUpdated:

@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import gc
 import sys
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import fields
 from datetime import UTC, datetime
-from json.encoder import encode_basestring_ascii as _text
 from typing import Any
 
 from aiokafka import ConsumerRecord
 from lotse_contracts.events.reporting import KpiUpdated
-from lotse_contracts.figures import FIGURE_UNITS, KpiFigure
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.outbox import OutboxMessage
@@ -50,9 +47,8 @@ from lotse_reporting.domain import (
     ReferralFacts,
     Rules,
 )
-
-# The contract model of a cell, the reference KpiRecords is held to.
 from lotse_reporting.operations import kpi_updated
+from lotse_reporting.records import KpiRecords
 from lotse_reporting.replay_cells import CellsByYear, sum_stored
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.settings import ReportingSettings
@@ -480,63 +476,3 @@ async def publish(
     topic = outbox.topic_prefix + KpiUpdated.topic
     await _insert(session, _OUTBOX, (writer.outbox_row(cell, topic) for cell in changed))
     return len(changed)
-
-
-class KpiRecords:
-    """The Kafka record of a cell's ``kpi-updated`` event, built from plain values: the same
-    bytes and headers as ``KpiUpdated.to_cloudevent`` and ``to_kafka_binary`` give (held to
-    them by ``tests/reporting/test_reporting_replay_output.py``), without a model per cell.
-    Strings are JSON-encoded as ``json.dumps`` encodes them (ASCII, escaped)."""
-
-    def __init__(self, *, source: str, schema_base: str | None, now: datetime) -> None:
-        self.stamp = now.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        self._now = now
-        # The headers' JSON (as the outbox stores it) around the four values that vary.
-        self._headers = (
-            '[["ce_specversion", "1.0"], ["ce_id", {}], '
-            f'["ce_source", {_text(source)}], ["ce_type", {_text(KpiUpdated.event_type)}], '
-            '["ce_subject", {}], '
-            f'["ce_time", {_text(self.stamp)}], ["ce_datacontenttype", "application/json"], '
-            f'["ce_dataschema", {_text(KpiUpdated.schema_uri(schema_base))}], '
-            '["ce_bezirk", {}], ["content-type", "application/json"]]'
-        )
-        self._tail = f',"computed_at":{_text(self.stamp)}}}'
-
-    def headers(self, subject: str, bezirk: str, event_id: str) -> str:
-        """The headers as the outbox stores them (JSON ``[[name, value], ...]``)."""
-        return self._headers.format(_text(event_id), _text(subject), _text(bezirk))
-
-    def value(self, cell: Cell) -> tuple[str, bytes]:
-        """(subject, data as JSON) of the cell's event."""
-        figure, unit = _NAMES[cell.figure]
-        subject = f"{cell.bezirk}/{cell.period}/{figure}"
-        parts = [
-            f'{{"bezirk":{_text(cell.bezirk)},"period":{_text(cell.period)},'
-            f'"figure":{_text(figure)}'
-        ]
-        if cell.dimension is not None:
-            subject = f"{subject}/{cell.dimension}"
-            parts.append(f',"dimension":{_text(cell.dimension)}')
-        if cell.value is not None:
-            parts.append(f',"value":{float(cell.value)!r}')
-        parts.append(',"suppressed":true' if cell.suppressed else ',"suppressed":false')
-        parts.append(f',"unit":{_text(unit)}')
-        parts.append(self._tail)
-        return subject, "".join(parts).encode()
-
-    def outbox_row(self, cell: Cell, topic: str) -> dict[str, Any]:
-        event_id = str(uuid.uuid4())
-        subject, value = self.value(cell)
-        return {
-            "topic": topic,
-            "record_key": subject,
-            "value": value,
-            "headers": self.headers(subject, cell.bezirk, event_id),
-            "event_id": event_id,
-            "event_type": KpiUpdated.event_type,
-            "created_at": self._now,
-            "sent_at": None,
-        }
-
-
-_NAMES = {figure: (figure.value, FIGURE_UNITS[figure].value) for figure in KpiFigure}

@@ -1,6 +1,6 @@
-"""The replay writes its ``kpi-updated`` records from plain values (``KpiRecords``): they
-must be the contract's, byte for byte what the model path gives, and valid against the
-model and the committed JSON Schema."""
+"""The live publisher and the replay write their ``kpi-updated`` records from plain values
+(``KpiRecords``): they must be the contract's, byte for byte what the model path gives (trace
+headers included), and valid against the model and the committed JSON Schema."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from lotse_contracts.cloudevents import to_kafka_binary
 from lotse_contracts.events.reporting import KpiUpdated
 from lotse_reporting import domain
 from lotse_reporting.operations import kpi_updated
+from lotse_reporting.records import KpiRecords
 from lotse_reporting.replay_cells import CellsByYear, sum_families
-from lotse_reporting.replay_rebuild import KpiRecords
 
 from tests.reporting.replay_data import dortmund_rules, mixed_events
 
@@ -77,3 +77,20 @@ def test_a_whole_second_counts_as_the_model_writes_it() -> None:
         kpi_updated(cell, now).to_cloudevent(event_id="x", time=now, source="/lotse/reporting")
     )
     assert writer.value(cell)[1] == expected.value
+
+
+def test_trace_headers_follow_as_the_model_path_puts_them() -> None:
+    cell = next(c for c in _cells() if c.dimension)
+    now = datetime(2026, 12, 7, 3, 4, 5, 678901, tzinfo=UTC)
+    trace = [
+        ("traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ("tracestate", b'vendor={"odd":"braces"}'),
+    ]
+    writer = KpiRecords(source="/lotse/reporting", schema_base=None, now=now, extra_headers=trace)
+    expected = to_kafka_binary(
+        kpi_updated(cell, now).to_cloudevent(event_id="e-1", time=now, source="/lotse/reporting"),
+        extra_headers=trace,
+    )
+    subject, _value = writer.value(cell)
+    headers = json.loads(writer.headers(subject, cell.bezirk, "e-1"))
+    assert headers == [[k, v.decode()] for k, v in expected.headers]
