@@ -22,10 +22,9 @@ from lotse_reporting.domain import Cell
 
 class KpiRecords:
     """The Kafka record of a cell's ``kpi-updated`` event, built from plain values: the same
-        bytes and headers as ``KpiUpdated.to_cloudevent`` and ``to_kafka_binary`` give (held to
-        them by ``tests/reporting/test_reporting_records.py``), without a model per cell: the
-    live publisher's and the replay's.
-        Strings are JSON-encoded as ``json.dumps`` encodes them (ASCII, escaped)."""
+    bytes and headers as ``KpiUpdated.to_cloudevent`` and ``to_kafka_binary`` give, without a
+    model per cell; the live publisher's and the replay's. Strings are JSON-encoded as
+    ``json.dumps`` encodes them (ASCII, escaped)."""
 
     def __init__(
         self,
