@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Broker
+from tests.conftest import Broker, PostgresServer, _admin_execute
 from tests.intake.helpers import (
     ANALYST,
     BABYLOTSE,
@@ -655,3 +655,36 @@ def test_racing_repeats_and_duplicates_make_one_case(intake_any_db: Intake) -> N
     assert counts["intake_case"] == 1
     assert counts["intake_data_key"] == 1
     assert intake_any_db.outbox_types() == ["de.lotse.intake.family-registered.v1"]
+
+
+def test_a_registration_on_connections_a_database_restart_broke_is_retried_not_lost(
+    broker: Broker, topics: str, postgres_url: str, postgres_server: PostgresServer | None
+) -> None:
+    """Pooled connections are not pinged under load (DATABASE_PING_AFTER_IDLE_S): after the
+    server ended every session, a request is answered 201, or 503 with Retry-After and
+    nothing stored; the client's retry with the same Idempotency-Key then registers the
+    family exactly once."""
+    assert postgres_server is not None  # postgres_url skips without a server
+    for intake in run_intake(broker, postgres_url, topics, database_ping_after_idle_s=3600):
+        client = intake.client
+        assert client.post("/cases", json=registration(), headers=BABYLOTSE).status_code == 201
+        database = postgres_url.rsplit("/", 1)[1]
+        _admin_execute(
+            postgres_server.admin_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            f" WHERE datname = '{database}' AND pid <> pg_backend_pid()",
+        )
+        body = registration(
+            family={"family_name": "Nowak", "parent_given_names": ["Ewa"], "phone": "+49 231 1"}
+        )
+        headers = {**BABYLOTSE, "Idempotency-Key": f"restart-{uuid.uuid4()}"}
+        answers = [client.post("/cases", json=body, headers=headers) for _ in range(3)]
+        refused = [a for a in answers if a.status_code == 503]
+        registered = [a for a in answers if a.status_code == 201]
+        assert len(refused) + len(registered) == 3, [a.text for a in answers]
+        assert all(a.headers.get("Retry-After") == "1" for a in refused)
+        # The first 201 registered the family; the ones after it are the same answer replayed.
+        assert registered
+        assert answers.index(registered[0]) == len(refused)
+        assert len({a.json()["case_id"] for a in registered}) == 1
+        assert intake.row_counts()["intake_case"] == 2
