@@ -574,7 +574,6 @@ def _registration_consents(
     rows: list[IntakeConsent] = []
     changes: list[IntakeConsentChange] = []
     consents: list[Consent] = []
-    recorded_at = call.now()
     for position, given in enumerate(body.consents):
         row = IntakeConsent(
             consent_id=str(uuid.uuid4()),
@@ -587,17 +586,7 @@ def _registration_consents(
             position=position,
         )
         rows.append(row)
-        changes.append(
-            IntakeConsentChange(
-                consent_id=row.consent_id,
-                case_id=case_id,
-                state=ConsentState.GIVEN.value,
-                at=row.given_at,
-                recorded_at=recorded_at,
-                recorded_by_role=recorded_by.value,
-                recorded_by_subject=call.caller.subject,
-            )
-        )
+        changes.append(consent_change(call, row, ConsentState.GIVEN, row.given_at, recorded_by))
         consents.append(
             Consent(
                 consent_id=row.consent_id,
@@ -677,16 +666,11 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
     return Outcome(201, _case_public(case, answered), case_id)
 
 
-def record_consent_change(
-    session: AsyncSession,
-    call: Call,
-    consent: IntakeConsent,
-    state: ConsentState,
-    at: datetime,
-    role: EventRole,
+def consent_change(
+    call: Call, consent: IntakeConsent, state: ConsentState, at: datetime, role: EventRole
 ) -> IntakeConsentChange:
     """One entry of a consent's history (given or withdrawn, when, by which role)."""
-    change = IntakeConsentChange(
+    return IntakeConsentChange(
         consent_id=consent.consent_id,
         case_id=consent.case_id,
         state=state.value,
@@ -695,8 +679,6 @@ def record_consent_change(
         recorded_by_role=role.value,
         recorded_by_subject=call.caller.subject,
     )
-    session.add(change)
-    return change
 
 
 def consent_changed(
@@ -710,7 +692,7 @@ def consent_changed(
     """A consent given or withdrawn after registration (its ``state`` says which): recorded
     in its history and published as ``consent-changed``."""
     state = ConsentState(consent.state)
-    record_consent_change(session, call, consent, state, at, role)
+    session.add(consent_change(call, consent, state, at, role))
     call.runtime.outbox.add(
         session,
         ConsentChanged(
