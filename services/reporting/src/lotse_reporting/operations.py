@@ -386,7 +386,7 @@ async def _publish_year(
                 now = runtime.clock().astimezone(UTC)
                 revision += 1
                 await store.save_cells(session, changed_cells, now, revision)
-                _add_to_outbox(runtime, session, changed_cells, now)
+                add_kpi_events(runtime, session, changed_cells, now)
     # Committed: what this pass computed from and published is what the next one builds on.
     if before is not None:
         before.update({cell.key: (cell.value, cell.suppressed) for cell in changed_cells})
@@ -396,7 +396,7 @@ async def _publish_year(
     return len(changed_cells), newest
 
 
-def _add_to_outbox(
+def add_kpi_events(
     runtime: ServiceRuntime[ReportingSettings],
     session: AsyncSession,
     cells: Sequence[Cell],

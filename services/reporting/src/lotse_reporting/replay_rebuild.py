@@ -47,7 +47,7 @@ from lotse_reporting.domain import (
     ReferralFacts,
     Rules,
 )
-from lotse_reporting.operations import kpi_updated
+from lotse_reporting.operations import add_kpi_events
 from lotse_reporting.records import KpiRecords
 from lotse_reporting.replay_cells import CellsByYear, sum_stored
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
@@ -465,12 +465,8 @@ async def publish(
     await store.set_state(session, store.REVISION, str(revision))
     outbox = runtime.outbox
     if KpiUpdated.event_type in runtime.registry.routed_types():
-        # Audience copies are the outbox's business: let it route each event.
-        for cell in changed:
-            event = kpi_updated(cell, now).to_cloudevent(
-                source=outbox.source, schema_base=outbox.schema_base
-            )
-            outbox.add_cloudevent(session, event, KpiUpdated.topic)
+        # Audience copies are the outbox's business: the live publisher's way.
+        add_kpi_events(runtime, session, changed, now)
         return len(changed)
     writer = KpiRecords(source=outbox.source, schema_base=outbox.schema_base, now=now)
     topic = outbox.topic_prefix + KpiUpdated.topic
