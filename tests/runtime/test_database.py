@@ -191,7 +191,7 @@ async def test_a_transaction_waiting_for_the_sqlite_write_lock_leaves_the_event_
         await db.dispose()
 
 
-async def _end_pooled_sessions(db: Database, postgres_url: str) -> int:
+async def _end_pooled_sessions(postgres_url: str) -> int:
     """What a database restart does to a pool: every session it holds is gone."""
     admin = Database(postgres_url)
     try:
@@ -207,6 +207,17 @@ async def _end_pooled_sessions(db: Database, postgres_url: str) -> int:
         await admin.dispose()
 
 
+@contextlib.asynccontextmanager
+async def _pinging(postgres_url: str, after_s: float) -> AsyncIterator[Database]:
+    """A PostgreSQL database whose pool pings connections idle for ``after_s``."""
+    db = Database(postgres_url, ping_after_idle_s=after_s)
+    try:
+        await create_schema(db, [Tally])
+        yield db
+    finally:
+        await db.dispose()
+
+
 async def _count(db: Database) -> int:
     async with db.transaction() as session:
         return int((await session.execute(select(func.count()).select_from(Tally))).scalar_one())
@@ -215,16 +226,12 @@ async def _count(db: Database) -> int:
 async def test_a_connection_idle_past_the_ping_age_is_pinged_and_replaced(
     postgres_url: str,
 ) -> None:
-    db = Database(postgres_url, ping_after_idle_s=0.2)
-    try:
-        await create_schema(db, [Tally])
+    async with _pinging(postgres_url, after_s=0.2) as db:
         assert await _count(db) == 0  # a connection now waits in the pool
-        assert await _end_pooled_sessions(db, postgres_url) >= 1
+        assert await _end_pooled_sessions(postgres_url) >= 1
         await asyncio.sleep(0.3)
         # Pinged at checkout, found dead, replaced: the transaction never sees it.
         assert await _count(db) == 0
-    finally:
-        await db.dispose()
 
 
 async def test_a_connection_broken_before_its_ping_age_fails_one_transaction_as_transient(
@@ -233,9 +240,7 @@ async def test_a_connection_broken_before_its_ping_age_fails_one_transaction_as_
     """No ping under load: the first transaction on a broken connection fails as transient
     (retried by consumers, 503 with Retry-After over HTTP), and the whole pool is renewed, so
     the next transaction works and nothing was written by the failed one."""
-    db = Database(postgres_url, ping_after_idle_s=3600)
-    try:
-        await create_schema(db, [Tally])
+    async with _pinging(postgres_url, after_s=3600) as db:
 
         async def four_at_once() -> None:
             async def hold() -> None:
@@ -245,15 +250,13 @@ async def test_a_connection_broken_before_its_ping_age_fails_one_transaction_as_
             await asyncio.gather(*(hold() for _ in range(4)))
 
         await four_at_once()  # four connections wait in the pool
-        assert await _end_pooled_sessions(db, postgres_url) >= 4
+        assert await _end_pooled_sessions(postgres_url) >= 4
         with pytest.raises(DBAPIError) as failed:
             async with db.transaction() as session:
                 session.add(Tally(seen_before=1))
         assert transient_error(failed.value)
         await four_at_once()  # every connection of the pool was replaced, none fails
         assert await _count(db) == 0
-    finally:
-        await db.dispose()
 
 
 async def test_rows_added_at_commit_get_generated_keys_and_go_with_a_rolled_back_savepoint(

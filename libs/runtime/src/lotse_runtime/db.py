@@ -403,10 +403,8 @@ class _PingWhenIdle:
     def __init__(self, after_s: float) -> None:
         self.after_s = after_s
 
-    def connected(self, _dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        record.info[_IDLE_SINCE] = time.monotonic()
-
-    def checked_in(self, _dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    def rested(self, _dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        """A connection made or given back: idle from now on."""
         record.info[_IDLE_SINCE] = time.monotonic()
 
     def checked_out(
@@ -452,8 +450,8 @@ class Database:
         else:
             ping = _PingWhenIdle(ping_after_idle_s)
             pool = self.engine.sync_engine.pool
-            event.listen(pool, "connect", ping.connected)
-            event.listen(pool, "checkin", ping.checked_in)
+            event.listen(pool, "connect", ping.rested)
+            event.listen(pool, "checkin", ping.rested)
             event.listen(pool, "checkout", ping.checked_out)
         self._sessions = async_sessionmaker(
             self.engine, expire_on_commit=False, sync_session_class=_DeferringSession
