@@ -104,8 +104,7 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
                 referral_targets, set(), timeout_s=args.referral_grace
             )
             referrals_done = time.perf_counter()
-            cpu_seconds = cpu.seconds()
-            system_seconds = cpu.system_seconds()
+            cpu_times = cpu.user_and_system()
             await partners.wait_answered(n_handovers, timeout_s=10)
     finally:
         await partners.stop()
@@ -138,6 +137,7 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     raw_rate = raw["messages_per_s"] or 0.0
     # Service CPU from the first registration until reporting counted every referral (the
     # events window), per family: what one family costs the platform, broker apart.
+    cpu_seconds = {name: user + system for name, (user, system) in cpu_times.items()}
     cpu_ms = {k: round(v * 1000 / n, 2) for k, v in cpu_seconds.items() if k != BROKER}
     return {
         "cpu_ms_per_family": cpu_ms,
@@ -145,7 +145,9 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         # The kernel's share: on PostgreSQL over loopback TCP the sender's system calls also
         # run the receiving side's network stack, which a database on another host would not.
         "system_cpu_ms_per_family": {
-            k: round(v * 1000 / n, 2) for k, v in system_seconds.items() if k != BROKER
+            k: round(system * 1000 / n, 2)
+            for k, (_user, system) in cpu_times.items()
+            if k != BROKER
         },
         "broker_cpu_ms_per_family": round(cpu_seconds.get(BROKER, 0.0) * 1000 / n, 2),
         "complete": complete,

@@ -160,21 +160,15 @@ class CpuMeter:
                 found[name] = (float(times.user), float(times.system))
         return found
 
-    def _since(self) -> dict[str, tuple[float, float]]:
+    def user_and_system(self) -> dict[str, tuple[float, float]]:
+        """CPU seconds per process since this meter was made, in user space and in the kernel
+        (system calls: sockets, files, waking others), from one reading of each process."""
         now = self._now()
         return {
             name: (now[name][0] - self._start[name][0], now[name][1] - self._start[name][1])
             for name in now
             if name in self._start
         }
-
-    def seconds(self) -> dict[str, float]:
-        """CPU seconds per process since this meter was made."""
-        return {name: user + system for name, (user, system) in self._since().items()}
-
-    def system_seconds(self) -> dict[str, float]:
-        """Of those, the seconds in the kernel (system calls: sockets, files, waking others)."""
-        return {name: system for name, (_user, system) in self._since().items()}
 
 
 @dataclass
