@@ -159,6 +159,51 @@ async def test_statements_inside_a_sqlite_transaction_take_no_thread_hand_off(
         await db.dispose()
 
 
+async def test_a_sqlite_transaction_begins_on_the_driver_when_the_lock_is_free(
+    sqlite_url: str,
+) -> None:
+    """BEGIN IMMEDIATE does not go through SQLAlchemy's statement machinery when the write
+    lock is free: SQLAlchemy executes only the transaction's own statements. Held by another
+    connection, BEGIN takes the statement path and waits in the connection's thread."""
+    from sqlalchemy import event
+
+    db = Database(sqlite_url)
+    path = sqlite_url.removeprefix("sqlite+aiosqlite:///")
+    executed: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        executed.append(statement.split()[0].upper())
+
+    try:
+        await create_schema(db, [Tally])
+        event.listen(db.engine.sync_engine, "before_cursor_execute", seen)
+        async with db.transaction() as session:
+            session.add(Tally(seen_before=0))
+        assert executed == ["INSERT"]
+        async with db.transaction() as session:
+            assert (await session.execute(select(func.count()).select_from(Tally))).scalar() == 1
+        assert executed == ["INSERT", "SELECT"]
+
+        executed.clear()
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+
+        async def write() -> None:
+            async with db.transaction() as session:
+                session.add(Tally(seen_before=1))
+
+        writer = asyncio.create_task(write())
+        await asyncio.sleep(0.1)
+        assert not writer.done()
+        holder.execute("COMMIT")
+        holder.close()
+        await writer
+        assert executed == ["BEGIN", "INSERT"]
+        assert await _count(db) == 2
+    finally:
+        await db.dispose()
+
+
 async def test_a_transaction_waiting_for_the_sqlite_write_lock_leaves_the_event_loop_free(
     sqlite_url: str,
 ) -> None:
