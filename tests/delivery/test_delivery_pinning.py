@@ -23,7 +23,7 @@ from lotse_delivery.worker import DeliveryWorker
 from lotse_runtime.testing import InProcessFeed, without_broker
 
 from tests.delivery.helpers import TRAEGER, referral
-from tests.support import bearer
+from tests.support import bearer, eventually
 
 REQUESTED = "de.lotse.referrals.referral-requested.v1"
 NAME = "hooks.partner.invalid"  # .invalid: no real DNS answers for it
@@ -118,6 +118,11 @@ async def test_a_name_rebound_to_an_internal_address_is_never_connected_to(
     app = create_app(settings, resolver=dns)
     network = Recording()
     async with without_broker(app) as runtime:
+        # The app's own worker ticks once as it starts (then hourly here). Its tick is let pass
+        # before the subscription exists: it would otherwise race this test's worker for the
+        # event's lease, and connect for real.
+        deliver = next(job for job in runtime.jobs if job.name == "deliver")
+        await eventually(lambda: deliver.runs > 0, interval_s=0.005)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
         created = await client.post(
             "/subscriptions",

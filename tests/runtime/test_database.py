@@ -159,15 +159,50 @@ async def test_statements_inside_a_sqlite_transaction_take_no_thread_hand_off(
         await db.dispose()
 
 
+def _statements_seen(db: Database) -> list[str]:
+    """The first word of every statement SQLAlchemy executes on ``db`` from now on."""
+    from sqlalchemy import event
+
+    executed: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        executed.append(statement.split()[0].upper())
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", seen)
+    return executed
+
+
+async def test_a_sqlite_transaction_begins_on_the_driver_when_the_lock_is_free(
+    sqlite_url: str,
+) -> None:
+    """BEGIN IMMEDIATE does not go through SQLAlchemy's statement machinery when the write
+    lock is free: SQLAlchemy executes only the transaction's own statements (held, see the
+    next test)."""
+    db = Database(sqlite_url)
+    try:
+        await create_schema(db, [Tally])
+        executed = _statements_seen(db)
+        async with db.transaction() as session:
+            session.add(Tally(seen_before=0))
+        assert executed == ["INSERT"]
+        async with db.transaction() as session:
+            assert (await session.execute(select(func.count()).select_from(Tally))).scalar() == 1
+        assert executed == ["INSERT", "SELECT"]
+    finally:
+        await db.dispose()
+
+
 async def test_a_transaction_waiting_for_the_sqlite_write_lock_leaves_the_event_loop_free(
     sqlite_url: str,
 ) -> None:
     """BEGIN IMMEDIATE runs in the event loop's thread only when the lock is free at once;
-    held by another connection, it waits in the connection's thread (busy_timeout)."""
+    held by another connection, it takes SQLAlchemy's statement path and waits in the
+    connection's thread (busy_timeout)."""
     db = Database(sqlite_url)
     path = sqlite_url.removeprefix("sqlite+aiosqlite:///")
     try:
         await create_schema(db, [Tally])
+        executed = _statements_seen(db)
         holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         holder.execute("BEGIN IMMEDIATE")
 
@@ -184,6 +219,7 @@ async def test_a_transaction_waiting_for_the_sqlite_write_lock_leaves_the_event_
         holder.execute("COMMIT")
         holder.close()
         await writer
+        assert executed == ["BEGIN", "INSERT"]
         async with db.transaction() as session:
             count = (await session.execute(select(func.count()).select_from(Tally))).scalar_one()
         assert count == 1

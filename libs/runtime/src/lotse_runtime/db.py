@@ -128,25 +128,13 @@ class _OneHandOffCursor(AsyncAdapt_aiosqlite_cursor):
         of a service (a few tens of microseconds in SQLite), two thread switches and a trip
         through the event loop.
         """
-        sqlite: sqlite3.Connection | None = self._connection._connection
+        sqlite = self._driver()
         return sqlite if sqlite is not None and sqlite.in_transaction else None
 
-    def _begin_if_free(self) -> _StatementResult | None:
-        """BEGIN IMMEDIATE right here if the write lock is free now, else None (then the
-        connection's thread waits for it, up to busy_timeout, while the event loop runs on)."""
+    def _driver(self) -> sqlite3.Connection | None:
+        """The sqlite3 connection (None once closed)."""
         sqlite: sqlite3.Connection | None = self._connection._connection
-        if sqlite is None:
-            return None
-        sqlite.execute("PRAGMA busy_timeout=0")
-        try:
-            result, _ = _run_statement(sqlite, _BEGIN, None)
-        except sqlite3.OperationalError as exc:
-            if not any(word in str(exc).lower() for word in _SQLITE_BUSY_WORDS):
-                raise
-            return None
-        finally:
-            sqlite.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        return result
+        return sqlite
 
     def close(self) -> None:
         self._rows.clear()
@@ -156,7 +144,7 @@ class _OneHandOffCursor(AsyncAdapt_aiosqlite_cursor):
             sqlite = self._inline_connection()
             if sqlite is not None:
                 result, rows = _run_statement(sqlite, operation, parameters)
-            elif operation == _BEGIN and (began := self._begin_if_free()) is not None:
+            elif operation == _BEGIN and (began := _begin_if_free(self._driver())) is not None:
                 result, rows = began, []
             else:
                 result, rows = await self._in_thread(_run_statement, operation, parameters)
@@ -178,6 +166,23 @@ class _OneHandOffCursor(AsyncAdapt_aiosqlite_cursor):
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         # aiosqlite's own queue to its thread (the sqlite3 connection is bound to that thread).
         return await connection._execute(fn, connection._conn, *args)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _begin_if_free(sqlite: sqlite3.Connection | None) -> _StatementResult | None:
+    """BEGIN IMMEDIATE right here if the write lock is free now, else None (then the
+    connection's thread waits for it, up to busy_timeout, while the event loop runs on)."""
+    if sqlite is None or sqlite.in_transaction:
+        return None
+    sqlite.execute("PRAGMA busy_timeout=0")
+    try:
+        result, _ = _run_statement(sqlite, _BEGIN, None)
+    except sqlite3.OperationalError as exc:
+        if not any(word in str(exc).lower() for word in _SQLITE_BUSY_WORDS):
+            raise
+        return None
+    finally:
+        sqlite.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    return result
 
 
 def _run_statement(
@@ -269,6 +274,12 @@ def _sqlite_begin(conn: Any) -> None:
     checkpoint) stay outside any transaction.
     """
     if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return
+    # Straight on the driver when the lock is free (nearly always): as a statement through
+    # SQLAlchemy, BEGIN cost about as much CPU as the transaction's own first statement.
+    # The session has just checked the connection out, so nothing else is using it.
+    driver: sqlite3.Connection | None = conn.connection.dbapi_connection._connection._connection
+    if _begin_if_free(driver) is not None:
         return
     conn.exec_driver_sql(_BEGIN)
 
