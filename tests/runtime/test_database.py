@@ -8,15 +8,17 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lotse_runtime.db import Database, add_at_commit, transient_error
 from lotse_runtime.migrations import create_schema
-from sqlalchemy import text
+from sqlalchemy import JSON, Column, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlmodel import Field, SQLModel, col, func, select
+from sqlmodel import Field, SQLModel, UTCDateTime, col, func, select
 
 
 class Tally(SQLModel, table=True):
@@ -24,6 +26,18 @@ class Tally(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     seen_before: int
+
+
+class Stamped(SQLModel, table=True):
+    """Columns with bind processors: a UTC time, a flag, a JSON document."""
+
+    __tablename__ = "test_stamped"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True, max_length=32)
+    at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    flag: bool = False
+    document: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class _PgError(Exception):
@@ -314,3 +328,69 @@ async def test_rows_added_at_commit_get_generated_keys_and_go_with_a_rolled_back
     assert [row.seen_before for row in rows] == [1, 2]
     assert all(row.id is not None for row in rows)
     assert len({row.id for row in rows}) == 2
+
+
+async def test_rows_added_at_commit_on_sqlite_go_to_the_driver_and_store_what_the_orm_stores(
+    sqlite_url: str,
+) -> None:
+    """At commit the rows go straight to SQLite's driver (SQLAlchemy executes no INSERT),
+    through the columns' own bind processors: stored as the ORM stores the same values."""
+    db = Database(sqlite_url)
+    at = datetime(2025, 3, 3, 9, 15, 0, 123456, tzinfo=timezone(timedelta(hours=1)))
+
+    def stamped(key: str) -> Stamped:
+        return Stamped(key=key, at=at, flag=True, document={"zone": "Hörde", "n": [1, 2]})
+
+    try:
+        await create_schema(db, [Stamped])
+        executed = _statements_seen(db)
+        async with db.transaction() as session:
+            session.add(stamped("orm"))
+        assert executed == ["INSERT"]
+        async with db.transaction() as session:
+            add_at_commit(session, stamped("at-commit"))
+            add_at_commit(session, stamped("at-commit-2"))
+        assert executed == ["INSERT"]  # none more
+        async with db.autocommit() as conn:
+            stored = (
+                await conn.exec_driver_sql(
+                    "SELECT key, at, flag, document FROM test_stamped ORDER BY id"
+                )
+            ).all()
+        assert [row[0] for row in stored] == ["orm", "at-commit", "at-commit-2"]
+        assert stored[1][1:] == stored[0][1:] == stored[2][1:]
+        async with db.transaction() as session:
+            read = (
+                await session.execute(select(Stamped).where(col(Stamped.key) == "at-commit"))
+            ).scalar_one()
+        assert read.at == at.astimezone(UTC)
+        assert (read.flag, read.document) == (True, {"zone": "Hörde", "n": [1, 2]})
+    finally:
+        await db.dispose()
+
+
+async def test_a_taken_key_at_commit_fails_the_transaction_as_sqlalchemy_reports_it(
+    database_url: str,
+) -> None:
+    """On both databases: an IntegrityError (what callers catch for a lost race), and
+    nothing of the transaction stays."""
+    db = Database(database_url)
+    at = datetime(2025, 3, 3, 8, 15, tzinfo=UTC)
+    try:
+        await create_schema(db, [Stamped, Tally])
+        async with db.transaction() as session:
+            add_at_commit(session, Stamped(key="taken", at=at))
+
+        async def clash() -> None:
+            async with db.transaction() as session:
+                session.add(Tally(seen_before=7))
+                add_at_commit(session, Stamped(key="free", at=at), Stamped(key="taken", at=at))
+
+        with pytest.raises(IntegrityError):
+            await clash()
+        async with db.transaction() as session:
+            keys = (await session.execute(select(col(Stamped.key)))).scalars().all()
+        assert keys == ["taken"]
+        assert await _count(db) == 0
+    finally:
+        await db.dispose()

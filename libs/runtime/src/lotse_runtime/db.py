@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_cursor,
     AsyncAdapt_aiosqlite_dbapi,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
@@ -333,7 +334,61 @@ def _insert_deferred(session: Session) -> None:
     for table, row, _savepoint in rows:
         by_table.setdefault(table, []).append(row)
     for table, values in by_table.items():
-        session.execute(insert(table), values)
+        if not _insert_on_sqlite(session, table, values):
+            session.execute(insert(table), values)
+
+
+def _insert_on_sqlite(session: Session, table: Table, values: list[dict[str, Any]]) -> bool:
+    """On SQLite, insert the rows with the driver's own executemany, on the event loop's
+    thread like every statement inside a Lotse transaction (it holds the write lock since
+    BEGIN IMMEDIATE); False elsewhere, or when the statement needs more than the rows hold
+    (a column default computed by SQLAlchemy), and SQLAlchemy inserts them.
+
+    The values go through the columns' own bind processors, so the stored values are what
+    SQLAlchemy stores; an error is raised as SQLAlchemy raises it (an IntegrityError for a
+    taken key). Through SQLAlchemy's execution path the INSERT cost ~100 µs per table and
+    transaction, several times SQLite's own work, at every commit of every service."""
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return False
+    adapted: Any = connection.connection.dbapi_connection
+    driver: sqlite3.Connection | None = adapted._connection._connection
+    if driver is None or not driver.in_transaction:
+        return False
+    columns = values[0].keys()
+    prepared = _sqlite_insert(table, tuple(columns), connection.dialect)
+    if prepared is None or any(row.keys() != columns for row in values):
+        return False
+    sql, names, processors = prepared
+    rows = [
+        tuple(
+            row[name] if process is None else process(row[name])
+            for name, process in zip(names, processors, strict=True)
+        )
+        for row in values
+    ]
+    try:
+        driver.executemany(sql, rows)
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(sql, rows, exc, sqlite3.Error) from exc
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _sqlite_insert(
+    table: Table, columns: tuple[str, ...], dialect: Dialect
+) -> tuple[str, list[str], list[Callable[[Any], Any] | None]] | None:
+    """The INSERT of ``columns`` into ``table`` as SQLite's driver takes it: its SQL, the
+    order of its parameters and their bind processors; None when SQLAlchemy would add a
+    parameter the rows do not hold."""
+    compiled = insert(table).compile(dialect=dialect, column_keys=list(columns))
+    names = list(compiled.positiontup or ())
+    if set(names) != set(columns):
+        return None
+    processors: list[Callable[[Any], Any] | None] = [
+        table.c[name].type._cached_bind_processor(dialect) for name in names
+    ]
+    return str(compiled), names, processors
 
 
 def _drop_rolled_back(session: Session, transaction: SessionTransaction) -> None:
