@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lotse_runtime.db import Database, add_at_commit, transient_error
+from lotse_runtime.db import Database, _OneHandOffCursor, add_at_commit, transient_error
 from lotse_runtime.migrations import create_schema
 from sqlalchemy import JSON, Column, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
@@ -331,7 +331,7 @@ async def test_rows_added_at_commit_get_generated_keys_and_go_with_a_rolled_back
 
 
 async def test_rows_added_at_commit_on_sqlite_go_to_the_driver_and_store_what_the_orm_stores(
-    sqlite_url: str,
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """At commit the rows go straight to SQLite's driver (SQLAlchemy executes no INSERT),
     through the columns' own bind processors: stored as the ORM stores the same values."""
@@ -343,7 +343,18 @@ async def test_rows_added_at_commit_on_sqlite_go_to_the_driver_and_store_what_th
 
     try:
         await create_schema(db, [Stamped])
-        executed = _statements_seen(db)
+        # Seen where SQLAlchemy hands statements to the driver (an engine listener would
+        # itself send the rows SQLAlchemy's way, so that tracing sees them).
+        executed: list[str] = []
+        cursor = _OneHandOffCursor
+        for name in ("_execute_async", "_executemany_async"):
+            original = getattr(cursor, name)
+
+            async def counting(self: Any, operation: str, *args: Any, _run: Any = original) -> Any:
+                executed.append(operation.split()[0].upper())
+                return await _run(self, operation, *args)
+
+            monkeypatch.setattr(cursor, name, counting)
         async with db.transaction() as session:
             session.add(stamped("orm"))
         assert executed == ["INSERT"]
@@ -392,5 +403,19 @@ async def test_a_taken_key_at_commit_fails_the_transaction_as_sqlalchemy_reports
             keys = (await session.execute(select(col(Stamped.key)))).scalars().all()
         assert keys == ["taken"]
         assert await _count(db) == 0
+    finally:
+        await db.dispose()
+
+
+async def test_rows_added_at_commit_are_seen_by_statement_listeners(sqlite_url: str) -> None:
+    """While statements are observed (tracing's engine hooks), the INSERT at commit goes
+    SQLAlchemy's way, so it is seen like every other statement."""
+    db = Database(sqlite_url)
+    try:
+        await create_schema(db, [Stamped])
+        executed = _statements_seen(db)
+        async with db.transaction() as session:
+            add_at_commit(session, Stamped(key="seen", at=datetime(2025, 3, 3, tzinfo=UTC)))
+        assert executed == ["INSERT"]
     finally:
         await db.dispose()

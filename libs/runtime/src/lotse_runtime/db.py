@@ -14,7 +14,7 @@ import functools
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_cursor,
     AsyncAdapt_aiosqlite_dbapi,
 )
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
@@ -334,22 +334,28 @@ def _insert_deferred(session: Session) -> None:
     for table, row, _savepoint in rows:
         by_table.setdefault(table, []).append(row)
     for table, values in by_table.items():
-        if not _insert_on_sqlite(session, table, values):
+        if not insert_on_sqlite(session.connection(), table, values):
             session.execute(insert(table), values)
 
 
-def _insert_on_sqlite(session: Session, table: Table, values: list[dict[str, Any]]) -> bool:
+def insert_on_sqlite(
+    connection: Connection, table: Table, values: Sequence[Mapping[str, Any]]
+) -> bool:
     """On SQLite, insert the rows with the driver's own executemany, on the event loop's
     thread like every statement inside a Lotse transaction (it holds the write lock since
     BEGIN IMMEDIATE); False elsewhere, or when the statement needs more than the rows hold
-    (a column default computed by SQLAlchemy), and SQLAlchemy inserts them.
+    (a column default computed by SQLAlchemy), or while statements are observed, and
+    SQLAlchemy inserts them.
 
     The values go through the columns' own bind processors, so the stored values are what
     SQLAlchemy stores; an error is raised as SQLAlchemy raises it (an IntegrityError for a
     taken key). Through SQLAlchemy's execution path the INSERT cost ~100 µs per table and
     transaction, several times SQLite's own work, at every commit of every service."""
-    connection = session.connection()
-    if connection.dialect.name != "sqlite":
+    if connection.dialect.name != "sqlite" or not values:
+        return False
+    if connection.dispatch.before_cursor_execute or connection.dispatch.after_cursor_execute:
+        # Statements are observed (tracing exports, a test listens): SQLAlchemy runs it, so
+        # the INSERT is seen like every other statement.
         return False
     adapted: Any = connection.connection.dbapi_connection
     driver: sqlite3.Connection | None = adapted._connection._connection

@@ -27,6 +27,8 @@ from sqlalchemy import Dialect, Select, Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import Field, SQLModel, col
 
+from lotse_runtime.db import insert_on_sqlite
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -236,6 +238,12 @@ async def record_rows(session: AsyncSession, rows: Sequence[Row]) -> None:
     if not rows:
         return
     connection = await session.connection()
+    if connection.dialect.name == "sqlite" and connection.sync_connection is not None:
+        # Straight to the driver (see lotse_runtime.db.insert_on_sqlite).
+        now = _utcnow()
+        entries = [dict(zip(_ROW_ORDER, (*r[:7], now, r[7]), strict=True)) for r in rows]
+        if insert_on_sqlite(connection.sync_connection, _TABLE, entries):
+            return
     prepared = _insert_rows(connection.dialect)
     if prepared is None:  # a driver with named parameters: SQLAlchemy's own executemany
         now = _utcnow()
