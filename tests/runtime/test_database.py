@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lotse_runtime.db import Database, _OneHandOffCursor, add_at_commit, transient_error
+from lotse_runtime.db import (
+    Database,
+    _OneHandOffCursor,
+    add_at_commit,
+    run_on_sqlite,
+    transient_error,
+)
 from lotse_runtime.migrations import create_schema
 from sqlalchemy import JSON, Column, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
@@ -419,3 +425,52 @@ async def test_rows_added_at_commit_are_seen_by_statement_listeners(sqlite_url: 
         assert executed == ["INSERT"]
     finally:
         await db.dispose()
+
+
+async def test_prebuilt_upserts_and_updates_run_on_the_sqlite_driver_as_sqlalchemy_runs_them(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upsert that adds to a row and an UPDATE with bound parameters (as reporting's cells
+    and dirty marks are written) give the same rows on the driver as through SQLAlchemy; a
+    statement that needs what the rows do not hold is left to SQLAlchemy."""
+    from sqlalchemy import bindparam, update
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    table = Tally.__table__  # type: ignore[attr-defined]
+    upsert = sqlite_insert(table)
+    adding = upsert.on_conflict_do_update(
+        index_elements=["id"],
+        set_={"seen_before": table.c.seen_before + upsert.excluded.seen_before},
+    )
+    doubling = (
+        update(table)
+        .where(table.c.id == bindparam("key"))
+        .values(seen_before=table.c.seen_before * bindparam("factor"))
+    )
+    rows = [{"id": 1, "seen_before": 2}, {"id": 2, "seen_before": 5}, {"id": 1, "seen_before": 3}]
+
+    async def written(url: str, on_driver: bool) -> list[tuple[Any, ...]]:
+        db = Database(url)
+        try:
+            await create_schema(db, [Tally])
+            async with db.transaction() as session:
+                sync = (await session.connection()).sync_connection
+                assert sync is not None
+                for statement, values in ((adding, rows), (doubling, [{"key": 1, "factor": 10}])):
+                    if not on_driver:
+                        await session.execute(statement, values)
+                    else:
+                        assert run_on_sqlite(sync, statement, values)
+                # Wants "factor", which the row does not hold: SQLAlchemy's to run.
+                assert not run_on_sqlite(sync, doubling, [{"key": 2}])
+            async with db.transaction() as session:
+                found = await session.execute(select(col(Tally.id), col(Tally.seen_before)))
+                return sorted(tuple(row) for row in found.all())
+        finally:
+            await db.dispose()
+
+    through_sqlalchemy = await written(sqlite_url, on_driver=False)
+    assert through_sqlalchemy == [(1, 50), (2, 5)]
+    assert (
+        await written(sqlite_url.replace(".db", "-driver.db"), on_driver=True) == through_sqlalchemy
+    )
