@@ -55,6 +55,7 @@ from lotse_contracts.events.referrals import (
     WishWaitingFor,
 )
 from lotse_runtime import audit
+from lotse_runtime.db import add_at_commit
 from lotse_runtime.identity import AccessDenied, Caller, CaseScope, ensure_may_access_case
 from lotse_runtime.identity import Role as CallerRole
 from lotse_runtime.identity import event_role as event_role_of
@@ -515,7 +516,10 @@ def _add_step(
     now: datetime,
     event_id: str | None = None,
 ) -> None:
-    session.add(
+    # Inserted at commit: the history is only appended to, and read in other transactions
+    # (a referral's page, retention), so the ORM's unit of work has nothing to track.
+    add_at_commit(
+        session,
         ReferralStep(
             referral_id=referral.referral_id,
             step=step,
@@ -523,7 +527,7 @@ def _add_step(
             occurred_at=occurred_at,
             recorded_at=now,
             event_id=event_id,
-        )
+        ),
     )
 
 
