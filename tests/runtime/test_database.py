@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from lotse_runtime.db import (
     Database,
-    _OneHandOffCursor,
     add_at_commit,
     run_on_sqlite,
     transient_error,
@@ -336,12 +335,15 @@ async def test_rows_added_at_commit_get_generated_keys_and_go_with_a_rolled_back
     assert len({row.id for row in rows}) == 2
 
 
-async def test_rows_added_at_commit_on_sqlite_go_to_the_driver_and_store_what_the_orm_stores(
-    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+async def test_rows_added_at_commit_go_to_the_driver_and_store_what_the_orm_stores(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """At commit the rows go straight to SQLite's driver (SQLAlchemy executes no INSERT),
+    """At commit the rows go straight to the driver (SQLAlchemy executes no INSERT of its
+    own: on SQLite on the connection, on PostgreSQL through the asyncpg adapter's cursor),
     through the columns' own bind processors: stored as the ORM stores the same values."""
-    db = Database(sqlite_url)
+    from sqlalchemy.engine import Connection
+
+    db = Database(database_url)
     at = datetime(2025, 3, 3, 9, 15, 0, 123456, tzinfo=timezone(timedelta(hours=1)))
 
     def stamped(key: str) -> Stamped:
@@ -351,16 +353,18 @@ async def test_rows_added_at_commit_on_sqlite_go_to_the_driver_and_store_what_th
         await create_schema(db, [Stamped])
         # Seen where SQLAlchemy hands statements to the driver (an engine listener would
         # itself send the rows SQLAlchemy's way, so that tracing sees them).
+        # Counted where SQLAlchemy executes a statement (an engine listener would itself
+        # send the rows SQLAlchemy's way, so that tracing sees them).
         executed: list[str] = []
-        cursor = _OneHandOffCursor
-        for name in ("_execute_async", "_executemany_async"):
-            original = getattr(cursor, name)
+        original = Connection._execute_context
 
-            async def counting(self: Any, operation: str, *args: Any, _run: Any = original) -> Any:
-                executed.append(operation.split()[0].upper())
-                return await _run(self, operation, *args)
+        def counting(
+            self: Connection, dialect: Any, constructor: Any, statement: Any, *a: Any, **k: Any
+        ) -> Any:
+            executed.append(str(statement).split()[0].upper())
+            return original(self, dialect, constructor, statement, *a, **k)
 
-            monkeypatch.setattr(cursor, name, counting)
+        monkeypatch.setattr(Connection, "_execute_context", counting)
         async with db.transaction() as session:
             session.add(stamped("orm"))
         assert executed == ["INSERT"]

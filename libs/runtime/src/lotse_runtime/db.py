@@ -335,8 +335,8 @@ def _insert_deferred(session: Session) -> None:
     for table, row, _savepoint in rows:
         by_table.setdefault(table, []).append(row)
     for table, values in by_table.items():
-        if not insert_on_sqlite(session.connection(), table, values):
-            session.execute(insert(table), values)
+        if not run_on_driver(session.connection(), _insert_of(table), values):
+            session.execute(_insert_of(table), values)
 
 
 def insert_on_sqlite(
@@ -367,26 +367,18 @@ def run_on_sqlite(
     several times SQLite's own work, at every commit of every service."""
     if connection.dialect.name != "sqlite" or not values:
         return False
-    if connection.dispatch.before_cursor_execute or connection.dispatch.after_cursor_execute:
-        # Statements are observed (tracing exports, a test listens): SQLAlchemy runs it, so
-        # it is seen like every other statement.
+    if _observed(connection):
         return False
     adapted: Any = connection.connection.dbapi_connection
     driver: sqlite3.Connection | None = adapted._connection._connection
     if driver is None or not driver.in_transaction:
         return False
     keys = values[0].keys()
-    prepared = _sqlite_statement(statement, tuple(keys), connection.dialect)
+    prepared = _driver_statement(statement, tuple(keys), connection.dialect)
     if prepared is None or any(row.keys() != keys for row in values):
         return False
     sql, names, processors = prepared
-    rows = [
-        tuple(
-            row[name] if process is None else process(row[name])
-            for name, process in zip(names, processors, strict=True)
-        )
-        for row in values
-    ]
+    rows = _positional(values, names, processors)
     try:
         driver.executemany(sql, rows)
     except sqlite3.Error as exc:
@@ -394,13 +386,78 @@ def run_on_sqlite(
     return True
 
 
+def run_on_driver(
+    connection: Connection, statement: UpdateBase, values: Sequence[Mapping[str, Any]]
+) -> bool:
+    """:func:`run_on_sqlite` on SQLite; on PostgreSQL the same through the asyncpg adapter's
+    own cursor (its lock, its BEGIN, its error translation), without SQLAlchemy's execution
+    context around it. On PostgreSQL it must run inside SQLAlchemy's greenlet (a session
+    event, or :meth:`AsyncConnection.run_sync`): the cursor waits for asyncpg there."""
+    if connection.dialect.name == "sqlite":
+        return run_on_sqlite(connection, statement, values)
+    if connection.dialect.driver != "asyncpg" or not values or _observed(connection):
+        return False
+    keys = values[0].keys()
+    prepared = _driver_statement(statement, tuple(keys), connection.dialect)
+    if prepared is None or any(row.keys() != keys for row in values):
+        return False
+    sql, names, processors = prepared
+    rows = _positional(values, names, processors)
+    adapted: Any = connection.connection.dbapi_connection
+    cursor = adapted.cursor()
+    try:
+        cursor.executemany(sql, rows)
+    except connection.dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(sql, rows, exc, connection.dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
+    return True
+
+
+async def run_prebuilt(
+    session: AsyncSession, statement: UpdateBase, values: Sequence[Mapping[str, Any]]
+) -> None:
+    """A DML statement built once, for each of the rows, in the session's transaction: on
+    the driver where :func:`run_on_driver` can, else through SQLAlchemy."""
+    connection = await session.connection()
+    sync = connection.sync_connection
+    if sync is not None and sync.dialect.name == "sqlite":
+        done = run_on_sqlite(sync, statement, values)
+    else:
+        done = await connection.run_sync(run_on_driver, statement, values)
+    if not done:
+        await session.execute(statement, values)
+
+
+def _observed(connection: Connection) -> bool:
+    """Whether statements on ``connection`` are observed (tracing exports, a test listens):
+    then SQLAlchemy runs them, so each is seen like every other statement."""
+    dispatch = connection.dispatch
+    return bool(dispatch.before_cursor_execute or dispatch.after_cursor_execute)
+
+
+def _positional(
+    values: Sequence[Mapping[str, Any]],
+    names: list[str],
+    processors: list[Callable[[Any], Any] | None],
+) -> list[tuple[Any, ...]]:
+    """The rows' values in the statement's parameter order, through the bind processors."""
+    return [
+        tuple(
+            row[name] if process is None else process(row[name])
+            for name, process in zip(names, processors, strict=True)
+        )
+        for row in values
+    ]
+
+
 @functools.lru_cache(maxsize=512)
-def _sqlite_statement(
+def _driver_statement(
     statement: UpdateBase, keys: tuple[str, ...], dialect: Dialect
 ) -> tuple[str, list[str], list[Callable[[Any], Any] | None]] | None:
-    """``statement`` as SQLite's driver takes it for rows with ``keys``: its SQL, the order
-    of its parameters and their bind processors; None when it needs a parameter the rows do
-    not hold or renders per call (an expanding IN)."""
+    """``statement`` as the dialect's driver takes it for rows with ``keys``: its SQL, the
+    order of its positional parameters and their bind processors; None when it needs a
+    parameter the rows do not hold or renders per call (an expanding IN)."""
     compiled = statement.compile(dialect=dialect, column_keys=list(keys))
     names = list(compiled.positiontup or ())
     if (

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lotse_contracts.events.reporting import KpiFigure
-from lotse_runtime.db import run_on_sqlite
+from lotse_runtime.db import run_on_driver, run_prebuilt
 from sqlalchemy import (
     Boolean,
     CompoundSelect,
@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.sql.dml import Insert, Update, UpdateBase
+from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.types import TypeEngine
 from sqlmodel import SQLModel, col
 
@@ -114,18 +114,6 @@ def _dialect(session: AsyncSession) -> str:
     return session.get_bind().dialect.name
 
 
-async def _run(
-    session: AsyncSession, statement: UpdateBase, rows: Sequence[Mapping[str, Any]]
-) -> None:
-    """A prebuilt statement for each of the rows: on SQLite straight on the driver
-    (:func:`lotse_runtime.db.run_on_sqlite`), elsewhere through SQLAlchemy."""
-    connection = await session.connection()
-    if connection.sync_connection is None or not run_on_sqlite(
-        connection.sync_connection, statement, rows
-    ):
-        await session.execute(statement, rows)
-
-
 async def upsert(
     session: AsyncSession, model: type[SQLModel], rows: Sequence[Mapping[str, Any]]
 ) -> None:
@@ -134,7 +122,7 @@ async def upsert(
         return
     statement = _upsert_statement(_table(model), _dialect(session))
     for chunk in chunks(rows, 1000):
-        await _run(session, statement, chunk)
+        await run_prebuilt(session, statement, chunk)
 
 
 CASES = _table(ReportingCase)
@@ -372,7 +360,7 @@ async def mark_dirty(
     changed, so every later year follows."""
     rows = _dirty_rows(years, carrying)
     if rows:
-        await _run(session, _mark_dirty_statement(_dialect(session)), rows)
+        await run_prebuilt(session, _mark_dirty_statement(_dialect(session)), rows)
 
 
 def _dirty_rows(years: Iterable[int], carrying: Iterable[int]) -> list[dict[str, Any]]:
@@ -426,7 +414,7 @@ async def clear_dirty(session: AsyncSession, seen: Mapping[int, int]) -> None:
     stays too, so its version never starts again at one (see :class:`ReportingDirtyYear`)."""
     if seen:
         rows = [{"y": year, "v": version} for year, version in sorted(seen.items())]
-        await _run(session, _clear_statement(), rows)
+        await run_prebuilt(session, _clear_statement(), rows)
 
 
 async def drop_facts(session: AsyncSession) -> None:
@@ -445,9 +433,9 @@ async def add_to_cells(session: AsyncSession, deltas: Mapping[CellKey, CellDelta
     order, so two transactions lock shared cells in the same order."""
     adding, adding_numbers = _add_statements(_dialect(session))
     for chunk in chunks(cell_rows(deltas), 1000):
-        await _run(session, adding, chunk)
+        await run_prebuilt(session, adding, chunk)
     for chunk in chunks(number_rows(deltas), 1000):
-        await _run(session, adding_numbers, chunk)
+        await run_prebuilt(session, adding_numbers, chunk)
 
 
 def cell_rows(
@@ -547,7 +535,7 @@ def _flush_cells(session: Session) -> None:
         *((adding_numbers, chunk) for chunk in chunks(number_rows(deltas), 1000)),
         (_mark_dirty_statement(dialect), _dirty_rows(pending.years, pending.carrying)),
     ]:
-        if chunk and not run_on_sqlite(connection, statement, chunk):
+        if chunk and not run_on_driver(connection, statement, chunk):
             session.execute(statement, chunk)
 
 
