@@ -373,12 +373,10 @@ def run_on_sqlite(
     driver: sqlite3.Connection | None = adapted._connection._connection
     if driver is None or not driver.in_transaction:
         return False
-    keys = values[0].keys()
-    prepared = _driver_statement(statement, tuple(keys), connection.dialect)
-    if prepared is None or any(row.keys() != keys for row in values):
+    prepared = _prepare(connection, statement, values)
+    if prepared is None:
         return False
-    sql, names, processors = prepared
-    rows = _positional(values, names, processors)
+    sql, rows = prepared
     try:
         driver.executemany(sql, rows)
     except sqlite3.Error as exc:
@@ -397,12 +395,10 @@ def run_on_driver(
         return run_on_sqlite(connection, statement, values)
     if connection.dialect.driver != "asyncpg" or not values or _observed(connection):
         return False
-    keys = values[0].keys()
-    prepared = _driver_statement(statement, tuple(keys), connection.dialect)
-    if prepared is None or any(row.keys() != keys for row in values):
+    prepared = _prepare(connection, statement, values)
+    if prepared is None:
         return False
-    sql, names, processors = prepared
-    rows = _positional(values, names, processors)
+    sql, rows = prepared
     adapted: Any = connection.connection.dbapi_connection
     cursor = adapted.cursor()
     try:
@@ -436,19 +432,25 @@ def _observed(connection: Connection) -> bool:
     return bool(dispatch.before_cursor_execute or dispatch.after_cursor_execute)
 
 
-def _positional(
-    values: Sequence[Mapping[str, Any]],
-    names: list[str],
-    processors: list[Callable[[Any], Any] | None],
-) -> list[tuple[Any, ...]]:
-    """The rows' values in the statement's parameter order, through the bind processors."""
-    return [
+def _prepare(
+    connection: Connection, statement: UpdateBase, values: Sequence[Mapping[str, Any]]
+) -> tuple[str, list[tuple[Any, ...]]] | None:
+    """The statement's SQL for the driver and the rows' values in its parameter order,
+    through the bind processors; None when the rows differ in their keys or the statement
+    needs more than they hold."""
+    keys = values[0].keys()
+    prepared = _driver_statement(statement, tuple(keys), connection.dialect)
+    if prepared is None or any(row.keys() != keys for row in values):
+        return None
+    sql, names, processors = prepared
+    rows = [
         tuple(
             row[name] if process is None else process(row[name])
             for name, process in zip(names, processors, strict=True)
         )
         for row in values
     ]
+    return sql, rows
 
 
 @functools.lru_cache(maxsize=512)
