@@ -12,6 +12,7 @@ import asyncio
 import collections
 import functools
 import logging
+import operator
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -434,7 +435,7 @@ def _observed(connection: Connection) -> bool:
 
 def _prepare(
     connection: Connection, statement: UpdateBase, values: Sequence[Mapping[str, Any]]
-) -> tuple[str, list[tuple[Any, ...]]] | None:
+) -> tuple[str, list[Sequence[Any]]] | None:
     """The statement's SQL for the driver and the rows' values in its parameter order,
     through the bind processors; None when the rows differ in their keys or the statement
     needs more than they hold."""
@@ -442,24 +443,26 @@ def _prepare(
     prepared = _driver_statement(statement, tuple(keys), connection.dialect)
     if prepared is None or any(row.keys() != keys for row in values):
         return None
-    sql, names, processors = prepared
-    rows = [
-        tuple(
-            row[name] if process is None else process(row[name])
-            for name, process in zip(names, processors, strict=True)
-        )
-        for row in values
-    ]
+    sql, take, processors = prepared
+    rows: list[Sequence[Any]] = []
+    for row in values:
+        taken = take(row)
+        for index, process in processors:
+            taken[index] = process(taken[index])
+        rows.append(taken)
     return sql, rows
 
 
 @functools.lru_cache(maxsize=512)
 def _driver_statement(
     statement: UpdateBase, keys: tuple[str, ...], dialect: Dialect
-) -> tuple[str, list[str], list[Callable[[Any], Any] | None]] | None:
-    """``statement`` as the dialect's driver takes it for rows with ``keys``: its SQL, the
-    order of its positional parameters and their bind processors; None when it needs a
-    parameter the rows do not hold or renders per call (an expanding IN)."""
+) -> (
+    tuple[str, Callable[[Mapping[str, Any]], list[Any]], list[tuple[int, Callable[[Any], Any]]]]
+    | None
+):
+    """``statement`` as the dialect's driver takes it for rows with ``keys``: its SQL, how to
+    take a row's values in its positional order, and the bind processors by position; None
+    when it needs a parameter the rows do not hold or renders per call (an expanding IN)."""
     compiled = statement.compile(dialect=dialect, column_keys=list(keys))
     names = list(compiled.positiontup or ())
     if (
@@ -468,10 +471,15 @@ def _driver_statement(
         or compiled.post_compile_params
     ):
         return None
-    processors: list[Callable[[Any], Any] | None] = [
-        compiled.binds[name].type._cached_bind_processor(dialect) for name in names
+    processors: list[tuple[int, Callable[[Any], Any]]] = [
+        (index, process)
+        for index, name in enumerate(names)
+        if (process := compiled.binds[name].type._cached_bind_processor(dialect)) is not None
     ]
-    return str(compiled), names, processors
+    getter = operator.itemgetter(*names)
+    if len(names) == 1:
+        return str(compiled), lambda row: [getter(row)], processors
+    return str(compiled), lambda row: list(getter(row)), processors
 
 
 def _drop_rolled_back(session: Session, transaction: SessionTransaction) -> None:
