@@ -13,7 +13,9 @@ transaction, as the services issue them:
   core per call   the same statement built at every call, as most service code does
   orm get         ``session.get(Model, key)`` for a row not yet in the session
   orm select      ``select(Model).where(...)`` and ``scalar_one()``
-  insert …        one row: the driver, a Core INSERT built once, ``session.add`` + ``flush``
+  insert …        one row: the driver, a Core INSERT built once, the same through
+                  ``lotse_runtime.db.run_prebuilt`` (Lotse's own path to the driver),
+                  ``session.add`` + ``flush``
   transaction     a whole transaction of one prebuilt read (``Database.transaction``), against
                   BEGIN, the read and COMMIT on the driver
 
@@ -44,7 +46,7 @@ from typing import Any
 import asyncpg
 import uvloop
 from lotse_referrals.tables import TABLES, Case  # noqa: TID251 - one real service table
-from lotse_runtime.db import Database
+from lotse_runtime.db import Database, run_prebuilt
 from lotse_runtime.migrations import create_schema
 from sqlalchemy import bindparam, insert, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -133,6 +135,13 @@ async def insert_core(target: Target, ids: list[str]) -> None:
     await _in_session(target, ids, each)
 
 
+async def insert_driver_path(target: Target, ids: list[str]) -> None:
+    async def each(session: AsyncSession, case_id: str) -> None:
+        await run_prebuilt(session, _INSERT, [_row(case_id)])
+
+    await _in_session(target, ids, each)
+
+
 async def insert_orm(target: Target, ids: list[str]) -> None:
     async def each(session: AsyncSession, case_id: str) -> None:
         session.add(Case(**_row(case_id)))
@@ -215,6 +224,7 @@ LAYERS: list[tuple[str, Layer, str]] = [
     ("read: orm select", orm_select, "read: driver"),
     ("insert: driver", driver_insert, "insert: driver"),
     ("insert: core prebuilt", insert_core, "insert: driver"),
+    ("insert: lotse run_prebuilt", insert_driver_path, "insert: driver"),
     ("insert: orm add+flush", insert_orm, "insert: driver"),
     (
         "transaction of one read: driver",
