@@ -340,13 +340,6 @@ def _insert_deferred(session: Session) -> None:
             session.execute(_insert_of(table), values)
 
 
-def insert_on_sqlite(
-    connection: Connection, table: Table, values: Sequence[Mapping[str, Any]]
-) -> bool:
-    """:func:`run_on_sqlite` for a plain INSERT of the rows into ``table``."""
-    return run_on_sqlite(connection, _insert_of(table), values)
-
-
 @functools.cache
 def _insert_of(table: Table) -> Insert:
     return insert(table)
@@ -366,23 +359,34 @@ def run_on_sqlite(
     SQLAlchemy stores; an error is raised as SQLAlchemy raises it (an IntegrityError for a
     taken key). Through SQLAlchemy's execution path a statement cost 70-100 µs of CPU,
     several times SQLite's own work, at every commit of every service."""
-    if connection.dialect.name != "sqlite" or not values:
-        return False
-    if _observed(connection):
-        return False
-    adapted: Any = connection.connection.dbapi_connection
-    driver: sqlite3.Connection | None = adapted._connection._connection
-    if driver is None or not driver.in_transaction:
+    if not values or _sqlite_driver(connection) is None:
         return False
     prepared = _prepare(connection, statement, values)
-    if prepared is None:
+    return prepared is not None and executemany_on_sqlite(connection, *prepared)
+
+
+def executemany_on_sqlite(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> bool:
+    """SQL in SQLite's own terms (positional ``?``, values as the driver stores them) for
+    each of the rows, on the driver inside the connection's transaction; False (nothing
+    done) where :func:`run_on_sqlite` would not run."""
+    driver = _sqlite_driver(connection)
+    if driver is None:
         return False
-    sql, rows = prepared
     try:
         driver.executemany(sql, rows)
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, rows, exc, sqlite3.Error) from exc
     return True
+
+
+def _sqlite_driver(connection: Connection) -> sqlite3.Connection | None:
+    """The sqlite3 connection when statements may go to it directly: SQLite, inside a
+    transaction (begun IMMEDIATE, so holding the write lock), nobody observing statements."""
+    if connection.dialect.name != "sqlite" or _observed(connection):
+        return None
+    adapted: Any = connection.connection.dbapi_connection
+    driver: sqlite3.Connection | None = adapted._connection._connection
+    return driver if driver is not None and driver.in_transaction else None
 
 
 def run_on_driver(

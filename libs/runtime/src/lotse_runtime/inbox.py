@@ -27,7 +27,7 @@ from sqlalchemy import Dialect, Select, Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import Field, SQLModel, col
 
-from lotse_runtime.db import insert_on_sqlite
+from lotse_runtime.db import executemany_on_sqlite
 
 
 def _utcnow() -> datetime:
@@ -238,12 +238,6 @@ async def record_rows(session: AsyncSession, rows: Sequence[Row]) -> None:
     if not rows:
         return
     connection = await session.connection()
-    if connection.dialect.name == "sqlite" and connection.sync_connection is not None:
-        # Straight to the driver (see lotse_runtime.db.insert_on_sqlite).
-        now = _utcnow()
-        entries = [dict(zip(_ROW_ORDER, (*r[:7], now, r[7]), strict=True)) for r in rows]
-        if insert_on_sqlite(connection.sync_connection, _TABLE, entries):
-            return
     prepared = _insert_rows(connection.dialect)
     if prepared is None:  # a driver with named parameters: SQLAlchemy's own executemany
         now = _utcnow()
@@ -253,7 +247,11 @@ async def record_rows(session: AsyncSession, rows: Sequence[Row]) -> None:
         return
     sql, stamp = prepared
     processed_at = stamp(_utcnow())
-    await connection.exec_driver_sql(sql, [(*r[:7], processed_at, r[7]) for r in rows])
+    values = [(*r[:7], processed_at, r[7]) for r in rows]
+    sync = connection.sync_connection
+    # On SQLite straight to the driver (lotse_runtime.db.executemany_on_sqlite).
+    if sync is None or not executemany_on_sqlite(sync, sql, values):
+        await connection.exec_driver_sql(sql, values)
 
 
 @functools.lru_cache(maxsize=8)
