@@ -281,8 +281,7 @@ def _sqlite_begin(conn: Any) -> None:
     # Straight on the driver when the lock is free (nearly always): as a statement through
     # SQLAlchemy, BEGIN cost about as much CPU as the transaction's own first statement.
     # The session has just checked the connection out, so nothing else is using it.
-    driver: sqlite3.Connection | None = conn.connection.dbapi_connection._connection._connection
-    if _begin_if_free(driver) is not None:
+    if _begin_if_free(_sqlite3_of(conn)) is not None:
         return
     conn.exec_driver_sql(_BEGIN)
 
@@ -336,8 +335,7 @@ def _insert_deferred(session: Session) -> None:
     for table, row, _savepoint in rows:
         by_table.setdefault(table, []).append(row)
     for table, values in by_table.items():
-        if not run_on_driver(session.connection(), _insert_of(table), values):
-            session.execute(_insert_of(table), values)
+        run_prebuilt_now(session, _insert_of(table), values)
 
 
 @functools.cache
@@ -359,10 +357,14 @@ def run_on_sqlite(
     SQLAlchemy stores; an error is raised as SQLAlchemy raises it (an IntegrityError for a
     taken key). Through SQLAlchemy's execution path a statement cost 70-100 µs of CPU,
     several times SQLite's own work, at every commit of every service."""
-    if not values or _sqlite_driver(connection) is None:
+    driver = _sqlite_driver(connection)
+    if driver is None or not values:
         return False
     prepared = _prepare(connection, statement, values)
-    return prepared is not None and executemany_on_sqlite(connection, *prepared)
+    if prepared is None:
+        return False
+    _executemany(driver, *prepared)
+    return True
 
 
 def executemany_on_sqlite(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> bool:
@@ -372,11 +374,15 @@ def executemany_on_sqlite(connection: Connection, sql: str, rows: Sequence[Seque
     driver = _sqlite_driver(connection)
     if driver is None:
         return False
+    _executemany(driver, sql, rows)
+    return True
+
+
+def _executemany(driver: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
     try:
         driver.executemany(sql, rows)
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, rows, exc, sqlite3.Error) from exc
-    return True
 
 
 def _sqlite_driver(connection: Connection) -> sqlite3.Connection | None:
@@ -384,9 +390,15 @@ def _sqlite_driver(connection: Connection) -> sqlite3.Connection | None:
     transaction (begun IMMEDIATE, so holding the write lock), nobody observing statements."""
     if connection.dialect.name != "sqlite" or _observed(connection):
         return None
+    driver = _sqlite3_of(connection)
+    return driver if driver is not None and driver.in_transaction else None
+
+
+def _sqlite3_of(connection: Connection) -> sqlite3.Connection | None:
+    """The sqlite3 connection behind a SQLAlchemy connection on SQLite (None once closed)."""
     adapted: Any = connection.connection.dbapi_connection
     driver: sqlite3.Connection | None = adapted._connection._connection
-    return driver if driver is not None and driver.in_transaction else None
+    return driver
 
 
 def run_on_driver(
@@ -428,6 +440,15 @@ async def run_prebuilt(
         done = await connection.run_sync(run_on_driver, statement, values)
     if not done:
         await session.execute(statement, values)
+
+
+def run_prebuilt_now(
+    session: Session, statement: UpdateBase, values: Sequence[Mapping[str, Any]]
+) -> None:
+    """:func:`run_prebuilt` from inside the session's own hooks (``before_commit``), where
+    the session is the synchronous one and already runs in SQLAlchemy's greenlet."""
+    if values and not run_on_driver(session.connection(), statement, values):
+        session.execute(statement, values)
 
 
 def _observed(connection: Connection) -> bool:

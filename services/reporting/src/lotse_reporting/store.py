@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lotse_contracts.events.reporting import KpiFigure
-from lotse_runtime.db import run_on_driver, run_prebuilt
+from lotse_runtime.db import run_prebuilt, run_prebuilt_now
 from sqlalchemy import (
     Boolean,
     CompoundSelect,
@@ -529,14 +529,13 @@ def _flush_cells(session: Session) -> None:
             deltas[key] = delta
     dialect = session.get_bind().dialect.name
     adding, adding_numbers = _add_statements(dialect)
-    connection = session.connection()
-    for statement, chunk in [
-        *((adding, chunk) for chunk in chunks(cell_rows(deltas), 1000)),
-        *((adding_numbers, chunk) for chunk in chunks(number_rows(deltas), 1000)),
-        (_mark_dirty_statement(dialect), _dirty_rows(pending.years, pending.carrying)),
-    ]:
-        if chunk and not run_on_driver(connection, statement, chunk):
-            session.execute(statement, chunk)
+    for chunk in chunks(cell_rows(deltas), 1000):
+        run_prebuilt_now(session, adding, chunk)
+    for chunk in chunks(number_rows(deltas), 1000):
+        run_prebuilt_now(session, adding_numbers, chunk)
+    run_prebuilt_now(
+        session, _mark_dirty_statement(dialect), _dirty_rows(pending.years, pending.carrying)
+    )
 
 
 def _forget_cells(session: Session, transaction: SessionTransaction) -> None:
