@@ -74,6 +74,7 @@ from lotse_runtime.policy import (
 )
 from lotse_runtime.refusal import install_refusals
 from lotse_runtime.settings import ServiceSettings
+from lotse_runtime.stopping import cancel_within, within
 from lotse_runtime.telemetry import Telemetry, TelemetryConfig, setup_telemetry
 
 _log = logging.getLogger(__name__)
@@ -150,11 +151,8 @@ class PeriodicJob:
         self._task = asyncio.create_task(loop(), name=f"job-{self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_within(self._task, f"job {self.name}")
+        self._task = None
 
 
 class JobTelemetry:
@@ -570,20 +568,20 @@ def create_service_app(
         try:
             yield
         finally:
+            # Each step is bounded (lotse_runtime.stopping): one client that never answers
+            # must not keep the pod from ending, nor the steps after it from running.
             for job in runtime.jobs:
                 await job.stop()
-            await runtime.leases.close()  # the other replicas take the jobs at their next tick
+            # The other replicas take the jobs at their next tick.
+            await within(runtime.leases.close(), "leases")
             if connect is not None:
-                connect.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await connect
+                await cancel_within(connect, "kafka connect")
                 for consumer in runtime.consumers:
                     await consumer.stop()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(runtime.relay.publish_pending(), timeout=2.0)
+                await within(runtime.relay.publish_pending(), "outbox: last pass", timeout_s=2.0)
                 await runtime.relay.stop()
-            await runtime.close_broker_check()
-            await runtime.db.dispose()
+            await within(runtime.close_broker_check(), "broker check")
+            await within(runtime.db.dispose(), "database pool")
             if telemetry is None:
                 runtime.telemetry.shutdown()
 

@@ -71,6 +71,7 @@ from lotse_runtime.db import Database, transient_error
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.outbox import Outbox
 from lotse_runtime.refusal import Refusal
+from lotse_runtime.stopping import cancel_within, within
 from lotse_runtime.telemetry import Telemetry, extract_context
 
 _log = logging.getLogger(__name__)
@@ -284,21 +285,14 @@ class EventConsumer:
         if self._task is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._task), grace_s)
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                # The loop already ended on this error (a rebalance during shutdown raises
-                # IllegalStateError in aiokafka); it was reported as `failed` then, and
-                # stopping must still close the clients.
-                _log.debug("consumer %s ended with an error before stop", self.name, exc_info=True)
+            # The loop may already have ended on an error (a rebalance during shutdown
+            # raises IllegalStateError in aiokafka); it was reported as `failed` then, and
+            # stopping must still close the clients.
+            await cancel_within(self._task, f"consumer {self.name}")
             self._task = None
         for client in (self._consumer, self._producer):
             if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
+                await within(client.stop(), f"consumer {self.name}: {type(client).__name__}.stop")
         self._consumer = self._producer = None
         gc.unfreeze()
 

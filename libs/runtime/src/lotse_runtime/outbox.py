@@ -33,6 +33,7 @@ from sqlmodel import Field, SQLModel, col
 
 from lotse_runtime.db import Database, insert_at_commit
 from lotse_runtime.kafka import KafkaConfig
+from lotse_runtime.stopping import cancel_within, within
 from lotse_runtime.telemetry import Telemetry, inject_headers
 
 _log = logging.getLogger(__name__)
@@ -232,16 +233,12 @@ class OutboxRelay:
             self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self.service}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_within(self._task, "outbox relay")
+        self._task = None
         if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await self._producer.stop()
+            await within(self._producer.stop(), "outbox relay: producer.stop")
             self._producer = None
-        await self._release_leadership()
+        await within(self._release_leadership(), "outbox relay: leadership")
 
     async def _run(self) -> None:
         delay = self.poll_interval_s
