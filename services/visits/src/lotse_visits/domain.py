@@ -20,6 +20,8 @@ stores it and puts it in the outbox).
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -204,19 +206,61 @@ def clash(
     return None
 
 
-def _by_staff(bookings: Iterable[Booking]) -> dict[str, list[Booking]]:
-    grouped: dict[str, list[Booking]] = {}
-    for booking in bookings:
-        grouped.setdefault(booking.staff_id, []).append(booking)
-    return grouped
+class Calendar:
+    """An office's bookings arranged for the slot search: per staff member in order of
+    start, and counted per local day.
 
+    The search asks, for every grid slot of every day it walks and every staff member,
+    whether that person is free. Scanning all of their bookings for each question made a
+    proposal cost grow with the square of a full calendar (the visits service's largest
+    CPU share at 2,000 families); here a question looks only at the bookings that start
+    close enough to collide (a binary search), and answers exactly as :func:`clash`."""
 
-def _staff_in_order(office: Office, day: date, grouped: dict[str, list[Booking]]) -> list[str]:
-    # The least busy staff member of the day first, so that work spreads over the team.
-    def load(staff_id: str) -> int:
-        return sum(1 for b in grouped.get(staff_id, ()) if office.local_date(b.starts_at) == day)
+    def __init__(self, office: Office, bookings: Iterable[Booking]) -> None:
+        self.office = office
+        self._booked: dict[str, list[Booking]] = {}
+        for booking in bookings:
+            self._booked.setdefault(booking.staff_id, []).append(booking)
+        self._starts: dict[str, list[datetime]] = {}
+        self._longest: dict[str, timedelta] = {}
+        self._per_day: Counter[tuple[str, date]] = Counter()
+        for staff_id, booked in self._booked.items():
+            booked.sort(key=lambda b: b.starts_at)
+            self._starts[staff_id] = [b.starts_at for b in booked]
+            # No booking ends later than this after its start: bounds how early a booking
+            # that still collides can start.
+            self._longest[staff_id] = max(b.ends_at - b.starts_at for b in booked)
+            for b in booked:
+                self._per_day[staff_id, office.local_date(b.starts_at)] += 1
 
-    return sorted(office.staff_ids, key=lambda s: (load(s), office.staff_ids.index(s)))
+    def load(self, staff_id: str, day: date) -> int:
+        """How many visits the staff member has on that local day."""
+        return self._per_day[staff_id, day]
+
+    def clash(self, staff_id: str, starts_at: datetime) -> Booking | None:
+        """:func:`clash` for this office and these bookings (the one that starts first,
+        where several collide)."""
+        booked = self._booked.get(staff_id)
+        if not booked:
+            return None
+        office = self.office
+        ends_at = starts_at + office.visit_length
+        buffer = office.travel_buffer
+        starts = self._starts[staff_id]
+        # A booking collides when it starts before ends_at + buffer and ends after
+        # starts_at - buffer; it ends at most `longest` after it starts.
+        low = bisect_right(starts, starts_at - buffer - self._longest[staff_id])
+        high = bisect_left(starts, ends_at + buffer, lo=low)
+        for booking in booked[low:high]:
+            if starts_at < booking.ends_at + buffer and booking.starts_at < ends_at + buffer:
+                return booking
+        return None
+
+    def staff_in_order(self, day: date) -> list[str]:
+        """The least busy staff member of the day first, so that work spreads over the
+        team (ties in the office's own order)."""
+        order = self.office.staff_ids
+        return sorted(order, key=lambda s: (self.load(s, day), order.index(s)))
 
 
 def first_free_slot(
@@ -227,16 +271,16 @@ def first_free_slot(
 
     ``bookings`` must hold every scheduled visit of the office that could touch the range.
     """
-    grouped = _by_staff(bookings)
+    calendar = Calendar(office, bookings)
     day = office.local_date(earliest)
     last = office.local_date(until)
     while day <= last:
         starts = [s for s in office.grid(day) if earliest <= s < until]
         if starts:
-            staff = _staff_in_order(office, day, grouped)
+            staff = calendar.staff_in_order(day)
             for start in starts:
                 for staff_id in staff:
-                    if clash(office, staff_id, start, grouped.get(staff_id, ())) is None:
+                    if calendar.clash(staff_id, start) is None:
                         return Slot(staff_id, start, start + office.visit_length)
         day += timedelta(days=1)
     return None
@@ -246,13 +290,13 @@ def free_slots(
     office: Office, bookings: Sequence[Booking], day: date, not_before: datetime
 ) -> list[Slot]:
     """Every grid slot of a local day, per staff member, that is free and not yet past."""
-    grouped = _by_staff(bookings)
+    calendar = Calendar(office, bookings)
     return [
         Slot(staff_id, start, start + office.visit_length)
         for start in office.grid(day)
         if start >= not_before
         for staff_id in office.staff_ids
-        if clash(office, staff_id, start, grouped.get(staff_id, ())) is None
+        if calendar.clash(staff_id, start) is None
     ]
 
 
