@@ -46,8 +46,10 @@ from typing import Any
 import asyncpg
 import uvloop
 from lotse_referrals.tables import TABLES, Case  # noqa: TID251 - one real service table
-from lotse_runtime.db import Database, run_prebuilt
+from lotse_runtime.audit import AuditEntry
+from lotse_runtime.db import Database, add_at_commit, run_prebuilt
 from lotse_runtime.migrations import create_schema
+from lotse_runtime.outbox import OutboxMessage
 from sqlalchemy import bindparam, insert, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlmodel import col
@@ -156,6 +158,30 @@ async def transaction_core(target: Target, ids: list[str]) -> None:
             (await session.execute(_READ, {"case_id": case_id})).one()
 
 
+async def transaction_rows_at_commit(target: Target, ids: list[str]) -> None:
+    """What a use case's commit writes: its own row, an audit entry and an outbox row, the
+    three added at commit (lotse_runtime.db.add_at_commit)."""
+    for case_id in ids:
+        now = datetime.now(UTC)
+        async with target.db.transaction() as session:
+            add_at_commit(
+                session,
+                Case(**_row(case_id)),
+                AuditEntry(
+                    at=now, service="bench", action="create", case_id=case_id, purpose="bench"
+                ),
+                OutboxMessage(
+                    topic="lotse.referrals",
+                    record_key=case_id,
+                    value=b'{"case_id": "' + case_id.encode() + b'"}',
+                    headers="[]",
+                    event_id=case_id,
+                    event_type="bench",
+                    created_at=now,
+                ),
+            )
+
+
 async def _driver(
     target: Target, ids: list[str], statement: str, write: bool, per_tx: bool
 ) -> None:
@@ -232,6 +258,11 @@ LAYERS: list[tuple[str, Layer, str]] = [
         "transaction of one read: driver",
     ),
     ("transaction of one read: core", transaction_core, "transaction of one read: driver"),
+    (
+        "transaction, rows at commit in 3 tables",
+        transaction_rows_at_commit,
+        "transaction of one read: driver",
+    ),
 ]
 
 
@@ -243,7 +274,7 @@ async def measure(target: Target, calls: int) -> dict[str, Any]:
             # Inserts need fresh keys each round; reads use the same rows.
             rounds = []
             for _round in range(ROUNDS):
-                fresh = "insert" in name
+                fresh = "insert" in name or "at commit" in name
                 await layer(target, _new_ids(50) if fresh else target.ids[:50])  # warm caches
                 ids = _new_ids(calls) if fresh else target.ids
                 started = time.process_time()

@@ -478,3 +478,102 @@ async def test_prebuilt_upserts_and_updates_run_on_the_sqlite_driver_as_sqlalche
     assert (
         await written(sqlite_url.replace(".db", "-driver.db"), on_driver=True) == through_sqlalchemy
     )
+
+
+async def test_rows_for_several_tables_go_to_postgresql_in_one_statement(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL the rows added at commit to several tables go in one round trip (the
+    tables' INSERTs as data-modifying CTEs of one statement): stored as the ORM stores them,
+    each table's generated ids in the order the rows were added, and a taken key fails the
+    whole transaction as before."""
+    import asyncpg
+
+    db = Database(postgres_url)
+    at = datetime(2025, 3, 3, 9, 15, 0, 123456, tzinfo=timezone(timedelta(hours=1)))
+    calls: list[str] = []
+    original = asyncpg.Connection.executemany
+
+    async def counted(self: asyncpg.Connection, command: str, args: Any, **kw: Any) -> Any:
+        calls.append(command)
+        return await original(self, command, args, **kw)
+
+    def stamped(key: str, document: dict[str, Any] | None = None) -> Stamped:
+        return Stamped(key=key, at=at, flag=True, document=document)
+
+    try:
+        await create_schema(db, [Stamped, Tally])
+        monkeypatch.setattr(asyncpg.Connection, "executemany", counted)
+        async with db.transaction() as session:
+            session.add(stamped("orm", {"zone": "Hörde"}))
+        calls.clear()
+        async with db.transaction() as session:
+            add_at_commit(session, stamped("b", {"zone": "Hörde"}), stamped("a"))
+            add_at_commit(session, Tally(seen_before=1))
+            add_at_commit(session, stamped("c"), Tally(seen_before=2))
+        assert len(calls) == 1
+        assert calls[0].startswith("WITH")
+        async with db.autocommit() as conn:
+            stored = (
+                await conn.exec_driver_sql(
+                    "SELECT key, at, flag, document FROM test_stamped ORDER BY id"
+                )
+            ).all()
+            tallies = (
+                await conn.exec_driver_sql("SELECT seen_before FROM test_tally ORDER BY id")
+            ).all()
+        assert [row[0] for row in stored] == ["orm", "b", "a", "c"]
+        assert stored[1][1:] == stored[0][1:]  # as the ORM stored the same values
+        assert stored[2][1:3] == stored[0][1:3]
+        assert list(stored[2])[3] is None
+        assert [row[0] for row in tallies] == [1, 2]
+
+        async def clash() -> None:
+            async with db.transaction() as session:
+                add_at_commit(session, Tally(seen_before=3), stamped("free"), stamped("a"))
+
+        calls.clear()
+        with pytest.raises(IntegrityError):
+            await clash()
+        assert len(calls) == 1
+        async with db.transaction() as session:
+            keys = (await session.execute(select(col(Stamped.key)))).scalars().all()
+            count = await session.scalar(select(func.count()).select_from(Tally))
+        assert sorted(keys) == ["a", "b", "c", "orm"]
+        assert count == 2
+    finally:
+        await db.dispose()
+
+
+async def test_many_rows_at_commit_go_one_statement_per_table(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past TOGETHER_MAX_ROWS a combined statement would grow without bound (and be prepared
+    anew for each count): the tables' rows go one executemany each."""
+    import asyncpg
+    from lotse_runtime import db as db_module
+
+    db = Database(postgres_url)
+    calls: list[str] = []
+    original = asyncpg.Connection.executemany
+
+    async def counted(self: asyncpg.Connection, command: str, args: Any, **kw: Any) -> Any:
+        calls.append(command)
+        return await original(self, command, args, **kw)
+
+    try:
+        await create_schema(db, [Stamped, Tally])
+        monkeypatch.setattr(asyncpg.Connection, "executemany", counted)
+        many = db_module.TOGETHER_MAX_ROWS
+        async with db.transaction() as session:
+            add_at_commit(session, *(Tally(seen_before=n) for n in range(many)))
+            add_at_commit(session, Stamped(key="one", at=datetime(2025, 3, 3, tzinfo=UTC)))
+        assert len(calls) == 2
+        assert not any(call.startswith("WITH") for call in calls)
+        async with db.autocommit() as conn:
+            seen = (
+                await conn.exec_driver_sql("SELECT seen_before FROM test_tally ORDER BY id")
+            ).all()
+        assert [row[0] for row in seen] == list(range(many))
+    finally:
+        await db.dispose()
