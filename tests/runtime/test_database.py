@@ -480,17 +480,11 @@ async def test_prebuilt_upserts_and_updates_run_on_the_sqlite_driver_as_sqlalche
     )
 
 
-async def test_rows_for_several_tables_go_to_postgresql_in_one_statement(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On PostgreSQL the rows added at commit to several tables go in one round trip (the
-    tables' INSERTs as data-modifying CTEs of one statement): stored as the ORM stores them,
-    each table's generated ids in the order the rows were added, and a taken key fails the
-    whole transaction as before."""
+@pytest.fixture
+def executemany_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SQL of every asyncpg executemany from now on (counted, then run as it is)."""
     import asyncpg
 
-    db = Database(postgres_url)
-    at = datetime(2025, 3, 3, 9, 15, 0, 123456, tzinfo=timezone(timedelta(hours=1)))
     calls: list[str] = []
     original = asyncpg.Connection.executemany
 
@@ -498,12 +492,26 @@ async def test_rows_for_several_tables_go_to_postgresql_in_one_statement(
         calls.append(command)
         return await original(self, command, args, **kw)
 
+    monkeypatch.setattr(asyncpg.Connection, "executemany", counted)
+    return calls
+
+
+async def test_rows_for_several_tables_go_to_postgresql_in_one_statement(
+    postgres_url: str, executemany_calls: list[str]
+) -> None:
+    """On PostgreSQL the rows added at commit to several tables go in one round trip (the
+    tables' INSERTs as data-modifying CTEs of one statement): stored as the ORM stores them,
+    each table's generated ids in the order the rows were added, and a taken key fails the
+    whole transaction as before."""
+    calls = executemany_calls
+    db = Database(postgres_url)
+    at = datetime(2025, 3, 3, 9, 15, 0, 123456, tzinfo=timezone(timedelta(hours=1)))
+
     def stamped(key: str, document: dict[str, Any] | None = None) -> Stamped:
         return Stamped(key=key, at=at, flag=True, document=document)
 
     try:
         await create_schema(db, [Stamped, Tally])
-        monkeypatch.setattr(asyncpg.Connection, "executemany", counted)
         async with db.transaction() as session:
             session.add(stamped("orm", {"zone": "Hörde"}))
         calls.clear()
@@ -546,25 +554,19 @@ async def test_rows_for_several_tables_go_to_postgresql_in_one_statement(
 
 
 async def test_many_rows_at_commit_go_one_statement_per_table(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, executemany_calls: list[str]
 ) -> None:
     """Past TOGETHER_MAX_ROWS a combined statement would grow without bound (and be prepared
     anew for each count): the tables' rows go one executemany each."""
-    import asyncpg
+    calls = executemany_calls
     from lotse_runtime import db as db_module
 
     db = Database(postgres_url)
-    calls: list[str] = []
-    original = asyncpg.Connection.executemany
-
-    async def counted(self: asyncpg.Connection, command: str, args: Any, **kw: Any) -> Any:
-        calls.append(command)
-        return await original(self, command, args, **kw)
 
     try:
         await create_schema(db, [Stamped, Tally])
-        monkeypatch.setattr(asyncpg.Connection, "executemany", counted)
         many = db_module.TOGETHER_MAX_ROWS
+        calls.clear()
         async with db.transaction() as session:
             add_at_commit(session, *(Tally(seen_before=n) for n in range(many)))
             add_at_commit(session, Stamped(key="one", at=datetime(2025, 3, 3, tzinfo=UTC)))
@@ -575,5 +577,61 @@ async def test_many_rows_at_commit_go_one_statement_per_table(
                 await conn.exec_driver_sql("SELECT seen_before FROM test_tally ORDER BY id")
             ).all()
         assert [row[0] for row in seen] == list(range(many))
+    finally:
+        await db.dispose()
+
+
+async def test_upserts_of_several_tables_run_together_as_one_after_the_other(
+    database_url: str, executemany_calls: list[str]
+) -> None:
+    """run_prebuilt_together: an upsert and a plain INSERT of two tables change the rows as
+    the two statements one after the other do (on PostgreSQL in one round trip)."""
+    calls = executemany_calls
+    from lotse_runtime.db import run_prebuilt_together
+    from sqlalchemy import insert as plain_insert
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    db = Database(database_url)
+    at = datetime(2025, 3, 3, 8, 15, tzinfo=UTC)
+    table = Stamped.__table__  # type: ignore[attr-defined]
+    tally = Tally.__table__  # type: ignore[attr-defined]
+
+    try:
+        await create_schema(db, [Stamped, Tally])
+        flavour = postgresql if db.is_postgres else sqlite
+        upsert = flavour.insert(table)
+        upsert = upsert.on_conflict_do_update(
+            index_elements=["key"], set_={"flag": upsert.excluded.flag, "at": upsert.excluded.at}
+        )
+        async with db.transaction() as session:
+            add_at_commit(session, Stamped(key="kept", at=at), Stamped(key="changed", at=at))
+        later = at + timedelta(hours=1)
+        calls.clear()
+        async with db.transaction() as session:
+            await run_prebuilt_together(
+                session,
+                [
+                    (
+                        upsert,
+                        [
+                            {"key": "changed", "at": later, "flag": True, "document": None},
+                            {"key": "new", "at": later, "flag": True, "document": {"a": 1}},
+                        ],
+                    ),
+                    (plain_insert(tally), [{"seen_before": 4}]),
+                    (plain_insert(tally).values(seen_before=0), []),  # nothing: left out
+                ],
+            )
+        assert len(calls) == (1 if db.is_postgres else 0)
+        async with db.transaction() as session:
+            rows = (await session.execute(select(Stamped).order_by(col(Stamped.key)))).scalars()
+            stored = {s.key: (s.at, s.flag, s.document) for s in rows}
+            seen = (await session.execute(select(col(Tally.seen_before)))).scalars().all()
+        assert stored == {
+            "changed": (later, True, None),
+            "kept": (at, False, None),
+            "new": (later, True, {"a": 1}),
+        }
+        assert seen == [4]
     finally:
         await db.dispose()

@@ -334,7 +334,9 @@ def _insert_deferred(session: Session) -> None:
     by_table: dict[Table, list[dict[str, Any]]] = {}
     for table, row, _savepoint in rows:
         by_table.setdefault(table, []).append(row)
-    if len(by_table) > 1 and _insert_together(session.connection(), by_table):
+    if len(by_table) > 1 and run_together(
+        session.connection(), [(_insert_of(table), rows) for table, rows in by_table.items()]
+    ):
         return
     for table, values in by_table.items():
         run_prebuilt_now(session, _insert_of(table), values)
@@ -345,65 +347,88 @@ def _insert_of(table: Table) -> Insert:
     return insert(table)
 
 
-#: Rows one combined INSERT (:func:`_insert_together`) holds at most; more go one
-#: statement per table.
+#: Rows one combined statement (:func:`run_together`) holds at most; more go one statement
+#: per INSERT.
 TOGETHER_MAX_ROWS = 40
 
-#: A combined INSERT's shape: per table, its columns and how many rows.
-_Shape = tuple[tuple[Table, tuple[str, ...], int], ...]
+#: The statements of one :func:`run_together` call with their rows.
+Batches = Sequence[tuple[Insert, Sequence[Mapping[str, Any]]]]
+
+#: A combined statement's shape: per INSERT, the statement, its columns and how many rows.
+_Shape = tuple[tuple[Insert, tuple[str, ...], int], ...]
 
 
-def _insert_together(
-    connection: Connection, by_table: Mapping[Table, list[dict[str, Any]]]
-) -> bool:
-    """On PostgreSQL, the rows of several tables added at commit in one statement, each
-    table's INSERT a data-modifying CTE of it: one round trip instead of one per table. A
-    registration adds rows to eight tables, and each statement cost the service ~120 µs of
-    CPU on its own (``bench/statement_cost.py``); asyncpg needs ~60 µs more per statement,
-    ~18 µs more per row. False, and nothing done, elsewhere (SQLite's executemany costs a
-    few µs per statement), when a table's rows differ in their columns, or for more than
-    TOGETHER_MAX_ROWS rows.
+def run_together(connection: Connection, batches: Batches) -> bool:
+    """On PostgreSQL, several INSERTs built once (plain or upserts, each for its own table)
+    in one statement, each a data-modifying CTE of it: one round trip instead of one per
+    INSERT. A registration adds rows to eight tables, and each statement cost the service
+    ~120 µs of CPU on its own (``bench/statement_cost.py``); asyncpg needs ~60 µs more per
+    statement, ~18 µs more per row. False, and nothing done, elsewhere (SQLite's
+    executemany costs a few µs per statement), when two INSERTs share a table, when one
+    INSERT's rows differ in their columns, or for more than TOGETHER_MAX_ROWS rows.
 
-    Each table's rows keep their order (one VALUES list, evaluated in order, so generated
-    ids rise as the rows were added). Lotse's tables have no foreign keys; PostgreSQL
-    would check those at the statement's end anyway."""
+    Each INSERT's rows keep their order (one VALUES list, evaluated in order, so generated
+    ids rise as the rows were added). As in one multi-row upsert, one INSERT's rows must
+    not share a conflict key (the callers' rows come from maps keyed by it). Lotse's
+    tables have no foreign keys; PostgreSQL would check those at the statement's end."""
     if connection.dialect.driver != "asyncpg" or _observed(connection):
         return False
-    shape: list[tuple[Table, tuple[str, ...], int]] = []
+    batches = [(statement, rows) for statement, rows in batches if rows]
+    if not batches:
+        return True
+    tables = {statement.table for statement, _ in batches}
+    if len(tables) < len(batches) or sum(len(rows) for _, rows in batches) > TOGETHER_MAX_ROWS:
+        return False
+    shape: list[tuple[Insert, tuple[str, ...], int]] = []
     values: dict[str, Any] = {}
-    for number, (table, rows) in enumerate(by_table.items()):
+    for number, (statement, rows) in enumerate(batches):
         keys = rows[0].keys()
         if any(row.keys() != keys for row in rows):
             return False
-        shape.append((table, tuple(keys), len(rows)))
+        shape.append((statement, tuple(keys), len(rows)))
         for index, row in enumerate(rows):
             for key, value in row.items():
                 values[_together_name(number, index, key)] = value
-    if sum(count for _, _, count in shape) > TOGETHER_MAX_ROWS:
-        return False
+    if len(shape) == 1:
+        return run_on_driver(connection, batches[0][0], batches[0][1])
     return run_on_driver(connection, _together_statement(tuple(shape)), [values])
 
 
-def _together_name(table: int, row: int, key: str) -> str:
-    return f"t{table}_{row}_{key}"
+async def run_prebuilt_together(session: AsyncSession, batches: Batches) -> None:
+    """:func:`run_prebuilt` for several INSERTs, in one statement where :func:`run_together`
+    can (PostgreSQL), else one after the other."""
+    batches = [(statement, rows) for statement, rows in batches if rows]
+    if len(batches) > 1:
+        connection = await session.connection()
+        if await connection.run_sync(run_together, batches):
+            return
+    for statement, rows in batches:
+        await run_prebuilt(session, statement, rows)
+
+
+def _together_name(statement: int, row: int, key: str) -> str:
+    return f"t{statement}_{row}_{key}"
 
 
 @functools.lru_cache(maxsize=256)
 def _together_statement(shape: _Shape) -> Insert:
-    """The combined INSERT of a shape, built once (its SQL is then compiled once, and
+    """The combined statement of a shape, built once (its SQL is then compiled once, and
     asyncpg prepares it once per connection)."""
-    inserts = [
-        insert(table).values(
-            [
-                {
-                    key: bindparam(_together_name(number, index, key), type_=table.c[key].type)
-                    for key in keys
-                }
-                for index in range(count)
-            ]
+    inserts = []
+    for number, (statement, keys, count) in enumerate(shape):
+        table = statement.table
+        assert isinstance(table, Table)
+        inserts.append(
+            statement.values(
+                [
+                    {
+                        key: bindparam(_together_name(number, index, key), type_=table.c[key].type)
+                        for key in keys
+                    }
+                    for index in range(count)
+                ]
+            )
         )
-        for number, (table, keys, count) in enumerate(shape)
-    ]
     *first, last = inserts
     return last.add_cte(*(statement.cte(f"rows_{n}") for n, statement in enumerate(first)))
 

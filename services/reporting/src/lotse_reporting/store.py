@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lotse_contracts.events.reporting import KpiFigure
-from lotse_runtime.db import run_prebuilt, run_prebuilt_now
+from lotse_runtime.db import run_prebuilt, run_prebuilt_now, run_prebuilt_together
 from sqlalchemy import (
     Boolean,
     CompoundSelect,
@@ -342,15 +342,22 @@ def _note_fact_years(snapshot: Snapshot, needs: Needs) -> None:
 
 
 async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
-    """Store the rows ``apply`` touched."""
+    """Store the rows ``apply`` touched (on PostgreSQL the tables' upserts in one statement
+    where they are few, as after one event: :func:`lotse_runtime.db.run_together`)."""
+    dialect = _dialect(session)
     cases = [_row(snapshot.cases[k]) for k in sorted(snapshot.touched_cases)]
-    await upsert(session, ReportingCase, cases)
     consents = [_row(snapshot.consents[k]) for k in sorted(snapshot.touched_consents)]
-    await upsert(session, ReportingConsent, consents)
     facts = [_row(snapshot.facts[k]) for k in sorted(snapshot.touched_facts)]
-    await upsert(session, ReportingFact, facts)
     referrals = [_row(snapshot.referrals[k]) for k in sorted(snapshot.touched_referrals)]
-    await upsert(session, ReportingReferral, referrals)
+    await run_prebuilt_together(
+        session,
+        [
+            (_upsert_statement(CASES, dialect), cases),
+            (_upsert_statement(CONSENTS, dialect), consents),
+            (_upsert_statement(FACTS, dialect), facts),
+            (_upsert_statement(REFERRALS, dialect), referrals),
+        ],
+    )
 
 
 async def mark_dirty(
