@@ -27,7 +27,7 @@ from sqlalchemy import Dialect, Select, Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import Field, SQLModel, col
 
-from lotse_runtime.db import executemany_on_sqlite
+from lotse_runtime.db import executemany_on_sqlite, insert_at_commit
 
 
 def _utcnow() -> datetime:
@@ -227,7 +227,8 @@ def row(consumer: str, event: CloudEvent, topic: str, partition: int, offset: in
 
 
 async def record_rows(session: AsyncSession, rows: Sequence[Row]) -> None:
-    """Insert a batch's entries in the session's transaction through the driver's executemany.
+    """Insert a batch's entries in the session's transaction through the driver's executemany
+    (on PostgreSQL at commit, with the other rows added at commit).
 
     The rows go as plain tuples into the statement compiled once per dialect: the consumer's
     batch path writes one entry per event, and SQLAlchemy's per-row parameter processing
@@ -238,6 +239,16 @@ async def record_rows(session: AsyncSession, rows: Sequence[Row]) -> None:
     if not rows:
         return
     connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        # At commit, in one statement with the rows the handlers added at commit (the
+        # outbox's, the audit's: lotse_runtime.db.run_together): a round trip less per
+        # transaction. Nothing in the transaction reads them back (duplicates within the
+        # batch are known from the consumer's own map).
+        now = _utcnow()
+        for entry in rows:
+            stamped = (*entry[:7], now, entry[7])
+            insert_at_commit(session, _TABLE, dict(zip(_ROW_ORDER, stamped, strict=True)))
+        return
     prepared = _insert_rows(connection.dialect)
     if prepared is None:  # a driver with named parameters: SQLAlchemy's own executemany
         now = _utcnow()
