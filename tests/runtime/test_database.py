@@ -553,30 +553,45 @@ async def test_rows_for_several_tables_go_to_postgresql_in_one_statement(
         await db.dispose()
 
 
-async def test_many_rows_at_commit_go_one_statement_per_table(
+async def test_rows_of_plain_columns_go_as_arrays_whatever_their_number(
     postgres_url: str, executemany_calls: list[str]
 ) -> None:
-    """Past TOGETHER_MAX_ROWS a combined statement would grow without bound (and be prepared
-    anew for each count): the tables' rows go one executemany each."""
+    """Rows of plain columns go as one array per column (the statement's SQL is the same
+    for any number of rows), in the order they were added; rows that need a VALUES list
+    (a JSON column here) are combined up to TOGETHER_MAX_ROWS, past it each table goes on
+    its own."""
     calls = executemany_calls
     from lotse_runtime import db as db_module
 
     db = Database(postgres_url)
-
+    at = datetime(2025, 3, 3, tzinfo=UTC)
     try:
         await create_schema(db, [Stamped, Tally])
-        many = db_module.TOGETHER_MAX_ROWS
-        calls.clear()
-        async with db.transaction() as session:
-            add_at_commit(session, *(Tally(seen_before=n) for n in range(many)))
-            add_at_commit(session, Stamped(key="one", at=datetime(2025, 3, 3, tzinfo=UTC)))
-        assert len(calls) == 2
-        assert not any(call.startswith("WITH") for call in calls)
+        many = 3 * db_module.TOGETHER_MAX_ROWS
+        for count in (1, many):
+            calls.clear()
+            async with db.transaction() as session:
+                add_at_commit(session, *(Tally(seen_before=n) for n in range(count)))
+                add_at_commit(session, Stamped(key=f"one-{count}", at=at, document={"n": count}))
+            assert len(calls) == 1
+            assert "unnest" in calls[0]
+        assert len({call for call in calls}) == 1
         async with db.autocommit() as conn:
             seen = (
                 await conn.exec_driver_sql("SELECT seen_before FROM test_tally ORDER BY id")
             ).all()
-        assert [row[0] for row in seen] == list(range(many))
+        assert [row[0] for row in seen] == [0, *range(many)]
+
+        listed = db_module.TOGETHER_MAX_ROWS + 1
+        calls.clear()
+        async with db.transaction() as session:
+            add_at_commit(session, Tally(seen_before=-1))
+            add_at_commit(session, *(Stamped(key=f"k{n}", at=at) for n in range(listed)))
+        assert len(calls) == 2
+        assert not any(call.startswith("WITH") for call in calls)
+        async with db.transaction() as session:
+            stored = await session.scalar(select(func.count()).select_from(Stamped))
+        assert stored == 2 + listed
     finally:
         await db.dispose()
 

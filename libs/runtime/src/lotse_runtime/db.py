@@ -21,7 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-from sqlalchemy import Insert, Table, bindparam, event, insert, text
+from sqlalchemy import (
+    Boolean,
+    Date,
+    DateTime,
+    Float,
+    Insert,
+    Integer,
+    LargeBinary,
+    Numeric,
+    String,
+    Table,
+    bindparam,
+    event,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
     AsyncAdapt_aiosqlite_cursor,
@@ -334,7 +352,7 @@ def _insert_deferred(session: Session) -> None:
     by_table: dict[Table, list[dict[str, Any]]] = {}
     for table, row, _savepoint in rows:
         by_table.setdefault(table, []).append(row)
-    if len(by_table) > 1 and run_together(
+    if run_together(
         session.connection(), [(_insert_of(table), rows) for table, rows in by_table.items()]
     ):
         return
@@ -354,8 +372,9 @@ TOGETHER_MAX_ROWS = 40
 #: The statements of one :func:`run_together` call with their rows.
 Batches = Sequence[tuple[Insert, Sequence[Mapping[str, Any]]]]
 
-#: A combined statement's shape: per INSERT, the statement, its columns and how many rows.
-_Shape = tuple[tuple[Insert, tuple[str, ...], int], ...]
+#: A combined statement's shape: per INSERT, the statement, its columns and how many rows
+#: (None: any number, as arrays).
+_Shape = tuple[tuple[Insert, tuple[str, ...], int | None], ...]
 
 
 def run_together(connection: Connection, batches: Batches) -> bool:
@@ -364,34 +383,69 @@ def run_together(connection: Connection, batches: Batches) -> bool:
     INSERT. A registration adds rows to eight tables, and each statement cost the service
     ~120 µs of CPU on its own (``bench/statement_cost.py``); asyncpg needs ~60 µs more per
     statement, ~18 µs more per row. False, and nothing done, elsewhere (SQLite's
-    executemany costs a few µs per statement), when two INSERTs share a table, when one
-    INSERT's rows differ in their columns, or for more than TOGETHER_MAX_ROWS rows.
+    executemany costs a few µs per statement), when two INSERTs share a table, or when one
+    INSERT's rows differ in their columns.
 
-    Each INSERT's rows keep their order (one VALUES list, evaluated in order, so generated
-    ids rise as the rows were added). As in one multi-row upsert, one INSERT's rows must
-    not share a conflict key (the callers' rows come from maps keyed by it). Lotse's
-    tables have no foreign keys; PostgreSQL would check those at the statement's end."""
+    A plain INSERT of columns of plain types takes its rows as one array per column
+    (``INSERT ... SELECT unnest($1::VARCHAR[]), ...``): its SQL is the same for any number
+    of rows, so a consumer's batch of a hundred inbox and outbox rows is one statement
+    prepared once. An upsert (or a JSON column) gets a VALUES list of its rows instead,
+    up to TOGETHER_MAX_ROWS of them (the SQL differs by count; more: one statement per
+    INSERT). Either way each INSERT's rows keep their order (generated ids rise as the
+    rows were added). As in one multi-row upsert, one upsert's rows must not share a
+    conflict key (the callers' rows come from maps keyed by it). Lotse's tables have no
+    foreign keys; PostgreSQL would check those at the statement's end."""
     if connection.dialect.driver != "asyncpg" or _observed(connection):
         return False
     batches = [(statement, rows) for statement, rows in batches if rows]
     if not batches:
         return True
-    tables = {statement.table for statement, _ in batches}
-    if len(tables) < len(batches) or sum(len(rows) for _, rows in batches) > TOGETHER_MAX_ROWS:
+    if len({statement.table for statement, _ in batches}) < len(batches):
         return False
-    shape: list[tuple[Insert, tuple[str, ...], int]] = []
+    shape: list[tuple[Insert, tuple[str, ...], int | None]] = []
     values: dict[str, Any] = {}
+    listed = 0
     for number, (statement, rows) in enumerate(batches):
         keys = rows[0].keys()
         if any(row.keys() != keys for row in rows):
             return False
+        if _as_arrays(statement, tuple(keys)):
+            shape.append((statement, tuple(keys), None))
+            for key in keys:
+                values[_together_name(number, None, key)] = [row[key] for row in rows]
+            continue
+        listed += len(rows)
         shape.append((statement, tuple(keys), len(rows)))
         for index, row in enumerate(rows):
             for key, value in row.items():
                 values[_together_name(number, index, key)] = value
-    if len(shape) == 1:
+    if listed > TOGETHER_MAX_ROWS:
+        return False
+    if len(shape) == 1 and shape[0][2] is not None:
         return run_on_driver(connection, batches[0][0], batches[0][1])
     return run_on_driver(connection, _together_statement(tuple(shape)), [values])
+
+
+#: Column types whose values go to PostgreSQL as arrays as they are (asyncpg encodes
+#: arrays of them natively); JSON and the like are left to a VALUES list.
+_ARRAY_TYPES = (String, Integer, Boolean, DateTime, Date, LargeBinary, Float, Numeric)
+
+
+@functools.lru_cache(maxsize=256)
+def _as_arrays(statement: Insert, keys: tuple[str, ...]) -> bool:
+    """Whether an INSERT's rows may go as one array per column: a plain INSERT (no ON
+    CONFLICT, no values of its own) of columns of plain types."""
+    table = statement.table
+    if not isinstance(table, Table) or statement._post_values_clause is not None:
+        return False
+    if statement._values or statement._multi_values:
+        return False
+    for key in keys:
+        kind = table.c[key].type
+        kind = getattr(kind, "impl", kind)  # a TypeDecorator: what it stores as
+        if not isinstance(kind, _ARRAY_TYPES):
+            return False
+    return True
 
 
 async def run_prebuilt_together(session: AsyncSession, batches: Batches) -> None:
@@ -406,8 +460,8 @@ async def run_prebuilt_together(session: AsyncSession, batches: Batches) -> None
         await run_prebuilt(session, statement, rows)
 
 
-def _together_name(statement: int, row: int, key: str) -> str:
-    return f"t{statement}_{row}_{key}"
+def _together_name(statement: int, row: int | None, key: str) -> str:
+    return f"t{statement}_{key}" if row is None else f"t{statement}_{row}_{key}"
 
 
 @functools.lru_cache(maxsize=256)
@@ -418,6 +472,15 @@ def _together_statement(shape: _Shape) -> Insert:
     for number, (statement, keys, count) in enumerate(shape):
         table = statement.table
         assert isinstance(table, Table)
+        if count is None:
+            columns = [
+                func.unnest(
+                    bindparam(_together_name(number, None, key), type_=ARRAY(table.c[key].type))
+                )
+                for key in keys
+            ]
+            inserts.append(statement.from_select(list(keys), select(*columns)))
+            continue
         inserts.append(
             statement.values(
                 [
@@ -429,6 +492,8 @@ def _together_statement(shape: _Shape) -> Insert:
                 ]
             )
         )
+    if len(inserts) == 1:
+        return inserts[0]
     *first, last = inserts
     return last.add_cte(*(statement.cte(f"rows_{n}") for n, statement in enumerate(first)))
 
