@@ -12,7 +12,6 @@ commit only after their effects, and the inbox makes a redelivery a no-op.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable
 
@@ -48,14 +47,12 @@ async def cancel_within(
     task: asyncio.Task[object] | None, what: str, timeout_s: float | None = None
 ) -> bool:
     """Cancel ``task`` and wait at most ``timeout_s`` for it to end (a task that swallows
-    its cancellation is logged and left behind); True when it ended."""
-    if task is None or task.done():
-        if task is not None and not task.cancelled():
-            with contextlib.suppress(BaseException):
-                task.exception()  # retrieved: no "never retrieved" warning at exit
+    its cancellation is logged and left behind); True when it ended. A task that had
+    already ended is only looked at: its error, if any, is retrieved and logged."""
+    if task is None:
         return True
     timeout_s = STEP_TIMEOUT_S if timeout_s is None else timeout_s
-    task.cancel()
+    task.cancel()  # nothing, where it has ended
     done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if not done:
         _log.warning(

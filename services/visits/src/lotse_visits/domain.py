@@ -196,14 +196,22 @@ def clash(
 ) -> Booking | None:
     """The booking of ``staff_id`` that a visit starting at ``starts_at`` would collide
     with, travel buffer on both sides included; None when the staff member is free."""
-    ends_at = starts_at + office.visit_length
-    buffer = office.travel_buffer
     for booking in bookings:
         if booking.staff_id != staff_id or booking.visit_id == ignore_visit:
             continue
-        if starts_at < booking.ends_at + buffer and booking.starts_at < ends_at + buffer:
+        if _collides(office, starts_at, booking):
             return booking
     return None
+
+
+def _collides(office: Office, starts_at: datetime, booking: Booking) -> bool:
+    """Whether a visit starting at ``starts_at`` and the booking overlap, travel buffer on
+    both sides included."""
+    buffer = office.travel_buffer
+    return (
+        starts_at < booking.ends_at + buffer
+        and booking.starts_at < starts_at + office.visit_length + buffer
+    )
 
 
 class Calendar:
@@ -244,15 +252,14 @@ class Calendar:
         if not booked:
             return None
         office = self.office
-        ends_at = starts_at + office.visit_length
         buffer = office.travel_buffer
         starts = self._starts[staff_id]
-        # A booking collides when it starts before ends_at + buffer and ends after
-        # starts_at - buffer; it ends at most `longest` after it starts.
+        # A booking collides (_collides) when it starts before the visit's end + buffer and
+        # ends after starts_at - buffer; it ends at most `longest` after it starts.
         low = bisect_right(starts, starts_at - buffer - self._longest[staff_id])
-        high = bisect_left(starts, ends_at + buffer, lo=low)
+        high = bisect_left(starts, starts_at + office.visit_length + buffer, lo=low)
         for booking in booked[low:high]:
-            if starts_at < booking.ends_at + buffer and booking.starts_at < ends_at + buffer:
+            if _collides(office, starts_at, booking):
                 return booking
         return None
 
