@@ -1,11 +1,13 @@
 """Statements a handled event sends to the database (issue 20: ORM work per event).
 
 Counted, not timed: a registration reads the stored forms of all its consents in one
-query, not one get per consent; a handover's wish is inserted once with its outcome; a
-Träger's answer takes its step without a savepoint."""
+query, not one get per consent; a handover's wish that waits is inserted once with its
+outcome, one that is placed is inserted open and updated once placed, after its disclosure
+was sealed outside any transaction; a Träger's answer takes its step without a savepoint."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from lotse_contracts import topics
@@ -46,7 +48,7 @@ async def test_a_registration_reads_its_consents_in_one_query(
         )
 
 
-async def test_a_handover_writes_its_wish_once_with_its_outcome(
+async def test_a_handover_writes_its_wish_with_its_outcome(
     database_url: str, topic_prefix: str
 ) -> None:
     async with fed(database_url, topic_prefix) as service:
@@ -69,7 +71,9 @@ async def test_a_handover_writes_its_wish_once_with_its_outcome(
         wish_writes = [
             s for s in seen if s.startswith(("INSERT INTO referrals_wish", "UPDATE referrals_wish"))
         ]
-        assert [s.split()[0] for s in wish_writes] == ["INSERT", "INSERT"], wish_writes
+        # Placed: inserted open with the event, updated by the placement once intake sealed
+        # its disclosure. Waiting (nothing for intake to seal): inserted once, as it stays.
+        assert [s.split()[0] for s in wish_writes] == ["INSERT", "UPDATE", "INSERT"], wish_writes
         [done] = await service.rows(Wish, case_id=placed.case_id)
         referral = await service.referral(placed.case_id)
         assert (done.state, done.referral_id) == ("placed", referral.referral_id)
@@ -107,3 +111,45 @@ async def test_an_answer_is_written_without_a_savepoint(
         assert len(referral_writes) == 1, referral_writes
         assert "version" in referral_writes[0]
         assert (await service.referral(family.case_id)).status == "received"
+
+
+async def test_a_handover_seals_its_disclosure_outside_any_transaction(
+    database_url: str, topic_prefix: str
+) -> None:
+    """Intake is another service: while it seals a referral's disclosure, the consumer
+    holds no transaction open (on SQLite that would be the service's only write lock, and
+    every event behind the handover would wait for intake too)."""
+    async with fed(database_url, topic_prefix) as service:
+        family = Family()
+        await service.register(family)
+        engine = service.runtime.db.engine.sync_engine
+        open_in: dict[asyncio.Task[Any] | None, int] = {}
+
+        def began(_connection: Any) -> None:
+            task = asyncio.current_task()
+            open_in[task] = open_in.get(task, 0) + 1
+
+        def ended(_connection: Any) -> None:
+            open_in[asyncio.current_task()] -= 1
+
+        keyring = service.keyring
+        real_seal = keyring.seal_disclosure
+        open_while_sealing: list[int] = []
+
+        async def seal(which: Any, fields: Any) -> Any:
+            open_while_sealing.append(open_in.get(asyncio.current_task(), 0))
+            return await real_seal(which, fields)
+
+        keyring.seal_disclosure = seal  # type: ignore[method-assign]
+        for name, listener in (("begin", began), ("commit", ended), ("rollback", ended)):
+            event.listen(engine, name, listener)
+        try:
+            await service.handover(family)
+        finally:
+            for name, listener in (("begin", began), ("commit", ended), ("rollback", ended)):
+                event.remove(engine, name, listener)
+        assert open_while_sealing == [0]
+        referral = await service.referral(family.case_id)
+        assert referral.disclosed_fields
+        [wish] = await service.rows(Wish, case_id=family.case_id)
+        assert (wish.state, wish.referral_id) == ("placed", referral.referral_id)

@@ -433,3 +433,99 @@ async def test_a_rebalance_during_a_batch_does_not_stop_the_consumer(harness: Ha
 
 async def _count_is(harness: Harness, expected: int) -> bool:
     return await harness.count() == expected
+
+
+def _follow_up_probe(
+    harness: Harness, followed: list[tuple[str, int]], together: asyncio.Barrier | None
+) -> Callable[[Delivery[Any]], Any]:
+    """A handler that adds its effect (failing while ``harness.failures`` says so) and
+    leaves a follow-up that (waiting for the others at ``together``, if given) counts the
+    event's committed effects in a transaction of its own, and writes there."""
+
+    async def add_then_follow(delivery: Delivery[Any]) -> None:
+        visit_id = delivery.data.visit_id
+        if harness.failures.get(visit_id, 0) > 0:
+            harness.failures[visit_id] -= 1
+            raise RuntimeError("fails once")
+        delivery.session.add(ProbeEffect(event_id=delivery.event.id, visit_id=visit_id))
+
+        async def follow() -> None:
+            if together is not None:
+                await asyncio.wait_for(together.wait(), timeout=10)
+            async with harness.db.transaction() as session:
+                committed = await session.scalar(
+                    select(func.count())
+                    .select_from(ProbeEffect)
+                    .where(ProbeEffect.visit_id == visit_id)
+                )
+                session.add(ProbeEffect(event_id=f"follow-{visit_id}", visit_id=visit_id))
+            followed.append((visit_id, int(committed or 0)))
+
+        delivery.after_commit(follow)
+
+    return add_then_follow
+
+
+async def test_follow_ups_run_after_the_commit_and_those_of_a_batch_together(
+    harness: Harness,
+) -> None:
+    """A handler may leave work for after its transaction (a call to another service): it
+    runs once the effects are committed (its own transaction sees them, and can write on
+    SQLite, whose only write lock the batch no longer holds), and the follow-ups of one
+    batch run at the same time (each here waits until all of them are running)."""
+    case_id = str(uuid.uuid4())  # one key: one partition, one batch
+    events = [scheduled(case_id=case_id) for _ in range(5)]
+    followed: list[tuple[str, int]] = []
+    for event in events:
+        harness.send(event)
+    consumer = harness.consumer(group())
+    probe = _follow_up_probe(harness, followed, asyncio.Barrier(len(events)))
+    consumer.handlers[VisitScheduled.event_type] = probe
+    await consumer.start()  # started after producing, so the first fetch holds them all
+    await eventually(lambda: len(followed) == len(events), timeout_s=30)
+    assert sorted(followed) == sorted((e.visit_id, 1) for e in events)
+    assert consumer.processed == len(events)
+    assert consumer.follow_ups_failed == 0
+
+
+async def test_a_batch_rolled_back_runs_no_follow_up_of_its_own(harness: Harness) -> None:
+    """A failing event rolls the batch back: its follow-ups are dropped with it, and the
+    one-by-one path that applies the events again runs each event's follow-up once."""
+    case_id = str(uuid.uuid4())
+    events = [scheduled(case_id=case_id) for _ in range(6)]
+    harness.failures[events[4].visit_id] = 1
+    followed: list[tuple[str, int]] = []
+    for event in events:
+        harness.send(event)
+    consumer = harness.consumer(group())
+    consumer.handlers[VisitScheduled.event_type] = _follow_up_probe(harness, followed, None)
+    await consumer.start()
+    await eventually(lambda: consumer.processed == len(events), timeout_s=30)
+    await eventually(lambda: len(followed) == len(events))
+    assert sorted(followed) == sorted((e.visit_id, 1) for e in events)
+    assert consumer.follow_ups_failed == 0
+
+
+async def test_a_failing_follow_up_is_counted_and_the_event_stays_applied(
+    harness: Harness,
+) -> None:
+    event = scheduled()
+
+    async def add_then_fail_later(delivery: Delivery[Any]) -> None:
+        delivery.session.add(
+            ProbeEffect(event_id=delivery.event.id, visit_id=delivery.data.visit_id)
+        )
+
+        async def broken() -> None:
+            raise RuntimeError("the other service is away")
+
+        delivery.after_commit(broken)
+
+    harness.send(event)
+    consumer = harness.consumer(group())
+    consumer.handlers[VisitScheduled.event_type] = add_then_fail_later
+    await consumer.start()
+    await eventually(lambda: consumer.processed == 1)
+    await eventually(lambda: consumer.follow_ups_failed == 1)
+    assert consumer.dead_lettered == 0
+    assert [e.visit_id for e in await harness.effects()] == [event.visit_id]

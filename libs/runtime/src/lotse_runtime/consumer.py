@@ -41,7 +41,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -145,6 +145,14 @@ class EventRejected(Exception):
 E = TypeVar("E", bound=EventModel, covariant=True)
 
 
+FollowUp = Callable[[], Awaitable[object]]
+"""Work a handler leaves for after its transaction has committed (see
+:meth:`Delivery.after_commit`)."""
+
+FOLLOW_UP_CONCURRENCY = 16
+"""Most follow-ups of one transaction that run at the same time."""
+
+
 @dataclass(frozen=True)
 class Delivery(Generic[E]):
     """What a handler gets: the event, its validated data (the concrete event model the
@@ -157,6 +165,20 @@ class Delivery(Generic[E]):
     topic: str
     partition: int
     offset: int
+    follow_ups: list[FollowUp] = field(default_factory=list)
+
+    def after_commit(self, work: FollowUp) -> None:
+        """Run ``work`` once this delivery's transaction has committed, before the consumer
+        goes on to the next records (and so before their offsets are committed).
+
+        For work that waits on another service: inside the transaction such a wait holds
+        the event's locks (on SQLite the service's only write lock) and, since a fetch's
+        events are applied one after the other, stalls every event behind it. The
+        follow-ups of one transaction run concurrently, each in transactions of its own.
+        They are not covered by the inbox: a follow-up that fails (or a crash before it
+        ran) is logged and not retried, so the handler must commit a state from which the
+        service's own jobs finish the work."""
+        self.follow_ups.append(work)
 
 
 Handler = Callable[[Delivery[Any]], Awaitable[None]]
@@ -241,6 +263,7 @@ class EventConsumer:
         self.skipped = 0
         # Waits for a busy or unreachable database (no attempt counted, nothing dead-lettered).
         self.held = 0
+        self.follow_ups_failed = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -538,6 +561,7 @@ class EventConsumer:
         event: CloudEvent,
         data: EventModel,
         session: AsyncSession,
+        follow_ups: list[FollowUp],
     ) -> Delivery[EventModel]:
         return Delivery(
             event=event,
@@ -547,7 +571,27 @@ class EventConsumer:
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
+            follow_ups=follow_ups,
         )
+
+    async def _follow_up(self, works: list[FollowUp]) -> None:
+        """Run the follow-ups of a committed transaction, concurrently (at most
+        FOLLOW_UP_CONCURRENCY at a time); one that fails is logged and counted."""
+        if not works:
+            return
+        gate = asyncio.Semaphore(FOLLOW_UP_CONCURRENCY)
+
+        async def run(work: FollowUp) -> None:
+            async with gate:
+                try:
+                    await work()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.follow_ups_failed += 1
+                    _log.exception("follow-up failed", extra={"consumer": self.name})
+
+        await asyncio.gather(*(run(work) for work in works))
 
     def _span(self, record: ConsumerRecord[Any, Any]) -> contextlib.AbstractContextManager[Any]:
         """A consumer span continuing the producer's trace (``traceparent`` header)."""
@@ -617,6 +661,7 @@ class EventConsumer:
         started = time.perf_counter()
         processed = duplicates = skipped = taken = 0
         entries: list[inbox.Row] = []
+        follow_ups: list[FollowUp] = []
         try:
             consumer_name = f"{self.service}.{self.name}"
             async with self.db.transaction() as session:
@@ -649,7 +694,7 @@ class EventConsumer:
                     entries.append(entry)
                     with self._span(record):
                         await self.handlers[event.type](
-                            self._delivery(record, event, data, session)
+                            self._delivery(record, event, data, session, follow_ups)
                         )
                     processed += 1
                 # One statement for the batch's inbox entries; the handlers' own rows are
@@ -660,6 +705,7 @@ class EventConsumer:
             raise
         except Exception:
             return 0
+        await self._follow_up(follow_ups)
         if taken == 0:
             return 0
         self.processed += processed
@@ -733,6 +779,7 @@ class EventConsumer:
         held = 0
         while True:
             attempt += 1
+            follow_ups: list[FollowUp] = []
             try:
                 async with self.db.transaction() as session:
                     claim = await inbox.claim(
@@ -759,8 +806,9 @@ class EventConsumer:
                             ),
                             "",
                         )
-                    await handler(self._delivery(record, event, data, session))
+                    await handler(self._delivery(record, event, data, session, follow_ups))
                 self.processed += 1
+                await self._follow_up(follow_ups)
                 return None, "ok"
             except EventRejected as exc:
                 return (

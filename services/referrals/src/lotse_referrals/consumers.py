@@ -396,9 +396,17 @@ async def _wish(
         created_at=now,
         updated_at=now,
     )
-    # Added by ``place`` once it knows the outcome, placed or waiting: one INSERT with the
-    # final state, not an INSERT before the referral's savepoint and an UPDATE at commit.
-    await ops.place(session, ctx, wish, now)
+    sealing = await ops.disclosure_to_seal(session, ctx, wish, now)
+    if sealing is None:
+        # Added by ``place`` once it knows the outcome, placed or waiting: one INSERT with
+        # the final state, not an INSERT before the referral's savepoint and an UPDATE.
+        await ops.place(session, ctx, wish, now)
+        return
+    # Placeable, with a disclosure for intake to seal: the wish is kept open, and placed
+    # once this transaction has committed, the seal asked for outside any transaction and
+    # alongside those of the fetch's other wishes (Delivery.after_commit).
+    session.add(wish)
+    delivery.after_commit(partial(ops.place_sealed, ctx, wish.wish_id, *sealing))
 
 
 # --- partner answers -------------------------------------------------------------------

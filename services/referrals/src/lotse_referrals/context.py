@@ -7,8 +7,9 @@ event handlers (consumers.py) and periodic jobs alike.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 
 from lotse_contracts.city import Municipality
@@ -42,6 +43,11 @@ class Context:
     city_fingerprint: str | None = None
     """SHA-256 of the city file as the catalogue was last reconciled with it (set at start;
     the periodic check reconciles when the file's differs)."""
+    placing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held by a placement that seals its disclosure ahead (``operations.place_sealed``)
+    for its transaction: the seals of a fetch's wishes run concurrently, their
+    transactions one after the other (they lock the same Träger rows, and on SQLite only
+    one can write anyway)."""
 
     def today(self, now: datetime) -> date:
         return domain.local_date(now, self.city.zone())

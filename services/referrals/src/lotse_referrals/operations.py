@@ -218,18 +218,25 @@ class NewReferral:
         )
 
 
-async def _disclosure(
-    ctx: Context, which: DisclosureFor, wanted: Sequence[PersonalField] | None
-) -> SealedDisclosure:
-    """The consented subset of the family's personal data, sealed by intake's keyring under
-    a key bound to this referral and its Träger. This service never holds a key of the
-    family nor its data in clear; erasing the family in intake shreds the disclosure too."""
+def _disclosed_fields(
+    ctx: Context, wanted: Sequence[PersonalField] | None
+) -> list[PersonalField]:
+    """The fields a referral discloses: those asked for (or the configured ones) that the
+    service may pass on; a refusal naming ``disclose`` for any it may not."""
     try:
-        fields = domain.disclosure_fields(
+        return domain.disclosure_fields(
             ctx.settings.disclosed_fields, wanted, [f.value for f in PersonalField]
         )
     except ValueError as exc:
         raise Refusal("disclose", str(exc)) from None
+
+
+async def _disclosure(
+    ctx: Context, which: DisclosureFor, fields: Sequence[PersonalField]
+) -> SealedDisclosure:
+    """The consented subset of the family's personal data, sealed by intake's keyring under
+    a key bound to this referral and its Träger. This service never holds a key of the
+    family nor its data in clear; erasing the family in intake shreds the disclosure too."""
     if ctx.keyring is None or not fields:
         return SealedDisclosure(kid=None, disclosed_fields=[])
     try:
@@ -240,6 +247,33 @@ async def _disclosure(
         raise Conflict("consent_ref", str(exc)) from None
     except KeyringUnavailable as exc:
         raise Unavailable(f"keyring: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SealedAhead:
+    """A disclosure intake was asked to seal before the transaction that creates its
+    referral (see :func:`place_sealed`): for which referral id, Träger and consent, with
+    which fields, and what intake answered (the sealed disclosure, or why not)."""
+
+    which: DisclosureFor
+    fields: tuple[PersonalField, ...]
+    answer: SealedDisclosure | Refusal | Unavailable
+
+    def fits(self, which: DisclosureFor, fields: Sequence[PersonalField]) -> bool:
+        """Whether it was sealed for this case, Träger, consent and these fields (the
+        referral id is the one it was sealed for)."""
+        ahead = self.which
+        return (ahead.case_id, ahead.traeger, ahead.consent_id, self.fields) == (
+            which.case_id,
+            which.traeger,
+            which.consent_id,
+            tuple(fields),
+        )
+
+    def result(self) -> SealedDisclosure:
+        if isinstance(self.answer, SealedDisclosure):
+            return self.answer
+        raise self.answer
 
 
 @dataclass(frozen=True)
@@ -387,17 +421,22 @@ async def create_referral(
     *,
     caller: Caller | None = None,
     path: str | None = None,
+    sealed_ahead: SealedAhead | None = None,
 ) -> Referral:
     """Create a referral behind the catalogue, capacity and consent gates and publish
-    ``referral-requested``; raises :class:`Refusal` or :class:`Unavailable`."""
+    ``referral-requested``; raises :class:`Refusal` or :class:`Unavailable`.
+
+    ``sealed_ahead``: the disclosure intake sealed before this transaction, used when the
+    gates choose the same Träger, consent and fields now (else intake is asked here)."""
     case = await _referable_case(session, new)
     offer, consent = await _choose(session, ctx, case, new, now)
-    referral_id = str(uuid.uuid4())
-    sealed = await _disclosure(
-        ctx,
-        DisclosureFor(case.case_id, referral_id, offer.traeger, consent.consent_id),
-        new.disclose,
-    )
+    fields = _disclosed_fields(ctx, new.disclose)
+    which = DisclosureFor(case.case_id, str(uuid.uuid4()), offer.traeger, consent.consent_id)
+    if sealed_ahead is not None and sealed_ahead.fits(which, fields):
+        which, sealed = sealed_ahead.which, sealed_ahead.result()
+    else:
+        sealed = await _disclosure(ctx, which, fields)
+    referral_id = which.referral_id
     due = domain.answer_due_by(
         ctx.today(now),
         urgent=new.urgent,
@@ -796,18 +835,78 @@ def _wish_referral(wish: Wish, consent_ref: str | None, **changes: Any) -> NewRe
     return NewReferral(**values)
 
 
-async def place(session: AsyncSession, ctx: Context, wish: Wish, now: datetime) -> bool:
+async def place(
+    session: AsyncSession,
+    ctx: Context,
+    wish: Wish,
+    now: datetime,
+    *,
+    sealed_ahead: SealedAhead | None = None,
+) -> bool:
     """Try to turn an open wish into a referral; records why not (and what it waits for)
     when it cannot (yet). A new wish not yet in the session is added with that outcome."""
     new = _wish_referral(wish, await _named_consent(session, wish))
     try:
         # create_referral checks everything before it writes, so a refusal leaves no trace.
-        referral = await create_referral(session, ctx, new, now)
+        referral = await create_referral(session, ctx, new, now, sealed_ahead=sealed_ahead)
     except (Refusal, Unavailable) as exc:
         _wait(session, wish, exc, now)
         return False
     _placed(session, wish, referral, now)
     return True
+
+
+async def disclosure_to_seal(
+    session: AsyncSession, ctx: Context, wish: Wish, now: datetime
+) -> tuple[DisclosureFor, list[PersonalField]] | None:
+    """The disclosure a new wish's referral would carry if it were placed now (which
+    Träger, on which consent, with which fields, under a new referral id), when that needs
+    intake to seal something; None when it cannot be placed now or discloses nothing.
+    Reads only: the gates are checked again, under their locks, when it is placed."""
+    if ctx.keyring is None:
+        return None
+    new = _wish_referral(wish, await _named_consent(session, wish))
+    case = await session.get(Case, new.case_id)
+    if case is None or case.erased_at is not None:
+        return None
+    try:
+        offer, consent = await _choose(session, ctx, case, new, now)
+        fields = _disclosed_fields(ctx, new.disclose)
+    except (Refusal, Unavailable):
+        return None
+    if not fields:
+        return None
+    which = DisclosureFor(case.case_id, str(uuid.uuid4()), offer.traeger, consent.consent_id)
+    return which, fields
+
+
+async def place_sealed(
+    ctx: Context, wish_id: str, which: DisclosureFor, fields: Sequence[PersonalField]
+) -> bool:
+    """Place an open wish whose disclosure is sealed first, outside any transaction: intake
+    is another service, and a transaction waiting for it would hold the wish's locks (on
+    SQLite the service's write lock) for as long. Then, in a transaction of its own, the
+    wish is claimed and placed as :func:`place` does, with that disclosure if the gates
+    still choose the same Träger and consent (else intake is asked again there). A wish
+    placed, dropped or claimed meanwhile is left alone; one this does not reach (a crash)
+    stays open for the placement job."""
+    try:
+        answer: SealedDisclosure | Refusal | Unavailable = await _disclosure(ctx, which, fields)
+    except (Refusal, Unavailable) as exc:
+        answer = exc
+    ahead = SealedAhead(which, tuple(fields), answer)
+    async with ctx.placing, ctx.db.transaction() as session:
+        wish = (
+            await session.execute(
+                select(Wish)
+                .where(col(Wish.wish_id) == wish_id)
+                .where(col(Wish.state) == "open")
+                .with_for_update(skip_locked=True)
+            )
+        ).scalar_one_or_none()
+        if wish is None:
+            return False
+        return await place(session, ctx, wish, ctx.clock(), sealed_ahead=ahead)
 
 
 def _placed(session: AsyncSession, wish: Wish, referral: Referral, now: datetime) -> None:
