@@ -218,9 +218,7 @@ class NewReferral:
         )
 
 
-def _disclosed_fields(
-    ctx: Context, wanted: Sequence[PersonalField] | None
-) -> list[PersonalField]:
+def _disclosed_fields(ctx: Context, wanted: Sequence[PersonalField] | None) -> list[PersonalField]:
     """The fields a referral discloses: those asked for (or the configured ones) that the
     service may pass on; a refusal naming ``disclose`` for any it may not."""
     try:
@@ -896,17 +894,24 @@ async def place_sealed(
         answer = exc
     ahead = SealedAhead(which, tuple(fields), answer)
     async with ctx.placing, ctx.db.transaction() as session:
-        wish = (
-            await session.execute(
-                select(Wish)
-                .where(col(Wish.wish_id) == wish_id)
-                .where(col(Wish.state) == "open")
-                .with_for_update(skip_locked=True)
-            )
-        ).scalar_one_or_none()
+        wish = await _claim_open_wish(session, wish_id)
         if wish is None:
             return False
         return await place(session, ctx, wish, ctx.clock(), sealed_ahead=ahead)
+
+
+async def _claim_open_wish(session: AsyncSession, wish_id: str) -> Wish | None:
+    """The wish, still open, locked by this transaction. One that another replica's job or
+    a consumer holds right now is skipped (it is being placed); one placed or dropped
+    meanwhile is no longer found."""
+    return (
+        await session.execute(
+            select(Wish)
+            .where(col(Wish.wish_id) == wish_id)
+            .where(col(Wish.state) == "open")
+            .with_for_update(skip_locked=True)
+        )
+    ).scalar_one_or_none()
 
 
 def _placed(session: AsyncSession, wish: Wish, referral: Referral, now: datetime) -> None:
@@ -965,17 +970,7 @@ async def place_waiting_wishes(
     placed = 0
     for wish_id in waiting:
         async with ctx.db.transaction() as session:
-            # The claim: the wish, still open, locked by this transaction. One that another
-            # replica's job or a consumer holds right now is skipped (it is being placed);
-            # one placed or dropped meanwhile is no longer found.
-            wish = (
-                await session.execute(
-                    select(Wish)
-                    .where(col(Wish.wish_id) == wish_id)
-                    .where(col(Wish.state) == "open")
-                    .with_for_update(skip_locked=True)
-                )
-            ).scalar_one_or_none()
+            wish = await _claim_open_wish(session, wish_id)
             if wish is not None and await place(session, ctx, wish, now):
                 placed += 1
     return placed
