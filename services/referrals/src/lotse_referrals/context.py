@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
+from typing import Any
 
 from lotse_contracts.city import Municipality
 from lotse_runtime.db import Database
@@ -22,6 +23,22 @@ from lotse_referrals.keyring import Keyring
 from lotse_referrals.settings import ReferralsSettings
 
 SERVICE = "referrals"
+
+
+@dataclass
+class SealedWishes:
+    """Wishes whose disclosures were sealed ahead, waiting for their transaction. The seals
+    of a fetch's wishes run concurrently and end at about the same time: whichever
+    placement gets the lock first places all that are ready, in one transaction (they lock
+    the same Träger rows, and on SQLite only one transaction can write anyway)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ready: list[tuple[str, Any]] = field(default_factory=list)
+    """(wish id, ``operations.SealedAhead``)."""
+
+    def take(self) -> list[tuple[str, Any]]:
+        taken, self.ready = self.ready, []
+        return taken
 
 
 def _utc_now() -> datetime:
@@ -43,11 +60,9 @@ class Context:
     city_fingerprint: str | None = None
     """SHA-256 of the city file as the catalogue was last reconciled with it (set at start;
     the periodic check reconciles when the file's differs)."""
-    placing: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Held by a placement that seals its disclosure ahead (``operations.place_sealed``)
-    for its transaction: the seals of a fetch's wishes run concurrently, their
-    transactions one after the other (they lock the same Träger rows, and on SQLite only
-    one can write anyway)."""
+    sealed: SealedWishes = field(default_factory=lambda: SealedWishes())
+    """Wishes whose disclosures intake has sealed, waiting to be placed
+    (``operations.place_sealed``)."""
 
     def today(self, now: datetime) -> date:
         return domain.local_date(now, self.city.zone())

@@ -880,38 +880,49 @@ async def disclosure_to_seal(
 
 async def place_sealed(
     ctx: Context, wish_id: str, which: DisclosureFor, fields: Sequence[PersonalField]
-) -> bool:
+) -> int:
     """Place an open wish whose disclosure is sealed first, outside any transaction: intake
     is another service, and a transaction waiting for it would hold the wish's locks (on
-    SQLite the service's write lock) for as long. Then, in a transaction of its own, the
-    wish is claimed and placed as :func:`place` does, with that disclosure if the gates
-    still choose the same Träger and consent (else intake is asked again there). A wish
-    placed, dropped or claimed meanwhile is left alone; one this does not reach (a crash)
-    stays open for the placement job."""
+    SQLite the service's write lock) for as long. Then the wish waits in ``ctx.sealed``
+    until a placement holds the lock: that one claims every wish ready by then and places
+    each as :func:`place` does, in one transaction, with its disclosure if the gates still
+    choose the same Träger and consent (else intake is asked again there). Wishes placed,
+    dropped or claimed meanwhile are left alone; one this does not reach (a crash, a
+    transaction that fails) stays open for the placement job. Returns how many it placed."""
     try:
         answer: SealedDisclosure | Refusal | Unavailable = await _disclosure(ctx, which, fields)
     except (Refusal, Unavailable) as exc:
         answer = exc
-    ahead = SealedAhead(which, tuple(fields), answer)
-    async with ctx.placing, ctx.db.transaction() as session:
-        wish = await _claim_open_wish(session, wish_id)
-        if wish is None:
-            return False
-        return await place(session, ctx, wish, ctx.clock(), sealed_ahead=ahead)
+    sealed = ctx.sealed
+    sealed.ready.append((wish_id, SealedAhead(which, tuple(fields), answer)))
+    async with sealed.lock:
+        ready = dict(sealed.take())
+        if not ready:
+            return 0  # placed by the placement that held the lock before
+        placed = 0
+        async with ctx.db.transaction() as session:
+            now = ctx.clock()
+            for wish in await _claim_open_wishes(session, list(ready)):
+                if await place(session, ctx, wish, now, sealed_ahead=ready[wish.wish_id]):
+                    placed += 1
+        return placed
 
 
-async def _claim_open_wish(session: AsyncSession, wish_id: str) -> Wish | None:
-    """The wish, still open, locked by this transaction. One that another replica's job or
-    a consumer holds right now is skipped (it is being placed); one placed or dropped
-    meanwhile is no longer found."""
-    return (
-        await session.execute(
-            select(Wish)
-            .where(col(Wish.wish_id) == wish_id)
-            .where(col(Wish.state) == "open")
-            .with_for_update(skip_locked=True)
-        )
-    ).scalar_one_or_none()
+async def _claim_open_wishes(session: AsyncSession, wish_ids: Sequence[str]) -> list[Wish]:
+    """Those of the wishes still open, locked by this transaction, oldest first. One that
+    another replica's job or a consumer holds right now is skipped (it is being placed);
+    one placed or dropped meanwhile is no longer found."""
+    return list(
+        (
+            await session.execute(
+                select(Wish)
+                .where(col(Wish.wish_id).in_(list(wish_ids)))
+                .where(col(Wish.state) == "open")
+                .order_by(col(Wish.created_at), col(Wish.wish_id))
+                .with_for_update(skip_locked=True)
+            )
+        ).scalars()
+    )
 
 
 def _placed(session: AsyncSession, wish: Wish, referral: Referral, now: datetime) -> None:
@@ -970,9 +981,9 @@ async def place_waiting_wishes(
     placed = 0
     for wish_id in waiting:
         async with ctx.db.transaction() as session:
-            wish = await _claim_open_wish(session, wish_id)
-            if wish is not None and await place(session, ctx, wish, now):
-                placed += 1
+            for wish in await _claim_open_wishes(session, [wish_id]):
+                if await place(session, ctx, wish, now):
+                    placed += 1
     return placed
 
 
