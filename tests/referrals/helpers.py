@@ -4,6 +4,7 @@ records, and readers for the service's tables."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from lotse_referrals.tables import Referral, Wish
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.consumer import EventConsumer
 from lotse_runtime.outbox import OutboxMessage
+from sqlalchemy import event as sa_event
 from sqlalchemy import select
 
 from tests.support import bearer, produce
@@ -291,3 +293,38 @@ def running(
         if ready:
             service.wait_ready()
         yield service
+
+
+@contextmanager
+def transactions_open_while_sealing(
+    runtime: ServiceRuntime[Any], keyring: Any
+) -> Iterator[list[int]]:
+    """While inside: for each disclosure the keyring seals, how many database transactions
+    the sealing task holds open at that moment (intake is another service: it must be 0)."""
+    engine = runtime.db.engine.sync_engine
+    open_in: dict[asyncio.Task[Any] | None, int] = {}
+
+    def began(_connection: Any) -> None:
+        task = asyncio.current_task()
+        open_in[task] = open_in.get(task, 0) + 1
+
+    def ended(_connection: Any) -> None:
+        open_in[asyncio.current_task()] -= 1
+
+    real_seal = keyring.seal_disclosure
+    seen: list[int] = []
+
+    async def seal(which: Any, fields: Any) -> Any:
+        seen.append(open_in.get(asyncio.current_task(), 0))
+        return await real_seal(which, fields)
+
+    listeners = (("begin", began), ("commit", ended), ("rollback", ended))
+    keyring.seal_disclosure = seal
+    for name, listener in listeners:
+        sa_event.listen(engine, name, listener)
+    try:
+        yield seen
+    finally:
+        for name, listener in listeners:
+            sa_event.remove(engine, name, listener)
+        keyring.seal_disclosure = real_seal

@@ -7,7 +7,6 @@ was sealed outside any transaction; a Träger's answer takes its step without a 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from lotse_contracts import topics
@@ -15,7 +14,7 @@ from lotse_contracts.events.partner import PartnerAnswer
 from lotse_referrals.tables import ConsentRecord, Referral, Wish
 from sqlalchemy import event
 
-from tests.referrals.helpers import TRAEGER, Family
+from tests.referrals.helpers import TRAEGER, Family, transactions_open_while_sealing
 from tests.referrals.test_referrals_handlers import OTHER_TRAEGER, answer, fed
 
 
@@ -122,33 +121,9 @@ async def test_a_handover_seals_its_disclosure_outside_any_transaction(
     async with fed(database_url, topic_prefix) as service:
         family = Family()
         await service.register(family)
-        engine = service.runtime.db.engine.sync_engine
-        open_in: dict[asyncio.Task[Any] | None, int] = {}
-
-        def began(_connection: Any) -> None:
-            task = asyncio.current_task()
-            open_in[task] = open_in.get(task, 0) + 1
-
-        def ended(_connection: Any) -> None:
-            open_in[asyncio.current_task()] -= 1
-
-        keyring = service.keyring
-        real_seal = keyring.seal_disclosure
-        open_while_sealing: list[int] = []
-
-        async def seal(which: Any, fields: Any) -> Any:
-            open_while_sealing.append(open_in.get(asyncio.current_task(), 0))
-            return await real_seal(which, fields)
-
-        keyring.seal_disclosure = seal  # type: ignore[method-assign]
-        for name, listener in (("begin", began), ("commit", ended), ("rollback", ended)):
-            event.listen(engine, name, listener)
-        try:
+        with transactions_open_while_sealing(service.runtime, service.keyring) as seen:
             await service.handover(family)
-        finally:
-            for name, listener in (("begin", began), ("commit", ended), ("rollback", ended)):
-                event.remove(engine, name, listener)
-        assert open_while_sealing == [0]
+        assert seen == [0]
         referral = await service.referral(family.case_id)
         assert referral.disclosed_fields
         [wish] = await service.rows(Wish, case_id=family.case_id)

@@ -21,6 +21,7 @@ from lotse_contracts import topics
 from lotse_contracts.events.common import ConsentScope, ConsentState, Role
 from lotse_contracts.events.intake import ConsentChanged
 from lotse_contracts.events.partner import PartnerAnswer
+from lotse_referrals import operations as ops
 from lotse_referrals.app import create_app
 from lotse_referrals.keyring import StaticKeyring
 from lotse_referrals.tables import CatalogueTraeger, Referral, Wish
@@ -28,6 +29,7 @@ from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.outbox import OutboxMessage
 from lotse_runtime.testing import InProcessFeed, without_broker
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
 from tests.referrals.helpers import (
@@ -40,6 +42,7 @@ from tests.referrals.helpers import (
     Clock,
     Family,
     settings,
+    transactions_open_while_sealing,
 )
 from tests.referrals.test_referrals_handlers import answer, handover
 
@@ -287,3 +290,46 @@ async def _escalate(svc: Service) -> None:
     job = next(j for j in svc.runtime.jobs if j.name == "escalation")
     await job.run_once(svc.runtime)
     assert job.last_error is None, job.last_error
+
+
+async def test_a_consent_that_places_a_waiting_wish_has_intake_seal_outside_its_transaction(
+    database_url: str, topic_prefix: str
+) -> None:
+    """The consent arriving places the waiting wish as a handover's own placement does:
+    its disclosure sealed by intake while the consumer holds no transaction."""
+    async with service(database_url, topic_prefix) as svc:
+        family = traegerless()
+        await svc.register(family)
+        assert await svc.main.send(handover(family)) == "ok"
+        assert (await svc.wish(family)).waiting_for == "consent"
+        with transactions_open_while_sealing(svc.runtime, svc.keyring) as seen:
+            await svc.consent(family, TRAEGER, MODULE)
+        assert seen == [0]
+        placed = await svc.wish(family)
+        [referral] = await svc.rows(Referral, case_id=family.case_id)
+        assert (placed.state, placed.referral_id) == ("placed", referral.referral_id)
+        assert referral.disclosed_fields
+
+
+async def test_a_placement_that_meets_a_busy_database_is_tried_again(
+    database_url: str, topic_prefix: str, monkeypatch: Any
+) -> None:
+    """The sealed wish's transaction fails on a busy database (SQLite's lock, a deadlock):
+    the same wishes are claimed and placed in the next try, not left for the job."""
+    real = ops._place_ready
+    failures = [OperationalError("INSERT", {}, Exception("database is locked"))]
+
+    async def busy_once(ctx: Any, ready: Any) -> int:
+        if failures:
+            raise failures.pop()
+        return await real(ctx, ready)
+
+    monkeypatch.setattr(ops, "_place_ready", busy_once)
+    async with service(database_url, topic_prefix) as svc:
+        family = Family()
+        await svc.register(family)
+        assert await svc.main.send(handover(family)) == "ok"
+        assert failures == []
+        placed = await svc.wish(family)
+        [referral] = await svc.rows(Referral, case_id=family.case_id)
+        assert (placed.state, placed.referral_id) == ("placed", referral.referral_id)

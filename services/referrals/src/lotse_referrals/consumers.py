@@ -133,7 +133,9 @@ async def family_registered(ctx: Context, delivery: Delivery[FamilyRegistered]) 
             stored=stored,
         )
     # Intake and visits are separate topics: a visit's wish may have come first.
-    await ops.place_open_wishes(session, ctx, ctx.clock(), case_id=data.case_id)
+    await ops.place_open_wishes(
+        session, ctx, ctx.clock(), case_id=data.case_id, defer=delivery.after_commit
+    )
 
 
 async def consent_changed(ctx: Context, delivery: Delivery[ConsentChanged]) -> None:
@@ -173,9 +175,11 @@ async def consent_changed(ctx: Context, delivery: Delivery[ConsentChanged]) -> N
             wish.problem = "consent_ref: the consent was withdrawn"
             wish.waiting_for = WishWaitingFor.CONSENT.value
             session.add(wish)
-        await _places_freed(session, ctx, cancelled, now)
+        await _places_freed(delivery, ctx, cancelled, now)
     else:
-        await ops.place_open_wishes(session, ctx, now, case_id=data.case_id)
+        await ops.place_open_wishes(
+            session, ctx, now, case_id=data.case_id, defer=delivery.after_commit
+        )
 
 
 async def handover_requested(ctx: Context, delivery: Delivery[HandoverRequested]) -> None:
@@ -223,7 +227,7 @@ async def family_erased(ctx: Context, delivery: Delivery[FamilyErased]) -> None:
     case.personal = None
     case.erased_at = data.erased_at
     session.add(case)
-    await _places_freed(session, ctx, cancelled, now)
+    await _places_freed(delivery, ctx, cancelled, now)
     # The sealed disclosures went out under the family key, which intake destroyed: the
     # copies on the Träger feeds are unreadable now; locally only field names remain.
 
@@ -260,7 +264,7 @@ async def cases_merged(ctx: Context, delivery: Delivery[CasesMerged]) -> None:
         if await _moves(session, wish, status):
             _move(wish, data, covered, now)
             session.add(wish)
-    await ops.place_open_wishes(session, ctx, now, case_id=survivor)
+    await ops.place_open_wishes(session, ctx, now, case_id=survivor, defer=delivery.after_commit)
 
 
 async def _modules_of(session: AsyncSession, case_id: str) -> set[str]:
@@ -333,18 +337,24 @@ async def visit_completed(ctx: Context, delivery: Delivery[VisitCompleted]) -> N
 
 
 async def _places_freed(
-    session: AsyncSession, ctx: Context, referral_ids: list[str], now: datetime
+    delivery: Delivery[Any], ctx: Context, referral_ids: list[str], now: datetime
 ) -> None:
     """Referrals cancelled or rejected just now free their places: the open wishes of their
     modules are tried again at once (skipping any another transaction holds, see
     ``ops.place_open_wishes``)."""
     if not referral_ids:
         return
+    session = delivery.session
     modules = await session.execute(
         select(col(Referral.module)).where(col(Referral.referral_id).in_(referral_ids))
     )
     await ops.place_open_wishes(
-        session, ctx, now, modules=sorted(set(modules.scalars())), skip_locked=True
+        session,
+        ctx,
+        now,
+        modules=sorted(set(modules.scalars())),
+        skip_locked=True,
+        defer=delivery.after_commit,
     )
 
 
@@ -396,17 +406,11 @@ async def _wish(
         created_at=now,
         updated_at=now,
     )
-    sealing = await ops.disclosure_to_seal(session, ctx, wish, now)
-    if sealing is None:
-        # Added by ``place`` once it knows the outcome, placed or waiting: one INSERT with
-        # the final state, not an INSERT before the referral's savepoint and an UPDATE.
-        await ops.place(session, ctx, wish, now)
-        return
-    # Placeable, with a disclosure for intake to seal: the wish is kept open, and placed
-    # once this transaction has committed, the seal asked for outside any transaction and
-    # alongside those of the fetch's other wishes (Delivery.after_commit).
-    session.add(wish)
-    delivery.after_commit(partial(ops.place_sealed, ctx, wish.wish_id, *sealing))
+    # Added by ``place`` once it knows the outcome, placed or waiting: one INSERT with the
+    # final state. Placeable with a disclosure for intake to seal, it is added open and
+    # placed once this transaction has committed, the seal asked for outside any
+    # transaction and alongside those of the fetch's other wishes.
+    await ops.place_or_defer(session, ctx, wish, now, delivery.after_commit)
 
 
 # --- partner answers -------------------------------------------------------------------
@@ -484,7 +488,7 @@ async def partner_answer(ctx: Context, delivery: Delivery[PartnerReferralAnswer]
             AnswerRefusedCode.ILLEGAL_STEP, f"referral {data.referral_id}: {exc.reason}"
         ) from None
     if Step.from_answer(data.answer) in domain.FREES_A_PLACE:
-        await _places_freed(session, ctx, [referral.referral_id], now)
+        await _places_freed(delivery, ctx, [referral.referral_id], now)
 
 
 def _refused(code: AnswerRefusedCode, reason: str, public: str | None = None) -> EventRejected:

@@ -24,12 +24,14 @@ lock from its start (``BEGIN IMMEDIATE``), which serialises all of this anyway.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from lotse_contracts.events.base import EventModel
@@ -55,7 +57,8 @@ from lotse_contracts.events.referrals import (
     WishWaitingFor,
 )
 from lotse_runtime import audit
-from lotse_runtime.db import add_at_commit
+from lotse_runtime.consumer import FollowUp
+from lotse_runtime.db import add_at_commit, transient_error
 from lotse_runtime.identity import AccessDenied, Caller, CaseScope, ensure_may_access_case
 from lotse_runtime.identity import Role as CallerRole
 from lotse_runtime.identity import event_role as event_role_of
@@ -854,6 +857,25 @@ async def place(
     return True
 
 
+Defer = Callable[[FollowUp], None]
+"""Where work for after the transaction goes (a consumer's ``Delivery.after_commit``)."""
+
+
+async def place_or_defer(
+    session: AsyncSession, ctx: Context, wish: Wish, now: datetime, defer: Defer | None
+) -> bool:
+    """:func:`place` the wish now, unless its referral would carry a disclosure for intake
+    to seal and ``defer`` is given: then the wish is kept open and :func:`place_sealed`
+    deferred, so that intake is asked outside this transaction. True if placed now."""
+    if defer is not None:
+        sealing = await disclosure_to_seal(session, ctx, wish, now)
+        if sealing is not None:
+            session.add(wish)
+            defer(partial(place_sealed, ctx, wish.wish_id, *sealing))
+            return False
+    return await place(session, ctx, wish, now)
+
+
 async def disclosure_to_seal(
     session: AsyncSession, ctx: Context, wish: Wish, now: datetime
 ) -> tuple[DisclosureFor, list[PersonalField]] | None:
@@ -899,13 +921,32 @@ async def place_sealed(
         ready = dict(sealed.take())
         if not ready:
             return 0  # placed by the placement that held the lock before
-        placed = 0
-        async with ctx.db.transaction() as session:
-            now = ctx.clock()
-            for wish in await _claim_open_wishes(session, list(ready)):
-                if await place(session, ctx, wish, now, sealed_ahead=ready[wish.wish_id]):
-                    placed += 1
-        return placed
+        for attempt in range(1, PLACEMENT_ATTEMPTS + 1):
+            try:
+                return await _place_ready(ctx, ready)
+            except Exception as exc:
+                # A busy database (SQLite's lock, a deadlock on PostgreSQL): the claims
+                # were rolled back with the rest, so the same wishes are tried again.
+                if not transient_error(exc) or attempt == PLACEMENT_ATTEMPTS:
+                    raise
+                await asyncio.sleep(PLACEMENT_RETRY_S * attempt)
+        return 0
+
+
+#: Tries of a placement whose transaction meets a busy database, and the pause before the
+#: next (times the attempt): after the last, the wishes wait for the placement job.
+PLACEMENT_ATTEMPTS = 3
+PLACEMENT_RETRY_S = 0.2
+
+
+async def _place_ready(ctx: Context, ready: dict[str, SealedAhead]) -> int:
+    placed = 0
+    async with ctx.db.transaction() as session:
+        now = ctx.clock()
+        for wish in await _claim_open_wishes(session, list(ready)):
+            if await place(session, ctx, wish, now, sealed_ahead=ready[wish.wish_id]):
+                placed += 1
+    return placed
 
 
 async def _claim_open_wishes(session: AsyncSession, wish_ids: Sequence[str]) -> list[Wish]:
@@ -942,13 +983,15 @@ async def place_open_wishes(
     case_id: str | None = None,
     modules: Sequence[str] | None = None,
     skip_locked: bool = False,
+    defer: Defer | None = None,
 ) -> int:
     """Place the open wishes (of one case, for some modules): locked first (``FOR
     UPDATE``), so a placement job on another replica can neither place them at the same
     time nor be overtaken; one it is placing right now is waited for and then, no longer
     open, left out. ``skip_locked`` skips those instead of waiting: for callers that hold
     a referral's row already (a place freed by a rejection or cancellation), which must not
-    wait for a wish lock (the lock order is wish, Träger, referral)."""
+    wait for a wish lock (the lock order is wish, Träger, referral). ``defer``: see
+    :func:`place_or_defer` (the wishes it defers are not counted)."""
     query = (
         select(Wish)
         .where(col(Wish.state) == "open")
@@ -962,7 +1005,7 @@ async def place_open_wishes(
         query = query.where(col(Wish.module).in_(list(modules)))
     placed = 0
     for wish in list((await session.execute(query)).scalars()):
-        if await place(session, ctx, wish, now):
+        if await place_or_defer(session, ctx, wish, now, defer):
             placed += 1
     return placed
 
