@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -40,7 +40,6 @@ from lotse_referrals.tables import Referral, Wish
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.consumer import EventConsumer
 from lotse_runtime.outbox import OutboxMessage
-from sqlalchemy import event as sa_event
 from sqlalchemy import select
 
 from tests.support import bearer, produce
@@ -299,17 +298,23 @@ def running(
 def transactions_open_while_sealing(
     runtime: ServiceRuntime[Any], keyring: Any
 ) -> Iterator[list[int]]:
-    """While inside: for each disclosure the keyring seals, how many database transactions
-    the sealing task holds open at that moment (intake is another service: it must be 0)."""
-    engine = runtime.db.engine.sync_engine
+    """While inside: for each disclosure the keyring seals, how many of the service's
+    database transactions the sealing task holds open at that moment (intake is another
+    service: it must be 0). Counted per asyncio task around ``Database.transaction``,
+    through which every transaction of the service is opened."""
+    db = runtime.db
     open_in: dict[asyncio.Task[Any] | None, int] = {}
+    real_transaction = db.transaction
 
-    def began(_connection: Any) -> None:
+    @asynccontextmanager
+    async def transaction(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         task = asyncio.current_task()
         open_in[task] = open_in.get(task, 0) + 1
-
-    def ended(_connection: Any) -> None:
-        open_in[asyncio.current_task()] -= 1
+        try:
+            async with real_transaction(*args, **kwargs) as session:
+                yield session
+        finally:
+            open_in[task] -= 1
 
     real_seal = keyring.seal_disclosure
     seen: list[int] = []
@@ -318,13 +323,10 @@ def transactions_open_while_sealing(
         seen.append(open_in.get(asyncio.current_task(), 0))
         return await real_seal(which, fields)
 
-    listeners = (("begin", began), ("commit", ended), ("rollback", ended))
     keyring.seal_disclosure = seal
-    for name, listener in listeners:
-        sa_event.listen(engine, name, listener)
+    db.transaction = transaction  # type: ignore[method-assign]
     try:
         yield seen
     finally:
-        for name, listener in listeners:
-            sa_event.remove(engine, name, listener)
-        keyring.seal_disclosure = real_seal
+        del db.transaction  # the class's own again
+        del keyring.seal_disclosure

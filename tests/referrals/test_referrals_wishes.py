@@ -304,7 +304,7 @@ async def test_a_consent_that_places_a_waiting_wish_has_intake_seal_outside_its_
         assert (await svc.wish(family)).waiting_for == "consent"
         with transactions_open_while_sealing(svc.runtime, svc.keyring) as seen:
             await svc.consent(family, TRAEGER, MODULE)
-        assert seen == [0]
+        assert set(seen) == {0}, seen  # sealed, and always with no transaction open
         placed = await svc.wish(family)
         [referral] = await svc.rows(Referral, case_id=family.case_id)
         assert (placed.state, placed.referral_id) == ("placed", referral.referral_id)
@@ -333,3 +333,32 @@ async def test_a_placement_that_meets_a_busy_database_is_tried_again(
         placed = await svc.wish(family)
         [referral] = await svc.rows(Referral, case_id=family.case_id)
         assert (placed.state, placed.referral_id) == ("placed", referral.referral_id)
+
+
+async def test_a_referral_asked_for_over_http_has_intake_seal_outside_its_transaction(
+    database_url: str, topic_prefix: str
+) -> None:
+    """``POST /referrals``: the caller's access and the gates are read, intake seals while
+    the request holds no transaction, then the referral is created with that disclosure.
+    Another Bezirk's Familienbüro is refused before intake is asked anything."""
+    async with service(database_url, topic_prefix) as svc:
+        family = Family()
+        await svc.register(family)
+        body = {
+            "case_id": family.case_id,
+            "module": MODULE,
+            "traeger": TRAEGER,
+            "consent_ref": family.consent_id,
+        }
+        with transactions_open_while_sealing(svc.runtime, svc.keyring) as seen:
+            other = await svc.http.post("/referrals", json=body, headers=FAMILIENBUERO_EVING)
+            assert other.status_code == 403, other.text
+            assert seen == []
+            created = await svc.http.post("/referrals", json=body, headers=FAMILIENBUERO)
+            assert created.status_code == 201, created.text
+        assert set(seen) == {0}, seen  # sealed, and always with no transaction open
+        [referral] = await svc.rows(Referral, case_id=family.case_id)
+        assert referral.referral_id == created.json()["referral_id"]
+        assert referral.disclosed_fields
+        requested = await svc.outbox("de.lotse.referrals.referral-requested.v1")
+        assert any(referral.referral_id in (row.value or b"").decode() for row in requested)

@@ -879,13 +879,21 @@ async def place_or_defer(
 async def disclosure_to_seal(
     session: AsyncSession, ctx: Context, wish: Wish, now: datetime
 ) -> tuple[DisclosureFor, list[PersonalField]] | None:
-    """The disclosure a new wish's referral would carry if it were placed now (which
-    Träger, on which consent, with which fields, under a new referral id), when that needs
-    intake to seal something; None when it cannot be placed now or discloses nothing.
-    Reads only: the gates are checked again, under their locks, when it is placed."""
+    """The disclosure a new wish's referral would carry if it were placed now: see
+    :func:`_disclosure_plan`."""
+    new = _wish_referral(wish, await _named_consent(session, wish))
+    return await _disclosure_plan(session, ctx, new, now)
+
+
+async def _disclosure_plan(
+    session: AsyncSession, ctx: Context, new: NewReferral, now: datetime
+) -> tuple[DisclosureFor, list[PersonalField]] | None:
+    """The disclosure this referral would carry if it were created now (which Träger, on
+    which consent, with which fields, under a new referral id), when that needs intake to
+    seal something; None when it cannot be created now or discloses nothing. Reads only:
+    the gates are checked again, under their locks, when it is created."""
     if ctx.keyring is None:
         return None
-    new = _wish_referral(wish, await _named_consent(session, wish))
     case = await session.get(Case, new.case_id)
     if case is None or case.erased_at is not None:
         return None
@@ -900,6 +908,18 @@ async def disclosure_to_seal(
     return which, fields
 
 
+async def seal_ahead(
+    ctx: Context, which: DisclosureFor, fields: Sequence[PersonalField]
+) -> SealedAhead:
+    """Intake's answer to sealing this disclosure (the sealed disclosure, or why not),
+    asked for outside any transaction."""
+    try:
+        answer: SealedDisclosure | Refusal | Unavailable = await _disclosure(ctx, which, fields)
+    except (Refusal, Unavailable) as exc:
+        answer = exc
+    return SealedAhead(which, tuple(fields), answer)
+
+
 async def place_sealed(
     ctx: Context, wish_id: str, which: DisclosureFor, fields: Sequence[PersonalField]
 ) -> int:
@@ -911,12 +931,9 @@ async def place_sealed(
     choose the same Träger and consent (else intake is asked again there). Wishes placed,
     dropped or claimed meanwhile are left alone; one this does not reach (a crash, a
     transaction that fails) stays open for the placement job. Returns how many it placed."""
-    try:
-        answer: SealedDisclosure | Refusal | Unavailable = await _disclosure(ctx, which, fields)
-    except (Refusal, Unavailable) as exc:
-        answer = exc
+    ahead = await seal_ahead(ctx, which, fields)
     sealed = ctx.sealed
-    sealed.ready.append((wish_id, SealedAhead(which, tuple(fields), answer)))
+    sealed.ready.append((wish_id, ahead))
     async with sealed.lock:
         ready = dict(sealed.take())
         if not ready:
@@ -1014,8 +1031,9 @@ async def place_waiting_wishes(
     ctx: Context, now: datetime, *, modules: Sequence[str] | None = None
 ) -> int:
     """The placement job (and the re-evaluation after a catalogue edit or a freed place,
-    for ``modules``): try every open wish again, each in a transaction of its own, so that
-    the keyring calls of a long list hold no lock across the whole pass."""
+    for ``modules``): try every open wish again, each in a transaction of its own; one
+    that can be placed now has its disclosure sealed by intake between a transaction that
+    reads the gates and the one that claims and places it (as :func:`place_sealed`)."""
     query = select(col(Wish.wish_id)).where(col(Wish.state) == "open")
     if modules is not None:
         query = query.where(col(Wish.module).in_(list(modules)))
@@ -1024,8 +1042,14 @@ async def place_waiting_wishes(
     placed = 0
     for wish_id in waiting:
         async with ctx.db.transaction() as session:
+            wish = await session.get(Wish, wish_id)
+            plan = None
+            if wish is not None and wish.state == "open":
+                plan = await disclosure_to_seal(session, ctx, wish, now)
+        ahead = None if plan is None else await seal_ahead(ctx, *plan)
+        async with ctx.db.transaction() as session:
             for wish in await _claim_open_wishes(session, [wish_id]):
-                if await place(session, ctx, wish, now):
+                if await place(session, ctx, wish, now, sealed_ahead=ahead):
                     placed += 1
     return placed
 
@@ -1269,21 +1293,33 @@ async def request_referral(ctx: Context, caller: Caller, new: NewReferral) -> Re
     wish the referral is made for counts as placed by it."""
     now = ctx.clock()
     async with ctx.db.transaction() as session:
-        case = await session.get(Case, new.case_id)
-        scope = (
-            None
-            if case is None
-            else CaseScope(
-                bezirk=case.bezirk, case_id=case.case_id, registered_by_clinic=case.clinic_id
-            )
-        )
-        ensure_may_access_case(caller, scope, personal_data=True)
+        await _ensure_may_refer(session, caller, new.case_id)
+        plan = await _disclosure_plan(session, ctx, new, now)
+    # Intake seals the disclosure while this request holds no transaction (see
+    # place_sealed); the gates, the caller's access included, are checked again below.
+    ahead = None if plan is None else await seal_ahead(ctx, *plan)
+    async with ctx.db.transaction() as session:
+        await _ensure_may_refer(session, caller, new.case_id)
         # The waiting wish this referral settles, locked before the Träger rows (the
         # placement job's lock order), so that the job does not place it too.
         await _lock_open_wishes(session, new.handover_id, new.visit_id)
-        referral = await create_referral(session, ctx, new, now, caller=caller, path="/referrals")
+        referral = await create_referral(
+            session, ctx, new, now, caller=caller, path="/referrals", sealed_ahead=ahead
+        )
         await _mark_wishes_placed(session, referral, now)
     return referral
+
+
+async def _ensure_may_refer(session: AsyncSession, caller: Caller, case_id: str) -> None:
+    case = await session.get(Case, case_id)
+    scope = (
+        None
+        if case is None
+        else CaseScope(
+            bezirk=case.bezirk, case_id=case.case_id, registered_by_clinic=case.clinic_id
+        )
+    )
+    ensure_may_access_case(caller, scope, personal_data=True)
 
 
 def _wish_sources(handover_id: str | None, visit_id: str | None) -> list[tuple[str, str]]:
