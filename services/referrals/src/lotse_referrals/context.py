@@ -60,7 +60,7 @@ class Context:
     city_fingerprint: str | None = None
     """SHA-256 of the city file as the catalogue was last reconciled with it (set at start;
     the periodic check reconciles when the file's differs)."""
-    sealed: SealedWishes = field(default_factory=lambda: SealedWishes())
+    sealed: SealedWishes = field(default_factory=SealedWishes)
     """Wishes whose disclosures intake has sealed, waiting to be placed
     (``operations.place_sealed``)."""
 

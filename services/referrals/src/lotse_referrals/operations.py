@@ -432,7 +432,7 @@ async def create_referral(
     case = await _referable_case(session, new)
     offer, consent = await _choose(session, ctx, case, new, now)
     fields = _disclosed_fields(ctx, new.disclose)
-    which = DisclosureFor(case.case_id, str(uuid.uuid4()), offer.traeger, consent.consent_id)
+    which = _new_disclosure(case, offer, consent)
     if sealed_ahead is not None and sealed_ahead.fits(which, fields):
         which, sealed = sealed_ahead.which, sealed_ahead.result()
     else:
@@ -904,8 +904,12 @@ async def _disclosure_plan(
         return None
     if not fields:
         return None
-    which = DisclosureFor(case.case_id, str(uuid.uuid4()), offer.traeger, consent.consent_id)
-    return which, fields
+    return _new_disclosure(case, offer, consent), fields
+
+
+def _new_disclosure(case: Case, offer: Offer, consent: ConsentView) -> DisclosureFor:
+    """The disclosure of a new referral (its id made here) to the offer's Träger."""
+    return DisclosureFor(case.case_id, str(uuid.uuid4()), offer.traeger, consent.consent_id)
 
 
 async def seal_ahead(
@@ -940,7 +944,7 @@ async def place_sealed(
             return 0  # placed by the placement that held the lock before
         for attempt in range(1, PLACEMENT_ATTEMPTS + 1):
             try:
-                return await _place_ready(ctx, ready)
+                return await _place_ready(ctx, ready, ctx.clock())
             except Exception as exc:
                 # A busy database (SQLite's lock, a deadlock on PostgreSQL): the claims
                 # were rolled back with the rest, so the same wishes are tried again.
@@ -956,10 +960,11 @@ PLACEMENT_ATTEMPTS = 3
 PLACEMENT_RETRY_S = 0.2
 
 
-async def _place_ready(ctx: Context, ready: dict[str, SealedAhead]) -> int:
+async def _place_ready(ctx: Context, ready: Mapping[str, SealedAhead | None], now: datetime) -> int:
+    """Claim the wishes still open and :func:`place` each (with its disclosure sealed
+    ahead, if any), in one transaction; returns how many were placed."""
     placed = 0
     async with ctx.db.transaction() as session:
-        now = ctx.clock()
         for wish in await _claim_open_wishes(session, list(ready)):
             if await place(session, ctx, wish, now, sealed_ahead=ready[wish.wish_id]):
                 placed += 1
@@ -1047,10 +1052,7 @@ async def place_waiting_wishes(
             if wish is not None and wish.state == "open":
                 plan = await disclosure_to_seal(session, ctx, wish, now)
         ahead = None if plan is None else await seal_ahead(ctx, *plan)
-        async with ctx.db.transaction() as session:
-            for wish in await _claim_open_wishes(session, [wish_id]):
-                if await place(session, ctx, wish, now, sealed_ahead=ahead):
-                    placed += 1
+        placed += await _place_ready(ctx, {wish_id: ahead}, now)
     return placed
 
 
