@@ -219,6 +219,39 @@ async def test_the_familienbuero_places_a_wish_with_the_traeger_it_chooses(
         assert again.json()["errors"][0]["field"] == "wish_id"
 
 
+async def test_the_familienbueros_placement_has_intake_seal_outside_its_transaction(
+    database_url: str, topic_prefix: str
+) -> None:
+    """``POST /wishes/{id}/placement``: the wish, the caller's access and the gates are read,
+    intake seals while the request holds no transaction, then the referral is created with
+    that disclosure. Another Bezirk's Familienbüro is refused before intake is asked."""
+    module, wished = "aufsuchende-elternberatung", "familienhilfe-ruhrbogen"
+    chosen = "elternberatung-unterwegs"
+    async with service(database_url, topic_prefix) as svc:
+        family = Family(bezirk="brackel", traeger=wished, purpose=module)
+        await svc.register(family)
+        await svc.capacity(wished, 0)
+        assert await svc.main.send(handover(family, module=module, traeger=wished)) == "ok"
+        await svc.consent(family, chosen, module)
+        wish = await svc.wish(family)
+        assert (wish.state, wish.waiting_for) == ("open", "capacity")
+        url = f"/wishes/{wish.wish_id}/placement"
+        body = {"traeger": chosen}
+        with transactions_open_while_sealing(svc.runtime, svc.keyring) as seen:
+            other = await svc.http.post(url, json=body, headers=FAMILIENBUERO)
+            assert other.status_code == 403, other.text
+            assert seen == []
+            placed = await svc.http.post(url, json=body, headers=_familienbuero("brackel"))
+            assert placed.status_code == 201, placed.text
+        assert set(seen) == {0}, seen  # sealed, and always with no transaction open
+        [referral] = await svc.rows(Referral, case_id=family.case_id)
+        assert referral.traeger == chosen
+        assert referral.disclosed_fields
+        assert placed.json()["referral_id"] == referral.referral_id
+        requested = await svc.outbox("de.lotse.referrals.referral-requested.v1")
+        assert any(referral.referral_id in (row.value or b"").decode() for row in requested)
+
+
 def _familienbuero(bezirk: str) -> dict[str, str]:
     from tests.support import bearer
 

@@ -1206,39 +1206,58 @@ async def place_wish(ctx: Context, caller: Caller, wish_id: str, choice: Placeme
     (and purpose): record it first. A refusal changes nothing, not even the wish's reason."""
     now = ctx.clock()
     async with ctx.db.transaction() as session:
-        wish = (
-            await session.execute(
-                select(Wish).where(col(Wish.wish_id) == wish_id).with_for_update()
-            )
-        ).scalar_one_or_none()
-        scope = None if wish is None else CaseScope(bezirk=wish.bezirk, case_id=wish.case_id)
-        ensure_may_access_case(caller, scope, personal_data=True)
-        assert wish is not None
-        if wish.state != "open":
-            raise Conflict(
-                "wish_id",
-                f"the wish is {wish.state}"
-                + (f" (referral {wish.referral_id})" if wish.referral_id else ""),
-            )
-        consent_ref = await _named_consent(session, wish)
-        if consent_ref is not None:
-            named = await session.get(ConsentRecord, consent_ref)
-            if named is not None and named.traeger not in (None, choice.traeger):
-                consent_ref = None  # the Familienbüro chose another Träger: its consent counts
-        new = _wish_referral(
-            wish,
-            consent_ref,
-            traeger=choice.traeger,
-            disclose=choice.disclose,
-            urgent=wish.urgent if choice.urgent is None else choice.urgent,
-            requested_by_role=event_role_of(caller.role),
-            requested_by_subject=caller.subject,
-        )
+        _, new = await _wish_placement(session, caller, wish_id, choice)
+        plan = await _disclosure_plan(session, ctx, new, now)
+    # Intake seals while this request holds no transaction (see place_sealed); the wish,
+    # the caller's access and the gates are checked again below.
+    ahead = None if plan is None else await seal_ahead(ctx, *plan)
+    async with ctx.db.transaction() as session:
+        wish, new = await _wish_placement(session, caller, wish_id, choice)
         referral = await create_referral(
-            session, ctx, new, now, caller=caller, path="/wishes/{wish_id}/placement"
+            session,
+            ctx,
+            new,
+            now,
+            caller=caller,
+            path="/wishes/{wish_id}/placement",
+            sealed_ahead=ahead,
         )
         _placed(session, wish, referral, now)
     return wish
+
+
+async def _wish_placement(
+    session: AsyncSession, caller: Caller, wish_id: str, choice: Placement
+) -> tuple[Wish, NewReferral]:
+    """The wish, locked, and the referral the caller's choice makes of it: 403 for a wish
+    outside the caller's scope (or none), 409 for one no longer open."""
+    wish = (
+        await session.execute(select(Wish).where(col(Wish.wish_id) == wish_id).with_for_update())
+    ).scalar_one_or_none()
+    scope = None if wish is None else CaseScope(bezirk=wish.bezirk, case_id=wish.case_id)
+    ensure_may_access_case(caller, scope, personal_data=True)
+    assert wish is not None
+    if wish.state != "open":
+        raise Conflict(
+            "wish_id",
+            f"the wish is {wish.state}"
+            + (f" (referral {wish.referral_id})" if wish.referral_id else ""),
+        )
+    consent_ref = await _named_consent(session, wish)
+    if consent_ref is not None:
+        named = await session.get(ConsentRecord, consent_ref)
+        if named is not None and named.traeger not in (None, choice.traeger):
+            consent_ref = None  # the Familienbüro chose another Träger: its consent counts
+    new = _wish_referral(
+        wish,
+        consent_ref,
+        traeger=choice.traeger,
+        disclose=choice.disclose,
+        urgent=wish.urgent if choice.urgent is None else choice.urgent,
+        requested_by_role=event_role_of(caller.role),
+        requested_by_subject=caller.subject,
+    )
+    return wish, new
 
 
 async def change_catalogue_entry(
