@@ -12,7 +12,8 @@ One run, one broker, the same records:
   replay         ``python -m lotse_reporting.replay`` in a child process against a fresh
                  database: envelope + schema validation, inbox, facts, each family's share
                  added to the cells, then every year's cells protected and published through
-                 the outbox
+                 the outbox; on SQLite its families shared with a second process of its own
+                 (``--workers``, default: one per core, at most two)
 
 The ratios of the replay *end to end* (consume and publish) to raw aiokafka and to the plain
 peer are the figures that matter; peak RSS is the replay process's own
@@ -513,7 +514,9 @@ async def raw_consume(kafka: KafkaConfig, names: list[str], n: int) -> float:
         await consumer.stop()
 
 
-def replay_child(bootstrap: str, prefix: str, database: str, batch_size: int) -> dict[str, Any]:
+def replay_child(
+    bootstrap: str, prefix: str, database: str, batch_size: int, workers: int | None = None
+) -> dict[str, Any]:
     env = {
         **os.environ,
         "LOTSE_KAFKA_BOOTSTRAP": bootstrap,
@@ -529,6 +532,7 @@ def replay_child(bootstrap: str, prefix: str, database: str, batch_size: int) ->
         "5",
         "--batch-size",
         str(batch_size),
+        *(["--workers", str(workers)] if workers is not None else []),
     ]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -540,6 +544,10 @@ def replay_child(bootstrap: str, prefix: str, database: str, batch_size: int) ->
     # The replay's own peak (VmHWM): RUSAGE_CHILDREN's ru_maxrss would also count this
     # process's peak (the generated events), which the child's exec replaced.
     summary["peak_rss_mb"] = summary["rss_mb"]["peak"]
+    # The shards' processes run beside it: together they hold this much at most.
+    summary["peak_rss_all_processes_mb"] = round(
+        sum(v for k, v in summary["rss_mb"].items() if k == "peak" or k.endswith("_peak")), 1
+    )
     summary["peak_rss_children_ru_maxrss_mb"] = round(
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
     )
@@ -576,7 +584,7 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
         or f"sqlite+aiosqlite:///{tempfile.mkdtemp(prefix='lotse-bench-')}/reporting.db"
     )
     print("replay into the projections (child process) …", file=sys.stderr)
-    replayed = replay_child(bootstrap, prefix, database, args.batch_size)
+    replayed = replay_child(bootstrap, prefix, database, args.batch_size, args.workers)
     assert replayed["records"] == n, replayed
     raw_rate = n / raw_s
     # End to end: reading and applying every record, writing the projections, then
@@ -626,6 +634,9 @@ def main() -> None:
     parser.add_argument(
         "--batch-size", type=int, default=5000, help="replay events per transaction"
     )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="the replay's processes (default: its own)"
+    )
     parser.add_argument("--seed", type=int, default=2025)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -646,7 +657,9 @@ def main() -> None:
         f"replay end to end: {result['replay_end_to_end_events_per_s']:,.0f} events/s · "
         f"ratio to aiokafka {result['ratio_replay_to_raw']:.1%}, "
         f"to the plain peer {result['ratio_replay_to_plain_peer']:.1%} · "
-        f"replay peak RSS {replay['peak_rss_mb']} MB",
+        f"replay peak RSS {replay['peak_rss_mb']} MB "
+        f"({replay['peak_rss_all_processes_mb']} MB with its shards' processes, "
+        f"{replay['processes']} in all)",
         file=sys.stderr,
     )
 

@@ -1341,7 +1341,7 @@ class Accumulated:
     weight: float = 0.0
     numbers: dict[float, int] = field(default_factory=dict)
 
-    def add(self, delta: CellDelta) -> None:
+    def add(self, delta: CellDelta | Accumulated) -> None:
         self.families += delta.families
         self.value += delta.value
         self.hits += delta.hits

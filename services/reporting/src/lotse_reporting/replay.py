@@ -1,6 +1,7 @@
 """Rebuild the projections by replaying the domain topics from offset 0.
 
-    python -m lotse_reporting.replay [--keep] [--republish-all] [--batch-size N] [--quiet]
+    python -m lotse_reporting.replay [--keep] [--republish-all] [--batch-size N]
+                                     [--workers N] [--quiet]
 
 Settings come from the environment like the service's (``LOTSE_REPORTING_*``, ``LOTSE_*``).
 Stop the service first (scale it to zero): the replay writes the same tables.
@@ -24,6 +25,14 @@ What it does:
    (:mod:`lotse_reporting.replay_cells`), the changed figures and their outbox rows. With
    ``--keep`` each fetch is applied in a transaction of its own against the stored rows, as
    before.
+   Into SQLite, a rebuild from empty projections is shared by ``--workers`` processes
+   (default: one per core, at most two): each reads every record and applies those of its
+   families (:class:`Shard`, by record key), a shard's own process into a SQLite file of its
+   own whose rows this process copies into its transaction, and the shards' cells are
+   added up. A shard's verdicts are one process's only while no event reaches into another
+   family (:class:`~lotse_reporting.replay_rebuild.ShardWitness`); where one does, the
+   rebuild is rolled back and done by this process alone. On PostgreSQL one process does
+   it all: the shards' SQLite rows would be converted one by one on their way there.
 3. Publishes the cells whose value differs from what the reporting stream says
    (``--republish-all``: every cell) through the outbox, and sends the outbox rows
    (:mod:`lotse_reporting.replay_send`).
@@ -39,12 +48,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
+import os
+import pickle
 import sys
+import tempfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -69,11 +85,16 @@ from sqlmodel import col
 
 from lotse_reporting import domain, operations, store
 from lotse_reporting.consumers import CONSUMER
+from lotse_reporting.domain import Accumulated, CellKey
 from lotse_reporting.operations import Reporting
+from lotse_reporting.replay_cells import merge_cells
 from lotse_reporting.replay_input import Decoded, Decoder, Skipped
 from lotse_reporting.replay_rebuild import (
     Rebuild,
+    ShardsOverlap,
+    ShardWitness,
     collector_off,
+    copy_shard,
     horizon,
     publish,
     sqlite_cache,
@@ -110,9 +131,12 @@ class ReplayStats:
     publish_s: float = 0.0
     """Deriving, recording and publishing the changed figures, until the relay sent them."""
     cells_published: int = 0
+    processes: int = 1
+    """Processes that applied the records (``Shard``)."""
     consume_cpu_s: float = 0.0
     """CPU seconds of the replay process (all its threads) per phase: unlike the wall-clock
-    times, they hardly change with what else the machine runs."""
+    times, they hardly change with what else the machine runs; a shard's own process is
+    not counted."""
     build_cpu_s: float = 0.0
     publish_cpu_s: float = 0.0
     rss_mb: dict[str, float] = field(default_factory=dict)
@@ -158,6 +182,7 @@ class ReplayStats:
             "build_s": round(self.build_s, 3),
             "publish_s": round(self.publish_s, 3),
             "cells_published": self.cells_published,
+            "processes": self.processes,
             "total_s": round(total, 3),
             "consume_cpu_s": round(self.consume_cpu_s, 3),
             "build_cpu_s": round(self.build_cpu_s, 3),
@@ -314,6 +339,163 @@ async def drop(db: Database) -> None:
         await session.execute(delete(InboxEntry).where(col(InboxEntry.consumer) == _INBOX_CONSUMER))
 
 
+#: Families fall into this many buckets by their record key; each shard holds a range.
+SHARD_BUCKETS = 64
+
+#: The share of the families the coordinating process applies, against 1 for each shard's
+#: own process: that one first starts an interpreter and loads the service (~2.5 s of a
+#: 200,000-event rebuild's ~12 s consume phase on a 2-core machine), so with equal shares
+#: the coordinator waited for it.
+COORDINATOR_WEIGHT = 1.25
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One of ``count`` processes that share a rebuild: it applies the records whose key
+    falls into its range of buckets. A record's key is its event's subject, the family it
+    concerns (the case id; a merge: the merged case), so every event of a family, and every
+    redelivered copy of one, lands in the same shard, and each shard's rows are its
+    families' alone (:class:`~lotse_reporting.replay_rebuild.ShardsOverlap` if not).
+    Records without a key go to shard 0, the coordinator's."""
+
+    index: int
+    count: int
+    low: int
+    high: int
+
+    @classmethod
+    def split(cls, count: int) -> list[Shard]:
+        weights = [COORDINATOR_WEIGHT] + [1.0] * (count - 1)
+        total, bounds, reached = sum(weights), [0], 0.0
+        for weight in weights:
+            reached += weight
+            bounds.append(round(SHARD_BUCKETS * reached / total))
+        return [cls(i, count, bounds[i], bounds[i + 1]) for i in range(count)]
+
+    def take(self, records: list[ConsumerRecord[Any, Any]]) -> list[ConsumerRecord[Any, Any]]:
+        low, high, buckets = self.low, self.high, SHARD_BUCKETS
+        return [
+            r
+            for r in records
+            if low <= (0 if r.key is None else zlib.crc32(r.key) % buckets) < high
+        ]
+
+
+class ShardFailed(RuntimeError):
+    """A shard's process did not finish its part."""
+
+
+@dataclass
+class ShardProcess:
+    """A shard replayed by a process of its own into a SQLite file of its own: its rows are
+    then copied into the rebuild's transaction (``replay_rebuild.copy_shard``)."""
+
+    shard: Shard
+    path: Path
+    process: BaseProcess
+
+    @classmethod
+    def start(
+        cls,
+        settings: ReportingSettings,
+        shard: Shard,
+        directory: Path,
+        batch_size: int,
+        idle_timeout_s: float,
+    ) -> ShardProcess:
+        path = directory / f"shard-{shard.index}.sqlite"
+        # spawn: a fresh interpreter, not a fork of this process's loop, threads and pool.
+        process = multiprocessing.get_context("spawn").Process(
+            target=_shard_main,
+            args=(settings, shard, str(path), batch_size, idle_timeout_s),
+            name=f"replay-shard-{shard.index}",
+            daemon=True,
+        )
+        process.start()
+        return cls(shard, path, process)
+
+    async def finished(self) -> dict[str, Any]:
+        """Wait for the process; what it counted and its memory (``ShardFailed`` if it
+        failed: the rebuild's transaction then rolls back)."""
+        await asyncio.to_thread(self.process.join)
+        if self.process.exitcode != 0:
+            raise ShardFailed(
+                f"replay shard {self.shard.index} exited with {self.process.exitcode}"
+            )
+        result: dict[str, Any] = json.loads(self.path.with_suffix(".json").read_text())
+        return result
+
+    def cells(self) -> dict[CellKey, Accumulated]:
+        """The cells of the shard's families (written by its process, read by this one)."""
+        found: dict[CellKey, Accumulated] = pickle.loads(
+            self.path.with_suffix(".cells").read_bytes()
+        )
+        return found
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=10)
+
+
+def _shard_main(
+    settings: ReportingSettings, shard: Shard, path: str, batch_size: int, idle_timeout_s: float
+) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    result = asyncio.run(_replay_shard(settings, shard, path, batch_size, idle_timeout_s))
+    Path(path).with_suffix(".json").write_text(json.dumps(result))
+
+
+async def _replay_shard(
+    settings: ReportingSettings, shard: Shard, path: str, batch_size: int, idle_timeout_s: float
+) -> dict[str, Any]:
+    """A shard's part of a rebuild: its records applied as :class:`Rebuild` applies them, its
+    rows written into a new SQLite file at ``path``."""
+    own = settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{path}"})
+    runtime = build_runtime(own)
+    try:
+        await create_schema(runtime.db, TABLES, service=settings.service_name)
+        reporting = Reporting.of(runtime)
+        counts: Counter[str] = Counter()
+        decoder = Decoder(domain.HANDLED, max_bytes=settings.max_event_bytes)
+        witness = ShardWitness()
+        rebuild = Rebuild(
+            decoder,
+            reporting.rules,
+            inbox_consumer=_INBOX_CONSUMER,
+            counts=counts,
+            witness=witness,
+        )
+        with collector_off():
+            async with runtime.db.transaction() as session, sqlite_cache(session):
+
+                async def handle(records: list[ConsumerRecord[Any, Any]]) -> None:
+                    await rebuild.apply_batch(session, records)
+
+                await read_from_start(
+                    runtime.kafka,
+                    [settings.topic(t) for t in topics.DOMAIN_TOPICS],
+                    handle,
+                    batch_size=batch_size,
+                    idle_timeout_s=idle_timeout_s,
+                    shard=shard,
+                )
+                await rebuild.write_rows(session)
+                rebuild.release()
+                cells = await rebuild.cells(session)
+        Path(path).with_suffix(".cells").write_bytes(pickle.dumps(cells))
+        return {
+            "counts": dict(counts),
+            "foreign": witness.foreign,
+            "refs": sorted(witness.refs),
+            "rss_mb": resident_mb(),
+        }
+    finally:
+        await runtime.relay.stop()
+        await runtime.db.dispose()
+        runtime.telemetry.shutdown()
+
+
 def replay_consumer(kafka: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
     """A consumer without a group: it assigns partitions itself and commits nothing."""
     options: dict[str, Any] = {
@@ -343,9 +525,11 @@ async def read_from_start(
     batch_size: int,
     idle_timeout_s: float = 3.0,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> int:
     """Read every partition of the topics from the beginning until caught up; ``handle`` gets
-    the records of each fetch in partition order. Returns how many records were read.
+    the records of each fetch in partition order (``shard``: only that shard's). Returns how
+    many records were read (all of them, whatever the shard).
 
     Caught up means: a fetch came back empty and every partition's position has reached its
     high watermark (end offsets are not trusted: the embedded broker reports them wrongly),
@@ -375,10 +559,11 @@ async def read_from_start(
             if records:
                 for tp, found in batches.items():
                     positions[tp] = found[-1].offset + 1
-                result = handle(records)
+                read += len(records)
+                mine = records if shard is None else shard.take(records)
+                result = handle(mine)
                 if asyncio.iscoroutine(result):
                     await result
-                read += len(records)
                 last_data = time.monotonic()
             expected = _expected(consumer, partitions, begin)
             if progress is not None:
@@ -418,8 +603,13 @@ async def replay(
     idle_timeout_s: float = 3.0,
     progress: Progress | None = None,
     clock: Callable[[], datetime] | None = None,
+    workers: int = 1,
 ) -> ReplayStats:
-    """Rebuild the projections from the domain topics and publish what changed."""
+    """Rebuild the projections from the domain topics and publish what changed.
+
+    ``workers``: processes that share a rebuild from empty projections into SQLite, each
+    applying the families of its :class:`Shard` (the others only read the topics past
+    them); with ``keep`` or on PostgreSQL one process does it all."""
     # The service's own runtime (large relay batches: a replay publishes a lot), without its
     # consumer and jobs: the replay reads the topics itself.
     runtime = build_runtime(settings.model_copy(update={"relay_batch_size": 5000}), clock=clock)
@@ -452,7 +642,14 @@ async def replay(
                 published = await _replay_kept(*given)
             else:
                 paused.enter_context(collector_off())
-                published = await _rebuild(*given, rss)
+                shards = 1 if db.is_postgres else max(1, workers)
+                try:
+                    published = await _rebuild(*given, rss, settings=settings, shards=shards)
+                except ShardsOverlap as exc:
+                    _log.warning("replay shards overlap (%s): rebuilt by one process", exc)
+                    shards = 1
+                    counts.clear()
+                    published = await _rebuild(*given, rss, settings=settings)
             lap = _Lap()
             if can_send(runtime.kafka):
                 await send_unsent(db, runtime.kafka)
@@ -464,6 +661,7 @@ async def replay(
         stats.publish_s = timings["publish"][0] + sending[0]
         stats.publish_cpu_s = timings["publish"][1] + sending[1]
         stats.cells_published = published
+        stats.processes = 1 if keep else shards
         stats.rss_mb = {**rss, "end": resident_mb()["now"], "peak": resident_mb()["peak"]}
         return stats
     finally:
@@ -484,48 +682,99 @@ async def _rebuild(
     progress: Progress | None,
     republish_all: bool,
     rss: dict[str, float],
+    *,
+    settings: ReportingSettings,
+    shards: int = 1,
 ) -> int:
-    """From empty projections, in memory and in one transaction (:mod:`replay_rebuild`)."""
+    """From empty projections, in memory and in one transaction (:mod:`replay_rebuild`).
+    With ``shards`` > 1 this process applies shard 0 and a process per other shard its
+    own; their rows are copied into this transaction before the cells are summed."""
     db = runtime.db
     await drop(db)
-    rebuild = Rebuild(decoder, reporting.rules, inbox_consumer=_INBOX_CONSUMER, counts=counts)
+    own, *rest = Shard.split(shards)
+    witness = ShardWitness() if rest else None
+    rebuild = Rebuild(
+        decoder,
+        reporting.rules,
+        inbox_consumer=_INBOX_CONSUMER,
+        counts=counts,
+        witness=witness,
+    )
     lap = _Lap()
-    async with db.transaction() as session, sqlite_cache(session):
+    with contextlib.ExitStack() as cleanup:
+        others: list[ShardProcess] = []
+        if rest:
+            directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="replay-")))
+            for shard in rest:
+                started = ShardProcess.start(settings, shard, directory, batch_size, idle_timeout_s)
+                cleanup.callback(started.stop)
+                others.append(started)
+        async with db.transaction() as session, sqlite_cache(session):
 
-        async def handle(records: list[ConsumerRecord[Any, Any]]) -> None:
-            await rebuild.apply_batch(session, records)
+            async def handle(records: list[ConsumerRecord[Any, Any]]) -> None:
+                await rebuild.apply_batch(session, records)
 
-        await read_from_start(
-            runtime.kafka,
-            topic_names,
-            handle,
-            batch_size=batch_size,
-            idle_timeout_s=idle_timeout_s,
-            progress=progress,
-        )
-        timings["consume"] = lap.since()
-        rss["build"] = resident_mb()["now"]
-        lap = _Lap()
-        await rebuild.write_rows(session)
-        # Every row is stored: the cells are summed from the tables, one family at a time,
-        # so the rows' memory is given back (and reused) first.
-        rebuild.release()
-        cells = await rebuild.cells(session)
-        await write_cells(session, cells)
-        span = await horizon(session)
-        timings["build"] = lap.since()
-        rss["publish"] = resident_mb()["now"]
-        lap = _Lap()
-        published = await publish(
-            runtime,
-            session,
-            reporting.layout,
-            cells,
-            span,
-            republish=republish_all,
-        )
+            await read_from_start(
+                runtime.kafka,
+                topic_names,
+                handle,
+                batch_size=batch_size,
+                idle_timeout_s=idle_timeout_s,
+                progress=progress,
+                shard=own if others else None,
+            )
+            if not others:
+                timings["consume"] = lap.since()
+                rss["build"] = resident_mb()["now"]
+                lap = _Lap()
+            # The shards' processes may still be at work: this one's rows and cells meanwhile
+            # (its families' alone until the others' rows are copied in).
+            await rebuild.write_rows(session)
+            # Every row is stored: the cells are summed from the tables, one family at a
+            # time, so the rows' memory is given back (and reused) first.
+            rebuild.release()
+            cells = await rebuild.cells(session)
+            finished = [await other.finished() for other in others]
+            if others:
+                timings["consume"] = lap.since()
+                rss["build"] = resident_mb()["now"]
+                lap = _Lap()
+            if witness is not None:
+                _ensure_apart(witness, finished)
+            for other, result in zip(others, finished, strict=True):
+                await copy_shard(session, other.path)
+                cells = merge_cells(cells, other.cells())
+                counts.update(result["counts"])
+                rss[f"shard_{other.shard.index}_peak"] = result["rss_mb"]["peak"]
+            await write_cells(session, cells)
+            span = await horizon(session)
+            timings["build"] = lap.since()
+            rss["publish"] = resident_mb()["now"]
+            lap = _Lap()
+            published = await publish(
+                runtime,
+                session,
+                reporting.layout,
+                cells,
+                span,
+                republish=republish_all,
+            )
     timings["publish"] = lap.since()
     return published
+
+
+def _ensure_apart(own: ShardWitness, others: list[dict[str, Any]]) -> None:
+    """:class:`ShardsOverlap` unless every shard judged its records alone (see
+    :class:`ShardWitness`)."""
+    foreign = own.foreign + sum(result["foreign"] for result in others)
+    if foreign:
+        raise ShardsOverlap(f"{foreign} records whose key is not their event's subject")
+    refs = set(own.refs)
+    for result in others:
+        theirs = set(result["refs"])
+        if not refs.isdisjoint(theirs):
+            raise ShardsOverlap("a visit or referral is named in two shards")
+        refs |= theirs
 
 
 async def _replay_kept(
@@ -577,6 +826,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--idle-timeout", type=float, default=3.0, help="seconds without records = caught up"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes sharing a rebuild into SQLite (default: up to two, one per core)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -610,6 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 idle_timeout_s=args.idle_timeout,
                 progress=progress,
+                workers=args.workers,
             )
         )
     print(json.dumps(stats.summary(), indent=2))

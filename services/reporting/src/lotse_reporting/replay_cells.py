@@ -227,6 +227,23 @@ def sum_families(snapshot: Snapshot, zone: ZoneInfo) -> dict[CellKey, Accumulate
     return sums.cells()
 
 
+def merge_cells(
+    into: dict[CellKey, Accumulated], more: Mapping[CellKey, Accumulated]
+) -> dict[CellKey, Accumulated]:
+    """The cells of two disjoint sets of families (every sum adds up), as :func:`sum_families`
+    over both would leave them: a cell whose sums cancel out (a stock delta) is dropped."""
+    for key, found in more.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = found
+            continue
+        mine.add(found)
+        mine.numbers = {n: c for n, c in mine.numbers.items() if c}
+        if not (mine.families or mine.value or mine.hits or mine.weight or mine.numbers):
+            del into[key]
+    return into
+
+
 # --- the same sums from the stored rows ------------------------------------------------------
 
 #: Rows per fetch when reading the stored rows back.

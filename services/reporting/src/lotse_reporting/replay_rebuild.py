@@ -17,15 +17,18 @@ published, so the relay publishes exactly what the table says, as the live publi
 from __future__ import annotations
 
 import gc
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import fields
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiokafka import ConsumerRecord
+from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.reporting import KpiUpdated
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.inbox import InboxEntry
@@ -102,11 +105,42 @@ class SeenFilter:
         return bool(bits[low >> 3] & (1 << (low & 7)) and bits[high >> 3] & (1 << (high & 7)))
 
 
+class ShardWitness:
+    """What a shard of a rebuild (``replay.Shard``) saw that another shard may also need:
+    each shard applies the records of its families only, which gives one process's verdicts
+    as long as no event reaches into another family. Events name their family by their
+    subject (the record's key, which picks the shard) and other families' rows only by a
+    visit or referral id; so the shards' verdicts are one process's when every record's key
+    is its event's subject (``foreign`` counts those that are not) and no visit or referral
+    id is named in two shards (``refs``)."""
+
+    _REFS = ("visit_id", "referral_id")
+
+    def __init__(self) -> None:
+        self.foreign = 0
+        self.refs: set[str] = set()
+
+    def see(self, key: bytes | None, event: EventModel) -> None:
+        subject = getattr(event, event.subject_field, None)
+        if subject is None or key != str(subject).encode():
+            self.foreign += 1
+        for name in self._REFS:
+            ref = getattr(event, name, None)
+            if ref is not None:
+                self.refs.add(ref)
+
+
 class Rebuild:
     """Applies fetched records to in-memory projections, as the live consumer would."""
 
     def __init__(
-        self, decoder: Decoder, rules: Rules, *, inbox_consumer: str, counts: Counter[str]
+        self,
+        decoder: Decoder,
+        rules: Rules,
+        *,
+        inbox_consumer: str,
+        counts: Counter[str],
+        witness: ShardWitness | None = None,
     ) -> None:
         self.decoder = decoder
         self.rules = rules
@@ -114,13 +148,15 @@ class Rebuild:
         self.snapshot = domain.Snapshot()
         self.counts = counts
         """records, applied, duplicates, skipped, invalid:<kind>, rejected:<reason kind>."""
+        self.witness = witness
+        """Set when this is one shard of a rebuild."""
         self._applied = SeenFilter()
 
     async def apply_batch(
         self, session: AsyncSession, records: Sequence[ConsumerRecord[Any, Any]]
     ) -> None:
         """Apply records in partition order; their inbox entries go in with one statement."""
-        counts, snapshot, rules = self.counts, self.snapshot, self.rules
+        counts, snapshot, rules, witness = self.counts, self.snapshot, self.rules, self.witness
         counts["records"] += len(records)
         entries: list[dict[str, Any]] = []
         pending: set[tuple[str, str]] = set()
@@ -133,6 +169,8 @@ class Rebuild:
                 else:
                     counts[f"invalid:{outcome.value}"] += 1
                 continue
+            if witness is not None:
+                witness.see(record.key, outcome.data)
             key = outcome.dedup_key
             if key in self._applied and (key in pending or await self._in_inbox(session, key)):
                 counts["duplicates"] += 1
@@ -406,6 +444,52 @@ async def _insert(
             await connection.execute(insert(table), list(chunk))
         written += len(chunk)
     return written
+
+
+#: The tables a shard's process fills (``replay.Shard``): copied into the rebuild's.
+SHARD_TABLES: tuple[Table, ...] = (
+    _INBOX,
+    store.CASES,
+    store.CONSENTS,
+    store.FACTS,
+    store.REFERRALS,
+)
+
+
+class ShardsOverlap(Exception):
+    """The shards of a rebuild may have judged an event otherwise than one process reading
+    everything (:class:`ShardWitness`; or two shards wrote a row with the same key): the
+    rebuild is rolled back and done by one process."""
+
+
+async def copy_shard(session: AsyncSession, path: Path) -> int:
+    """Copy the rows of a shard's SQLite file into the session's SQLite database. Both were
+    written the same way (:func:`_insert`), so the stored values are copied as they are,
+    by the driver's own thread reading the file (no row passes through Python objects of
+    this process's loop). Returns how many rows; :class:`ShardsOverlap` on a duplicate key."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    # Read in the driver's thread, not this one's: allowed explicitly.
+    source = sqlite3.connect(path, check_same_thread=False)
+    copied = 0
+    try:
+        for table in SHARD_TABLES:
+            names = ", ".join(f'"{column.name}"' for column in table.columns)
+            marks = ", ".join("?" for _ in table.columns)
+            rows = source.execute(f"SELECT {names} FROM {table.name}")
+            try:
+                cursor = await driver.executemany(
+                    f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows
+                )
+            except sqlite3.IntegrityError as exc:
+                raise ShardsOverlap(f"{table.name}: {exc}") from exc
+            copied += max(cursor.rowcount, 0)
+            await cursor.close()
+    finally:
+        source.close()
+    return copied
 
 
 async def write_cells(session: AsyncSession, cells: dict[CellKey, Accumulated]) -> None:
