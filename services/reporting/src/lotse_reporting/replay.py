@@ -26,8 +26,8 @@ What it does:
    ``--keep`` each fetch is applied in a transaction of its own against the stored rows, as
    before.
    Into SQLite, a rebuild from empty projections may be shared by ``--workers`` processes
-   (default: one; two on two cores took a 200,000-event replay from ~26 to ~19 s and
-   together hold ~200 MB more): each reads every record and applies those of its
+   (default: one; two on two cores took a 200,000-event replay from ~23 to ~19 s and
+   together hold ~240 MB more): each reads every record and applies those of its
    families (:class:`Shard`, by record key), a shard's own process into a SQLite file of its
    own whose rows this process copies into its transaction, and the shards' cells are
    added up. A shard's verdicts are one process's only while no event reaches into another
