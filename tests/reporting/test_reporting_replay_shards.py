@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import multiprocessing
 import random
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord
@@ -18,7 +21,7 @@ from lotse_contracts.events.intake import FamilyRegistered
 from lotse_contracts.events.referrals import ReferralAccepted
 from lotse_reporting import domain
 from lotse_reporting.app import create_app
-from lotse_reporting.replay import SHARD_BUCKETS, Shard, replay
+from lotse_reporting.replay import SHARD_BUCKETS, Shard, ShardFailed, ShardProcess, replay
 from lotse_reporting.replay_cells import merge_cells, sum_families
 
 from tests.conftest import Broker
@@ -187,3 +190,32 @@ def test_an_event_naming_another_familys_referral_is_rebuilt_by_one_process(
         alone.rejected,
     )
     assert asyncio.run(snapshot(sqlite_url)) == one
+
+
+def _exit_badly() -> None:
+    raise SystemExit(3)
+
+
+@pytest.mark.integration
+def test_a_shard_whose_process_fails_leaves_nothing_applied(
+    broker: Broker, topics: str, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rebuild's transaction rolls back: the projections stay dropped and empty (a
+    replay that fails is run again), nothing is published."""
+    records, _, _ = dataset(topics, seed=41)
+    publish(broker.bootstrap, records)
+
+    def failing(
+        cls: type[ShardProcess], settings: Any, shard: Shard, directory: Path, *_: Any
+    ) -> ShardProcess:
+        process = multiprocessing.get_context("spawn").Process(target=_exit_badly)
+        process.start()
+        return cls(shard, directory / "shard.sqlite", process)
+
+    monkeypatch.setattr(ShardProcess, "start", classmethod(failing))
+    settings = settings_for(broker, topics, sqlite_url)
+    with pytest.raises(ShardFailed, match="exited with 3"):
+        asyncio.run(replay(settings, idle_timeout_s=2.0, workers=2))
+    cells, facts, inbox = asyncio.run(snapshot(sqlite_url))
+    assert (cells, inbox) == ({}, 0)
+    assert all(rows == [] for rows in facts.values())
