@@ -485,9 +485,7 @@ async def _replay_shard(
                     idle_timeout_s=idle_timeout_s,
                     shard=shard,
                 )
-                await rebuild.write_rows(session)
-                rebuild.release()
-                cells = await rebuild.cells(session)
+                cells = await rebuild.stored_cells(session)
         Path(path).with_suffix(".cells").write_bytes(pickle.dumps(cells))
         return {
             "counts": dict(counts),
@@ -645,6 +643,7 @@ async def replay(
                 progress,
                 republish_all,
             )
+            shards = 1
             if keep:
                 published = await _replay_kept(*given)
             else:
@@ -671,7 +670,7 @@ async def replay(
         stats.publish_cpu_s = timings["publish"][1] + sending[1]
         stats.cells_published = published
         stats.shards_cpu_s = timings.get("shards", (0.0, 0.0))[1]
-        stats.processes = 1 if keep else shards
+        stats.processes = shards
         stats.rss_mb = {**rss, "end": resident_mb()["now"], "peak": resident_mb()["peak"]}
         return stats
     finally:
@@ -739,11 +738,7 @@ async def _rebuild(
                 lap = _Lap()
             # The shards' processes may still be at work: this one's rows and cells meanwhile
             # (its families' alone until the others' rows are copied in).
-            await rebuild.write_rows(session)
-            # Every row is stored: the cells are summed from the tables, one family at a
-            # time, so the rows' memory is given back (and reused) first.
-            rebuild.release()
-            cells = await rebuild.cells(session)
+            cells = await rebuild.stored_cells(session)
             finished = [await other.finished() for other in others]
             if others:
                 timings["consume"] = lap.since()

@@ -172,17 +172,22 @@ class CellSums:
         """The cells with anything in them (as ``domain.accumulate`` leaves them)."""
         result: dict[CellKey, Accumulated] = {}
         for key, found in self._sums.items():
-            numbers = {n: c for n, c in found.numbers.items() if c}
-            if not (found.families or found.value or found.hits or found.weight or numbers):
-                continue
-            result[key] = Accumulated(
+            acc = Accumulated(
                 families=found.families,
                 value=found.value,
                 hits=found.hits,
                 weight=found.weight,
-                numbers=numbers,
+                numbers={n: c for n, c in found.numbers.items() if c},
             )
+            if not _empty(acc):
+                result[key] = acc
         return result
+
+
+def _empty(acc: Accumulated) -> bool:
+    """Nothing summed and no number counted (the numbers without zero counts): a cell the
+    families' shares cancel out in, which the stored cells do not hold."""
+    return not (acc.families or acc.value or acc.hits or acc.weight or acc.numbers)
 
 
 def _add(
@@ -239,7 +244,7 @@ def merge_cells(
             continue
         mine.add(found)
         mine.numbers = {n: c for n, c in mine.numbers.items() if c}
-        if not (mine.families or mine.value or mine.hits or mine.weight or mine.numbers):
+        if _empty(mine):
             del into[key]
     return into
 

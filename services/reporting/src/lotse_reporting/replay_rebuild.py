@@ -35,7 +35,7 @@ from lotse_runtime.inbox import InboxEntry
 from lotse_runtime.outbox import OutboxMessage
 from sqlalchemy import DateTime, Table, func, insert, select
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlmodel import SQLModel, col
 
 from lotse_reporting import domain, store
@@ -261,6 +261,13 @@ class Rebuild:
         :meth:`write_rows`; the in-memory rows no longer hold every fact)."""
         return await sum_stored(session, self.rules.zone)
 
+    async def stored_cells(self, session: AsyncSession) -> dict[CellKey, Accumulated]:
+        """Store the rows, then sum the cells from the tables, one family at a time: the
+        rows' memory is given back first (:meth:`release`) and reused for the sums."""
+        await self.write_rows(session)
+        self.release()
+        return await self.cells(session)
+
 
 @contextmanager
 def collector_off() -> Iterator[None]:
@@ -423,9 +430,7 @@ async def _insert(
                         f' WHERE NOT ("{table.name}"."{unless_newer}" > excluded."{unless_newer}")'
                     )
             values = _sqlite_rows(table, names, chunk)
-            raw = await connection.get_raw_connection()
-            driver = raw.driver_connection
-            assert driver is not None
+            driver = await _driver(connection)
             cursor = await driver.executemany(statement, values)
             await cursor.close()
         elif unless_newer is not None:
@@ -462,18 +467,14 @@ class ShardsOverlap(Exception):
     rebuild is rolled back and done by one process."""
 
 
-async def copy_shard(session: AsyncSession, path: Path) -> int:
+async def copy_shard(session: AsyncSession, path: Path) -> None:
     """Copy the rows of a shard's SQLite file into the session's SQLite database. Both were
     written the same way (:func:`_insert`), so the stored values are copied as they are,
     by the driver's own thread reading the file (no row passes through Python objects of
-    this process's loop). Returns how many rows; :class:`ShardsOverlap` on a duplicate key."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
+    this process's loop); :class:`ShardsOverlap` on a duplicate key."""
+    driver = await _driver(await session.connection())
     # Read in the driver's thread, not this one's: allowed explicitly.
     source = sqlite3.connect(path, check_same_thread=False)
-    copied = 0
     try:
         for table in SHARD_TABLES:
             names = ", ".join(f'"{column.name}"' for column in table.columns)
@@ -485,11 +486,18 @@ async def copy_shard(session: AsyncSession, path: Path) -> int:
                 )
             except sqlite3.IntegrityError as exc:
                 raise ShardsOverlap(f"{table.name}: {exc}") from exc
-            copied += max(cursor.rowcount, 0)
             await cursor.close()
     finally:
         source.close()
-    return copied
+
+
+async def _driver(connection: AsyncConnection) -> Any:
+    """The SQLite connection's own driver (aiosqlite), for statements that skip
+    SQLAlchemy's per-value processing."""
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    return driver
 
 
 async def write_cells(session: AsyncSession, cells: dict[CellKey, Accumulated]) -> None:
