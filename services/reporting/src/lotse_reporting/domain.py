@@ -680,7 +680,7 @@ class YearInputs:
     """Escalation episodes open at some point of the year."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Cell:
     """One published figure: a value, or suppressed."""
 
@@ -738,6 +738,7 @@ _ACTIVITY_COUNT = {
 }
 #: Ratios whose base is the cohort count: published only where that count is.
 _COHORT_RATIOS = figures_suppressed_as(Suppression.COHORT_RATIO)
+_COHORT_RATIO_NAMES = frozenset(figure.value for figure in _COHORT_RATIOS)
 
 
 def _dimension_values(kind: DimensionKind, modules: Iterable[str]) -> list[str]:
@@ -1029,15 +1030,13 @@ def protect(
     """
     suppressed = {key for key, cell in cells.items() if cell.suppressed}
     # Suppressed cells no longer carry a value; the arithmetic needs the true ones.
-    size: dict[CellKey, float] = {}
-    for key, cell in cells.items():
-        if families is not None:
-            size[key] = float(len(families.get(key, ())))
-        elif sizes is not None:
-            size[key] = float(sizes.get(key, 0))
-        elif cell.value is not None:
-            size[key] = cell.value
-    true_value = {key: size.get(key, 0.0) for key in cells}
+    true_value: dict[CellKey, float]
+    if families is not None:
+        true_value = {key: float(len(families.get(key, ()))) for key in cells}
+    elif sizes is not None:
+        true_value = {key: float(sizes.get(key, 0)) for key in cells}
+    else:
+        true_value = {key: cell.value or 0.0 for key, cell in cells.items()}
 
     def behind(group: Group, hidden: list[CellKey]) -> int:
         if families is None:
@@ -1071,14 +1070,15 @@ def protect(
                 suppressed.add(group.total)
             changed = True
     result: list[Cell] = []
-    for key, cell in cells.items():
+    registered = KpiFigure.FAMILIES_REGISTERED.value
+    for key in sorted(cells):
+        cell = cells[key]
         hide = key in suppressed
-        if cell.figure in _COHORT_RATIOS:
-            hide = hide or (key[0], key[1], KpiFigure.FAMILIES_REGISTERED.value, "") in suppressed
+        if not hide and key[2] in _COHORT_RATIO_NAMES:
+            hide = (key[0], key[1], registered, "") in suppressed
         if hide and not cell.suppressed:
             cell = Cell(cell.bezirk, cell.period, cell.figure, cell.dimension, None, True)
         result.append(cell)
-    result.sort(key=lambda c: c.key)
     return result
 
 
@@ -1411,17 +1411,26 @@ def year_cells(
     for area in layout.areas:
         stock[(area, year_text)] = stock[(area, months[-1])]
     wanted = tuple(KpiFigure) if figures is None else tuple(f for f in KpiFigure if f in figures)
+    columns = _columns(layout.modules, wanted)
+    k = layout.k
     result: dict[CellKey, Cell] = {}
     sizes: dict[CellKey, int] = {}
     empty = Accumulated()
     for area in layout.areas:
         for period in periods:
-            for figure in wanted:
-                for dimension in figure_dimensions(figure, layout.modules):
-                    key = (area, period, figure.value, dimension or "")
-                    acc = stock[area, period] if figure in _STOCK_COUNTS else cells.get(key, empty)
-                    result[key] = _cell(key, figure, acc, layout.k)
-                    sizes[key] = acc.families
+            stocked = stock[area, period]
+            for figure, name, dimension, is_stock, is_count in columns:
+                key = (area, period, name, dimension or "")
+                acc = stocked if is_stock else cells.get(key, empty)
+                n = acc.families
+                sizes[key] = n
+                if is_count:
+                    # A zero describes no family; 1 … k-1 families could be singled out.
+                    hidden = 0 < n < k
+                    value = None if hidden else acc.value
+                    result[key] = Cell(area, period, figure, dimension, value, hidden)
+                else:
+                    result[key] = _cell(key, figure, acc, k)
     groups = _groups_of_year(layout, tuple(months), year_text)
     if figures is not None:
         # No group spans two clusters, and protect() settles each group in the same order
@@ -1429,6 +1438,25 @@ def year_cells(
         names = {figure.value for figure in wanted}
         groups = [group for group in groups if group.total[2] in names]
     return protect(result, groups, layout.k, sizes=sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _columns(
+    modules: tuple[str, ...], figures: tuple[KpiFigure, ...]
+) -> tuple[tuple[KpiFigure, str, str | None, bool, bool], ...]:
+    # An area's period has these cells, in this order, on every pass: (figure, its name,
+    # dimension, a stock count, suppressed as a count), worked out once per layout.
+    return tuple(
+        (
+            figure,
+            figure.value,
+            dimension,
+            figure in _STOCK_COUNTS,
+            DEFINITIONS[figure].suppression is Suppression.COUNT,
+        )
+        for figure in figures
+        for dimension in figure_dimensions(figure, modules)
+    )
 
 
 @functools.lru_cache(maxsize=64)
