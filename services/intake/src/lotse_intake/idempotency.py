@@ -32,7 +32,7 @@ from lotse_runtime.db import Database, add_at_commit
 from lotse_runtime.identity import Caller, scope_checked_earlier
 from lotse_runtime.refusal import Refusal
 from pydantic import BaseModel
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -61,6 +61,13 @@ IdempotencyKey = Annotated[
 
 
 JSON = "application/json"
+
+#: Built once: every changing request asks it first, and building the expression cost more
+#: than the lookup.
+_STORED_ANSWER = select(IntakeIdempotency).where(
+    col(IntakeIdempotency.subject) == bindparam("subject"),
+    col(IntakeIdempotency.idempotency_key) == bindparam("key"),
+)
 
 #: A use case bound to its arguments: given the transaction's session, it does its work.
 UseCase = Callable[[AsyncSession], Awaitable[Outcome]]
@@ -122,10 +129,7 @@ async def respond(
                 if key is not None:
                     stored = (
                         await session.execute(
-                            select(IntakeIdempotency).where(
-                                col(IntakeIdempotency.subject) == caller.subject,
-                                col(IntakeIdempotency.idempotency_key) == key,
-                            )
+                            _STORED_ANSWER, {"subject": caller.subject, "key": key}
                         )
                     ).scalar_one_or_none()
                     if stored is not None:
@@ -138,7 +142,7 @@ async def respond(
                 if key is not None:
                     add_at_commit(
                         session,
-                        IntakeIdempotency(
+                        IntakeIdempotency.model_construct(
                             subject=caller.subject,
                             idempotency_key=key,
                             fingerprint=request_print,

@@ -124,7 +124,7 @@ class Keyring:
         secret = new_data_key()
         add_at_commit(
             session,
-            IntakeDataKey(
+            IntakeDataKey.model_construct(
                 case_id=case_id, kid=kid, wrapped_key=self._wrap(secret, case_id), created_at=now
             ),
         )

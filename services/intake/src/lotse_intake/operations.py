@@ -575,7 +575,7 @@ def _registration_consents(
     changes: list[IntakeConsentChange] = []
     consents: list[Consent] = []
     for position, given in enumerate(body.consents):
-        row = IntakeConsent(
+        row = IntakeConsent.model_construct(
             consent_id=str(uuid.uuid4()),
             case_id=case_id,
             scope=given.scope.value,
@@ -619,7 +619,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
     block, children_block = _sealed_personal(keys, body, city.name, checked.birth_dates)
     recorded_by = domain.registrar_role(caller.role, body.channel)
     days_since_birth = domain.days_since_birth(checked.birth_dates, today)
-    case = IntakeCase(
+    case = IntakeCase.model_construct(
         case_id=case_id,
         channel=body.channel.value,
         clinic_id=checked.clinic,
@@ -638,7 +638,7 @@ async def register_family(session: AsyncSession, call: Call, body: RegistrationC
         children=None if children_block is None else children_block.model_dump_json(),
     )
     # At commit: a match key another registration took fails it, and run_once retries.
-    taken = [IntakeMatchKey(match_key=k, case_id=case_id) for k in match_keys]
+    taken = [IntakeMatchKey.model_construct(match_key=k, case_id=case_id) for k in match_keys]
     add_at_commit(session, case, *taken)
     answered, consents = _registration_consents(session, call, case_id, body, recorded_by, now)
     call.runtime.outbox.add(
