@@ -22,7 +22,7 @@ from lotse_contracts.events.visits import (
     VisitSetting,
     VisitTopic,
 )
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -58,12 +58,7 @@ async def lock_office(session: AsyncSession, bezirk: str) -> None:
     PostgreSQL locks the office's row; SQLite takes its single write lock here, early,
     instead of upgrading a read lock later (which can deadlock).
     """
-    bump = (
-        update(VisitsOffice)
-        .where(col(VisitsOffice.bezirk) == bezirk)
-        .values(bookings_changed=col(VisitsOffice.bookings_changed) + 1)
-    )
-    result = await session.execute(bump)
+    result = await session.execute(_BUMP_OFFICE, {"office": bezirk})
     if result.rowcount:  # type: ignore[attr-defined]
         return
     dialect = session.get_bind().dialect.name
@@ -73,7 +68,30 @@ async def lock_office(session: AsyncSession, bezirk: str) -> None:
         .values(bezirk=bezirk, bookings_changed=0)
         .on_conflict_do_nothing(index_elements=["bezirk"])
     )
-    await session.execute(bump)
+    await session.execute(_BUMP_OFFICE, {"office": bezirk})
+
+
+# Built once, the statements every scheduled family runs: building the expressions cost
+# about as much as running them.
+_BUMP_OFFICE = (
+    update(VisitsOffice)
+    .where(col(VisitsOffice.bezirk) == bindparam("office"))
+    .values(bookings_changed=col(VisitsOffice.bookings_changed) + 1)
+)
+_BOOKINGS = select(
+    col(VisitsVisit.visit_id),
+    col(VisitsVisit.staff_id),
+    col(VisitsVisit.starts_at),
+    col(VisitsVisit.ends_at),
+).where(
+    col(VisitsVisit.bezirk) == bindparam("office"),
+    col(VisitsVisit.status) == VisitStatus.SCHEDULED.value,
+    col(VisitsVisit.starts_at) > bindparam("after"),
+    col(VisitsVisit.starts_at) < bindparam("before"),
+)
+_LATEST_ATTEMPT = select(func.max(VisitsVisit.attempt)).where(
+    col(VisitsVisit.case_id) == bindparam("case_id")
+)
 
 
 async def fresh_case(session: AsyncSession, case_id: str) -> VisitsCase | None:
@@ -106,17 +124,7 @@ async def bookings(
     """Scheduled visits of the office that touch [start, end], travel buffer included."""
     reach = office.visit_length + office.travel_buffer
     rows = await session.execute(
-        select(
-            col(VisitsVisit.visit_id),
-            col(VisitsVisit.staff_id),
-            col(VisitsVisit.starts_at),
-            col(VisitsVisit.ends_at),
-        ).where(
-            col(VisitsVisit.bezirk) == office.bezirk,
-            col(VisitsVisit.status) == VisitStatus.SCHEDULED.value,
-            col(VisitsVisit.starts_at) > start - reach,
-            col(VisitsVisit.starts_at) < end + reach,
-        )
+        _BOOKINGS, {"office": office.bezirk, "after": start - reach, "before": end + reach}
     )
     return [Booking(v, s, a, e) for v, s, a, e in rows.all()]
 
@@ -195,9 +203,7 @@ async def mark_overdue(session: AsyncSession, case_id: str, now: datetime) -> bo
 
 
 async def next_attempt(session: AsyncSession, case_id: str) -> int:
-    found = await session.execute(
-        select(func.max(VisitsVisit.attempt)).where(col(VisitsVisit.case_id) == case_id)
-    )
+    found = await session.execute(_LATEST_ATTEMPT, {"case_id": case_id})
     latest = found.scalar()
     return 1 if latest is None else int(latest) + 1
 
