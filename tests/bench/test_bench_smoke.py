@@ -82,3 +82,27 @@ def test_all_benchmarks_run_side_by_side_in_their_tiny_sizes(
     assert set(latency["memory"]["peak_rss_mb"]) >= SERVICES
 
     assert combined["reporting_replay"] == {"benchmark": "reporting_replay", "error": "skipped"}
+
+
+@pytest.mark.timeout(240)
+def test_the_statement_count_names_each_services_statements_and_their_sites(
+    broker: Broker, tmp_path: Path
+) -> None:
+    output = tmp_path / "statements.json"
+    command = [sys.executable, str(ROOT / "bench" / "statements.py"), "--families", "10"]
+    command += ["--output", str(output)]
+    env = {**os.environ, "LOTSE_KAFKA_BOOTSTRAP": broker.bootstrap}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=220)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    result = json.loads(output.read_text())
+    assert result["complete"] is True
+    assert set(result["statements_per_family"]) == SERVICES
+    assert all(_positive(n) for n in result["statements_per_family"].values())
+    intake = result["services"]["intake"]
+    # Every family is registered once: its row inserted at the commit of the registering
+    # request, its duplicate check asked from the use case that registers it.
+    inserted = [row for row in intake if row["statement"].startswith("INSERT INTO intake_case")]
+    assert sum(row["per_family"] for row in inserted) == 1
+    checks = [row for row in intake if "_matching_cases" in row["sites"]]
+    assert checks
+    assert all("register_family" in row["sites"] for row in checks)
