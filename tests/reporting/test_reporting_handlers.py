@@ -25,7 +25,7 @@ from lotse_reporting.operations import Reporting
 from lotse_reporting.settings import ReportingSettings
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.testing import InProcessFeed, without_broker
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from tests.reporting.builders import Family, at, new_id
 
@@ -237,3 +237,58 @@ async def test_a_batch_in_one_transaction_adds_to_the_cells_once_at_commit(
         async with db.transaction() as session:
             await operations.apply_event(session, event, rules)
     assert (await service.rows(cells_sql), await service.rows(numbers_sql)) == batched
+
+
+_PROJECTIONS = (
+    "SELECT * FROM reporting_case ORDER BY case_id",
+    "SELECT * FROM reporting_consent ORDER BY case_id, consent_id",
+    "SELECT kind, ref, case_id, bezirk, month, dimension, number, at, until "
+    "FROM reporting_fact ORDER BY kind, ref",
+    "SELECT * FROM reporting_referral ORDER BY referral_id",
+    "SELECT bezirk, period, figure, dimension, families, value, hits, weight "
+    "FROM reporting_cell WHERE families != 0 OR value != 0 OR hits != 0 OR weight != 0 "
+    "ORDER BY 1, 2, 3, 4",
+    "SELECT * FROM reporting_cell_number WHERE count != 0 ORDER BY 1, 2, 3, 4, 5",
+    "SELECT year FROM reporting_dirty_year ORDER BY year",
+)
+
+
+async def test_a_prepared_batch_reads_its_families_once_and_stores_what_single_events_do(
+    service: Service,
+) -> None:
+    """The live consumer's batch reads the rows of its events' families in one query
+    (operations.prepare_events); the projections come out as with one transaction per
+    event. A merge (two families) reads afresh and later events do too."""
+    alone = [e for e in _story() if not isinstance(e, CasesMerged)]
+    merging = _story()
+    # Two families' years on the prepared rows, then two more registered, then a merge.
+    events = alone + merging
+    rules = service.reporting.rules
+    db = service.runtime.db
+    engine = db.engine.sync_engine
+    family_reads: list[str] = []
+
+    def count(*args: Any) -> None:
+        if " AS tag" in str(args[2]):
+            family_reads.append(str(args[2]))
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        async with db.transaction() as session:
+            await operations.prepare_events(session, events)
+            for one in events:
+                await operations.apply_event(session, one, rules)
+        before_merge = events.index(next(e for e in events if isinstance(e, CasesMerged)))
+        # One read for the batch, then one per event from the merge on.
+        assert len(family_reads) == 1 + len(events) - before_merge
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    batched = [await service.rows(sql) for sql in _PROJECTIONS]
+    assert all(batched[:5])
+    async with db.transaction() as session:
+        for table in ("cell", "cell_number", "case", "consent", "fact", "referral", "dirty_year"):
+            await session.execute(text(f"DELETE FROM reporting_{table}"))
+    for one in events:
+        async with db.transaction() as session:
+            await operations.apply_event(session, one, rules)
+    assert [await service.rows(sql) for sql in _PROJECTIONS] == batched

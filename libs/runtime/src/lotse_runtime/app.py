@@ -44,7 +44,7 @@ from lotse_runtime.auth import (
     JwksSource,
     JwtCallerResolver,
 )
-from lotse_runtime.consumer import EventConsumer, Handler, RefusalHook
+from lotse_runtime.consumer import EventConsumer, Handler, Prepare, RefusalHook
 from lotse_runtime.contract_docs import serve_contract_documents
 from lotse_runtime.db import Database, transient_error
 from lotse_runtime.docs import serve_docs_offline
@@ -244,9 +244,11 @@ class ServiceRuntime(Generic[S]):
         handlers: Mapping[str, Handler],
         *,
         on_refused: RefusalHook | None = None,
+        prepare: Prepare | None = None,
     ) -> EventConsumer:
         """Register a consumer group ``lotse-<service>-<name>`` over (unprefixed) topics;
-        ``on_refused`` is called for each record it dead-letters (see ``Refused``)."""
+        ``on_refused`` is called for each record it dead-letters (see ``Refused``),
+        ``prepare`` at the start of each batch transaction (see ``Prepare``)."""
         settings = self.settings
         consumer = EventConsumer(
             name=name,
@@ -264,6 +266,7 @@ class ServiceRuntime(Generic[S]):
             max_attempts=settings.consumer_max_attempts,
             backoff_s=settings.consumer_backoff_s,
             on_refused=on_refused,
+            prepare=prepare,
         )
         self.consumers.append(consumer)
         return consumer

@@ -182,6 +182,11 @@ class Delivery(Generic[E]):
 
 
 Handler = Callable[[Delivery[Any]], Awaitable[None]]
+#: Called at the start of each batch transaction with the session and the events about to be
+#: applied in it (duplicates left out), before any handler: a service may read what they all
+#: need in one query. The batch may end before its last event (the time budget); a record
+#: the batch cannot take is applied alone, in a transaction of its own, without this call.
+Prepare = Callable[[AsyncSession, list[Any]], Awaitable[None]]
 _Prepared = tuple[ConsumerRecord[Any, Any], CloudEvent, EventModel | None]
 
 
@@ -238,9 +243,11 @@ class EventConsumer:
         batch_size: int = BATCH_SIZE,
         max_transaction_s: float = 0.5,
         on_refused: RefusalHook | None = None,
+        prepare: Prepare | None = None,
     ) -> None:
         self.name = name
         self.on_refused = on_refused
+        self.prepare = prepare
         self.service = service
         self.topics = topics
         self.handlers = dict(handlers)
@@ -670,6 +677,15 @@ class EventConsumer:
                     consumer=consumer_name,
                     events=[event for _r, event, data in prepared if data is not None],
                 )
+                if self.prepare is not None:
+                    await self.prepare(
+                        session,
+                        [
+                            data
+                            for _r, event, data in prepared
+                            if data is not None and (event.source, event.id) not in seen
+                        ],
+                    )
                 for record, event, data in prepared:
                     if taken and time.perf_counter() - started > self.max_transaction_s:
                         break

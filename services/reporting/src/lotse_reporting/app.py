@@ -39,6 +39,7 @@ def wire(runtime: ServiceRuntime[ReportingSettings]) -> Reporting:
         consumers.CONSUMER,
         topics.DOMAIN_TOPICS,
         consumers.handlers(reporting.rules, on_applied=reporting.trigger.changed),
+        prepare=operations.prepare_events,
     )
 
     async def publish(_runtime: ServiceRuntime[ReportingSettings]) -> None:

@@ -185,14 +185,56 @@ class Reporting:
 # --- applying events -------------------------------------------------------------------------
 
 
+#: The rows of the families a batch's events need, read by :func:`prepare_events`.
+_PREPARED = "lotse_reporting_prepared"
+
+
+async def prepare_events(session: AsyncSession, events: list[EventModel]) -> None:
+    """The live consumer's batch, before its first event: the rows of every family whose
+    event needs its own family's rows only, in one query, each family apart. An event costs
+    the same statements as in a batch of one otherwise (a query per event was 3.4 reads per
+    family, bench/statements.py)."""
+    families = {family for event in events if (family := _own_family(domain.needs_of(event)))}
+    if families:
+        session.info[_PREPARED] = await store.load_families_apart(session, families)
+
+
 async def apply_event(session: AsyncSession, event: EventModel, rules: Rules) -> None:
     """One event, in the delivery's transaction (the inbox entry is in the same one).
     Raises :class:`domain.ImpossibleEvent` before anything is stored."""
     needs = domain.needs_of(event)
-    snapshot = await store.load_snapshot(session, needs)
+    snapshot = _prepared_snapshot(session, needs)
+    if snapshot is None:
+        # Rows this event reads or writes may be any prepared family's: read afresh.
+        session.info.pop(_PREPARED, None)
+        snapshot = await store.load_snapshot(session, needs)
     before = domain.shares_of(snapshot, needs.families, rules.zone)
     domain.apply(event, snapshot, rules)
     await _store_changes(session, snapshot, before, rules, at_commit=True)
+    # Stored: the family's snapshot equals its rows again, for its next event in the batch.
+    snapshot.reset_touched()
+
+
+def _own_family(needs: domain.Needs) -> str | None:
+    """The one family whose rows are all an event needs (what the live consumer's events
+    nearly all are), else None."""
+    if len(needs.families) != 1:
+        return None
+    if not (needs.case_ids <= needs.families and needs.consent_case_ids <= needs.families):
+        return None
+    return next(iter(needs.families))
+
+
+def _prepared_snapshot(session: AsyncSession, needs: domain.Needs) -> domain.Snapshot | None:
+    prepared: dict[str, domain.Snapshot] | None = session.info.get(_PREPARED)
+    family = _own_family(needs)
+    if prepared is None or family is None or family not in prepared:
+        return None
+    snapshot = prepared[family]
+    # As loaded for this event alone: the years of the families it asks for, no others.
+    snapshot.fact_years.clear()
+    store.note_fact_years(snapshot, needs)
+    return snapshot
 
 
 async def replay_events(
