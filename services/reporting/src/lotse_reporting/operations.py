@@ -205,8 +205,10 @@ async def apply_event(session: AsyncSession, event: EventModel, rules: Rules) ->
     needs = domain.needs_of(event)
     snapshot = _prepared_snapshot(session, needs)
     if snapshot is None:
-        # Rows this event reads or writes may be any prepared family's: read afresh.
+        # Rows this event reads or writes may be any prepared family's: read afresh, with
+        # what the batch's events changed so far written first.
         session.info.pop(_PREPARED, None)
+        await store.save_rows_now(session)
         snapshot = await store.load_snapshot(session, needs)
     before = domain.shares_of(snapshot, needs.families, rules.zone)
     domain.apply(event, snapshot, rules)
@@ -269,8 +271,8 @@ async def _store_changes(
     at_commit: bool = False,
 ) -> None:
     """Store the touched rows, add the difference of the families' shares to the cells and
-    mark the years whose cells changed, all in the caller's transaction (the cells and marks
-    ``at_commit``: once for all events of the transaction)."""
+    mark the years whose cells changed, all in the caller's transaction (``at_commit``: the
+    rows, cells and marks once for all events of the transaction, when it commits)."""
     touched = {c for c in snapshot.touched_cases}
     touched |= {case_id for case_id, _ in snapshot.touched_consents}
     touched |= {snapshot.facts[key].case_id for key in snapshot.touched_facts}
@@ -278,12 +280,13 @@ async def _store_changes(
     touched &= set(before)
     after = domain.shares_of(snapshot, touched, rules.zone)
     deltas = domain.cell_deltas({c: before[c] for c in touched}, after)
-    await store.save_snapshot(session, snapshot)
     years = {domain.year_of(key[1]) for key in deltas}
     carrying = {domain.year_of(key[1]) for key in deltas if key[2] == domain.STOCK_DELTA}
     if at_commit:
+        store.save_snapshot_at_commit(session, snapshot)
         store.add_to_cells_at_commit(session, deltas, years, carrying)
         return
+    await store.save_snapshot(session, snapshot)
     await store.add_to_cells(session, deltas)
     await store.mark_dirty(session, years, carrying)
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lotse_contracts.events.reporting import KpiFigure
-from lotse_runtime.db import run_prebuilt, run_prebuilt_now, run_prebuilt_together
+from lotse_runtime.db import run_prebuilt, run_prebuilt_now, run_prebuilt_together, run_together
 from sqlalchemy import (
     Boolean,
     CompoundSelect,
@@ -361,20 +361,79 @@ def note_fact_years(snapshot: Snapshot, needs: Needs) -> None:
 async def save_snapshot(session: AsyncSession, snapshot: Snapshot) -> None:
     """Store the rows ``apply`` touched (on PostgreSQL the tables' upserts in one statement
     where they are few, as after one event: :func:`lotse_runtime.db.run_together`)."""
-    dialect = _dialect(session)
-    cases = [_row(snapshot.cases[k]) for k in sorted(snapshot.touched_cases)]
-    consents = [_row(snapshot.consents[k]) for k in sorted(snapshot.touched_consents)]
-    facts = [_row(snapshot.facts[k]) for k in sorted(snapshot.touched_facts)]
-    referrals = [_row(snapshot.referrals[k]) for k in sorted(snapshot.touched_referrals)]
-    await run_prebuilt_together(
-        session,
-        [
-            (_upsert_statement(CASES, dialect), cases),
-            (_upsert_statement(CONSENTS, dialect), consents),
-            (_upsert_statement(FACTS, dialect), facts),
-            (_upsert_statement(REFERRALS, dialect), referrals),
-        ],
+    pending = _RowsAtCommit()
+    pending.add(snapshot)
+    await run_prebuilt_together(session, pending.batches(_dialect(session)))
+
+
+_ROWS_AT_COMMIT = "lotse_reporting_rows_at_commit"
+
+
+@dataclass
+class _RowsAtCommit:
+    """Rows to store, by table and primary key: the last values a row was given."""
+
+    by_table: dict[Table, dict[Any, dict[str, Any]]] = field(
+        default_factory=lambda: {CASES: {}, CONSENTS: {}, FACTS: {}, REFERRALS: {}}
     )
+
+    def add(self, snapshot: Snapshot) -> None:
+        cases, consents = self.by_table[CASES], self.by_table[CONSENTS]
+        facts, referrals = self.by_table[FACTS], self.by_table[REFERRALS]
+        for case_id in snapshot.touched_cases:
+            cases[case_id] = _row(snapshot.cases[case_id])
+        for consent_key in snapshot.touched_consents:
+            consents[consent_key] = _row(snapshot.consents[consent_key])
+        for fact_key in snapshot.touched_facts:
+            facts[fact_key] = _row(snapshot.facts[fact_key])
+        for referral_id in snapshot.touched_referrals:
+            referrals[referral_id] = _row(snapshot.referrals[referral_id])
+
+    def batches(self, dialect: str) -> list[tuple[Insert, list[dict[str, Any]]]]:
+        # In key order: two replicas' transactions take the rows' locks in the same order.
+        return [
+            (_upsert_statement(table, dialect), [rows[key] for key in sorted(rows)])
+            for table, rows in self.by_table.items()
+        ]
+
+
+def save_snapshot_at_commit(session: AsyncSession, snapshot: Snapshot) -> None:
+    """:func:`save_snapshot` when the transaction commits, for the live consumer's batch: a
+    row several of its events touched is written once, with its last values, and each table's
+    rows go together. Until then the rows are not in the database: whoever reads them inside
+    the transaction writes them first (:func:`save_rows_now`)."""
+    sync = session.sync_session
+    pending = sync.info.get(_ROWS_AT_COMMIT)
+    if pending is None:
+        pending = sync.info[_ROWS_AT_COMMIT] = _RowsAtCommit()
+        if not event.contains(sync, "before_commit", _write_rows):
+            event.listen(sync, "before_commit", _write_rows)
+            event.listen(sync, "after_transaction_end", _forget_rows)
+    pending.add(snapshot)
+
+
+async def save_rows_now(session: AsyncSession) -> None:
+    """Write what :func:`save_snapshot_at_commit` holds, before the transaction reads rows."""
+    pending: _RowsAtCommit | None = session.sync_session.info.pop(_ROWS_AT_COMMIT, None)
+    if pending is not None:
+        await run_prebuilt_together(session, pending.batches(_dialect(session)))
+
+
+def _write_rows(session: Session) -> None:
+    pending: _RowsAtCommit | None = session.info.pop(_ROWS_AT_COMMIT, None)
+    if pending is None:
+        return
+    dialect = session.get_bind().dialect.name
+    batches = [(statement, rows) for statement, rows in pending.batches(dialect) if rows]
+    if len(batches) > 1 and run_together(session.connection(), batches):
+        return
+    for statement, rows in batches:
+        run_prebuilt_now(session, statement, rows)
+
+
+def _forget_rows(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_ROWS_AT_COMMIT, None)
 
 
 async def mark_dirty(
