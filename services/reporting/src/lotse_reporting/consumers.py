@@ -2,7 +2,9 @@
 :class:`~lotse_runtime.handlers.Handlers` and goes the same way, through
 :func:`lotse_reporting.operations.apply_event` (load the rows the event needs, let the domain
 decide, store the result in the delivery's transaction, with the inbox entry in the same
-one). An impossible event is rejected, so the consumer dead-letters it with its reason."""
+one). A batch's families are read in one query first (:func:`operations.prepare_events`)
+and what its events change is written when it commits. An impossible event is rejected, so
+the consumer dead-letters it with its reason."""
 
 from __future__ import annotations
 
