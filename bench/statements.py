@@ -4,7 +4,7 @@ Runs ``pipeline.py`` (N families end to end, real broker, each service on its ow
 database) with a probe in every service process (``bench/statement_probe``) that counts the
 statements SQLAlchemy sends and the innermost Lotse frames they come from. Prints, per
 service, statements per family and the statements with their call sites, most frequent
-first; writes bench/results/statements.json.
+first (the migrations run at start left out); writes bench/results/statements.json.
 
 Counted, not timed: with the probe listening, the runtime sends every statement through
 SQLAlchemy (as it does when tracing exports), so this run's CPU figures are not the
@@ -59,6 +59,8 @@ def count(families: int, database: str | None) -> tuple[dict[str, Any], dict[str
                 continue  # the benchmark's own process
             rows = by_service[found.group(1)]
             for row in document["statements"]:
+                if "migrations/" in row["sites"]:
+                    continue  # the schema's set-up at start, not a family's work
                 key = (row["statement"], row["sites"])
                 rows[key] = rows.get(key, 0) + row["count"]
     services = {
