@@ -55,7 +55,7 @@ from lotse_runtime.identity import (
 from lotse_runtime.outbox import OutboxMessage
 from lotse_runtime.refusal import Conflict, Refusal
 from pydantic import BaseModel
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
@@ -504,6 +504,13 @@ def _check_registration(call: Call, body: RegistrationCreate) -> _Registration:
     return _Registration(now, today, clinic, choice, birth_dates)
 
 
+#: Built once: every registration asks it (the ORM's objects and the expression cost more
+#: than the lookup).
+_TAKEN_MATCH_KEYS = select(col(IntakeMatchKey.match_key), col(IntakeMatchKey.case_id)).where(
+    col(IntakeMatchKey.match_key).in_(bindparam("keys", expanding=True))
+)
+
+
 async def _matching_cases(
     session: AsyncSession, call: Call, body: RegistrationCreate, birth_dates: list[date]
 ) -> tuple[IntakeCase | None, list[str], list[str]]:
@@ -517,10 +524,8 @@ async def _matching_cases(
         house_number=body.address.house_number,
         postcode=body.address.postcode,
     )
-    found = await session.execute(
-        select(IntakeMatchKey).where(col(IntakeMatchKey.match_key).in_(match_keys))
-    )
-    taken = {row.match_key: row.case_id for row in found.scalars()}
+    found = await session.execute(_TAKEN_MATCH_KEYS, {"keys": match_keys})
+    taken: dict[str, str] = {match_key: case_id for match_key, case_id in found}
     # The guard answers only with a case the caller may read (own clinic, own Stadtbezirk).
     # A match outside that scope must not show: the family is registered as new (same
     # answer, same work) and flagged for the Familienbüro of the existing case.
