@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -63,7 +64,7 @@ from lotse_runtime.identity import AccessDenied, Caller, CaseScope, ensure_may_a
 from lotse_runtime.identity import Role as CallerRole
 from lotse_runtime.identity import event_role as event_role_of
 from lotse_runtime.refusal import Conflict, Refusal, Unavailable
-from sqlalchemy import select, update
+from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
@@ -149,10 +150,14 @@ async def stored_consents(
     statement per consent)."""
     if not consent_ids:
         return {}
-    rows = await session.execute(
-        select(ConsentRecord).where(col(ConsentRecord.consent_id).in_(consent_ids))
-    )
+    rows = await session.execute(_STORED_CONSENTS, {"ids": list(consent_ids)})
     return {row.consent_id: row for row in rows.scalars()}
+
+
+#: Built once: every family's registration asks it.
+_STORED_CONSENTS = select(ConsentRecord).where(
+    col(ConsentRecord.consent_id).in_(bindparam("ids", expanding=True))
+)
 
 
 async def record_consent(
@@ -1014,6 +1019,20 @@ async def place_open_wishes(
     a referral's row already (a place freed by a rejection or cancellation), which must not
     wait for a wish lock (the lock order is wish, Träger, referral). ``defer``: see
     :func:`place_or_defer` (the wishes it defers are not counted)."""
+    query = _open_wishes(case_id is not None, modules is not None, skip_locked)
+    values = {"case_id": case_id, "modules": None if modules is None else list(modules)}
+    placed = 0
+    found = await session.execute(query, {k: v for k, v in values.items() if v is not None})
+    for wish in list(found.scalars()):
+        if await place_or_defer(session, ctx, wish, now, defer):
+            placed += 1
+    return placed
+
+
+@functools.cache
+def _open_wishes(of_case: bool, of_modules: bool, skip_locked: bool) -> Select[Wish]:
+    """The open wishes, locked, oldest first; built once per shape (every family's
+    registration asks for its case's)."""
     query = (
         select(Wish)
         .where(col(Wish.state) == "open")
@@ -1021,15 +1040,11 @@ async def place_open_wishes(
         .with_for_update(skip_locked=skip_locked)
         .execution_options(populate_existing=True)
     )
-    if case_id is not None:
-        query = query.where(col(Wish.case_id) == case_id)
-    if modules is not None:
-        query = query.where(col(Wish.module).in_(list(modules)))
-    placed = 0
-    for wish in list((await session.execute(query)).scalars()):
-        if await place_or_defer(session, ctx, wish, now, defer):
-            placed += 1
-    return placed
+    if of_case:
+        query = query.where(col(Wish.case_id) == bindparam("case_id"))
+    if of_modules:
+        query = query.where(col(Wish.module).in_(bindparam("modules", expanding=True)))
+    return query
 
 
 async def place_waiting_wishes(
