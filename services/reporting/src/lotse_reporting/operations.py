@@ -191,9 +191,8 @@ _PREPARED = "lotse_reporting_prepared"
 
 async def prepare_events(session: AsyncSession, events: list[EventModel]) -> None:
     """The live consumer's batch, before its first event: the rows of every family whose
-    event needs its own family's rows only, in one query, each family apart. An event costs
-    the same statements as in a batch of one otherwise (a query per event was 3.4 reads per
-    family, bench/statements.py)."""
+    event needs its own family's rows only, in one query, each family apart (a query per
+    event was 3.4 reads per family, bench/statements.py)."""
     families = {family for event in events if (family := _own_family(domain.needs_of(event)))}
     if families:
         session.info[_PREPARED] = await store.load_families_apart(session, families)
@@ -213,7 +212,8 @@ async def apply_event(session: AsyncSession, event: EventModel, rules: Rules) ->
     before = domain.shares_of(snapshot, needs.families, rules.zone)
     domain.apply(event, snapshot, rules)
     await _store_changes(session, snapshot, before, rules, at_commit=True)
-    # Stored: the family's snapshot equals its rows again, for its next event in the batch.
+    # Its rows are taken for the commit: the family's next event in the batch starts with
+    # nothing touched.
     snapshot.reset_touched()
 
 
