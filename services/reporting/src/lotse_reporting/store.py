@@ -402,14 +402,32 @@ def save_snapshot_at_commit(session: AsyncSession, snapshot: Snapshot) -> None:
     row several of its events touched is written once, with its last values, and each table's
     rows go together. Until then the rows are not in the database: whoever reads them inside
     the transaction writes them first (:func:`save_rows_now`)."""
+    _held_until_commit(session, _ROWS_AT_COMMIT, _RowsAtCommit, _write_rows).add(snapshot)
+
+
+_Held = TypeVar("_Held")
+
+
+def _held_until_commit(
+    session: AsyncSession, key: str, new: Callable[[], _Held], write: Callable[[Session], None]
+) -> _Held:
+    """What the transaction gathers under ``key`` for ``write`` to store before it commits:
+    made, and the session's hooks registered, at first use; a rollback drops it."""
     sync = session.sync_session
-    pending = sync.info.get(_ROWS_AT_COMMIT)
-    if pending is None:
-        pending = sync.info[_ROWS_AT_COMMIT] = _RowsAtCommit()
-        if not event.contains(sync, "before_commit", _write_rows):
-            event.listen(sync, "before_commit", _write_rows)
-            event.listen(sync, "after_transaction_end", _forget_rows)
-    pending.add(snapshot)
+    held: _Held | None = sync.info.get(key)
+    if held is None:
+        held = sync.info[key] = new()
+        if not event.contains(sync, "before_commit", write):
+            event.listen(sync, "before_commit", write)
+        if not event.contains(sync, "after_transaction_end", _forget_held):
+            event.listen(sync, "after_transaction_end", _forget_held)
+    return held
+
+
+def _forget_held(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_ROWS_AT_COMMIT, None)
+        session.info.pop(_AT_COMMIT, None)
 
 
 async def save_rows_now(session: AsyncSession) -> None:
@@ -429,11 +447,6 @@ def _write_rows(session: Session) -> None:
         return
     for statement, rows in batches:
         run_prebuilt_now(session, statement, rows)
-
-
-def _forget_rows(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None:
-        session.info.pop(_ROWS_AT_COMMIT, None)
 
 
 async def mark_dirty(
@@ -580,13 +593,7 @@ def add_to_cells_at_commit(
     order and the dirty marks last, so two replicas' batches cannot deadlock on them. Nothing
     reads the cells inside an applying transaction, and reporting's handlers open no
     savepoints; a rollback drops what was gathered."""
-    sync = session.sync_session
-    pending = sync.info.get(_AT_COMMIT)
-    if pending is None:
-        pending = sync.info[_AT_COMMIT] = _CellsAtCommit()
-        if not event.contains(sync, "before_commit", _flush_cells):
-            event.listen(sync, "before_commit", _flush_cells)
-            event.listen(sync, "after_transaction_end", _forget_cells)
+    pending = _held_until_commit(session, _AT_COMMIT, _CellsAtCommit, _flush_cells)
     for key, delta in deltas.items():
         found = pending.deltas.get(key)
         if found is None:
@@ -619,11 +626,6 @@ def _flush_cells(session: Session) -> None:
     run_prebuilt_now(
         session, _mark_dirty_statement(dialect), _dirty_rows(pending.years, pending.carrying)
     )
-
-
-def _forget_cells(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None:
-        session.info.pop(_AT_COMMIT, None)
 
 
 @functools.cache
