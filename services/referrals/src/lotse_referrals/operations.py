@@ -1019,11 +1019,14 @@ async def place_open_wishes(
     a referral's row already (a place freed by a rejection or cancellation), which must not
     wait for a wish lock (the lock order is wish, Träger, referral). ``defer``: see
     :func:`place_or_defer` (the wishes it defers are not counted)."""
+    bound: dict[str, Any] = {}
+    if case_id is not None:
+        bound["case_id"] = case_id
+    if modules is not None:
+        bound["modules"] = list(modules)
     query = _open_wishes(case_id is not None, modules is not None, skip_locked)
-    values = {"case_id": case_id, "modules": None if modules is None else list(modules)}
     placed = 0
-    found = await session.execute(query, {k: v for k, v in values.items() if v is not None})
-    for wish in list(found.scalars()):
+    for wish in list((await session.execute(query, bound)).scalars()):
         if await place_or_defer(session, ctx, wish, now, defer):
             placed += 1
     return placed
