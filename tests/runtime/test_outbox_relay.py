@@ -333,6 +333,50 @@ async def test_a_rolled_back_transaction_sends_no_notice(postgres_url: str) -> N
         await db.dispose()
 
 
+async def test_the_leading_relays_own_commits_send_no_notice_and_others_still_do(
+    postgres_url: str, kafka: KafkaConfig, topics: str
+) -> None:
+    # Only the lock's holder listens for the NOTIFY, and its own process wakes it on
+    # commit: the notice would be a round trip per transaction for nothing.
+    db, other_db = Database(postgres_url), Database(postgres_url)
+    await create_schema(db, [])
+    relay = OutboxRelay(db, kafka, service="visits", poll_interval_s=600)
+    own = Outbox(
+        source="/lotse/visits",
+        topic_prefix=topics,
+        registry=load_registry(load_city("dortmund")),
+        on_commit=relay.wake,
+        leading=relay.leading,
+    )
+    heard: list[str] = []
+    try:
+        async with db.engine.connect() as listener:
+            conn = await listener.execution_options(isolation_level="AUTOCOMMIT")
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.add_listener(NOTIFY_CHANNEL, lambda *args: heard.append(args[2]))
+            assert not relay.leading()
+            async with db.transaction() as session:  # not leading yet: another may be
+                first = own.add(session, scheduled(str(uuid.uuid4()))).id
+            await eventually(lambda: heard == [NOTIFY_CHANNEL])
+            await relay.start()
+            await eventually(lambda: relay.leading() and relay.backlog == 0)
+            async with db.transaction() as session:
+                mine = own.add(session, scheduled(str(uuid.uuid4()))).id
+            async with other_db.transaction() as session:  # another replica's commit
+                theirs = make_outbox(topics).add(session, scheduled(str(uuid.uuid4()))).id
+            records = await read_topic(kafka.bootstrap, topics + "lotse.visits", 3)
+            assert {r.header("ce_id") for r in records} == {first, mine, theirs}
+            await conn.execute(text("SELECT 1"))  # a round trip: a notice sent would be in
+            assert heard == [NOTIFY_CHANNEL, NOTIFY_CHANNEL]
+            await relay.stop()
+            assert not relay.leading()
+    finally:
+        await relay.stop()
+        await db.dispose()
+        await other_db.dispose()
+
+
 async def test_rows_built_by_the_caller_are_sent_and_a_routed_type_is_refused(
     db: Database, kafka: KafkaConfig, topics: str, broker: object
 ) -> None:

@@ -436,6 +436,7 @@ def build_runtime(
         registry=registry,
         on_commit=relay.wake,
         schema_base=settings.contracts_base(),
+        leading=relay.leading,
     )
     jobs: list[PeriodicJob] = []
     return ServiceRuntime(

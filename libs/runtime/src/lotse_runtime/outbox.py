@@ -81,6 +81,7 @@ class Outbox:
         registry: SubscriptionRegistry | None = None,
         on_commit: Callable[[], None] | None = None,
         schema_base: str | None = None,
+        leading: Callable[[], bool] | None = None,
     ) -> None:
         self.source = source
         #: The contracts base URL: each event's dataschema is an absolute URI below it.
@@ -88,10 +89,19 @@ class Outbox:
         self.topic_prefix = topic_prefix
         self.registry = registry
         self._on_commit = on_commit
+        #: Whether this process's relay holds the relays' lock (``OutboxRelay.leading``).
+        self._leading = leading
 
     def notify(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after each commit that added events (wakes the relay)."""
         self._on_commit = callback
+
+    def _leads(self) -> bool:
+        """Whether this process's own relay publishes: only the lock's holder listens for
+        the NOTIFY, and the commit wakes it in-process already, so the NOTIFY (a round trip
+        per transaction) is left out. Should the lock have gone to another replica unnoticed,
+        that one still finds the rows on its next wake or poll."""
+        return self._leading is not None and self._leading()
 
     def add(
         self,
@@ -162,7 +172,7 @@ class Outbox:
                 sa_event.listen(sync_session, "after_commit", _wake_once)
             sync_session.info["lotse_outbox_wake"] = self._on_commit
         bind = sync_session.bind
-        if bind is not None and bind.dialect.name == "postgresql":
+        if bind is not None and bind.dialect.name == "postgresql" and not self._leads():
             # The relay may run in another replica: PostgreSQL tells it on commit.
             if not sa_event.contains(sync_session, "before_commit", _notify_once):
                 sa_event.listen(sync_session, "before_commit", _notify_once)
@@ -227,6 +237,10 @@ class OutboxRelay:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def leading(self) -> bool:
+        """Whether this relay holds the relays' lock on PostgreSQL."""
+        return self._leader is not None
 
     async def start(self) -> None:
         if self._task is None:
