@@ -45,6 +45,7 @@ from stack import (
     BROKER,
     RESULTS_DIR,
     CpuMeter,
+    DatabaseServerCpu,
     MemorySampler,
     Stack,
     add_settings_option,
@@ -92,6 +93,7 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
             # The benchmark's own client (HTTP, the Träger, the stopwatches) shares the
             # cores with the services: measured beside them, counted apart.
             cpu = CpuMeter({**stack.pids(), CLIENT: os.getpid()})
+            server = DatabaseServerCpu(stack.service_databases()).start()
             started = time.perf_counter()
             sent = await asyncio.gather(*(one(f) for f in families))
             http_done = time.perf_counter()
@@ -114,6 +116,7 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
             )
             referrals_done = time.perf_counter()
             cpu_times = cpu.user_and_system()
+            server_seconds = server.seconds()
             await partners.wait_answered(n_handovers, timeout_s=10)
     finally:
         await partners.stop()
@@ -169,6 +172,14 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
             if k not in (BROKER, CLIENT)
         },
         "broker_cpu_ms_per_family": round(cpu_seconds.get(BROKER, 0.0) * 1000 / n, 2),
+        # PostgreSQL's server processes for each service's database (SQLite's work is in
+        # the services' own figures): not service CPU, but the platform's cost beside it.
+        "database_server_cpu_ms_per_family": {
+            k: round(v * 1000 / n, 2) for k, v in server_seconds.items()
+        },
+        "database_server_cpu_ms_per_family_total": round(
+            sum(server_seconds.values()) * 1000 / n, 2
+        ),
         "bench_client_cpu_ms_per_family": round(cpu_seconds.get(CLIENT, 0.0) * 1000 / n, 2),
         "complete": complete,
         "referrals_complete": referrals_complete,
@@ -220,6 +231,14 @@ def summary(result: dict[str, Any]) -> str:
     peaks = ", ".join(f"{k} {v:.0f}" for k, v in result["memory"]["peak_rss_mb"].items())
     cpu = ", ".join(f"{k} {v:.1f}" for k, v in result["cpu_ms_per_family"].items())
     system = ", ".join(f"{k} {v:.1f}" for k, v in result["system_cpu_ms_per_family"].items())
+    server = ""
+    if result["database_server_cpu_ms_per_family"]:
+        by_service = result["database_server_cpu_ms_per_family"].items()
+        server = (
+            f"; database server {result['database_server_cpu_ms_per_family_total']} ms ("
+            + ", ".join(f"{k} {v:.1f}" for k, v in by_service)
+            + ")"
+        )
     return (
         f"pipeline ({result['database']}, load {result['machine']['load_avg_1m_at_start']} at "
         f"start): {result['families']:,} families in "
@@ -229,7 +248,7 @@ def summary(result: dict[str, Any]) -> str:
         f"; complete={result['complete']}, referrals_complete={result['referrals_complete']}\n"
         f"service CPU per family: {result['cpu_ms_per_family_total']} ms ({cpu}); broker "
         f"{result['broker_cpu_ms_per_family']} ms; the benchmark's own client "
-        f"{result['bench_client_cpu_ms_per_family']} ms\n"
+        f"{result['bench_client_cpu_ms_per_family']} ms{server}\n"
         f"of which in the kernel: {system} ms\n"
         f"dead letters {result['dead_letters']}, HTTP retries {result['http_retries']}, "
         f"disclosures opened {result['disclosures_opened']} of {result['handovers']} handovers "

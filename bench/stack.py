@@ -171,6 +171,59 @@ class CpuMeter:
         }
 
 
+class DatabaseServerCpu:
+    """The CPU time of the PostgreSQL server processes serving the run's databases, by
+    database: on PostgreSQL the statements' server side runs outside the services (on SQLite
+    inside them), so it is measured beside them, as the broker is. A server process per
+    connection; its title names the database ("postgres: user database host state"). Sampled
+    in a thread, so a connection's process that ends before the last reading still counts
+    up to its last sample. Only server processes on this machine are seen."""
+
+    def __init__(self, databases: dict[str, str], interval_s: float = 0.5) -> None:
+        self.databases = databases  # database name → service name
+        self.interval_s = interval_s
+        self._first: dict[tuple[int, float], float] = {}
+        self._last: dict[tuple[int, float], tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-cpu", daemon=True)
+        self._sample(first=True)
+
+    def _sample(self, *, first: bool = False) -> None:
+        for process in psutil.process_iter(["name", "cmdline", "create_time"]):
+            with contextlib.suppress(psutil.Error):
+                if process.info["name"] != "postgres":
+                    continue
+                words = " ".join(process.info["cmdline"] or ()).split()
+                service = next((self.databases[w] for w in words if w in self.databases), None)
+                if service is None:
+                    continue
+                times = process.cpu_times()
+                used = float(times.user + times.system)
+                key = (process.pid, process.info["create_time"])
+                if first:
+                    self._first[key] = used
+                self._last[key] = (service, used)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def start(self) -> DatabaseServerCpu:
+        self._thread.start()
+        return self
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds by service since the start (stops the sampling)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join(5)
+            self._sample()
+        used: dict[str, float] = {}
+        for key, (service, last) in self._last.items():
+            used[service] = used.get(service, 0.0) + last - self._first.get(key, 0.0)
+        return used
+
+
 @dataclass
 class Stack:
     """Broker, topics and the four services; ``with Stack(...) as stack:``."""
@@ -260,6 +313,12 @@ class Stack:
                         self._pg_databases.append(db)
             finally:
                 await admin.dispose()
+
+    def service_databases(self) -> dict[str, str]:
+        """PostgreSQL: each service's database name → the service (empty on SQLite)."""
+        if not self.database:
+            return {}
+        return {f"{self.prefix.rstrip('.')}_{name}": name for name in self.services}
 
     def database_url(self, name: str) -> str:
         if self.database:

@@ -16,11 +16,13 @@ import pytest
 from lotse_runtime.db import (
     Database,
     add_at_commit,
+    on_postgres,
+    one_of,
     run_on_sqlite,
     transient_error,
 )
 from lotse_runtime.migrations import create_schema
-from sqlalchemy import JSON, Column, text
+from sqlalchemy import JSON, Column, event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Field, SQLModel, UTCDateTime, col, func, select
@@ -648,5 +650,44 @@ async def test_upserts_of_several_tables_run_together_as_one_after_the_other(
             "new": (later, True, {"a": 1}),
         }
         assert seen == [4]
+    finally:
+        await db.dispose()
+
+
+async def test_a_list_parameter_finds_the_same_rows_and_on_postgresql_keeps_one_sql(
+    database_url: str,
+) -> None:
+    """``one_of``: IN a list bound when the statement runs. On PostgreSQL the list is one
+    array, so lists of any length share one SQL text (asyncpg prepares each text once per
+    connection); SQLite expands the list."""
+    db = Database(database_url)
+    sent: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "test_tally" in statement and statement.lstrip().startswith("SELECT"):
+            sent.append(statement)
+
+    try:
+        await create_schema(db, [Tally])
+        async with db.transaction() as session:
+            session.add_all(Tally(seen_before=n) for n in range(10))
+        event.listen(db.engine.sync_engine, "before_cursor_execute", seen)
+        found: dict[int, list[int]] = {}
+        for wanted in ([], [3], [1, 4, 7, 99], [9, 0]):
+            async with db.transaction() as session:
+                postgres = on_postgres(session)
+                query = select(col(Tally.seen_before)).where(
+                    one_of(col(Tally.seen_before), "wanted", postgres=postgres)
+                )
+                rows = await session.execute(query, {"wanted": wanted})
+                found[len(wanted)] = sorted(rows.scalars())
+        assert found == {0: [], 1: [3], 4: [1, 4, 7], 2: [0, 9]}
+        assert postgres == database_url.startswith("postgresql")
+        if postgres:
+            assert len(sent) == 4
+            assert len(set(sent)) == 1
+            assert "ANY" in sent[0]
+        else:
+            assert len(set(sent)) == 4  # one IN list per length
     finally:
         await db.dispose()

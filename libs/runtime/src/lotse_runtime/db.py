@@ -32,6 +32,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Table,
+    any_,
     bindparam,
     event,
     func,
@@ -58,6 +59,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.util import immutabledict
 
 _log = logging.getLogger(__name__)
@@ -302,6 +304,24 @@ def _sqlite_begin(conn: Any) -> None:
     if _begin_if_free(_sqlite3_of(conn)) is not None:
         return
     conn.exec_driver_sql(_BEGIN)
+
+
+def one_of(column: Any, name: str, *, postgres: bool) -> ColumnElement[bool]:
+    """``column IN (...)`` for a list bound as ``name`` when the statement runs. On
+    PostgreSQL ``column = ANY(:name)`` with the list as one array parameter: the SQL is then
+    the same for any number of values, while an expanding IN renders new SQL for each list
+    length, and asyncpg prepares each distinct SQL on each connection (a round trip, and the
+    server parses and plans it). Elsewhere an expanding IN (SQLite has no arrays)."""
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))  # type: ignore[no-any-return]
+    return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]
+
+
+def on_postgres(session: AsyncSession | Session) -> bool:
+    """Whether ``session`` talks to PostgreSQL (its statements may use :func:`one_of`'s
+    arrays)."""
+    bind = session.bind
+    return bind is not None and bind.dialect.name == "postgresql"
 
 
 _DEFERRED_ROWS = "lotse_deferred_rows"
@@ -769,8 +789,8 @@ class Database:
         url: str,
         *,
         echo: bool = False,
-        pool_size: int = 10,
-        max_overflow: int = 10,
+        pool_size: int = 20,
+        max_overflow: int = 0,
         ping_after_idle_s: float = DEFAULT_PING_AFTER_IDLE_S,
     ) -> None:
         self.url = async_url(url)

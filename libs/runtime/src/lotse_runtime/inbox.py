@@ -27,7 +27,7 @@ from sqlalchemy import Dialect, Select, Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import Field, SQLModel, col
 
-from lotse_runtime.db import executemany_on_sqlite, insert_at_commit
+from lotse_runtime.db import executemany_on_sqlite, insert_at_commit, on_postgres, one_of
 
 
 def _utcnow() -> datetime:
@@ -148,7 +148,7 @@ async def already_processed(
     if not events:
         return {}
     rows = await session.execute(
-        _already_processed_query(),
+        _already_processed_query(on_postgres(session)),
         {
             "consumer": consumer,
             "sources": list({e.source for e in events}),
@@ -159,14 +159,14 @@ async def already_processed(
 
 
 @functools.cache
-def _already_processed_query() -> Select[str, str, str | None]:
-    """Built once: the expanding parameters take each batch's sources and ids."""
+def _already_processed_query(postgres: bool) -> Select[str, str, str | None]:
+    """Built once per dialect: its list parameters take each batch's sources and ids."""
     return select(
         col(InboxEntry.source), col(InboxEntry.event_id), col(InboxEntry.data_sha256)
     ).where(
         col(InboxEntry.consumer) == bindparam("consumer"),
-        col(InboxEntry.source).in_(bindparam("sources", expanding=True)),
-        col(InboxEntry.event_id).in_(bindparam("ids", expanding=True)),
+        one_of(col(InboxEntry.source), "sources", postgres=postgres),
+        one_of(col(InboxEntry.event_id), "ids", postgres=postgres),
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import zlib
@@ -25,13 +26,25 @@ from aiokafka import AIOKafkaProducer
 from lotse_contracts.cloudevents import CloudEvent, to_kafka_binary
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.subscriptions import SubscriptionRegistry
-from sqlalchemy import Column, LargeBinary, Table, Text, delete, func, select, text, update
+from sqlalchemy import (
+    Column,
+    LargeBinary,
+    Table,
+    Text,
+    Update,
+    bindparam,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel, col
 
-from lotse_runtime.db import Database, insert_at_commit
+from lotse_runtime.db import Database, insert_at_commit, one_of
 from lotse_runtime.kafka import KafkaConfig
 from lotse_runtime.stopping import cancel_within, within
 from lotse_runtime.telemetry import Telemetry, inject_headers
@@ -393,7 +406,7 @@ class OutboxRelay:
         # One statement, committed on its own: the write lock is held for the UPDATE only.
         async with self.db.autocommit() as conn:
             await conn.execute(
-                update(_OUTBOX).where(_OUTBOX.c.id.in_(ids)).values(sent_at=_utcnow())
+                _mark_sent_statement(self.db.is_postgres), {"ids": ids, "sent_at": _utcnow()}
             )
 
     async def _prune_now_and_then(self) -> None:
@@ -505,3 +518,13 @@ async def republish(
         if producer is not None:
             await producer.stop()
         _log.info("outbox republished", extra={"rows": published, "since": since.isoformat()})
+
+
+@functools.cache
+def _mark_sent_statement(postgres: bool) -> Update:
+    """Built once per dialect; on PostgreSQL the same SQL for any number of rows."""
+    return (
+        update(_OUTBOX)
+        .where(one_of(_OUTBOX.c.id, "ids", postgres=postgres))
+        .values(sent_at=bindparam("sent_at"))
+    )

@@ -96,14 +96,20 @@ class ServiceSettings(BaseSettings):
         description="SQLAlchemy URL; empty means the embedded SQLite file var/<service>.db.",
     )
     database_pool_size: int = Field(
-        default=10,
+        default=20,
         ge=1,
         le=100,
-        description="PostgreSQL: connections a replica keeps open. Replicas x (pool size + "
-        "max overflow) + leases must stay below the server's max_connections.",
+        description="PostgreSQL: connections a replica keeps open once it needed them. "
+        "Replicas x (pool size + max overflow) + leases must stay below the server's "
+        "max_connections.",
     )
     database_max_overflow: int = Field(
-        default=10, ge=0, le=100, description="PostgreSQL: extra connections under load."
+        default=0,
+        ge=0,
+        le=100,
+        description="PostgreSQL: extra connections under load, closed again when returned. "
+        "Each new connection costs several round trips, and asyncpg prepares every "
+        "statement again on it: keep them in the pool size instead.",
     )
     database_ping_after_idle_s: float = Field(
         default=10.0,

@@ -12,6 +12,7 @@ their own.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from lotse_contracts.personal import (
 from lotse_runtime import audit
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.audit import AuditAction
-from lotse_runtime.db import add_at_commit
+from lotse_runtime.db import add_at_commit, on_postgres, one_of
 from lotse_runtime.identity import (
     AccessDenied,
     Caller,
@@ -55,7 +56,7 @@ from lotse_runtime.identity import (
 from lotse_runtime.outbox import OutboxMessage
 from lotse_runtime.refusal import Conflict, Refusal
 from pydantic import BaseModel
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import Select, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
@@ -504,11 +505,13 @@ def _check_registration(call: Call, body: RegistrationCreate) -> _Registration:
     return _Registration(now, today, clinic, choice, birth_dates)
 
 
-#: Built once: every registration asks it (the ORM's objects and the expression cost more
-#: than the lookup).
-_TAKEN_MATCH_KEYS = select(col(IntakeMatchKey.match_key), col(IntakeMatchKey.case_id)).where(
-    col(IntakeMatchKey.match_key).in_(bindparam("keys", expanding=True))
-)
+@functools.cache
+def _taken_match_keys(postgres: bool) -> Select[str, str]:
+    """Built once per dialect: every registration asks it (the ORM's objects and the
+    expression cost more than the lookup)."""
+    return select(col(IntakeMatchKey.match_key), col(IntakeMatchKey.case_id)).where(
+        one_of(col(IntakeMatchKey.match_key), "keys", postgres=postgres)
+    )
 
 
 async def _matching_cases(
@@ -524,7 +527,7 @@ async def _matching_cases(
         house_number=body.address.house_number,
         postcode=body.address.postcode,
     )
-    found = await session.execute(_TAKEN_MATCH_KEYS, {"keys": match_keys})
+    found = await session.execute(_taken_match_keys(on_postgres(session)), {"keys": match_keys})
     taken: dict[str, str] = {match_key: case_id for match_key, case_id in found}
     # The guard answers only with a case the caller may read (own clinic, own Stadtbezirk).
     # A match outside that scope must not show: the family is registered as new (same

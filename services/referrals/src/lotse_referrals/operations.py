@@ -59,7 +59,7 @@ from lotse_contracts.events.referrals import (
 )
 from lotse_runtime import audit
 from lotse_runtime.consumer import FollowUp
-from lotse_runtime.db import add_at_commit, transient_error
+from lotse_runtime.db import add_at_commit, on_postgres, one_of, transient_error
 from lotse_runtime.identity import AccessDenied, Caller, CaseScope, ensure_may_access_case
 from lotse_runtime.identity import Role as CallerRole
 from lotse_runtime.identity import event_role as event_role_of
@@ -150,14 +150,16 @@ async def stored_consents(
     statement per consent)."""
     if not consent_ids:
         return {}
-    rows = await session.execute(_STORED_CONSENTS, {"ids": list(consent_ids)})
+    rows = await session.execute(_stored_consents(on_postgres(session)), {"ids": list(consent_ids)})
     return {row.consent_id: row for row in rows.scalars()}
 
 
-#: Built once: every family's registration asks it.
-_STORED_CONSENTS = select(ConsentRecord).where(
-    col(ConsentRecord.consent_id).in_(bindparam("ids", expanding=True))
-)
+@functools.cache
+def _stored_consents(postgres: bool) -> Select[ConsentRecord]:
+    """Built once per dialect: every family's registration asks it."""
+    return select(ConsentRecord).where(
+        one_of(col(ConsentRecord.consent_id), "ids", postgres=postgres)
+    )
 
 
 async def record_consent(

@@ -11,7 +11,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lotse_contracts.events.reporting import KpiFigure
-from lotse_runtime.db import run_prebuilt, run_prebuilt_now, run_prebuilt_together, run_together
+from lotse_runtime.db import (
+    on_postgres,
+    one_of,
+    run_prebuilt,
+    run_prebuilt_now,
+    run_prebuilt_together,
+    run_together,
+)
 from sqlalchemy import (
     Boolean,
     CompoundSelect,
@@ -174,15 +181,15 @@ def _row(facts: CaseFacts | ConsentFacts | Fact | ReferralFacts) -> dict[str, An
 
 
 @functools.cache
-def _where_in(table: Table, column: str) -> Select[Any]:
-    """The rows whose ``column`` is in the list bound as ``ids``; built once."""
-    return select(table).where(table.c[column].in_(bindparam("ids", expanding=True)))
+def _where_in(table: Table, column: str, postgres: bool) -> Select[Any]:
+    """The rows whose ``column`` is in the list bound as ``ids``; built once per dialect."""
+    return select(table).where(one_of(table.c[column], "ids", postgres=postgres))
 
 
 @functools.cache
-def _facts_of_kind() -> Select[Any]:
+def _facts_of_kind(postgres: bool) -> Select[Any]:
     return select(FACTS).where(
-        FACTS.c.kind == bindparam("kind"), FACTS.c.ref.in_(bindparam("ids", expanding=True))
+        FACTS.c.kind == bindparam("kind"), one_of(FACTS.c.ref, "ids", postgres=postgres)
     )
 
 
@@ -191,7 +198,9 @@ async def _rows_in(
 ) -> list[Any]:
     rows: list[Any] = []
     for ids in chunks(values):
-        rows.extend(await session.execute(_where_in(table, column), {"ids": ids}))
+        rows.extend(
+            await session.execute(_where_in(table, column, on_postgres(session)), {"ids": ids})
+        )
     return rows
 
 
@@ -237,10 +246,11 @@ _ROW_SLOTS: dict[int, tuple[tuple[str, str], ...]] = {
 
 
 @functools.cache
-def _family_rows() -> CompoundSelect[Any]:
+def _family_rows(postgres: bool) -> CompoundSelect[Any]:
     """Every row of the families bound as ``ids`` from the four tables in one statement (one
-    round trip instead of four). The fact select comes first: its columns give the union's
-    types (times as UTC, booleans typed explicitly)."""
+    round trip instead of four; on PostgreSQL the same SQL for any number of families). The
+    fact select comes first: its columns give the union's types (times as UTC, booleans
+    typed explicitly)."""
     tables = {_CASE: CASES, _CONSENT: CONSENTS, _FACT: FACTS, _REFERRAL: REFERRALS}
     typed: dict[str, TypeEngine[Any]] = {
         "s0": String(),
@@ -261,9 +271,7 @@ def _family_rows() -> CompoundSelect[Any]:
             # A typed NULL: PostgreSQL matches the union's column types by them.
             filler = cast(null(), kind) if column is None else type_coerce(column, kind)
             columns.append(filler.label(slot))
-        selects.append(
-            select(*columns).where(table.c.case_id.in_(bindparam("ids", expanding=True)))
-        )
+        selects.append(select(*columns).where(one_of(table.c.case_id, "ids", postgres=postgres)))
     return union_all(*selects)
 
 
@@ -285,7 +293,7 @@ async def _load_family_rows(
     session: AsyncSession, ids: Iterable[str], snapshot_of: Callable[[str], Snapshot]
 ) -> None:
     for chunk in chunks(ids, CHUNK // 4):
-        for row in await session.execute(_family_rows(), {"ids": chunk}):
+        for row in await session.execute(_family_rows(on_postgres(session)), {"ids": chunk}):
             mapping = row._mapping
             values = {name: mapping[slot] for name, slot in _ROW_SLOTS[mapping["tag"]]}
             snapshot = snapshot_of(values["case_id"])
@@ -343,7 +351,9 @@ async def load_snapshot(session: AsyncSession, needs: Needs) -> Snapshot:
         by_kind.setdefault(str(kind), set()).add(ref)
     for kind, refs in by_kind.items():
         for chunk in chunks(refs):
-            for fact_row in await session.execute(_facts_of_kind(), {"kind": kind, "ids": chunk}):
+            for fact_row in await session.execute(
+                _facts_of_kind(on_postgres(session)), {"kind": kind, "ids": chunk}
+            ):
                 fact = _fact(fact_row)
                 snapshot.facts[fact.key] = fact
     note_fact_years(snapshot, needs)
