@@ -35,6 +35,16 @@ class Tally(SQLModel, table=True):
     seen_before: int
 
 
+class Counted(SQLModel, table=True):
+    """Sums an upsert adds to, by a key of text."""
+
+    __tablename__ = "test_counted"
+
+    key: str = Field(primary_key=True)
+    n: int
+    at: datetime = Field(sa_type=UTCDateTime)
+
+
 class Stamped(SQLModel, table=True):
     """Columns with bind processors: a UTC time, a flag, a JSON document."""
 
@@ -689,5 +699,59 @@ async def test_a_list_parameter_finds_the_same_rows_and_on_postgresql_keeps_one_
             assert "ANY" in sent[0]
         else:
             assert len(set(sent)) == 4  # one IN list per length
+    finally:
+        await db.dispose()
+
+
+async def test_an_upsert_of_many_rows_runs_once_as_arrays_and_adds_as_one_per_row_would(
+    database_url: str, executemany_calls: list[str]
+) -> None:
+    """run_prebuilt of an upsert that adds to the stored sums (as reporting's cells do): on
+    PostgreSQL rows naming each key once go as one array per column, executed once, not once
+    per row; rows naming a key twice go one per row, each seeing the one before. Both store
+    what one statement per row stores."""
+    from lotse_runtime.db import run_prebuilt
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    calls = executemany_calls
+    db = Database(database_url)
+    table = Counted.__table__  # type: ignore[attr-defined]
+    at = datetime(2025, 3, 3, 8, 15, tzinfo=UTC)
+    try:
+        await create_schema(db, [Counted])
+        flavour = postgresql if db.is_postgres else sqlite
+        adding = flavour.insert(table)
+        adding = adding.on_conflict_do_update(
+            index_elements=["key"],
+            set_={"n": table.c.n + adding.excluded.n, "at": adding.excluded.at},
+        )
+        later = at + timedelta(minutes=5)
+        async with db.transaction() as session:
+            await run_prebuilt(session, adding, [{"key": "a", "n": 1, "at": at}])
+        calls.clear()
+        async with db.transaction() as session:
+            await run_prebuilt(
+                session,
+                adding,
+                [{"key": k, "n": n, "at": later} for k, n in (("a", 10), ("b", 2), ("c", 3))],
+            )
+        distinct_calls = list(calls)
+        calls.clear()
+        async with db.transaction() as session:
+            await run_prebuilt(
+                session,
+                adding,
+                [{"key": "b", "n": 5, "at": later}, {"key": "b", "n": 7, "at": later}],
+            )
+        async with db.transaction() as session:
+            rows = (await session.execute(select(Counted).order_by(col(Counted.key)))).scalars()
+            stored = {r.key: (r.n, r.at) for r in rows}
+        assert stored == {"a": (11, later), "b": (14, later), "c": (3, later)}
+        if db.is_postgres:
+            assert len(distinct_calls) == 1
+            assert "unnest" in distinct_calls[0]
+            assert "ON CONFLICT" in distinct_calls[0]
+            assert len(calls) == 1
+            assert "unnest" not in calls[0]
     finally:
         await db.dispose()

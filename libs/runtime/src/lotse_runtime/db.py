@@ -41,6 +41,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql.dml import OnConflictClause
 from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
     AsyncAdapt_aiosqlite_cursor,
@@ -410,10 +411,11 @@ def run_together(connection: Connection, batches: Batches) -> bool:
     executemany costs a few µs per statement), when two INSERTs share a table, or when one
     INSERT's rows differ in their columns.
 
-    A plain INSERT of columns of plain types takes its rows as one array per column
-    (``INSERT ... SELECT unnest($1::VARCHAR[]), ...``): its SQL is the same for any number
-    of rows, so a consumer's batch of a hundred inbox and outbox rows is one statement
-    prepared once. An upsert (or a JSON column) gets a VALUES list of its rows instead,
+    An INSERT of columns of plain types, plain or an upsert whose rows name each conflict
+    target once, takes its rows as one array per column (``INSERT ... SELECT
+    unnest($1::VARCHAR[]), ...``): its SQL is the same for any number of rows, so a
+    consumer's batch of a hundred inbox and outbox rows is one statement prepared once.
+    Other rows (a JSON column, an upsert naming a target twice) get a VALUES list instead,
     up to TOGETHER_MAX_ROWS of them (the SQL differs by count; more: one statement per
     INSERT). Either way each INSERT's rows keep their order (generated ids rise as the
     rows were added). As in one multi-row upsert, one upsert's rows must not share a
@@ -433,7 +435,7 @@ def run_together(connection: Connection, batches: Batches) -> bool:
         keys = rows[0].keys()
         if any(row.keys() != keys for row in rows):
             return False
-        if _as_arrays(statement, tuple(keys)):
+        if _as_arrays(statement, tuple(keys)) and _targets_distinct(statement, rows):
             shape.append((statement, tuple(keys), None))
             for key in keys:
                 values[_together_name(number, None, key)] = [row[key] for row in rows]
@@ -457,10 +459,14 @@ _ARRAY_TYPES = (String, Integer, Boolean, DateTime, Date, LargeBinary, Float, Nu
 
 @functools.lru_cache(maxsize=256)
 def _as_arrays(statement: Insert, keys: tuple[str, ...]) -> bool:
-    """Whether an INSERT's rows may go as one array per column: a plain INSERT (no ON
-    CONFLICT, no values of its own) of columns of plain types."""
+    """Whether an INSERT's rows may go as one array per column: an INSERT without values of
+    its own, plain or an upsert (``ON CONFLICT``, see :func:`_targets_distinct`), of columns
+    of plain types."""
     table = statement.table
-    if not isinstance(table, Table) or statement._post_values_clause is not None:
+    if not isinstance(table, Table):
+        return False
+    clause = statement._post_values_clause
+    if clause is not None and not isinstance(clause, OnConflictClause):
         return False
     if statement._values or statement._multi_values:
         return False
@@ -470,6 +476,23 @@ def _as_arrays(statement: Insert, keys: tuple[str, ...]) -> bool:
         if not isinstance(kind, _ARRAY_TYPES):
             return False
     return True
+
+
+def _targets_distinct(statement: Insert, rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether an upsert's rows name each conflict target once (always true of a plain
+    INSERT). One statement may not update a row twice; one execution per row (executemany)
+    may, each seeing the one before."""
+    clause = statement._post_values_clause
+    if not isinstance(clause, OnConflictClause):
+        return True
+    names = [getattr(e, "key", e) for e in clause.inferred_target_elements or ()]
+    if not names or any(not isinstance(name, str) for name in names):
+        return False
+    getter = operator.itemgetter(*names)
+    try:
+        return len({getter(row) for row in rows}) == len(rows)
+    except KeyError:
+        return False
 
 
 async def run_prebuilt_together(session: AsyncSession, batches: Batches) -> None:
@@ -585,12 +608,25 @@ def run_on_driver(
 ) -> bool:
     """:func:`run_on_sqlite` on SQLite; on PostgreSQL the same through the asyncpg adapter's
     own cursor (its lock, its BEGIN, its error translation), without SQLAlchemy's execution
-    context around it. On PostgreSQL it must run inside SQLAlchemy's greenlet (a session
-    event, or :meth:`AsyncConnection.run_sync`): the cursor waits for asyncpg there."""
+    context around it, and several rows of an INSERT as one array per column where
+    :func:`run_together` would take them so (one execution instead of one per row). On
+    PostgreSQL it must run inside SQLAlchemy's greenlet (a session event, or
+    :meth:`AsyncConnection.run_sync`): the cursor waits for asyncpg there."""
     if connection.dialect.name == "sqlite":
         return run_on_sqlite(connection, statement, values)
     if connection.dialect.driver != "asyncpg" or not values or _observed(connection):
         return False
+    if len(values) > 1 and isinstance(statement, Insert):
+        keys = tuple(values[0].keys())
+        if (
+            _as_arrays(statement, keys)
+            and all(row.keys() == values[0].keys() for row in values)
+            and _targets_distinct(statement, values)
+        ):
+            # One execution with an array per column: executemany has the server execute
+            # the statement once per row (an upsert of a thousand cells, a thousand times).
+            arrays = {_together_name(0, None, key): [row[key] for row in values] for key in keys}
+            statement, values = _together_statement(((statement, keys, None),)), [arrays]
     prepared = _prepare(connection, statement, values)
     if prepared is None:
         return False
