@@ -7,15 +7,20 @@ was sealed outside any transaction; a Träger's answer takes its step without a 
 
 from __future__ import annotations
 
+import uuid
+from datetime import timedelta
 from typing import Any
 
 from lotse_contracts import topics
+from lotse_contracts.events.base import EventModel
+from lotse_contracts.events.intake import ErasureReason, FamilyErased
 from lotse_contracts.events.partner import PartnerAnswer
-from lotse_referrals.tables import ConsentRecord, Referral, Wish
+from lotse_contracts.events.visits import VisitCompleted
+from lotse_referrals.tables import Case, ConsentRecord, Referral, Wish
 from sqlalchemy import event
 
-from tests.referrals.helpers import TRAEGER, Family, transactions_open_while_sealing
-from tests.referrals.test_referrals_handlers import OTHER_TRAEGER, answer, fed
+from tests.referrals.helpers import MODULE, START, TRAEGER, Family, transactions_open_while_sealing
+from tests.referrals.test_referrals_handlers import OTHER_TRAEGER, answer, fed, handover
 
 
 async def test_a_registration_reads_its_consents_in_one_query(
@@ -128,3 +133,106 @@ async def test_a_handover_seals_its_disclosure_outside_any_transaction(
         assert referral.disclosed_fields
         [wish] = await service.rows(Wish, case_id=family.case_id)
         assert (wish.state, wish.referral_id) == ("placed", referral.referral_id)
+
+
+def _values(params: Any) -> list[Any]:
+    """A statement's parameters as a flat list (a tuple, a dict, or lists of them)."""
+    if isinstance(params, dict):
+        params = list(params.values())
+    found: list[Any] = []
+    for value in params or ():
+        found.extend(_values(value) if isinstance(value, (list, tuple, dict)) else [value])
+    return found
+
+
+def _visit_wishing(family: Family) -> VisitCompleted:
+    return VisitCompleted(
+        visit_id=str(uuid.uuid4()),
+        case_id=family.case_id,
+        bezirk=family.bezirk,
+        familienbuero="familienbuero-hoerde",
+        scheduled_for=START,
+        completed_at=START,
+        informed_about_offers=True,
+        needs_noted=True,
+        referral_wished_module=MODULE,
+        days_since_reference=10,
+    )
+
+
+async def test_a_batch_of_registrations_reads_what_they_need_once_and_stores_as_one_by_one(
+    database_url: str, topic_prefix: str
+) -> None:
+    """The consumer's batch reads the cases, consents and open wishes of all its
+    registrations in one query each (``read_registrations``), and each registration then
+    finds what the batch's events before it changed: a case registered twice, a wish a visit
+    of the same batch left open, a handover right after its family's registration."""
+    async with fed(database_url, topic_prefix) as service:
+        wished, again, erased = Family(), Family(), Family()
+        fresh, twice, visited = Family(), Family(), Family()
+        for family in (wished, again, erased, fresh, twice, visited):
+            service.keyring.families[family.case_id] = family.in_keyring()
+        # Before the batch: a visit's wish waiting for its family, a family registered
+        # already, and one erased.
+        assert await service.main.send(_visit_wishing(wished)) == "ok"
+        registered_again = again.registered()
+        assert await service.main.send(registered_again) == "ok"
+        await service.register(erased)
+        gone = FamilyErased(
+            case_id=erased.case_id,
+            bezirk=erased.bezirk,
+            erased_at=START + timedelta(hours=1),
+            key_id=erased.kid,
+            reason=ErasureReason.REQUEST,
+        )
+        assert await service.main.send(gone) == "ok"
+        registered_twice = twice.registered()
+        batch: list[EventModel] = [  # each a new event (its own id)
+            wished.registered(),
+            registered_again,
+            erased.registered(),
+            fresh.registered(),
+            handover(fresh),
+            registered_twice,
+            registered_twice,
+            _visit_wishing(visited),
+            visited.registered(),
+        ]
+        engine = service.runtime.db.engine.sync_engine
+        seen: list[tuple[str, Any]] = []
+
+        def record(*args: Any) -> None:
+            seen.append((" ".join(str(args[2]).split()), args[3]))
+
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            assert await service.main.send_batch(batch) == len(batch)
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        case_reads = [s for s, _ in seen if s.startswith("SELECT referrals_case.")]
+        batch_reads = [s for s in case_reads if " IN " in s or "ANY" in s]
+        assert len(batch_reads) == 1, case_reads
+        # Read by key only by the placements (after the batch's commit): not for a family
+        # the batch found stored, erased or registered twice.
+        quiet = {again.case_id, erased.case_id, twice.case_id}
+        for sql, params in seen:
+            if sql.startswith("SELECT referrals_case.") and sql not in batch_reads:
+                assert not quiet & set(_values(params)), sql
+        wish_locks = [
+            s
+            for s, _ in seen
+            if "ORDER BY referrals_wish.created_at" in s and "referrals_wish.case_id =" in s
+        ]
+        assert len(wish_locks) == 2, wish_locks  # wished and visited: their wishes only
+        for family in (wished, fresh, visited):
+            referral = await service.referral(family.case_id)
+            assert referral.traeger == TRAEGER
+        for family in (again, fresh, twice, visited, wished):
+            [case] = await service.rows(Case, case_id=family.case_id)
+            assert case.erased_at is None
+            consents = await service.rows(ConsentRecord, case_id=family.case_id)
+            assert len(consents) == 2
+        [case] = await service.rows(Case, case_id=erased.case_id)
+        assert case.erased_at is not None
+        assert await service.rows(ConsentRecord, case_id=erased.case_id) == []
+        assert await service.rows(Wish, case_id=twice.case_id) == []

@@ -96,16 +96,29 @@ class InProcessFeed:
             record.value, record.headers, key=record.key, topic=topic or default_topic
         )
 
-    async def send_raw(
+    async def send_batch(self, events: Sequence[EventModel]) -> int:
+        """Deliver events as one fetch of one partition delivers them: in the consumer's batch
+        transaction (its ``prepare`` hook first). Returns how many were applied that way; the
+        consumer would take the rest one by one."""
+        records = []
+        for event in events:
+            record = to_kafka_binary(event.to_cloudevent())
+            topic = next(
+                (t for t in self.consumer.topics if t.endswith(type(event).topic)),
+                self.consumer.topics[0],
+            )
+            records.append(self._record(record.value, record.headers, key=record.key, topic=topic))
+        return await self.consumer._apply_batch(records)
+
+    def _record(
         self,
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
         *,
-        key: bytes | None = None,
-        topic: str | None = None,
-    ) -> str:
-        """Deliver raw bytes and headers (for malformed input)."""
-        record: ConsumerRecord[Any, Any] = ConsumerRecord(
+        key: bytes | None,
+        topic: str | None,
+    ) -> ConsumerRecord[Any, Any]:
+        return ConsumerRecord(
             topic=topic or self.consumer.topics[0],
             partition=0,
             offset=next(self._offsets),
@@ -118,4 +131,14 @@ class InProcessFeed:
             serialized_value_size=len(value or b""),
             headers=list(headers),
         )
-        return await self.consumer.process(record)
+
+    async def send_raw(
+        self,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        *,
+        key: bytes | None = None,
+        topic: str | None = None,
+    ) -> str:
+        """Deliver raw bytes and headers (for malformed input)."""
+        return await self.consumer.process(self._record(value, headers, key=key, topic=topic))

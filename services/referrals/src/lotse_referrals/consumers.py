@@ -9,8 +9,10 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -38,8 +40,9 @@ from lotse_contracts.events.referrals import (
 from lotse_contracts.events.visits import VisitCompleted
 from lotse_runtime.app import ServiceRuntime
 from lotse_runtime.consumer import Delivery, EventRejected, Refused
+from lotse_runtime.db import on_postgres, one_of
 from lotse_runtime.handlers import Handlers
-from sqlalchemy import delete, select
+from sqlalchemy import Select, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
@@ -79,6 +82,7 @@ def wire_consumers(runtime: ServiceRuntime[ReferralsSettings], ctx: Context) -> 
         [*domain_topics, *answer_topics],
         handlers,
         on_refused=partial(answer_refused, ctx),
+        prepare=read_registrations,
     )
 
 
@@ -105,10 +109,127 @@ def _only_from(
 # --- intake ----------------------------------------------------------------------------
 
 
+#: The batch's registrations as read by :func:`read_registrations` (in ``session.info``).
+_REGISTRATIONS = "lotse_referrals_registrations"
+
+T = TypeVar("T", Case, ConsentRecord)
+
+
+@dataclass
+class Registrations:
+    """What the family registrations of one consumer batch found stored when the batch
+    began, read in three queries for all of them (:func:`read_registrations`). One by one,
+    each registration read its case, its consents and its case's open wishes, three queries,
+    and each query first flushed the rows of the events before it, one INSERT per table."""
+
+    cases: dict[str, Case]
+    """The registrations' cases that were stored (held here: the session keeps loaded rows
+    only while something refers to them)."""
+    absent: set[str]
+    """The registrations' cases that were not stored."""
+    consents: dict[str, ConsentRecord]
+    """The stored consents the registrations name; a registration adds the ones it stores."""
+    without_wishes: set[str]
+    """The registrations' cases that had no open wish."""
+
+    async def case(self, session: AsyncSession, case_id: str) -> Case | None:
+        """The case as stored or as this transaction changed it since, without a query
+        where the batch's read knows it."""
+        held = _held(session, Case, case_id)
+        if held is not None:
+            return held
+        if case_id in self.cases:
+            return self.cases[case_id]
+        if case_id in self.absent:
+            return None
+        return await session.get(Case, case_id)
+
+    def stored_consents(
+        self, session: AsyncSession, consent_ids: set[str]
+    ) -> dict[str, ConsentRecord]:
+        """The stored consents, with those this transaction added since the batch began."""
+        for consent_id in consent_ids - self.consents.keys():
+            held = _held(session, ConsentRecord, consent_id)
+            if held is not None:
+                self.consents[consent_id] = held
+        return self.consents
+
+    def may_have_open_wishes(self, session: AsyncSession, case_id: str) -> bool:
+        """False only for a case that had no open wish when the batch began and has no wish
+        in this transaction since (one a visit or handover of the batch added, say)."""
+        if case_id not in self.without_wishes:
+            return True
+        sync = session.sync_session
+        return any(
+            isinstance(row, Wish) and row.case_id == case_id
+            for row in (*sync.new, *sync.identity_map.values())
+        )
+
+
+def _held(session: AsyncSession, model: type[T], key: str) -> T | None:
+    """The row with this primary key that the session holds: loaded (the identity map) or
+    added and not yet flushed."""
+    sync = session.sync_session
+    found = sync.identity_map.get(sync.identity_key(model, key))
+    if isinstance(found, model):
+        return found
+    name = _PRIMARY_KEYS[model]
+    return next(
+        (row for row in sync.new if isinstance(row, model) and getattr(row, name) == key), None
+    )
+
+
+_PRIMARY_KEYS: dict[type[Any], str] = {Case: "case_id", ConsentRecord: "consent_id"}
+
+
+async def read_registrations(session: AsyncSession, events: list[Any]) -> None:
+    """The consumer's batch, before its first event: what its family registrations need
+    (:class:`Registrations`), read for all of them at once. A wish another replica adds for
+    one of these cases while the batch runs is left to its own placement or the placement job,
+    as one added just after a registration's query always was."""
+    registered = [event for event in events if isinstance(event, FamilyRegistered)]
+    if not registered:
+        return
+    case_ids = {event.case_id for event in registered}
+    consent_ids = {c.consent_id for event in registered for c in event.consents}
+    postgres = on_postgres(session)
+    ids = {"ids": list(case_ids)}
+    cases = {
+        case.case_id: case
+        for case in (await session.execute(_stored_cases(postgres), ids)).scalars()
+    }
+    wished = set((await session.execute(_cases_with_open_wishes(postgres), ids)).scalars())
+    session.info[_REGISTRATIONS] = Registrations(
+        cases=cases,
+        absent=case_ids - cases.keys(),
+        consents=await ops.stored_consents(session, consent_ids),
+        without_wishes=case_ids - wished,
+    )
+
+
+@functools.cache
+def _stored_cases(postgres: bool) -> Select[Case]:
+    return select(Case).where(one_of(col(Case.case_id), "ids", postgres=postgres))
+
+
+@functools.cache
+def _cases_with_open_wishes(postgres: bool) -> Select[str]:
+    return (
+        select(col(Wish.case_id))
+        .where(col(Wish.state) == "open")
+        .where(one_of(col(Wish.case_id), "ids", postgres=postgres))
+        .distinct()
+    )
+
+
 async def family_registered(ctx: Context, delivery: Delivery[FamilyRegistered]) -> None:
     data = delivery.data
     session = delivery.session
-    case = await session.get(Case, data.case_id)
+    batch: Registrations | None = session.info.get(_REGISTRATIONS)
+    if batch is None:
+        case = await session.get(Case, data.case_id)
+    else:
+        case = await batch.case(session, data.case_id)
     if case is not None and case.erased_at is not None:
         return  # an erased family stays erased, whatever arrives late
     if case is None:
@@ -119,7 +240,11 @@ async def family_registered(ctx: Context, delivery: Delivery[FamilyRegistered]) 
     # The sealed personal block is not kept: intake seals each disclosure itself, so
     # this service needs no copy of the family's data, not even encrypted.
     session.add(case)
-    stored = await ops.stored_consents(session, {c.consent_id for c in data.consents})
+    named = {c.consent_id for c in data.consents}
+    if batch is None:
+        stored = await ops.stored_consents(session, named)
+    else:
+        stored = batch.stored_consents(session, named)
     for consent in data.consents:
         await ops.record_consent(
             session,
@@ -133,9 +258,10 @@ async def family_registered(ctx: Context, delivery: Delivery[FamilyRegistered]) 
             stored=stored,
         )
     # Intake and visits are separate topics: a visit's wish may have come first.
-    await ops.place_open_wishes(
-        session, ctx, ctx.clock(), case_id=data.case_id, defer=delivery.after_commit
-    )
+    if batch is None or batch.may_have_open_wishes(session, data.case_id):
+        await ops.place_open_wishes(
+            session, ctx, ctx.clock(), case_id=data.case_id, defer=delivery.after_commit
+        )
 
 
 async def consent_changed(ctx: Context, delivery: Delivery[ConsentChanged]) -> None:
