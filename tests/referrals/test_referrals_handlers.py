@@ -103,6 +103,33 @@ def handover(family: Family, **changes: Any) -> HandoverRequested:
     return HandoverRequested(**values)
 
 
+def visit_wishing(family: Family) -> VisitCompleted:
+    """A completed welcome visit after which the family wished for a Träger's offer."""
+    return VisitCompleted(
+        visit_id=str(uuid.uuid4()),
+        case_id=family.case_id,
+        bezirk=family.bezirk,
+        familienbuero="familienbuero-hoerde",
+        scheduled_for=START,
+        completed_at=START,
+        informed_about_offers=True,
+        needs_noted=True,
+        referral_wished_module=MODULE,
+        days_since_reference=10,
+    )
+
+
+def erasure(family: Family) -> FamilyErased:
+    """The family's data erased at its request, an hour after the start."""
+    return FamilyErased(
+        case_id=family.case_id,
+        bezirk=family.bezirk,
+        erased_at=START + timedelta(hours=1),
+        key_id=family.kid,
+        reason=ErasureReason.REQUEST,
+    )
+
+
 def answer(referral: Referral, what: PartnerAnswer, **changes: Any) -> PartnerReferralAnswer:
     values: dict[str, Any] = {
         "referral_id": referral.referral_id,
@@ -235,18 +262,7 @@ async def test_a_visit_wish_is_placed_with_a_consented_traeger(
     async with fed(database_url, topic_prefix) as service:
         family = Family()
         await service.register(family)
-        visit = VisitCompleted(
-            visit_id=str(uuid.uuid4()),
-            case_id=family.case_id,
-            bezirk="hoerde",
-            familienbuero="familienbuero-hoerde",
-            scheduled_for=START,
-            completed_at=START,
-            informed_about_offers=True,
-            needs_noted=True,
-            referral_wished_module=MODULE,
-            days_since_reference=10,
-        )
+        visit = visit_wishing(family)
         assert await service.main.send(visit, event_id="v-1") == "ok"
         assert await service.main.send(visit, event_id="v-1") == "duplicate"
         referral = await service.referral(family.case_id)
@@ -273,13 +289,7 @@ async def test_an_erasure_cancels_drops_and_stays(database_url: str, topic_prefi
         family = Family()
         await service.register(family)
         await service.handover(family)
-        erased = FamilyErased(
-            case_id=family.case_id,
-            bezirk=family.bezirk,
-            erased_at=START + timedelta(hours=1),
-            key_id=family.kid,
-            reason=ErasureReason.REQUEST,
-        )
+        erased = erasure(family)
         assert await service.main.send(erased, event_id="er-1") == "ok"
         assert await service.main.send(erased, event_id="er-1") == "duplicate"
         referral = await service.referral(family.case_id)

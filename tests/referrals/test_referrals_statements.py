@@ -7,20 +7,23 @@ was sealed outside any transaction; a Träger's answer takes its step without a 
 
 from __future__ import annotations
 
-import uuid
-from datetime import timedelta
 from typing import Any
 
 from lotse_contracts import topics
 from lotse_contracts.events.base import EventModel
-from lotse_contracts.events.intake import ErasureReason, FamilyErased
 from lotse_contracts.events.partner import PartnerAnswer
-from lotse_contracts.events.visits import VisitCompleted
 from lotse_referrals.tables import Case, ConsentRecord, Referral, Wish
 from sqlalchemy import event
 
-from tests.referrals.helpers import MODULE, START, TRAEGER, Family, transactions_open_while_sealing
-from tests.referrals.test_referrals_handlers import OTHER_TRAEGER, answer, fed, handover
+from tests.referrals.helpers import TRAEGER, Family, transactions_open_while_sealing
+from tests.referrals.test_referrals_handlers import (
+    OTHER_TRAEGER,
+    answer,
+    erasure,
+    fed,
+    handover,
+    visit_wishing,
+)
 
 
 async def test_a_registration_reads_its_consents_in_one_query(
@@ -145,21 +148,6 @@ def _values(params: Any) -> list[Any]:
     return found
 
 
-def _visit_wishing(family: Family) -> VisitCompleted:
-    return VisitCompleted(
-        visit_id=str(uuid.uuid4()),
-        case_id=family.case_id,
-        bezirk=family.bezirk,
-        familienbuero="familienbuero-hoerde",
-        scheduled_for=START,
-        completed_at=START,
-        informed_about_offers=True,
-        needs_noted=True,
-        referral_wished_module=MODULE,
-        days_since_reference=10,
-    )
-
-
 async def test_a_batch_of_registrations_reads_what_they_need_once_and_stores_as_one_by_one(
     database_url: str, topic_prefix: str
 ) -> None:
@@ -174,18 +162,11 @@ async def test_a_batch_of_registrations_reads_what_they_need_once_and_stores_as_
             service.keyring.families[family.case_id] = family.in_keyring()
         # Before the batch: a visit's wish waiting for its family, a family registered
         # already, and one erased.
-        assert await service.main.send(_visit_wishing(wished)) == "ok"
+        assert await service.main.send(visit_wishing(wished)) == "ok"
         registered_again = again.registered()
         assert await service.main.send(registered_again) == "ok"
         await service.register(erased)
-        gone = FamilyErased(
-            case_id=erased.case_id,
-            bezirk=erased.bezirk,
-            erased_at=START + timedelta(hours=1),
-            key_id=erased.kid,
-            reason=ErasureReason.REQUEST,
-        )
-        assert await service.main.send(gone) == "ok"
+        assert await service.main.send(erasure(erased)) == "ok"
         registered_twice = twice.registered()
         batch: list[EventModel] = [  # each a new event (its own id)
             wished.registered(),
@@ -195,7 +176,7 @@ async def test_a_batch_of_registrations_reads_what_they_need_once_and_stores_as_
             handover(fresh),
             registered_twice,
             registered_twice,
-            _visit_wishing(visited),
+            visit_wishing(visited),
             visited.registered(),
         ]
         engine = service.runtime.db.engine.sync_engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import pytest
@@ -20,7 +21,7 @@ from lotse_runtime.outbox import NOTIFY_CHANNEL, Outbox, OutboxMessage, OutboxRe
 from lotse_runtime.telemetry import TelemetryConfig, setup_telemetry
 from opentelemetry.sdk.metrics.export import NumberDataPoint
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlmodel import col, select
 
 from tests.support import eventually, read_topic
@@ -306,16 +307,24 @@ async def test_a_commit_in_another_process_wakes_the_relay_on_postgresql(
         await writer_db.dispose()
 
 
+@asynccontextmanager
+async def _listening(db: Database, heard: list[str]) -> AsyncIterator[AsyncConnection]:
+    """A connection of its own that LISTENs on the relay's channel; ``heard`` gets each
+    notice's channel."""
+    async with db.engine.connect() as listener:
+        conn = await listener.execution_options(isolation_level="AUTOCOMMIT")
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        await driver.add_listener(NOTIFY_CHANNEL, lambda *args: heard.append(args[2]))
+        yield conn
+
+
 async def test_a_rolled_back_transaction_sends_no_notice(postgres_url: str) -> None:
     db = Database(postgres_url)
     await create_schema(db, [])
     heard: list[str] = []
     try:
-        async with db.engine.connect() as listener:
-            conn = await listener.execution_options(isolation_level="AUTOCOMMIT")
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
-            await driver.add_listener(NOTIFY_CHANNEL, lambda *args: heard.append(args[2]))
+        async with _listening(db, heard) as conn:
 
             async def rolled_back() -> None:
                 async with db.transaction() as session:
@@ -350,11 +359,7 @@ async def test_the_leading_relays_own_commits_send_no_notice_and_others_still_do
     )
     heard: list[str] = []
     try:
-        async with db.engine.connect() as listener:
-            conn = await listener.execution_options(isolation_level="AUTOCOMMIT")
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
-            await driver.add_listener(NOTIFY_CHANNEL, lambda *args: heard.append(args[2]))
+        async with _listening(db, heard) as conn:
             assert not relay.leading()
             async with db.transaction() as session:  # not leading yet: another may be
                 first = own.add(session, scheduled(str(uuid.uuid4()))).id
