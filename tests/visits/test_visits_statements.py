@@ -50,3 +50,35 @@ async def test_a_case_filed_elsewhere_is_read_once_per_lock_needed(database_url:
         assert (case.bezirk, case.state) == ("hoerde", "active")
         [visit] = await service.visits(case_id)
         assert (visit.bezirk, visit.status) == ("hoerde", "scheduled")
+
+
+async def test_a_batch_locks_each_office_once_and_books_as_one_by_one(database_url: str) -> None:
+    """A consumer batch's registrations of one office take its lock with the first of them
+    (the lock holds until the transaction ends); each is still booked with the visits the
+    ones before it booked in view, so no two share a staff member's slot."""
+    async with fed(database_url) as service:
+        for bezirk in ("hoerde", "eving"):  # the offices' rows exist from now on
+            assert await service.feed.send(registered(bezirk=bezirk)) == "ok"
+        families = [str(uuid.uuid4()) for _ in range(6)]
+        others = [str(uuid.uuid4()) for _ in range(2)]
+        batch = [registered(case_id, bezirk="hoerde") for case_id in families]
+        batch += [registered(case_id, bezirk="eving") for case_id in others]
+        engine = service.runtime.db.engine.sync_engine
+        seen: list[str] = []
+
+        def record(*args: Any) -> None:
+            seen.append(" ".join(str(args[2]).split()))
+
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            assert await service.feed.send_batch(batch) == len(batch)
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        bumps = [s for s in seen if s.startswith("UPDATE visits_office")]
+        assert len(bumps) == 2, bumps  # hoerde and eving, once each
+        slots = []
+        for case_id in families + others:
+            [visit] = await service.visits(case_id)
+            assert visit.status == "scheduled"
+            slots.append((visit.staff_id, visit.starts_at))
+        assert len(set(slots)) == len(slots)

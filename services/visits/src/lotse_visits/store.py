@@ -56,9 +56,18 @@ async def lock_office(session: AsyncSession, bezirk: str) -> None:
     """Serialise calendar changes of one office until the transaction ends.
 
     PostgreSQL locks the office's row; SQLite takes its single write lock here, early,
-    instead of upgrading a read lock later (which can deadlock).
+    instead of upgrading a read lock later (which can deadlock). Once per office and
+    transaction: a consumer's batch schedules many families of one office, and the lock
+    holds until the end anyway. (Not remembered inside a savepoint, whose rollback would
+    release the row lock on PostgreSQL.)
     """
+    nested = session.in_nested_transaction()
+    locked: set[str] = session.info.setdefault(_LOCKED_OFFICES, set())
+    if bezirk in locked and not nested:
+        return
     result = await session.execute(_BUMP_OFFICE, {"office": bezirk})
+    if not nested:
+        locked.add(bezirk)
     if result.rowcount:  # type: ignore[attr-defined]
         return
     dialect = session.get_bind().dialect.name
@@ -70,6 +79,9 @@ async def lock_office(session: AsyncSession, bezirk: str) -> None:
     )
     await session.execute(_BUMP_OFFICE, {"office": bezirk})
 
+
+#: The offices this transaction has locked (in ``session.info``; a session is one transaction).
+_LOCKED_OFFICES = "lotse_visits_locked_offices"
 
 # Built once, the statements every scheduled family runs: building the expressions cost
 # about as much as running them.
