@@ -9,7 +9,8 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,29 @@ def produce(
     producer.produce(topic, value=value, key=key, headers=list(headers or []))
     if producer.flush(15) != 0:
         raise RuntimeError(f"could not produce to {topic}")
+
+
+class SentStatements(list[str]):
+    """The SQL of each statement sent (whitespace collapsed), with ``parameters`` beside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parameters: list[Any] = []
+
+
+@contextmanager
+def statements_sent(engine: Any) -> Iterator[SentStatements]:
+    """Every statement ``engine`` (a synchronous Engine) sends inside the block."""
+    from sqlalchemy import event
+
+    seen = SentStatements()
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_rest: Any) -> None:
+        seen.append(" ".join(str(statement).split()))
+        seen.parameters.append(parameters)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

@@ -13,7 +13,6 @@ from lotse_contracts import topics
 from lotse_contracts.events.base import EventModel
 from lotse_contracts.events.partner import PartnerAnswer
 from lotse_referrals.tables import Case, ConsentRecord, Referral, Wish
-from sqlalchemy import event
 
 from tests.referrals.helpers import TRAEGER, Family, transactions_open_while_sealing
 from tests.referrals.test_referrals_handlers import (
@@ -24,6 +23,7 @@ from tests.referrals.test_referrals_handlers import (
     handover,
     visit_wishing,
 )
+from tests.support import statements_sent
 
 
 async def test_a_registration_reads_its_consents_in_one_query(
@@ -34,19 +34,11 @@ async def test_a_registration_reads_its_consents_in_one_query(
         registered = family.registered()
         assert len(registered.consents) == 2
         engine = service.runtime.db.engine.sync_engine
-        seen: list[str] = []
-
-        def record(*args: Any) -> None:
-            seen.append(" ".join(str(args[2]).split()))
-
-        event.listen(engine, "before_cursor_execute", record)
-        try:
+        with statements_sent(engine) as seen:
             assert await service.main.send(registered) == "ok"
             # Sent again as a new event: both consents are found stored, none is added.
             again = registered.model_copy()
             assert await service.main.send(again, event_id="reg-again") == "ok"
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
         consent_reads = [s for s in seen if s.startswith("SELECT referrals_consent.")]
         assert len(consent_reads) == 2, consent_reads  # one per delivery
         stored = await service.rows(ConsentRecord, case_id=family.case_id)
@@ -63,18 +55,10 @@ async def test_a_handover_writes_its_wish_with_its_outcome(
         await service.register(placed)
         await service.register(waiting)
         engine = service.runtime.db.engine.sync_engine
-        seen: list[str] = []
-
-        def record(*args: Any) -> None:
-            seen.append(" ".join(str(args[2]).split()))
-
-        event.listen(engine, "before_cursor_execute", record)
-        try:
+        with statements_sent(engine) as seen:
             await service.handover(placed)
             # A Träger the family's consent does not name: the wish waits, written once as well.
             await service.handover(waiting, traeger=OTHER_TRAEGER)
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
         wish_writes = [
             s for s in seen if s.startswith(("INSERT INTO referrals_wish", "UPDATE referrals_wish"))
         ]
@@ -100,18 +84,10 @@ async def test_an_answer_is_written_without_a_savepoint(
         referral = await service.referral(family.case_id)
         topic = service.runtime.settings.topic(topics.partner_responses(TRAEGER))
         engine = service.runtime.db.engine.sync_engine
-        seen: list[str] = []
-
-        def record(*args: Any) -> None:
-            seen.append(" ".join(str(args[2]).split()))
-
         received = answer(referral, PartnerAnswer.RECEIVED)
-        event.listen(engine, "before_cursor_execute", record)
-        try:
+        with statements_sent(engine) as seen:
             sent = received.to_cloudevent(source=received.partner_source())
             assert await service.partners.send(sent, topic=topic) == "ok"
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
         # The referral is locked as it is read; the step needs no savepoint to be retried in.
         assert not [s for s in seen if "SAVEPOINT" in s.upper()], seen
         referral_writes = [s for s in seen if s.startswith("UPDATE referrals_referral ")]
@@ -180,28 +156,20 @@ async def test_a_batch_of_registrations_reads_what_they_need_once_and_stores_as_
             visited.registered(),
         ]
         engine = service.runtime.db.engine.sync_engine
-        seen: list[tuple[str, Any]] = []
-
-        def record(*args: Any) -> None:
-            seen.append((" ".join(str(args[2]).split()), args[3]))
-
-        event.listen(engine, "before_cursor_execute", record)
-        try:
+        with statements_sent(engine) as seen:
             assert await service.main.send_batch(batch) == len(batch)
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
-        case_reads = [s for s, _ in seen if s.startswith("SELECT referrals_case.")]
+        case_reads = [s for s in seen if s.startswith("SELECT referrals_case.")]
         batch_reads = [s for s in case_reads if " IN " in s or "ANY" in s]
         assert len(batch_reads) == 1, case_reads
         # Read by key only by the placements (after the batch's commit): not for a family
         # the batch found stored, erased or registered twice.
         quiet = {again.case_id, erased.case_id, twice.case_id}
-        for sql, params in seen:
+        for sql, params in zip(seen, seen.parameters, strict=True):
             if sql.startswith("SELECT referrals_case.") and sql not in batch_reads:
                 assert not quiet & set(_values(params)), sql
         wish_locks = [
             s
-            for s, _ in seen
+            for s in seen
             if "ORDER BY referrals_wish.created_at" in s and "referrals_wish.case_id =" in s
         ]
         assert len(wish_locks) == 2, wish_locks  # wished and visited: their wishes only

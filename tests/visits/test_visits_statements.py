@@ -7,11 +7,10 @@ only write lock, so the case is read once."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from lotse_contracts.events.common import ConsentState
-from sqlalchemy import event
 
+from tests.support import statements_sent
 from tests.visits.harness import START, consent_changed, registered
 from tests.visits.test_visits_handlers import fed
 
@@ -25,18 +24,10 @@ async def test_a_case_filed_elsewhere_is_read_once_per_lock_needed(database_url:
         )
         assert await service.feed.send(early) == "ok"
         engine = service.runtime.db.engine.sync_engine
-        seen: list[str] = []
-
-        def record(*args: Any) -> None:
-            seen.append(" ".join(str(args[2]).split()))
-
-        event.listen(engine, "before_cursor_execute", record)
-        try:
+        with statements_sent(engine) as seen:
             outcome = await service.feed.send(
                 registered(case_id, bezirk="hoerde", consent_id=consent_id)
             )
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
         assert outcome == "ok"
         case_reads = [
             s
@@ -64,16 +55,8 @@ async def test_a_batch_locks_each_office_once_and_books_as_one_by_one(database_u
         batch = [registered(case_id, bezirk="hoerde") for case_id in families]
         batch += [registered(case_id, bezirk="eving") for case_id in others]
         engine = service.runtime.db.engine.sync_engine
-        seen: list[str] = []
-
-        def record(*args: Any) -> None:
-            seen.append(" ".join(str(args[2]).split()))
-
-        event.listen(engine, "before_cursor_execute", record)
-        try:
+        with statements_sent(engine) as seen:
             assert await service.feed.send_batch(batch) == len(batch)
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
         bumps = [s for s in seen if s.startswith("UPDATE visits_office")]
         assert len(bumps) == 2, bumps  # hoerde and eving, once each
         slots = []
