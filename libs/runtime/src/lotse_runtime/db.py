@@ -377,12 +377,9 @@ def _insert_deferred(session: Session) -> None:
     by_table: dict[Table, list[dict[str, Any]]] = {}
     for table, row, _savepoint in rows:
         by_table.setdefault(table, []).append(row)
-    if run_together(
-        session.connection(), [(_insert_of(table), rows) for table, rows in by_table.items()]
-    ):
-        return
-    for table, values in by_table.items():
-        run_prebuilt_now(session, _insert_of(table), values)
+    run_prebuilt_together_now(
+        session, [(_insert_of(table), rows) for table, rows in by_table.items()]
+    )
 
 
 @functools.cache
@@ -435,10 +432,10 @@ def run_together(connection: Connection, batches: Batches) -> bool:
         keys = rows[0].keys()
         if any(row.keys() != keys for row in rows):
             return False
-        if _as_arrays(statement, tuple(keys)) and _targets_distinct(statement, rows):
+        arrays = _array_values(statement, tuple(keys), rows, number)
+        if arrays is not None:
             shape.append((statement, tuple(keys), None))
-            for key in keys:
-                values[_together_name(number, None, key)] = [row[key] for row in rows]
+            values.update(arrays)
             continue
         listed += len(rows)
         shape.append((statement, tuple(keys), len(rows)))
@@ -478,6 +475,17 @@ def _as_arrays(statement: Insert, keys: tuple[str, ...]) -> bool:
     return True
 
 
+def _array_values(
+    statement: Insert, keys: tuple[str, ...], rows: Sequence[Mapping[str, Any]], number: int
+) -> dict[str, list[Any]] | None:
+    """The rows (each with ``keys``) as one array per column, named for statement ``number``
+    of a combined statement; None where they may not go so (:func:`_as_arrays`,
+    :func:`_targets_distinct`)."""
+    if not (_as_arrays(statement, keys) and _targets_distinct(statement, rows)):
+        return None
+    return {_together_name(number, None, key): [row[key] for row in rows] for key in keys}
+
+
 def _targets_distinct(statement: Insert, rows: Sequence[Mapping[str, Any]]) -> bool:
     """Whether an upsert's rows name each conflict target once (always true of a plain
     INSERT). One statement may not update a row twice; one execution per row (executemany)
@@ -505,6 +513,16 @@ async def run_prebuilt_together(session: AsyncSession, batches: Batches) -> None
             return
     for statement, rows in batches:
         await run_prebuilt(session, statement, rows)
+
+
+def run_prebuilt_together_now(session: Session, batches: Batches) -> None:
+    """:func:`run_prebuilt_together` from inside the session's own hooks
+    (``before_commit``), like :func:`run_prebuilt_now`."""
+    batches = [(statement, rows) for statement, rows in batches if rows]
+    if run_together(session.connection(), batches):
+        return
+    for statement, rows in batches:
+        run_prebuilt_now(session, statement, rows)
 
 
 def _together_name(statement: int, row: int | None, key: str) -> str:
@@ -616,17 +634,16 @@ def run_on_driver(
         return run_on_sqlite(connection, statement, values)
     if connection.dialect.driver != "asyncpg" or not values or _observed(connection):
         return False
-    if len(values) > 1 and isinstance(statement, Insert):
-        keys = tuple(values[0].keys())
-        if (
-            _as_arrays(statement, keys)
-            and all(row.keys() == values[0].keys() for row in values)
-            and _targets_distinct(statement, values)
-        ):
-            # One execution with an array per column: executemany has the server execute
-            # the statement once per row (an upsert of a thousand cells, a thousand times).
-            arrays = {_together_name(0, None, key): [row[key] for row in values] for key in keys}
-            statement, values = _together_statement(((statement, keys, None),)), [arrays]
+    keys = tuple(values[0].keys())
+    if (
+        len(values) > 1
+        and isinstance(statement, Insert)
+        and all(row.keys() == values[0].keys() for row in values)
+        and (arrays := _array_values(statement, keys, values, 0)) is not None
+    ):
+        # One execution with an array per column: executemany has the server execute the
+        # statement once per row (an upsert of a thousand cells, a thousand times).
+        statement, values = _together_statement(((statement, keys, None),)), [arrays]
     prepared = _prepare(connection, statement, values)
     if prepared is None:
         return False

@@ -87,11 +87,9 @@ class InProcessFeed:
             event if isinstance(event, CloudEvent) else event.to_cloudevent(event_id=event_id)
         )
         record = to_kafka_binary(cloudevent)
-        default_topic = self.consumer.topics[0]
-        if isinstance(event, EventModel):
-            default_topic = next(
-                (t for t in self.consumer.topics if t.endswith(type(event).topic)), default_topic
-            )
+        default_topic = (
+            self._topic_of(event) if isinstance(event, EventModel) else self.consumer.topics[0]
+        )
         return await self.send_raw(
             record.value, record.headers, key=record.key, topic=topic or default_topic
         )
@@ -103,12 +101,14 @@ class InProcessFeed:
         records = []
         for event in events:
             record = to_kafka_binary(event.to_cloudevent())
-            topic = next(
-                (t for t in self.consumer.topics if t.endswith(type(event).topic)),
-                self.consumer.topics[0],
-            )
+            topic = self._topic_of(event)
             records.append(self._record(record.value, record.headers, key=record.key, topic=topic))
         return await self.consumer._apply_batch(records)
+
+    def _topic_of(self, event: EventModel) -> str:
+        """The consumer's topic of the event's type (its first topic where none is)."""
+        own = type(event).topic
+        return next((t for t in self.consumer.topics if t.endswith(own)), self.consumer.topics[0])
 
     def _record(
         self,

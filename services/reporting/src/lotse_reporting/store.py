@@ -17,7 +17,7 @@ from lotse_runtime.db import (
     run_prebuilt,
     run_prebuilt_now,
     run_prebuilt_together,
-    run_together,
+    run_prebuilt_together_now,
 )
 from sqlalchemy import (
     Boolean,
@@ -449,14 +449,8 @@ async def save_rows_now(session: AsyncSession) -> None:
 
 def _write_rows(session: Session) -> None:
     pending: _RowsAtCommit | None = session.info.pop(_ROWS_AT_COMMIT, None)
-    if pending is None:
-        return
-    dialect = session.get_bind().dialect.name
-    batches = [(statement, rows) for statement, rows in pending.batches(dialect) if rows]
-    if len(batches) > 1 and run_together(session.connection(), batches):
-        return
-    for statement, rows in batches:
-        run_prebuilt_now(session, statement, rows)
+    if pending is not None:
+        run_prebuilt_together_now(session, pending.batches(session.get_bind().dialect.name))
 
 
 async def mark_dirty(
